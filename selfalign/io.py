@@ -1,0 +1,95 @@
+"""JSON Lines and JSON reading and writing, with atomic whole-file writes.
+
+A stage rewrites its outputs whole (STYLE principle 10): writers go to a temporary file beside
+the target and rename it into place, so a killed stage never leaves a half-written output that
+DVC or the next stage could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class JsonlLineError(ValueError):
+    """A line that is not one JSON object. Carries file and line for the rejected record."""
+
+    def __init__(self, path: str, line: int, reason: str, raw: str):
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason, self.raw = path, line, reason, raw
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | JsonlLineError]]:
+    """Yield (1-based line number, object) per non-blank line; a bad line yields an error, not a raise."""
+    path = str(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, JsonlLineError(path, n, f"invalid JSON: {e.msg} at column {e.colno}", line.rstrip("\n"))
+                continue
+            if not isinstance(obj, dict):
+                yield n, JsonlLineError(path, n, f"expected a JSON object, got {type(obj).__name__}", line.rstrip("\n"))
+                continue
+            yield n, obj
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a file this pipeline wrote; any bad line is a hard error naming file and line."""
+    out = []
+    for _, obj in read_jsonl(path):
+        if isinstance(obj, JsonlLineError):
+            raise obj
+        out.append(obj)
+    return out
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def jsonl_writer(path: str | os.PathLike):
+    """Context manager giving a `write(record)` function; the file appears whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        def write(record: dict) -> None:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        yield write
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    n = 0
+    with jsonl_writer(path) as write:
+        for r in records:
+            write(r)
+            n += 1
+    return n
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

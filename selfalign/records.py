@@ -1,0 +1,128 @@
+"""The one record schema that flows between stages (STYLE principle 6).
+
+Every stage reads and writes JSON Lines of one of these kinds:
+
+    chat        {"id", "kind": "chat", "messages": [{"role", "content"}, ...], "system"?, "lang", "source", "meta"}
+    preference  {"id", "kind": "preference", "prompt", "chosen", "rejected", "system"?, "lang", "source", "meta"}
+    prompt      {"id", "kind": "prompt", "prompt", "system"?, "lang", "source", "meta"}
+    web         {"id", "kind": "web", "text", "lang", "source", "meta"}
+
+and a rejected record is the offending record (or raw line) plus `reason`, `stage`, and where
+known `file`/`line`. Ids are derived from content, so the same example read twice, from two
+files or in two runs, gets the same id; a translation keeps the id of its original.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+KINDS = ("chat", "preference", "prompt", "web")
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that breaks the schema; the message names the field."""
+
+
+def content_of(record: dict) -> Any:
+    """The part of a record its id is derived from: the text, never the metadata."""
+    kind = record.get("kind")
+    if kind == "chat":
+        return [record.get("system") or "", [[m["role"], m["content"]] for m in record["messages"]]]
+    if kind == "preference":
+        return [record.get("system") or "", record["prompt"], record["chosen"], record["rejected"]]
+    if kind == "prompt":
+        return [record.get("system") or "", record["prompt"]]
+    if kind == "web":
+        return record["text"]
+    raise RecordError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def record_id(record: dict) -> str:
+    blob = json.dumps([record["kind"], content_of(record)], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def make(kind: str, *, lang: str, source: str, meta: dict | None = None, system: str | None = None, **fields) -> dict:
+    """Build a record of `kind` with its id; `fields` are the kind's content fields."""
+    record: dict[str, Any] = {"id": "", "kind": kind, **fields}
+    if system:
+        record["system"] = system
+    record.update(lang=lang, source=source, meta=meta or {})
+    record["id"] = record_id(record)
+    validate(record)
+    return record
+
+
+def chat(messages: list[dict], **kw) -> dict:
+    return make("chat", messages=[{"role": m["role"], "content": m["content"]} for m in messages], **kw)
+
+
+def validate(record: dict) -> None:
+    """Raise RecordError naming the first field that is wrong."""
+    kind = record.get("kind")
+    if kind not in KINDS:
+        raise RecordError(f"field 'kind': {kind!r} is not one of {', '.join(KINDS)}")
+    for field in ("id", "lang", "source"):
+        if not isinstance(record.get(field), str):
+            raise RecordError(f"field {field!r}: expected a string")
+    if "system" in record and not isinstance(record["system"], str):
+        raise RecordError("field 'system': expected a string")
+    if kind == "chat":
+        msgs = record.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise RecordError("field 'messages': expected a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES[1:] or not isinstance(m.get("content"), str):
+                raise RecordError(f"field 'messages[{i}]': expected {{role: user|assistant, content: str}}")
+    elif kind == "preference":
+        for field in ("prompt", "chosen", "rejected"):
+            if not isinstance(record.get(field), str):
+                raise RecordError(f"field {field!r}: expected a string")
+    elif kind == "prompt":
+        if not isinstance(record.get("prompt"), str):
+            raise RecordError("field 'prompt': expected a string")
+    elif kind == "web":
+        if not isinstance(record.get("text"), str):
+            raise RecordError("field 'text': expected a string")
+
+
+def texts(record: dict) -> list[str]:
+    """Every human-readable string of a record, for rules that look at all of them."""
+    kind = record["kind"]
+    sys = [record["system"]] if record.get("system") else []
+    if kind == "chat":
+        return sys + [m["content"] for m in record["messages"]]
+    if kind == "preference":
+        return sys + [record["prompt"], record["chosen"], record["rejected"]]
+    if kind == "prompt":
+        return sys + [record["prompt"]]
+    return [record["text"]]
+
+
+def rejected(record: dict | None, reason: str, stage: str, *, detail: str = "", file: str | None = None,
+             line: int | None = None, raw: str | None = None) -> dict:
+    """A rejected record: what was dropped, by which stage, and why."""
+    out: dict[str, Any] = {"reason": reason, "stage": stage}
+    if detail:
+        out["detail"] = detail
+    if file is not None:
+        out["file"] = file
+    if line is not None:
+        out["line"] = line
+    if record is not None:
+        out["record"] = record
+        if "id" in record:
+            out["id"] = record["id"]
+    if raw is not None:
+        out["raw"] = raw
+    return out
+
+
+def to_messages(record: dict, system: str | None = None) -> list[dict]:
+    """A chat record as the message list a chat template takes (system message first if any)."""
+    sys = system if system is not None else record.get("system")
+    head = [{"role": "system", "content": sys}] if sys else []
+    return head + [{"role": m["role"], "content": m["content"]} for m in record["messages"]]

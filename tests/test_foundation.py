@@ -1,0 +1,68 @@
+"""Unit tests for the shared schema, params resolution and atomic IO."""
+
+import json
+
+import pytest
+
+from selfalign import io, params, records
+
+
+def test_record_id_is_content_derived_and_stable():
+    a = records.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], lang="en", source="x")
+    b = records.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], lang="fr",
+                     source="y", meta={"k": 1})
+    c = records.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}], lang="en", source="x")
+    assert a["id"] == b["id"] != c["id"]
+    assert len(a["id"]) == 16
+
+
+def test_validate_names_the_field():
+    r = records.make("web", text="some text", lang="en", source="s")
+    r["text"] = 3
+    with pytest.raises(records.RecordError, match="'text'"):
+        records.validate(r)
+    with pytest.raises(records.RecordError, match="messages\\[0\\]"):
+        records.chat([{"role": "bot", "content": "x"}], lang="en", source="s")
+
+
+def test_params_override_order_and_unknown_keys(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("clean:\n  min_chars: 5\n  rules: {a: true}\n")
+    defaults = {"min_chars": 1, "max_chars": 100, "rules": {"a": False, "b": True}}
+    got = params.resolve(defaults, p, "clean", ["max_chars=7", "rules.b=false"])
+    assert got == {"min_chars": 5, "max_chars": 7, "rules": {"a": True, "b": False}}
+    p.write_text("clean:\n  min_chars: 5\n  mni_chars: 3\n")
+    with pytest.raises(params.ParamsError, match="mni_chars"):
+        params.resolve(defaults, p, "clean")
+    with pytest.raises(params.ParamsError, match="nope"):
+        params.resolve(defaults, None, "clean", ["nope=1"])
+
+
+def test_read_jsonl_reports_bad_lines(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"a": 1}\n{"a": \n[1]\n\n{"b": 2}\n')
+    got = list(io.read_jsonl(f))
+    assert [n for n, _ in got] == [1, 2, 3, 5]
+    assert isinstance(got[1][1], io.JsonlLineError) and got[1][1].line == 2
+    assert "expected a JSON object" in got[2][1].reason
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(RuntimeError):
+        with io.jsonl_writer(out) as write:
+            write({"a": 1})
+            raise RuntimeError("killed")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    io.write_jsonl(out, [{"a": 1}])
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
+def test_tiny_model_generates(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
