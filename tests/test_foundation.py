@@ -66,3 +66,13 @@ def test_tiny_model_generates(tiny_model_dir):
                                   return_dict=True)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_split_last_turn_prompt_is_the_serving_prompt(tiny_model_dir):
+    from selfalign import chat
+    tok = chat.load_tokenizer(tiny_model_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+    prompt, target = chat.split_last_turn(tok, msgs)
+    assert prompt == chat.render(tok, msgs[:-1], add_generation_prompt=True)
+    assert target == "4<|im_end|>" and target.endswith(chat.end_of_turn(tok))
