@@ -1,0 +1,162 @@
+"""Self-curation (Humpback step 3): the current model rates each (instruction, response) pair 1-5.
+
+Two ways to get a score:
+
+- `expected_scores` (default): one forward pass per candidate over the rendered rubric plus the
+  score prefix ("Score: "), reading the next-token distribution at the last position. The score
+  is the expected value of the digits "1".."5" under that distribution, renormalised over the
+  five digits. Every candidate gets a score; nothing has to be parsed. Batches are left-padded
+  and position ids follow the attention mask, so a candidate's score does not depend on its
+  batch-mates (tested to 1e-4 in float32).
+- `parse_score` (for endpoints that only return text): the model answers the rubric and a strict
+  regular expression reads "Score: N"; anything else is counted as unparsed, never guessed.
+
+Pure functions over records and tensors; the stage script (stages/curate.py) does the I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from selfalign import chat, records
+
+DIGITS = ("1", "2", "3", "4", "5")
+_FIELD = re.compile(r"\{(instruction|response)\}")
+# Strict: the whole reply is "Score: N" (or just "N"), optionally "N/5" and a final period.
+SCORE_RE = re.compile(r"^\s*(?:score\s*:\s*)?([1-5])(?:\s*/\s*5)?\s*\.?\s*$", re.IGNORECASE)
+
+
+class CandidateError(ValueError):
+    """A record that cannot be scored; the message names the field."""
+
+
+def load_rubric(path: str | Path) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    missing = [f"{{{f}}}" for f in ("instruction", "response") if f"{{{f}}}" not in text]
+    if missing:
+        raise ValueError(f"{path}: the rubric must contain the placeholders {' and '.join(missing)}")
+    return text.strip()
+
+
+def fill_rubric(rubric: str, instruction: str, response: str) -> str:
+    """Substitute both placeholders in one pass, so braces inside the texts are left alone."""
+    values = {"instruction": instruction, "response": response}
+    return _FIELD.sub(lambda m: values[m.group(1)], rubric)
+
+
+def pair_of(record: dict) -> tuple[str, str]:
+    """(instruction, response) of a chat record ending in a user turn then an assistant turn."""
+    if record.get("kind") != "chat":
+        raise CandidateError(f"field 'kind': expected 'chat', got {record.get('kind')!r}")
+    records.validate(record)
+    msgs = record["messages"]
+    if len(msgs) < 2 or msgs[-2]["role"] != "user" or msgs[-1]["role"] != "assistant":
+        raise CandidateError("field 'messages': expected to end with a user turn then an assistant turn")
+    instruction, response = msgs[-2]["content"], msgs[-1]["content"]
+    if not instruction.strip():
+        raise CandidateError("field 'messages[-2].content': empty instruction")
+    if not response.strip():
+        raise CandidateError("field 'messages[-1].content': empty response")
+    return instruction, response
+
+
+def rubric_messages(rubric: str, instruction: str, response: str) -> list[dict]:
+    return [{"role": "user", "content": fill_rubric(rubric, instruction, response)}]
+
+
+def clip_tokens(tok, text: str, max_tokens: int) -> tuple[str, bool]:
+    """`text` cut to its first `max_tokens` tokens; True if it was cut."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if max_tokens <= 0 or len(ids) <= max_tokens:
+        return text, False
+    return tok.decode(ids[:max_tokens]) + " ...", True
+
+
+def scoring_prompt(tok, rubric: str, instruction: str, response: str, prefix: str) -> str:
+    """The chat-template rendering of the rubric turn, then the opening of the assistant's reply."""
+    return chat.render(tok, rubric_messages(rubric, instruction, response), add_generation_prompt=True) + prefix
+
+
+def digit_token_ids(tok) -> list[int]:
+    """Token ids of "1".."5"; each must be one token, or the expected score would be meaningless."""
+    ids = []
+    for d in DIGITS:
+        enc = tok(d, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise ValueError(f"digit {d!r} is {len(enc)} tokens in this tokenizer; digit scoring needs single tokens")
+        ids.append(enc[0])
+    return ids
+
+
+def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progress: bool = False) -> list[dict]:
+    """Score each prompt by one forward pass: {"score", "probs" (over 1..5), "digit_mass"} per prompt.
+
+    `digit_mass` is the probability the model puts on the five digits at all; a low value means
+    the prompt did not make the model want to answer with a digit, which is worth watching.
+    """
+    import torch
+
+    digits = torch.tensor(digit_token_ids(tok))
+    values = torch.arange(1, 6, dtype=torch.float64)
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows at once.
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: list[dict | None] = [None] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="scoring", unit="batch")
+    model.eval()
+    with torch.inference_mode():
+        for batch in batches:
+            width = max(len(enc[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(enc[i]):] = torch.tensor(enc[i])
+                mask[row, width - len(enc[i]):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+            logp = torch.log_softmax(logits.double(), dim=-1)[:, digits]
+            mass = logp.exp().sum(-1)
+            probs = logp.exp() / mass[:, None]
+            for row, i in enumerate(batch):
+                out[i] = {"score": float((probs[row] * values).sum()), "probs": [round(float(p), 6) for p in probs[row]],
+                          "digit_mass": float(mass[row])}
+    return out  # type: ignore[return-value]
+
+
+def parse_score(text: str | None) -> int | None:
+    """The integer score of a generated reply in the strict format, or None."""
+    if not text:
+        return None
+    m = SCORE_RE.match(text)
+    return int(m.group(1)) if m else None
+
+
+def annotate(record: dict, score: float, **detail) -> dict:
+    """A copy of `record` with its score in meta.score and how it was obtained in meta.curate."""
+    meta = dict(record.get("meta") or {})
+    meta["score"] = round(float(score), 6)
+    meta["curate"] = detail
+    return {**record, "meta": meta}
+
+
+def histogram(scores: list[float]) -> dict[str, int]:
+    """Counts per bin [1,1.5), [1.5,2), ... [4.5,5]: expected scores are not integers."""
+    edges = [1.0 + 0.5 * k for k in range(9)]
+    counts = {f"{lo:.1f}-{hi:.1f}": 0 for lo, hi in zip(edges, edges[1:] + [5.0], strict=True) if lo < 5.0}
+    keys = list(counts)
+    for s in scores:
+        k = min(int((s - 1.0) / 0.5), len(keys) - 1)
+        counts[keys[max(k, 0)]] += 1
+    return counts
+
+
+def select(scored: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
+    """(kept, below): a record is kept when its meta.score is at least `threshold`."""
+    kept = [r for r in scored if r["meta"]["score"] >= threshold]
+    below = [r for r in scored if r["meta"]["score"] < threshold]
+    return kept, below

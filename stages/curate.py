@@ -1,0 +1,168 @@
+"""Self-curation (Humpback): the current model rates every augmented candidate 1-5; keep the best.
+
+    python stages/curate.py --params params.yaml --iteration iter1 --candidates data/augment/candidates.jsonl \
+        --model models/m0 --rubric prompts/curate.txt --output-dir data/curate/iter1 \
+        --cache cache/curate/iter1 --metrics metrics/curate/iter1.json
+
+mode=logprobs (default) scores each candidate by one batched forward pass: the expected value of
+the model's probabilities over "1".."5" after the rubric and "Score: ", so every candidate gets a
+score. mode=generate asks any engine of selfalign.llm for a "Score: N" reply and parses it
+strictly, counting what does not parse. Writes scored.jsonl (every scored candidate, score in
+meta.score), kept.jsonl (score >= threshold) and rejected.jsonl (invalid, unparsed, failed or
+below the threshold, each with its reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from selfalign import curate, io, params, records
+
+log = logging.getLogger("curate")
+STAGE = "curate"
+DEFAULTS = {
+    "mode": "logprobs",
+    "threshold": 3.0,
+    "batch_size": 8,
+    "dtype": "float32",
+    "score_prefix": "Score: ",
+    "max_response_tokens": 384,
+    "max_tokens": 8,
+    "engine": {},
+    "iterations": {},
+}
+MODES = ("logprobs", "generate")
+
+
+def read_candidates(path: Path) -> tuple[list[tuple[dict, tuple[str, str]]], list[dict], int]:
+    """(valid candidates with their (instruction, response), rejected, lines read)."""
+    good, bad, n = [], [], 0
+    for line, obj in io.read_jsonl(path):
+        n += 1
+        if isinstance(obj, io.JsonlLineError):
+            bad.append(records.rejected(None, "invalid_candidate", STAGE, detail=obj.reason, file=str(path), line=line,
+                                        raw=obj.raw))
+            continue
+        try:
+            good.append((obj, curate.pair_of(obj)))
+        except (curate.CandidateError, records.RecordError, KeyError, TypeError) as e:
+            bad.append(records.rejected(obj, "invalid_candidate", STAGE, detail=str(e), file=str(path), line=line))
+    return good, bad, n
+
+
+def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfalign import chat
+
+    tok = chat.load_tokenizer(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg["dtype"]))
+    prompts, clipped = [], []
+    for instruction, response in pairs:
+        response, cut = curate.clip_tokens(tok, response, cfg["max_response_tokens"])
+        prompts.append(curate.scoring_prompt(tok, rubric, instruction, response, cfg["score_prefix"]))
+        clipped.append(cut)
+    results = curate.expected_scores(model, tok, prompts, batch_size=cfg["batch_size"], progress=True)
+    return [{**r, "ok": True, "response_clipped": c} for r, c in zip(results, clipped, strict=True)]
+
+
+def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], cache: str | None,
+                   template_id: str) -> tuple[list[dict], dict]:
+    from selfalign import llm
+
+    spec = {"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
+    engine = llm.make_engine(spec, cache_dir=cache)
+    reqs = [llm.Request(messages=curate.rubric_messages(rubric, i, r), max_tokens=cfg["max_tokens"], temperature=0.0,
+                        top_p=1.0, seed=0) for i, r in pairs]
+    out = []
+    for res in engine.complete(reqs, template_id=template_id, progress=True):
+        score = curate.parse_score(res.text) if res.ok else None
+        out.append({"ok": res.ok, "score": score, "text": res.text, "error": res.error})
+    return out, dict(vars(engine.stats)) if hasattr(engine.stats, "__dict__") else dict(engine.stats)
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--iteration", required=True, help="Name of this curation round (iter1, iter2, ...), stored in meta.")
+@click.option("--candidates", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--model", "model_dir", required=True, help="Scorer: a model directory (or the endpoint's model name).")
+@click.option("--rubric", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--output-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache (generate mode).")
+@click.option("--metrics", type=click.Path(dir_okay=False), required=True)
+def main(params_file, overrides, iteration, candidates, model_dir, rubric, output_dir, cache, metrics):
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
+    if cfg["mode"] not in MODES:
+        raise click.UsageError(f"curate.mode: {cfg['mode']!r} is not one of {', '.join(MODES)}")
+    if not 1.0 <= float(cfg["threshold"]) <= 5.0:
+        raise click.UsageError(f"curate.threshold: {cfg['threshold']} is outside the score range [1, 5]")
+    rubric_text = curate.load_rubric(rubric)
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
+    good, rejected, n_in = read_candidates(Path(candidates))
+    log.info("%s: %d candidates (%d invalid), scorer %s, mode %s, threshold %.2f", iteration, n_in, len(rejected),
+             model_dir, cfg["mode"], cfg["threshold"])
+
+    pairs = [p for _, p in good]
+    engine_stats = None
+    if not pairs:
+        results = []
+    elif cfg["mode"] == "logprobs":
+        results = score_logprobs(cfg, model_dir, rubric_text, pairs)
+    else:
+        results, engine_stats = score_generate(cfg, model_dir, rubric_text, pairs, cache, f"curate-{iteration}")
+
+    scored, detail_base = [], {"iteration": iteration, "scorer": model_dir, "mode": cfg["mode"]}
+    for (record, _), res in zip(good, results, strict=True):
+        if not res["ok"]:
+            rejected.append(records.rejected(record, "generation_failed", STAGE, detail=str(res["error"])))
+        elif res["score"] is None:
+            rejected.append(records.rejected(record, "unparsed_score", STAGE, detail=repr(res["text"])[:300]))
+        elif cfg["mode"] == "logprobs":
+            scored.append(curate.annotate(record, res["score"], **detail_base, probs=res["probs"],
+                                          digit_mass=round(res["digit_mass"], 6),
+                                          response_clipped=res["response_clipped"]))
+        else:
+            scored.append(curate.annotate(record, res["score"], **detail_base, reply=res["text"]))
+    kept, below = curate.select(scored, float(cfg["threshold"]))
+    rejected += [records.rejected(r, "below_threshold", STAGE, detail=f"score {r['meta']['score']:.3f}") for r in below]
+
+    out = Path(output_dir)
+    io.write_jsonl(out / "scored.jsonl", scored)
+    io.write_jsonl(out / "kept.jsonl", kept)
+    io.write_jsonl(out / "rejected.jsonl", rejected)
+
+    scores = [r["meta"]["score"] for r in scored]
+    attempted = len(good)
+    m = {
+        "iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "threshold": cfg["threshold"],
+        "records_in": n_in, "scored": len(scored), "kept": len(kept), "rejected": len(rejected),
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "parse_rate": round(len(scored) / attempted, 4) if attempted else None,
+        "unparsed": sum(r["reason"] == "unparsed_score" for r in rejected),
+        "yield": round(len(kept) / len(scored), 4) if scored else None,
+        "yield_by_threshold": {f"{t:.1f}": sum(s >= t for s in scores) for t in (2.5, 3.0, 3.5, 4.0, 4.5)},
+        "score_mean": round(sum(scores) / len(scores), 4) if scores else None,
+        "score_histogram": curate.histogram(scores),
+    }
+    if cfg["mode"] == "logprobs" and scored:
+        mass = [r["meta"]["curate"]["digit_mass"] for r in scored]
+        m["digit_mass_mean"], m["digit_mass_min"] = round(sum(mass) / len(mass), 4), round(min(mass), 4)
+        m["responses_clipped"] = sum(r["meta"]["curate"]["response_clipped"] for r in scored)
+    if engine_stats is not None:
+        m["engine"] = engine_stats
+    assert m["records_in"] == m["kept"] + m["rejected"], "curate lost records"
+    io.write_json(metrics, m)
+    log.info("%s: scored %d/%d, kept %d (yield %s), mean score %s", iteration, len(scored), attempted, len(kept),
+             m["yield"], m["score_mean"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Self-curation: digit-probability scores for every candidate, strict parsing, threshold, links, counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfalign import chat, curate, io, records
+
+ROOT = Path(__file__).resolve().parent.parent
+RUBRIC = ROOT / "prompts" / "curate.txt"
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Give me three tips for sleeping better.",
+     "1. Keep a regular schedule.\n2. Avoid screens before bed.\n3. Keep the bedroom cool and dark. " * 3),
+    ("Summarise the text.", "Click here to subscribe to our newsletter! {response} Free shipping on all orders."),
+    ("Write a haiku about rain.", "Soft rain on the roof\nthe garden drinks in silence\nevening smells of earth"),
+    ("How do I boil an egg?", "Put the egg in boiling water for nine minutes, then cool it in cold water."),
+]
+
+
+def candidate(instruction: str, response: str, segment_id: str) -> dict:
+    return records.chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
+                        lang="en", source="augment", meta={"segment_id": segment_id})
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    tok = chat.load_tokenizer(tiny_model_dir, padding_side="left")
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok
+
+
+def test_rubric_fills_both_fields_once_and_leaves_braces_alone(tmp_path):
+    rubric = curate.load_rubric(RUBRIC)
+    text = curate.fill_rubric(rubric, "say {response}", "an {instruction} answer")
+    assert "Request: say {response}" in text and "Answer: an {instruction} answer" in text
+    bad = tmp_path / "r.txt"
+    bad.write_text("Rate this: {response}")
+    with pytest.raises(ValueError, match=r"r\.txt.*\{instruction\}"):
+        curate.load_rubric(bad)
+
+
+def test_digits_are_single_tokens(scorer):
+    _, tok = scorer
+    assert curate.digit_token_ids(tok) == [tok.convert_tokens_to_ids(d) for d in "12345"]
+
+
+def test_batched_scores_equal_unbatched_and_lie_in_range(scorer):
+    model, tok = scorer
+    rubric = curate.load_rubric(RUBRIC)
+    prompts = [curate.scoring_prompt(tok, rubric, i, r, "Score: ") for i, r in PAIRS]
+    lengths = {len(tok(p)["input_ids"]) for p in prompts}
+    assert len(lengths) >= 3, "prompts of different lengths, so batches really are padded"
+    batched = curate.expected_scores(model, tok, prompts, batch_size=4)
+    single = [curate.expected_scores(model, tok, [p], batch_size=1)[0] for p in prompts]
+    for b, s in zip(batched, single, strict=True):
+        assert 1.0 <= b["score"] <= 5.0
+        assert abs(b["score"] - s["score"]) < 1e-4
+        assert sum(b["probs"]) == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 < b["digit_mass"] <= 1.0
+        assert b["score"] == pytest.approx(sum((k + 1) * p for k, p in enumerate(b["probs"])), abs=1e-5)
+
+
+def test_parse_score_is_strict():
+    assert [curate.parse_score(t) for t in ["Score: 4", " score:5.", "3", "Score: 2/5", "Score:1\n"]] == [4, 5, 3, 2, 1]
+    for text in ["The answer is 5.", "Score: 6", "Score: 4. Because it is good", "4 or 5", "", None, "Score: four"]:
+        assert curate.parse_score(text) is None, text
+
+
+def test_select_splits_at_threshold_inclusive():
+    recs = [curate.annotate(candidate(f"q{i}", "a", f"s{i}"), s) for i, s in enumerate([1.0, 2.999, 3.0, 4.2, 5.0])]
+    kept, below = curate.select(recs, 3.0)
+    assert [r["meta"]["score"] for r in kept] == [3.0, 4.2, 5.0]
+    assert [r["meta"]["score"] for r in below] == [1.0, 2.999]
+    assert curate.histogram([1.0, 2.999, 3.0, 4.2, 5.0]) == {
+        "1.0-1.5": 1, "1.5-2.0": 0, "2.0-2.5": 0, "2.5-3.0": 1, "3.0-3.5": 1, "3.5-4.0": 0, "4.0-4.5": 1, "4.5-5.0": 1}
+
+
+def write_candidates(path: Path) -> list[dict]:
+    cands = [candidate(i, r, f"seg{k}") for k, (i, r) in enumerate(PAIRS)]
+    lines = [json.dumps(c) for c in cands]
+    lines.insert(2, "{not json")
+    lines.append(json.dumps({**cands[0], "messages": [{"role": "user", "content": "only a question"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return cands
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_stage(args: list[str]):
+    res = CliRunner().invoke(load_stage("curate").main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_model_dir, tmp_path):
+    cands = write_candidates(tmp_path / "candidates.jsonl")
+    out = tmp_path / "out"
+    common = ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_dir),
+              "--rubric", str(RUBRIC), "--output-dir", str(out), "--cache", str(tmp_path / "cache")]
+    run_stage(common + ["--metrics", str(tmp_path / "m.json"), "--set", "batch_size=2"])
+    m = io.read_json(tmp_path / "m.json")
+    scored = io.load_jsonl(out / "scored.jsonl")
+    kept = io.load_jsonl(out / "kept.jsonl")
+    rejected = io.load_jsonl(out / "rejected.jsonl")
+
+    assert len(scored) == len(cands) and m["parse_rate"] == 1.0, "every valid candidate gets a score"
+    assert [r["id"] for r in scored] == [c["id"] for c in cands]
+    assert [r["meta"]["segment_id"] for r in scored] == [f"seg{k}" for k in range(len(PAIRS))]
+    assert all(1.0 <= r["meta"]["score"] <= 5.0 for r in scored)
+    assert all(r["meta"]["curate"]["iteration"] == "iter1" for r in scored)
+    assert all(r["meta"]["score"] >= 3.0 for r in kept)
+    assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_threshold"} == \
+        {r["id"] for r in scored}
+    invalid = sorted((r["line"], r["file"]) for r in rejected if r["reason"] == "invalid_candidate")
+    assert invalid == [(3, str(tmp_path / "candidates.jsonl")), (7, str(tmp_path / "candidates.jsonl"))]
+    assert m["records_in"] == 7 == m["kept"] + m["rejected"] == len(kept) + len(rejected)
+    assert sum(m["score_histogram"].values()) == m["scored"] == 5
+
+    # The threshold is the only thing that moves a candidate between kept and rejected.
+    scores = sorted(r["meta"]["score"] for r in scored)
+    mid = (scores[1] + scores[2]) / 2
+    run_stage(common + ["--metrics", str(tmp_path / "m2.json"), "--set", f"threshold={mid}"])
+    kept2 = io.load_jsonl(out / "kept.jsonl")
+    assert sorted(r["meta"]["score"] for r in kept2) == scores[2:]
+    assert io.read_json(tmp_path / "m2.json")["kept"] == 3
