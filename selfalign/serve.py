@@ -1,0 +1,431 @@
+"""An OpenAI-compatible server for any model directory the pipeline writes.
+
+    python -m selfalign.serve --model models/export --port 8000 [--host 127.0.0.1] [--api-key-env VAR]
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions (plain and `stream: true` SSE),
+POST /v1/completions (raw prompts, plain). Prompts are built by `prompt_for`, i.e.
+`chat.render(..., add_generation_prompt=True)` with the model's own chat template, which is
+by construction the prompt half of what training saw; generation stops at the template's
+end-of-turn token.
+
+Non-streaming requests are micro-batched: a request that arrives while a batch is generating,
+or within `batch_wait_ms` of the first, joins the next left-padded batch (up to
+`max_batch_size`). Greedy rows come out as they would alone, and sampled rows draw from their
+own seeded generator (selfalign.llm.LocalModel), so batching changes speed, not answers.
+Streaming requests generate one at a time. All generation holds one lock.
+
+A malformed request gets a 400 naming what is wrong (bad JSON, missing or bad `messages`, a bad
+role, `max_tokens` out of range, a prompt over `max_prompt_tokens`), never a 500 or a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from fastapi import Request as HTTPRequest  # module level: FastAPI resolves route annotations from here
+
+from selfalign import chat
+from selfalign.llm import LocalModel, Request
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+def prompt_for(tok, messages: list[dict]) -> str:
+    """The exact prompt string the server generates from for `messages`."""
+    return chat.render(tok, messages, add_generation_prompt=True)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024          # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"'{name}' must be a number, got {type(value).__name__}", name)
+    if value > hi or value < lo or (lo_open and value == lo):
+        raise BadRequest(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+    return value
+
+
+def _content(value, i: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):         # the OpenAI content-parts form: [{"type": "text", "text": ...}]
+        parts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"'messages[{i}].content[{j}]': only text parts are supported",
+                                 f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest(f"'messages[{i}].content' must be a string or a list of text parts", f"messages[{i}].content")
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_messages(body: dict) -> list[dict]:
+    if "messages" not in body:
+        raise BadRequest("'messages' is required", "messages")
+    msgs = body["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise BadRequest(f"'messages[{i}]' must be an object with role and content", f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise BadRequest(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
+                             f"messages[{i}].role")
+        if "content" not in m:
+            raise BadRequest(f"'messages[{i}].content' is required", f"messages[{i}].content")
+        out.append({"role": m["role"], "content": _content(m["content"], i)})
+    return out
+
+
+def parse_settings(body: dict, limits: Limits) -> Request:
+    """Generation settings of a request body as an llm.Request (messages filled in later)."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, limits.max_tokens)
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_tokens:
+        raise BadRequest(f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
+                         "max_tokens")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    seed = body.get("seed", 0)
+    if seed is None:
+        seed = 0
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise BadRequest("'seed' must be an integer", "seed")
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise BadRequest("only n=1 is supported", "n")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
+        raise BadRequest("'stop' must be a string or a list of at most 4 strings", "stop")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("'stream' must be a boolean", "stream")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string", "model")
+    return Request(prompt="", max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                   seed=seed, stop=stop or None)
+
+
+class Batcher:
+    """Collects non-streaming requests into batches and generates them on one worker thread."""
+
+    def __init__(self, model: LocalModel, lock: threading.Lock, max_batch_size: int, wait_s: float, stats: dict):
+        self.model, self.lock, self.max_batch_size, self.wait_s, self.stats = model, lock, max_batch_size, wait_s, stats
+        self.q: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, text: str, req: Request) -> Future:
+        fut: Future = Future()
+        self.q.put((text, req, fut))
+        return fut
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while True:
+            first = self.q.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.q.put(None)
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch) -> None:
+        try:
+            with self.lock:
+                gens = self.model.generate([b[0] for b in batch], [b[1] for b in batch])
+        except Exception as e:  # noqa: BLE001 - every waiting request gets the error, none hangs
+            log.exception("batch generation failed")
+            for _, _, fut in batch:
+                fut.set_exception(e)
+            return
+        self.stats["batches"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+        for (_, _, fut), g in zip(batch, gens, strict=True):
+            fut.set_result(g)
+
+
+def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtype: str = "float32",
+               limits: Limits | None = None, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
+               model_name: str | None = None):
+    """The FastAPI app serving `model_dir`; `app.state.close()` stops its batcher thread."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    limits = limits or Limits()
+    model = LocalModel(model_dir, dtype)
+    name = model_name or Path(model_dir).resolve().name
+    lock = threading.Lock()
+    stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0, "max_batch": 0}
+    stats_lock = threading.Lock()
+    batcher = Batcher(model, lock, max_batch_size, batch_wait_ms / 1000, stats)
+    app = FastAPI(title="selfalign", docs_url=None, redoc_url=None)
+    app.state.model, app.state.stats, app.state.close = model, stats, batcher.close
+
+    def error(status: int, message: str, param: str | None = None, code: str | None = None):
+        kind = {400: "invalid_request_error", 401: "authentication_error"}.get(status, "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                            status_code=status)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_, e: BadRequest):
+        return error(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        log.exception("internal error")
+        return error(500, f"internal error: {type(e).__name__}: {e}")
+
+    def check_key(req: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        given = req.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise BadRequest("missing or wrong API key (Authorization: Bearer ...)", status=401,
+                             code="invalid_api_key")
+
+    def count(prompt_tokens: int, completion_tokens: int) -> None:
+        with stats_lock:
+            stats["requests"] += 1
+            stats["prompt_tokens"] += prompt_tokens
+            stats["completion_tokens"] += completion_tokens
+
+    def checked_prompt(text: str, req: Request) -> int:
+        n = model.count_tokens(text)
+        if n > limits.max_prompt_tokens:
+            raise BadRequest(f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}", "messages",
+                             code="context_length_exceeded")
+        if n + req.max_tokens > model.max_positions:
+            raise BadRequest(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                             f"{model.max_positions} positions", "max_tokens", code="context_length_exceeded")
+        return n
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": name, **stats}
+
+    @app.get("/v1/models")
+    def models(request: HTTPRequest):
+        check_key(request)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "selfalign"}]}
+
+    async def generate(text: str, req: Request):
+        return await asyncio.wrap_future(batcher.submit(text, req))
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        check_key(request)
+        body = parse_body(await request.body())
+        if not isinstance(body.get("prompt"), str):
+            raise BadRequest("'prompt' is required and must be a string", "prompt")
+        if body.get("stream"):
+            raise BadRequest("streaming is only supported on /v1/chat/completions", "stream")
+        req = parse_settings(body, limits)
+        req.prompt = body["prompt"]
+        checked_prompt(req.prompt, req)
+        g = await generate(req.prompt, req)
+        count(g.prompt_tokens, g.completion_tokens)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": name, "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason}],
+                "usage": _usage(g)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        check_key(request)
+        body = parse_body(await request.body())
+        messages = parse_messages(body)
+        req = parse_settings(body, limits)
+        text = prompt_for(model.tok, messages)
+        req.prompt = text
+        checked_prompt(text, req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            opts = body.get("stream_options") or {}
+            usage_too = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            return StreamingResponse(_stream(text, req, cid, created, usage_too),
+                                     media_type="text/event-stream")
+        g = await generate(text, req)
+        count(g.prompt_tokens, g.completion_tokens)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
+                             "finish_reason": g.finish_reason}],
+                "usage": _usage(g)}
+
+    def _stream(text: str, req: Request, cid: str, created: int, usage_too: bool):
+        from transformers import TextIteratorStreamer
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+            if usage is not None:
+                obj["usage"] = usage
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        streamer = TextIteratorStreamer(model.tok, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        box: dict = {}
+
+        def run():
+            try:
+                with lock:
+                    box["gen"] = model.generate([text], [req], cancel=cancel, streamer=streamer)[0]
+            except Exception as e:  # noqa: BLE001 - reported to the client below, and the stream ends
+                log.exception("streaming generation failed")
+                box["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        # hold back enough characters that a stop string split across pieces is never sent
+        hold = max((len(s) for s in req.stop or []), default=1) - 1
+        sent = 0
+        acc = ""
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in streamer:
+                acc += piece
+                safe = len(acc) - hold
+                if req.stop and any(s in acc for s in req.stop):
+                    cancel.set()
+                    break
+                if safe > sent:
+                    yield chunk({"content": acc[sent:safe]})
+                    sent = safe
+            worker.join()
+            if "error" in box:
+                yield f"data: {json.dumps({'error': {'message': str(box['error']), 'type': 'server_error'}})}\n\n"
+                return
+            g = box["gen"]
+            if len(g.text) > sent:
+                yield chunk({"content": g.text[sent:]})
+            count(g.prompt_tokens, g.completion_tokens)
+            yield chunk({}, g.finish_reason)
+            if usage_too:
+                yield chunk({}, usage=_usage(g))
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()        # the client went away: stop generating at the next token
+
+    return app
+
+
+def _usage(g) -> dict:
+    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+            "total_tokens": g.prompt_tokens + g.completion_tokens}
+
+
+@dataclass
+class Running:
+    url: str            # base URL for OpenAI clients, e.g. http://127.0.0.1:8123/v1
+    port: int
+    server: object
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Running:
+    """Serve `app` from a background thread on a socket that already listens, so clients can
+    connect at once (they wait in the backlog until uvicorn accepts)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    return Running(f"http://{host}:{port}/v1", port, server, thread)
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A model directory (weights, tokenizer, chat template).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes the server.")
+@click.option("--api-key-env", default=None, help="Name of an env var holding the key clients must send as Bearer.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--max-batch-size", default=8, show_default=True, type=int)
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=float)
+@click.option("--max-prompt-tokens", default=2048, show_default=True, type=int)
+@click.option("--max-tokens", "max_tokens_limit", default=1024, show_default=True, type=int)
+def main(model_dir, port, host, api_key_env, dtype, max_batch_size, batch_wait_ms, max_prompt_tokens,
+         max_tokens_limit):
+    """Serve MODEL over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.UsageError(f"--api-key-env {api_key_env}: that env var is not set")
+    app = create_app(model_dir, api_key=api_key, dtype=dtype, max_batch_size=max_batch_size,
+                     batch_wait_ms=batch_wait_ms,
+                     limits=Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit))
+    log.info("serving %s on http://%s:%d/v1 (dtype %s, batches of up to %d, API key %s)", model_dir, host, port,
+             dtype, max_batch_size, "required" if api_key else "off")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
