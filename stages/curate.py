@@ -83,7 +83,7 @@ def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
     for res in engine.complete(reqs, template_id=template_id, progress=True):
         score = curate.parse_score(res.text) if res.ok else None
         out.append({"ok": res.ok, "score": score, "text": res.text, "error": res.error})
-    return out, dict(vars(engine.stats)) if hasattr(engine.stats, "__dict__") else dict(engine.stats)
+    return out, engine.stats
 
 
 @click.command()

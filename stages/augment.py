@@ -1,0 +1,130 @@
+"""Self-augmentation (Humpback): the backward model writes an instruction for each web segment.
+
+    python stages/augment.py --params params.yaml --web data/clean/web.jsonl --model models/backward \
+        --prompt prompts/backward.txt --output-dir data/augment --cache cache/augment --metrics metrics/augment.json
+
+A seeded sample of at most `max_segments` segments goes to a selfalign.llm engine (in-process
+transformers by default, batched and left-padded; or any OpenAI-compatible endpoint; or vLLM on a
+GPU). Every answer is cached, so a killed run resumes where it stopped. Writes
+candidates.jsonl (chat records: user = generated instruction, assistant = the segment verbatim,
+meta.segment_id = the web record's id) and rejected.jsonl (invalid or out-of-bounds segments,
+failed or degenerate generations, each with its reason). Metrics hold
+records_in == candidates + rejected + unsampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from selfalign import augment, io, params, records
+
+log = logging.getLogger("augment")
+STAGE = "augment"
+DEFAULTS = {
+    "max_segments": 120,
+    "seed": 0,
+    "min_chars": 80,
+    "max_chars": 2000,
+    "max_new_tokens": 48,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "min_instruction_words": 3,
+    "reject_truncated": True,
+    "engine": {},
+}
+ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "bfloat16"}
+
+
+def read_web(path: Path, min_chars: int, max_chars: int) -> tuple[list[dict], list[dict], int]:
+    """(usable segments, rejected, lines read)."""
+    good, bad, n = [], [], 0
+    for line, obj in io.read_jsonl(path):
+        n += 1
+        where = {"file": str(path), "line": line}
+        if isinstance(obj, io.JsonlLineError):
+            bad.append(records.rejected(None, "invalid_record", STAGE, detail=obj.reason, raw=obj.raw, **where))
+            continue
+        try:
+            if obj.get("kind") != "web":
+                raise records.RecordError(f"field 'kind': expected 'web', got {obj.get('kind')!r}")
+            records.validate(obj)
+        except records.RecordError as e:
+            bad.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), **where))
+            continue
+        size = len(obj["text"].strip())
+        if size < min_chars:
+            bad.append(records.rejected(obj, "segment_too_short", STAGE, detail=f"{size} < {min_chars} chars", **where))
+        elif size > max_chars:
+            bad.append(records.rejected(obj, "segment_too_long", STAGE, detail=f"{size} > {max_chars} chars", **where))
+        else:
+            good.append(obj)
+    return good, bad, n
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--web", type=click.Path(exists=True, dir_okay=False), required=True, help="Web segments (JSONL).")
+@click.option("--model", "model_dir", required=True, help="The backward model directory (local/vllm engines).")
+@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Backward prompt template with {response}; without it the user turn is the segment alone.")
+@click.option("--output-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--cache", type=click.Path(file_okay=False), required=True, help="llm cache: what makes a rerun resume.")
+@click.option("--metrics", type=click.Path(dir_okay=False), required=True)
+def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache, metrics):
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
+    from selfalign import llm
+
+    template = augment.load_template(prompt_file)
+    segments, rejected, n_in = read_web(Path(web), cfg["min_chars"], cfg["max_chars"])
+    chosen, unsampled = augment.sample(segments, cfg["max_segments"], cfg["seed"])
+    spec = {**ENGINE_DEFAULTS, "model": model_dir, **cfg["engine"]}
+    log.info("%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s, "
+             "max_new_tokens %d, temperature %s", n_in, len(segments), len(rejected), len(chosen),
+             cfg["max_segments"], spec["kind"], spec["model"], cfg["max_new_tokens"], cfg["temperature"])
+
+    engine = llm.make_engine(spec, cache_dir=cache)
+    reqs = [llm.Request(messages=[{"role": "user", "content": augment.user_turn(template, w["text"])}],
+                        max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                        seed=cfg["seed"]) for w in chosen]
+    results = engine.complete(reqs, template_id="augment-v1", progress=True) if reqs else []
+
+    candidates = []
+    for w, res in zip(chosen, results, strict=True):
+        if not res.ok:
+            rejected.append(records.rejected(w, "generation_failed", STAGE, detail=str(res.error)))
+            continue
+        instruction = augment.parse_instruction(res.text)
+        bad = augment.degenerate_reason(instruction, w["text"], res.finish_reason,
+                                        min_words=cfg["min_instruction_words"],
+                                        reject_truncated=cfg["reject_truncated"])
+        if bad:
+            rejected.append(records.rejected(w, bad[0], STAGE, detail=f"{bad[1]}; reply {res.text!r}"[:500]))
+            continue
+        candidates.append(augment.candidate(instruction, w, model=spec["model"], finish_reason=res.finish_reason))
+
+    out = Path(output_dir)
+    io.write_jsonl(out / "candidates.jsonl", candidates)
+    io.write_jsonl(out / "rejected.jsonl", rejected)
+    lengths = [len(c["messages"][0]["content"].split()) for c in candidates]
+    m = {
+        "records_in": n_in, "sampled": len(chosen), "unsampled": len(unsampled), "candidates": len(candidates),
+        "rejected": len(rejected), "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "yield": round(len(candidates) / len(chosen), 4) if chosen else None,
+        "instruction_words_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
+        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+    }
+    assert n_in == m["candidates"] + m["rejected"] + m["unsampled"], "augment lost records"
+    io.write_json(metrics, m)
+    engine.close()
+    log.info("%d candidates, %d rejected %s; %d engine calls, %d cache hits", len(candidates), len(rejected),
+             m["rejected_by_reason"], m["engine"]["calls"], m["engine"]["cache_hits"])
+
+
+if __name__ == "__main__":
+    main()

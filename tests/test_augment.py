@@ -1,0 +1,127 @@
+"""Self-augmentation: prompt building and parsing, degenerate generations, the stage end to end, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfalign import augment, io, records
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB = Path(__file__).resolve().parent / "fixtures" / "augment" / "web.jsonl"
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_template_wraps_the_segment(tmp_path):
+    assert augment.user_turn(None, "seg") == "seg"
+    p = tmp_path / "backward.txt"
+    p.write_text("Write the request that this answers:\n{response}\n")
+    assert augment.user_turn(augment.load_template(p), "seg {x}") == "Write the request that this answers:\nseg {x}"
+    p.write_text("no placeholder")
+    with pytest.raises(ValueError, match=r"backward\.txt.*\{response\}"):
+        augment.load_template(p)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("  How do I clean an air filter?\n", "How do I clean an air filter?"),
+    ("Instruction: Explain how air cleaners work.", "Explain how air cleaners work."),
+    ('"Describe the benefits of a heat pump."', "Describe the benefits of a heat pump."),
+    ('"Compare" these two "options"', '"Compare" these two "options"'),
+    ("### Question: What is C4?", "What is C4?"),
+    ("", ""),
+    (None, ""),
+])
+def test_parse_instruction(reply, expected):
+    assert augment.parse_instruction(reply) == expected
+
+
+def test_degenerate_generations_are_named():
+    seg = "The furnace filter should be changed every three months to keep the air in your home clean and healthy."
+    def reason(inst, finish="stop"):
+        r = augment.degenerate_reason(inst, seg, finish)
+        return r and r[0]
+    assert reason("How often should I change my furnace filter?") is None
+    assert reason("") == "empty_generation"
+    assert reason("Filters?") == "instruction_too_short"
+    assert reason("Write a long essay about furnaces and how they", "length") == "truncated"
+    assert augment.degenerate_reason("Write a long essay about furnaces and how they", seg, "length",
+                                     reject_truncated=False) is None
+    assert reason("the air the air the air the air the air the air the air the air") == "repetitive"
+    assert reason("should be changed every three months to keep the air in your home") == "copies_segment"
+    assert reason("Rewrite: " + seg) == "copies_segment"
+
+
+def test_sample_is_seeded_and_stable_under_growth():
+    segs = [records.make("web", text=f"segment number {i}", lang="en", source="t") for i in range(50)]
+    a, rest = augment.sample(segs, 10, seed=0)
+    assert len(a) == 10 and len(rest) == 40 and {r["id"] for r in a}.isdisjoint(r["id"] for r in rest)
+    assert augment.sample(segs, 10, seed=0)[0] == a
+    assert augment.sample(segs, 10, seed=1)[0] != a
+    bigger, _ = augment.sample(segs, 20, seed=0)
+    assert {r["id"] for r in a} <= {r["id"] for r in bigger}, "a larger sample contains the smaller one"
+    assert [r["id"] for r in a] == [r["id"] for r in segs if r["id"] in {x["id"] for x in a}], "input order kept"
+
+
+def write_web(path: Path) -> list[dict]:
+    web = io.load_jsonl(WEB)
+    lines = [json.dumps(r) for r in web]
+    lines.insert(1, "{broken")
+    lines.append(json.dumps(records.make("web", text="Too short.", lang="en", source="t")))
+    lines.append(json.dumps({"kind": "web", "id": "x", "lang": "en", "source": "t", "meta": {}}))
+    path.write_text("\n".join(lines) + "\n")
+    return web
+
+
+def run(tmp_path: Path, model: Path, metrics: str, *sets: str) -> dict:
+    args = ["--web", str(tmp_path / "web.jsonl"), "--model", str(model), "--output-dir", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / metrics),
+            "--set", "max_new_tokens=6", "--set", "reject_truncated=false", "--set", "min_instruction_words=1",
+            "--set", "engine={kind: local, batch_size: 4, dtype: float32}"]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(load_stage("augment").main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return io.read_json(tmp_path / metrics)
+
+
+def test_stage_links_candidates_to_segments_and_resumes_from_cache(tiny_model_dir, tmp_path):
+    web = write_web(tmp_path / "web.jsonl")
+    by_id = {w["id"]: w for w in web}
+
+    m1 = run(tmp_path, tiny_model_dir, "m1.json", "max_segments=3")
+    assert m1["engine"]["calls"] == 3 and m1["engine"]["cache_hits"] == 0
+
+    m2 = run(tmp_path, tiny_model_dir, "m2.json", "max_segments=6")
+    assert m2["engine"]["calls"] == 3 and m2["engine"]["cache_hits"] == 3, "the first three come from the cache"
+    cands = io.load_jsonl(tmp_path / "out" / "candidates.jsonl")
+    rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
+
+    assert m2["records_in"] == 11 == m2["candidates"] + m2["rejected"] + m2["unsampled"]
+    assert m2["sampled"] == 6 and m2["unsampled"] == 2
+    assert m2["candidates"] == len(cands) and m2["rejected"] == len(rejected)
+    assert m2["rejected_by_reason"]["invalid_record"] == 2 and m2["rejected_by_reason"]["segment_too_short"] == 1
+    assert {(r["line"], r["reason"]) for r in rejected if "line" in r} >= {(2, "invalid_record"), (11, "invalid_record")}
+    generated = [r for r in rejected if r["reason"] not in ("invalid_record", "segment_too_short")]
+    assert len(cands) + len(generated) == 6
+    for c in cands:
+        w = by_id[c["meta"]["segment_id"]]
+        assert c["source"] == "augment" and c["kind"] == "chat" and c["lang"] == w["lang"]
+        assert [m["role"] for m in c["messages"]] == ["user", "assistant"]
+        assert c["messages"][1]["content"] == w["text"], "the response is the segment verbatim"
+        assert c["messages"][0]["content"].strip()
+        records.validate(c)
+
+    before = (tmp_path / "out" / "candidates.jsonl").read_text()
+    m3 = run(tmp_path, tiny_model_dir, "m3.json", "max_segments=6")
+    assert m3["engine"]["calls"] == 0 and m3["engine"]["cache_hits"] == 6, "a rerun asks the model nothing"
+    assert (tmp_path / "out" / "candidates.jsonl").read_text() == before
