@@ -1,0 +1,249 @@
+"""Peak GPU memory of a training (or generation) step, estimated from a model's config.json.
+
+A 7B run that dies of OOM after the model download and the data loading costs an hour; this
+arithmetic costs nothing and runs on a laptop (`stages/<name>.py --dry-run`). It counts, per GPU:
+
+    weights      every parameter at its storage width: NF4 is 4 bits + the block constants
+                 (blocks of 64 with an fp32 absmax = 0.5 bit, or with double quantization
+                 8 bits per 64 + fp32 per 256 blocks = 0.127 bit); embeddings, norms and the
+                 output head stay in the compute dtype (bitsandbytes does not quantize them)
+    adapters     LoRA A and B, r * (in + out) per adapted linear, kept in fp32 by peft
+    gradients    one per trainable parameter, at its dtype; ZeRO-2 shards them over the GPUs
+    optimizer    AdamW: two fp32 moments (8 bytes/param), 8-bit AdamW: 2 bytes/param, plus an
+                 fp32 master copy when trainable weights are 16-bit; ZeRO-1/2 shard these
+    activations  what autograd keeps per token per decoder layer, in the compute dtype, with a
+                 fused attention kernel (no seq^2 scores): two RMSNorms computed in fp32
+                 (~10 h bytes each), the attention input, q/k/v and output (6 h + 4 kv_dim), and
+                 the SwiGLU MLP (2 h + 8 I). With gradient checkpointing only each layer's input
+                 (2 h) is kept, plus one layer's full set while it is recomputed
+    logits       bf16 logits, their fp32 upcast and the saved log-softmax: 10 bytes per vocab
+                 entry per token (2 + 4 / chunks * 4 with a chunked loss)
+    temporaries  the largest dequantized weight (QLoRA), and the CUDA context (~0.5 GiB, which
+                 torch.cuda.max_memory_allocated does not show but the card does)
+
+The numbers are an estimate: allocator fragmentation adds 5-15% on top, so `fits` asks for that
+headroom. bench/memory.py compares the estimate with published measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+GIB = 1024 ** 3
+CUDA_CONTEXT = 0.5 * GIB
+HEADROOM = 0.90  # of the card's memory an estimate may use and still be called a fit
+
+# Published architectures (the numbers of each model's config.json), so a dry run of a hub
+# profile needs neither the hub nor the weights.
+KNOWN: dict[str, dict] = {
+    "Qwen/Qwen2.5-7B-Instruct": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
+                                     intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                                     tie_word_embeddings=False),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                                             num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                                             num_key_value_heads=8, tie_word_embeddings=False),
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                                     intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                                     tie_word_embeddings=False),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                                                num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
+                                                num_key_value_heads=3, tie_word_embeddings=True),
+}
+KNOWN["meta-llama/Meta-Llama-3.1-8B-Instruct"] = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """The numbers of a decoder-only (Llama/Qwen2/Mistral-style) config.json that set its size."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    attn_bias: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Arch:
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        heads = cfg["num_attention_heads"]
+        return cls(vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
+                   intermediate=cfg["intermediate_size"], heads=heads,
+                   kv_heads=cfg.get("num_key_value_heads") or heads,
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   tied=bool(cfg.get("tie_word_embeddings", False)),
+                   attn_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")))
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear in one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def params(self) -> dict[str, int]:
+        """Parameter counts: the decoder layers' linears, the embedding, the head, and the rest."""
+        linear = sum(a * b for a, b in self.linear_shapes().values()) * self.layers
+        bias = (self.heads * self.head_dim + 2 * self.kv_dim) * self.layers if self.attn_bias else 0
+        norms = (2 * self.layers + 1) * self.hidden
+        embed = self.vocab * self.hidden
+        head = 0 if self.tied else embed
+        return {"linear": linear, "embed": embed, "head": head, "other": bias + norms,
+                "total": linear + embed + head + bias + norms}
+
+
+def load_arch(model: str | Path | dict) -> Arch:
+    """An Arch from a config dict, a model directory, a config.json path, or a known hub id."""
+    if isinstance(model, dict):
+        return Arch.from_config(model)
+    if str(model) in KNOWN:
+        return Arch.from_config(KNOWN[str(model)])
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model}: no config.json there and not a known hub id "
+                                f"({', '.join(sorted(KNOWN))})")
+    return Arch.from_config(json.loads(path.read_text(encoding="utf-8")))
+
+
+def lora_params(arch: Arch, r: int, targets: list[str] | tuple[str, ...] | str = LINEARS) -> int:
+    """r * (in + out) for each adapted linear of each layer; "all-linear" means every one."""
+    if targets == "all-linear":
+        targets = LINEARS
+    shapes = arch.linear_shapes()
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; known: {', '.join(shapes)}")
+    return sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) * arch.layers
+
+
+@dataclasses.dataclass
+class Plan:
+    """One stage's training (or generation) setup, as the stage's resolved params give it."""
+
+    stage: str
+    model: str | Path | dict
+    method: str = "qlora"           # qlora | lora | full | generate
+    seq_len: int = 1024
+    micro_batch: int = 1            # sequences per GPU per forward (a preference pair counts 2)
+    grad_accum: int = 1
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] | str = LINEARS
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw"        # adamw | adamw_8bit (paged or not)
+    dtype: str = "bf16"             # compute dtype of activations and unquantized weights
+    double_quant: bool = True
+    head: str = "lm"                # lm (vocab logits) | score (reward/value head: no logits)
+    chunked_loss: int = 1           # cross-entropy in this many chunks (torchtune uses 8)
+    gpus: int = 1                   # data-parallel processes sharing the work
+    zero_stage: int = 0
+    frozen_copies: int = 0          # extra resident copies of the frozen base (reference/reward models)
+    gpu_gib: float | None = None    # the card to check against
+    notes: dict = dataclasses.field(default_factory=dict)
+
+
+def estimate(plan: Plan) -> dict[str, float]:
+    """Bytes per GPU by component, with `total`; see the module docstring for each term."""
+    if plan.method not in ("qlora", "lora", "full", "generate"):
+        raise ValueError(f"method {plan.method!r}: expected qlora, lora, full or generate")
+    arch = load_arch(plan.model)
+    p = arch.params()
+    dt = BYTES[plan.dtype]
+    shards = max(1, plan.gpus)
+    tokens = plan.seq_len * plan.micro_batch
+    head_params = p["head"] if plan.head == "lm" else arch.hidden  # a score head is hidden x 1
+    unquantized = p["embed"] + head_params + p["other"]
+    if plan.method == "qlora":
+        bits = 4 + (32 / (64 * 256) + 8 / 64 if plan.double_quant else 32 / 64)
+        weights = p["linear"] * bits / 8 + unquantized * dt
+    else:
+        weights = (p["linear"] + unquantized) * dt
+    out = {"weights": weights * (1 + plan.frozen_copies)}
+
+    if plan.method == "generate":
+        # KV cache for the whole batch at full length; no gradients, no optimizer.
+        out["kv_cache"] = 2 * arch.layers * arch.kv_dim * dt * tokens
+        out["activations"] = 2 * (arch.hidden + arch.intermediate) * dt * tokens
+        out["logits"] = 4 * arch.vocab * plan.micro_batch
+    else:
+        if plan.method == "full":
+            trainable, train_bytes = p["total"] - p["head"] + head_params, dt
+            master = 4 if dt < 4 else 0
+        else:
+            trainable, train_bytes, master = lora_params(arch, plan.lora_r, plan.lora_targets), 4, 0
+            out["adapters"] = trainable * train_bytes
+        state = 2 if "8bit" in plan.optimizer else 8
+        opt_shards = shards if plan.zero_stage >= 1 else 1
+        grad_shards = shards if plan.zero_stage >= 2 else 1
+        out["gradients"] = trainable * train_bytes / grad_shards
+        out["optimizer"] = trainable * (state + master) / opt_shards
+        per_layer = 2 * arch.hidden * 10 + 6 * arch.hidden + 4 * arch.kv_dim + 2 * arch.hidden + 8 * arch.intermediate
+        per_layer = per_layer * dt / 2  # the counts above are bf16 bytes
+        if plan.gradient_checkpointing:
+            act = (arch.layers * 2 * arch.hidden * dt + per_layer) * tokens
+        else:
+            act = arch.layers * per_layer * tokens
+        out["activations"] = act
+        if plan.head == "lm":
+            out["logits"] = (2 + 8 / max(1, plan.chunked_loss)) * arch.vocab * tokens
+        else:
+            out["logits"] = 0.0
+    if plan.method == "qlora":
+        out["dequant_buffer"] = max(a * b for a, b in arch.linear_shapes().values()) * dt
+    out["cuda_context"] = CUDA_CONTEXT
+    out["total"] = sum(out.values())
+    return out
+
+
+def fits(total_bytes: float, gpu_gib: float) -> bool:
+    return total_bytes <= gpu_gib * GIB * HEADROOM
+
+
+def dry_run(plan: Plan, params: dict | None = None) -> str:
+    """The resolved plan and its memory estimate, as a stage's --dry-run prints it."""
+    arch = load_arch(plan.model)
+    p = arch.params()
+    est = estimate(plan)
+    name = plan.model if isinstance(plan.model, (str, Path)) else plan.model.get("_name_or_path", "config")
+    lines = [f"stage {plan.stage}: dry run (no weights loaded)",
+             f"  model        {name}: {p['total'] / 1e9:.2f}B params, {arch.layers} layers, hidden {arch.hidden}, "
+             f"vocab {arch.vocab}",
+             f"  method       {plan.method}" + (f", LoRA r={plan.lora_r} on {_targets(plan.lora_targets)}"
+                                               f" ({lora_params(arch, plan.lora_r, plan.lora_targets) / 1e6:.1f}M "
+                                               "trainable)" if plan.method in ("qlora", "lora") else ""),
+             f"  batch        {plan.micro_batch} x {plan.seq_len} tokens per GPU, accumulation {plan.grad_accum}, "
+             f"{plan.gpus} GPU(s) -> {plan.micro_batch * plan.grad_accum * plan.gpus} sequences per step",
+             f"  runtime      {plan.dtype}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
+             f"optimizer {plan.optimizer}, ZeRO stage {plan.zero_stage}"]
+    for key, value in plan.notes.items():
+        lines.append(f"  {key:<12} {value}")
+    if params:
+        lines.append("  params       " + json.dumps(params, sort_keys=True, default=str))
+    lines.append("  peak GPU memory estimate per GPU:")
+    for key, value in est.items():
+        if key != "total":
+            lines.append(f"    {key:<15} {value / GIB:8.2f} GiB")
+    lines.append(f"    {'total':<15} {est['total'] / GIB:8.2f} GiB")
+    if plan.gpu_gib:
+        verdict = "fits" if fits(est["total"], plan.gpu_gib) else "does NOT fit"
+        lines.append(f"  {verdict} a {plan.gpu_gib:g} GiB GPU (estimate must stay under {HEADROOM:.0%} of it)")
+    return "\n".join(lines)
+
+
+def _targets(targets) -> str:
+    return targets if isinstance(targets, str) else ",".join(targets)
