@@ -1,0 +1,352 @@
+"""The ingest stage: every reader on real samples, web segmentation, conservation, stable ids, both CLIs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfalign import io, params, readers, records
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = Path(__file__).resolve().parent / "fixtures" / "ingest"
+
+
+def _stage():
+    spec = importlib.util.spec_from_file_location("stage_ingest", ROOT / "stages" / "ingest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ingest = _stage()
+
+
+def run(fmt: str, name: str, lang: str = "en", **options) -> tuple[list[dict], list[dict]]:
+    path = FIX / name if (FIX / name).exists() else Path(name)
+    items = list(readers.read(fmt, str(path), lang, "src", **options))
+    kept = [r for r in items if not readers.is_rejected(r)]
+    for r in kept:
+        records.validate(r)
+        assert fmt == "canonical" or r["id"] == records.record_id(r)  # canonical keeps given ids
+    return kept, [r for r in items if readers.is_rejected(r)]
+
+
+def reasons(rejected: list[dict]) -> list[tuple[str, int]]:
+    return [(r["reason"], r["line"]) for r in rejected]
+
+
+def roles(record: dict) -> str:
+    return "".join(m["role"][0] for m in record["messages"])
+
+
+# --- chat readers ---------------------------------------------------------------------------
+
+def test_guanaco_keeps_single_turn_pairs_like_humpback():
+    kept, rej = run("guanaco", "guanaco_best_path.jsonl")
+    assert reasons(rej) == [("multi_turn", 1), ("multi_turn", 2)]
+    assert rej[0]["file"].endswith("guanaco_best_path.jsonl") and "raw" in rej[0]
+    lines = (FIX / "guanaco_best_path.jsonl").read_text().splitlines()
+    text = json.loads(lines[2])["text"]
+    human, assistant = text.split("### Assistant:")
+    assert kept[0]["messages"] == [{"role": "user", "content": human.split("### Human:")[1].strip()},
+                                   {"role": "assistant", "content": assistant.strip()}]
+    assert [r["meta"]["line"] for r in kept] == [3, 4, 5, 6]
+
+    kept, rej = run("guanaco", "guanaco_best_path.jsonl", multi_turn=True)
+    assert rej == [] and len(kept) == 6
+    assert roles(kept[0]) == "uaua" and "### " not in json.dumps(kept[0]["messages"])
+
+
+def test_oasst_follows_the_best_ranked_eligible_path(tmp_path):
+    kept, rej = run("oasst", "oasst_trees.jsonl")
+    assert reasons(rej) == [("ineligible_prompt", 1), ("no_reply", 4)]
+    assert "synthetic" in rej[0]["detail"]
+    tree = json.loads((FIX / "oasst_trees.jsonl").read_text().splitlines()[1])
+    root = tree["prompt"]
+    best = min((m for m in root["replies"] if m.get("rank") is not None), key=lambda m: m["rank"])
+    assert kept[0]["messages"][:2] == [{"role": "user", "content": root["text"]},
+                                       {"role": "assistant", "content": best["text"]}]
+    assert all(re.fullmatch(r"(ua)+", roles(r)) for r in kept)
+
+    # the real tree has no deleted or rejected message; mark the best reply so, and the next best is taken
+    for flag in ({"deleted": True}, {"review_result": False}):
+        t = json.loads(json.dumps(tree))
+        next(m for m in t["prompt"]["replies"] if m["message_id"] == best["message_id"]).update(flag)
+        (tmp_path / "t.jsonl").write_text(json.dumps(t) + "\n")
+        (rec,), _ = run("oasst", str(tmp_path / "t.jsonl"))
+        second = min((m for m in root["replies"] if m.get("rank") is not None and m is not best), key=lambda m: m["rank"])
+        assert rec["messages"][1]["content"] == second["text"] != best["text"]
+
+
+def test_alpaca_array_and_jsonl():
+    kept, rej = run("alpaca", "alpaca_first12.json")
+    src = json.loads((FIX / "alpaca_first12.json").read_text())
+    assert rej == [] and len(kept) == 12
+    for r, s in zip(kept, src, strict=True):
+        assert r["messages"][0]["content"] == (f"{s['instruction']}\n\n{s['input']}" if s["input"] else s["instruction"])
+        assert r["messages"][1]["content"] == s["output"]
+    assert any(s["input"] for s in src)
+    assert kept[1]["meta"]["line"] == 7  # each array item keeps the line it starts on
+
+    kept, rej = run("alpaca", "chatdoctor_ms.jsonl", lang="ms")
+    assert len(kept) == 4 and reasons(rej) == [("missing_field", 3)]
+    assert "'instruction'" in rej[0]["detail"] and kept[0]["lang"] == "ms"
+
+
+def test_self_instruct_seed_tasks_one_record_per_instance():
+    kept, rej = run("self_instruct", "seed_tasks.jsonl")
+    tasks = [json.loads(line) for line in (FIX / "seed_tasks.jsonl").read_text().splitlines()]
+    assert rej == [] and len(kept) == sum(len(t["instances"]) for t in tasks) == 4
+    assert kept[0]["meta"]["orig_id"] == "seed_task_0" and kept[0]["meta"]["instance"] == 0
+    assert kept[0]["messages"][1]["content"] == tasks[0]["instances"][0]["output"]
+
+
+def test_sft_reads_gpt4all_and_rejects_its_two_broken_lines():
+    kept, rej = run("sft", "gpt4all_ms.jsonl", lang="ms")
+    assert reasons(rej) == [("invalid_json", 3), ("invalid_json", 8)]
+    assert all(r["file"] == str(FIX / "gpt4all_ms.jsonl") and r["raw"] for r in rej)
+    assert "Extra data" in rej[0]["detail"]
+    assert len(kept) + len(rej) == 10  # records in = kept + rejected, one per line
+    assert kept[0]["meta"]["orig_source"] == "bigscience/p3"  # gpt4all's own `source` field, kept
+
+    kept, rej = run("sft", "mschatgpt_sft.jsonl", lang="ms")
+    assert len(kept) == 4 and reasons(rej) == [("missing_field", 3)] and "'prompt'" in rej[0]["detail"]
+    assert "tokens" in kept[0]["meta"]
+
+
+def test_conversation_text_in_korean_and_malay():
+    kept, rej = run("conversation", "kochatgpt_conversation.txt", lang="ko")
+    assert rej == [] and [roles(r) for r in kept] == ["uauauaua"] * 3
+    assert kept[0]["messages"][0]["content"] == "괜찮습니다. 무엇을 도와드릴까요?"
+
+    kept, rej = run("conversation", "mychatgpt_conversation.txt", lang="ms")
+    assert reasons(rej) == [("bad_turns", 40), ("bad_turns", 51), ("bad_turns", 62)]
+    assert "empty" in rej[2]["detail"]
+    assert [r["meta"]["line"] for r in kept] == [1, 9, 19, 29, 63]
+    assert kept[1]["messages"][0]["content"].startswith("Akan saya lakukan")  # `Orang:` without brackets
+    assert roles(kept[2]) == "uauauaua"                                        # `<Chabot>:`
+    assert kept[3]["meta"]["dropped_turn"].startswith("Oleh karena itu")       # trailing user turn kept in meta
+    assert roles(kept[3]) == "uauauaua"
+
+
+def test_vigogne_messages_and_a_system_role(tmp_path):
+    kept, rej = run("messages", "vigogne_chat.jsonl", lang="fr")
+    assert rej == [] and [roles(r) for r in kept] == ["ua", "ua", "uaua"]
+    assert kept[0]["meta"]["orig_id"] == "oasst-20230412-fr-00000000"
+
+    real = json.loads((FIX / "vigogne_chat.jsonl").read_text().splitlines()[0])
+    with_system = {**real, "messages": [{"role": "system", "content": "Tu es Vigogne."}] + real["messages"]}
+    bad_role = {**real, "messages": [{"role": "bot", "content": "x"}]}
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(o) for o in (with_system, bad_role)) + "\n")
+    (rec,), (bad,) = run("messages", str(tmp_path / "c.jsonl"), lang="fr")
+    assert rec["system"] == "Tu es Vigogne." and rec["messages"] == kept[0]["messages"] and rec["id"] != kept[0]["id"]
+    assert bad["reason"] == "wrong_field" and "messages[0].role" in bad["detail"] and bad["line"] == 2
+
+
+# --- preference and prompt readers ----------------------------------------------------------
+
+def test_rm_expands_a_ranking_to_all_ordered_pairs():
+    kept, rej = run("rm", "mschatgpt_rm.jsonl", lang="ms")
+    assert reasons(rej) == [("missing_field", 4), ("wrong_field", 5)]
+    assert "'ranking'" in rej[0]["detail"] and "'ranking'" in rej[1]["detail"]
+    first = json.loads((FIX / "mschatgpt_rm.jsonl").read_text().splitlines()[0])
+    pairs = [r for r in kept if r["meta"]["line"] == 1]
+    assert len(pairs) == 3 and len(kept) == 9  # 3 completions -> 3 ordered pairs, per good line
+    best, mid, worst = (first[f"completion_{i}"] for i in first["ranking"])  # ranking: indices, best first
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(best, mid), (best, worst), (mid, worst)]
+    assert all(p["prompt"] == first["prompt"] and p["kind"] == "preference" for p in pairs)
+
+
+def test_sharegpt_preference_keeps_system_and_rejects_multi_turn():
+    kept, rej = run("sharegpt_preference", "dpo_en_demo_first12.json")
+    src = json.loads((FIX / "dpo_en_demo_first12.json").read_text())
+    multi = [i for i, s in enumerate(src) if sum(m["from"] == "human" for m in s["conversations"]) > 1]
+    assert len(rej) == len(multi) > 0 and {r["reason"] for r in rej} == {"multi_turn"}
+    assert len(kept) + len(rej) == 12
+    with_sys = [(r, s) for r, s in zip(kept, [s for i, s in enumerate(src) if i not in multi], strict=True)
+                if s["conversations"][0]["from"] == "system"]
+    assert with_sys, "the fixture must hold a system-prompt record"
+    for r, s in with_sys:
+        assert r["system"] == s["conversations"][0]["value"] and r["prompt"] == s["conversations"][1]["value"]
+        assert r["chosen"] == s["chosen"]["value"] and r["rejected"] == s["rejected"]["value"]
+
+
+def test_ppo_prompts_from_a_json_array_and_json_lines():
+    kept, rej = run("ppo", "kochatgpt_ppo_first10.json", lang="ko")
+    src = json.loads((FIX / "kochatgpt_ppo_first10.json").read_text())
+    assert rej == [] and [r["prompt"] for r in kept] == [s["prompt"] for s in src]
+    assert {r["kind"] for r in kept} == {"prompt"} and [r["meta"]["line"] for r in kept][:3] == [2, 5, 8]
+    kept, rej = run("ppo", "mschatgpt_ppo.jsonl", lang="ms")
+    assert rej == [] and len(kept) == 5
+
+
+def test_broken_json_array_is_one_rejected_record_naming_the_line(tmp_path):
+    text = (FIX / "kochatgpt_ppo_first10.json").read_text()
+    (tmp_path / "p.json").write_text(text.replace('"\n    },', '"\n    } oops', 1))
+    kept, rej = run("ppo", str(tmp_path / "p.json"))
+    assert [r["meta"]["line"] for r in kept] == [2]  # the item before the error is read, the rest is one reject
+    assert len(rej) == 1 and rej[0]["reason"] == "invalid_json" and rej[0]["line"] == 4 and "oops" in rej[0]["raw"]
+
+
+def test_canonical_round_trip_keeps_ids_and_rejects_a_bad_record(tmp_path):
+    kept, _ = run("alpaca", "alpaca_first12.json")
+    translated = {**kept[0], "lang": "ms", "messages": [{"role": "user", "content": "Beri tiga petua."},
+                                                         {"role": "assistant", "content": "1. Makan."}]}
+    broken = {k: v for k, v in kept[1].items() if k != "messages"}
+    io.write_jsonl(tmp_path / "c.jsonl", kept + [translated, broken])
+    again, rej = run("canonical", str(tmp_path / "c.jsonl"))
+    assert again[:12] == kept
+    assert again[12]["id"] == kept[0]["id"] and again[12]["lang"] == "ms"  # a translation keeps its original's id
+    assert reasons(rej) == [("invalid_record", 14)] and "'messages'" in rej[0]["detail"]
+
+
+# --- web text and segmentation ------------------------------------------------------------
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("bounds", [(200, 1500), (50, 300), (400, 800)])
+def test_segmentation_bounds_and_no_text_lost(bounds):
+    lo, hi = bounds
+    docs = [json.loads(line) for line in (FIX / "c4_docs.jsonl").read_text().splitlines()]
+    kept, rej = run("c4", "c4_docs.jsonl", min_chars=lo, max_chars=hi)
+    assert all(lo <= len(r["text"]) <= hi for r in kept)
+    assert all(r["reason"] == "segment_too_short" and len(r["record"]["text"]) < lo for r in rej)
+    by_line = Counter(r["meta"]["line"] for r in kept) + Counter(r["line"] for r in rej)
+    assert sorted(by_line) == [1, 2, 3, 4, 5]
+    for line, doc in enumerate(docs, 1):
+        segs = sorted([r for r in kept if r["meta"]["line"] == line] + [r["record"] for r in rej if r["line"] == line],
+                      key=lambda r: r["meta"]["segment"])
+        assert _squash("".join(s["text"] for s in segs)) == _squash(doc["text"])
+    long_doc = [r for r in kept if r["meta"]["line"] == 4]
+    assert len(long_doc) >= len(docs[3]["text"]) // hi  # the 15,760-char document is cut up
+
+
+def test_segment_cuts_at_sentence_ends_and_merges_tiny_paragraphs():
+    sentence = "This sentence is exactly fifty characters long ok. "
+    para = (sentence * 10).strip()  # 509 chars
+    segs = readers.segment(f"Title\n{para}\nShort tail.", 100, 300)
+    assert all(len(s) <= 300 for s in segs)
+    assert segs[0].startswith("Title\nThis sentence") and segs[-1].endswith("ok.\nShort tail.")
+    assert all(s.endswith(".") for s in segs)  # cuts fall on sentence ends
+    assert readers.segment("\n \n", 10, 20) == []
+    with pytest.raises(ValueError, match="min_chars"):
+        readers.segment("x", 30, 20)
+    # one sentence longer than max_chars is cut at a word boundary
+    assert all(len(s) <= 40 and not s.startswith(" ") for s in readers.segment("word " * 30, 10, 40))
+
+
+def test_text_reader_lines_and_blank_separated_documents():
+    kept, rej = run("text", "leipzig_fr.txt", lang="fr", min_chars=20, max_chars=1000)
+    n_lines = len((FIX / "leipzig_fr.txt").read_text().split("\n")) - 1
+    assert len(kept) + len(rej) == n_lines == 30
+    assert {r["lang"] for r in kept} == {"fr"}
+    blank, _ = run("text", "c4_paragraphs.txt", documents="blank", min_chars=1, max_chars=100000)
+    auto, _ = run("text", "c4_paragraphs.txt", min_chars=1, max_chars=100000)
+    c4, _ = run("c4", "c4_docs.jsonl", min_chars=1, max_chars=100000)
+    assert [r["text"] for r in auto] == [r["text"] for r in blank] == [r["text"] for r in c4[:len(blank)]]
+    assert len({r["meta"]["line"] for r in blank}) == 3
+    with pytest.raises(ValueError, match="auto\\|line\\|blank"):
+        run("text", "leipzig_fr.txt", documents="paragraph")
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+def write_params(tmp_path: Path, sources: list[dict], extra: str = "") -> Path:
+    p = tmp_path / "params.yaml"
+    lines = ["ingest:", "  segment: {min_chars: 200, max_chars: 1500}", extra, "  sources:"]
+    lines += [f"    - {json.dumps(s)}" for s in sources]
+    p.write_text("\n".join(line for line in lines if line) + "\n")
+    return p
+
+
+SOURCES = [
+    {"path": str(FIX / "gpt4all_ms.jsonl"), "format": "sft", "lang": "ms"},
+    {"path": str(FIX / "guanaco_best_path.jsonl"), "format": "guanaco"},
+    {"path": str(FIX / "c4_docs.jsonl"), "format": "c4", "role": "web"},
+    {"path": str(FIX / "mschatgpt_rm.jsonl"), "format": "rm", "lang": "ms", "name": "rm_ms"},
+]
+
+
+def test_params_cli_writes_every_role_and_conserves_records(tmp_path):
+    p = write_params(tmp_path, SOURCES)
+    out, metrics = tmp_path / "data", tmp_path / "m.json"
+    res = CliRunner().invoke(ingest.main, ["--params", str(p), "--output-dir", str(out), "--metrics", str(metrics)])
+    assert res.exit_code == 0, res.output
+    assert sorted(f.name for f in out.iterdir()) == ["preference.jsonl", "prompts.jsonl", "rejected.jsonl",
+                                                     "seed.jsonl", "web.jsonl"]
+    assert (out / "prompts.jsonl").read_text() == ""  # no source has that role: written, empty
+    m = json.loads(metrics.read_text())
+    by = {s["name"]: s for s in m["sources"]}
+    assert by["gpt4all_ms"]["lines_read"] == 10 and by["gpt4all_ms"]["rejected_by_reason"] == {"invalid_json": 2}
+    assert by["rm_ms"]["records_written"] == 9 and by["rm_ms"]["role"] == "preference"
+    assert by["guanaco_best_path"]["lang"] == "en"
+    for s in m["sources"]:
+        assert s["records_in"] == s["records_written"] + s["rejected"] == s["records_written"] + sum(
+            s["rejected_by_reason"].values())
+    seed, rej = io.load_jsonl(out / "seed.jsonl"), io.load_jsonl(out / "rejected.jsonl")
+    assert len(seed) == 8 + 4 == m["outputs"]["seed"]
+    assert len(rej) == m["rejected"] and m["records_in"] == m["records_written"] + len(rej)
+    assert {(r["source"], r["line"]) for r in rej if r["reason"] == "invalid_json"} == {("gpt4all_ms", 3),
+                                                                                        ("gpt4all_ms", 8)}
+    assert len(io.load_jsonl(out / "web.jsonl")) == m["outputs"]["web"] == by["c4_docs"]["records_written"]
+
+    # stable ids: a second run writes the same bytes
+    out2 = tmp_path / "data2"
+    assert CliRunner().invoke(ingest.main, ["--params", str(p), "--output-dir", str(out2)]).exit_code == 0
+    for f in out.iterdir():
+        assert (out2 / f.name).read_bytes() == f.read_bytes()
+
+
+def test_by_hand_cli(tmp_path):
+    out, rej = tmp_path / "a.jsonl", tmp_path / "a.rej.jsonl"
+    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "chatdoctor_ms.jsonl"), "--format", "alpaca",
+                                           "--output", str(out), "--rejected", str(rej), "--lang", "ms"])
+    assert res.exit_code == 0, res.output
+    assert len(io.load_jsonl(out)) == 4 and io.load_jsonl(rej)[0]["line"] == 3
+    assert {r["lang"] for r in io.load_jsonl(out)} == {"ms"}
+
+    out = tmp_path / "t.jsonl"
+    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "leipzig_fr.txt"), "--format", "text", "--lang", "fr",
+                                           "--output", str(out), "--set", "segment.min_chars=100"])
+    assert res.exit_code == 0, res.output
+    kept, short = io.load_jsonl(out), io.load_jsonl(tmp_path / "t.rejected.jsonl")
+    assert len(kept) + len(short) == 30 and all(len(r["text"]) >= 100 for r in kept) and short
+    help_text = CliRunner().invoke(ingest.main, ["--help"]).output
+    assert all(name in help_text for name in readers.READERS)
+
+
+def test_clear_errors_for_unknown_format_key_and_role(tmp_path):
+    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "seed_tasks.jsonl"), "--format", "alpacca",
+                                           "--output", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 2 and "alpacca" in res.output and "alpaca" in res.output
+    bad = [
+        ([{"path": "x.json", "format": "alpacca"}], "", "unknown format 'alpacca'"),
+        ([{"path": "x.json", "format": "alpaca", "langauge": "ms"}], "", "unknown key 'langauge'"),
+        ([{"path": "x.json", "format": "rm", "role": "seed"}], "", "format rm makes preference records"),
+        ([{"format": "alpaca"}], "", "sources\\[0\\]: 'path' is required"),
+        ([], "  min_char: 3", "unknown key 'min_char'"),
+    ]
+    for sources, extra, message in bad:
+        with pytest.raises(params.ParamsError, match=message):
+            ingest.resolve_params(write_params(tmp_path, sources, extra))
+        res = CliRunner().invoke(ingest.main, ["--params", str(tmp_path / "params.yaml"), "--output-dir", str(tmp_path)])
+        assert res.exit_code == 2 and re.search(message, res.output)
+
+
+def test_default_params_ingest_the_embedded_sample(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(ingest.main, ["--params", "params.yaml", "--output-dir", str(tmp_path / "d"),
+                                           "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["outputs"]["seed"] == 94 and m["outputs"]["preference"] == 120 and m["outputs"]["prompts"] == 89
+    assert 150 <= m["outputs"]["web"] <= 250
+    assert m["records_in"] == m["records_written"] + m["rejected"]
