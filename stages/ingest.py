@@ -93,8 +93,8 @@ def ingest_source(src: dict, options: dict, write_record, write_rejected) -> dic
     with open(src["path"], "rb") as f:
         lines = sum(1 for _ in f)
     n_rej = sum(rejected.values())
-    log.info("%s (%s, %s): %d lines -> %d records, %d rejected %s", src["path"], src["format"], src["role"], lines,
-             written, n_rej, dict(rejected) or "")
+    log.info("%s (%s, %s): %d lines -> %d records, %d rejected%s", src["path"], src["format"], src["role"], lines,
+             written, n_rej, f" {dict(rejected)}" if rejected else "")
     return {**src, "lines_read": lines, "records_in": written + n_rej, "records_written": written,
             "rejected": n_rej, "rejected_by_reason": dict(sorted(rejected.items()))}
 

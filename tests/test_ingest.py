@@ -205,6 +205,15 @@ def test_canonical_round_trip_keeps_ids_and_rejects_a_bad_record(tmp_path):
     assert again[12]["id"] == kept[0]["id"] and again[12]["lang"] == "ms"  # a translation keeps its original's id
     assert reasons(rej) == [("invalid_record", 14)] and "'messages'" in rej[0]["detail"]
 
+    # a canonical source given a role takes only that role's kind; the others are rejected, not lost
+    out = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(ingest.main, ["--input", str(tmp_path / "c.jsonl"), "--format", "canonical",
+                                           "--role", "preference", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert io.load_jsonl(out) == []
+    assert Counter(r["reason"] for r in io.load_jsonl(tmp_path / "p.rejected.jsonl")) == {"wrong_kind": 13,
+                                                                                          "invalid_record": 1}
+
 
 # --- web text and segmentation ------------------------------------------------------------
 
