@@ -348,6 +348,9 @@ def read_conversation(path: str, lang: str, source: str) -> Iterator[dict]:
         except Reject as e:
             yield records.rejected(None, e.reason, STAGE, detail=e.detail, file=path, line=start, raw=raw)
             continue
+        except records.RecordError as e:
+            yield records.rejected(None, "invalid_record", STAGE, detail=str(e), file=path, line=start, raw=raw)
+            continue
         yield record
 
 
