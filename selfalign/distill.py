@@ -1,0 +1,105 @@
+"""Teacher distillation (Vigogne): regenerate weak responses, and answer under Orca-style system messages.
+
+Vigogne found that a teacher asked for an instruction *and* its response writes short responses,
+while the same teacher given the instruction alone answers at length; and that Orca-style system
+messages ("think step by step and justify your answer") give responses that carry the teacher's
+reasoning. So:
+
+- regenerate: a seed response shorter than `min_chars`, or a curated candidate whose score is
+  below `below_score`, gets a new response from the teacher, from its instruction alone;
+- orca: a seeded sample of instructions is answered under a system message from
+  prompts/orca_systems.txt, and the record keeps that message in `system`.
+
+Pure functions; the stage script (stages/distill.py) reads, runs the teacher, writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from selfalign import records
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def load_systems(path: str | Path) -> list[str]:
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    systems = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not systems:
+        raise ValueError(f"{path}: no system messages (one per line; # starts a comment)")
+    return systems
+
+
+def single_turn(record: dict) -> tuple[str, str] | None:
+    """(instruction, response) of a chat record that is one user turn then one assistant turn."""
+    msgs = record.get("messages") or []
+    if record.get("kind") != "chat" or len(msgs) != 2 or [m["role"] for m in msgs] != ["user", "assistant"]:
+        return None
+    return msgs[0]["content"], msgs[1]["content"]
+
+
+def rank(seed: int, record_id: str) -> str:
+    return hashlib.sha256(f"{seed}\0{record_id}".encode()).hexdigest()
+
+
+def regenerate_targets(seed_records: list[dict], scored: list[dict], *, min_chars: int, below_score: float,
+                       limit: int, seed: int) -> list[tuple[dict, str]]:
+    """(record, why) for records whose response the teacher should rewrite; why is "short" or "low_score".
+
+    One target per instruction text; at most `limit`, chosen by seeded hash among all eligible.
+    """
+    eligible: dict[str, tuple[dict, str]] = {}
+    for r in seed_records:
+        pair = single_turn(r)
+        if pair and len(pair[1].strip()) < min_chars:
+            eligible.setdefault(pair[0].strip(), (r, "short"))
+    for r in scored:
+        pair = single_turn(r)
+        if pair and float((r.get("meta") or {}).get("score", 5.0)) < below_score:
+            eligible.setdefault(pair[0].strip(), (r, "low_score"))
+    chosen = sorted(eligible.values(), key=lambda t: rank(seed, t[0]["id"]))
+    return chosen[: max(limit, 0)]
+
+
+def orca_targets(pool: list[dict], exclude: set[str], *, n: int, seed: int, n_systems: int) -> list[tuple[dict, int]]:
+    """(record, system index) for a seeded sample of `n` single-turn instructions not in `exclude` (ids)."""
+    seen, eligible = set(), []
+    for r in pool:
+        pair = single_turn(r)
+        if pair and r["id"] not in exclude and pair[0].strip() not in seen:
+            seen.add(pair[0].strip())
+            eligible.append(r)
+    chosen = sorted(eligible, key=lambda r: rank(seed + 1, r["id"]))[: max(n, 0)]
+    return [(r, int(rank(seed + 2, r["id"]), 16) % n_systems) for r in chosen]
+
+
+def response_reason(text: str | None, finish_reason: str | None, *, min_words: int, reject_truncated: bool,
+                    original: str | None = None) -> tuple[str, str] | None:
+    """(reason, detail) when a teacher response is unusable, else None."""
+    words = _WORD.findall((text or "").lower())
+    if not (text or "").strip():
+        return "empty_response", "the teacher returned no text"
+    if len(words) < min_words:
+        return "response_too_short", f"{len(words)} words < {min_words}"
+    if reject_truncated and finish_reason == "length":
+        return "truncated", "the response hit max_new_tokens before the end-of-turn token"
+    if len(words) >= 24:
+        trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        distinct = len(set(trigrams)) / len(trigrams)
+        if distinct < 0.5:
+            return "repetitive", f"{distinct:.2f} of its word trigrams are distinct"
+    if original is not None and len(text.strip()) <= len(original.strip()):
+        return "not_longer", f"{len(text.strip())} chars <= the original's {len(original.strip())}"
+    return None
+
+
+def distilled(origin: dict, instruction: str, response: str, *, how: str, teacher: str, system: str | None = None,
+              **meta) -> dict:
+    """A chat record from the teacher, linked to the record it came from."""
+    keep = {k: v for k, v in (origin.get("meta") or {}).items() if k == "segment_id"}
+    return records.chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
+                        system=system, lang=origin["lang"], source="distill",
+                        meta={**keep, "distill": how, "teacher": teacher, "origin_id": origin["id"],
+                              "origin_source": origin.get("source"), **meta})

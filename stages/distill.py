@@ -1,0 +1,144 @@
+"""Teacher distillation (Vigogne): regenerate short or low-scoring responses; answer under Orca system messages.
+
+    python stages/distill.py --params params.yaml --seed data/clean/seed.jsonl \
+        --scored data/curate/iter2/scored.jsonl --teacher models/base --systems prompts/orca_systems.txt \
+        --output-dir data/distill --cache cache/distill --metrics metrics/distill.json
+
+The teacher is any selfalign.llm engine: in-process transformers on --teacher by default, or an
+OpenAI-compatible endpoint (`distill.engine` in params.yaml), cached, so a rerun resumes. Writes
+distilled.jsonl (chat records, `system` set for the Orca ones, meta.distill = regenerate | orca,
+meta.teacher, meta.origin_id) and rejected.jsonl (invalid inputs and unusable teacher answers,
+each with its reason); records_in == distilled + rejected in the metrics, with the engine's
+calls, cache hits, tokens and cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from selfalign import distill, io, params, records
+
+log = logging.getLogger("distill")
+STAGE = "distill"
+DEFAULTS = {
+    "seed": 0,
+    "regenerate": {"min_chars": 200, "below_score": 3.0, "max": 24},
+    "orca": {"n": 24},
+    "max_new_tokens": 192,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "min_response_words": 5,
+    "reject_truncated": False,
+    "engine": {},
+}
+ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "bfloat16"}
+
+
+def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
+    """Valid chat records of `path`; bad lines go to `rejected` with file, line and field."""
+    good, n = [], 0
+    for line, obj in io.read_jsonl(path):
+        n += 1
+        if isinstance(obj, io.JsonlLineError):
+            rejected.append(records.rejected(None, "invalid_record", STAGE, detail=obj.reason, file=str(path),
+                                             line=line, raw=obj.raw))
+            continue
+        try:
+            if obj.get("kind") != "chat":
+                raise records.RecordError(f"field 'kind': expected 'chat', got {obj.get('kind')!r}")
+            records.validate(obj)
+        except records.RecordError as e:
+            rejected.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), file=str(path), line=line))
+            continue
+        good.append(obj)
+    return good, n
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--seed", "seed_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Seed chat records: short responses are regenerated, instructions feed the Orca sample.")
+@click.option("--scored", "scored_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Curated candidates with meta.score: low scorers are regenerated.")
+@click.option("--teacher", required=True, help="Teacher model directory (local engine) or endpoint model name.")
+@click.option("--systems", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Orca-style system messages, one per line.")
+@click.option("--output-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--cache", type=click.Path(file_okay=False), required=True)
+@click.option("--metrics", type=click.Path(dir_okay=False), required=True)
+def main(params_file, overrides, seed_file, scored_file, teacher, systems, output_dir, cache, metrics):
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
+    from selfalign import llm
+
+    system_msgs = distill.load_systems(systems)
+    rejected: list[dict] = []
+    seeds, n_seed = read_chat(Path(seed_file), rejected)
+    scored, n_scored = read_chat(Path(scored_file), rejected) if scored_file else ([], 0)
+    invalid = len(rejected)
+    regen = distill.regenerate_targets(seeds, scored, min_chars=cfg["regenerate"]["min_chars"],
+                                       below_score=cfg["regenerate"]["below_score"], limit=cfg["regenerate"]["max"],
+                                       seed=cfg["seed"])
+    orca = distill.orca_targets(seeds + scored, {r["id"] for r, _ in regen}, n=cfg["orca"]["n"], seed=cfg["seed"],
+                                n_systems=len(system_msgs))
+    spec = {**ENGINE_DEFAULTS, "model": teacher, **cfg["engine"]}
+    log.info("%d seed + %d scored records (%d invalid): %d to regenerate (%s), %d Orca answers over %d system "
+             "messages; teacher %s on %s", n_seed, n_scored, invalid, len(regen), dict(Counter(w for _, w in regen)),
+             len(orca), len(system_msgs), spec["kind"], spec["model"])
+
+    def request(messages):
+        return llm.Request(messages=messages, max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                           top_p=cfg["top_p"], seed=cfg["seed"])
+
+    jobs = [(r, "regenerate", None, {"why": why}) for r, why in regen]
+    jobs += [(r, "orca", system_msgs[k], {"system_index": k}) for r, k in orca]
+    reqs = []
+    for r, _, system, _ in jobs:
+        head = [{"role": "system", "content": system}] if system else []
+        reqs.append(request(head + [{"role": "user", "content": distill.single_turn(r)[0]}]))
+    engine = llm.make_engine(spec, cache_dir=cache)
+    results = engine.complete(reqs, template_id="distill-v1", progress=True) if reqs else []
+
+    out_records = []
+    for (origin, how, system, extra), res in zip(jobs, results, strict=True):
+        instruction, original = distill.single_turn(origin)
+        if not res.ok:
+            rejected.append(records.rejected(origin, "teacher_failed", STAGE, detail=f"{how}: {res.error}"))
+            continue
+        bad = distill.response_reason(res.text, res.finish_reason, min_words=cfg["min_response_words"],
+                                      reject_truncated=cfg["reject_truncated"],
+                                      original=original if extra.get("why") == "short" else None)
+        if bad:
+            rejected.append(records.rejected(origin, bad[0], STAGE, detail=f"{how}: {bad[1]}; reply {res.text!r}"[:500]))
+            continue
+        out_records.append(distill.distilled(origin, instruction, res.text.strip(), how=how, teacher=spec["model"],
+                                             system=system, finish_reason=res.finish_reason, **extra))
+
+    out = Path(output_dir)
+    io.write_jsonl(out / "distilled.jsonl", out_records)
+    io.write_jsonl(out / "rejected.jsonl", rejected)
+    m = {
+        "records_in": invalid + len(jobs), "teacher_requests": len(jobs), "invalid_inputs": invalid,
+        "distilled": len(out_records), "rejected": len(rejected),
+        "distilled_by_kind": dict(Counter(r["meta"]["distill"] for r in out_records)),
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "regenerate_by_why": dict(Counter(w for _, w in regen)),
+        "response_chars_mean": round(sum(len(r["messages"][1]["content"]) for r in out_records) / len(out_records), 1)
+        if out_records else None,
+        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+    }
+    assert m["records_in"] == m["distilled"] + m["rejected"], "distill lost records"
+    io.write_json(metrics, m)
+    engine.close()
+    log.info("%d distilled %s, %d rejected %s; %d engine calls, %d cache hits, cost $%.4f", len(out_records),
+             m["distilled_by_kind"], len(rejected), m["rejected_by_reason"], m["engine"]["calls"],
+             m["engine"]["cache_hits"], m["engine"]["cost_usd"])
+
+
+if __name__ == "__main__":
+    main()

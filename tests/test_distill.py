@@ -1,0 +1,131 @@
+"""Teacher distillation: target selection, response checks, the stage end to end, failures kept with reasons."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from selfalign import distill, io, records
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ROOT / "prompts" / "orca_systems.txt"
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def chat(q: str, a: str, score: float | None = None, source: str = "seed") -> dict:
+    meta = {"score": score, "segment_id": f"seg-{q[:5]}"} if score is not None else {}
+    return records.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], lang="en",
+                        source=source, meta=meta)
+
+
+LONG = "A detailed answer that explains the reasoning step by step and gives an example. " * 4
+SEEDS = [chat("What is 2+2?", "4"), chat("Name a colour.", "Blue."), chat("Explain photosynthesis.", LONG),
+         chat("Why is the sky blue?", LONG), chat("What is 2+2?", "Four.")]
+SCORED = [chat("Describe a heat pump.", "Buy now! Best prices.", 1.7, "augment"),
+          chat("How do air filters work?", LONG, 4.2, "augment"),
+          chat("What is C4?", "A web corpus.", 2.4, "augment")]
+
+
+def test_system_messages_file():
+    systems = distill.load_systems(SYSTEMS)
+    assert len(systems) >= 5 and not any(s.startswith("#") for s in systems)
+
+
+def test_regenerate_targets_are_short_or_low_scoring_once_per_instruction():
+    got = distill.regenerate_targets(SEEDS, SCORED, min_chars=200, below_score=3.0, limit=10, seed=0)
+    whys = {distill.single_turn(r)[0]: why for r, why in got}
+    assert whys == {"What is 2+2?": "short", "Name a colour.": "short", "Describe a heat pump.": "low_score",
+                    "What is C4?": "low_score"}
+    limited = distill.regenerate_targets(SEEDS, SCORED, min_chars=200, below_score=3.0, limit=2, seed=0)
+    assert len(limited) == 2 and all(t in got for t in limited)
+    assert distill.regenerate_targets(SEEDS, SCORED, min_chars=200, below_score=3.0, limit=2, seed=0) == limited
+
+
+def test_orca_targets_skip_regenerated_and_pick_valid_systems():
+    pool = SEEDS + SCORED
+    exclude = {SEEDS[0]["id"], SCORED[0]["id"]}
+    got = distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3)
+    ids = [r["id"] for r, _ in got]
+    assert not exclude & set(ids) and len(ids) == len(set(ids))
+    assert {distill.single_turn(r)[0] for r, _ in got} == {distill.single_turn(r)[0] for r in pool
+                                                          if r["id"] not in exclude}
+    assert all(0 <= k < 3 for _, k in got)
+    assert distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3) == got
+
+
+def test_response_reasons():
+    def reason(text, finish="stop", **kw):
+        r = distill.response_reason(text, finish, min_words=3, reject_truncated=True, **kw)
+        return r and r[0]
+    assert reason("Two plus two equals four.") is None
+    assert reason("  ") == "empty_response" and reason(None) == "empty_response"
+    assert reason("Four.") == "response_too_short"
+    assert reason("Two plus two equals four, because", "length") == "truncated"
+    assert reason("so so so " * 10) == "repetitive"
+    assert reason("Two plus two equals four.", original="Two plus two equals four, as anyone knows.") == "not_longer"
+
+
+def write(path: Path, recs: list[dict], extra: list[str] = ()) -> Path:
+    path.write_text("\n".join([json.dumps(r) for r in recs] + list(extra)) + "\n")
+    return path
+
+
+def run(tmp_path: Path, teacher: str, metrics: str, *sets: str) -> dict:
+    seed = write(tmp_path / "seed.jsonl", SEEDS, ['{"kind": "chat", "id": "x"'])
+    scored = write(tmp_path / "scored.jsonl", SCORED)
+    args = ["--seed", str(seed), "--scored", str(scored), "--teacher", teacher, "--systems", str(SYSTEMS),
+            "--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+            "--metrics", str(tmp_path / metrics), "--set", "max_new_tokens=8", "--set", "reject_truncated=false",
+            "--set", "min_response_words=1", "--set", "orca.n=3"]
+    for s in sets:
+        args += ["--set", s]
+    res = CliRunner().invoke(load_stage("distill").main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return io.read_json(tmp_path / metrics)
+
+
+def test_stage_regenerates_and_answers_under_system_messages(tiny_model_dir, tmp_path):
+    m = run(tmp_path, str(tiny_model_dir), "m.json", "engine={kind: local, batch_size: 4, dtype: float32}")
+    out = io.load_jsonl(tmp_path / "out" / "distilled.jsonl")
+    rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
+    systems = distill.load_systems(SYSTEMS)
+
+    assert m["teacher_requests"] == 4 + 3 and m["invalid_inputs"] == 1
+    assert m["records_in"] == 8 == m["distilled"] + m["rejected"] == len(out) + len(rejected)
+    assert [r["line"] for r in rejected if r["reason"] == "invalid_record"] == [6]
+    by_origin = {r["id"]: r for r in SEEDS + SCORED}
+    for r in out:
+        records.validate(r)
+        origin = by_origin[r["meta"]["origin_id"]]
+        assert r["source"] == "distill" and r["meta"]["teacher"] == str(tiny_model_dir)
+        assert r["messages"][0]["content"] == distill.single_turn(origin)[0]
+        if r["meta"]["distill"] == "orca":
+            assert r["system"] == systems[r["meta"]["system_index"]]
+        else:
+            assert r["meta"]["distill"] == "regenerate" and "system" not in r
+            assert r["meta"]["why"] in ("short", "low_score")
+        if origin["source"] == "augment":
+            assert r["meta"]["segment_id"] == origin["meta"]["segment_id"]
+    assert m["engine"]["calls"] == 7 and "cost_usd" in m["engine"]
+
+    again = run(tmp_path, str(tiny_model_dir), "m2.json", "engine={kind: local, batch_size: 4, dtype: float32}")
+    assert again["engine"]["calls"] == 0 and again["engine"]["cache_hits"] == 7
+
+
+def test_teacher_failures_are_rejected_with_reasons(tmp_path):
+    # Nothing listens on port 9 of localhost: every call fails at once, and nothing is lost.
+    m = run(tmp_path, "teacher-model", "m.json",
+            "engine={kind: openai, base_url: 'http://127.0.0.1:9/v1', max_retries: 0, timeout: 5}")
+    rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert m["distilled"] == 0 and m["rejected_by_reason"] == {"invalid_record": 1, "teacher_failed": 7}
+    assert m["engine"]["failures"] == 7
+    assert all("Connection" in r["detail"] for r in rejected if r["reason"] == "teacher_failed")
