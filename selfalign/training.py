@@ -1,0 +1,462 @@
+"""Supervised fine-tuning: examples with assistant-only labels, packed rows, curriculum phases, resumable training.
+
+Pure parts first (run params, example building, packing, the phase schedule), then the Trainer wiring.
+
+Design, measured on 2 CPU cores (bench/sft.py):
+- plain transformers Trainer, not TRL's SFTTrainer: SFTTrainer's extra per-step work (entropy, token
+  accuracy, chunked lm head) made it ~1.4x slower here, and everything it would add we need anyway:
+- labels come from `chat.split_last_turn`, so the prompt tokens of a training example are exactly the
+  tokens of the prompt the server builds (tests/test_chat_template.py), and only assistant tokens,
+  each turn's closing <|im_end|> included, carry loss;
+- examples are packed whole into rows of `max_len` tokens with position_ids restarting at 0 for each
+  example; transformers turns that into a block-diagonal causal mask, so packed examples never see
+  each other while rows carry almost no padding;
+- a curriculum is one Trainer run over rows laid out phase after phase (sequential sampler), so one
+  global step counter, one learning-rate schedule, and checkpoint/resume covers every phase.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfalign import chat, records
+from selfalign.io import JsonlLineError, read_jsonl
+from selfalign.params import ParamsError
+
+log = logging.getLogger("sft")
+
+RUN_KEYS = {"base": "models/base", "inference_tag": "seed", "phases": []}
+PHASE_KEYS = {"name": "", "sources": [], "epochs": 1, "max_steps": 0}
+SOURCE_KEYS = {"path": "", "tag": None, "reverse": False, "template": ""}
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- run params
+
+def _check_keys(given, known: dict, where: str) -> dict:
+    if not isinstance(given, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(given).__name__}")
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(known))}")
+    return {**known, **given}
+
+
+def check_run(cfg: dict, run: str, where: str) -> dict:
+    """The run's params with defaults filled in; a typo, a missing tag or an empty phase fails here, at start-up."""
+    runs = cfg["runs"]
+    if run not in runs:
+        raise ParamsError(f"{where}: no run {run!r} under sft.runs; known: {', '.join(sorted(runs)) or '(none)'}")
+    out = _check_keys(runs[run], RUN_KEYS, f"{where}.runs.{run}")
+    tags = set(cfg["system_tags"])
+    if out["inference_tag"] is not None and out["inference_tag"] not in tags:
+        raise ParamsError(f"{where}.runs.{run}.inference_tag: {out['inference_tag']!r} is not in sft.system_tags")
+    if not out["phases"]:
+        raise ParamsError(f"{where}.runs.{run}.phases: at least one phase is needed")
+    phases = []
+    for i, ph in enumerate(out["phases"]):
+        pw = f"{where}.runs.{run}.phases[{i}]"
+        ph = _check_keys(ph, PHASE_KEYS, pw)
+        if not ph["sources"]:
+            raise ParamsError(f"{pw}.sources: at least one source is needed")
+        if not (isinstance(ph["epochs"], int) and ph["epochs"] >= 1):
+            raise ParamsError(f"{pw}.epochs: expected an integer >= 1")
+        srcs = []
+        for j, s in enumerate(ph["sources"]):
+            s = _check_keys(s, SOURCE_KEYS, f"{pw}.sources[{j}]")
+            if not s["path"]:
+                raise ParamsError(f"{pw}.sources[{j}].path: empty")
+            if s["tag"] is not None and s["tag"] not in tags:
+                raise ParamsError(f"{pw}.sources[{j}].tag: {s['tag']!r} is not in sft.system_tags")
+            if s["template"] and not s["reverse"]:
+                raise ParamsError(f"{pw}.sources[{j}].template: only a reversed source uses a backward prompt")
+            srcs.append(s)
+        phases.append({**ph, "name": ph["name"] or f"phase{i + 1}", "sources": srcs})
+    out["phases"] = phases
+    return out
+
+
+def run_inputs(run_cfg: dict) -> list[str]:
+    """Every file a run reads, base model included: what its dvc.yaml stage must list as deps."""
+    paths = [run_cfg["base"]]
+    for ph in run_cfg["phases"]:
+        for s in ph["sources"]:
+            paths += [p for p in (s["path"], s["template"]) if p and p not in paths]
+    return paths
+
+
+# ---------------------------------------------------------------- examples
+
+class Reject(ValueError):
+    """A record that cannot become a training example; `reason` is the metrics key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+PLACEHOLDER = "{response}"
+
+
+def load_template(path: str) -> str:
+    """The backward prompt wording (prompts/backward.txt): the user turn, with {response} where the text goes.
+
+    The augment stage prompts the backward model with this same file, so training and use agree.
+    """
+    text = Path(path).read_text(encoding="utf-8").strip()
+    if text.count(PLACEHOLDER) != 1:
+        raise ParamsError(f"{path}: a backward prompt must contain {PLACEHOLDER} exactly once")
+    return text
+
+
+def reverse_record(record: dict, template: str | None = None) -> list[dict]:
+    """Humpback's backward direction: the user turn gives the response, the assistant writes the instruction."""
+    msgs = record["messages"]
+    if [m["role"] for m in msgs] != ["user", "assistant"]:
+        raise Reject("not_single_turn", "only a single user/assistant exchange can be reversed")
+    response = msgs[1]["content"]
+    user = template.replace(PLACEHOLDER, response) if template else response
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": msgs[0]["content"]}]
+
+
+def conversation(record: dict, system: str | None, reverse: bool = False, template: str | None = None) -> list[dict]:
+    """The messages to train on, led by the tag's system prompt.
+
+    A forward source without a tag keeps the record's own system prompt (or the template's default);
+    a reversed one gets only the tag's, since the record's system prompt belonged to the other direction.
+    """
+    if reverse:
+        msgs = reverse_record(record, template)
+        sys = system
+    else:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        sys = system if system is not None else record.get("system")
+    if msgs[-1]["role"] != "assistant":
+        raise Reject("no_final_assistant_turn")
+    return ([{"role": "system", "content": sys}] if sys else []) + msgs
+
+
+def segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant_target) pieces that concatenate to it.
+
+    Each assistant turn is split with `chat.split_last_turn`, so the text before a target is exactly
+    the generation prompt the server renders for the conversation so far.
+    """
+    out: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, target = chat.split_last_turn(tok, messages[: i + 1])
+        if not prompt.startswith(done):
+            raise Reject("template", "the chat template re-renders earlier turns differently")
+        out += [(prompt[len(done):], False), (target, True)]
+        done = prompt + target
+    return out
+
+
+def encode(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = ids on assistant targets and IGNORE elsewhere."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_target in segments(tok, messages):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if is_target else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def _finish(ids: list[int], labels: list[int], max_len: int, truncated: bool) -> dict:
+    ids, labels = ids[:max_len], labels[:max_len]
+    n_target = sum(1 for x in labels if x != IGNORE)
+    if n_target == 0:
+        raise Reject("too_long", f"the prompt alone is longer than max_len={max_len}")
+    return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_target": n_target}
+
+
+def build_example(tok, messages: list[dict], max_len: int) -> dict:
+    """One tokenized example of at most max_len tokens; a longer one is cut at the end (its prompt and
+    the start of its answer stay); one left with no target token is rejected."""
+    try:
+        ids, labels = encode(tok, messages)
+    except Reject:
+        raise
+    except ValueError as e:
+        raise Reject("template", str(e)) from e
+    return _finish(ids, labels, max_len, len(ids) > max_len)
+
+
+def build_reversed(tok, record: dict, system: str | None, template: str | None, max_len: int) -> dict:
+    """A backward example of at most max_len tokens: a long response is clipped, never the instruction
+    (the target). Decode/re-encode can merge tokens differently at the cut, so it converges in a few tries."""
+    ex = build_example(tok, conversation(record, system, True, template), max_len=10**9)
+    excess = len(ex["input_ids"]) - max_len
+    if excess <= 0:
+        return ex
+    response = record["messages"][1]["content"]
+    resp_ids = tok(response, add_special_tokens=False)["input_ids"]
+    for extra in (2, 8, 32):
+        keep = len(resp_ids) - excess - extra
+        if keep <= 0:
+            break
+        clipped = {**record, "messages": [record["messages"][0],
+                                          {"role": "assistant", "content": tok.decode(resp_ids[:keep])}]}
+        ex = build_example(tok, conversation(clipped, system, True, template), max_len=10**9)
+        if len(ex["input_ids"]) <= max_len:
+            return {**ex, "truncated": True}
+    raise Reject("too_long", f"the instruction and prompt wording alone exceed max_len={max_len}")
+
+
+def heldout(record_id: str, fraction: float) -> bool:
+    """Deterministic eval split by id: the same record is held out in every run and every language."""
+    return int(hashlib.sha1(record_id.encode()).hexdigest()[:8], 16) < fraction * 16**8
+
+
+@dataclass
+class SourceData:
+    path: str
+    train: list[dict] = field(default_factory=list)
+    eval: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    records_in: int = 0
+    truncated: int = 0
+
+
+def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction: float, reverse: bool = False,
+                template: str | None = None) -> SourceData:
+    """Every line of a chat JSONL file ends up in train, eval or rejected (with file, line and reason)."""
+    data = SourceData(path)
+    for line, obj in read_jsonl(path):
+        data.records_in += 1
+        if isinstance(obj, JsonlLineError):
+            data.rejected.append(records.rejected(None, "bad_json", "sft", detail=obj.reason, file=path, line=line,
+                                                  raw=obj.raw))
+            continue
+        try:
+            try:
+                records.validate(obj)
+            except records.RecordError as e:
+                raise Reject("bad_record", str(e)) from e
+            if obj["kind"] != "chat":
+                raise Reject("not_chat", f"kind {obj['kind']!r}")
+            if reverse:
+                ex = build_reversed(tok, obj, system, template, max_len)
+            else:
+                ex = build_example(tok, conversation(obj, system), max_len)
+        except Reject as e:
+            data.rejected.append(records.rejected(obj, e.reason, "sft", detail=e.detail, file=path, line=line))
+            continue
+        data.truncated += ex["truncated"]
+        ex["id"] = obj["id"]
+        (data.eval if heldout(obj["id"], eval_fraction) else data.train).append(ex)
+    return data
+
+
+# ---------------------------------------------------------------- packing and the phase schedule
+
+def pack(examples: list[dict], max_len: int, packing: bool = True) -> list[dict]:
+    """Rows of whole examples, each row at most max_len tokens, position_ids restarting per example.
+
+    First fit over the given order (already shuffled), looking back over a bounded window of open
+    rows so the cost stays linear. Without packing, a row is one example.
+    """
+    rows: list[dict] = []
+    open_rows: list[int] = []
+    for ex in examples:
+        n = len(ex["input_ids"])
+        slot = next((r for r in open_rows if len(rows[r]["input_ids"]) + n <= max_len), None) if packing else None
+        if slot is None:
+            rows.append({"input_ids": [], "labels": [], "position_ids": [], "n_examples": 0})
+            slot = len(rows) - 1
+            open_rows = (open_rows + [slot])[-64:]
+        row = rows[slot]
+        row["input_ids"] += ex["input_ids"]
+        row["labels"] += ex["labels"]
+        row["position_ids"] += list(range(n))
+        row["n_examples"] += 1
+    return rows
+
+
+def schedule(phases: list[dict], train_by_phase: list[list[dict]], cfg: dict) -> tuple[list[dict], list[dict]]:
+    """All training rows in order, phase after phase; and per phase its rows, steps and examples.
+
+    Each epoch of a phase is its examples shuffled (seeded by seed, phase and epoch) and packed;
+    `max_steps` caps the phase at that many optimizer steps' worth of rows.
+    """
+    rows: list[dict] = []
+    info = []
+    per_step = cfg["batch_size"] * cfg["grad_accum"]
+    for p, (phase, examples) in enumerate(zip(phases, train_by_phase, strict=True)):
+        phase_rows: list[dict] = []
+        for epoch in range(phase["epochs"]):
+            order = list(examples)
+            random.Random(f"{cfg['seed']}/{p}/{epoch}").shuffle(order)
+            phase_rows += pack(order, cfg["max_len"], cfg["packing"])
+        if phase["max_steps"]:
+            phase_rows = phase_rows[: phase["max_steps"] * per_step]
+        for r in phase_rows:
+            r["phase"] = p
+        info.append({"name": phase["name"], "examples": len(examples), "epochs": phase["epochs"],
+                     "rows": len(phase_rows), "first_row": len(rows),
+                     "tokens": sum(len(r["input_ids"]) for r in phase_rows),
+                     "target_tokens": sum(sum(1 for x in r["labels"] if x != IGNORE) for r in phase_rows)})
+        rows += phase_rows
+    return rows, info
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["input_ids"], r["labels"], r["position_ids"]]).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- batching
+
+class PackedCollator:
+    """Stack packed rows, padding to the longest row; padding gets IGNORE labels and its own positions.
+
+    No attention_mask on purpose: with position_ids alone transformers detects the packed examples
+    (positions restarting at 0) and builds the block-diagonal causal mask, padding included as one
+    more "example" that nothing attends to and that carries no loss.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids, labels, pos = [], [], []
+        for r in rows:
+            pad = width - len(r["input_ids"])
+            ids.append(r["input_ids"] + [self.pad_id] * pad)
+            labels.append(r["labels"] + [IGNORE] * pad)
+            pos.append(r["position_ids"] + list(range(pad)))
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint-N that finished saving (trainer_state.json is written last)."""
+    found = []
+    for p in ckpt_dir.glob("checkpoint-*"):
+        if p.is_dir() and (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit():
+            found.append((int(p.name.split("-")[-1]), p))
+    return max(found)[1] if found else None
+
+
+def prepare_checkpoints(ckpt_dir: Path, fp: str) -> Path | None:
+    """The checkpoint to resume from, if this exact run (same fingerprint) left one; otherwise a clean dir."""
+    stamp = ckpt_dir / "fingerprint.json"
+    if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == fp:
+        ckpt = last_complete_checkpoint(ckpt_dir)
+        if ckpt is not None:
+            return ckpt
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True)
+    stamp.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    return None
+
+
+def clear_checkpoints(ckpt_dir: Path) -> None:
+    """After success nothing is left to resume; keep the (empty) directory DVC declares."""
+    for p in ckpt_dir.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ---------------------------------------------------------------- trainer
+
+def training_args(cfg: dict, ckpt_dir: Path, total_steps: int, has_eval: bool, deepspeed_config: str | None):
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    if cfg["precision"] not in ("bf16", "fp32"):
+        raise ParamsError(f"sft.train.precision {cfg['precision']!r}: expected bf16 or fp32")
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=total_steps, per_device_train_batch_size=cfg["batch_size"],
+        per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg["grad_accum"],
+        learning_rate=cfg["lr"], lr_scheduler_type=cfg["scheduler"],
+        warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)), weight_decay=cfg["weight_decay"],
+        max_grad_norm=cfg["max_grad_norm"], bf16=cfg["precision"] == "bf16", use_cpu=not cuda,
+        seed=cfg["seed"], data_seed=cfg["seed"], train_sampling_strategy="sequential",
+        logging_steps=cfg["logging_steps"], logging_first_step=True,
+        save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=1,
+        eval_strategy="steps" if has_eval else "no", eval_steps=cfg["eval_steps"],
+        # TRL and some launchers default to checkpointing activations: ~25% slower on CPU, no memory need here.
+        gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
+        report_to=[], disable_tqdm=not os.isatty(2), deepspeed=deepspeed_config,
+    )
+
+
+def setup_deepspeed(enabled: bool, config: str | None) -> str | None:
+    """The ZeRO config path for TrainingArguments, or None; a single process gets the env a launcher would set."""
+    if not enabled:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ParamsError("sft.train.deepspeed is true but deepspeed is not installed: `pip install -e .[gpu]`")
+    if not config or not Path(config).is_file():
+        raise ParamsError(f"sft.train.deepspeed is true but --deepspeed-config {config!r} is not a file")
+    # Without a launcher deepspeed falls back to MPI discovery (needs mpi4py); one local process is enough here.
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(k, v)
+    return config
+
+
+def make_callback(rows: list[dict]):
+    """Log checkpoint saves (the resume test waits for that line) and measure trained tokens per second."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.start_step = None
+            self.t0 = None
+            self.seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start_step = state.global_step
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.seconds = time.perf_counter() - self.t0
+
+        def on_save(self, args, state, control, **kw):
+            log.info("saved checkpoint at step %d", state.global_step)
+
+        def tokens_trained(self, end_step: int, per_step: int) -> int:
+            done = rows[self.start_step * per_step: end_step * per_step]
+            return sum(len(r["input_ids"]) for r in done)
+
+    return Progress()
+
+
+def loss_curves(log_history: list[dict], rows: list[dict], per_step: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) points for DVC plots: step, loss, and the curriculum phase of that step."""
+    train, evals = [], []
+    for e in log_history:
+        if "loss" in e:
+            first_row = min((e["step"] - 1) * per_step, len(rows) - 1)
+            train.append({"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate", 0.0),
+                          "phase": rows[first_row]["phase"] if rows else 0})
+        if "eval_loss" in e:
+            evals.append({"step": e["step"], "eval_loss": e["eval_loss"]})
+    return train, evals

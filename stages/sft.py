@@ -1,0 +1,199 @@
+"""Supervised fine-tuning of one run (backward, m0, m1, final): curriculum phases, LoRA/QLoRA/full, resumable.
+
+    python stages/sft.py --params params.yaml --run m0 --input models/base --input data/clean/seed.jsonl \
+        --output models/m0 --checkpoints cache/sft/m0 --rejected data/sft/m0/rejected.jsonl \
+        --metrics metrics/sft/m0.json --plots plots/sft/m0
+
+dvc.yaml runs it once per run (sft@backward, sft@m0, ...). The run's base model and data come from
+params (sft.runs.<run>); every path they name must also be passed as --input, i.e. declared in
+dvc.yaml, so a run never reads a file its stage does not depend on. The output is a plain model
+directory (LoRA merged into the weights; the adapter kept in adapter/) with the base's tokenizer and
+chat template and a selfalign.json naming the system prompt to use at inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from selfalign import chat, io, models, params, training
+
+DEFAULTS = {
+    "train": {
+        "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+        "precision": "bf16", "max_len": 384, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 2.0e-4,
+        "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
+        "logging_steps": 1, "save_steps": 10, "eval_steps": 10, "eval_fraction": 0.05, "eval_max_examples": 32,
+        "deepspeed": False, "keep_adapter": True,
+    },
+    "system_tags": {},
+    "runs": {},
+}
+
+log = logging.getLogger("sft")
+
+
+def resolve_params(params_file, overrides=(), run: str | None = None) -> tuple[dict, dict]:
+    """(shared cfg, the run's cfg); with run=None every run is checked (tests/test_layout.py calls this)."""
+    cfg = params.resolve(DEFAULTS, params_file, "sft", overrides)
+    where = f"{params_file}:sft"
+    if run is None:
+        for name in cfg["runs"]:
+            training.check_run(cfg, name, where)
+        return cfg, {}
+    return cfg, training.check_run(cfg, run, where)
+
+
+def read_phases(tok, cfg: dict, run_cfg: dict):
+    """Per phase its training examples; plus held-out eval examples, rejected lines and per-source counts."""
+    t = cfg["train"]
+    cache: dict = {}
+    by_phase, evals, rejected, sources = [], {}, [], {}
+    for phase in run_cfg["phases"]:
+        examples = []
+        for s in phase["sources"]:
+            key = (s["path"], s["tag"], s["reverse"], s["template"])
+            if key not in cache:
+                system = cfg["system_tags"][s["tag"]] if s["tag"] else None
+                template = training.load_template(s["template"]) if s["template"] else None
+                data = cache[key] = training.read_source(tok, s["path"], system, t["max_len"], t["eval_fraction"],
+                                                         s["reverse"], template)
+                rejected += data.rejected
+                for ex in data.eval:
+                    evals.setdefault((ex["id"], key), ex)
+                sources[f"{s['path']}|{s['tag']}|{'reverse' if s['reverse'] else 'forward'}"] = {
+                    "records_in": data.records_in, "train": len(data.train), "eval": len(data.eval),
+                    "rejected": len(data.rejected), "truncated": data.truncated,
+                    "rejected_by_reason": _count(r["reason"] for r in data.rejected)}
+            examples += cache[key].train
+        by_phase.append(examples)
+    eval_examples = [evals[k] for k in sorted(evals)][: t["eval_max_examples"]]
+    return by_phase, eval_examples, rejected, sources
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapter: bool) -> None:
+    """The output dir every later stage loads: merged weights in the base's dtype, tokenizer, template, info."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # LoRA/QLoRA: merge into a fresh full-precision copy of the base
+        with tempfile.TemporaryDirectory() as adapter:
+            model.save_pretrained(adapter)
+            merged = models.merge_adapter(run_cfg["base"], adapter)
+            models.save_model_dir(merged, tok, output, info)
+            if keep_adapter:
+                shutil.copytree(adapter, Path(output) / "adapter")
+    else:
+        model = model.to(models._torch_dtype(models.load_config_dtype(run_cfg["base"])))
+        model.config.use_cache = True
+        models.save_model_dir(model, tok, output, info)
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--run", required=True, help="Which sft.runs entry to train (backward, m0, m1, final).")
+@click.option("--input", "inputs", multiple=True, help="A file or dir this run may read (as declared in dvc.yaml).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--checkpoints", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint dir; a killed run resumes from it if params, data and base are unchanged.")
+@click.option("--rejected", "rejected_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--plots", "plots_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for train.csv / eval.csv loss curves.")
+@click.option("--deepspeed-config", default=None, help="ZeRO config used when sft.train.deepspeed is true.")
+def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path, metrics_path, plots_dir,
+         deepspeed_config):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg, run_cfg = resolve_params(params_file, overrides, run)
+    t = cfg["train"]
+    undeclared = [p for p in training.run_inputs(run_cfg) if p not in inputs]
+    if undeclared:
+        raise click.UsageError(f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)")
+    ds_config = training.setup_deepspeed(t["deepspeed"], deepspeed_config)
+    import torch
+    from transformers import Trainer
+
+    torch.manual_seed(t["seed"])
+    tok = chat.load_tokenizer(run_cfg["base"])
+    by_phase, eval_examples, rejected, sources = read_phases(tok, cfg, run_cfg)
+    rows, phase_info = training.schedule(run_cfg["phases"], by_phase, t)
+    if not rows:
+        raise click.ClickException(f"run {run}: no training examples left (see {rejected_path})")
+    eval_rows = training.pack(eval_examples, t["max_len"], t["packing"])
+    per_step = t["batch_size"] * t["grad_accum"]
+    total_steps = math.ceil(len(rows) / per_step)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    log.info("run %s: %d rows in %d phases, %d steps, %.0f tokens/step (%.0f%% of row capacity), %d eval rows",
+             run, len(rows), len(phase_info), total_steps, tokens / total_steps,
+             100 * tokens / (len(rows) * t["max_len"]), len(eval_rows))
+    for ph in phase_info:
+        log.info("phase %s: %d examples x %d epochs -> %d rows", ph["name"], ph["examples"], ph["epochs"], ph["rows"])
+
+    base_weights = Path(run_cfg["base"]) / models.WEIGHTS
+    fp = training.fingerprint({"train": t, "run": run_cfg, "tags": cfg["system_tags"],
+                               "rows": training.rows_fingerprint(rows + eval_rows),
+                               "base": models.sha256_file(base_weights) if base_weights.is_file() else None})
+    ckpt_dir = Path(checkpoints)
+    resume = training.prepare_checkpoints(ckpt_dir, fp)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+
+    try:
+        model = models.load_for_training(run_cfg["base"], t["method"], t["lora"], t["precision"])
+    except models.ModelError as e:
+        raise click.ClickException(str(e)) from e
+    args = training.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
+    progress = training.make_callback(rows)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
+                      data_collator=training.PackedCollator(tok.pad_token_id), callbacks=[progress])
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    step = trainer.state.global_step
+    trained_tokens = progress.tokens_trained(step, per_step)
+
+    system = cfg["system_tags"][run_cfg["inference_tag"]] if run_cfg["inference_tag"] else None
+    info = {"run": run, "base": run_cfg["base"], "method": t["method"], "system": system,
+            "inference_tag": run_cfg["inference_tag"], "system_tags": cfg["system_tags"], "global_step": step,
+            "phases": [{"name": p["name"], "sources": p["sources"], "epochs": p["epochs"]} for p in run_cfg["phases"]]}
+    save_output(trainer, run_cfg, tok, output, info, t["keep_adapter"])
+
+    train_curve, eval_curve = training.loss_curves(trainer.state.log_history, rows, per_step)
+    io.write_jsonl(rejected_path, rejected)
+    Path(plots_dir).mkdir(parents=True, exist_ok=True)
+    _csv(Path(plots_dir) / "train.csv", train_curve, ["step", "loss", "lr", "phase"])
+    _csv(Path(plots_dir) / "eval.csv", eval_curve, ["step", "eval_loss"])
+    records_in = sum(s["records_in"] for s in sources.values())
+    kept_train = sum(s["train"] for s in sources.values())
+    kept_eval = sum(s["eval"] for s in sources.values())
+    io.write_json(metrics_path, {
+        "run": run, "records_in": records_in, "train": kept_train, "eval": kept_eval, "rejected": len(rejected),
+        "rejected_by_reason": _count(r["reason"] for r in rejected), "sources": sources, "phases": phase_info,
+        "rows": len(rows), "steps": step, "resumed_from_step": progress.start_step, "tokens": tokens,
+        "tokens_trained_this_run": trained_tokens, "train_seconds": round(progress.seconds, 2),
+        "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
+        "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
+        "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
+        "method": t["method"], "precision": t["precision"]})
+    training.clear_checkpoints(ckpt_dir)
+    log.info("run %s: %d steps, %.1f tokens/s, wrote %s", run, step,
+             trained_tokens / progress.seconds if progress.seconds else 0.0, output)
+
+
+def _csv(path: Path, rows: list[dict], cols: list[str]) -> None:
+    with io.atomic_path(path) as tmp:
+        lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
