@@ -48,8 +48,11 @@ def prose(text: str) -> str:
     return " ".join(_URL.sub(" ", _CODE.sub(" ", text)).split())
 
 
+_NOT_LETTER = re.compile(r"[\W\d_]+")
+
+
 def letters(text: str) -> int:
-    return sum(c.isalpha() for c in text)
+    return len(_NOT_LETTER.sub("", text))
 
 
 def detect(text: str, k: int = 1) -> list[tuple[str, float]]:
@@ -80,8 +83,26 @@ def pair_score(text: str, markers: dict | None = None) -> tuple[float, list[str]
     return sum(found.values()), evidence
 
 
+_TRANSLATION = re.compile(r"translat|terjemah|tradu[ic]|übersetz|traduz", re.I)
+
+
+def gate_text(record: dict) -> str:
+    """The text whose language must be the record's: all of it, except that a translation task
+    is judged by its instruction (the first paragraph of the prompt) alone, since its input or its
+    answer is in another language by design."""
+    from selfalign.records import texts
+
+    if record["kind"] == "chat":
+        prompt = next((m["content"] for m in record["messages"] if m["role"] == "user"), "")
+    else:
+        prompt = record.get("prompt", "")
+    if prompt and _TRANSLATION.search(prompt):
+        return prompt.strip().split("\n\n")[0]
+    return "\n".join(texts(record))
+
+
 def identify(text: str, declared: str, *, min_letters: int, min_confidence: float, margin: float,
-             max_chars: int = 2000, markers: dict | None = None) -> tuple[str, str, str]:
+             max_chars: int = 600, markers: dict | None = None) -> tuple[str, str, str]:
     """Check `text` against its declared language.
 
     Returns (verdict, detected, detail) with verdict one of:
@@ -89,14 +110,15 @@ def identify(text: str, declared: str, *, min_letters: int, min_confidence: floa
       "mismatch"      it is confidently in another language (`detected`)
       "undetermined"  too little text, or the evidence is too weak to call
     """
-    sample = prose(text)[:max_chars]
+    text = prose(text)
+    sample = text[:max_chars]  # fastText is sure of a language well within a few hundred characters
     if letters(sample) < min_letters:
         return "undetermined", "", f"fewer than {min_letters} letters"
     (lang, prob), = detect(sample)
     markers = markers or load_markers()
     pair = {markers["a"], markers["b"]}
     if lang in pair and declared in pair:
-        score, evidence = pair_score(sample, markers)
+        score, evidence = pair_score(text[:20 * max_chars], markers)  # marker words are rare: read more
         if abs(score) < margin:
             return "undetermined", lang, f"{markers['a']}/{markers['b']} score {score:+.1f} within ±{margin}"
         lang = markers["a"] if score > 0 else markers["b"]
