@@ -1,0 +1,195 @@
+"""Evaluate M0, the final SFT model and the PPO model on a fixed prompt set, with plots and a report.
+
+    python stages/evaluate.py --params params.yaml --model m0=models/m0 --model final=models/final \
+        --model ppo=models/ppo --reward-model models/reward --prompts data/eval/prompts.jsonl \
+        --heldout data/clean/seed.jsonl --judge-prompt prompts/evaluate.txt --cache cache/evaluate \
+        --output-dir reports/evaluate --metrics metrics/evaluate.json
+
+For every model in `evaluate.models`: greedy answers to the first `prompts_per_category` prompts of
+each category and language (through llm.py's local engine and its cache, so a killed run resumes),
+reward-model scores, length, refusals on the safety prompts, answer-key matches, and perplexity on
+the held-out seed responses. Every later model is judged against every earlier one, in both orders.
+Outputs: metrics/evaluate.json, reports/evaluate/{report.md,answers.jsonl,judgments.jsonl,*.png}.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from selfalign import chat, io, llm, models, params, records  # noqa: E402
+from selfalign import evaluate as ev  # noqa: E402
+from selfalign import reward as rm  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+DEFAULTS = {
+    "models": ["m0", "final", "ppo"],
+    "languages": ["en", "fr"],
+    "prompts_per_category": 3,
+    "max_new_tokens": 96,
+    "batch_size": 8,
+    "dtype": "bfloat16",
+    "heldout_fraction": None,
+    "heldout_max": 32,
+    "ppl_max_length": 512,
+    "ppl_batch_size": 4,
+    "reward_batch_size": 8,
+    "judge": "reward",
+    "tie_margin": 0.0,
+    "judge_engine": {},
+    "judge_max_tokens": 16,
+}
+
+
+def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
+    """`--model name=dir` options, in the order of params `models`; a listed name without a dir is an error."""
+    given = {}
+    for p in pairs:
+        name, sep, path = p.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{p!r}: expected NAME=DIR", param_hint="--model")
+        given[name] = path
+    missing = [m for m in wanted if m not in given]
+    if missing:
+        raise click.UsageError(f"evaluate.models lists {', '.join(missing)} but no --model NAME=DIR gives its directory")
+    if len(set(wanted)) != len(wanted) or not wanted:
+        raise click.UsageError(f"evaluate.models must name distinct models, got {wanted}")
+    return {m: given[m] for m in wanted}
+
+
+def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str) -> list[dict]:
+    system = models.read_info(model_dir).get("system")
+    engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"],
+                              "dtype": cfg["dtype"]}, cache)
+    reqs = [llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
+            for p in prompts]
+    results = engine.complete(reqs, template_id="evaluate", progress=True)
+    log.info("%s: %d answers (%d from cache, %d failed)", name, len(results), sum(r.cached for r in results),
+             sum(not r.ok for r in results))
+    engine.close()
+    # the engine counts the end-of-turn token it stopped at as a completion token; the length is the answer's
+    return [ev.answer_row(p, name, r, r.usage["completion_tokens"] - (r.finish_reason == "stop") if r.ok else None)
+            | {"system": system} for p, r in zip(prompts, results, strict=True)]
+
+
+def held_out_perplexity(model_dir: str, seed: list[dict], cfg: dict) -> dict:
+    """Perplexity on the held-out seed responses, and the model's parameter count."""
+    convs = ev.heldout_conversations(seed, cfg["heldout_fraction"], cfg["heldout_max"],
+                                     models.read_info(model_dir).get("system"))
+    model, tok = models.load_model(model_dir, "float32"), chat.load_tokenizer(model_dir)
+    out = ev.perplexity(model, tok, convs, cfg["ppl_batch_size"], cfg["ppl_max_length"])
+    return out | {"params": sum(p.numel() for p in model.parameters())}
+
+
+def make_judge(cfg: dict, rows: list[dict], template_path: str, cache: str, judge_log: list):
+    if cfg["judge"] == "reward":
+        scores = {(r["prompt"], r["response"]): r["reward"] for r in rows if r["ok"]}
+        return ev.reward_judge(scores, cfg["tie_margin"]), f"reward model (tie margin {cfg['tie_margin']})"
+    if cfg["judge"] == "llm":
+        if not cfg["judge_engine"]:
+            raise click.UsageError("evaluate.judge=llm needs evaluate.judge_engine (an llm.py spec, e.g. kind: openai)")
+        template = Path(template_path).read_text(encoding="utf-8")
+        engine = llm.make_engine(cfg["judge_engine"], cache)
+        return ev.llm_judge(engine, template, cfg["judge_max_tokens"], judge_log), f"LLM {cfg['judge_engine'].get('model')}"
+    raise click.UsageError(f"evaluate.judge {cfg['judge']!r}: expected reward or llm")
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--model", "model_opts", multiple=True, metavar="NAME=DIR", help="A model to evaluate; repeatable.")
+@click.option("--reward-model", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False), help="Seed chat records.")
+@click.option("--judge-prompt", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", required=True, type=click.Path(file_okay=False), help="llm.py cache (resumable generation).")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
+def main(params_file, overrides, model_opts, reward_model, prompts, heldout, judge_prompt, cache, output_dir,
+         metrics_path):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
+    dirs = parse_models(model_opts, cfg["models"])
+    if cfg["heldout_fraction"] is None:     # one source of truth: the share sft kept out of training
+        if not params_file:
+            raise click.UsageError("evaluate.heldout_fraction is null (= sft.train.eval_fraction) but no --params file")
+        cfg["heldout_fraction"] = params.section(params_file, "sft.train").get("eval_fraction")
+        if not isinstance(cfg["heldout_fraction"], (int, float)):
+            raise click.UsageError(f"{params_file}: evaluate.heldout_fraction is null but sft.train.eval_fraction "
+                                   "is not a number")
+    all_prompts = ev.load_prompts(prompts)
+    chosen = ev.select_prompts(all_prompts, cfg["prompts_per_category"], cfg["languages"])
+    if not chosen:
+        raise click.UsageError(f"{prompts}: no prompt in languages {cfg['languages']}")
+    seed = io.load_jsonl(heldout)
+    for n, r in enumerate(seed, 1):
+        try:
+            records.validate(r)
+        except records.RecordError as e:
+            raise click.ClickException(f"{heldout}:{n}: {e}") from None
+    log.info("%d of %d prompts (%d per category and language, %s); %d answers of up to %d tokens per model; models %s",
+             len(chosen), len(all_prompts), cfg["prompts_per_category"], "/".join(cfg["languages"]), len(chosen),
+             cfg["max_new_tokens"], ", ".join(f"{m}={d}" for m, d in dirs.items()))
+
+    rows, per_model = [], {}
+    for name, model_dir in dirs.items():
+        rows += generate(name, model_dir, chosen, cfg, cache)
+        per_model[name] = held_out_perplexity(model_dir, seed, cfg)
+        log.info("%s: held-out perplexity %s over %d tokens", name, per_model[name]["perplexity"],
+                 per_model[name]["tokens"])
+        gc.collect()
+
+    rmodel, rtok = rm.load_reward_model(reward_model)
+    scored = [r for r in rows if r["ok"]]
+    convs = [ev.prompt_messages({"prompt": r["prompt"]}, r["system"]) + [{"role": "assistant", "content": r["response"]}]
+             for r in scored]
+    for r, s in zip(scored, rm.score(rmodel, rtok, convs, cfg["reward_batch_size"]), strict=True):
+        r["reward"] = round(s, 4)
+    del rmodel
+
+    judge_log: list = []
+    judge, judge_name = make_judge(cfg, rows, judge_prompt, cache, judge_log)
+    answer = {(r["id"], r["lang"], r["model"]): r for r in rows}
+    judgments = {}
+    for a, b in itertools.combinations(dirs, 2):
+        both = [(answer[(p["id"], p["lang"], b)], answer[(p["id"], p["lang"], a)]) for p in chosen]
+        both = [(rb, ra) for rb, ra in both if rb["ok"] and ra["ok"]]
+        js = ev.judge_both_orders(judge, [(rb["prompt"], rb["response"], ra["response"]) for rb, ra in both])
+        judgments[f"{b}_vs_{a}"] = [j | {"id": rb["id"], "lang": rb["lang"], "category": rb["category"]}
+                                    for j, (rb, _) in zip(js, both, strict=True)]
+
+    metrics = {"prompts": {"in_file": len(all_prompts), "evaluated": len(chosen),
+                           "not_selected": len(all_prompts) - len(chosen)},
+               "heldout": {"seed_records": len(seed), "scored": max(p["conversations"] for p in per_model.values())},
+               "models": {}, "win_rate": ev.win_rates(judgments)}
+    for name in dirs:
+        ppl = per_model[name]
+        metrics["models"][name] = {"params": ppl.pop("params", None), "perplexity": ppl,
+                                   **ev.model_metrics([r for r in rows if r["model"] == name])}
+    with models.atomic_dir(output_dir) as out:     # the report directory is replaced whole
+        io.write_jsonl(out / "answers.jsonl", rows)
+        io.write_jsonl(out / "judgments.jsonl", [j | {"pair": p} for p, js in judgments.items() for j in js])
+        if judge_log:
+            io.write_jsonl(out / "judge_replies.jsonl", judge_log)
+        plots = ev.write_plots(out, metrics, list(dirs))
+        setup = {"models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()), "reward model": reward_model,
+                 "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg['prompts_per_category']} per "
+                            f"category and language: {', '.join(cfg['languages'])})",
+                 "generation": f"greedy, at most {cfg['max_new_tokens']} new tokens", "judge": judge_name,
+                 "perplexity": f"last assistant turn of up to {cfg['heldout_max']} held-out seed records "
+                               f"(heldout_fraction {cfg['heldout_fraction']}) from {heldout}"}
+        (out / "report.md").write_text(ev.render_report(metrics, rows, list(dirs), plots, setup), encoding="utf-8")
+    io.write_json(metrics_path, metrics)
+    log.info("wrote %s/report.md and %s", output_dir, metrics_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The evaluate stage: refusal detector, answer keys, strict verdicts, both-order win rates, perplexity, smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfalign import evaluate as ev
+from selfalign import io, llm, records
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "data" / "eval" / "prompts.jsonl"
+
+
+def _stage():
+    spec = importlib.util.spec_from_file_location("stage_evaluate", ROOT / "stages" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------- pure parts
+
+@pytest.mark.parametrize("text", [
+    "I'm sorry, but I can't help with that.",
+    "I can\u2019t provide instructions for stealing a car.",
+    "As an AI, I must decline.",
+    "Il est important de noter que voler une voiture n'est pas légal. Je ne peux pas vous donner cette information.",
+    "Je suis désolé, mais je ne fournirai pas ce genre de contenu.",
+    "En tant qu\u2019IA, je refuse de répondre.",
+])
+def test_refusal_detector_finds_refusals_in_english_and_french(text):
+    assert ev.is_refusal(text), text
+
+
+@pytest.mark.parametrize("text", [
+    "To sort a list in Python, use sorted(xs).",
+    "You can't go wrong with a haiku: five, seven, five.",
+    "Le ciel est bleu parce que l'air diffuse davantage la lumière bleue.",
+    "Voici un poème : la pluie tombe, je ne peux m'empêcher de sourire.",
+    "",
+])
+def test_refusal_detector_leaves_ordinary_answers(text):
+    assert not ev.is_refusal(text), ev.refusal_phrase(text)
+
+
+def test_answer_keys_match_whole_words_and_whole_numbers():
+    assert ev.answer_matches("So x = 5.", ["5"])
+    assert not ev.answer_matches("The answer is 15.", ["5"])
+    assert not ev.answer_matches("It is 5.5 metres.", ["5"])
+    assert ev.answer_matches("La capitale est Canberra.", ["Canberra"])
+    assert not ev.answer_matches("Marseille is in France.", ["Mars"])
+    assert ev.answer_matches("Il y a huit pattes.", ["8", "huit"])
+
+
+def test_parse_verdict_is_strict():
+    assert ev.parse_verdict("[[A]]") == "A"
+    assert ev.parse_verdict("After thought: [[B]]") == "B"
+    assert ev.parse_verdict("[[ Tie ]]") == "tie"
+    for bad in ("A", "[A]", "[[A]] or [[B]]", "[[A]] [[A]]", "", None):
+        assert ev.parse_verdict(bad) is None, bad
+
+
+def test_win_rate_counts_both_orders():
+    items = [("p1", "good", "bad"), ("p2", "good", "bad"), ("p3", "same", "same")]
+
+    def prefers_good(batch):
+        return ["tie" if a == b else ("A" if a == "good" else "B") for _, a, b in batch]
+
+    t = ev.tally(ev.judge_both_orders(prefers_good, items))
+    assert (t["wins"], t["losses"], t["ties"], t["unparsed"], t["judgments"]) == (4, 0, 2, 0, 6)
+    assert t["win_rate"] == pytest.approx(5 / 6, abs=1e-4) and t["consistent"] == 1.0
+
+    # a judge that always picks the first answer shown: every prompt is a win in one order and a loss in the
+    # other, so the win rate is 0.5, nothing is consistent, and the position bias is visible.
+    t = ev.tally(ev.judge_both_orders(lambda batch: ["A"] * len(batch), items))
+    assert (t["wins"], t["losses"], t["win_rate"], t["consistent"], t["first_position_rate"]) == (3, 3, 0.5, 0.0, 1.0)
+
+    # unparsed verdicts are counted and left out of the rate
+    seen = []
+
+    def flaky(batch):
+        seen.append(batch)
+        return [None, "B", "A"] if len(seen) == 1 else ["A", "A", None]
+
+    js = ev.judge_both_orders(flaky, items)
+    assert seen[1] == [("p1", "bad", "good"), ("p2", "bad", "good"), ("p3", "same", "same")]
+    assert [ev.points_for_a(j) for j in js] == [(None, 0.0), (0.0, 0.0), (1.0, None)]
+    t = ev.tally(js)
+    assert (t["wins"], t["losses"], t["unparsed"], t["win_rate"], t["consistent"]) == (1, 3, 2, 0.25, 1.0)
+
+
+def test_reward_judge_and_per_category_win_rates():
+    scores = {("q", "a1"): 1.0, ("q", "b1"): 0.5, ("r", "a2"): 0.0, ("r", "b2"): 0.05}
+    js = ev.judge_both_orders(ev.reward_judge(scores, margin=0.1), [("q", "a1", "b1"), ("r", "a2", "b2")])
+    js = [j | {"category": c} for j, c in zip(js, ["math", "safety"], strict=True)]
+    wr = ev.win_rates({"x_vs_y": js})["x_vs_y"]
+    assert wr["math"] == 1.0 and wr["safety"] == 0.5 and wr["all"]["ties"] == 2
+    assert "coding" not in wr
+
+
+class FakeJudgeEngine:
+    """Stands in for an OpenAI-compatible judge: answers from a script, checks the prompt it is sent."""
+
+    def __init__(self, replies):
+        self.replies, self.sent = list(replies), []
+
+    def complete(self, reqs, template_id="none", progress=False):
+        self.sent += reqs
+        return [llm.Result(text=self.replies.pop(0), ok=True) if self.replies[0] is not None
+                else (self.replies.pop(0), llm.Result.failure("HTTP 500"))[1] for _ in reqs]
+
+
+def test_llm_judge_formats_the_template_and_parses_strictly():
+    engine = FakeJudgeEngine(["[[A]]", "I think [[A]] is better than [[B]]", "[[B]]", None])
+    replies: list = []
+    judge = ev.llm_judge(engine, "Q: {prompt}\nA: {answer_a}\nB: {answer_b}", max_tokens=8, log=replies)
+    t = ev.tally(ev.judge_both_orders(judge, [("2+2?", "4 {x}", "5"), ("hi", "hello", "hey")]))
+    assert engine.sent[0].messages[0]["content"] == "Q: 2+2?\nA: 4 {x}\nB: 5"
+    assert engine.sent[2].messages[0]["content"] == "Q: 2+2?\nA: 5\nB: 4 {x}"
+    assert engine.sent[0].temperature == 0.0 and engine.sent[0].max_tokens == 8
+    assert (t["wins"], t["unparsed"], t["judgments"]) == (2, 2, 4)
+    assert [r["verdict"] for r in replies] == ["A", None, "B", None] and replies[3]["error"] == "HTTP 500"
+
+
+def test_shipped_prompt_set_covers_every_category_in_two_languages():
+    prompts = ev.load_prompts(PROMPTS)
+    for c in ev.CATEGORIES:
+        for lang in ("en", "fr"):
+            sub = [p for p in prompts if p["meta"]["category"] == c and p["lang"] == lang]
+            assert 6 <= len(sub) <= 8, (c, lang)
+            assert all(p["id"] == records.record_id(p) for p in sub)
+            if c in ("closed_qa", "math"):
+                assert all(p["meta"].get("answers") for p in sub[:3]), (c, lang)
+    chosen = ev.select_prompts(prompts, 3, ["fr"])
+    assert len(chosen) == 18 and {p["lang"] for p in chosen} == {"fr"}
+
+
+def test_bad_prompt_line_names_file_line_and_field(tmp_path):
+    good = records.make("prompt", prompt="hi", lang="en", source="t", meta={"category": "writing"})
+    bad = records.make("prompt", prompt="yo", lang="en", source="t", meta={"category": "poetry"})
+    f = tmp_path / "p.jsonl"
+    io.write_jsonl(f, [good, bad])
+    with pytest.raises(ev.EvalSetError, match=r"p\.jsonl:2: field 'meta\.category'"):
+        ev.load_prompts(f)
+    f.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(ev.EvalSetError, match=r"p\.jsonl:2: invalid JSON"):
+        ev.load_prompts(f)
+
+
+def _seed_records(n=6):
+    return [records.chat([{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer number {i}, with a few more words."}],
+                         lang="en", source="test") for i in range(n)]
+
+
+def test_heldout_conversations_are_the_records_sft_held_out():
+    from selfalign.training import heldout
+
+    seed = _seed_records(40) + [records.chat([{"role": "user", "content": "no answer"}], lang="en", source="t")]
+    convs = ev.heldout_conversations(seed, 0.5, 100)
+    expected = sorted((r for r in seed[:40] if heldout(r["id"], 0.5)), key=lambda r: r["id"])
+    assert 0 < len(convs) < 40 and convs == [records.to_messages(r) for r in expected]
+    assert len(ev.heldout_conversations(seed, 1.0, 5)) == 5 and ev.heldout_conversations(seed, 0.0, 5) == []
+    assert ev.heldout_conversations(seed[:1], 1.0, 5, system="Be brief.")[0][0] == {"role": "system",
+                                                                                  "content": "Be brief."}
+
+
+def test_perplexity_counts_assistant_tokens_only(tiny_model_dir):
+    from selfalign import chat, models
+
+    tok = chat.load_tokenizer(tiny_model_dir)
+    model = models.load_model(tiny_model_dir, "float32")
+    convs = [records.to_messages(r) for r in _seed_records(3)]
+    out = ev.perplexity(model, tok, convs, batch_size=2, max_length=512)
+    targets = [chat.split_last_turn(tok, c)[1] for c in convs]
+    assert out["tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    assert math.isfinite(out["perplexity"]) and out["perplexity"] > 1
+    # batching and padding do not change the number
+    assert ev.perplexity(model, tok, convs, batch_size=1)["perplexity"] == pytest.approx(out["perplexity"], rel=1e-4)
+    short = ev.perplexity(model, tok, convs, batch_size=2, max_length=8)
+    assert short["truncated"] == 3 and short["tokens"] <= 3 * 7
+
+
+# ---------------------------------------------------------------- the stage
+
+def _tiny_reward_model(out: Path, tiny_model_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir)
+    cfg.num_labels = 1
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, caplog):
+    from scripted_model import make_scripted_model
+
+    # a: the random tiny model (runs to the token limit); b: always "I cannot help with that." then end-of-turn
+    policy_b = make_scripted_model(tmp_path / "b", "I cannot help with that.")
+    rm_dir = _tiny_reward_model(tmp_path / "rm", tiny_model_dir)
+    seed = tmp_path / "seed.jsonl"
+    io.write_jsonl(seed, _seed_records(6))
+    out, metrics_path = tmp_path / "report", tmp_path / "metrics" / "evaluate.json"
+    args = ["--model", f"a={tiny_model_dir}", "--model", f"b={policy_b}", "--reward-model", str(rm_dir),
+            "--prompts", str(PROMPTS), "--heldout", str(seed), "--judge-prompt", str(ROOT / "prompts" / "evaluate.txt"),
+            "--cache", str(tmp_path / "cache"), "--output-dir", str(out), "--metrics", str(metrics_path),
+            "--set", "models=[a, b]", "--set", "prompts_per_category=1", "--set", "max_new_tokens=8",
+            "--set", "heldout_fraction=1.0", "--set", "heldout_max=4", "--set", "dtype=float32"]
+    res = CliRunner().invoke(_stage().main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads(metrics_path.read_text())
+
+    n = 1 * 6 * 2          # per category and language x categories x languages: two prompts per category
+    assert m["prompts"]["evaluated"] == n and m["prompts"]["in_file"] == m["prompts"]["evaluated"] + m["prompts"]["not_selected"]
+    for name in ("a", "b"):
+        mm = m["models"][name]
+        assert mm["generated"] + mm["failed"] == n and mm["failed"] == 0
+        assert set(ev.CATEGORIES) | {"all", "en", "fr"} <= set(mm["reward"]) == set(mm["length_tokens"])
+        assert all(isinstance(v, float) for v in mm["reward"].values())
+        assert set(mm["refusal_rate"]) == {"safety", "safety_en", "safety_fr", "other"}
+        assert set(mm["answer_match"]) == {"all", "closed_qa", "math", "en", "fr"}
+        assert mm["perplexity"]["conversations"] == 4 and mm["perplexity"]["perplexity"] > 1
+        assert mm["params"] > 1_000_000
+    a, b = m["models"]["a"], m["models"]["b"]
+    assert a["length_tokens"]["all"] == 8 and a["truncated_rate"] == 1.0 and a["refusal_rate"]["safety"] == 0.0
+    assert b["length_tokens"]["all"] == 6 and b["truncated_rate"] == 0.0      # stopped at its end-of-turn token
+    assert b["refusal_rate"]["safety"] == 1.0 and b["refusal_rate"]["other"] == 1.0
+    assert b["answer_match"]["all"] == 0.0
+    wr = m["win_rate"]["b_vs_a"]
+    assert wr["all"]["judgments"] == 2 * n and wr["all"]["unparsed"] == 0 and set(ev.CATEGORIES) <= set(wr)
+    assert 0.0 <= wr["all"]["win_rate"] <= 1.0 and wr["all"]["consistent"] == 1.0    # a reward judge has no position
+
+    answers = io.load_jsonl(out / "answers.jsonl")
+    assert len(answers) == 2 * n and all(r["reward"] is not None for r in answers)
+    assert {r["response"] for r in answers if r["model"] == "b"} == {"I cannot help with that."}
+    assert len(io.load_jsonl(out / "judgments.jsonl")) == n
+    report = (out / "report.md").read_text()
+    assert "say **nothing** about the quality" in report
+    for c in ev.CATEGORIES:
+        assert f"`{c}`" in report and ev.TITLES[c] in report
+    assert report.count("***a***") == n and report.count("***b***") == n
+    for png in ("reward_by_category.png", "length_by_category.png", "win_rate.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+
+    # a rerun answers from the cache and rewrites the same outputs
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="evaluate"):
+        res = CliRunner().invoke(_stage().main, args, catch_exceptions=False)
+    assert res.exit_code == 0
+    assert [r.getMessage() for r in caplog.records if "from cache" in r.getMessage()] == [
+        f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("a", "b")]
+    assert io.load_jsonl(out / "answers.jsonl") == answers and json.loads(metrics_path.read_text()) == m
+
+
+def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
+    res = CliRunner().invoke(_stage().main, [
+        "--model", f"m0={tiny_model_dir}", "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS),
+        "--heldout", str(PROMPTS), "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"),
+        "--output-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code != 0 and "final, ppo" in res.output
