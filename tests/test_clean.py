@@ -1,0 +1,291 @@
+"""The clean stage: every rule on real records it must catch and real records it must leave alone,
+arithmetic checking, the language gate (ms vs id on held-out sentences), dedup, and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from selfalign import clean, dedup, io, langid, params, records
+
+FIX = Path(__file__).parent / "fixtures" / "clean"
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("clean_stage", ROOT / "stages" / "clean.py")
+stage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stage)
+RULES_CFG = {**stage.DEFAULTS["rules"], "length": {"enabled": True, "min_chars": stage.DEFAULTS["min_chars"],
+                                                   "max_chars": stage.DEFAULTS["max_chars"]}}
+ALPACA = json.loads((FIX / "alpaca_cases.json").read_text(encoding="utf-8"))
+MULTI = [json.loads(line) for line in (FIX / "multilingual_cases.jsonl").read_text(encoding="utf-8").splitlines()]
+SENTENCES = [json.loads(line) for line in (FIX / "lang_sentences.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def alpaca_record(case: dict, with_meta: bool = True, lang: str = "en") -> dict:
+    """As ingest renders an Alpaca record: instruction + blank line + input as the user turn."""
+    user = case["instruction"] + ("\n\n" + case["input"] if case["input"] else "")
+    meta = {"instruction": case["instruction"], "input": case["input"]} if with_meta else {}
+    return records.chat([{"role": "user", "content": user}, {"role": "assistant", "content": case["output"]}],
+                        lang=lang, source="alpaca", meta=meta)
+
+
+def chat(user: str, answer: str, lang: str = "en", **meta) -> dict:
+    return records.chat([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                        lang=lang, source="test", meta=meta)
+
+
+# ---------------------------------------------------------------- rules on real Alpaca records
+
+@pytest.mark.parametrize("case", ALPACA, ids=[f"{c['expect']}-{c['index']}" for c in ALPACA])
+def test_alpaca_record_gets_its_expected_verdict(case):
+    for with_meta in (True, False):  # rules must not depend on meta being there
+        out, _, reason, detail = clean.apply_rules(alpaca_record(case, with_meta), RULES_CFG)
+        assert (reason or "keep") == case["expect"], (case["index"], detail)
+        assert (out is None) == (case["expect"] != "keep")
+        if reason:
+            assert detail
+
+
+def test_every_drop_rule_is_exercised_by_real_data():
+    expected = {c["expect"] for c in ALPACA} | {c["expect"] for c in MULTI}
+    drop_rules = set(clean.RULES) - {"mojibake", "control_chars", "no_input", "nonsense", "length"}
+    assert drop_rules <= expected
+
+
+@pytest.mark.parametrize("case", MULTI, ids=[f"{c['expect']}-{i}" for i, c in enumerate(MULTI)])
+def test_malay_and_french_records(case):
+    record = chat(case["prompt"], case["answer"], lang="ms")
+    out, fixed, reason, _ = clean.apply_rules(record, RULES_CFG)
+    if case["expect"] in clean.RULES and clean.RULES[case["expect"]].fn(record, {}).fixed:
+        assert out is not None and case["expect"] in fixed
+    else:
+        assert reason == case["expect"]
+
+
+def test_no_input_spellings_normalised_in_message_and_meta():
+    base = next(c for c in ALPACA if c["index"] == 1248)  # real "No input." record
+    assert base["input"] == "No input."
+    for spelling in ["<noinput>", "No input", "noinput", '"<noinput>"', "<no input>", "Noinput", "N/A",
+                     "No input required", "Tiada input yang diperlukan.", "Pas d'entrée"]:
+        record = alpaca_record({**base, "input": spelling})
+        out, fixed, reason, _ = clean.apply_rules(record, RULES_CFG)
+        assert reason == "" and fixed == ["no_input"], spelling
+        assert out["messages"][0]["content"] == base["instruction"]
+        assert out["meta"]["input"] == ""
+        assert record["messages"][0]["content"].endswith(spelling)  # the input record is not mutated
+    no_meta = alpaca_record({**base, "input": "<noinput>"}, with_meta=False)
+    assert clean.apply_rules(no_meta, RULES_CFG)[0]["messages"][0]["content"] == base["instruction"]
+
+
+def test_no_input_leaves_real_inputs_and_drops_placeholder_only_prompts():
+    kept = chat("Name the capital.\n\nNone of the above is France.", "Paris.")
+    assert clean.RULES["no_input"].fn(kept, {}).record is kept
+    assert clean.RULES["no_input"].fn(chat("<noinput>", "Hello there."), {}).record is None
+
+
+def test_control_characters_and_stray_escapes():
+    case = next(c for c in ALPACA if c["index"] == 1009)
+    dirty = {**case, "output": "2 +\x00 3 = 5.\x1b[31m\u200b\\nThat is all.\ufeff"}
+    out, fixed, reason, _ = clean.apply_rules(alpaca_record(dirty), RULES_CFG)
+    assert reason == "" and "control_chars" in fixed
+    assert out["messages"][1]["content"] == "2 + 3 = 5.\nThat is all."
+    code = 'def f():\n    print("a\\nb")\n    return 1'
+    latex = next(c for c in ALPACA if c["index"] == 630)["output"]  # \(\sqrt{10\times 15}=12.25\)
+    for text in (code, latex, "Tabs\tand\nnewlines stay."):
+        assert clean.fix_control(text) == text
+
+
+def test_mojibake_repaired_and_clean_text_untouched():
+    real = next(c for c in MULTI if c["expect"] == "no_input")["answer"]
+    broken = "Café au lait – don’t " + real
+    garbled = broken.encode("utf-8").decode("cp1252", errors="replace")
+    assert garbled != broken and clean.fix_mojibake(garbled) == broken
+    out, fixed, _, _ = clean.apply_rules(chat("Describe a breakfast.", garbled, lang="ms"), RULES_CFG)
+    assert "mojibake" in fixed and out["messages"][1]["content"] == broken
+    for sample in SENTENCES[:200]:
+        assert clean.fix_mojibake(sample["text"]) == sample["text"]
+
+
+@pytest.mark.parametrize("prompt,answer,wrong", [
+    ("", "1 + 1 + 1 = 3", False),
+    ("", "2 + 2 = 5", True),
+    ("", "The total cost is 6 x 4.95 = 29.70.", False),
+    ("", "100/7 = 14.29", False),                      # rounded
+    ("", "100 / 7 = 14.285714285", False),             # truncated
+    ("", "7 - 10 = -3", False),
+    ("", "7 - 10 = 3", True),
+    ("", "1/2 + 1/4 = 3/4", False),
+    ("", "1/2 + 1/4 = 2/3", True),
+    ("", "Compound interest = 1000(1 + 0.05)^10 = $1,628.89.", False),
+    ("", "Total cost = 10 x $4 = $40", False),
+    ("", "3x + 4y = 20", False),                       # algebra, not arithmetic
+    ("", "1+1=1+s(0)", False),                         # Peano: the right side goes on
+    ("Combien font 11+1 en système binaire ?", "En système binaire, 11 + 1 = 100.", False),
+    ("Compute 45 + 86", "131", False),
+    ("Compute 45 + 86", "132", True),
+    ("Evaluate the following expression: (6+2)*(2-2).", "8", True),
+    ("The date is 4/16.", "4", False),                 # no computation asked
+    ("", "50% of 10 = 5", False),
+])
+def test_wrong_arithmetic(prompt, answer, wrong):
+    assert (clean.wrong_arithmetic(prompt, answer) is not None) == wrong
+
+
+def test_refusal_only_in_answers_and_rejected_side_may_be_bad():
+    refusal = "As an AI language model, I cannot browse the internet."
+    assert clean.apply_rules(chat("What is the weather?", refusal), RULES_CFG)[2] == "refusal"
+    asked = chat("Write the phrase 'as an AI language model' in French.", "en tant que ... non: 'comme un modèle'")
+    assert clean.RULES["refusal"].fn(asked, {}).record is not None
+    pair = records.make("preference", prompt="What is the weather today in Paris?", chosen="I cannot know today's "
+                        "weather, but Paris in spring is mild.", rejected=refusal, lang="en", source="t")
+    assert clean.apply_rules(pair, RULES_CFG)[2] == ""
+    swapped = {**pair, "chosen": refusal, "rejected": pair["chosen"]}
+    assert clean.apply_rules(swapped, RULES_CFG)[2] == "refusal"
+
+
+def test_repetition_loop_and_length_bounds():
+    loop = "This response answers the question: " + "What is the answer to the question: " * 5
+    assert clean.apply_rules(chat("Explain photosynthesis.", loop), RULES_CFG)[2] == "nonsense"
+    chorus = "Oh, I believe in yesterday. Oh, I believe in yesterday. Yesterday, love was such an easy game."
+    assert clean.apply_rules(chat("Quote a chorus.", chorus), RULES_CFG)[2] == ""
+    assert clean.apply_rules(chat("?!", "Yes."), RULES_CFG)[2] == "nonsense"
+    web = records.make("web", text="Too short.", lang="en", source="t")
+    assert clean.apply_rules(web, RULES_CFG)[3].startswith("10 chars < min_chars 100")
+
+
+def test_web_records_get_only_their_rules():
+    text = "As an AI language model, I think 2 + 2 = 5. " * 4  # refusal/arithmetic rules do not apply to web text
+    web = records.make("web", text=text, lang="en", source="t")
+    assert clean.apply_rules(web, RULES_CFG) == (web, [], "", "")
+
+
+def test_disabled_rule_is_skipped():
+    case = next(c for c in ALPACA if c["expect"] == "wrong_arithmetic")
+    cfg = {**RULES_CFG, "wrong_arithmetic": {"enabled": False}}
+    assert clean.apply_rules(alpaca_record(case), cfg)[2] == ""
+
+
+# ---------------------------------------------------------------- language gate
+
+def gate(text: str, lang: str) -> str:
+    return langid.identify(text, lang, min_letters=40, min_confidence=0.5, margin=2.0)[0]
+
+
+def test_ms_vs_id_on_held_out_real_sentences():
+    """Held-out accuracy: the marker words were derived without any of these sentences."""
+    verdicts = {"ms": [], "id": []}
+    for s in SENTENCES:
+        if s["label"] in verdicts:
+            verdicts[s["label"]].append(gate(s["text"], s["label"]))
+    for label, got in verdicts.items():
+        decided = [v for v in got if v != "undetermined"]
+        precision = decided.count("ok") / len(decided)
+        assert precision >= 0.95, (label, precision)        # measured: id 97/99, ms 20/21
+        assert len(decided) / len(got) >= 0.35, label       # measured: id 99/253, ms 21/34 decided
+    bahwa = next(s["text"] for s in SENTENCES if s["text"].startswith("Dengan melihat kepada 5.000 pasien"))
+    assert gate(bahwa, "ms") == "mismatch"
+    assert "bahwa" in langid.identify(bahwa, "ms", min_letters=40, min_confidence=0.5, margin=2.0)[2]
+
+
+def test_en_fr_gate_and_too_little_text():
+    for s in SENTENCES:
+        if s["label"] in ("en", "fr"):
+            assert gate(s["text"], s["label"]) in ("ok", "undetermined")
+            other = "fr" if s["label"] == "en" else "en"
+            assert gate(s["text"], other) in ("mismatch", "undetermined")
+    assert gate("Oui.", "en") == "undetermined"
+
+
+def test_translation_task_judged_by_its_instruction():
+    record = chat("Translate this sentence from French to English.\n\nJ'aime faire de la randonnée en montagne "
+                  "avec mes amis chaque été.", "I love hiking in the mountains with my friends every summer.")
+    assert langid.gate_text(record) == "Translate this sentence from French to English."
+
+
+# ---------------------------------------------------------------- dedup
+
+def test_exact_and_near_duplicates_keep_the_first():
+    texts = [s["text"] for s in SENTENCES if s["label"] == "en" and len(s["text"]) > 80][:4]
+    last = texts[2].split()[-1]
+    texts += [texts[0], "  " + texts[1].upper() + " !!", texts[2].replace(last, "changed " + last)]
+    keys = [dedup.key_text(records.make("web", text=t, lang="en", source="t")) for t in texts]
+    assert list(dedup.exact_duplicates(keys)) == [(4, 0), (5, 1)]
+    near = list(dedup.near_duplicates(keys, threshold=0.7, num_perm=128, shingle=3, skip={4, 5}))
+    assert [(i, j) for i, j, _ in near] == [(6, 2)]
+
+
+# ---------------------------------------------------------------- the stage
+
+def write_inputs(d: Path) -> dict[str, list[dict]]:
+    seed = [alpaca_record(c) for c in ALPACA]
+    seed.append(next(r for r, c in zip(seed, ALPACA, strict=True) if c["expect"] == "keep"))  # an exact duplicate
+    web = [records.make("web", text=s["text"] * 2, lang=s["label"], source="leipzig")
+           for s in SENTENCES if s["label"] in ("en", "fr")][:40]
+    pref = [records.make("preference", prompt="Explain photosynthesis briefly.", chosen="Plants turn light into "
+                         "sugar.", rejected="I don't know.", lang="en", source="t")]
+    prompts = [records.make("prompt", prompt="Write a short poem about the sea.", lang="en", source="t")]
+    d.mkdir(parents=True, exist_ok=True)
+    for name, recs in (("seed", seed), ("web", web), ("preference", pref), ("prompts", prompts)):
+        io.write_jsonl(d / f"{name}.jsonl", recs)
+    with open(d / "prompts.jsonl", "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"kind": "prompt", "prompt": 3, "id": "x", "lang": "en", "source": "t"}) + "\n")
+    return {"seed": seed, "web": web, "preference": pref, "prompts": prompts}
+
+
+def test_stage_cli_conservation_reasons_and_determinism(tmp_path):
+    inputs = write_inputs(tmp_path / "in")
+    runs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        res = CliRunner().invoke(stage.main, ["--params", str(ROOT / "params.yaml"), "--input-dir",
+                                              str(tmp_path / "in"), "--output-dir", str(out),
+                                              "--metrics", str(out / "m.json")])
+        assert res.exit_code == 0, res.output
+        runs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.jsonl"))})
+    assert runs[0] == runs[1]  # deterministic, byte for byte
+    out = tmp_path / "a"
+    m = json.loads((out / "m.json").read_text())
+    n_in = sum(len(v) for v in inputs.values()) + 2
+    kept = sum(len(io.load_jsonl(out / f"{n}.jsonl")) for n in ("seed", "web", "preference", "prompts"))
+    rejected = io.load_jsonl(out / "rejected.jsonl")
+    assert m["records_in"] == n_in == kept + len(rejected) == m["kept"] + m["rejected"]
+    assert sum(c.get("dropped", 0) for c in m["rules"].values()) == m["rejected"]
+    by_reason = {}
+    for r in rejected:
+        by_reason.setdefault(r["reason"], []).append(r)
+        assert r["stage"] == "clean" and r["file"] and r["line"] >= 1
+    expected_drops = {c["expect"] for c in ALPACA} - {"keep"}
+    assert expected_drops | {"duplicate", "invalid_record"} <= set(by_reason)
+    bad_json, bad_field = sorted(by_reason["invalid_record"], key=lambda r: r["line"])
+    assert bad_json["file"].endswith("prompts.jsonl") and bad_json["line"] == 2 and "invalid JSON" in bad_json["detail"]
+    assert bad_field["line"] == 3 and "'prompt'" in bad_field["detail"]
+    assert by_reason["duplicate"][0]["line"] == len(ALPACA) + 1
+    assert m["rules"]["no_input"]["fixed"] >= 1 and m["rules"]["lang"]["ok"] > 0
+
+
+def test_stage_by_hand_pairs_and_param_errors(tmp_path):
+    inputs = write_inputs(tmp_path / "in")
+    args = ["--input", str(tmp_path / "in" / "web.jsonl"), "--output", str(tmp_path / "web.clean.jsonl"),
+            "--input", str(tmp_path / "in" / "preference.jsonl"), "--output", str(tmp_path / "pref.clean.jsonl"),
+            "--rejected", str(tmp_path / "rej.jsonl"), "--metrics", str(tmp_path / "m.json"),
+            "--set", "near_dup.enabled=false"]
+    res = CliRunner().invoke(stage.main, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["records_in"] == len(inputs["web"]) + len(inputs["preference"])
+    assert len(io.load_jsonl(tmp_path / "pref.clean.jsonl")) == 1
+    res = CliRunner().invoke(stage.main, args + ["--set", "near_dup.treshold=0.5"])
+    assert res.exit_code != 0 and "treshold" in res.output
+    res = CliRunner().invoke(stage.main, args[:6] + args[8:])  # the second --input has no --output
+    assert res.exit_code != 0 and "paired" in res.output
+
+
+def test_params_section_matches_code_defaults():
+    section = params.section(ROOT / "params.yaml", "clean")
+    assert set(section) == set(stage.DEFAULTS)
+    assert set(section["rules"]) == set(clean.RULES)
+    params.resolve(stage.DEFAULTS, ROOT / "params.yaml", "clean")
