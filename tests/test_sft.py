@@ -1,0 +1,272 @@
+"""SFT: run params, reversal, packing, curriculum order, accounting, smoke runs (LoRA, full) and kill/resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from selfalign import chat, io, models, params, records, training
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = Path(__file__).resolve().parent / "fixtures" / "sft"
+SEED, AUG = str(FIX / "seed.jsonl"), str(FIX / "augmented.jsonl")
+TEMPLATE = str(ROOT / "prompts" / "backward.txt")
+TAGS = {"seed": "Answer in the style of an AI Assistant.", "augmented": "Answer with knowledge from web search."}
+TRAIN = {"max_len": 96, "batch_size": 2, "lr": 1.0e-3, "save_steps": 2, "eval_steps": 100, "eval_fraction": 0.2,
+         "eval_max_examples": 2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+
+
+def load_stage():
+    spec = importlib.util.spec_from_file_location("stage_sft", ROOT / "stages" / "sft.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_params(tmp: Path, base: Path, train: dict | None = None) -> Path:
+    runs = {
+        "m1": {"base": str(base), "inference_tag": "seed", "phases": [
+            {"name": "seed", "sources": [{"path": SEED, "tag": "seed"}], "epochs": 1, "max_steps": 2},
+            {"name": "mix", "sources": [{"path": AUG, "tag": "augmented"}, {"path": SEED, "tag": "seed"}],
+             "max_steps": 2}]},
+        "backward": {"base": str(base), "inference_tag": None, "phases": [
+            {"sources": [{"path": SEED, "reverse": True, "template": TEMPLATE}], "max_steps": 2}]},
+        "long": {"base": str(base), "phases": [{"sources": [{"path": SEED, "tag": "seed"}], "epochs": 3}]},
+    }
+    p = tmp / "params.yaml"
+    p.write_text(yaml.safe_dump({"sft": {"train": {**TRAIN, **(train or {})}, "system_tags": TAGS, "runs": runs}}))
+    return p
+
+
+def cli_args(params_file: Path, run: str, base: Path, out: Path, inputs=(SEED, AUG, TEMPLATE)) -> list[str]:
+    """Outputs go under out/: model, ckpt, rejected.jsonl, metrics.json, plots."""
+    args = ["--params", str(params_file), "--run", run, "--input", str(base)]
+    for i in inputs:
+        args += ["--input", i]
+    return args + ["--output", str(out / "model"), "--checkpoints", str(out / "ckpt"), "--rejected",
+                   str(out / "rejected.jsonl"), "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots")]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return chat.load_tokenizer(tiny_model_dir)
+
+
+# ---------------------------------------------------------------- params
+
+def test_run_params_fail_at_start_up(tmp_path, tiny_model_dir):
+    stage = load_stage()
+    p = write_params(tmp_path, tiny_model_dir)
+    cfg, run = stage.resolve_params(p, (), "m1")
+    assert [ph["name"] for ph in run["phases"]] == ["seed", "mix"]
+    assert training.run_inputs(run) == [str(tiny_model_dir), SEED, AUG]
+    bad = yaml.safe_load(p.read_text())
+    bad["sft"]["runs"]["m1"]["phases"][0]["sources"][0]["tga"] = "seed"
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(params.ParamsError, match=r"runs\.m1\.phases\[0\]\.sources\[0\].*'tga'"):
+        stage.resolve_params(p, (), "m1")
+    bad["sft"]["runs"]["m1"]["phases"][0]["sources"][0] = {"path": SEED, "tag": "sede"}
+    p.write_text(yaml.safe_dump(bad))
+    with pytest.raises(params.ParamsError, match="'sede' is not in sft.system_tags"):
+        stage.resolve_params(p, (), "m1")
+    with pytest.raises(params.ParamsError, match="no run 'm9'"):
+        stage.resolve_params(write_params(tmp_path, tiny_model_dir), (), "m9")
+
+
+def test_repo_params_and_dvc_agree_on_every_runs_inputs():
+    """Each sft@<run> stage depends on exactly the files its params name, and passes them as --input."""
+    stage = load_stage()
+    cfg, _ = stage.resolve_params(ROOT / "params.yaml")
+    block = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sft"]
+    assert set(block["foreach"]) == set(cfg["runs"])
+    for run, item in block["foreach"].items():
+        run_cfg = training.check_run(cfg, run, "params.yaml:sft")
+        declared = {"models/base"} | set(item.values())
+        assert set(training.run_inputs(run_cfg)) == declared, run
+    assert "sft.runs.${key}" in block["do"]["params"]
+
+
+def test_undeclared_input_is_refused(tmp_path, tiny_model_dir):
+    p = write_params(tmp_path, tiny_model_dir)
+    res = CliRunner().invoke(load_stage().main, cli_args(p, "m1", tiny_model_dir, tmp_path, inputs=(SEED,)))
+    assert res.exit_code == 2 and f"reads {AUG}" in res.output
+
+
+# ---------------------------------------------------------------- examples
+
+def test_backward_examples_are_reversed_and_clip_the_response_not_the_instruction(tok):
+    rec = records.chat([{"role": "user", "content": "Explain tides."},
+                        {"role": "assistant", "content": "Tides come from the moon. " * 60}], lang="en", source="t")
+    wording = training.load_template(TEMPLATE)
+    msgs = training.conversation(rec, None, reverse=True, template=wording)
+    assert msgs[0]["role"] == "user" and msgs[0]["content"] == wording.replace("{response}", rec["messages"][1]["content"])
+    assert msgs[1] == {"role": "assistant", "content": "Explain tides."}
+    ex = training.build_reversed(tok, rec, None, wording, max_len=96)
+    assert len(ex["input_ids"]) <= 96 and ex["truncated"]
+    target = tok.decode([x for x in ex["labels"] if x != training.IGNORE])
+    assert target == "Explain tides.<|im_end|>"
+    assert wording.split("{response}")[0].strip() in tok.decode(ex["input_ids"])
+    multi = records.chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], lang="en", source="t")
+    with pytest.raises(training.Reject) as e:
+        training.conversation(multi, None, reverse=True)
+    assert e.value.reason == "not_single_turn"
+
+
+def test_every_line_is_trained_held_out_or_rejected_with_file_and_line(tmp_path, tok):
+    good = [json.loads(x) for x in Path(SEED).read_text().splitlines()[:4]]
+    user_last = records.chat([{"role": "user", "content": "hi"}], lang="en", source="t")
+    pref = records.make("preference", prompt="p", chosen="c", rejected="r", lang="en", source="t")
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join([json.dumps(good[0]), "{not json", json.dumps(pref), json.dumps(user_last),
+                            json.dumps({**good[1], "lang": 3})] + [json.dumps(g) for g in good[2:]]) + "\n")
+    data = training.read_source(tok, str(f), "sys", max_len=96, eval_fraction=0.0)
+    assert data.records_in == 7 == len(data.train) + len(data.eval) + len(data.rejected)
+    assert {(r["line"], r["reason"]) for r in data.rejected} == {
+        (2, "bad_json"), (3, "not_chat"), (4, "no_final_assistant_turn"), (5, "bad_record")}
+    assert all(r["file"] == str(f) for r in data.rejected)
+    assert "'lang'" in next(r["detail"] for r in data.rejected if r["line"] == 5)
+    assert len(data.train) == 3 and data.truncated == sum(e["truncated"] for e in data.train)
+
+
+# ---------------------------------------------------------------- packing and curriculum
+
+def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
+    import torch
+
+    model = models.load_model(tiny_model_dir, "float32").eval()
+    a = training.build_example(tok, [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "1"}], 128)
+    b = training.build_example(tok, [{"role": "user", "content": "Two, please?"},
+                                     {"role": "assistant", "content": "2"}], 128)
+    [row] = training.pack([a, b], max_len=128)
+    assert row["n_examples"] == 2 and row["position_ids"][len(a["input_ids"])] == 0
+    batch = training.PackedCollator(tok.pad_token_id)([row, {**row, **training.pack([a], 128)[0]}])
+    assert batch["input_ids"].shape == (2, len(row["input_ids"]))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([b["input_ids"]])).logits[0]
+    torch.testing.assert_close(packed[len(a["input_ids"]):], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_curriculum_phases_run_in_order_shuffled_per_epoch_and_capped(tok):
+    def ex(tag, i):
+        return {"input_ids": [tag * 100 + i] * 10, "labels": [tag * 100 + i] * 10}
+
+    phases = [{"name": "easy", "epochs": 2, "max_steps": 0}, {"name": "hard", "epochs": 1, "max_steps": 1}]
+    data = [[ex(1, i) for i in range(6)], [ex(2, i) for i in range(6)]]
+    cfg = {"batch_size": 2, "grad_accum": 1, "seed": 0, "max_len": 10, "packing": True}
+    rows, info = training.schedule(phases, data, cfg)
+    assert [r["phase"] for r in rows] == [0] * 12 + [1] * 2  # hard capped at 1 step x 2 rows
+    first, second = [r["input_ids"][0] for r in rows[:6]], [r["input_ids"][0] for r in rows[6:12]]
+    assert sorted(first) == sorted(second) == list(range(100, 106)) and first != second
+    assert [i["rows"] for i in info] == [12, 2]
+    assert training.rows_fingerprint(rows) == training.rows_fingerprint(training.schedule(phases, data, cfg)[0])
+
+
+def test_checkpoints_are_reused_only_by_the_same_run(tmp_path):
+    ck = tmp_path / "ck"
+    assert training.prepare_checkpoints(ck, "a") is None
+    (ck / "checkpoint-4").mkdir()
+    (ck / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (ck / "checkpoint-6").mkdir()  # killed while saving: no trainer_state.json
+    assert training.prepare_checkpoints(ck, "a") == ck / "checkpoint-4"
+    assert training.prepare_checkpoints(ck, "b") is None and not (ck / "checkpoint-4").exists()
+
+
+# ---------------------------------------------------------------- smoke runs
+
+def check_outputs(out: Path, base: Path) -> dict:
+    m = io.read_json(out / "metrics.json")
+    assert m["records_in"] == m["train"] + m["eval"] + m["rejected"]
+    assert len(io.load_jsonl(out / "rejected.jsonl")) == m["rejected"]
+    assert m["tokens_per_second"] > 0
+    curve = (out / "plots" / "train.csv").read_text().splitlines()
+    assert curve[0] == "step,loss,lr,phase" and len(curve) - 1 == m["steps"]
+    phases = [int(line.split(",")[3]) for line in curve[1:]]
+    assert phases == sorted(phases)
+    assert list((out / "ckpt").iterdir()) == []
+    model_dir = out / "model"
+    assert (model_dir / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
+    tok = chat.load_tokenizer(model_dir)
+    model = models.load_model(model_dir)
+    assert isinstance(models.greedy_reply(model, tok, "Hi", 3), str)
+    return m
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(d) / models.WEIGHTS))
+
+
+def test_smoke_lora_curriculum(tmp_path, tiny_model_copy):
+    import torch
+
+    out = tmp_path / "out"
+    p = write_params(tmp_path, tiny_model_copy)
+    res = CliRunner().invoke(load_stage().main, cli_args(p, "m1", tiny_model_copy, out))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    m = check_outputs(out, tiny_model_copy)
+    assert m["steps"] == 4 and [ph["rows"] for ph in m["phases"]] == [4, 4]
+    info = models.read_info(out / "model")
+    assert info["system"] == TAGS["seed"] and info["global_step"] == 4
+    assert (out / "model" / "adapter" / "adapter_config.json").is_file()
+    before, after = _weights(tiny_model_copy), _weights(out / "model")
+    key = next(k for k in before if "q_proj" in k)
+    assert after[key].dtype == before[key].dtype == torch.float32
+    assert not torch.equal(before[key], after[key])  # the adapter was merged into the weights
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_smoke_full_backward(tmp_path, tiny_model_copy):
+    out = tmp_path / "out"
+    p = write_params(tmp_path, tiny_model_copy, {"method": "full", "precision": "fp32"})
+    res = CliRunner().invoke(load_stage().main, cli_args(p, "backward", tiny_model_copy, out))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    m = check_outputs(out, tiny_model_copy)
+    assert m["steps"] == 2 and list(m["sources"]) == [f"{SEED}|None|reverse"]
+    assert models.read_info(out / "model")["system"] is None
+    assert not (out / "model" / "adapter").exists()
+    before, after = _weights(tiny_model_copy), _weights(out / "model")
+    assert any(not before[k].equal(after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_copy):
+    out = tmp_path / "out"
+    p = write_params(tmp_path, tiny_model_copy, {"eval_fraction": 0.0})
+    args = cli_args(p, "long", tiny_model_copy, out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "sft.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # blocks until the stage reports its first checkpoint, then kill it hard
+        seen.append(line)
+        if "saved checkpoint at step" in line:
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode != 0, "".join(seen[-20:])
+    saved = training.last_complete_checkpoint(out / "ckpt")
+    assert saved is not None and not (out / "model").exists()
+    saved_step = int(saved.name.split("-")[1])
+
+    res = CliRunner().invoke(load_stage().main, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    m = check_outputs(out, tiny_model_copy)
+    rows = m["rows"]
+    assert m["steps"] == math.ceil(rows / TRAIN["batch_size"]) and rows > 2 * TRAIN["batch_size"]
+    assert m["resumed_from_step"] == saved_step >= 2
+    assert m["tokens_trained_this_run"] < m["tokens"]
+    # The loss curve is whole: the resumed run kept the killed run's log history.
+    steps = [int(line.split(",")[0]) for line in (out / "plots" / "train.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, m["steps"] + 1))
