@@ -1,0 +1,111 @@
+"""Export the chosen model as a self-contained directory with a model card that records its lineage.
+
+    python stages/export.py --params params.yaml --model models/ppo --evaluation metrics/evaluate.json \
+        --lock dvc.lock --output models/export --metrics metrics/export.json
+
+dvc.yaml passes `--model models/${export.model}`, so `export.model` picks ppo (default), final or m0.
+A LoRA adapter directory is merged into its base first. The export holds safetensors weights, the
+tokenizer, the chat template, a generation config whose eos is the end-of-turn token, the source's
+selfalign.json (the inference system prompt) and README.md, the model card: lineage from dvc.lock
+(stage commands, dep/out md5s, params values), the upstream stages' metrics and the evaluate numbers.
+
+dvc.lock is read but not declared as a dependency: DVC rewrites it after every stage, this one
+included, so as a dependency it would make export stale forever. Its content is the lineage of
+the declared dependencies, so nothing the card shows escapes DVC's tracking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from selfalign import chat, io, models, params  # noqa: E402
+from selfalign import export as ex  # noqa: E402
+
+log = logging.getLogger("export")
+
+DEFAULTS = {
+    "model": "ppo",
+    "dtype": "auto",
+    "base": "",
+}
+
+
+def reload_check(model, export_dir: Path, tok, prompt: str) -> float:
+    """Largest logit difference between the model in memory and the one reloaded from the export."""
+    import torch
+
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    reloaded = models.load_model(export_dir, None)
+    with torch.no_grad():
+        a = model(**enc).logits.float()
+        b = reloaded(**enc).logits.float()
+    return float((a - b).abs().max())
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--model", "source", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The model directory (or LoRA adapter directory) to export.")
+@click.option("--evaluation", type=click.Path(dir_okay=False), default=None, help="metrics/evaluate.json, if any.")
+@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default="dvc.lock", show_default=True)
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
+def main(params_file, overrides, source, evaluation, lock_path, output, metrics_path):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, "export", overrides)
+    try:
+        model, tok, merged_from = ex.load_source(source, cfg["dtype"], cfg["base"] or None)
+        eot_id = ex.set_generation_config(model, tok)
+    except (ex.ExportError, models.ModelError) as e:
+        raise click.ClickException(str(e)) from e
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    info = models.read_info(source)
+    lock = ex.read_lock(lock_path)
+    stages = ex.lineage(lock, source, exclude=("export",))
+    log.info("exporting %s (%s): %d parameters in %s, %s; end-of-turn %r (id %d); %d upstream stages in %s",
+             cfg["model"], source, n_params, dtype, f"adapter merged into {merged_from}" if merged_from else "merged",
+             chat.end_of_turn(tok), eot_id, len(stages), lock_path if lock else "(no dvc.lock)")
+
+    sys_msg = [{"role": "system", "content": info["system"]}] if info.get("system") else []
+    example = chat.render(tok, sys_msg + [{"role": "user", "content": "Hello!"},
+                                          {"role": "assistant", "content": "Hi! How can I help?"}])
+    with models.atomic_dir(output) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="50GB")
+        tok.save_pretrained(tmp)
+        if not (tmp / "chat_template.jinja").is_file():
+            (tmp / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
+        (tmp / models.MODEL_INFO).write_text(json.dumps(
+            {**info, "exported_from": str(source), "merged_from": merged_from}, indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8")
+        diff = reload_check(model, tmp, tok, example)
+        if diff > 1e-4:
+            raise click.ClickException(f"the exported weights do not reload to the same model (max logit diff {diff})")
+        card = ex.render_card(
+            name=cfg["model"], source=str(source), merged_from=merged_from, info=info, example_prompt=example,
+            eot=chat.end_of_turn(tok), eot_id=eot_id, n_params=n_params, dtype=dtype, files=ex.file_table(tmp),
+            lineage_rows=ex.lineage_entries(lock, stages), metrics=ex.stage_metrics(lock, stages),
+            evaluation=io.read_json(evaluation) if evaluation and Path(evaluation).is_file() else None,
+            lock_path=str(lock_path), lock_md5=ex.file_md5(lock_path) if lock else None)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        files = ex.file_table(tmp)
+    io.write_json(metrics_path, {
+        "model": cfg["model"], "source": str(source), "merged_adapter": merged_from is not None, "params": n_params,
+        "dtype": dtype, "bytes": sum(f["bytes"] for f in files), "eos_token_id": eot_id,
+        "reload_max_logit_diff": diff, "lineage_stages": len(stages),
+        "weights_sha256": next((f["sha256"] for f in files if f["file"].endswith(".safetensors")), None)})
+    log.info("wrote %s (%d files, %.1f MB) and %s", output, len(files), sum(f["bytes"] for f in files) / 1e6,
+             metrics_path)
+
+
+if __name__ == "__main__":
+    main()
