@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import functools
 import math
 import operator
 import re
@@ -78,6 +77,42 @@ def apply_rules(record: dict, rules_cfg: dict) -> tuple[dict | None, list[str], 
             fixed.append(name)
             record = out.record
     return record, fixed, "", ""
+
+
+def clean_record(record: dict, rules_cfg: dict, lang_cfg: dict | None) -> tuple[dict | None, list[str], str, str, str]:
+    """The rules, then (if lang_cfg) the language gate: (record or None, fixed by, reason, detail, gate verdict)."""
+    from selfalign import langid
+
+    out, fixed, reason, detail = apply_rules(record, rules_cfg)
+    if out is None or lang_cfg is None:
+        return out, fixed, reason, detail, ""
+    verdict, _, lang_detail = langid.identify(langid.gate_text(out), out["lang"], **lang_cfg)
+    if verdict == "mismatch":
+        return None, fixed, "lang", f"declared {out['lang']}: {lang_detail}", verdict
+    return out, fixed, "", "", verdict
+
+
+_WORKER_CFG: tuple[dict, dict | None] = ({}, None)
+
+
+def _init_worker(rules_cfg: dict, lang_cfg: dict | None) -> None:
+    global _WORKER_CFG
+    _WORKER_CFG = (rules_cfg, lang_cfg)
+
+
+def _clean_in_worker(record: dict):
+    return clean_record(record, *_WORKER_CFG)
+
+
+def clean_records(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, workers: int = 1):
+    """clean_record over `recs`, in order, on `workers` processes (results are the same for any count)."""
+    if workers <= 1 or len(recs) < 2000:  # below this, starting processes costs more than it saves
+        return [clean_record(r, rules_cfg, lang_cfg) for r in recs]
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(rules_cfg, lang_cfg)) as pool:
+        return list(pool.imap(_clean_in_worker, recs, chunksize=256))
 
 
 # ---------------------------------------------------------------- record helpers
@@ -149,7 +184,7 @@ _MOJIBAKE_HINT = re.compile(
 
 def fix_mojibake(text: str) -> str:
     """UTF-8 read as Latin-1/cp1252 ("cafÃ©", "donâ€™t") decoded back, via ftfy; clean text is untouched."""
-    if not _MOJIBAKE_HINT.search(text):  # ftfy costs ~35 us a text; this test ~1 us
+    if text.isascii() or not _MOJIBAKE_HINT.search(text):  # ftfy costs ~35 us a text; these tests ~1 us
         return text
     import ftfy
 
@@ -169,6 +204,7 @@ _CODE_HINT = re.compile(r"```|\bdef |\bprint\(|printf|console\.|#include|\bretur
                         r"\bre\.\w+\(|\\\\|[\"'][^\"'\n]*\\[ntr][^\"'\n]*[\"']"
                         r"|\\[(\[]|\$[^$\n]+\$|\\(?:frac|sqrt|times|text|theta|tau|tan|neq|nu|nabla|right|rho|"
                         r"rangle|left|cdot|sum|int|infty|to|top|tilde)\b", re.M)  # code and LaTeX keep backslashes
+_SUSPECT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff\ufffe\\\\]")  # what fix_control acts on
 _ESCAPES = {"n": "\n", "t": "\t", "r": "", '"': '"', "'": "'"}
 
 
@@ -176,6 +212,8 @@ def fix_control(text: str) -> str:
     """Drop control characters (keeping tab and newline), ANSI colour codes, zero-width spaces and BOMs;
     turn literal escape sequences (a backslash and `n` typed into prose) into what they stand for.
     Code keeps its escapes: in `print("a\\nb")` the backslash is meant."""
+    if not _SUSPECT.search(text):
+        return text
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", _ANSI.sub("", text))
     if "\\" in text and not _CODE_HINT.search(text):
@@ -395,27 +433,38 @@ def nonsense(record: dict, cfg: dict) -> Outcome:
             return drop(f"prompt has no letters or digits: {text.strip()[:40]!r}")
     n = int(cfg.get("max_repeats", 4))
     for text in prompt_texts(record) + answer_texts(record):
-        if _may_loop(text, n) and (m := _repeat_pattern(n).search(text)):
-            return drop(f"repetition loop: {m.group(1)[:50]!r} repeated {n}+ times")
+        if phrase := repetition_loop(text, n):
+            return drop(f"repetition loop: {phrase[:50]!r} repeated {n}+ times")
     return keep(record)
 
 
 _WORDS = re.compile(r"\w+")
 
 
-def _may_loop(text: str, n: int) -> bool:
-    # A phrase repeated n times repeats each of its word pairs n times. Counting pairs is ~20x
-    # cheaper than the backreference search, which then runs only on the few texts that pass.
+def repetition_loop(text: str, n: int, max_len: int = 10) -> str | None:
+    """A phrase of 2..max_len words repeated n times in a row ("What is the answer to the question:" x5), or None.
+
+    Such a loop repeats its first word pair n times at a fixed period d; only word pairs seen n
+    times are followed up, so ordinary text costs one pass of counting.
+    """
     ws = _WORDS.findall(text.lower())
     if len(ws) < 2 * n:
-        return False
-    return max(Counter(zip(ws, ws[1:], strict=False)).values()) >= n
-
-
-@functools.lru_cache(maxsize=8)
-def _repeat_pattern(n: int) -> re.Pattern:
-    # A phrase of 2-10 words immediately repeated n times in a row ("What is the answer to the question:" x5).
-    return re.compile(r"(\b\w+(?:\W+\w+){1,9}?)(?:\W+\1\b){" + str(n - 1) + ",}", re.I)
+        return None
+    pairs = list(zip(ws, ws[1:], strict=False))
+    frequent = {p for p, c in Counter(pairs).items() if c >= n}  # Counter counts in C: the cheap common path
+    if not frequent:
+        return None
+    positions: dict[tuple[str, str], list[int]] = {}
+    for i, pair in enumerate(pairs):
+        if pair in frequent:
+            positions.setdefault(pair, []).append(i)
+    for pos in positions.values():
+        for a, b in zip(pos, pos[1:], strict=False):
+            d = b - a
+            if 2 <= d <= max_len and a + n * d <= len(ws) and all(
+                    ws[a + j] == ws[a + j + d] for j in range((n - 1) * d)):
+                return " ".join(ws[a:a + d])
+    return None
 
 
 _REFUSAL = re.compile(
@@ -433,10 +482,17 @@ _REFUSAL = re.compile(
     re.I)
 
 
+_REFUSAL_KEYS = ("model", "modèle", "sorry", "afraid", "fulfil", "openai", " ai", " ia", "qu'ia", "kecerdasan",
+                 "intelligence")
+
+
 @rule("refusal", ("chat", "preference"))
 def refusal(record: dict, cfg: dict) -> Outcome:
     """Drop answers with refusal boilerplate ("As an AI language model, I ...")."""
     for text in answer_texts(record):
+        low = text.lower()
+        if not any(k in low for k in _REFUSAL_KEYS):  # ~20x cheaper than the pattern
+            continue
         if m := _REFUSAL.search(text):
             return drop(f"refusal boilerplate: {m.group(0)[:60]!r}")
     return keep(record)
@@ -521,16 +577,16 @@ def wrong_arithmetic(prompt: str, answer: str) -> str | None:
     for a computation and holds exactly one arithmetic expression ("Evaluate (6+2)*(2-2)." -> "8"). Anything else (units,
     algebra, rounding words, percentages) is left alone: only what is certainly wrong is dropped.
     """
-    if _OTHER_ARITHMETIC.search(prompt) or _OTHER_ARITHMETIC.search(answer):
+    bare = _BARE_NUMBER.match(answer)
+    if ("=" not in answer and not bare) or _OTHER_ARITHMETIC.search(prompt) or _OTHER_ARITHMETIC.search(answer):
         return None
-    for m in _EQUATION.finditer(answer):
+    for m in _EQUATION.finditer(answer) if "=" in answer else ():
         expr, rhs = m.group(1), m.group(2)
         if "%" in answer[m.start():m.end() + 1]:
             continue
         value, stated = evaluate(expr), _number(rhs)
         if value is not None and stated is not None and not arithmetic_ok(value, stated, _exact_int(expr, value)):
             return f"{expr.strip()} = {rhs} (is {value:g})"
-    bare = _BARE_NUMBER.match(answer)
     if bare:
         exprs = [m.group(1) for m in _PROMPT_EXPR.finditer(prompt)]
         if len(exprs) == 1 and "%" not in prompt and _COMPUTE.search(prompt):
@@ -541,12 +597,15 @@ def wrong_arithmetic(prompt: str, answer: str) -> str | None:
     return None
 
 
+_DIGIT = re.compile(r"\d")
+
+
 @rule("wrong_arithmetic", ("chat", "preference"))
 def wrong_arithmetic_rule(record: dict, cfg: dict) -> Outcome:
     """Drop answers whose checkable arithmetic is wrong (a right `1 + 1 + 1 = 3` stays)."""
     prompt = "\n".join(prompt_texts(record))
     for answer in answer_texts(record):
-        if any(c.isdigit() for c in answer) and (detail := wrong_arithmetic(prompt, answer)):
+        if _DIGIT.search(answer) and (detail := wrong_arithmetic(prompt, answer)):
             return drop(detail)
     return keep(record)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import clean, dedup, io, langid, params, records
+from selfalign import clean, dedup, io, params, records
 
 log = logging.getLogger("clean")
 STAGE = "clean"
@@ -35,9 +35,10 @@ DEFAULTS = {
     "rules": RULE_DEFAULTS,
     "min_chars": {"chat": 10, "preference": 10, "prompt": 5, "web": 100},
     "max_chars": {"chat": 20000, "preference": 20000, "prompt": 4000, "web": 5000},
-    "langs": {"enabled": True, "min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "max_chars": 600},
+    "langs": {"enabled": True, "min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "max_chars": 300},
     "exact_dup": True,
     "near_dup": {"enabled": True, "threshold": 0.8, "num_perm": 128, "shingle": 3, "seed": 1},
+    "workers": 2,
 }
 
 
@@ -66,30 +67,29 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
     counts: dict[str, Counter] = defaultdict(Counter)
     files: dict[str, Counter] = {}
     rejected: list[dict] = []
-    survivors: list[tuple[Path, dict, str, int]] = []  # (output path, record, input file, line)
+    todo: list[tuple[Path, dict, str, int]] = []  # (output path, record, input file, line)
     for src, dst in pairs:
         good, bad = read(src)
         files[str(src)] = Counter(records_in=len(good) + len(bad), rejected=len(bad))
         counts["invalid_record"]["dropped"] += len(bad)
         rejected += bad
-        for record, line in good:
-            where = {"file": str(src), "line": line}
-            out, fixed, reason, detail = clean.apply_rules(record, rules_cfg)
-            for name in fixed:
-                counts[name]["fixed"] += 1
-            if out is not None and cfg["langs"]["enabled"]:
-                verdict, _, lang_detail = langid.identify(langid.gate_text(out), out["lang"], **lang_cfg)
-                counts["lang"][verdict] += 1
-                if verdict == "mismatch":
-                    reason, detail, out = "lang", f"declared {record['lang']}: {lang_detail}", None
-            if out is None:
-                counts[reason]["dropped"] += 1
-                files[str(src)]["rejected"] += 1
-                rejected.append(records.rejected(record, reason, STAGE, detail=detail, **where))
-                continue
-            if fixed:
-                out = {**out, "meta": {**out.get("meta", {}), "clean_fixed": fixed}}
-            survivors.append((dst, out, str(src), line))
+        todo += [(dst, record, str(src), line) for record, line in good]
+    results = clean.clean_records([t[1] for t in todo], rules_cfg, lang_cfg if cfg["langs"]["enabled"] else None,
+                                  cfg["workers"])
+    survivors: list[tuple[Path, dict, str, int]] = []
+    for (dst, record, src, line), (out, fixed, reason, detail, verdict) in zip(todo, results, strict=True):
+        for name in fixed:
+            counts[name]["fixed"] += 1
+        if verdict:
+            counts["lang"][verdict] += 1
+        if out is None:
+            counts[reason]["dropped"] += 1
+            files[src]["rejected"] += 1
+            rejected.append(records.rejected(record, reason, STAGE, detail=detail, file=src, line=line))
+            continue
+        if fixed:
+            out = {**out, "meta": {**out.get("meta", {}), "clean_fixed": fixed}}
+        survivors.append((dst, out, src, line))
 
     gone: dict[int, tuple[str, str]] = {}
     keys = [dedup.key_text(r) for _, r, _, _ in survivors]
@@ -157,8 +157,8 @@ def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejecte
             raise click.UsageError("--input and --output must be paired (same count), and --rejected given")
         pairs = list(zip(inputs, outputs, strict=True))
     enabled = [n for n, r in cfg["rules"].items() if r["enabled"]]
-    log.info("%d input files; rules: %s; language gate %s; near-dup %s (threshold %s, %d perms, %d-word shingles)",
-             len(pairs), ", ".join(enabled), "on" if cfg["langs"]["enabled"] else "off",
+    log.info("%d input files, %d workers; rules: %s; language gate %s; near-dup %s (threshold %s, %d perms, "
+             "%d-word shingles)", len(pairs), cfg["workers"], ", ".join(enabled), "on" if cfg["langs"]["enabled"] else "off",
              "on" if cfg["near_dup"]["enabled"] else "off", cfg["near_dup"]["threshold"],
              cfg["near_dup"]["num_perm"], cfg["near_dup"]["shingle"])
     t0 = time.perf_counter()
