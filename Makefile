@@ -18,3 +18,19 @@ lint: setup ; ruff check selfalign stages tests bench
 serve: setup ; python -m selfalign.serve --model $(MODEL) --port $(PORT)
 bench: setup ; for b in bench/*.py; do python $$b || exit 1; done
 dag: setup ; dvc dag
+
+# Containers, the remote cache and profiles (docker/README.md). ENGINE is podman or docker, whichever is present.
+.PHONY: image image-test train-docker push pull profile
+ENGINE ?= $(firstword $(notdir $(shell command -v podman docker 2>/dev/null)))
+IMAGE ?= selfalign:latest
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+PROFILE ?= qwen2.5-7b-qlora
+IMAGE_ARGS = $(if $(filter podman,$(ENGINE)),--format docker) $(if $(wildcard $(CA_BUNDLE)),--secret id=ca$(comma)src=$(CA_BUNDLE)) $(if $(filter-out 0,$(shell id -u)),--build-arg UID=$(shell id -u))
+GPU_ARGS = $(if $(filter podman,$(ENGINE)),--device nvidia.com/gpu=all,--gpus all) --shm-size 16g
+comma := ,
+image: ; $(ENGINE) build -f docker/Dockerfile $(IMAGE_ARGS) -t $(IMAGE) .
+image-test: ; bash scripts/image-test.sh
+train-docker: ; $(ENGINE) run --rm $(GPU_ARGS) -v $(CURDIR):/workspace -v selfalign-hf-cache:/home/selfalign/.cache/huggingface $(IMAGE) dvc repro
+push: setup ; dvc push
+pull: setup ; dvc pull
+profile: setup ; python -m selfalign.profile apply profiles/$(PROFILE).yaml

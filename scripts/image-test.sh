@@ -25,7 +25,7 @@ command -v podman >/dev/null && command -v buildah >/dev/null \
 bash docker/debian-base.sh "$BASE"
 log "base $BASE ready"
 
-build=(podman build --isolation chroot -f docker/Dockerfile -t "$IMAGE"
+build=(podman build --isolation chroot --format docker -f docker/Dockerfile -t "$IMAGE"
        --build-arg BASE_IMAGE="$BASE" --build-arg EXTRAS=gpu --build-arg UID=1000)
 [ -s "$CA" ] && build+=(--secret "id=ca,src=$CA")
 [ -d "$WHEELS" ] && build+=(-v "$WHEELS:/wheels:ro" --build-arg WHEELS=/wheels)
