@@ -1,0 +1,208 @@
+"""Translation of records as pure functions: protect spans, build prompts, parse replies, assemble records.
+
+A text is sent with its untouchable spans (code blocks, inline code, URLs, e-mail addresses,
+numbers, placeholders such as {name}, <noinput>, %s, %(x)d, ${X}) replaced by sentinels [[0]],
+[[1]], ... and the spans are put back into the reply. A reply that lost, duplicated or invented
+a sentinel is a failed field with that reason, never a silently damaged record. Text in the
+source that already looks like a sentinel is itself protected, so restoring is unambiguous.
+
+The unit of work is a field (one message's content, a system prompt, a preference side); a
+record is translated only when all its selected fields are, otherwise it fails with the first
+field's reason. A translated record keeps its original's id, takes the target `lang` and
+records `meta.translated_from`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+from selfalign import llm
+
+LANG_NAMES = {"en": "English", "fr": "French", "ms": "Malay", "ko": "Korean", "de": "German", "es": "Spanish",
+              "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "id": "Indonesian", "zh": "Chinese",
+              "ja": "Japanese", "ar": "Arabic", "ru": "Russian", "vi": "Vietnamese", "th": "Thai", "tr": "Turkish",
+              "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "uk": "Ukrainian", "pl": "Polish"}
+
+# The first alternative that matches at a position wins, so code blocks swallow what is inside them.
+_PROTECT = re.compile("|".join([
+    r"```.*?(?:```|\Z)",                                    # fenced code (an unclosed fence runs to the end)
+    r"~~~.*?(?:~~~|\Z)",
+    r"`[^`\n]+`",                                           # inline code
+    r"\[\[\s*\d+\s*\]\]",                                   # text that already looks like a sentinel
+    r"(?:https?|ftp)://[^\s<>\"'`]+",                       # URLs (trailing punctuation trimmed below)
+    r"\bwww\.[^\s<>\"'`]+",
+    r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+",                      # e-mail addresses
+    r"\{\{[^{}\n]*\}\}",                                    # {{ jinja }}
+    r"\{[A-Za-z_0-9.]*\}",                                  # {name}, {0}, {}
+    r"\$\{\w+\}",                                           # ${VAR}
+    r"</?[A-Za-z_][\w-]*/?>",                               # <noinput>, <br/>, </s>
+    r"%\(\w+\)[sdifr]|%[sdifr]",                            # printf placeholders
+    r"(?<![\w.])\d+(?:[.,:/-]\d+)*(?![\w])",                # numbers: 42, 3.14, 1,000, 12:30, 2023-04-01
+]), re.DOTALL)
+_TRAILING = ".,;:!?)]}'\""
+SENTINEL_RE = re.compile(r"\[\[\s*(\d+)\s*\]\]")             # lenient about spaces when reading replies
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+def sentinel(i: int) -> str:
+    return f"[[{i}]]"
+
+
+def protect(text: str) -> tuple[str, list[str]]:
+    """(text with sentinels, the spans they stand for, in order)."""
+    spans: list[str] = []
+    out: list[str] = []
+    pos = 0
+    for m in _PROTECT.finditer(text):
+        start, end = m.span()
+        if start < pos:
+            continue
+        span = m.group(0)
+        if "://" in span[:8] or span.startswith("www."):
+            # a URL ends before trailing punctuation, except a ")" that closes a "(" inside it
+            while span and span[-1] in _TRAILING and not (span[-1] == ")" and span.count("(") >= span.count(")")):
+                span = span[:-1]
+            end = start + len(span)
+        out.append(text[pos:start])
+        out.append(sentinel(len(spans)))
+        spans.append(span)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out), spans
+
+
+class RestoreError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def restore(reply: str, spans: list[str]) -> str:
+    """Put the spans back; raise RestoreError(lost_sentinel | duplicated_sentinel | unknown_sentinel)."""
+    found = [int(m.group(1)) for m in SENTINEL_RE.finditer(reply)]
+    unknown = sorted({i for i in found if i >= len(spans)})
+    if unknown:
+        raise RestoreError("unknown_sentinel", ", ".join(sentinel(i) for i in unknown))
+    lost = [i for i in range(len(spans)) if i not in found]
+    if lost:
+        raise RestoreError("lost_sentinel", ", ".join(f"{sentinel(i)}={spans[i][:40]!r}" for i in lost))
+    dup = sorted({i for i in found if found.count(i) > 1})
+    if dup:
+        raise RestoreError("duplicated_sentinel", ", ".join(sentinel(i) for i in dup))
+    return SENTINEL_RE.sub(lambda m: spans[int(m.group(1))], reply)
+
+
+def needs_translation(protected: str) -> bool:
+    """False when nothing but sentinels, digits, punctuation and spaces is left to translate."""
+    return bool(_LETTER.search(SENTINEL_RE.sub("", protected)))
+
+
+def lang_name(code: str) -> str:
+    return LANG_NAMES.get(code, code)
+
+
+def build_prompt(template: str, text: str, source: str, target: str) -> str:
+    """Fill {source_lang}, {target_lang} and {text}; plain replacement, so braces in the text are safe."""
+    for key in ("{source_lang}", "{target_lang}", "{text}"):
+        if key not in template:
+            raise ValueError(f"the translate prompt template has no {key} placeholder")
+    filled = template.replace("{source_lang}", lang_name(source)).replace("{target_lang}", lang_name(target))
+    return filled.replace("{text}", text)
+
+
+def parse_reply(reply: str, source_text: str, target: str) -> str:
+    """The translation in a model's reply: stripped of a leading 'Translation:'/'French:' label and of
+    quotes the source did not have."""
+    text = reply.strip()
+    label = re.match(rf"^(?:translation|{re.escape(lang_name(target))}|{re.escape(target)})\s*(?:\([^)]*\))?\s*:\s*",
+                     text, re.IGNORECASE)
+    if label:
+        text = text[label.end():].strip()
+    src = source_text.strip()
+    for q1, q2 in (('"', '"'), ("\u201c", "\u201d"), ("\u00ab", "\u00bb"), ("'", "'")):
+        if len(text) >= 2 and text[0] == q1 and text[-1] == q2 and not (src[:1] == q1 and src[-1:] == q2):
+            text = text[1:-1].strip()
+            break
+    return text
+
+
+# ------------------------------------------------------------------------------------------ records
+
+TRANSLATABLE = ("chat", "preference", "prompt")
+
+
+def fields(record: dict, roles: list[str]) -> list[tuple[tuple, str]]:
+    """(path, text) of each field to translate. Roles: system (the system prompt), user (chat user
+    turns, a preference's or prompt record's prompt), assistant (chat assistant turns, chosen, rejected)."""
+    out: list[tuple[tuple, str]] = []
+    if "system" in roles and record.get("system"):
+        out.append((("system",), record["system"]))
+    kind = record["kind"]
+    if kind == "chat":
+        for i, m in enumerate(record["messages"]):
+            if m["role"] in roles:
+                out.append((("messages", i, "content"), m["content"]))
+    elif kind == "preference":
+        if "user" in roles:
+            out.append((("prompt",), record["prompt"]))
+        if "assistant" in roles:
+            out += [(("chosen",), record["chosen"]), (("rejected",), record["rejected"])]
+    elif kind == "prompt":
+        if "user" in roles:
+            out.append((("prompt",), record["prompt"]))
+    return out
+
+
+@dataclass
+class Field:
+    """One field of one record on its way to one target language."""
+    path: tuple
+    source: str
+    protected: str
+    spans: list[str]
+    target: str
+    request: llm.Request | None        # None: nothing to translate (empty, or only code/numbers/URLs)
+
+
+def plan_field(path: tuple, text: str, source_lang: str, target: str, template: str, gen: dict) -> Field:
+    protected, spans = protect(text)
+    if not needs_translation(protected):
+        return Field(path, text, protected, spans, target, None)
+    sent = protected.strip()
+    budget = min(int(gen["max_tokens"]), 16 + math.ceil(gen["tokens_per_char"] * len(sent)))
+    req = llm.Request(messages=[{"role": "user", "content": build_prompt(template, sent, source_lang, target)}],
+                      max_tokens=budget, temperature=gen["temperature"], top_p=gen["top_p"], seed=gen["seed"])
+    return Field(path, text, protected, spans, target, req)
+
+
+def finish_field(f: Field, result: llm.Result | None) -> str:
+    """The translated text of a field, or RestoreError(reason, detail)."""
+    if f.request is None:
+        return f.source
+    if result is None or not result.ok:
+        raise RestoreError("llm_error", (result.error if result else "no result") or "unknown error")
+    if result.finish_reason == "length":
+        raise RestoreError("truncated", f"the reply hit max_tokens={f.request.max_tokens}")
+    text = parse_reply(result.text or "", f.protected, f.target)
+    if not text:
+        raise RestoreError("empty_reply", "the reply had no text")
+    text = restore(text, f.spans)
+    lead = f.source[: len(f.source) - len(f.source.lstrip())]
+    trail = f.source[len(f.source.rstrip()):]
+    return lead + text + trail
+
+
+def assemble(record: dict, target: str, translated: dict[tuple, str]) -> dict:
+    """The record in `target`: same id, new lang, meta.translated_from = the source lang."""
+    out = copy.deepcopy(record)
+    for path, text in translated.items():
+        node = out
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = text
+    out["lang"] = target
+    out["meta"] = {**(record.get("meta") or {}), "translated_from": record["lang"]}
+    return out

@@ -1,0 +1,209 @@
+"""Translate chat, prompt (and, if asked, preference) records into the target languages.
+
+    python stages/translate.py --params params.yaml --input-dir data/ingest --output-dir data/translate \
+        --model models/base --cache cache/translate --metrics metrics/translate.json
+
+writes data/translate/{seed,web,preference,prompts}.jsonl and data/translate/failed.jsonl. By hand, on one file:
+
+    python stages/translate.py --input data/ingest/seed.jsonl --output fr.jsonl --cache cache/t --metrics m.json
+
+Web segments pass through unchanged. In `add` mode translations follow their originals; in
+`replace` mode they take their place (an original whose every translation failed is kept, so
+nothing is lost). Every field goes through selfalign.llm and its cache: a killed run resumes
+without asking again what it already has. The default engine is the 135M base model, which
+translates badly: this stage is plumbing until a real translator (an OpenAI-compatible
+endpoint: engine.kind openai) is configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from selfalign import io, llm, params, records
+from selfalign import translate as tr
+
+STAGE = "translate"
+FILES = ("seed", "web", "preference", "prompts")
+DEFAULTS = {
+    "langs": ["fr"],
+    "mode": "add",
+    "kinds": ["chat", "prompt"],
+    "roles": ["system", "user", "assistant"],
+    "max_records": 12,
+    "prompt_file": "prompts/translate.txt",
+    "max_tokens": 512,
+    "tokens_per_char": 0.75,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "seed": 0,
+    "engine": {**llm.SPEC_DEFAULTS, "dtype": "bfloat16"},     # every key, so a typo in params.yaml fails at once
+}
+
+log = logging.getLogger(STAGE)
+
+
+def check(cfg: dict) -> None:
+    if cfg["mode"] not in ("add", "replace"):
+        raise params.ParamsError(f"translate.mode: {cfg['mode']!r} is not add or replace")
+    bad = sorted(set(cfg["kinds"]) - set(tr.TRANSLATABLE))
+    if bad:
+        raise params.ParamsError(f"translate.kinds: {bad[0]!r} cannot be translated (choose from "
+                                 f"{', '.join(tr.TRANSLATABLE)}; web segments always pass through)")
+    bad = sorted(set(cfg["roles"]) - set(records.ROLES))
+    if bad:
+        raise params.ParamsError(f"translate.roles: {bad[0]!r} is not one of {', '.join(records.ROLES)}")
+    if not cfg["langs"] or not all(isinstance(x, str) and x for x in cfg["langs"]):
+        raise params.ParamsError("translate.langs: expected a non-empty list of language codes")
+
+
+def read(path: Path, failed: list[dict]) -> tuple[list[tuple[dict, int]], int]:
+    """(record, line) of each valid record, and the number of non-blank lines; bad lines go to `failed`."""
+    out, n = [], 0
+    for line, obj in io.read_jsonl(path):
+        n += 1
+        if isinstance(obj, io.JsonlLineError):
+            failed.append(records.rejected(None, "invalid_json", STAGE, detail=obj.reason, file=str(path),
+                                           line=line, raw=obj.raw))
+            continue
+        try:
+            records.validate(obj)
+        except records.RecordError as e:
+            failed.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), file=str(path), line=line))
+            continue
+        out.append((obj, line))
+    return out, n
+
+
+def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template: str, failed: list[dict]) -> dict:
+    """Read every input, ask the engine for every field at once, write every output; returns metrics."""
+    gen = {k: cfg[k] for k in ("max_tokens", "tokens_per_char", "temperature", "top_p", "seed")}
+    template_id = "translate:" + hashlib.sha256(template.encode()).hexdigest()[:12]
+    files, jobs = [], []            # jobs: (file index, record index, target, [Field])
+    per_file: dict[str, Counter] = {}
+    for src, dst in pairs:
+        c = per_file.setdefault(dst.stem, Counter())
+        recs, c["lines_in"] = read(src, failed) if src.exists() else ([], 0)
+        c["invalid"] = c["lines_in"] - len(recs)
+        if not src.exists():
+            log.warning("%s does not exist: writing an empty %s", src, dst)
+        chosen = [i for i, (r, _) in enumerate(recs) if r["kind"] in cfg["kinds"]][: cfg["max_records"] or None]
+        c["selected"] = len(chosen)
+        for i in chosen:
+            r = recs[i][0]
+            for target in cfg["langs"]:
+                if target == r["lang"]:
+                    c["already_in_target"] += 1
+                    continue
+                fields = [tr.plan_field(p, t, r["lang"], target, template, gen) for p, t in tr.fields(r, cfg["roles"])]
+                jobs.append((len(files), i, target, fields))
+        files.append((src, dst, recs))
+    reqs = [f.request for *_, fields in jobs for f in fields if f.request is not None]
+    log.info("%d records selected in %d files; %d translations to make (%d fields, %d needing the model); "
+             "targets %s, mode %s", sum(c["selected"] for c in per_file.values()), len(files), len(jobs),
+             sum(len(j[3]) for j in jobs), len(reqs), ",".join(cfg["langs"]), cfg["mode"])
+    results = iter(engine.complete(reqs, template_id=template_id, progress=True) if reqs else [])
+
+    done: dict[tuple[int, int], list[dict]] = {}
+    reasons: Counter = Counter()
+    for fi, ri, target, fields in jobs:
+        c = per_file[files[fi][1].stem]
+        got, error = {}, None
+        for f in fields:            # consume every result of the record, even after a failure
+            res = next(results) if f.request is not None else None
+            try:
+                got[f.path] = tr.finish_field(f, res)
+            except tr.RestoreError as e:
+                error = error or (e, f)
+        record, line = files[fi][2][ri]
+        if error:
+            e, f = error
+            rej = records.rejected(record, e.reason, STAGE, detail=f"{'.'.join(map(str, f.path))}: {e.detail}",
+                                   file=str(files[fi][0]), line=line)
+            failed.append({**rej, "target_lang": target})
+            reasons[e.reason] += 1
+            c["failed"] += 1
+        else:
+            done.setdefault((fi, ri), []).append(tr.assemble(record, target, got))
+            c["translated"] += 1
+
+    for fi, (_, dst, recs) in enumerate(files):
+        c = per_file[dst.stem]
+        with io.jsonl_writer(dst) as write:
+            for ri, (record, _) in enumerate(recs):
+                translations = done.get((fi, ri), [])
+                if cfg["mode"] == "add" or not translations:
+                    write(record)
+                    c["originals_out"] += 1
+                for t in translations:
+                    write(t)
+                c["records_out"] += len(translations)
+        c["records_out"] += c["originals_out"]
+    total = Counter()
+    for c in per_file.values():
+        total.update(c)
+    return {"records_in": total["lines_in"], "invalid": total["invalid"], "selected": total["selected"],
+            "translations_asked": len(jobs), "translated": total["translated"], "failed": total["failed"],
+            "failed_by_reason": dict(sorted(reasons.items())), "already_in_target": total["already_in_target"],
+            "records_out": total["records_out"], "fields": sum(len(j[3]) for j in jobs), "fields_sent": len(reqs),
+            "by_file": {k: dict(v) for k, v in per_file.items()}}
+
+
+@click.command()
+@params.params_option
+@params.set_option
+@click.option("--input-dir", type=click.Path(exists=True, file_okay=False), help="Reads {seed,web,preference,prompts}.jsonl.")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Writes the same four files and failed.jsonl.")
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), help="One file, by hand.")
+@click.option("--output", "output_file", type=click.Path(dir_okay=False), help="With --input.")
+@click.option("--failed", "failed_file", type=click.Path(dir_okay=False), default=None,
+              help="Failed translations (default: failed.jsonl in the output dir, or OUTPUT's stem + .failed.jsonl).")
+@click.option("--model", "model_dir", default=None, help="Model directory for the local/vllm engine (engine.model).")
+@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Prompt template (default: translate.prompt_file).")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache: what makes a rerun resume.")
+@click.option("--metrics", type=click.Path(dir_okay=False), required=True)
+def main(params_file, overrides, input_dir, output_dir, input_file, output_file, failed_file, model_dir, prompt_file,
+         cache, metrics):
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
+    check(cfg)
+    if bool(input_dir) == bool(input_file) or bool(input_dir) != bool(output_dir) or bool(input_file) != bool(output_file):
+        raise click.UsageError("give --input-dir with --output-dir, or --input with --output")
+    if input_dir:
+        pairs = [(Path(input_dir) / f"{n}.jsonl", Path(output_dir) / f"{n}.jsonl") for n in FILES]
+        if not any(src.exists() for src, _ in pairs):
+            raise click.UsageError(f"{input_dir}: none of {', '.join(n + '.jsonl' for n in FILES)} exists")
+        failed_path = Path(failed_file or Path(output_dir) / "failed.jsonl")
+    else:
+        pairs = [(Path(input_file), Path(output_file))]
+        failed_path = Path(failed_file or Path(output_file).with_suffix(".failed.jsonl"))
+    template = Path(prompt_file or cfg["prompt_file"]).read_text(encoding="utf-8")
+    spec = dict(cfg["engine"])
+    if spec["kind"] in ("local", "vllm"):
+        spec["model"] = model_dir or spec["model"]
+    elif model_dir:
+        log.info("--model %s is unused: engine.kind is %s (model %s)", model_dir, spec["kind"], spec["model"])
+    log.info("engine %s on %s; max_records %s per file; kinds %s; roles %s", spec["kind"],
+             spec["model"], cfg["max_records"], ",".join(cfg["kinds"]), ",".join(cfg["roles"]))
+
+    engine = llm.make_engine(spec, cache_dir=cache)
+    failed: list[dict] = []
+    try:
+        m = translate_files(pairs, cfg, engine, template, failed)
+    finally:
+        engine.close()
+    io.write_jsonl(failed_path, failed)
+    m.update(llm=engine.stats, engine=spec["kind"], model=spec["model"], langs=cfg["langs"],
+             mode=cfg["mode"], failed_file_records=len(failed))
+    io.write_json(metrics, m)
+    log.info("%d records in (%d invalid): %d translated, %d failed %s, %d out; llm %s", m["records_in"], m["invalid"],
+             m["translated"], m["failed"], m["failed_by_reason"], m["records_out"], m["llm"])
+
+
+if __name__ == "__main__":
+    main()

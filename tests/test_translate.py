@@ -1,0 +1,278 @@
+"""translate: span protection (pure), the stage on the local engine (CliRunner), and the stage against the real
+server over HTTP with faults injected in between, and killed mid-run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from llm_helpers import FaultProxy, varied_model
+
+from selfalign import llm, serve
+from selfalign import translate as tr
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = Path(__file__).resolve().parent / "fixtures" / "translate"
+REASONS = {"lost_sentinel", "duplicated_sentinel", "unknown_sentinel", "empty_reply", "truncated", "llm_error"}
+
+
+def load_stage():
+    spec = importlib.util.spec_from_file_location("stage_translate", ROOT / "stages" / "translate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+@pytest.mark.parametrize("text, spans", [
+    ("Run `pip install x` then see https://example.com/a_(b).", ["`pip install x`", "https://example.com/a_(b)"]),
+    ("(see https://x.org/p) or www.foo.org.", ["https://x.org/p", "www.foo.org"]),
+    ("Hello {name}, {0} and {{ user }}! Input: <noinput>", ["{name}", "{0}", "{{ user }}", "<noinput>"]),
+    ("printf('%s has %d items, %(n)s') and ${HOME}", ["%s", "%d", "%(n)s", "${HOME}"]),
+    ("It costs 3.50 for 1,000 items at 12:30 on 2023-04-01.", ["3.50", "1,000", "12:30", "2023-04-01"]),
+    ("Mail me@example.com about [[0]].", ["me@example.com", "[[0]]"]),
+    ("```python\nx = {a}\nprint('http://no')\n```\nExplain it.", ["```python\nx = {a}\nprint('http://no')\n```"]),
+    ("An unclosed fence\n```\ncode {b} 42", ["```\ncode {b} 42"]),
+    ("COVID-19 and mp3 players", ["19"]),
+])
+def test_protect_and_restore(text, spans):
+    protected, got = tr.protect(text)
+    assert got == spans
+    bare = tr.SENTINEL_RE.sub("", protected)
+    assert not [s for s in spans if s in bare]
+    assert tr.restore(protected, got) == text
+    # a model that moves sentinels around and spaces them out is fine
+    moved = "X " + " ".join(f"[[ {i} ]]" for i in reversed(range(len(got)))) + " Y"
+    assert tr.restore(moved, got) == "X " + " ".join(reversed(got)) + " Y"
+
+
+def test_restore_names_what_went_wrong():
+    _, spans = tr.protect("a {x} b {y}")
+    for reply, reason, detail in [("a [[0]] b", "lost_sentinel", "[[1]]='{y}'"),
+                                  ("[[0]] [[1]] [[1]]", "duplicated_sentinel", "[[1]]"),
+                                  ("[[0]] [[1]] [[7]]", "unknown_sentinel", "[[7]]")]:
+        with pytest.raises(tr.RestoreError) as e:
+            tr.restore(reply, spans)
+        assert e.value.reason == reason and detail in e.value.detail
+
+
+def test_prompt_reply_and_field_handling():
+    template = "From {source_lang} to {target_lang}:\n{text}"
+    assert tr.build_prompt(template, "a {text} {source_lang}", "en", "fr") == "From English to French:\na {text} {source_lang}"
+    with pytest.raises(ValueError, match="{text}"):
+        tr.build_prompt("no placeholder {source_lang} {target_lang}", "x", "en", "fr")
+    assert tr.parse_reply('  French: "Bonjour"\n', "Hello", "fr") == "Bonjour"
+    assert tr.parse_reply('Translation (fr): « Salut »', "Hi", "fr") == "Salut"
+    assert tr.parse_reply('"Cité"', '"Quoted"', "fr") == '"Cité"'           # the source had the quotes
+    assert not tr.needs_translation(tr.protect("42 - https://x.org `x`")[0])
+    gen = {"max_tokens": 100, "tokens_per_char": 0.5, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    f = tr.plan_field(("prompt",), "  Say {name} twice.\n", "en", "fr", template, gen)
+    assert f.request.max_tokens == 16 + 8 and "[[0]]" in f.request.messages[0]["content"]
+    ok = llm.Result(text="Dis [[0]] deux fois.", ok=True, finish_reason="stop")
+    assert tr.finish_field(f, ok) == "  Dis {name} deux fois.\n"            # outer whitespace kept
+    for res, reason in [(llm.Result.failure("HTTP 500"), "llm_error"),
+                        (llm.Result(text="Dis [[0]] deux", ok=True, finish_reason="length"), "truncated"),
+                        (llm.Result(text="  ", ok=True, finish_reason="stop"), "empty_reply"),
+                        (llm.Result(text="Dis deux fois.", ok=True, finish_reason="stop"), "lost_sentinel")]:
+        with pytest.raises(tr.RestoreError) as e:
+            tr.finish_field(f, res)
+        assert e.value.reason == reason
+    code_only = tr.plan_field(("x",), "```\nls -la\n```", "en", "fr", template, gen)
+    assert code_only.request is None and tr.finish_field(code_only, None) == "```\nls -la\n```"
+
+
+def test_fields_follow_roles_and_assemble_keeps_the_id():
+    rec = lines(FIX / "preference.jsonl")[0]
+    assert [p for p, _ in tr.fields(rec, ["user"])] == [("prompt",)]
+    assert [p for p, _ in tr.fields(rec, ["assistant"])] == [("chosen",), ("rejected",)]
+    chat = lines(FIX / "seed.jsonl")[0]
+    assert [p for p, _ in tr.fields(chat, ["assistant"])] == [("messages", 1, "content")]
+    out = tr.assemble(chat, "fr", {("messages", 1, "content"): "Bonjour"})
+    assert out["id"] == chat["id"] and out["lang"] == "fr" and out["meta"]["translated_from"] == "en"
+    assert out["messages"][1]["content"] == "Bonjour" and chat["messages"][1]["content"] != "Bonjour"
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    return varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
+
+
+def run_stage(args: list[str]):
+    res = CliRunner().invoke(load_stage().main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def check_accounting(m: dict, out_dir: Path, failed: Path):
+    assert m["translated"] + m["failed"] == m["translations_asked"]
+    assert m["records_in"] == 13 and m["invalid"] == 0
+    assert len(lines(failed)) == m["failed"] == sum(m["failed_by_reason"].values())
+    assert set(m["failed_by_reason"]) <= REASONS
+    assert m["records_out"] == sum(len(lines(out_dir / f"{n}.jsonl")) for n in ("seed", "web", "preference", "prompts"))
+    for name in ("seed", "web", "preference", "prompts"):
+        src, out = lines(FIX / f"{name}.jsonl"), lines(out_dir / f"{name}.jsonl")
+        assert [r for r in out if r["lang"] == r.get("meta", {}).get("translated_from", r["lang"])] == src
+        for t in out:
+            if "translated_from" in t["meta"]:
+                assert t["lang"] == "fr" and t["id"] in {r["id"] for r in src}
+    assert lines(out_dir / "web.jsonl") == lines(FIX / "web.jsonl")
+
+
+def test_stage_local_engine_smoke_and_resume(model_dir, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--input-dir", str(FIX), "--output-dir", str(out), "--model", str(model_dir), "--cache", str(cache),
+            "--metrics", str(tmp_path / "m.json"), "--prompt", str(ROOT / "prompts" / "translate.txt"),
+            "--set", "engine.dtype=float32", "--set", "max_tokens=24", "--set", "kinds=[chat, prompt, preference]"]
+    run_stage(args)
+    m = json.loads((tmp_path / "m.json").read_text())
+    check_accounting(m, out, out / "failed.jsonl")
+    assert m["already_in_target"] == 1                       # the French Vigogne record is not sent
+    assert m["selected"] == 10 and m["translations_asked"] == 9
+    assert m["translated"] >= 1 and m["failed"] >= 1          # random weights: some replies keep no sentinel
+    assert m["llm"]["calls"] > 0 and m["llm"]["cache_hits"] == 0
+    first = {n: (out / f"{n}.jsonl").read_text() for n in ("seed", "preference", "prompts", "failed")}
+
+    run_stage(args)                                            # a rerun asks the model nothing
+    m2 = json.loads((tmp_path / "m.json").read_text())
+    assert m2["llm"]["calls"] == 0 and m2["llm"]["cache_hits"] == m["llm"]["requests"]
+    assert first == {n: (out / f"{n}.jsonl").read_text() for n in first}
+
+    run_stage(args + ["--set", "mode=replace", "--output-dir", str(tmp_path / "rep")])
+    m3 = json.loads((tmp_path / "m.json").read_text())
+    seed = lines(tmp_path / "rep" / "seed.jsonl")
+    translated_ids = {r["id"] for r in seed if r["lang"] == "fr" and "translated_from" in r["meta"]}
+    assert not any(r["id"] in translated_ids and r["lang"] == "en" for r in seed)
+    assert len(seed) == 6 and m3["llm"]["calls"] == 0
+
+
+def test_stage_reports_bad_lines_and_bad_params(model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    good = (FIX / "prompts.jsonl").read_text().splitlines()[0]
+    src.write_text(good + "\n{broken\n" + json.dumps({"id": "x", "kind": "chat", "messages": [], "lang": "en",
+                                                        "source": "s", "meta": {}}) + "\n")
+    run_stage(["--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--model", str(model_dir),
+               "--metrics", str(tmp_path / "m.json"), "--set", "engine.dtype=float32", "--set", "max_tokens=8"])
+    m = json.loads((tmp_path / "m.json").read_text())
+    failed = lines(tmp_path / "out.failed.jsonl")
+    assert m["records_in"] == 3 and m["invalid"] == 2 and len(lines(tmp_path / "out.jsonl")) >= 1
+    assert [(f["reason"], f["line"]) for f in failed[:2]] == [("invalid_json", 2), ("invalid_record", 3)]
+    assert "messages" in failed[1]["detail"] and failed[0]["file"] == str(src)
+    res = CliRunner().invoke(load_stage().main, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                                                 "--metrics", str(tmp_path / "m2.json"), "--set", "kinds=[web]"])
+    assert res.exit_code != 0 and "web segments always pass through" in res.output
+    res = CliRunner().invoke(load_stage().main, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                                                 "--metrics", str(tmp_path / "m2.json"), "--set", "engine.kindd=x"])
+    assert res.exit_code != 0 and "kindd" in res.output
+
+
+# ------------------------------------------------------------------------ over HTTP, with faults
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    app = serve.create_app(model_dir)
+    running = serve.start_in_thread(app)
+    yield running
+    running.stop()
+    app.state.close()
+
+
+def http_args(url: str, out: Path, cache: Path, metrics: Path, **extra) -> list[str]:
+    sets = {"engine.kind": "openai", "engine.base_url": url, "engine.model": "tiny", "engine.max_retries": 2,
+            "engine.timeout": 1.0, "engine.concurrency": 4, "engine.backoff_base": 0.0, "engine.api_key_env": "",
+            "max_tokens": 24, **extra}
+    args = ["--cache", str(cache), "--metrics", str(metrics)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args + (["--input-dir", str(FIX), "--output-dir", str(out)] if out.suffix != ".jsonl"
+                   else ["--input", str(FIX / "seed.jsonl"), "--output", str(out)])
+
+
+def test_stage_over_http_with_faults_loses_nothing(server, tmp_path, monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(llm, "_sleep", slept.append)
+    plan = {"three tips for staying healthy": ["429"], "three primary colors": ["500"],
+            "structure of an atom": ["timeout"], "reduce air pollution": ["garbled"],
+            "번디는": ["500", "500", "500"]}                   # more 500s than retries: an explicit failure
+    proxy = FaultProxy(server.url.removesuffix("/v1"), plan, retry_after="7")
+    try:
+        out, cache, mfile = tmp_path / "out", tmp_path / "cache", tmp_path / "m.json"
+        args = http_args(proxy.url, out, cache, mfile, kinds="[chat, prompt, preference]")
+        run_stage(args)
+        m = json.loads(mfile.read_text())
+        check_accounting(m, out, out / "failed.jsonl")
+        assert dict(proxy.faults) == {"429": 1, "500": 4, "timeout": 1, "garbled": 1}
+        assert 7.0 in slept                                       # Retry-After honoured
+        assert m["llm"]["retries"] == 6 and m["llm"]["failures"] == 1
+        # every input reached the server exactly once, except the one that never got through
+        assert set(proxy.forwarded.values()) == {1} and len(proxy.forwarded) == m["llm"]["calls"] - 1
+        assert not any("번디는" in t for t in proxy.forwarded)
+        gave_up = [f for f in lines(out / "failed.jsonl") if f["reason"] == "llm_error"]
+        assert len(gave_up) == 1 and "gave up after 3 attempts" in gave_up[0]["detail"]
+        assert gave_up[0]["record"]["lang"] == "ko" and gave_up[0]["target_lang"] == "fr"
+
+        before = sum(proxy.forwarded.values())
+        run_stage(args)                                           # the rerun asks only what failed
+        m2 = json.loads(mfile.read_text())
+        assert sum(proxy.forwarded.values()) == before + 1 and set(proxy.forwarded.values()) == {1}
+        assert m2["llm"]["calls"] == 1 and m2["llm"]["cache_hits"] == m["llm"]["requests"] - 1
+        assert "llm_error" not in m2["failed_by_reason"]
+        check_accounting(m2, out, out / "failed.jsonl")
+    finally:
+        proxy.close()
+
+
+def test_stage_killed_mid_run_resumes_from_the_cache(server, tmp_path):
+    n_done = 3
+    proxy = FaultProxy(server.url.removesuffix("/v1"), hold_after=n_done)
+    try:
+        out, cache, mfile = tmp_path / "fr.jsonl", tmp_path / "cache", tmp_path / "m.json"
+        args = http_args(proxy.url, out, cache, mfile, **{"engine.concurrency": 1})
+        with open(tmp_path / "run1.log", "w") as logf:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "translate.py"), *args], cwd=ROOT,
+                                    stdout=logf, stderr=subprocess.STDOUT)
+            try:
+                # request n_done + 1 arrives only after the first n_done answers are in the cache
+                assert proxy.held.wait(timeout=120), (tmp_path / "run1.log").read_text()
+            finally:
+                proc.kill()
+                proc.wait()
+        assert not out.exists()                                   # killed before writing anything
+        first = dict(proxy.forwarded)
+        assert sum(first.values()) == n_done
+        proxy.hold_after = None
+        proxy.release.set()
+
+        run_stage(args)
+        m = json.loads(mfile.read_text())
+        assert m["llm"]["cache_hits"] == n_done and m["llm"]["calls"] == m["llm"]["requests"] - n_done
+        assert set(proxy.forwarded.values()) == {1}                # nothing asked twice across the two runs
+        assert len(proxy.forwarded) == m["llm"]["requests"]
+        assert m["translated"] + m["failed"] == m["translations_asked"] == 5
+        assert len(lines(out)) == 6 + m["translated"]
+    finally:
+        proxy.close()
