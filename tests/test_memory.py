@@ -1,0 +1,136 @@
+"""The peak GPU memory estimator: its counts against real models, its terms against each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfalign import memory
+from selfalign.memory import GIB, Plan
+
+
+def test_param_count_matches_a_real_model(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    arch = memory.load_arch(tiny_model_dir)
+    counts = arch.params()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["head"] == 0  # the tiny model ties its embeddings
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_lora_count_matches_peft(tiny_model_dir, targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    modules = list(targets) if isinstance(targets, tuple) else list(memory.LINEARS)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=modules, task_type="CAUSAL_LM"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert memory.lora_params(memory.load_arch(tiny_model_dir), 4, targets) == trainable
+
+
+@pytest.mark.parametrize("name, billions", [("Qwen/Qwen2.5-7B-Instruct", 7.62), ("meta-llama/Llama-3.1-8B-Instruct", 8.03),
+                                            ("meta-llama/Llama-2-7b-hf", 6.74),
+                                            ("HuggingFaceTB/SmolLM2-135M-Instruct", 0.1345)])
+def test_published_sizes(name, billions):
+    """The model cards' parameter counts, from the architecture numbers alone."""
+    assert memory.load_arch(name).params()["total"] / 1e9 == pytest.approx(billions, rel=0.002)
+
+
+def test_load_arch_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a known hub id"):
+        memory.load_arch(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="vocab_size"):
+        memory.load_arch(tmp_path)
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        memory.lora_params(memory.load_arch("meta-llama/Llama-2-7b-hf"), 8, ["qkv"])
+
+
+def _total(**kw) -> float:
+    return memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", **kw))["total"]
+
+
+def test_methods_order_qlora_lora_full():
+    assert _total(method="qlora") < _total(method="lora") < _total(method="full")
+
+
+def test_qlora_weights_are_about_a_quarter_of_bf16_for_the_linears():
+    arch = memory.load_arch("meta-llama/Llama-3.1-8B-Instruct")
+    q = memory.estimate(Plan(stage="sft", model="meta-llama/Llama-3.1-8B-Instruct", method="qlora"))["weights"]
+    l16 = memory.estimate(Plan(stage="sft", model="meta-llama/Llama-3.1-8B-Instruct", method="lora"))["weights"]
+    p = arch.params()
+    unquantized = (p["embed"] + p["head"] + p["other"]) * 2
+    assert (q - unquantized) / (l16 - unquantized) == pytest.approx(4.127 / 16, rel=0.01)
+
+
+def test_gradient_checkpointing_cuts_activations():
+    on = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=2048))
+    off = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=2048,
+                               gradient_checkpointing=False))
+    assert on["activations"] * 5 < off["activations"]
+    assert on["weights"] == off["weights"]
+
+
+def test_activations_and_logits_scale_with_tokens():
+    one = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=1024))
+    four = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=1024, micro_batch=4))
+    assert four["activations"] == pytest.approx(4 * one["activations"])
+    assert four["logits"] == pytest.approx(4 * one["logits"])
+    chunked = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=1024, chunked_loss=8))
+    assert chunked["logits"] < one["logits"] / 3
+
+
+def test_zero2_shards_gradients_and_optimizer_of_a_full_finetune():
+    one = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", method="full"))
+    eight = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", method="full", gpus=8, zero_stage=2))
+    assert eight["optimizer"] == pytest.approx(one["optimizer"] / 8)
+    assert eight["gradients"] == pytest.approx(one["gradients"] / 8)
+    assert eight["weights"] == one["weights"]  # ZeRO-2 keeps a full copy of the weights on every GPU
+    # 7.6B params x (4 master + 8 Adam) bytes: the classic 16 bytes/param of mixed-precision Adam.
+    assert (one["weights"] + one["gradients"] + one["optimizer"]) / 7.6156e9 == pytest.approx(16, rel=0.01)
+
+
+def test_score_head_has_no_logits_and_8bit_adam_is_smaller():
+    rm = memory.estimate(Plan(stage="reward", model="Qwen/Qwen2.5-7B-Instruct", head="score"))
+    assert rm["logits"] == 0
+    adam8 = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", optimizer="paged_adamw_8bit"))
+    assert adam8["optimizer"] * 4 == pytest.approx(memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct"))
+                                                   ["optimizer"])
+
+
+def test_published_qlora_figures_within_a_third():
+    """LLaMA-Factory: 7B QLoRA 4-bit ~6 GB; torchtune: Llama-3.1-8B QLoRA ~7.4 GiB (bench/memory.py prints the ratios)."""
+    lf = _total_for("meta-llama/Llama-2-7b-hf", seq_len=1024, lora_r=8)
+    tt = _total_for("meta-llama/Llama-3.1-8B-Instruct", seq_len=2048, lora_r=8, chunked_loss=8,
+                    lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    assert 0.75 < lf / (6e9) < 1.33
+    assert 0.75 < tt / (7.4 * GIB) < 1.33
+
+
+def _total_for(model, **kw):
+    return memory.estimate(Plan(stage="sft", model=model, method="qlora", micro_batch=1, **kw))["total"]
+
+
+def test_dry_run_prints_the_plan_each_term_and_the_verdict():
+    plan = Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", method="qlora", seq_len=2048, micro_batch=2,
+                grad_accum=4, gpus=8, zero_stage=2, gpu_gib=24)
+    text = memory.dry_run(plan, params={"method": "qlora"})
+    for word in ("weights", "adapters", "optimizer", "activations", "logits", "total", "7.62B", "ZeRO stage 2",
+                 "64 sequences per step", '"method": "qlora"'):
+        assert word in text
+    assert "fits a 24 GiB GPU" in text
+    small = memory.dry_run(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", method="full", gpu_gib=24))
+    assert "does NOT fit a 24 GiB GPU" in small
+
+
+def test_generation_plan_counts_the_kv_cache():
+    est = memory.estimate(Plan(stage="augment", model="Qwen/Qwen2.5-7B-Instruct", method="generate", seq_len=4096,
+                               micro_batch=16))
+    # 28 layers x 2 (k, v) x 512 (4 kv heads x 128) x 2 bytes per token
+    assert est["kv_cache"] == 28 * 2 * 512 * 2 * 4096 * 16
+    assert "optimizer" not in est
