@@ -401,7 +401,7 @@ def training_args(cfg: dict, ckpt_dir: Path, total_steps: int, has_eval: bool, d
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg["eval_steps"],
         prediction_loss_only=True,  # otherwise evaluation keeps every batch's (rows x len x vocab) logits
         # TRL and some launchers default to checkpointing activations: ~25% slower on CPU, no memory need here.
-        gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
+        activation_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0,
         report_to=[], disable_tqdm=not os.isatty(2), deepspeed=deepspeed_config,
     )
 
