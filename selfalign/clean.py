@@ -104,9 +104,10 @@ def _clean_in_worker(record: dict):
     return clean_record(record, *_WORKER_CFG)
 
 
-def clean_records(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, workers: int = 1):
+def clean_records(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, workers: int = 1,
+                  min_parallel: int = 2000):
     """clean_record over `recs`, in order, on `workers` processes (results are the same for any count)."""
-    if workers <= 1 or len(recs) < 2000:  # below this, starting processes costs more than it saves
+    if workers <= 1 or len(recs) < min_parallel:  # below this, starting processes costs more than it saves
         return [clean_record(r, rules_cfg, lang_cfg) for r in recs]
     import multiprocessing
 

@@ -284,6 +284,14 @@ def test_stage_by_hand_pairs_and_param_errors(tmp_path):
     assert res.exit_code != 0 and "paired" in res.output
 
 
+def test_workers_give_the_same_results():
+    recs = [alpaca_record(c) for c in ALPACA] + [chat(c["prompt"], c["answer"], lang="ms") for c in MULTI]
+    lang_cfg = {k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"}
+    one = clean.clean_records(recs, RULES_CFG, lang_cfg, workers=1)
+    two = clean.clean_records(recs, RULES_CFG, lang_cfg, workers=2, min_parallel=0)
+    assert one == two and len(one) == len(recs)
+
+
 def test_params_section_matches_code_defaults():
     section = params.section(ROOT / "params.yaml", "clean")
     assert set(section) == set(stage.DEFAULTS)
