@@ -147,6 +147,7 @@ class Plan:
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"        # adamw | adamw_8bit (paged or not)
     dtype: str = "bf16"             # compute dtype of activations and unquantized weights
+    unquantized_dtype: str = ""     # QLoRA: embeddings/head/norms if not `dtype` (prepare_model_for_kbit_training: fp32)
     double_quant: bool = True
     head: str = "lm"                # lm (vocab logits) | score (reward/value head: no logits)
     chunked_loss: int = 1           # cross-entropy in this many chunks (torchtune uses 8)
@@ -170,7 +171,7 @@ def estimate(plan: Plan) -> dict[str, float]:
     unquantized = p["embed"] + head_params + p["other"]
     if plan.method == "qlora":
         bits = 4 + (32 / (64 * 256) + 8 / 64 if plan.double_quant else 32 / 64)
-        weights = p["linear"] * bits / 8 + unquantized * dt
+        weights = p["linear"] * bits / 8 + unquantized * BYTES[plan.unquantized_dtype or plan.dtype]
     else:
         weights = (p["linear"] + unquantized) * dt
     out = {"weights": weights * (1 + plan.frozen_copies)}

@@ -25,8 +25,8 @@ import yaml
 
 from selfalign import params
 
-# params.yaml sections that no stage script reads: dvc.yaml's templating does (`${launch.train}`).
-NON_STAGE = {"launch": {"train": "python"}}
+# params.yaml sections that no stage script reads (none today; dvc.yaml templating could read one).
+NON_STAGE: dict[str, dict] = {}
 
 
 def load(path: str | Path) -> dict:
@@ -69,9 +69,15 @@ def _has_section(params_file: str | Path, name: str) -> bool:
     return name in data
 
 
-def changes(profile: dict, params_file: str | Path) -> list[tuple[str, object, object]]:
-    """(dotted key, value now, value after) for every leaf the profile changes."""
+def changes(profile: dict, params_file: str | Path, defaults: dict[str, dict] | None = None
+            ) -> list[tuple[str, object, object]]:
+    """(dotted key, value now, value after) for every leaf the profile changes; `now` is what the
+    stage resolves today (its DEFAULTS under params.yaml) where the stage is known."""
     data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
+    known = {**NON_STAGE, **(defaults or {})}
+    for name in profile:
+        if name in known:
+            data[name] = params._merge(known[name], data.get(name) or {}, f"{params_file}:{name}")
     out = []
 
     def walk(prefix: str, node: dict, now) -> None:
@@ -119,12 +125,13 @@ def cli():
     """Validate and apply params profiles (profiles/*.yaml)."""
 
 
-def _check(profile_path: str, params_file: str, stages_dir: str) -> dict:
+def _check(profile_path: str, params_file: str, stages_dir: str) -> tuple[dict, dict]:
     profile = load(profile_path)
-    _, unchecked = validate(profile, params_file, stage_defaults(stages_dir), where=profile_path)
+    defaults = stage_defaults(stages_dir)
+    _, unchecked = validate(profile, params_file, defaults, where=profile_path)
     for name in unchecked:
         click.echo(f"{profile_path}: section {name!r} has no stages/{name}.py yet: not validated", err=True)
-    return profile
+    return profile, defaults
 
 
 @cli.command()
@@ -133,8 +140,8 @@ def _check(profile_path: str, params_file: str, stages_dir: str) -> dict:
 @click.option("--stages", "stages_dir", default="stages", type=click.Path(exists=True, file_okay=False))
 def check(profile_path, params_file, stages_dir):
     """Validate PROFILE_PATH against the stages' DEFAULTS and params.yaml; list what it would change."""
-    profile = _check(profile_path, params_file, stages_dir)
-    for key, before, after in changes(profile, params_file):
+    profile, defaults = _check(profile_path, params_file, stages_dir)
+    for key, before, after in changes(profile, params_file, defaults):
         click.echo(f"{key}: {before!r} -> {after!r}")
 
 
@@ -144,8 +151,8 @@ def check(profile_path, params_file, stages_dir):
 @click.option("--stages", "stages_dir", default="stages", type=click.Path(exists=True, file_okay=False))
 def apply(profile_path, params_file, stages_dir):
     """Write PROFILE_PATH's values into params.yaml (validated first; `git checkout params.yaml` undoes it)."""
-    profile = _check(profile_path, params_file, stages_dir)
-    diff = changes(profile, params_file)
+    profile, defaults = _check(profile_path, params_file, stages_dir)
+    diff = changes(profile, params_file, defaults)
     text = apply_text(Path(params_file).read_text(encoding="utf-8"), profile)
     from selfalign import io
 
