@@ -61,8 +61,10 @@ def pair_of(record: dict) -> tuple[str, str]:
     return instruction, response
 
 
-def rubric_messages(rubric: str, instruction: str, response: str) -> list[dict]:
-    return [{"role": "user", "content": fill_rubric(rubric, instruction, response)}]
+def rubric_messages(rubric: str, instruction: str, response: str, system: str | None = None) -> list[dict]:
+    """The rating turn, after the scorer's own inference system prompt if it has one (selfalign.json)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": fill_rubric(rubric, instruction, response)}]
 
 
 def clip_tokens(tok, text: str, max_tokens: int) -> tuple[str, bool]:
@@ -73,9 +75,10 @@ def clip_tokens(tok, text: str, max_tokens: int) -> tuple[str, bool]:
     return tok.decode(ids[:max_tokens]) + " ...", True
 
 
-def scoring_prompt(tok, rubric: str, instruction: str, response: str, prefix: str) -> str:
+def scoring_prompt(tok, rubric: str, instruction: str, response: str, prefix: str, system: str | None = None) -> str:
     """The chat-template rendering of the rubric turn, then the opening of the assistant's reply."""
-    return chat.render(tok, rubric_messages(rubric, instruction, response), add_generation_prompt=True) + prefix
+    messages = rubric_messages(rubric, instruction, response, system)
+    return chat.render(tok, messages, add_generation_prompt=True) + prefix
 
 
 def digit_token_ids(tok) -> list[int]:

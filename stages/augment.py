@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import augment, io, params, records
+from selfalign import augment, io, models, params, records
 
 log = logging.getLogger("augment")
 STAGE = "augment"
@@ -84,12 +84,14 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
     segments, rejected, n_in = read_web(Path(web), cfg["min_chars"], cfg["max_chars"])
     chosen, unsampled = augment.sample(segments, cfg["max_segments"], cfg["seed"])
     spec = {**ENGINE_DEFAULTS, "model": model_dir, **cfg["engine"]}
-    log.info("%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s, "
-             "max_new_tokens %d, temperature %s", n_in, len(segments), len(rejected), len(chosen),
-             cfg["max_segments"], spec["kind"], spec["model"], cfg["max_new_tokens"], cfg["temperature"])
+    system = models.read_info(model_dir).get("system")  # the system prompt Myx was trained with, if any
+    log.info("%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s (system prompt "
+             "%r), max_new_tokens %d, temperature %s", n_in, len(segments), len(rejected), len(chosen),
+             cfg["max_segments"], spec["kind"], spec["model"], system, cfg["max_new_tokens"], cfg["temperature"])
 
     engine = llm.make_engine(spec, cache_dir=cache)
-    reqs = [llm.Request(messages=[{"role": "user", "content": augment.user_turn(template, w["text"])}],
+    head = [{"role": "system", "content": system}] if system else []
+    reqs = [llm.Request(messages=head + [{"role": "user", "content": augment.user_turn(template, w["text"])}],
                         max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                         seed=cfg["seed"]) for w in chosen]
     results = engine.complete(reqs, template_id="augment-v1", progress=True) if reqs else []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import curate, io, params, records
+from selfalign import curate, io, models, params, records
 
 log = logging.getLogger("curate")
 STAGE = "curate"
@@ -54,7 +54,8 @@ def read_candidates(path: Path) -> tuple[list[tuple[dict, tuple[str, str]]], lis
     return good, bad, n
 
 
-def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]]) -> list[dict]:
+def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None
+                   ) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -65,19 +66,19 @@ def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
     prompts, clipped = [], []
     for instruction, response in pairs:
         response, cut = curate.clip_tokens(tok, response, cfg["max_response_tokens"])
-        prompts.append(curate.scoring_prompt(tok, rubric, instruction, response, cfg["score_prefix"]))
+        prompts.append(curate.scoring_prompt(tok, rubric, instruction, response, cfg["score_prefix"], system))
         clipped.append(cut)
     results = curate.expected_scores(model, tok, prompts, batch_size=cfg["batch_size"], progress=True)
     return [{**r, "ok": True, "response_clipped": c} for r, c in zip(results, clipped, strict=True)]
 
 
-def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], cache: str | None,
-                   template_id: str) -> tuple[list[dict], dict]:
+def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None,
+                   cache: str | None, template_id: str) -> tuple[list[dict], dict]:
     from selfalign import llm
 
     spec = {"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
     engine = llm.make_engine(spec, cache_dir=cache)
-    reqs = [llm.Request(messages=curate.rubric_messages(rubric, i, r), max_tokens=cfg["max_tokens"], temperature=0.0,
+    reqs = [llm.Request(messages=curate.rubric_messages(rubric, i, r, system), max_tokens=cfg["max_tokens"], temperature=0.0,
                         top_p=1.0, seed=0) for i, r in pairs]
     out = []
     for res in engine.complete(reqs, template_id=template_id, progress=True):
@@ -107,19 +108,20 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     if cache:
         Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
     good, rejected, n_in = read_candidates(Path(candidates))
-    log.info("%s: %d candidates (%d invalid), scorer %s, mode %s, threshold %.2f", iteration, n_in, len(rejected),
-             model_dir, cfg["mode"], cfg["threshold"])
+    system = models.read_info(model_dir).get("system")  # the scorer is prompted as it is served
+    log.info("%s: %d candidates (%d invalid), scorer %s (system prompt %r), mode %s, threshold %.2f", iteration, n_in,
+             len(rejected), model_dir, system, cfg["mode"], cfg["threshold"])
 
     pairs = [p for _, p in good]
     engine_stats = None
     if not pairs:
         results = []
     elif cfg["mode"] == "logprobs":
-        results = score_logprobs(cfg, model_dir, rubric_text, pairs)
+        results = score_logprobs(cfg, model_dir, rubric_text, pairs, system)
     else:
-        results, engine_stats = score_generate(cfg, model_dir, rubric_text, pairs, cache, f"curate-{iteration}")
+        results, engine_stats = score_generate(cfg, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}")
 
-    scored, detail_base = [], {"iteration": iteration, "scorer": model_dir, "mode": cfg["mode"]}
+    scored, detail_base = [], {"iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "system": system}
     for (record, _), res in zip(good, results, strict=True):
         if not res["ok"]:
             rejected.append(records.rejected(record, "generation_failed", STAGE, detail=str(res["error"])))

@@ -83,7 +83,9 @@ def write_web(path: Path) -> list[dict]:
 
 
 def run(tmp_path: Path, model: Path, metrics: str, *sets: str) -> dict:
-    args = ["--web", str(tmp_path / "web.jsonl"), "--model", str(model), "--output-dir", str(tmp_path / "out"),
+    (tmp_path / "backward.txt").write_text("Write the request that this text answers.\n\n{response}\n")
+    args = ["--web", str(tmp_path / "web.jsonl"), "--model", str(model), "--prompt", str(tmp_path / "backward.txt"),
+            "--output-dir", str(tmp_path / "out"),
             "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / metrics),
             "--set", "max_new_tokens=6", "--set", "reject_truncated=false", "--set", "min_instruction_words=1",
             "--set", "engine={kind: local, batch_size: 4, dtype: float32}"]

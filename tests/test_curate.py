@@ -104,10 +104,22 @@ def run_stage(args: list[str]):
     return res
 
 
-def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_model_dir, tmp_path):
+def test_scoring_prompt_uses_the_scorers_system_prompt(scorer):
+    _, tok = scorer
+    rubric = curate.load_rubric(RUBRIC)
+    plain = curate.scoring_prompt(tok, rubric, "q", "a", "Score: ")
+    tagged = curate.scoring_prompt(tok, rubric, "q", "a", "Score: ", system="Answer in the style of an AI Assistant.")
+    assert tagged.startswith("<|im_start|>system\nAnswer in the style of an AI Assistant.<|im_end|>")
+    assert plain.endswith("<|im_start|>assistant\nScore: ") and tagged.endswith("<|im_start|>assistant\nScore: ")
+    assert "Answer in the style" not in plain
+
+
+def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_model_copy, tmp_path):
+    system = "Answer in the style of an AI Assistant."
+    (tiny_model_copy / "selfalign.json").write_text(json.dumps({"run": "m0", "system": system}))
     cands = write_candidates(tmp_path / "candidates.jsonl")
     out = tmp_path / "out"
-    common = ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_dir),
+    common = ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_copy),
               "--rubric", str(RUBRIC), "--output-dir", str(out), "--cache", str(tmp_path / "cache")]
     run_stage(common + ["--metrics", str(tmp_path / "m.json"), "--set", "batch_size=2"])
     m = io.read_json(tmp_path / "m.json")
@@ -119,7 +131,7 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     assert [r["id"] for r in scored] == [c["id"] for c in cands]
     assert [r["meta"]["segment_id"] for r in scored] == [f"seg{k}" for k in range(len(PAIRS))]
     assert all(1.0 <= r["meta"]["score"] <= 5.0 for r in scored)
-    assert all(r["meta"]["curate"]["iteration"] == "iter1" for r in scored)
+    assert all(r["meta"]["curate"]["iteration"] == "iter1" and r["meta"]["curate"]["system"] == system for r in scored)
     assert all(r["meta"]["score"] >= 3.0 for r in kept)
     assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_threshold"} == \
         {r["id"] for r in scored}

@@ -1,0 +1,131 @@
+"""Digit-probability scoring vs generate-then-parse, on SmolLM2-135M, side by side in one run.
+
+    python bench/curate.py [--pairs 24] [--batch-size 8] [--dtype float32]
+
+The same rubric prompts (prompts/curate.txt over real seed pairs from
+data/sample/oasst_seed.guanaco.jsonl, half of them with a mismatched response) are scored three ways:
+
+- digits:        the curate stage's default, one batched forward pass per candidate (expected score over 1..5);
+- gen_batched:   the stage's generate mode, selfalign.llm local engine, batch 8, 8 new tokens, strict parse;
+- gen_one_by_one: one candidate at a time with 64 new tokens, as public reimplementations do, strict parse.
+
+Prints the speed ratios and the parse rates (strict, and lenient = any digit 1-5 in the reply);
+writes bench/results/curate.json. models/base stands in for models/m0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+LENIENT = re.compile(r"\b([1-5])\b")
+
+
+def base_model_dir(tmp: str) -> str:
+    """models/base if the base stage has run, else the packaged GGUF converted into `tmp`."""
+    if (ROOT / "models" / "base" / "config.json").is_file():
+        return str(ROOT / "models" / "base")
+    from selfalign import models
+    model, tok = models.load_source("gguf")
+    return str(models.save_model_dir(model, tok, Path(tmp) / "base"))
+
+
+def seed_pairs(n: int) -> tuple[list[tuple[str, str]], list[bool]]:
+    """n (instruction, response) pairs: the first half real, the second half with another pair's response."""
+    from selfalign import readers
+    recs = [r for r in readers.read("guanaco", str(ROOT / "data" / "sample" / "oasst_seed.guanaco.jsonl"),
+                                    lang="en", source="oasst") if not readers.is_rejected(r)][:n]
+    pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in recs]
+    half = len(pairs) // 2
+    mismatched = [(pairs[i][0], pairs[(i + 7) % len(pairs)][1]) for i in range(half, len(pairs))]
+    return pairs[:half] + mismatched, [True] * half + [False] * (len(pairs) - half)
+
+
+def mean(xs):
+    xs = list(xs)
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+@click.command()
+@click.option("--pairs", "n_pairs", default=24, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default). On a shared, "
+              "busy machine 1 thread avoids OpenMP oversubscription, which slowed generation ~10x here.")
+@click.option("--dtype", default="float32", show_default=True)
+def main(n_pairs, batch_size, threads, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfalign import chat, curate, llm
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    rubric = curate.load_rubric(ROOT / "prompts" / "curate.txt")
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = base_model_dir(tmp)
+        pairs, matched = seed_pairs(n_pairs)
+        tok = chat.load_tokenizer(model_dir, padding_side="left")
+        pairs = [(i, curate.clip_tokens(tok, r, 384)[0]) for i, r in pairs]
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+
+        prompts = [curate.scoring_prompt(tok, rubric, i, r, "Score: ") for i, r in pairs]
+        t = time.perf_counter()
+        scores = curate.expected_scores(model, tok, prompts, batch_size=batch_size)
+        wall = time.perf_counter() - t
+        out["digits"] = {"wall_s": round(wall, 2), "scored": len(scores), "parse_rate": 1.0,
+                         "digit_mass_mean": mean(s["digit_mass"] for s in scores),
+                         "score_mean_matched": mean(s["score"] for s, m in zip(scores, matched, strict=True) if m),
+                         "score_mean_mismatched": mean(s["score"] for s, m in zip(scores, matched, strict=True)
+                                                       if not m)}
+        print(f"digits         : {wall:7.1f} s, parse rate 100% (digit mass {out['digits']['digit_mass_mean']})",
+              flush=True)
+        del model
+
+        reqs8 = [llm.Request(messages=curate.rubric_messages(rubric, i, r), max_tokens=8) for i, r in pairs]
+        reqs64 = [llm.Request(messages=curate.rubric_messages(rubric, i, r), max_tokens=64) for i, r in pairs]
+        for name, bs, reqs in (("gen_batched", batch_size, reqs8), ("gen_one_by_one", 1, reqs64)):
+            engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
+            engine.model  # noqa: B018 - load outside the timed region
+            t = time.perf_counter()
+            results = engine.complete(reqs, template_id="bench")
+            wall = time.perf_counter() - t
+            texts = [r.text or "" for r in results]
+            strict = [curate.parse_score(x) for x in texts]
+            lenient = [LENIENT.search(x) for x in texts]
+            out[name] = {"batch_size": bs, "max_new_tokens": reqs[0].max_tokens, "wall_s": round(wall, 2),
+                         "parse_rate_strict": round(sum(s is not None for s in strict) / len(texts), 4),
+                         "parse_rate_lenient": round(sum(m is not None for m in lenient) / len(texts), 4),
+                         "unparsed_strict": sum(s is None for s in strict), "replies": texts[:5]}
+            print(f"{name:15s}: {wall:7.1f} s, parse rate strict {out[name]['parse_rate_strict']:.0%}, "
+                  f"lenient {out[name]['parse_rate_lenient']:.0%}", flush=True)
+
+    for name in ("gen_batched", "gen_one_by_one"):
+        out[f"speedup_vs_{name}"] = round(out[name]["wall_s"] / out["digits"]["wall_s"], 2)
+    print(f"speed-up digits vs generate-then-parse: {out['speedup_vs_gen_batched']:.2f}x (batched, 8 tokens), "
+          f"{out['speedup_vs_gen_one_by_one']:.2f}x (one by one, 64 tokens); goal >= 10x")
+    print(f"mean expected score: matched pairs {out['digits']['score_mean_matched']}, "
+          f"mismatched {out['digits']['score_mean_mismatched']}")
+    result = {"model": model_dir, "pairs": len(pairs), "dtype": dtype, "threads": torch.get_num_threads(), **out,
+              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                          "load_avg_1m": round(os.getloadavg()[0], 2)}}
+    path = ROOT / "bench" / "results" / "curate.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
