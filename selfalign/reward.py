@@ -1,0 +1,224 @@
+"""Reward modelling: preference pairs from every source, the held-out split, and scoring.
+
+A reward model here is a sequence-classification model with one output: it reads a whole
+conversation rendered by the model's own chat template (selfalign.chat.render) and gives the
+score at the last non-padding token. With ChatML that token is the newline after the closing
+`<|im_end|>`, so the score sees the end-of-turn marker; `check_pooling` refuses a template whose
+render ends in the padding token, where the pooling would silently read the wrong position.
+
+Pair sources (STYLE principle 7: every candidate pair is used or counted with a reason):
+  - preference records (`prompt`, `chosen`, `rejected`): ingest already expanded KoChatGPT and
+    MYChatGPT ranking files into all ordered pairs and read chosen/rejected files (Orca style);
+  - curation scores (`meta.score` 1-5 of chat records): candidates that share an instruction
+    and whose scores differ by at least a margin; the higher one is chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import Counter, defaultdict
+from fnmatch import fnmatch
+
+
+def in_fraction(record_id: str, fraction: float, salt: str) -> bool:
+    """Deterministic split by id hash: the same id lands on the same side in every run and stage.
+
+    `salt` names the split, so different uses of it are independent draws. (Seed records held
+    out of SFT, which ppo uses as prompts and evaluate for perplexity, are selfalign.training.heldout.)
+    """
+    if fraction <= 0:
+        return False
+    h = int(hashlib.sha1(f"{salt}:{record_id}".encode()).hexdigest()[:12], 16)
+    return h / 16**12 < fraction
+
+
+def pair_messages(pair: dict) -> tuple[list[dict], list[dict]]:
+    """(chosen conversation, rejected conversation) of a preference record."""
+    head = [{"role": "system", "content": pair["system"]}] if pair.get("system") else []
+    head.append({"role": "user", "content": pair["prompt"]})
+    return (head + [{"role": "assistant", "content": pair["chosen"]}],
+            head + [{"role": "assistant", "content": pair["rejected"]}])
+
+
+def source_listed(source: str, patterns: list[str] | str) -> bool:
+    """`patterns` is "all" or a list of shell patterns matched against a record's `source`."""
+    if patterns == "all":
+        return True
+    return any(fnmatch(source, p) for p in patterns)
+
+
+def select_pairs(records: list[dict], sources: list[str] | str) -> tuple[list[dict], Counter]:
+    """Preference records whose source is listed, each id once; the rest counted by reason."""
+    kept, dropped, seen = [], Counter(), set()
+    for r in records:
+        if not source_listed(r.get("source", ""), sources):
+            dropped["source_not_listed"] += 1
+        elif r["prompt"] == "" or r["chosen"] == r["rejected"]:
+            dropped["no_preference"] += 1
+        elif r["id"] in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(r["id"])
+            kept.append(r)
+    return kept, dropped
+
+
+def curation_pairs(scored: list[dict], margin: float) -> tuple[list[dict], Counter]:
+    """Pairs from curation scores: candidates sharing an instruction, scores apart by >= margin.
+
+    In Humpback each candidate has its own backtranslated instruction, so most candidates share
+    it with nobody; they are counted as `no_shared_instruction`, not silently skipped. Counts
+    are per candidate, so candidates in = used in some pair + the counted reasons.
+    """
+    from selfalign import records
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    counts: Counter = Counter()
+    for r in scored:
+        score = (r.get("meta") or {}).get("score")
+        if not isinstance(score, (int, float)) or r["messages"][-1]["role"] != "assistant":
+            counts["no_score"] += 1
+            continue
+        key = repr([r.get("system") or "", [[m["role"], m["content"]] for m in r["messages"][:-1]]])
+        groups[key].append(r)
+    pairs = []
+    for group in groups.values():
+        if len(group) < 2:
+            counts["no_shared_instruction"] += len(group)
+            continue
+        used = set()
+        for a, b in itertools.combinations(group, 2):
+            hi, lo = (a, b) if a["meta"]["score"] >= b["meta"]["score"] else (b, a)
+            if hi["meta"]["score"] - lo["meta"]["score"] < margin:
+                continue
+            if hi["messages"][-1]["content"] == lo["messages"][-1]["content"]:
+                continue
+            prompt = hi["messages"][-2]["content"] if len(hi["messages"]) >= 2 else ""
+            pairs.append(records.make(
+                "preference", prompt=prompt, chosen=hi["messages"][-1]["content"],
+                rejected=lo["messages"][-1]["content"], system=hi.get("system"), lang=hi["lang"],
+                source="curation-scores", meta={"scores": [hi["meta"]["score"], lo["meta"]["score"]],
+                                                "from": [hi["id"], lo["id"]]}))
+            used.update((hi["id"], lo["id"]))
+        counts["paired"] += sum(r["id"] in used for r in group)
+        counts["scores_too_close"] += sum(r["id"] not in used for r in group)
+    return pairs, counts
+
+
+def check_pooling(tok) -> None:
+    """A sequence-classification model scores the last token that is not padding; make sure that is
+    the end of the conversation and not a token before it."""
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    from selfalign import chat
+
+    ids = tok(chat.render(tok, conv), add_special_tokens=False)["input_ids"]
+    if ids[-1] == tok.pad_token_id:
+        raise ValueError(f"the chat template's render ends in the padding token {tok.pad_token!r}: a sequence "
+                         "classification model would read its score one token early; set a distinct pad token")
+
+
+def encode(tok, conversation: list[dict], max_length: int) -> tuple[list[int], bool]:
+    """Token ids of a rendered conversation, cut from the left to `max_length` so the end (the
+    response and its end-of-turn, where the score is read) always survives. Returns (ids, cut)."""
+    from selfalign import chat
+
+    ids = tok(chat.render(tok, conversation), add_special_tokens=False)["input_ids"]
+    return ids[-max_length:], len(ids) > max_length
+
+
+def score(model, tok, conversations: list[list[dict]], batch_size: int = 8, max_length: int = 1024) -> list[float]:
+    """Reward of each conversation (a message list ending with the assistant's answer)."""
+    import torch
+
+    encoded = [encode(tok, c, max_length)[0] for c in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    pad = tok.pad_token_id
+    out = [0.0] * len(encoded)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, :len(encoded[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+            for row, i in enumerate(idx):
+                out[i] = float(logits[row])
+    model.train(was_training)
+    return out
+
+
+def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict:
+    """Accuracy (chosen scored higher) and mean margin over pairs."""
+    n = len(chosen)
+    if n == 0:
+        return {"accuracy": None, "margin": None, "pairs": 0}
+    diffs = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"accuracy": sum(d > 0 for d in diffs) / n, "margin": sum(diffs) / n, "pairs": n}
+
+
+def load_reward_model(model_dir, device: str = "cpu"):
+    """(model, tokenizer) of a reward model directory written by the reward stage."""
+    from transformers import AutoModelForSequenceClassification
+
+    from selfalign import chat
+
+    tok = chat.load_tokenizer(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
+def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
+    """Train a reward model initialised from `model_dir` on preference records; returns (model, tok, log).
+
+    TRL's RewardTrainer does the Bradley-Terry loss; we hand it token ids we rendered ourselves,
+    so the training text is exactly what `score` sees. With LoRA the adapter is merged afterwards
+    and the score head (trained in full, peft's modules_to_save) is kept.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from selfalign import chat
+
+    torch.manual_seed(cfg["seed"])
+    tok = chat.load_tokenizer(model_dir)
+    check_pooling(tok)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    rows, cut = [], 0
+    for p in train_pairs:
+        good, bad = pair_messages(p)
+        (c_ids, c_cut), (r_ids, r_cut) = encode(tok, good, cfg["max_length"]), encode(tok, bad, cfg["max_length"])
+        cut += c_cut or r_cut
+        rows.append({"chosen_ids": c_ids, "rejected_ids": r_ids})
+    peft_config = None
+    if cfg["lora"]["r"]:
+        from peft import LoraConfig, TaskType
+
+        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"],
+                                 lora_dropout=cfg["lora"]["dropout"], target_modules=cfg["lora"]["target_modules"])
+    args = RewardConfig(output_dir=workdir, per_device_train_batch_size=cfg["batch_size"],
+                        num_train_epochs=cfg["epochs"], learning_rate=float(cfg["lr"]), max_length=None,
+                        seed=cfg["seed"], use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+                        report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+                        lr_scheduler_type="constant", center_rewards_coefficient=float(cfg["center_rewards"]) or None)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            peft_config=peft_config)
+    trainer.train()
+    model = trainer.model
+    if peft_config is not None:
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tok.pad_token_id
+    log = [h for h in trainer.state.log_history if "loss" in h]
+    return model.eval(), tok, {"truncated_pairs": cut, "log": log}

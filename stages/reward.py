@@ -1,0 +1,152 @@
+"""Train the reward model on preference pairs (MYChatGPT's stage 2) and report held-out accuracy.
+
+    python stages/reward.py --params params.yaml --preference data/clean/preference.jsonl \
+        --scored data/curate/iter2/scored.jsonl --model models/base --output models/reward \
+        --metrics metrics/reward.json
+
+dvc.yaml passes `--model models/${reward.init}`, so `reward.init` picks base or final SFT weights.
+The output is a plain AutoModelForSequenceClassification directory (LoRA merged, score head
+kept, pad_token_id in its config) with the tokenizer and chat template; selfalign.reward.score
+reads it for evaluate and ppo.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from selfalign import io, models, params, records  # noqa: E402
+from selfalign import reward as rm  # noqa: E402
+
+log = logging.getLogger("reward")
+
+DEFAULTS = {
+    "init": "base",
+    "sources": "all",
+    "curation_pairs": False,
+    "curation_margin": 2,
+    "heldout_fraction": 0.1,
+    "max_pairs": 256,
+    "max_heldout": 64,
+    "max_length": 256,
+    "epochs": 1,
+    "batch_size": 8,
+    "lr": 2.0e-4,
+    "center_rewards": 0.01,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "score_batch_size": 16,
+    "seed": 0,
+}
+
+
+def read_records(path: str, kind: str) -> list[dict]:
+    """Records of one kind from an upstream file; anything else is an error naming file, line and field."""
+    out = []
+    for n, rec in io.read_jsonl(path):
+        if isinstance(rec, io.JsonlLineError):
+            raise click.ClickException(str(rec))
+        try:
+            records.validate(rec)
+        except records.RecordError as e:
+            raise click.ClickException(f"{path}:{n}: {e}") from None
+        if rec["kind"] != kind:
+            raise click.ClickException(f"{path}:{n}: field 'kind': expected {kind!r}, got {rec['kind']!r}")
+        out.append(rec)
+    return out
+
+
+def split_and_cap(pairs: list[dict], cfg: dict) -> tuple[list[dict], list[dict], int]:
+    """(train, heldout, capped): held-out by id hash, each side capped by a seeded sample."""
+    heldout = [p for p in pairs if rm.in_fraction(p["id"], cfg["heldout_fraction"], "reward-heldout")]
+    train = [p for p in pairs if not rm.in_fraction(p["id"], cfg["heldout_fraction"], "reward-heldout")]
+    rng = random.Random(cfg["seed"])
+    capped = max(0, len(train) - cfg["max_pairs"]) + max(0, len(heldout) - cfg["max_heldout"])
+    train = rng.sample(train, min(len(train), cfg["max_pairs"]))
+    heldout = rng.sample(heldout, min(len(heldout), cfg["max_heldout"]))
+    return train, heldout, capped
+
+
+def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
+    convs = [rm.pair_messages(p) for p in pairs]
+    kw = {"batch_size": cfg["score_batch_size"], "max_length": cfg["max_length"]}
+    chosen = rm.score(model, tok, [c for c, _ in convs], **kw)
+    rejected = rm.score(model, tok, [r for _, r in convs], **kw)
+    return rm.pairwise_metrics(chosen, rejected)
+
+
+@click.command()
+@click.option("--preference", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Preference records (prompt/chosen/rejected) from clean.")
+@click.option("--scored", type=click.Path(dir_okay=False), default=None,
+              help="Curation-scored chat records; read only when curation_pairs is on.")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Model directory that initialises the reward model.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Reward model directory to write.")
+@click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
+@params.params_option
+@params.set_option
+def main(preference, scored, model_dir, output, metrics_path, params_file, overrides):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = params.resolve(DEFAULTS, params_file, "reward", overrides)
+    t0 = time.time()
+
+    prefs = read_records(preference, "preference")
+    pairs, dropped = rm.select_pairs(prefs, cfg["sources"])
+    curation: Counter = Counter()
+    if cfg["curation_pairs"]:
+        if not scored or not Path(scored).exists():
+            raise click.ClickException(f"curation_pairs is on but --scored {scored!r} does not exist")
+        extra, curation = rm.curation_pairs(read_records(scored, "chat"), cfg["curation_margin"])
+        known = {p["id"] for p in pairs}
+        dropped["duplicate_curation"] += sum(p["id"] in known for p in extra)
+        pairs += [p for p in extra if p["id"] not in known]
+    train, heldout, capped = split_and_cap(pairs, cfg)
+    if not train or not heldout:
+        raise click.ClickException(f"{len(train)} training and {len(heldout)} held-out pairs: need at least one "
+                                   "of each (more preference records, or another heldout_fraction)")
+    by_source = Counter(p["source"] for p in train)
+    log.info("init %s (%s): %d preference records -> %d pairs (%d from curation scores); train %d, held out %d, "
+             "capped %d, dropped %s; train pairs by source %s", cfg["init"], model_dir, len(prefs), len(pairs),
+             sum(p["source"] == "curation-scores" for p in pairs), len(train), len(heldout), capped, dict(dropped),
+             dict(by_source))
+
+    with tempfile.TemporaryDirectory() as work:
+        model, tok, info = rm.train(model_dir, train, cfg, work)
+    held = evaluate(model, tok, heldout, cfg)
+    log.info("held-out pairwise accuracy %.3f, margin %.3f over %d pairs", held["accuracy"], held["margin"],
+             held["pairs"])
+    models.save_model_dir(model, tok, output, info={"kind": "reward", "init": cfg["init"]})
+
+    losses = [h["loss"] for h in info["log"]]
+    n_curation = sum(p["source"] == "curation-scores" for p in pairs)
+    io.write_json(metrics_path, {
+        "init": cfg["init"],
+        "heldout_accuracy": held["accuracy"],
+        "heldout_margin": held["margin"],
+        "pairs_in": len(prefs) + n_curation + dropped["duplicate_curation"],
+        "pairs_train": len(train),
+        "pairs_heldout": len(heldout),
+        "pairs_capped": capped,
+        "pairs_dropped": dict(dropped),
+        "pairs_from_curation": n_curation,
+        "train_by_source": dict(by_source),
+        "curation_candidates": dict(curation),
+        "truncated_train_pairs": info["truncated_pairs"],
+        "train_steps": len(losses),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "seconds": round(time.time() - t0, 1),
+    })
+
+
+if __name__ == "__main__":
+    main()
