@@ -248,3 +248,59 @@ def dry_run(plan: Plan, params: dict | None = None) -> str:
 
 def _targets(targets) -> str:
     return targets if isinstance(targets, str) else ",".join(targets)
+
+
+def dry_run_model(model_dir: str | Path, params_file: str | Path | None) -> str | Path:
+    """What to read the architecture from before any weights exist: the model directory if it has
+    been made, else what params.yaml's base section will fetch (a known hub id or a local dir)."""
+    if (Path(model_dir) / "config.json").is_file():
+        return model_dir
+    base = {}
+    if params_file:
+        import yaml
+
+        base = (yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}).get("base") or {}
+    source = base.get("source", "gguf")
+    if source == "hub" and base.get("hub_id") in KNOWN:
+        return base["hub_id"]
+    if source == "local" and (Path(base.get("local_dir", "")) / "config.json").is_file():
+        return base["local_dir"]
+    if source == "gguf":
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    raise FileNotFoundError(f"{model_dir} does not exist yet and base ({source}: {base.get('hub_id', '')}) is not a "
+                            f"known architecture; run the base stage first or add it to selfalign.memory.KNOWN")
+
+
+def stage_plan(stage: str, train: dict, model_dir: str | Path, params_file: str | Path | None = None, *,
+               gpu_gib: float | None = 24, deepspeed_config: str | Path | None = None, head: str = "lm",
+               pairs: bool = False) -> Plan:
+    """A Plan from a training section shaped like sft.train or reward: method, lora {r, target_modules},
+    max_len or max_length, batch_size, grad_accum, precision. GPUs are the launcher's WORLD_SIZE, else
+    the visible CUDA devices, else 1; the ZeRO stage is read from the DeepSpeed config when one is used."""
+    import os
+
+    gpus = int(os.environ.get("WORLD_SIZE") or 0)
+    if not gpus:
+        try:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        except ImportError:
+            gpus = 0
+    zero = 0
+    if deepspeed_config and Path(deepspeed_config).is_file():
+        zero = int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
+    lora = train.get("lora") or {}
+    method = train.get("method", "lora")
+    precision = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}.get(
+        str(train.get("precision", "fp32")), "fp32")
+    seq = train.get("max_len") or train.get("max_length") or 1024
+    batch = int(train.get("batch_size", 1)) * (2 if pairs else 1)
+    return Plan(stage=stage, model=dry_run_model(model_dir, params_file), method=method, seq_len=int(seq),
+                micro_batch=batch, grad_accum=int(train.get("grad_accum", 1)), lora_r=int(lora.get("r", 8)),
+                lora_targets=tuple(lora.get("target_modules") or ("q_proj", "v_proj")),
+                gradient_checkpointing=bool(train.get("gradient_checkpointing", False)), dtype=precision,
+                unquantized_dtype="fp32" if method == "qlora" else "", double_quant=False, head=head,
+                gpus=max(1, gpus), zero_stage=zero, gpu_gib=gpu_gib,
+                notes={"model dir": f"{model_dir}" + ("" if Path(model_dir, "config.json").is_file()
+                                                      else " (not made yet: architecture from params base)")})
