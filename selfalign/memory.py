@@ -304,3 +304,17 @@ def stage_plan(stage: str, train: dict, model_dir: str | Path, params_file: str 
                 gpus=max(1, gpus), zero_stage=zero, gpu_gib=gpu_gib,
                 notes={"model dir": f"{model_dir}" + ("" if Path(model_dir, "config.json").is_file()
                                                       else " (not made yet: architecture from params base)")})
+
+
+def ppo_plan(cfg: dict, policy_dir: str | Path, params_file: str | Path | None = None, *,
+             gpu_gib: float | None = 24) -> Plan:
+    """stages/ppo.py's step: a LoRA policy trained on minibatches of prompt + response tokens, with the
+    reward model (unless a reward function replaces it) and, for `reference: copy`, a second frozen
+    policy resident beside it; the value head shares the policy's trunk."""
+    train = {"method": "lora", "lora": cfg["lora"], "max_len": cfg["max_prompt_tokens"] + cfg["response_length"],
+             "batch_size": cfg["minibatch_size"], "precision": "bf16" if cfg["mixed_precision"] == "bf16" else "fp32"}
+    plan = stage_plan("ppo", train, policy_dir, params_file, gpu_gib=gpu_gib)
+    plan.frozen_copies = int(cfg.get("reward_fn") is None) + int(cfg.get("reference") == "copy")
+    plan.notes["rollout"] = (f"{cfg['batch_size']} prompts x {cfg['response_length']} new tokens, "
+                             f"{cfg['ppo_epochs']} epochs of minibatches of {cfg['minibatch_size']}")
+    return plan

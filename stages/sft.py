@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import chat, io, models, params, training
+from selfalign import chat, io, launch, memory, models, params, training
 
 DEFAULTS = {
     "train": {
@@ -29,7 +29,7 @@ DEFAULTS = {
         "precision": "bf16", "max_len": 384, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 2.0e-4,
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
         "logging_steps": 1, "save_steps": 10, "eval_steps": 10, "eval_fraction": 0.05, "eval_max_examples": 32,
-        "deepspeed": False, "keep_adapter": True,
+        "deepspeed": False, "keep_adapter": True, "launcher": "python",
     },
     "system_tags": {},
     "runs": {},
@@ -112,14 +112,22 @@ def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapt
 @click.option("--plots", "plots_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for train.csv / eval.csv loss curves.")
 @click.option("--deepspeed-config", default=None, help="ZeRO config used when sft.train.deepspeed is true.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
 def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path, metrics_path, plots_dir,
-         deepspeed_config):
+         deepspeed_config, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, run_cfg = resolve_params(params_file, overrides, run)
     t = cfg["train"]
     undeclared = [p for p in training.run_inputs(run_cfg) if p not in inputs]
     if undeclared:
         raise click.UsageError(f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)")
+    if dry_run:
+        ds = deepspeed_config if t["deepspeed"] else None
+        click.echo(memory.dry_run(memory.stage_plan("sft", t, run_cfg["base"], params_file, gpu_gib=gpu_gib,
+                                                    deepspeed_config=ds), params=t))
+        return
+    launch.relaunch(t["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
     ds_config = training.setup_deepspeed(t["deepspeed"], deepspeed_config)
     import torch
     from transformers import Trainer
