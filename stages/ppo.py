@@ -30,7 +30,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import io, models, params, records  # noqa: E402
+from selfalign import io, launch, memory, models, params, records  # noqa: E402
 from selfalign import ppo as P  # noqa: E402
 
 log = logging.getLogger("ppo")
@@ -48,6 +48,7 @@ DEFAULTS = {
     "reward_max_length": 512,
     "checkpoint_every": 4,
     "mixed_precision": "no",
+    "launcher": "python",
 }
 PLOTTED = ("reward_mean", "score_mean", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "policy_loss",
            "approx_kl", "response_length", "eos_frac", "time_generate", "time_score", "time_logprobs", "time_optimise")
@@ -160,10 +161,16 @@ def write_plots(plots_dir: str, history: list[dict]) -> None:
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @params.params_option
 @params.set_option
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
 def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints, plots_dir, metrics_path,
-         params_file, overrides):
+         params_file, overrides, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "ppo", overrides)
+    if dry_run:
+        click.echo(memory.dry_run(memory.ppo_plan(cfg, policy_dir, params_file, gpu_gib=gpu_gib), params=cfg))
+        return
+    launch.relaunch(cfg["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
     t0 = time.time()
     import torch
     from accelerate import Accelerator

@@ -24,7 +24,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import io, models, params, records  # noqa: E402
+from selfalign import io, launch, memory, models, params, records  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
 
 log = logging.getLogger("reward")
@@ -45,6 +45,7 @@ DEFAULTS = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "score_batch_size": 16,
     "seed": 0,
+    "launcher": "python",
 }
 
 
@@ -94,9 +95,16 @@ def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @params.params_option
 @params.set_option
-def main(preference, scored, model_dir, output, metrics_path, params_file, overrides):
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
+def main(preference, scored, model_dir, output, metrics_path, params_file, overrides, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "reward", overrides)
+    if dry_run:  # pairs: chosen and rejected both go through the model
+        click.echo(memory.dry_run(memory.stage_plan("reward", cfg, model_dir, params_file, gpu_gib=gpu_gib,
+                                                    head="score", pairs=True), params=cfg))
+        return
+    launch.relaunch(cfg["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
     t0 = time.time()
 
     prefs = read_records(preference, "preference")
