@@ -16,8 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
+_made: dict[tuple[str, float], Path] = {}
+
 
 def varied_model(src: Path, dst: Path, eos_scale: float = 0.4) -> Path:
+    """The varied copy of `src` at `dst`, made once per test session (later calls return the first copy)."""
+    if (str(src), eos_scale) in _made and _made[str(src), eos_scale].exists():
+        return _made[str(src), eos_scale]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,6 +36,7 @@ def varied_model(src: Path, dst: Path, eos_scale: float = 0.4) -> Path:
         model.lm_head.weight[tok.eos_token_id] = torch.randn(model.config.hidden_size, generator=g) * eos_scale * 4
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
+    _made[str(src), eos_scale] = dst
     return dst
 
 
