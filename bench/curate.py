@@ -2,15 +2,19 @@
 
     python bench/curate.py [--pairs 24] [--batch-size 8] [--dtype float32]
 
-The same rubric prompts (prompts/curate.txt over real seed pairs from
-data/sample/oasst_seed.guanaco.jsonl, half of them with a mismatched response) are scored three ways:
+The same candidates (real seed pairs from data/sample/oasst_seed.guanaco.jsonl, half of them with a
+mismatched response) are scored four ways, with the rubric of prompts/curate.txt:
 
-- digits:        the curate stage's default, one batched forward pass per candidate (expected score over 1..5);
-- gen_batched:   the stage's generate mode, selfalign.llm local engine, batch 8, 8 new tokens, strict parse;
-- gen_one_by_one: one candidate at a time with 64 new tokens, as public reimplementations do, strict parse.
+- digits:           the curate stage's default: one batched forward pass per candidate, expected score over 1..5,
+                    the rubric's shared prefix computed once;
+- digits_full:      the same without prefix sharing (every prompt run whole);
+- gen_batched:      the stage's generate mode: selfalign.llm local engine, batch 8, 8 new tokens, strict "Score: N";
+- gen_reasoning:    the paper's way, as public reimplementations run it: the rubric asks for a brief reasoning and
+                    then "Score: N" on the last line; one candidate at a time, 128 new tokens, strict parse of the
+                    last line.
 
-Prints the speed ratios and the parse rates (strict, and lenient = any digit 1-5 in the reply);
-writes bench/results/curate.json. models/base stands in for models/m0.
+Prints speed ratios and parse rates (strict, and lenient = any digit 1-5 in the reply); writes
+bench/results/curate.json. models/base stands in for models/m0.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LENIENT = re.compile(r"\b([1-5])\b")
+REASONING_LAST_LINE = ('First explain briefly how you rated the answer. Then write the score on the last line, in the form '
+                       '"Score: N", where N is 1, 2, 3, 4 or 5.')
 
 
 def base_model_dir(tmp: str) -> str:
@@ -50,6 +56,12 @@ def seed_pairs(n: int) -> tuple[list[tuple[str, str]], list[bool]]:
     half = len(pairs) // 2
     mismatched = [(pairs[i][0], pairs[(i + 7) % len(pairs)][1]) for i in range(half, len(pairs))]
     return pairs[:half] + mismatched, [True] * half + [False] * (len(pairs) - half)
+
+
+def last_line_score(text: str) -> int | None:
+    from selfalign import curate
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return curate.parse_score(lines[-1]) if lines else None
 
 
 def mean(xs):
@@ -82,40 +94,46 @@ def main(n_pairs, batch_size, threads, dtype):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
 
         prompts = [curate.scoring_prompt(tok, rubric, i, r, "Score: ") for i, r in pairs]
-        t = time.perf_counter()
-        scores = curate.expected_scores(model, tok, prompts, batch_size=batch_size)
-        wall = time.perf_counter() - t
-        out["digits"] = {"wall_s": round(wall, 2), "scored": len(scores), "parse_rate": 1.0,
+        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        out["prompt_tokens_mean"] = mean(len(e) for e in enc)
+        out["shared_prefix_tokens"] = curate.common_prefix(enc)
+        for name, share in (("digits", True), ("digits_full", False)):
+            t = time.perf_counter()
+            scores = curate.expected_scores(model, tok, prompts, batch_size=batch_size, share_prefix=share)
+            wall = time.perf_counter() - t
+            out[name] = {"wall_s": round(wall, 2), "scored": len(scores), "parse_rate": 1.0,
                          "digit_mass_mean": mean(s["digit_mass"] for s in scores),
                          "score_mean_matched": mean(s["score"] for s, m in zip(scores, matched, strict=True) if m),
                          "score_mean_mismatched": mean(s["score"] for s, m in zip(scores, matched, strict=True)
                                                        if not m)}
-        print(f"digits         : {wall:7.1f} s, parse rate 100% (digit mass {out['digits']['digit_mass_mean']})",
-              flush=True)
+            print(f"{name:15s}: {wall:7.1f} s, parse rate 100% (digit mass {out[name]['digit_mass_mean']})", flush=True)
         del model
 
-        reqs8 = [llm.Request(messages=curate.rubric_messages(rubric, i, r), max_tokens=8) for i, r in pairs]
-        reqs64 = [llm.Request(messages=curate.rubric_messages(rubric, i, r), max_tokens=64) for i, r in pairs]
-        for name, bs, reqs in (("gen_batched", batch_size, reqs8), ("gen_one_by_one", 1, reqs64)):
+        reasoning = rubric.replace(rubric.strip().splitlines()[-1], REASONING_LAST_LINE)
+        runs = (("gen_batched", batch_size, 8, rubric, curate.parse_score),
+                ("gen_reasoning", 1, 128, reasoning, last_line_score))
+        for name, bs, max_tokens, text, parse in runs:
+            reqs = [llm.Request(messages=curate.rubric_messages(text, i, r), max_tokens=max_tokens) for i, r in pairs]
             engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
             engine.model  # noqa: B018 - load outside the timed region
             t = time.perf_counter()
             results = engine.complete(reqs, template_id="bench")
             wall = time.perf_counter() - t
             texts = [r.text or "" for r in results]
-            strict = [curate.parse_score(x) for x in texts]
+            strict = [parse(x) for x in texts]
             lenient = [LENIENT.search(x) for x in texts]
-            out[name] = {"batch_size": bs, "max_new_tokens": reqs[0].max_tokens, "wall_s": round(wall, 2),
+            out[name] = {"batch_size": bs, "max_new_tokens": max_tokens, "wall_s": round(wall, 2),
                          "parse_rate_strict": round(sum(s is not None for s in strict) / len(texts), 4),
                          "parse_rate_lenient": round(sum(m is not None for m in lenient) / len(texts), 4),
-                         "unparsed_strict": sum(s is None for s in strict), "replies": texts[:5]}
+                         "unparsed_strict": sum(s is None for s in strict), "replies": texts[:4]}
             print(f"{name:15s}: {wall:7.1f} s, parse rate strict {out[name]['parse_rate_strict']:.0%}, "
                   f"lenient {out[name]['parse_rate_lenient']:.0%}", flush=True)
 
-    for name in ("gen_batched", "gen_one_by_one"):
+    for name in ("digits_full", "gen_batched", "gen_reasoning"):
         out[f"speedup_vs_{name}"] = round(out[name]["wall_s"] / out["digits"]["wall_s"], 2)
-    print(f"speed-up digits vs generate-then-parse: {out['speedup_vs_gen_batched']:.2f}x (batched, 8 tokens), "
-          f"{out['speedup_vs_gen_one_by_one']:.2f}x (one by one, 64 tokens); goal >= 10x")
+    print(f"speed-up of digits: {out['speedup_vs_gen_batched']:.2f}x vs the stage's generate mode (batch "
+          f"{batch_size}, 8 tokens), {out['speedup_vs_gen_reasoning']:.2f}x vs reasoning-then-score one by one "
+          f"(goal >= 10x); prefix sharing alone {out['speedup_vs_digits_full']:.2f}x")
     print(f"mean expected score: matched pairs {out['digits']['score_mean_matched']}, "
           f"mismatched {out['digits']['score_mean_mismatched']}")
     result = {"model": model_dir, "pairs": len(pairs), "dtype": dtype, "threads": torch.get_num_threads(), **out,

@@ -92,17 +92,40 @@ def digit_token_ids(tok) -> list[int]:
     return ids
 
 
-def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progress: bool = False) -> list[dict]:
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix all sequences share, leaving each at least one token of its own."""
+    if not seqs:
+        return 0
+    n = min(len(x) for x in seqs) - 1
+    first = seqs[0]
+    for x in seqs[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progress: bool = False,
+                    share_prefix: bool = True) -> list[dict]:
     """Score each prompt by one forward pass: {"score", "probs" (over 1..5), "digit_mass"} per prompt.
 
     `digit_mass` is the probability the model puts on the five digits at all; a low value means
     the prompt did not make the model want to answer with a digit, which is worth watching.
+
+    Every scoring prompt starts with the same tokens (system prompt and the rubric's scale), so
+    with `share_prefix` those are run once and their key/value cache is reused by every batch:
+    each row is then [shared prefix][left padding][own suffix], with position ids that skip the
+    padding, which gives the same logits as the whole prompt alone (tested to 1e-4 in float32).
     """
+    import copy
+
     import torch
 
     digits = torch.tensor(digit_token_ids(tok))
     values = torch.arange(1, 6, dtype=torch.float64)
     enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = common_prefix(enc) if share_prefix and len(enc) > 1 else 0
     # Longest first: similar lengths share a batch (less padding) and an out-of-memory shows at once.
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -113,15 +136,27 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
         batches = tqdm(batches, desc="scoring", unit="batch")
     model.eval()
     with torch.inference_mode():
+        prefix_cache = None
+        if shared:
+            prefix_cache = model(input_ids=torch.tensor([enc[0][:shared]]), use_cache=True,
+                                 logits_to_keep=1).past_key_values
         for batch in batches:
-            width = max(len(enc[i]) for i in batch)
+            rows = [enc[i][shared:] for i in batch]
+            width = max(len(r) for r in rows)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(enc[i]):] = torch.tensor(enc[i])
-                mask[row, width - len(enc[i]):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+            mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for row, r in enumerate(rows):
+                ids[row, width - len(r):] = torch.tensor(r)
+                mask[row, shared + width - len(r):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            kw = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+                kw = {"past_key_values": cache, "use_cache": True}
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                           **kw).logits[:, -1]
             logp = torch.log_softmax(logits.double(), dim=-1)[:, digits]
             mass = logp.exp().sum(-1)
             probs = logp.exp() / mass[:, None]

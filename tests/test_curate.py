@@ -59,12 +59,20 @@ def test_batched_scores_equal_unbatched_and_lie_in_range(scorer):
     assert len(lengths) >= 3, "prompts of different lengths, so batches really are padded"
     batched = curate.expected_scores(model, tok, prompts, batch_size=4)
     single = [curate.expected_scores(model, tok, [p], batch_size=1)[0] for p in prompts]
-    for b, s in zip(batched, single, strict=True):
+    whole = curate.expected_scores(model, tok, prompts, batch_size=3, share_prefix=False)
+    for b, s, w in zip(batched, single, whole, strict=True):
         assert 1.0 <= b["score"] <= 5.0
-        assert abs(b["score"] - s["score"]) < 1e-4
+        assert abs(b["score"] - s["score"]) < 1e-4 and abs(b["score"] - w["score"]) < 1e-4
         assert sum(b["probs"]) == pytest.approx(1.0, abs=1e-5)
         assert 0.0 < b["digit_mass"] <= 1.0
         assert b["score"] == pytest.approx(sum((k + 1) * p for k, p in enumerate(b["probs"])), abs=1e-5)
+
+
+def test_common_prefix_leaves_every_sequence_a_token():
+    assert curate.common_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]) == 2
+    assert curate.common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert curate.common_prefix([[7, 8]]) == 1 and curate.common_prefix([]) == 0
+    assert curate.common_prefix([[1], [2]]) == 0
 
 
 def test_parse_score_is_strict():
@@ -147,3 +155,50 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     kept2 = io.load_jsonl(out / "kept.jsonl")
     assert sorted(r["meta"]["score"] for r in kept2) == scores[2:]
     assert io.read_json(tmp_path / "m2.json")["kept"] == 3
+
+
+class ScriptedEngine:
+    """Stands in for an endpoint that only returns text: replies follow a fixed script, in request order."""
+
+    def __init__(self, replies):
+        self.replies, self.stats = replies, {"calls": 0, "cache_hits": 0, "failures": 0}
+
+    def complete(self, requests, template_id="none", progress=False):
+        from selfalign import llm
+        assert all(r.messages[-1]["role"] == "user" and "Request: " in r.messages[-1]["content"] for r in requests)
+        self.stats["calls"] += len(requests)
+        return [llm.Result.failure("HTTP 500: boom") if text is None else llm.Result(text=text, ok=True)
+                for text in self.replies[: len(requests)]]
+
+
+def test_generate_mode_counts_unparsed_and_failed_explicitly(tiny_model_dir, tmp_path, monkeypatch):
+    from selfalign import llm
+    replies = ["Score: 4", "The answer is 5.", "Score: 2", None, "Score: 6"]
+    monkeypatch.setattr(llm, "make_engine", lambda spec, cache_dir=None: ScriptedEngine(replies))
+    write_candidates(tmp_path / "candidates.jsonl")
+    run_stage(["--iteration", "iter2", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", "any-endpoint",
+               "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+               "--set", "mode=generate", "--set", "engine={kind: openai}"])
+    m = io.read_json(tmp_path / "m.json")
+    assert m["scored"] == 2 and m["unparsed"] == 2 and m["parse_rate"] == 0.4
+    assert m["rejected_by_reason"] == {"invalid_candidate": 2, "unparsed_score": 2, "generation_failed": 1,
+                                       "below_threshold": 1}
+    assert m["records_in"] == 7 == m["kept"] + m["rejected"] and m["kept"] == 1
+    kept = io.load_jsonl(tmp_path / "out" / "kept.jsonl")
+    assert [(r["meta"]["score"], r["meta"]["segment_id"], r["meta"]["curate"]["reply"]) for r in kept] == \
+        [(4.0, "seg0", "Score: 4")]
+    unparsed = [r for r in io.load_jsonl(tmp_path / "out" / "rejected.jsonl") if r["reason"] == "unparsed_score"]
+    assert [r["record"]["meta"]["segment_id"] for r in unparsed] == ["seg1", "seg4"]
+
+
+def test_generate_mode_with_the_local_engine(tiny_model_dir, tmp_path):
+    write_candidates(tmp_path / "candidates.jsonl")
+    run_stage(["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_dir),
+               "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+               "--metrics", str(tmp_path / "m.json"), "--set", "mode=generate", "--set", "max_tokens=4"])
+    m = io.read_json(tmp_path / "m.json")
+    assert m["engine"]["calls"] == 5 and m["scored"] + m["unparsed"] + m["rejected_by_reason"].get(
+        "generation_failed", 0) == 5
+    assert m["parse_rate"] == m["scored"] / 5
+    for r in io.load_jsonl(tmp_path / "out" / "scored.jsonl"):
+        assert r["meta"]["score"] in (1, 2, 3, 4, 5) and curate.parse_score(r["meta"]["curate"]["reply"])
