@@ -147,7 +147,8 @@ class Plan:
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"        # adamw | adamw_8bit (paged or not)
     dtype: str = "bf16"             # compute dtype of activations and unquantized weights
-    unquantized_dtype: str = ""     # QLoRA: embeddings/head/norms if not `dtype` (prepare_model_for_kbit_training: fp32)
+    weight_dtype: str = ""          # storage of unquantized weights if not `dtype` (fp32 under autocast, or QLoRA's
+                                    # embeddings/head/norms after prepare_model_for_kbit_training)
     double_quant: bool = True
     head: str = "lm"                # lm (vocab logits) | score (reward/value head: no logits)
     chunked_loss: int = 1           # cross-entropy in this many chunks (torchtune uses 8)
@@ -165,15 +166,16 @@ def estimate(plan: Plan) -> dict[str, float]:
     arch = load_arch(plan.model)
     p = arch.params()
     dt = BYTES[plan.dtype]
+    wdt = BYTES[plan.weight_dtype or plan.dtype]
     shards = max(1, plan.gpus)
     tokens = plan.seq_len * plan.micro_batch
     head_params = p["head"] if plan.head == "lm" else arch.hidden  # a score head is hidden x 1
     unquantized = p["embed"] + head_params + p["other"]
     if plan.method == "qlora":
         bits = 4 + (32 / (64 * 256) + 8 / 64 if plan.double_quant else 32 / 64)
-        weights = p["linear"] * bits / 8 + unquantized * BYTES[plan.unquantized_dtype or plan.dtype]
+        weights = p["linear"] * bits / 8 + unquantized * wdt
     else:
-        weights = (p["linear"] + unquantized) * dt
+        weights = (p["linear"] + unquantized) * wdt
     out = {"weights": weights * (1 + plan.frozen_copies)}
 
     if plan.method == "generate":
@@ -183,8 +185,8 @@ def estimate(plan: Plan) -> dict[str, float]:
         out["logits"] = 4 * arch.vocab * plan.micro_batch
     else:
         if plan.method == "full":
-            trainable, train_bytes = p["total"] - p["head"] + head_params, dt
-            master = 4 if dt < 4 else 0
+            trainable, train_bytes = p["total"] - p["head"] + head_params, wdt
+            master = 4 if wdt < 4 else 0
         else:
             trainable, train_bytes, master = lora_params(arch, plan.lora_r, plan.lora_targets), 4, 0
             out["adapters"] = trainable * train_bytes
@@ -300,7 +302,7 @@ def stage_plan(stage: str, train: dict, model_dir: str | Path, params_file: str 
                 micro_batch=batch, grad_accum=int(train.get("grad_accum", 1)), lora_r=int(lora.get("r", 8)),
                 lora_targets=tuple(lora.get("target_modules") or ("q_proj", "v_proj")),
                 gradient_checkpointing=bool(train.get("gradient_checkpointing", False)), dtype=precision,
-                unquantized_dtype="fp32" if method == "qlora" else "", double_quant=False, head=head,
+                weight_dtype="fp32" if method == "qlora" else "", double_quant=False, head=head,
                 gpus=max(1, gpus), zero_stage=zero, gpu_gib=gpu_gib,
                 notes={"model dir": f"{model_dir}" + ("" if Path(model_dir, "config.json").is_file()
                                                       else " (not made yet: architecture from params base)")})
@@ -314,6 +316,7 @@ def ppo_plan(cfg: dict, policy_dir: str | Path, params_file: str | Path | None =
     train = {"method": "lora", "lora": cfg["lora"], "max_len": cfg["max_prompt_tokens"] + cfg["response_length"],
              "batch_size": cfg["minibatch_size"], "precision": "bf16" if cfg["mixed_precision"] == "bf16" else "fp32"}
     plan = stage_plan("ppo", train, policy_dir, params_file, gpu_gib=gpu_gib)
+    plan.weight_dtype = "fp32"  # the policy is loaded in fp32 whatever the autocast
     plan.frozen_copies = int(cfg.get("reward_fn") is None) + int(cfg.get("reference") == "copy")
     plan.notes["rollout"] = (f"{cfg['batch_size']} prompts x {cfg['response_length']} new tokens, "
                              f"{cfg['ppo_epochs']} epochs of minibatches of {cfg['minibatch_size']}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import io as _io
+import math
 import sys
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def apply_text(params_text: str, profile: dict) -> str:
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096
+    rt.representer.add_representer(float, _represent_float)
     doc = rt.load(params_text) or CommentedMap()
 
     def put(node: CommentedMap, values: dict) -> None:
@@ -118,6 +120,21 @@ def apply_text(params_text: str, profile: dict) -> str:
     buf = _io.StringIO()
     rt.dump(doc, buf)
     return buf.getvalue()
+
+
+def _represent_float(representer, value: float):
+    """A float as YAML 1.1 (PyYAML, which the stages read params.yaml with) reads back as a float:
+    ruamel writes 1e-05, which PyYAML takes for a string; 1.0e-05 it does not."""
+    if math.isnan(value):
+        text = ".nan"
+    elif math.isinf(value):
+        text = ".inf" if value > 0 else "-.inf"
+    else:
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:
+            text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 @click.group()

@@ -71,6 +71,9 @@ def test_apply_keeps_comments_and_changes_only_the_profiles_values():
     assert data["base"] == {"source": "hub", "dtype": "float32", "hub_id": "Qwen/Qwen2.5-7B-Instruct"}
     assert data["other"] == {"x": 1}
     assert data["launch"] == {"train": "accelerate launch"}
+    floats = yaml.safe_load(profile.apply_text("x: {}\n", {"x": {"lr": 1e-05, "big": 3e20, "plain": 0.5,
+                                                                  "inf": float("inf")}}))["x"]
+    assert floats == {"lr": 1e-05, "big": 3e20, "plain": 0.5, "inf": float("inf")}  # floats, not strings
 
 
 def _dvc_tracked() -> tuple[set[str], str, set[str]]:
@@ -170,6 +173,6 @@ def test_the_gpu_profiles_sft_plan_fits_a_24_gib_card():
     train = prof["sft"]["train"]
     plan = memory.Plan(stage="sft", model=prof["base"]["hub_id"], method=train["method"], seq_len=train["max_len"],
                        micro_batch=train["batch_size"], grad_accum=train["grad_accum"], gpus=8, zero_stage=2,
-                       gradient_checkpointing=False, unquantized_dtype="fp32", double_quant=False, gpu_gib=24)
+                       gradient_checkpointing=False, weight_dtype="fp32", double_quant=False, gpu_gib=24)
     assert memory.fits(memory.estimate(plan)["total"], 24)
     assert "fits a 24 GiB GPU" in memory.dry_run(plan)
