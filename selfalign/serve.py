@@ -2,8 +2,9 @@
 
     python -m selfalign.serve --model models/export --port 8000 [--host 127.0.0.1] [--api-key-env VAR]
 
-Routes: GET /health, GET /v1/models, POST /v1/chat/completions (plain and `stream: true` SSE),
-POST /v1/completions (raw prompts, plain). Prompts are built by `prompt_for`, i.e.
+Routes: GET /health (with usage counts), GET /v1/models, POST /v1/chat/completions (plain and
+`stream: true` SSE), POST /v1/completions (raw prompts, plain). One model is served; the `model`
+field of a request is accepted whatever it names. Prompts are built by `prompt_for`, i.e.
 `chat.render(..., add_generation_prompt=True)` with the model's own chat template, which is
 by construction the prompt half of what training saw; generation stops at the template's
 end-of-turn token.
