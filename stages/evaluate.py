@@ -37,6 +37,7 @@ DEFAULTS = {
     "max_new_tokens": 96,
     "batch_size": 8,
     "dtype": "bfloat16",
+    "threads": 0,
     "heldout_fraction": None,
     "heldout_max": 32,
     "ppl_max_length": 512,
@@ -68,7 +69,7 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
 def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str) -> list[dict]:
     system = models.read_info(model_dir).get("system")
     engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"],
-                              "dtype": cfg["dtype"]}, cache)
+                              "dtype": cfg["dtype"], "threads": cfg["threads"]}, cache)
     reqs = [llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
             for p in prompts]
     results = engine.complete(reqs, template_id="evaluate", progress=True)
@@ -118,6 +119,10 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
     dirs = parse_models(model_opts, cfg["models"])
+    if cfg["threads"]:
+        import torch
+
+        torch.set_num_threads(cfg["threads"])   # generation, perplexity and reward scoring alike
     if cfg["heldout_fraction"] is None:     # one source of truth: the share sft kept out of training
         if not params_file:
             raise click.UsageError("evaluate.heldout_fraction is null (= sft.train.eval_fraction) but no --params file")
