@@ -6,6 +6,10 @@ numbers, placeholders such as {name}, <noinput>, %s, %(x)d, ${X}) replaced by se
 a sentinel is a failed field with that reason, never a silently damaged record. Text in the
 source that already looks like a sentinel is itself protected, so restoring is unambiguous.
 
+A source without a blank line gets a reply cut at its first blank line (small models ramble on
+after the translation), and a reply that still hits its token budget (16 + tokens_per_char per
+character) fails as truncated.
+
 The unit of work is a field (one message's content, a system prompt, a preference side); a
 record is translated only when all its selected fields are, otherwise it fails with the first
 field's reason. A translated record keeps its original's id, takes the target `lang` and
@@ -174,7 +178,9 @@ def plan_field(path: tuple, text: str, source_lang: str, target: str, template: 
     sent = protected.strip()
     budget = min(int(gen["max_tokens"]), 16 + math.ceil(gen["tokens_per_char"] * len(sent)))
     req = llm.Request(messages=[{"role": "user", "content": build_prompt(template, sent, source_lang, target)}],
-                      max_tokens=budget, temperature=gen["temperature"], top_p=gen["top_p"], seed=gen["seed"])
+                      max_tokens=budget, temperature=gen["temperature"], top_p=gen["top_p"], seed=gen["seed"],
+                      # small models ramble on after the translation: one paragraph in, one paragraph out
+                      stop=None if "\n\n" in sent else ["\n\n"])
     return Field(path, text, protected, spans, target, req)
 
 

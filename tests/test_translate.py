@@ -79,6 +79,8 @@ def test_prompt_reply_and_field_handling():
     gen = {"max_tokens": 100, "tokens_per_char": 0.5, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     f = tr.plan_field(("prompt",), "  Say {name} twice.\n", "en", "fr", template, gen)
     assert f.request.max_tokens == 16 + 8 and "[[0]]" in f.request.messages[0]["content"]
+    assert f.request.stop == ["\n\n"]                      # one paragraph in, one paragraph out
+    assert tr.plan_field(("x",), "One.\n\nTwo.", "en", "fr", template, gen).request.stop is None
     ok = llm.Result(text="Dis [[0]] deux fois.", ok=True, finish_reason="stop")
     assert tr.finish_field(f, ok) == "  Dis {name} deux fois.\n"            # outer whitespace kept
     for res, reason in [(llm.Result.failure("HTTP 500"), "llm_error"),
@@ -196,6 +198,9 @@ def test_stage_reports_bad_lines_and_bad_params(model_dir, tmp_path):
 def server(model_dir):
     app = serve.create_app(model_dir)
     running = serve.start_in_thread(app)
+    # the first generation of a fresh model is slow (allocations); keep it out of the timed-out-request test
+    llm.make_engine({"kind": "openai", "base_url": running.url, "model": "m", "api_key_env": ""}).complete(
+        [llm.Request(messages=[{"role": "user", "content": "warm up"}], max_tokens=4)])
     yield running
     running.stop()
     app.state.close()
@@ -203,7 +208,7 @@ def server(model_dir):
 
 def http_args(url: str, out: Path, cache: Path, metrics: Path, **extra) -> list[str]:
     sets = {"engine.kind": "openai", "engine.base_url": url, "engine.model": "tiny", "engine.max_retries": 2,
-            "engine.timeout": 1.0, "engine.concurrency": 4, "engine.backoff_base": 0.0, "engine.api_key_env": "",
+            "engine.timeout": 5.0, "engine.concurrency": 4, "engine.backoff_base": 0.0, "engine.api_key_env": "",
             "max_tokens": 24, **extra}
     args = ["--cache", str(cache), "--metrics", str(metrics)]
     for k, v in sets.items():
