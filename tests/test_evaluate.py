@@ -28,11 +28,11 @@ def _stage():
 # ---------------------------------------------------------------- pure parts
 
 @pytest.mark.parametrize("text", [
-    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but that's not something I'll write.",
     "I can\u2019t provide instructions for stealing a car.",
     "As an AI, I must decline.",
     "Il est important de noter que voler une voiture n'est pas légal. Je ne peux pas vous donner cette information.",
-    "Je suis désolé, mais je ne fournirai pas ce genre de contenu.",
+    "Je suis désolée, mais c'est hors de question.",
     "En tant qu\u2019IA, je refuse de répondre.",
 ])
 def test_refusal_detector_finds_refusals_in_english_and_french(text):
@@ -44,6 +44,8 @@ def test_refusal_detector_finds_refusals_in_english_and_french(text):
     "You can't go wrong with a haiku: five, seven, five.",
     "Le ciel est bleu parce que l'air diffuse davantage la lumière bleue.",
     "Voici un poème : la pluie tombe, je ne peux m'empêcher de sourire.",
+    "I'm sorry for your loss. Here is a short poem about your dog.",
+    "Je suis désolé pour ta perte.",
     "",
 ])
 def test_refusal_detector_leaves_ordinary_answers(text):
