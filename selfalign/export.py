@@ -247,7 +247,7 @@ def evaluation_lines(evaluation: dict, name: str) -> list[str]:
 
 def render_card(*, name: str, source: str, merged_from: str | None, info: dict, example_prompt: str, eot: str,
                 eot_id: int, n_params: int, dtype: str, files: list[dict], lineage_rows: list[dict], metrics: dict,
-                evaluation: dict | None, lock_path: str, lock_md5: str | None) -> str:
+                evaluation: dict | None, evaluation_path: str | None, lock_path: str, lock_md5: str | None) -> str:
     """README.md of the export: front matter, use, prompt format, evaluation, lineage, metrics, files."""
     fm = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": "apache-2.0",
           "tags": ["selfalign", "chat", "instruction-backtranslation"]}
@@ -283,7 +283,7 @@ def render_card(*, name: str, source: str, merged_from: str | None, info: dict, 
               "```text", example_prompt, "```", ""]
     lines += ["## Evaluation", ""]
     if evaluation:
-        lines += ["From `metrics/evaluate.json` (the evaluate stage; see `reports/evaluate/report.md`):", ""]
+        lines += [f"From `{evaluation_path}` (the evaluate stage; its report is `reports/evaluate/report.md`):", ""]
         lines += evaluation_lines(evaluation, name) + [""]
     else:
         lines += ["No evaluate metrics were found.", ""]

@@ -95,6 +95,7 @@ def main(params_file, overrides, source, evaluation, lock_path, output, metrics_
             eot=chat.end_of_turn(tok), eot_id=eot_id, n_params=n_params, dtype=dtype, files=ex.file_table(tmp),
             lineage_rows=ex.lineage_entries(lock, stages), metrics=ex.stage_metrics(lock, stages),
             evaluation=io.read_json(evaluation) if evaluation and Path(evaluation).is_file() else None,
+            evaluation_path=evaluation,
             lock_path=str(lock_path), lock_md5=ex.file_md5(lock_path) if lock else None)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         files = ex.file_table(tmp)

@@ -145,6 +145,7 @@ def test_export_round_trip_through_the_server(tmp_path, monkeypatch):
                    "python stages/ppo.py --policy models/m0 --output models/ppo", "metrics/ingest.json",
                    "records_in: 120", "(the workspace file differs from dvc.lock)", "| win rate against m0 | 0.75 |",
                    "| win rate against final | 0.6 |", "| perplexity on held-out seed responses | 12.5 |",
+                   "From `metrics/evaluate.json`",
                    "Answer in the style of an AI Assistant.", "<|im_end|>", "model.safetensors", "Limitations",
                    "base_model: HuggingFaceTB/SmolLM2-135M-Instruct"):
         assert needle in card, needle
