@@ -131,6 +131,28 @@ def test_llm_judge_formats_the_template_and_parses_strictly():
     assert [r["verdict"] for r in replies] == ["A", None, "B", None] and replies[3]["error"] == "HTTP 500"
 
 
+def test_llm_judge_over_http_shows_position_bias(tmp_path):
+    """An always-"[[A]]" judge behind selfalign.serve, asked through the openai engine: a pure position bias."""
+    from scripted_model import make_scripted_model
+
+    from selfalign import serve
+
+    app = serve.create_app(make_scripted_model(tmp_path / "judge", "[[A]]"), model_name="judge")
+    running = serve.start_in_thread(app, port=0)
+    try:
+        engine = llm.make_engine({"kind": "openai", "base_url": running.url, "model": "judge", "api_key_env": "",
+                                  "max_retries": 0}, tmp_path / "cache")
+        template = (ROOT / "prompts" / "evaluate.txt").read_text()
+        replies: list = []
+        t = ev.tally(ev.judge_both_orders(ev.llm_judge(engine, template, 8, replies),
+                                          [("2+2?", "4", "5"), ("Capital of France?", "Paris", "Lyon")]))
+    finally:
+        app.state.close()
+        running.stop()
+    assert [r["reply"] for r in replies] == ["[[A]]"] * 4 and t["unparsed"] == 0
+    assert (t["win_rate"], t["consistent"], t["first_position_rate"]) == (0.5, 0.0, 1.0)
+
+
 def test_shipped_prompt_set_covers_every_category_in_two_languages():
     prompts = ev.load_prompts(PROMPTS)
     for c in ev.CATEGORIES:
