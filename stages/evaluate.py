@@ -63,6 +63,9 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
         raise click.UsageError(f"evaluate.models lists {', '.join(missing)} but no --model NAME=DIR gives its directory")
     if len(set(wanted)) != len(wanted) or not wanted:
         raise click.UsageError(f"evaluate.models must name distinct models, got {wanted}")
+    for m in wanted:
+        if not Path(given[m], "config.json").is_file():
+            raise click.UsageError(f"--model {m}={given[m]}: not a model directory (no config.json)")
     return {m: given[m] for m in wanted}
 
 

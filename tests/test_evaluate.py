@@ -292,3 +292,9 @@ def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
         "--heldout", str(PROMPTS), "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"),
         "--output-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code != 0 and "final, ppo" in res.output
+    res = CliRunner().invoke(_stage().main, [
+        "--model", f"m0={tiny_model_dir}", "--model", f"final={tmp_path}", "--model", f"ppo={tiny_model_dir}",
+        "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(PROMPTS),
+        "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
+        "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code != 0 and f"--model final={tmp_path}: not a model directory" in res.output
