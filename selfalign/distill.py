@@ -75,16 +75,43 @@ def orca_targets(pool: list[dict], exclude: set[str], *, n: int, seed: int, n_sy
     return [(r, int(rank(seed + 2, r["id"]), 16) % n_systems) for r in chosen]
 
 
-def response_reason(text: str | None, finish_reason: str | None, *, min_words: int, reject_truncated: bool,
-                    original: str | None = None) -> tuple[str, str] | None:
+_SENTENCE_END = re.compile(r"[.!?\u3002](?=[\s\"')\]]|$)|\n\s*\n")
+
+
+def trim_to_sentence(text: str) -> str | None:
+    """A response cut off by max_new_tokens, back to the end of its last complete sentence or paragraph.
+
+    A cut never leaves a code block open; None when no such sentence end exists.
+    """
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text)]):
+        kept = text[:end].rstrip()
+        if kept and kept.count("```") % 2 == 0:
+            return kept
+    return None
+
+
+def settle_truncation(text: str, finish_reason: str | None, *, trim: bool, reject: bool) -> tuple[str | None, bool]:
+    """(text to keep, or None to reject; whether it was trimmed) for a response.
+
+    A response that hit max_new_tokens would teach the student to stop mid-sentence: with `trim`
+    it is cut back to its last complete sentence; one that cannot be trimmed is rejected when
+    `reject`, kept whole otherwise.
+    """
+    if finish_reason != "length":
+        return text, False
+    kept = trim_to_sentence(text) if trim else None
+    if kept is not None:
+        return kept, True
+    return (None, False) if reject else (text, False)
+
+
+def response_reason(text: str | None, *, min_words: int, original: str | None = None) -> tuple[str, str] | None:
     """(reason, detail) when a teacher response is unusable, else None."""
     words = _WORD.findall((text or "").lower())
     if not (text or "").strip():
         return "empty_response", "the teacher returned no text"
     if len(words) < min_words:
         return "response_too_short", f"{len(words)} words < {min_words}"
-    if reject_truncated and finish_reason == "length":
-        return "truncated", "the response hit max_new_tokens before the end-of-turn token"
     if len(words) >= 24:
         trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
         distinct = len(set(trigrams)) / len(trigrams)

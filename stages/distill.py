@@ -26,13 +26,14 @@ log = logging.getLogger("distill")
 STAGE = "distill"
 DEFAULTS = {
     "seed": 0,
-    "regenerate": {"min_chars": 200, "below_score": 3.0, "max": 24},
-    "orca": {"n": 24},
+    "regenerate": {"min_chars": 200, "below_score": 3.0, "max": 16},
+    "orca": {"n": 16},
     "max_new_tokens": 192,
     "temperature": 0.0,
     "top_p": 1.0,
     "min_response_words": 5,
-    "reject_truncated": False,
+    "trim_truncated": True,
+    "reject_truncated": True,
     "engine": {},
 }
 ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "bfloat16"}
@@ -110,14 +111,19 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         if not res.ok:
             rejected.append(records.rejected(origin, "teacher_failed", STAGE, detail=f"{how}: {res.error}"))
             continue
-        bad = distill.response_reason(res.text, res.finish_reason, min_words=cfg["min_response_words"],
-                                      reject_truncated=cfg["reject_truncated"],
+        text, trimmed = distill.settle_truncation(res.text, res.finish_reason, trim=cfg["trim_truncated"],
+                                                  reject=cfg["reject_truncated"])
+        if text is None:
+            rejected.append(records.rejected(origin, "truncated", STAGE, detail=f"{how}: hit max_new_tokens "
+                                             f"{cfg['max_new_tokens']} with no sentence end; reply {res.text!r}"[:500]))
+            continue
+        bad = distill.response_reason(text, min_words=cfg["min_response_words"],
                                       original=original if extra.get("why") == "short" else None)
         if bad:
             rejected.append(records.rejected(origin, bad[0], STAGE, detail=f"{how}: {bad[1]}; reply {res.text!r}"[:500]))
             continue
-        out_records.append(distill.distilled(origin, instruction, res.text.strip(), how=how, teacher=spec["model"],
-                                             system=system, finish_reason=res.finish_reason, **extra))
+        out_records.append(distill.distilled(origin, instruction, text.strip(), how=how, teacher=spec["model"],
+                                             system=system, finish_reason=res.finish_reason, trimmed=trimmed, **extra))
 
     out = Path(output_dir)
     io.write_jsonl(out / "distilled.jsonl", out_records)
@@ -128,6 +134,7 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         "distilled_by_kind": dict(Counter(r["meta"]["distill"] for r in out_records)),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "regenerate_by_why": dict(Counter(w for _, w in regen)),
+        "trimmed": sum(r["meta"]["trimmed"] for r in out_records),
         "response_chars_mean": round(sum(len(r["messages"][1]["content"]) for r in out_records) / len(out_records), 1)
         if out_records else None,
         "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},

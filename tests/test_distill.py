@@ -63,15 +63,31 @@ def test_orca_targets_skip_regenerated_and_pick_valid_systems():
 
 
 def test_response_reasons():
-    def reason(text, finish="stop", **kw):
-        r = distill.response_reason(text, finish, min_words=3, reject_truncated=True, **kw)
+    def reason(text, **kw):
+        r = distill.response_reason(text, min_words=3, **kw)
         return r and r[0]
     assert reason("Two plus two equals four.") is None
     assert reason("  ") == "empty_response" and reason(None) == "empty_response"
     assert reason("Four.") == "response_too_short"
-    assert reason("Two plus two equals four, because", "length") == "truncated"
     assert reason("so so so " * 10) == "repetitive"
     assert reason("Two plus two equals four.", original="Two plus two equals four, as anyone knows.") == "not_longer"
+
+
+def test_truncated_responses_are_trimmed_to_a_sentence_or_rejected():
+    cut = "First, boil water. Then add the egg!\n\nAfter nine minutes, take it out and"
+    def settle(text, finish="length", trim=True, reject=True):
+        return distill.settle_truncation(text, finish, trim=trim, reject=reject)
+    assert settle(cut) == ("First, boil water. Then add the egg!", True)
+    assert settle(cut, "stop") == (cut, False)
+    assert settle(cut, trim=False) == (None, False)
+    assert settle(cut, trim=False, reject=False) == (cut, False)
+    assert settle("no end in sight and") == (None, False)
+    assert settle("no end in sight and", reject=False) == ("no end in sight and", False)
+    assert distill.trim_to_sentence("Para one ends here\n\nand two does not") == "Para one ends here"
+    assert distill.trim_to_sentence("no sentence ends in this") is None
+    assert distill.trim_to_sentence("Use this.\n```python\nx = 1. print(x)\n") == "Use this.", "no open code block"
+    assert distill.trim_to_sentence("```python\nx = 1. print(x)\n") is None
+    assert distill.trim_to_sentence("Version 2.5 is out and") is None, "a decimal point is not a sentence end"
 
 
 def write(path: Path, recs: list[dict], extra: list[str] = ()) -> Path:
