@@ -423,6 +423,39 @@ def setup_deepspeed(enabled: bool, config: str | None) -> str | None:
     return config
 
 
+def trainer_class():
+    """transformers' Trainer whose loss projects onto the vocabulary only where there is a label.
+
+    The 49k-token lm_head is ~21% of SmolLM2-135M's matmul FLOPs, and its fp32 logits the largest
+    activation of a step; prompt tokens (a quarter of a seed example, most of a backward one, whose
+    target is a short instruction) need neither. Same loss as the model's own (sum over target
+    tokens / their count in the accumulated batch), checked in tests/test_sft.py. Under DeepSpeed
+    the engine must run the forward itself, so the model's own loss is used there.
+    """
+    import torch
+    from transformers import Trainer
+
+    class TargetOnlyLossTrainer(Trainer):
+        loss_is_scaled_for_ga = True  # normalised by num_items_in_batch, the accumulated batch's target count
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.is_deepspeed_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inner = self.accelerator.unwrap_model(model)
+            lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            targets = inputs["labels"][:, 1:]
+            keep = targets != IGNORE
+            with self.accelerator.autocast():
+                hidden = lm.get_decoder()(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                                          use_cache=False).last_hidden_state
+                logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return TargetOnlyLossTrainer
+
+
 def make_callback(rows: list[dict]):
     """Log checkpoint saves (the resume test waits for that line) and measure trained tokens per second."""
     from transformers import TrainerCallback

@@ -130,7 +130,6 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
     launch.relaunch(t["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
     ds_config = training.setup_deepspeed(t["deepspeed"], deepspeed_config)
     import torch
-    from transformers import Trainer
 
     torch.manual_seed(t["seed"])
     tok = chat.load_tokenizer(run_cfg["base"])
@@ -163,7 +162,7 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
         raise click.ClickException(str(e)) from e
     args = training.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
     progress = training.make_callback(rows)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
+    trainer = training.trainer_class()(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
                       data_collator=training.PackedCollator(tok.pad_token_id), callbacks=[progress])
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step

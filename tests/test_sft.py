@@ -40,7 +40,7 @@ def write_params(tmp: Path, base: Path, train: dict | None = None) -> Path:
              "max_steps": 2}]},
         "backward": {"base": str(base), "inference_tag": None, "phases": [
             {"sources": [{"path": SEED, "reverse": True, "template": TEMPLATE}], "max_steps": 2}]},
-        "long": {"base": str(base), "phases": [{"sources": [{"path": SEED, "tag": "seed"}], "epochs": 3}]},
+        "long": {"base": str(base), "phases": [{"sources": [{"path": SEED, "tag": "seed"}], "epochs": 2, "max_steps": 4}]},
     }
     p = tmp / "params.yaml"
     p.write_text(yaml.safe_dump({"sft": {"train": {**TRAIN, **(train or {})}, "system_tags": TAGS, "runs": runs}}))
@@ -157,6 +157,26 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
     torch.testing.assert_close(packed[len(a["input_ids"]):], alone, atol=1e-4, rtol=1e-4)
 
 
+def test_target_only_loss_is_the_models_own_loss(tmp_path, tiny_model_dir, tok):
+    import torch
+
+    model = models.load_model(tiny_model_dir, "float32")
+    model.config.use_cache = False
+    exs = [training.build_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 128)
+           for q, a in [("One?", "1, and more."), ("Two, please?", "2"), ("Three?", "It is three.")]]
+    batch = training.PackedCollator(tok.pad_token_id)(training.pack(exs, 96))
+    assert batch["input_ids"].shape[0] == 2  # two rows, one padded
+    cfg = {**load_stage().DEFAULTS["train"], "precision": "fp32"}
+    args = training.training_args(cfg, tmp_path, 1, False, None)
+    trainer = training.trainer_class()(model=model, args=args, train_dataset=[], data_collator=None)
+    ours = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        theirs = model(**batch).loss
+    torch.testing.assert_close(ours.detach(), theirs, atol=1e-5, rtol=1e-5)
+    n = int((batch["labels"][:, 1:] != training.IGNORE).sum())
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch), num_items_in_batch=2 * n).detach(), theirs / 2)
+
+
 def test_curriculum_phases_run_in_order_shuffled_per_epoch_and_capped(tok):
     def ex(tag, i):
         return {"input_ids": [tag * 100 + i] * 10, "labels": [tag * 100 + i] * 10}
@@ -264,7 +284,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_copy):
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = check_outputs(out, tiny_model_copy)
     rows = m["rows"]
-    assert m["steps"] == math.ceil(rows / TRAIN["batch_size"]) and rows > 2 * TRAIN["batch_size"]
+    assert m["steps"] == math.ceil(rows / TRAIN["batch_size"]) == 4
     assert m["resumed_from_step"] == saved_step >= 2
     assert m["tokens_trained_this_run"] < m["tokens"]
     # The loss curve is whole: the resumed run kept the killed run's log history.
