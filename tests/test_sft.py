@@ -290,3 +290,16 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_copy):
     # The loss curve is whole: the resumed run kept the killed run's log history.
     steps = [int(line.split(",")[0]) for line in (out / "plots" / "train.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, m["steps"] + 1))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_qlora_without_bitsandbytes_says_what_to_install(tiny_model_dir):
+    with pytest.raises(models.ModelError, match=r"bitsandbytes.*pip install -e \.\[gpu\]"):
+        models.load_for_training(tiny_model_dir, "qlora", TRAIN["lora"], "bf16")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_deepspeed_without_deepspeed_says_what_to_install():
+    assert training.setup_deepspeed(False, None) is None
+    with pytest.raises(params.ParamsError, match=r"deepspeed is not installed.*pip install -e \.\[gpu\]"):
+        training.setup_deepspeed(True, str(ROOT / "configs" / "deepspeed_zero2.json"))
