@@ -12,6 +12,7 @@ batch of 4 rows, measured side by side in one process:
   each batch of 4 examples to its longest (the usual recipe);
 - trl (--trl): TRL's SFTTrainer with assistant-only loss on messages, padding, no checkpointing.
 
+--fp32 adds selfalign's loop without autocast (its MFU is against the fp32 matmul rate).
 Tokens/s counts real (non-padding) tokens over steps 2..N (step 1 warms up). MFU = achieved model
 FLOP/s over the bf16 matmul rate measured here with a 2048^3 torch.matmul, where a LoRA step costs
 4 * N FLOPs per token (forward 2N, backward through the frozen weights 2N; no weight gradients for
@@ -127,6 +128,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--trl", action="store_true", help="also time TRL's SFTTrainer")
+    ap.add_argument("--fp32", action="store_true", help="also time selfalign's loop without bf16 autocast")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -155,15 +157,17 @@ def main():
     rows = training.pack(examples, a.max_len)
     need = a.steps * a.batch_size
     rows = (rows * (need // len(rows) + 1))[:need]
-    model = models.load_for_training(mdir, "lora", LORA, "bf16")
-    times = run_trainer(model, rows, training.PackedCollator(tok.pad_token_id), a.steps, tmp / "ours", cfg,
-                        training.trainer_class())
     per_step = [rows[i * a.batch_size:(i + 1) * a.batch_size] for i in range(a.steps)]
     real = [sum(len(r["input_ids"]) for r in b) for b in per_step]
     padded = [len(b) * max(len(r["input_ids"]) for r in b) for b in per_step]
-    results.append(summarize("selfalign", times, real, padded, fpt, peak_bf16))
-    print(results[-1], flush=True)
-    del model
+    for precision in ["bf16"] + (["fp32"] if a.fp32 else []):
+        model = models.load_for_training(mdir, "lora", LORA, precision)
+        times = run_trainer(model, rows, training.PackedCollator(tok.pad_token_id), a.steps, tmp / "ours",
+                            {**cfg, "precision": precision}, training.trainer_class())
+        name = "selfalign" if precision == "bf16" else "selfalign_fp32"
+        results.append(summarize(name, times, real, padded, fpt, peak_bf16 if precision == "bf16" else peak_fp32))
+        print(results[-1], flush=True)
+        del model
 
     # plain: one example per row, padded per batch, fp32 master weights under autocast.
     from peft import LoraConfig, get_peft_model
@@ -188,14 +192,18 @@ def main():
         results.append(run_trl(mdir, tok, exs, (convs * (need // len(convs) + 1))[:need], a, fpt, peak_bf16, tmp))
         print(results[-1], flush=True)
 
-    ours, plain = results[0], results[1]
+    ours = results[0]
+    plain = next(r for r in results if r["loop"] == "plain_hf_trainer")
     out = {"model": mdir, "params": n_params, "flops_per_token": fpt, "flops_formula": "4 * N (LoRA)",
            "matmul_bf16_tflops": round(peak_bf16 / 1e12, 4), "matmul_fp32_tflops": round(peak_fp32 / 1e12, 4),
            "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "results": results,
            "ratio_tokens_per_second_selfalign_vs_plain": round(ours["tokens_per_second"] / plain["tokens_per_second"], 3)}
     if a.trl:
-        out["ratio_tokens_per_second_selfalign_vs_trl"] = round(
-            ours["tokens_per_second"] / results[2]["tokens_per_second"], 3)
+        trl = next(r for r in results if r["loop"] == "trl_sft_trainer")
+        out["ratio_tokens_per_second_selfalign_vs_trl"] = round(ours["tokens_per_second"] / trl["tokens_per_second"], 3)
+    if a.fp32:
+        fp32 = next(r for r in results if r["loop"] == "selfalign_fp32")
+        out["ratio_tokens_per_second_bf16_vs_fp32"] = round(ours["tokens_per_second"] / fp32["tokens_per_second"], 3)
     print(f"\ntokens/s  selfalign {ours['tokens_per_second']}  plain {plain['tokens_per_second']}  "
           f"ratio {out['ratio_tokens_per_second_selfalign_vs_plain']}x")
     print(f"MFU (4N/token vs bf16 matmul {peak_bf16 / 1e12:.2f} TFLOP/s)  selfalign {ours['mfu']:.1%}  "
