@@ -1,11 +1,11 @@
 """Batched backtranslation vs one sequence at a time, on SmolLM2-135M, side by side in one run.
 
-    python bench/augment.py [--segments 16] [--batch-size 8] [--max-new-tokens 48] [--dtype bfloat16]
+    python bench/augment.py [--segments 16] [--batch-size 8] [--max-new-tokens 48] [--dtypes bfloat16,float32]
 
 Both runs go through the augment stage's engine (selfalign.llm local engine, greedy, no cache) on
-the same web segments from data/sample/c4_web.jsonl, with the stage's prompt (the segment as the
-user turn; models/base stands in for models/backward). Prints the wall-time ratio and how many of
-the greedy outputs are identical; writes bench/results/augment.json.
+the same web segments from data/sample/c4_web.jsonl, with the stage's prompt (prompts/backward.txt
+around the segment; models/base stands in for models/backward), once per dtype. Prints the
+wall-time ratio and how many of the greedy outputs are identical; writes bench/results/augment.json.
 """
 
 from __future__ import annotations
@@ -47,47 +47,50 @@ def web_segments(n: int) -> list[dict]:
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default). On a shared, "
               "busy machine 1 thread avoids OpenMP oversubscription, which slowed generation ~10x here.")
-@click.option("--dtype", default="bfloat16", show_default=True)
-def main(segments, batch_size, max_new_tokens, threads, dtype):
+@click.option("--dtypes", default="bfloat16,float32", show_default=True, help="Comma-separated; each is one "
+              "side-by-side comparison.")
+def main(segments, batch_size, max_new_tokens, threads, dtypes):
     import torch
 
     from selfalign import augment, llm
 
     if threads:
         torch.set_num_threads(threads)
-
+    prompt = ROOT / "prompts" / "backward.txt"
+    template = augment.load_template(prompt) if prompt.is_file() else None
+    result = {"segments": segments, "max_new_tokens": max_new_tokens, "threads": torch.get_num_threads(),
+              "prompt": str(prompt.relative_to(ROOT)) if template else "segment alone", "by_dtype": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = base_model_dir(tmp)
+        model_dir = result["model"] = base_model_dir(tmp)
         segs = web_segments(segments)
-        reqs = [llm.Request(messages=[{"role": "user", "content": augment.user_turn(None, s["text"])}],
+        reqs = [llm.Request(messages=[{"role": "user", "content": augment.user_turn(template, s["text"])}],
                             max_tokens=max_new_tokens) for s in segs]
-        runs = {}
-        for name, bs in (("batched", batch_size), ("sequential", 1)):
-            engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
-            engine.model  # noqa: B018 - load outside the timed region
-            t = time.perf_counter()
-            results = engine.complete(reqs, template_id="bench")
-            wall = time.perf_counter() - t
-            tokens = sum(r.usage["completion_tokens"] for r in results)
-            runs[name] = {"batch_size": bs, "wall_s": round(wall, 2), "completion_tokens": tokens,
-                          "tokens_per_s": round(tokens / wall, 1), "texts": [r.text for r in results],
-                          "ok": sum(r.ok for r in results)}
-            print(f"{name:10s} batch {bs}: {wall:7.1f} s, {tokens} tokens, {tokens / wall:6.1f} tok/s", flush=True)
-
-    same = sum(a == b for a, b in zip(runs["batched"]["texts"], runs["sequential"]["texts"], strict=True))
-    speedup = runs["sequential"]["wall_s"] / runs["batched"]["wall_s"]
-    parsed = [augment.parse_instruction(t) for t in runs["batched"]["texts"]]
-    print(f"speed-up batched/sequential: {speedup:.2f}x (goal >= 5x); identical greedy outputs: {same}/{len(reqs)}")
-    result = {
-        "model": model_dir, "segments": len(reqs), "max_new_tokens": max_new_tokens, "dtype": dtype,
-        "threads": torch.get_num_threads(),
-        "speedup": round(speedup, 2), "identical_outputs": same,
-        "batched": {k: v for k, v in runs["batched"].items() if k != "texts"},
-        "sequential": {k: v for k, v in runs["sequential"].items() if k != "texts"},
-        "examples": [{"segment": s["text"][:160], "instruction": p} for s, p in zip(segs[:4], parsed[:4], strict=True)],
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
-    }
+        for dtype in dtypes.split(","):
+            runs = {}
+            for name, bs in (("batched", batch_size), ("sequential", 1)):
+                engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
+                engine.model  # noqa: B018 - load outside the timed region
+                t = time.perf_counter()
+                results = engine.complete(reqs, template_id="bench")
+                wall = time.perf_counter() - t
+                tokens = sum(r.usage["completion_tokens"] for r in results)
+                runs[name] = {"batch_size": bs, "wall_s": round(wall, 2), "completion_tokens": tokens,
+                              "tokens_per_s": round(tokens / wall, 1), "texts": [r.text for r in results],
+                              "hit_max_new_tokens": sum(r.finish_reason == "length" for r in results)}
+                print(f"{dtype:8s} {name:10s} batch {bs}: {wall:7.1f} s, {tokens} tokens, {tokens / wall:6.1f} tok/s",
+                      flush=True)
+            same = sum(a == b for a, b in zip(runs["batched"]["texts"], runs["sequential"]["texts"], strict=True))
+            speedup = runs["sequential"]["wall_s"] / runs["batched"]["wall_s"]
+            print(f"{dtype:8s} speed-up batched/sequential: {speedup:.2f}x (goal >= 5x); identical greedy outputs: "
+                  f"{same}/{len(reqs)}", flush=True)
+            parsed = [augment.parse_instruction(t) for t in runs["batched"]["texts"]]
+            result["by_dtype"][dtype] = {
+                "speedup": round(speedup, 2), "identical_outputs": same,
+                **{k: {f: v for f, v in r.items() if f != "texts"} for k, r in runs.items()},
+                "examples": [{"segment": s["text"][:160], "instruction": p}
+                             for s, p in zip(segs[:4], parsed[:4], strict=True)]}
+    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                         "load_avg_1m": round(os.getloadavg()[0], 2)}
     out = ROOT / "bench" / "results" / "augment.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
