@@ -52,13 +52,13 @@ RewardFn = Callable[[list[list[dict]], list[list[int]]], list[float]]
 
 @dataclasses.dataclass
 class PPOConfig:
-    steps: int = 16                  # PPO steps (rollout + update)
+    steps: int = 10                  # PPO steps (rollout + update)
     batch_size: int = 8              # prompts per rollout, per process
     minibatch_size: int = 4          # sequences per gradient step
-    ppo_epochs: int = 2              # passes over each rollout
+    ppo_epochs: int = 1              # passes over each rollout
     response_length: int = 32        # max new tokens per response
     temperature: float = 1.0         # sampling temperature; log-probs use the same
-    lr: float = 5e-5
+    lr: float = 1e-4
     kl_coef: float = 0.05            # beta, initial value when adaptive
     kl_target: float | None = None   # nats per sequence; set it to adapt beta (Ziegler et al.)
     kl_horizon: int = 10000

@@ -212,6 +212,7 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
                         num_train_epochs=cfg["epochs"], learning_rate=float(cfg["lr"]), max_length=None,
                         seed=cfg["seed"], use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
                         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+                        bf16=cfg["precision"] == "bf16",
                         lr_scheduler_type="constant", center_rewards_coefficient=float(cfg["center_rewards"]) or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                             peft_config=peft_config)

@@ -42,7 +42,7 @@ DEFAULTS = {
     "seed_heldout_fraction": None,
     "use_prompt_files": True,
     "use_seed_heldout": True,
-    "max_prompt_tokens": 256,
+    "max_prompt_tokens": 128,
     "reward_fn": None,
     "reward_batch_size": 16,
     "reward_max_length": 512,
