@@ -59,8 +59,10 @@ def ran(proc: subprocess.CompletedProcess) -> set[str]:
 
 
 def lock_hashes(repo: Path, stages: list[str]) -> dict[str, str]:
+    """The hashes dvc.lock records for the stages' outputs; metrics (which hold timings) excepted."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {f"{s}:{o['path']}": o.get("md5", "") for s in stages for o in lock[s].get("outs", [])}
+    return {f"{s}:{o['path']}": o.get("md5", "") for s in stages for o in lock[s].get("outs", [])
+            if not o["path"].startswith("metrics/")}
 
 
 def snapshot(dst: Path) -> None:
