@@ -23,6 +23,11 @@ PLACEHOLDER = "{response}"
 _LABEL = re.compile(r"^\s*(?:#+\s*)?(?:the\s+)?(?:instruction|question|prompt|request|task|user)\s*:\s*", re.IGNORECASE)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u00ab": "\u00bb"}
 _WORD = re.compile(r"\w+", re.UNICODE)
+# How an assistant opens a reply, never how a user opens a request: the backward model answered
+# the segment instead of writing the instruction for it.
+_ASSISTANT_VOICE = re.compile(r"^(?:sure\b|certainly\b|of course\b|absolutely\b|"
+                              r"i(?:'d| would) be (?:happy|glad)\b|i'm (?:ready|here to|happy|glad)\b|"
+                              r"as an ai\b|thank you for\b)", re.IGNORECASE)
 
 
 def load_template(path: str | Path | None) -> str | None:
@@ -74,6 +79,8 @@ def degenerate_reason(instruction: str, segment: str, finish_reason: str | None,
         return "empty_generation", "the reply is empty after removing labels and quotes"
     if len(words) < min_words:
         return "instruction_too_short", f"{len(words)} words < {min_words}"
+    if _ASSISTANT_VOICE.match(instruction.replace("\u2019", "'")):
+        return "assistant_voice", "it opens like an assistant's reply, not a user's request"
     if reject_truncated and finish_reason == "length":
         return "truncated", "the reply hit max_new_tokens before the end-of-turn token"
     if len(words) >= 12:

@@ -75,6 +75,7 @@ def orca_targets(pool: list[dict], exclude: set[str], *, n: int, seed: int, n_sy
     return [(r, int(rank(seed + 2, r["id"]), 16) % n_systems) for r in chosen]
 
 
+_LIST_MARKER = re.compile(r"^\s*\d+[.)]\s*$")  # "5." opening a list item is not the end of a sentence
 _SENTENCE_END = re.compile(r"[.!?\u3002](?=[\s\"')\]]|$)|\n\s*\n")
 
 
@@ -85,7 +86,7 @@ def trim_to_sentence(text: str) -> str | None:
     """
     for end in reversed([m.end() for m in _SENTENCE_END.finditer(text)]):
         kept = text[:end].rstrip()
-        if kept and kept.count("```") % 2 == 0:
+        if kept and kept.count("```") % 2 == 0 and not _LIST_MARKER.match(kept.rsplit("\n", 1)[-1]):
             return kept
     return None
 

@@ -57,6 +57,12 @@ def test_degenerate_generations_are_named():
     assert augment.degenerate_reason("Write a long essay about furnaces and how they", seg, "length",
                                      reject_truncated=False) is None
     assert reason("the air the air the air the air the air the air the air the air") == "repetitive"
+    assert reason("I'm ready to assist you. Please provide the text.") == "assistant_voice"
+    assert reason("Sure! Here is a summary of the text about filters.") == "assistant_voice"
+    assert reason("Certainly, the filter should be changed often.") == "assistant_voice"
+    assert reason("I\u2019d be happy to help with your furnace.") == "assistant_voice"
+    assert reason("I'm planning to replace my furnace filter; how often should I do it?") is None
+    assert reason("Here is my furnace manual: when should I change the filter?") is None, "users say 'here is' too"
     assert reason("should be changed every three months to keep the air in your home") == "copies_segment"
     assert reason("Rewrite: " + seg) == "copies_segment"
 

@@ -85,6 +85,7 @@ def test_truncated_responses_are_trimmed_to_a_sentence_or_rejected():
     assert settle("no end in sight and", reject=False) == ("no end in sight and", False)
     assert distill.trim_to_sentence("Para one ends here\n\nand two does not") == "Para one ends here"
     assert distill.trim_to_sentence("no sentence ends in this") is None
+    assert distill.trim_to_sentence("Options:\n\n1. Rust is fast.\n\n2.") == "Options:\n\n1. Rust is fast."
     assert distill.trim_to_sentence("Use this.\n```python\nx = 1. print(x)\n") == "Use this.", "no open code block"
     assert distill.trim_to_sentence("```python\nx = 1. print(x)\n") is None
     assert distill.trim_to_sentence("Version 2.5 is out and") is None, "a decimal point is not a sentence end"
