@@ -49,7 +49,10 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
         "base.source": "local", "base.local_dir": str(model_dir), "base.dtype": "float32",
     }
     optional = {
-        "translate.max_records": 3, "translate.max_new_tokens": 24,
+        "translate.max_records": 3, "translate.max_tokens": 48,
+        "reward.max_pairs": 24, "reward.max_heldout": 8, "reward.max_length": 128,
+        "ppo.steps": 2, "ppo.batch_size": 4, "ppo.minibatch_size": 2, "ppo.ppo_epochs": 1,
+        "ppo.response_length": 8, "ppo.checkpoint_every": 1,
         "augment.max_segments": 12, "augment.max_new_tokens": 12, "augment.reject_truncated": False,
         "augment.min_instruction_words": 1,
         "sft.train.max_len": 128, "sft.train.save_steps": 2, "sft.train.eval_steps": 2,
@@ -72,6 +75,11 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, tiny_model_dir) -> Path:
+    # The shared tiny model only ever says "\n\n\n"; the varied copy gives distinct, sometimes
+    # stopping replies, so augment has candidates for curate to score and SFT to learn from.
+    from llm_helpers import varied_model
+
+    base = varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
     dst = tmp_path_factory.mktemp("pipeline") / "repo"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -80,7 +88,7 @@ def repo(tmp_path_factory, tiny_model_dir) -> Path:
         if src.is_file() and not f.startswith(("metrics/", "bench/results/")) and f != "dvc.lock":
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
-    tiny_params(dst, tiny_model_dir)
+    tiny_params(dst, base)
     _run(["git", "init", "-q"], dst)
     _run(["git", "add", "-A"], dst)
     _run(["git", "commit", "-qm", "init"], dst)
@@ -102,3 +110,32 @@ def test_data_half_repro_then_noop(repo):
     assert clean["records_in"] == clean["kept"] + clean["rejected"]
     second = _run(["dvc", "repro", "clean"], repo)
     assert _ran(second) == set(), second.stdout
+
+
+ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1", "sft@m1",
+              "curate@iter2", "distill", "sft@final", "reward", "ppo", "evaluate", "export"}
+AFTER_CURATION = {"curate@iter1", "sft@m1", "curate@iter2", "distill", "sft@final", "reward", "ppo", "evaluate",
+                  "export"}
+
+
+def test_whole_graph_then_threshold_change_reruns_only_downstream(repo):
+    first = _run(["dvc", "repro"], repo)
+    assert ALL_STAGES <= _ran(first) | {"base", "ingest", "translate", "clean"}
+    for name in ["m0", "backward", "m1", "final", "reward", "ppo", "export"]:
+        assert (repo / "models" / name / "config.json").exists(), f"models/{name} missing"
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert evaluate
+    assert (repo / "reports" / "evaluate" / "report.md").exists()
+    card = (repo / "models" / "export" / "README.md").read_text()
+    assert "sft@final" in card or "ppo" in card
+    assert _ran(_run(["dvc", "repro"], repo)) == set()
+
+    params = repo / "params.yaml"
+    tree = yaml.safe_load(params.read_text())
+    # Every score is at least 1, so threshold 1 keeps every candidate: the kept sets change for sure
+    # (a change that left them byte-identical would rightly stop DVC at curate).
+    assert float(tree["curate"]["threshold"]) > 1.0
+    tree["curate"]["threshold"] = 1.0
+    params.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
+    again = _ran(_run(["dvc", "repro"], repo))
+    assert again == AFTER_CURATION, f"ran {sorted(again)}"
