@@ -83,16 +83,19 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
-    template = augment.load_template(prompt_file)
+    spec = {**ENGINE_DEFAULTS, "model": model_dir, **cfg["engine"]}
+    try:  # a bad prompt file or engine spec fails here, in a second, naming what is wrong
+        template = augment.load_template(prompt_file)
+        engine = llm.make_engine(spec, cache_dir=cache)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
     segments, rejected, n_in = read_web(Path(web), cfg["min_chars"], cfg["max_chars"])
     chosen, unsampled = augment.sample(segments, cfg["max_segments"], cfg["seed"])
-    spec = {**ENGINE_DEFAULTS, "model": model_dir, **cfg["engine"]}
     system = models.read_info(model_dir).get("system")  # the system prompt Myx was trained with, if any
     log.info("%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s (system prompt "
              "%r), max_new_tokens %d, temperature %s", n_in, len(segments), len(rejected), len(chosen),
              cfg["max_segments"], spec["kind"], spec["model"], system, cfg["max_new_tokens"], cfg["temperature"])
 
-    engine = llm.make_engine(spec, cache_dir=cache)
     head = [{"role": "system", "content": system}] if system else []
     reqs = [llm.Request(messages=head + [{"role": "user", "content": augment.user_turn(template, w["text"])}],
                         max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],

@@ -77,7 +77,10 @@ def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
     from selfalign import llm
 
     spec = {"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
-    engine = llm.make_engine(spec, cache_dir=cache)
+    try:
+        engine = llm.make_engine(spec, cache_dir=cache)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
     reqs = [llm.Request(messages=curate.rubric_messages(rubric, i, r, system), max_tokens=cfg["max_tokens"], temperature=0.0,
                         top_p=1.0, seed=0) for i, r in pairs]
     out = []
@@ -104,7 +107,10 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         raise click.UsageError(f"curate.mode: {cfg['mode']!r} is not one of {', '.join(MODES)}")
     if not 1.0 <= float(cfg["threshold"]) <= 5.0:
         raise click.UsageError(f"curate.threshold: {cfg['threshold']} is outside the score range [1, 5]")
-    rubric_text = curate.load_rubric(rubric)
+    try:
+        rubric_text = curate.load_rubric(rubric)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
     if cache:
         Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
     good, rejected, n_in = read_candidates(Path(candidates))

@@ -80,7 +80,12 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
-    system_msgs = distill.load_systems(systems)
+    spec = {**ENGINE_DEFAULTS, "model": teacher, **cfg["engine"]}
+    try:  # a bad system-message file or engine spec fails here, in a second, naming what is wrong
+        system_msgs = distill.load_systems(systems)
+        engine = llm.make_engine(spec, cache_dir=cache)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
     rejected: list[dict] = []
     seeds, n_seed = read_chat(Path(seed_file), rejected)
     scored, n_scored = read_chat(Path(scored_file), rejected) if scored_file else ([], 0)
@@ -90,7 +95,6 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
                                        seed=cfg["seed"])
     orca = distill.orca_targets(seeds + scored, {r["id"] for r, _ in regen}, n=cfg["orca"]["n"], seed=cfg["seed"],
                                 n_systems=len(system_msgs))
-    spec = {**ENGINE_DEFAULTS, "model": teacher, **cfg["engine"]}
     log.info("%d seed + %d scored records (%d invalid): %d to regenerate (%s), %d Orca answers over %d system "
              "messages; teacher %s on %s", n_seed, n_scored, invalid, len(regen), dict(Counter(w for _, w in regen)),
              len(orca), len(system_msgs), spec["kind"], spec["model"])
@@ -105,7 +109,6 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
     for r, _, system, _ in jobs:
         head = [{"role": "system", "content": system}] if system else []
         reqs.append(request(head + [{"role": "user", "content": distill.single_turn(r)[0]}]))
-    engine = llm.make_engine(spec, cache_dir=cache)
     results = engine.complete(reqs, template_id="distill-v1", progress=True) if reqs else []
 
     out_records = []

@@ -133,3 +133,21 @@ def test_stage_links_candidates_to_segments_and_resumes_from_cache(tiny_model_di
     m3 = run(tmp_path, tiny_model_dir, "m3.json", "max_segments=6")
     assert m3["engine"]["calls"] == 0 and m3["engine"]["cache_hits"] == 6, "a rerun asks the model nothing"
     assert (tmp_path / "out" / "candidates.jsonl").read_text() == before
+
+
+def test_bad_setup_fails_at_once_naming_the_problem(tiny_model_dir, tmp_path):
+    write_web(tmp_path / "web.jsonl")
+    main = load_stage("augment").main
+
+    def fails(*args: str) -> str:
+        res = CliRunner().invoke(main, ["--web", str(tmp_path / "web.jsonl"), "--output-dir", str(tmp_path / "out"),
+                                        "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
+                                        *args])
+        assert res.exit_code != 0 and not (tmp_path / "out").exists()
+        return res.output
+
+    assert "not a model directory" in fails("--model", str(tmp_path / "missing"))
+    assert "kind 'nope'" in fails("--model", str(tiny_model_dir), "--set", "engine={kind: nope}")
+    assert "max_segmnets" in fails("--model", str(tiny_model_dir), "--set", "max_segmnets=3")
+    (tmp_path / "bad.txt").write_text("no placeholder here")
+    assert "{response}" in fails("--model", str(tiny_model_dir), "--prompt", str(tmp_path / "bad.txt"))
