@@ -1,6 +1,6 @@
 """PPO on SmolLM2-135M: seconds per step, where the time goes, and what the reference costs in memory.
 
-    python bench/ppo.py [--steps 4]
+    python bench/ppo.py [--steps 4] [--threads 1]
 
 The policy is the 135M base model (models/base, or the GGUF converted into a temporary directory
 when the base stage has not run), with the ppo section of params.yaml as it stands (the stage's
@@ -46,7 +46,7 @@ def model_dir(tmp: str) -> str:
     return str(out)
 
 
-def worker(policy_dir: str, reference: str, steps: int) -> dict:
+def worker(policy_dir: str, reference: str, steps: int, threads: int) -> dict:
     import importlib.util
 
     import torch
@@ -59,6 +59,8 @@ def worker(policy_dir: str, reference: str, steps: int) -> dict:
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     cfg = params.resolve(stage.DEFAULTS, ROOT / "params.yaml", "ppo", [f"steps={steps}", f"reference={reference}"])
+    if threads:
+        torch.set_num_threads(threads)
     tok = chat.load_tokenizer(policy_dir, padding_side="left")
     texts = [r["prompt"] for r in json.loads((ROOT / "data" / "sample" / "oasst_ppo_prompts.json").read_text())]
     prompts = []
@@ -95,9 +97,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--worker", choices=["adapter", "copy"])
     ap.add_argument("--model")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch's default). 1 by default: on this shared CPU, 2 threads waiting "
+                         "on each other made generation with LoRA 12x slower than 1 thread")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.model, args.worker, args.steps)))
+        print(json.dumps(worker(args.model, args.worker, args.steps, args.threads)))
         return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,7 +112,8 @@ def main() -> None:
         runs = {}
         for ref in ("adapter", "copy"):
             out = subprocess.run([sys.executable, __file__, "--worker", ref, "--model", policy_dir,
-                                  "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+                                  "--steps", str(args.steps), "--threads", str(args.threads)],
+                                 capture_output=True, text=True, check=True)
             runs[ref] = json.loads(out.stdout.strip().splitlines()[-1])
     a, c = runs["adapter"], runs["copy"]
     total = a["seconds_per_step"]

@@ -52,7 +52,7 @@ RewardFn = Callable[[list[list[dict]], list[list[int]]], list[float]]
 
 @dataclasses.dataclass
 class PPOConfig:
-    steps: int = 10                  # PPO steps (rollout + update)
+    steps: int = 8                   # PPO steps (rollout + update)
     batch_size: int = 8              # prompts per rollout, per process
     minibatch_size: int = 4          # sequences per gradient step
     ppo_epochs: int = 1              # passes over each rollout
@@ -419,7 +419,7 @@ def load_checkpoint(directory, fingerprint: str, steps: int, accelerator) -> dic
     path = Path(directory) / "state.pt"
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
         log.info("checkpoint %s was made from other inputs or params; starting from step 0", path)
         return None
@@ -427,7 +427,7 @@ def load_checkpoint(directory, fingerprint: str, steps: int, accelerator) -> dic
         log.info("checkpoint %s (step %d, %d processes) does not fit this run; starting from step 0", path,
                  state["step"], state["world"])
         return None
-    state["rng"] = torch.load(Path(directory) / f"rng-{accelerator.process_index}.pt", weights_only=False)
+    state["rng"] = torch.load(Path(directory) / f"rng-{accelerator.process_index}.pt", weights_only=True)
     return state
 
 

@@ -49,6 +49,7 @@ DEFAULTS = {
     "checkpoint_every": 4,
     "mixed_precision": "no",
     "launcher": "python",
+    "threads": 0,
 }
 PLOTTED = ("reward_mean", "score_mean", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "policy_loss",
            "approx_kl", "response_length", "eos_frac", "time_generate", "time_score", "time_logprobs", "time_optimise")
@@ -150,9 +151,9 @@ def write_plots(plots_dir: str, history: list[dict]) -> None:
               help="The SFT model to improve (the reference is its frozen weights).")
 @click.option("--reward-model", type=click.Path(file_okay=False), default=None,
               help="Reward model directory (not read when reward_fn is set).")
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--prompts", "prompts_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Prompt records from PPO prompt files.")
-@click.option("--seed-data", "seed_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--seed-data", "seed_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Seed chat records; the ones sft held out give prompts.")
 @click.option("--output", required=True, type=click.Path(file_okay=False))
 @click.option("--checkpoints", required=True, type=click.Path(file_okay=False),
@@ -179,6 +180,8 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
     from selfalign import chat
     from selfalign import reward as rm
 
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     fraction = cfg["seed_heldout_fraction"]
     if fraction is None and cfg["use_seed_heldout"]:
         if not params_file:

@@ -45,6 +45,7 @@ DEFAULTS = {
     "center_rewards": 0.01,
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "score_batch_size": 16,
+    "threads": 0,
     "seed": 0,
     "launcher": "python",
 }
@@ -107,6 +108,9 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
         return
     launch.relaunch(cfg["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
     t0 = time.time()
+    if cfg["threads"]:
+        import torch
+        torch.set_num_threads(cfg["threads"])
 
     prefs = read_records(preference, "preference")
     pairs, dropped = rm.select_pairs(prefs, cfg["sources"])

@@ -328,3 +328,20 @@ def test_stage_errors_name_file_line_and_field(tiny_model_dir, stage_inputs, tmp
     args[args.index("--prompts") + 1] = str(bad)
     res = CliRunner().invoke(load_stage().main, args)
     assert res.exit_code != 0 and f"{bad}:3:" in res.output and "'prompt'" in res.output
+
+
+def test_stage_takes_a_python_reward_instead_of_the_reward_model(tiny_model_dir, stage_inputs, tmp_path):
+    fn = tmp_path / "toy_reward.py"
+    fn.write_text("def short(conversations, response_ids):\n    return [-len(r) / 10 for r in response_ids]\n")
+    args = stage_args(tiny_model_dir, stage_inputs, tmp_path)
+    i = args.index("--reward-model")
+    del args[i:i + 2]
+    args += ["--set", f"reward_fn={fn}:short", "--set", "steps=2", "--set", "checkpoint_every=0",
+             "--set", "response_length=3"]
+    res = CliRunner().invoke(load_stage().main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["resumed_from"] == 0
+    with open(tmp_path / "plots" / "score_mean.csv") as f:
+        scores = [float(r["score_mean"]) for r in csv.DictReader(f)]
+    assert all(-0.3 <= s <= -0.1 for s in scores)   # -len/10 for 1..3 tokens: the callable was used
