@@ -1,29 +1,31 @@
 """SFT training speed: selfalign's loop against a plain HF Trainer loop, and model FLOP utilisation.
 
-    python bench/sft.py [--model models/base] [--steps 6] [--trl]
+    python bench/sft.py [--model models/base] [--steps 5] [--precision auto] [--trl] [--other-precision]
 
 Same model (SmolLM2-135M; converted from the packaged GGUF into a temp dir if models/base is
-missing), same seed examples (data/sample's guanaco pairs), same LoRA, same bf16 autocast, same
-batch of 4 rows, measured side by side in one process:
+missing), same seed examples (data/sample's guanaco pairs), the default LoRA of stages/sft.py,
+same precision (auto: what the stage would pick on this machine), same 4 rows per step, measured
+side by side in one process:
 
-- selfalign: stages/sft.py's path (frozen base in bf16, packed rows of max_len, position_ids,
-  vocabulary projection only at target tokens);
-- plain: AutoModel in fp32 + the same LoRA + Trainer(bf16=True) + DataCollatorForSeq2Seq padding
-  each batch of 4 examples to its longest (the usual recipe);
-- trl (--trl): TRL's SFTTrainer with assistant-only loss on messages, padding, no checkpointing.
+- selfalign: stages/sft.py's path (packed rows of max_len with restarting position_ids, loss
+  projected onto the vocabulary only at target tokens, frozen base in bf16 under bf16);
+- plain: AutoModel in fp32 + the same LoRA + Trainer + DataCollatorForSeq2Seq padding each batch
+  of 4 examples to its longest (the usual recipe);
+- trl (--trl): TRL's SFTTrainer, prompt/completion loss, padding, no activation checkpointing;
+- --other-precision adds selfalign's loop in the other precision (bf16 <-> fp32).
 
---fp32 adds selfalign's loop without autocast (its MFU is against the fp32 matmul rate).
 Tokens/s counts real (non-padding) tokens over steps 2..N (step 1 warms up). MFU = achieved model
-FLOP/s over the bf16 matmul rate measured here with a 2048^3 torch.matmul, where a LoRA step costs
-4 * N FLOPs per token (forward 2N, backward through the frozen weights 2N; no weight gradients for
-them; adapter and attention-score FLOPs left out, a few %) and a full fine-tuning step 6 * N;
-N = 134.5M, the embedding counted once, as the tied lm_head matmul.
-Results go to bench/results/sft.json.
+FLOP/s over the matmul rate of the loop's compute dtype, measured here with a 2048^3 torch.matmul
+(the bf16 rate is also reported, as asked). A LoRA step costs 4 * N FLOPs per token: forward 2N,
+backward through the frozen weights 2N (no weight gradients for them); adapter and attention-score
+FLOPs are left out (a few %); a full fine-tuning step would be 6 * N. N = 134.5M, the embedding
+counted once, as the tied lm_head matmul. Results go to bench/results/sft.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import sys
@@ -40,8 +42,6 @@ import torch  # noqa: E402
 
 from selfalign import chat, io, models, readers, training  # noqa: E402
 
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 SYSTEM = "Answer in the style of an AI Assistant."
 
 
@@ -109,67 +109,71 @@ def run_trainer(model, rows, collator, steps: int, tmp: Path, cfg: dict, trainer
     return timer.times
 
 
-def summarize(name: str, times: list[float], real_tokens: list[int], padded_tokens: list[int] | None,
-              flops_per_token: float, peak: float) -> dict:
+def summarize(name: str, precision: str, times: list[float], real_tokens: list[int], padded_tokens: list[int] | None,
+              flops_per_token: float, peaks: dict) -> dict:
     t = sum(times[1:])
     tok_s = sum(real_tokens[1: len(times)]) / t
-    return {"loop": name, "steps_timed": len(times) - 1, "seconds_per_step": round(t / (len(times) - 1), 3),
+    return {"loop": name, "precision": precision, "steps_timed": len(times) - 1, "seconds_per_step": round(t / (len(times) - 1), 3),
             "tokens_per_step": round(sum(real_tokens[1: len(times)]) / (len(times) - 1), 1),
             "padding_share": None if padded_tokens is None else
             round(1 - sum(real_tokens[1: len(times)]) / sum(padded_tokens[1: len(times)]), 3),
             "tokens_per_second": round(tok_s, 1), "model_tflops": round(tok_s * flops_per_token / 1e12, 4),
-            "mfu": round(tok_s * flops_per_token / peak, 4)}
+            "mfu": round(tok_s * flops_per_token / peaks[precision], 4),
+            "mfu_vs_bf16_matmul": round(tok_s * flops_per_token / peaks["bf16"], 4)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--max-len", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--trl", action="store_true", help="also time TRL's SFTTrainer")
-    ap.add_argument("--fp32", action="store_true", help="also time selfalign's loop without bf16 autocast")
+    ap.add_argument("--other-precision", action="store_true", help="also time selfalign's loop in the other precision")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("stage_sft", ROOT / "stages/sft.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
-    cfg = {**stage.DEFAULTS["train"], "lora": LORA, "max_len": a.max_len, "batch_size": a.batch_size,
+    precision = training.resolve_precision(a.precision)
+    lora = stage.DEFAULTS["train"]["lora"]
+    cfg = {**stage.DEFAULTS["train"], "max_len": a.max_len, "batch_size": a.batch_size, "precision": precision,
            "warmup_ratio": 0.0, "logging_steps": 10**6}
 
-    peak_bf16 = matmul_rate(torch.bfloat16)
-    peak_fp32 = matmul_rate(torch.float32)
-    print(f"matmul 2048^3: bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, fp32 {peak_fp32 / 1e12:.3f} TFLOP/s, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    peaks = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
+    print(f"matmul 2048^3: bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, "
+          f"{torch.get_num_threads()} threads, loops in {precision}, load {os.getloadavg()[0]:.1f}", flush=True)
 
     mdir = base_dir(a.model, tmp)
     tok = chat.load_tokenizer(mdir)
     examples, convs = seed_examples(tok, a.max_len, tmp)
     n_params = sum(p.numel() for p in models.load_model(mdir).parameters())
     fpt = 4 * n_params
+    need = a.steps * a.batch_size
     results = []
 
-    # selfalign: packed rows, frozen bf16 base.
-    rows = training.pack(examples, a.max_len)
-    need = a.steps * a.batch_size
-    rows = (rows * (need // len(rows) + 1))[:need]
-    per_step = [rows[i * a.batch_size:(i + 1) * a.batch_size] for i in range(a.steps)]
-    real = [sum(len(r["input_ids"]) for r in b) for b in per_step]
-    padded = [len(b) * max(len(r["input_ids"]) for r in b) for b in per_step]
-    for precision in ["bf16"] + (["fp32"] if a.fp32 else []):
-        model = models.load_for_training(mdir, "lora", LORA, precision)
-        times = run_trainer(model, rows, training.PackedCollator(tok.pad_token_id), a.steps, tmp / "ours",
-                            {**cfg, "precision": precision}, training.trainer_class())
-        name = "selfalign" if precision == "bf16" else "selfalign_fp32"
-        results.append(summarize(name, times, real, padded, fpt, peak_bf16 if precision == "bf16" else peak_fp32))
+    def report(name, prec, times, batches, padded=True):
+        real = [sum(len(r["input_ids"]) for r in b) for b in batches]
+        pad = [len(b) * max(len(r["input_ids"]) for r in b) for b in batches] if padded else None
+        results.append(summarize(name, prec, times, real, pad, fpt, peaks))
         print(results[-1], flush=True)
+
+    # selfalign: packed rows.
+    rows = training.pack(examples, a.max_len)
+    rows = (rows * (need // len(rows) + 1))[:need]
+    batches = [rows[i * a.batch_size:(i + 1) * a.batch_size] for i in range(a.steps)]
+    other = {"bf16": "fp32", "fp32": "bf16"}[precision]
+    for prec in [precision] + ([other] if a.other_precision else []):
+        model = models.load_for_training(mdir, "lora", lora, prec)
+        times = run_trainer(model, rows, training.PackedCollator(tok.pad_token_id), a.steps, tmp / "ours",
+                            {**cfg, "precision": prec}, training.trainer_class())
+        report("selfalign" if prec == precision else f"selfalign_{prec}", prec, times, batches)
         del model
 
-    # plain: one example per row, padded per batch, fp32 master weights under autocast.
+    # plain: one example per row, padded per batch, fp32 master weights (autocast under bf16).
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
@@ -177,41 +181,41 @@ def main():
     plain_rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in exs]
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=training.IGNORE)
     times = run_trainer(model, plain_rows, collator, a.steps, tmp / "plain", cfg)
-    per_step = [plain_rows[i * a.batch_size:(i + 1) * a.batch_size] for i in range(a.steps)]
-    real = [sum(len(r["input_ids"]) for r in b) for b in per_step]
-    padded = [len(b) * max(len(r["input_ids"]) for r in b) for b in per_step]
-    results.append(summarize("plain_hf_trainer", times, real, padded, fpt, peak_bf16))
-    print(results[-1], flush=True)
+    report("plain_hf_trainer", precision, times, [plain_rows[i * a.batch_size:(i + 1) * a.batch_size]
+                                                  for i in range(a.steps)])
     del model
 
     if a.trl:
-        results.append(run_trl(mdir, tok, exs, (convs * (need // len(convs) + 1))[:need], a, fpt, peak_bf16, tmp))
-        print(results[-1], flush=True)
+        times = run_trl(mdir, tok, (convs * (need // len(convs) + 1))[:need], lora, precision, a, tmp)
+        mean = sum(len(e["input_ids"]) for e in exs) / len(exs)  # TRL samples at random: mean real tokens per row
+        report("trl_sft_trainer", precision, times, [[{"input_ids": [0] * round(mean)}] * a.batch_size] * a.steps,
+               padded=False)
 
-    ours = results[0]
-    plain = next(r for r in results if r["loop"] == "plain_hf_trainer")
+    by = {r["loop"]: r for r in results}
+    ours, plain = by["selfalign"], by["plain_hf_trainer"]
     out = {"model": mdir, "params": n_params, "flops_per_token": fpt, "flops_formula": "4 * N (LoRA)",
-           "matmul_bf16_tflops": round(peak_bf16 / 1e12, 4), "matmul_fp32_tflops": round(peak_fp32 / 1e12, 4),
-           "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "results": results,
+           "precision": precision, "lora": lora, "max_len": a.max_len, "batch_size": a.batch_size,
+           "matmul_tflops": {k: round(v / 1e12, 4) for k, v in peaks.items()},
+           "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2), "results": results,
            "ratio_tokens_per_second_selfalign_vs_plain": round(ours["tokens_per_second"] / plain["tokens_per_second"], 3)}
-    if a.trl:
-        trl = next(r for r in results if r["loop"] == "trl_sft_trainer")
-        out["ratio_tokens_per_second_selfalign_vs_trl"] = round(ours["tokens_per_second"] / trl["tokens_per_second"], 3)
-    if a.fp32:
-        fp32 = next(r for r in results if r["loop"] == "selfalign_fp32")
-        out["ratio_tokens_per_second_bf16_vs_fp32"] = round(ours["tokens_per_second"] / fp32["tokens_per_second"], 3)
-    print(f"\ntokens/s  selfalign {ours['tokens_per_second']}  plain {plain['tokens_per_second']}  "
+    if "trl_sft_trainer" in by:
+        out["ratio_tokens_per_second_selfalign_vs_trl"] = round(
+            ours["tokens_per_second"] / by["trl_sft_trainer"]["tokens_per_second"], 3)
+    if f"selfalign_{other}" in by:
+        out[f"ratio_tokens_per_second_{precision}_vs_{other}"] = round(
+            ours["tokens_per_second"] / by[f"selfalign_{other}"]["tokens_per_second"], 3)
+    print(f"\ntokens/s ({precision})  selfalign {ours['tokens_per_second']}  plain {plain['tokens_per_second']}  "
           f"ratio {out['ratio_tokens_per_second_selfalign_vs_plain']}x")
-    print(f"MFU (4N/token vs bf16 matmul {peak_bf16 / 1e12:.2f} TFLOP/s)  selfalign {ours['mfu']:.1%}  "
-          f"plain {plain['mfu']:.1%}")
+    print(f"MFU (4N/token vs {precision} matmul {peaks[precision] / 1e12:.3f} TFLOP/s)  selfalign {ours['mfu']:.1%}  "
+          f"plain {plain['mfu']:.1%};  vs bf16 matmul: selfalign {ours['mfu_vs_bf16_matmul']:.1%}")
     io.write_json(a.out, out)
 
 
-def run_trl(mdir, tok, exs, convs, a, fpt, peak, tmp) -> dict:
+def run_trl(mdir, tok, convs, lora, precision, a, tmp) -> list[float]:
     """TRL renders the same conversations itself; prompt/completion form gives it completion-only loss
     (SmolLM2's template has no {% generation %} markers for assistant_only_loss)."""
     from datasets import Dataset
@@ -222,17 +226,14 @@ def run_trl(mdir, tok, exs, convs, a, fpt, peak, tmp) -> dict:
     data = [{"prompt": c[:-1], "completion": c[-1:]} for c in convs]
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     cfg = SFTConfig(output_dir=str(tmp / "trl"), max_length=a.max_len, per_device_train_batch_size=a.batch_size,
-                    max_steps=a.steps, use_cpu=True, gradient_checkpointing=False, packing=False, bf16=True,
-                    report_to=[], save_strategy="no", logging_steps=10**6)
+                    max_steps=a.steps, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
+                    packing=False, bf16=precision == "bf16", report_to=[], save_strategy="no", logging_steps=10**6)
     timer = StepTimer()
     SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
-               peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM"),
+               peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                      target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
                callbacks=[timer.callback]).train()
-    # TRL's default sampler is random: count the mean real tokens per batch.
-    mean = sum(len(e["input_ids"]) for e in exs) / len(exs) * a.batch_size
-    real = [round(mean)] * a.steps
-    return summarize("trl_sft_trainer", timer.times, real, None, fpt, peak)
+    return timer.times
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from selfalign import chat, io, launch, memory, models, params, training
 
 DEFAULTS = {
     "train": {
-        "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-        "precision": "bf16", "max_len": 384, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 2.0e-4,
+        "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "precision": "auto", "max_len": 384, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 5.0e-4,
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
         "logging_steps": 1, "save_steps": 10, "eval_steps": 10, "eval_fraction": 0.05, "eval_max_examples": 32,
         "deepspeed": False, "keep_adapter": True, "launcher": "python",
@@ -124,9 +124,11 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
         raise click.UsageError(f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)")
     if dry_run:
         ds = deepspeed_config if t["deepspeed"] else None
+        t = {**t, "precision": "bf16" if t["precision"] == "auto" else t["precision"]}  # a GPU estimate: auto = bf16
         click.echo(memory.dry_run(memory.stage_plan("sft", t, run_cfg["base"], params_file, gpu_gib=gpu_gib,
                                                     deepspeed_config=ds), params=t))
         return
+    t = cfg["train"] = {**t, "precision": training.resolve_precision(t["precision"])}
     launch.relaunch(t["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
     ds_config = training.setup_deepspeed(t["deepspeed"], deepspeed_config)
     import torch
@@ -141,8 +143,9 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
     per_step = t["batch_size"] * t["grad_accum"]
     total_steps = math.ceil(len(rows) / per_step)
     tokens = sum(len(r["input_ids"]) for r in rows)
-    log.info("run %s: %d rows in %d phases, %d steps, %.0f tokens/step (%.0f%% of row capacity), %d eval rows",
-             run, len(rows), len(phase_info), total_steps, tokens / total_steps,
+    log.info("run %s (%s, %s): %d rows in %d phases, %d steps, %.0f tokens/step (%.0f%% of row capacity), "
+             "%d eval rows", run, t["method"], t["precision"], len(rows), len(phase_info), total_steps,
+             tokens / total_steps,
              100 * tokens / (len(rows) * t["max_len"]), len(eval_rows))
     for ph in phase_info:
         log.info("phase %s: %d examples x %d epochs -> %d rows", ph["name"], ph["examples"], ph["epochs"], ph["rows"])

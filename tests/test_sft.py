@@ -303,3 +303,10 @@ def test_deepspeed_without_deepspeed_says_what_to_install():
     assert training.setup_deepspeed(False, None) is None
     with pytest.raises(params.ParamsError, match=r"deepspeed is not installed.*pip install -e \.\[gpu\]"):
         training.setup_deepspeed(True, str(ROOT / "configs" / "deepspeed_zero2.json"))
+
+
+def test_precision_auto_resolves_to_what_the_hardware_computes_fast():
+    assert training.resolve_precision("fp32") == "fp32" and training.resolve_precision("bf16") == "bf16"
+    assert training.resolve_precision("auto") in ("bf16", "fp32")
+    with pytest.raises(params.ParamsError, match="expected auto, bf16 or fp32"):
+        training.resolve_precision("fp8")
