@@ -26,9 +26,9 @@ from selfalign import chat, io, launch, memory, models, params, training
 DEFAULTS = {
     "train": {
         "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "precision": "auto", "max_len": 384, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 5.0e-4,
+        "precision": "auto", "max_len": 256, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 5.0e-4,
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
-        "logging_steps": 1, "save_steps": 10, "eval_steps": 10, "eval_fraction": 0.05, "eval_max_examples": 32,
+        "logging_steps": 1, "save_steps": 5, "eval_steps": 8, "eval_fraction": 0.1, "eval_max_examples": 16,
         "deepspeed": False, "keep_adapter": True, "launcher": "python",
     },
     "system_tags": {},
@@ -93,6 +93,7 @@ def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapt
             models.save_model_dir(merged, tok, output, info)
             if keep_adapter:
                 shutil.copytree(adapter, Path(output) / "adapter")
+                (Path(output) / "adapter").chmod(0o755)  # TemporaryDirectory's 0700 would be copied along
     else:
         model = model.to(models._torch_dtype(models.load_config_dtype(run_cfg["base"])))
         model.config.use_cache = True
