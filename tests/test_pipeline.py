@@ -138,4 +138,8 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo):
     tree["curate"]["threshold"] = 1.0
     params.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
     again = _ran(_run(["dvc", "repro"], repo))
-    assert again == AFTER_CURATION, f"ran {sorted(again)}"
+    # Curation and the model trained on what it kept rerun; nothing upstream does. Further stages
+    # rerun only if their inputs' bytes changed (DVC skips a stage whose deps hash the same, e.g.
+    # when m1's few tiny steps leave iteration 2's rounded scores as they were).
+    assert {"curate@iter1", "curate@iter2", "sft@m1"} <= again, f"ran {sorted(again)}"
+    assert again <= AFTER_CURATION, f"ran {sorted(again)}: upstream stages must not rerun"
