@@ -1,25 +1,28 @@
-"""SFT training speed: selfalign's loop against a plain HF Trainer loop, and model FLOP utilisation.
+"""SFT training speed: selfalign's step against a plain HF step, and model FLOP utilisation.
 
-    python bench/sft.py [--model models/base] [--steps 5] [--precision auto] [--trl] [--other-precision]
+    python bench/sft.py [--model models/base] [--rounds 8] [--precision auto] [--other-precision] [--trl]
 
 Same model (SmolLM2-135M; converted from the packaged GGUF into a temp dir if models/base is
-missing), same seed examples (data/sample's guanaco pairs), the default LoRA of stages/sft.py,
-same precision (auto: what the stage would pick on this machine), same 4 rows per step, measured
-side by side in one process:
+missing), same seed examples (data/sample's guanaco pairs, seed system tag), the default LoRA and
+row length of stages/sft.py, same precision (auto: what the stage picks on this machine), same
+AdamW, 4 rows per step:
 
-- selfalign: stages/sft.py's path (packed rows of max_len with restarting position_ids, loss
-  projected onto the vocabulary only at target tokens, frozen base in bf16 under bf16);
-- plain: AutoModel in fp32 + the same LoRA + Trainer + DataCollatorForSeq2Seq padding each batch
-  of 4 examples to its longest (the usual recipe);
-- trl (--trl): TRL's SFTTrainer, prompt/completion loss, padding, no activation checkpointing;
-- --other-precision adds selfalign's loop in the other precision (bf16 <-> fp32).
+- selfalign: the stage's step: packed rows with restarting position_ids (PackedCollator), loss
+  projected onto the vocabulary only at target tokens (training.trainer_class), frozen base in
+  bf16 when computing in bf16;
+- plain: AutoModel in fp32 + the same LoRA, DataCollatorForSeq2Seq padding each batch of 4
+  examples to its longest, `model(**batch).loss` (what Trainer does by default);
+- --other-precision: selfalign's step in the other precision (bf16 <-> fp32);
+- --trl: afterwards, not interleaved (so noisier), TRL's SFTTrainer for the same number of steps.
 
-Tokens/s counts real (non-padding) tokens over steps 2..N (step 1 warms up). MFU = achieved model
-FLOP/s over the matmul rate of the loop's compute dtype, measured here with a 2048^3 torch.matmul
-(the bf16 rate is also reported, as asked). A LoRA step costs 4 * N FLOPs per token: forward 2N,
-backward through the frozen weights 2N (no weight gradients for them); adapter and attention-score
-FLOPs are left out (a few %); a full fine-tuning step would be 6 * N. N = 134.5M, the embedding
-counted once, as the tied lm_head matmul. Results go to bench/results/sft.json.
+The machine is shared and its load moves by the minute, so the loops are interleaved: every round
+measures the bf16 and fp32 matmul rates (2048^3 torch.matmul, best of 2) and then runs one step of
+each loop, alternating their order. Round 1 warms up and is dropped. Tokens/s counts real
+(non-padding) tokens. MFU per round = achieved model FLOP/s / that round's matmul rate, reported
+against the loop's own compute dtype and against bf16 (as asked), median over rounds. A LoRA step
+costs 4 * N FLOPs per token: forward 2N, backward through the frozen weights 2N (they get no weight
+gradients); adapter and attention-score FLOPs are left out (a few %); full fine-tuning would be 6 * N.
+N = 134.5M, the embedding counted once, as the tied lm_head matmul. Results: bench/results/sft.json.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import importlib.util
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -45,18 +49,16 @@ from selfalign import chat, io, models, readers, training  # noqa: E402
 SYSTEM = "Answer in the style of an AI Assistant."
 
 
-def matmul_rate(dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_rate(dtype, n: int = 2048, reps: int = 2) -> float:
     """Best-of FLOP/s of an n x n x n matmul."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
-    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def base_dir(arg: str | None, tmp: Path) -> str:
@@ -80,57 +82,64 @@ def seed_examples(tok, max_len: int, tmp: Path) -> tuple[list[dict], list[list[d
     return data.train, [convs[e["id"]] for e in data.train]
 
 
-class StepTimer:
-    """Per-step wall times, from a TrainerCallback."""
+class Loop:
+    """One training step at a time: loss, backward, AdamW; batches cycled."""
 
-    def __init__(self):
-        from transformers import TrainerCallback
+    def __init__(self, name: str, precision: str, model, batches: list[dict], loss_fn):
+        self.name, self.precision, self.model, self.batches, self.loss_fn = name, precision, model, batches, loss_fn
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.model.train()
+        self.times: list[float] = []
+        self.tokens: list[int] = []
 
-        times = self.times = []
-
-        class CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                times.append(time.perf_counter() - self.t)
-
-        self.callback = CB()
-
-
-def run_trainer(model, rows, collator, steps: int, tmp: Path, cfg: dict, trainer_cls=None) -> list[float]:
-    from transformers import Trainer
-
-    trainer_cls = trainer_cls or Trainer
-    args = training.training_args({**cfg, "save_steps": 10**6}, tmp / "ckpt", steps, False, None)
-    args.save_strategy = "no"
-    timer = StepTimer()
-    trainer_cls(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer.callback]).train()
-    return timer.times
+    def step(self, i: int) -> None:
+        batch = self.batches[i % len(self.batches)]
+        t = time.perf_counter()
+        loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t)
+        self.tokens.append(batch["_real"])  # real tokens, padding excluded
 
 
-def summarize(name: str, precision: str, times: list[float], real_tokens: list[int], padded_tokens: list[int] | None,
-              flops_per_token: float, peaks: dict) -> dict:
-    t = sum(times[1:])
-    tok_s = sum(real_tokens[1: len(times)]) / t
-    return {"loop": name, "precision": precision, "steps_timed": len(times) - 1, "seconds_per_step": round(t / (len(times) - 1), 3),
-            "tokens_per_step": round(sum(real_tokens[1: len(times)]) / (len(times) - 1), 1),
-            "padding_share": None if padded_tokens is None else
-            round(1 - sum(real_tokens[1: len(times)]) / sum(padded_tokens[1: len(times)]), 3),
-            "tokens_per_second": round(tok_s, 1), "model_tflops": round(tok_s * flops_per_token / 1e12, 4),
-            "mfu": round(tok_s * flops_per_token / peaks[precision], 4),
-            "mfu_vs_bf16_matmul": round(tok_s * flops_per_token / peaks["bf16"], 4)}
+def plain_loss(precision):
+    def fn(model, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return model(**{k: v for k, v in batch.items() if not k.startswith("_")}).loss
+    return fn
+
+
+def selfalign_loss(trainer):
+    def fn(model, batch):
+        return trainer.compute_loss(model, {k: v for k, v in batch.items() if not k.startswith("_")})
+    return fn
+
+
+def with_real(batch: dict, real: int) -> dict:
+    return {**batch, "_real": real}
+
+
+def summarize(loop: Loop, rates: list[dict], fpt: float) -> dict:
+    times, tokens = loop.times[1:], loop.tokens[1:]
+    tok_s = sum(tokens) / sum(times)
+    mfu = [n * fpt / t / r[loop.precision] for n, t, r in zip(tokens, times, rates[1:], strict=True)]
+    mfu_bf16 = [n * fpt / t / r["bf16"] for n, t, r in zip(tokens, times, rates[1:], strict=True)]
+    return {"loop": loop.name, "precision": loop.precision, "steps_timed": len(times),
+            "seconds_per_step": round(sum(times) / len(times), 3), "tokens_per_step": round(sum(tokens) / len(times), 1),
+            "tokens_per_second": round(tok_s, 1), "model_tflops": round(tok_s * fpt / 1e12, 4),
+            "mfu_median": round(statistics.median(mfu), 4), "mfu_vs_bf16_matmul_median": round(statistics.median(mfu_bf16), 4)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--max-len", type=int, default=384)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=None, help="default: stages/sft.py's")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: stages/sft.py's")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--trl", action="store_true", help="also time TRL's SFTTrainer")
-    ap.add_argument("--other-precision", action="store_true", help="also time selfalign's loop in the other precision")
+    ap.add_argument("--other-precision", action="store_true", help="also time selfalign's step in the other precision")
+    ap.add_argument("--trl", action="store_true", help="afterwards, time TRL's SFTTrainer (not interleaved)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -138,102 +147,115 @@ def main():
     spec = importlib.util.spec_from_file_location("stage_sft", ROOT / "stages/sft.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
+    defaults = stage.DEFAULTS["train"]
+    max_len, bs = a.max_len or defaults["max_len"], a.batch_size or defaults["batch_size"]
     precision = training.resolve_precision(a.precision)
-    lora = stage.DEFAULTS["train"]["lora"]
-    cfg = {**stage.DEFAULTS["train"], "max_len": a.max_len, "batch_size": a.batch_size, "precision": precision,
-           "warmup_ratio": 0.0, "logging_steps": 10**6}
-
-    peaks = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
-    print(f"matmul 2048^3: bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, "
-          f"{torch.get_num_threads()} threads, loops in {precision}, load {os.getloadavg()[0]:.1f}", flush=True)
+    other = {"bf16": "fp32", "fp32": "bf16"}[precision]
+    lora = defaults["lora"]
 
     mdir = base_dir(a.model, tmp)
     tok = chat.load_tokenizer(mdir)
-    examples, convs = seed_examples(tok, a.max_len, tmp)
+    examples, convs = seed_examples(tok, max_len, tmp)
     n_params = sum(p.numel() for p in models.load_model(mdir).parameters())
     fpt = 4 * n_params
-    need = a.steps * a.batch_size
-    results = []
 
-    def report(name, prec, times, batches, padded=True):
-        real = [sum(len(r["input_ids"]) for r in b) for b in batches]
-        pad = [len(b) * max(len(r["input_ids"]) for r in b) for b in batches] if padded else None
-        results.append(summarize(name, prec, times, real, pad, fpt, peaks))
-        print(results[-1], flush=True)
-
-    # selfalign: packed rows.
-    rows = training.pack(examples, a.max_len)
-    rows = (rows * (need // len(rows) + 1))[:need]
-    batches = [rows[i * a.batch_size:(i + 1) * a.batch_size] for i in range(a.steps)]
-    other = {"bf16": "fp32", "fp32": "bf16"}[precision]
-    for prec in [precision] + ([other] if a.other_precision else []):
-        model = models.load_for_training(mdir, "lora", lora, prec)
-        times = run_trainer(model, rows, training.PackedCollator(tok.pad_token_id), a.steps, tmp / "ours",
-                            {**cfg, "precision": prec}, training.trainer_class())
-        report("selfalign" if prec == precision else f"selfalign_{prec}", prec, times, batches)
-        del model
-
-    # plain: one example per row, padded per batch, fp32 master weights (autocast under bf16).
+    rows = training.pack(examples, max_len)
+    packed = training.PackedCollator(tok.pad_token_id)
+    ours_batches = [with_real(packed(rows[i:i + bs]), sum(len(r["input_ids"]) for r in rows[i:i + bs]))
+                    for i in range(0, len(rows) - bs + 1, bs)]
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-    exs = (examples * (need // len(examples) + 1))[:need]
-    plain_rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in exs]
+    padder = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=training.IGNORE)
+    plain_batches = [with_real(padder([{"input_ids": e["input_ids"], "labels": e["labels"]}
+                                       for e in examples[i:i + bs]]),
+                               sum(len(e["input_ids"]) for e in examples[i:i + bs]))
+                     for i in range(0, len(examples) - bs + 1, bs)]
+
+    loops = []
+    for prec in [precision] + ([other] if a.other_precision else []):
+        model = models.load_for_training(mdir, "lora", lora, prec)
+        args = training.training_args({**defaults, "precision": prec}, tmp / prec, 1, False, None)
+        trainer = training.trainer_class()(model=model, args=args, train_dataset=[], data_collator=packed)
+        loops.append(Loop("selfalign" if prec == precision else f"selfalign_{prec}", prec, model, ours_batches,
+                          selfalign_loss(trainer)))
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                              target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=training.IGNORE)
-    times = run_trainer(model, plain_rows, collator, a.steps, tmp / "plain", cfg)
-    report("plain_hf_trainer", precision, times, [plain_rows[i * a.batch_size:(i + 1) * a.batch_size]
-                                                  for i in range(a.steps)])
-    del model
+    loops.append(Loop("plain_hf", precision, model, plain_batches, plain_loss(precision)))
 
-    if a.trl:
-        times = run_trl(mdir, tok, (convs * (need // len(convs) + 1))[:need], lora, precision, a, tmp)
-        mean = sum(len(e["input_ids"]) for e in exs) / len(exs)  # TRL samples at random: mean real tokens per row
-        report("trl_sft_trainer", precision, times, [[{"input_ids": [0] * round(mean)}] * a.batch_size] * a.steps,
-               padded=False)
+    rates = []
+    print(f"{a.rounds} rounds of {', '.join(lp.name for lp in loops)}; {precision}, rows of {max_len}, "
+          f"{bs} per step, {torch.get_num_threads()} threads", flush=True)
+    for r in range(a.rounds):
+        rates.append({"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)})
+        for loop in (loops if r % 2 == 0 else loops[::-1]):
+            loop.step(r)
+        print(f"round {r + 1}: matmul bf16 {rates[-1]['bf16'] / 1e12:.3f} fp32 {rates[-1]['fp32'] / 1e12:.3f} "
+              "TFLOP/s; " + ", ".join(f"{lp.name} {lp.tokens[-1] / lp.times[-1]:.0f} tok/s" for lp in loops),
+              flush=True)
 
-    by = {r["loop"]: r for r in results}
-    ours, plain = by["selfalign"], by["plain_hf_trainer"]
+    results = [summarize(lp, rates, fpt) for lp in loops]
+    by = {x["loop"]: x for x in results}
+    ours, plain = by["selfalign"], by["plain_hf"]
     out = {"model": mdir, "params": n_params, "flops_per_token": fpt, "flops_formula": "4 * N (LoRA)",
-           "precision": precision, "lora": lora, "max_len": a.max_len, "batch_size": a.batch_size,
-           "matmul_tflops": {k: round(v / 1e12, 4) for k, v in peaks.items()},
+           "precision": precision, "lora": lora, "max_len": max_len, "batch_size": bs, "rounds": a.rounds,
+           "matmul_tflops_median": {k: round(statistics.median(x[k] for x in rates[1:]) / 1e12, 4)
+                                    for k in ("bf16", "fp32")},
            "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2), "results": results,
            "ratio_tokens_per_second_selfalign_vs_plain": round(ours["tokens_per_second"] / plain["tokens_per_second"], 3)}
-    if "trl_sft_trainer" in by:
-        out["ratio_tokens_per_second_selfalign_vs_trl"] = round(
-            ours["tokens_per_second"] / by["trl_sft_trainer"]["tokens_per_second"], 3)
+    # Load moves within seconds; the ratio of the two steps run back to back in a round is the robust figure.
+    ours_loop, plain_loop = loops[0], loops[-1]
+    per_round = [(o_n / o_t) / (p_n / p_t) for o_n, o_t, p_n, p_t in
+                 zip(ours_loop.tokens[1:], ours_loop.times[1:], plain_loop.tokens[1:], plain_loop.times[1:], strict=True)]
+    out["ratio_selfalign_vs_plain_median_per_round"] = round(statistics.median(per_round), 3)
     if f"selfalign_{other}" in by:
         out[f"ratio_tokens_per_second_{precision}_vs_{other}"] = round(
             ours["tokens_per_second"] / by[f"selfalign_{other}"]["tokens_per_second"], 3)
+    del loops, model
+    if a.trl:
+        out["trl_not_interleaved"] = run_trl(mdir, tok, convs, lora, precision, a.rounds, max_len, bs, tmp, fpt,
+                                             sum(len(e["input_ids"]) for e in examples) / len(examples))
+    for x in results:
+        print(x)
     print(f"\ntokens/s ({precision})  selfalign {ours['tokens_per_second']}  plain {plain['tokens_per_second']}  "
-          f"ratio {out['ratio_tokens_per_second_selfalign_vs_plain']}x")
-    print(f"MFU (4N/token vs {precision} matmul {peaks[precision] / 1e12:.3f} TFLOP/s)  selfalign {ours['mfu']:.1%}  "
-          f"plain {plain['mfu']:.1%};  vs bf16 matmul: selfalign {ours['mfu_vs_bf16_matmul']:.1%}")
+          f"ratio {out['ratio_tokens_per_second_selfalign_vs_plain']}x overall, "
+          f"{out['ratio_selfalign_vs_plain_median_per_round']}x median per round")
+    print(f"MFU (4N/token, median over rounds)  selfalign {ours['mfu_median']:.1%} of the {precision} matmul rate, "
+          f"{ours['mfu_vs_bf16_matmul_median']:.1%} of the bf16 rate")
     io.write_json(a.out, out)
 
 
-def run_trl(mdir, tok, convs, lora, precision, a, tmp) -> list[float]:
+def run_trl(mdir, tok, convs, lora, precision, steps, max_len, bs, tmp, fpt, mean_tokens) -> dict:
     """TRL renders the same conversations itself; prompt/completion form gives it completion-only loss
     (SmolLM2's template has no {% generation %} markers for assistant_only_loss)."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    data = [{"prompt": c[:-1], "completion": c[-1:]} for c in convs]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
-    cfg = SFTConfig(output_dir=str(tmp / "trl"), max_length=a.max_len, per_device_train_batch_size=a.batch_size,
-                    max_steps=a.steps, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-                    packing=False, bf16=precision == "bf16", report_to=[], save_strategy="no", logging_steps=10**6)
-    timer = StepTimer()
-    SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok,
+    cfg = SFTConfig(output_dir=str(tmp / "trl"), max_length=max_len, per_device_train_batch_size=bs, max_steps=steps,
+                    use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, packing=False,
+                    bf16=precision == "bf16", report_to=[], save_strategy="no", logging_steps=10**6)
+    SFTTrainer(model=model, args=cfg, processing_class=tok,
+               train_dataset=Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs]),
                peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                       target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
-               callbacks=[timer.callback]).train()
-    return timer.times
+               callbacks=[Timer()]).train()
+    tok_s = mean_tokens * bs * (len(times) - 1) / sum(times[1:])  # random sampler: mean real tokens per example
+    return {"tokens_per_second": round(tok_s, 1), "seconds_per_step": round(sum(times[1:]) / (len(times) - 1), 3),
+            "model_tflops": round(tok_s * fpt / 1e12, 4)}
 
 
 if __name__ == "__main__":

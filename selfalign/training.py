@@ -386,7 +386,7 @@ def resolve_precision(precision: str) -> str:
     """`auto`: bf16 where the hardware computes it fast (a CUDA GPU with bf16, a CPU with AMX), else fp32.
 
     Measured with bench/sft.py on a 2-core Xeon VM with AVX512-BF16 but no AMX: bf16 autocast ran
-    the LoRA step 1.7x *slower* than fp32 (the feasibility machine, with AMX, saw 1.3x faster).
+    the LoRA step 1.5-1.7x *slower* than fp32 (the feasibility machine, with AMX, saw 1.3x faster).
     """
     if precision in ("bf16", "fp32"):
         return precision
