@@ -126,3 +126,21 @@ def to_messages(record: dict, system: str | None = None) -> list[dict]:
     sys = system if system is not None else record.get("system")
     head = [{"role": "system", "content": sys}] if sys else []
     return head + [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+
+
+def load(path: str, kind: str) -> list[dict]:
+    """Records of one kind from an upstream file; anything else raises RecordError naming file, line and field."""
+    from selfalign import io
+
+    out = []
+    for n, rec in io.read_jsonl(path):
+        if isinstance(rec, io.JsonlLineError):
+            raise RecordError(str(rec))
+        try:
+            validate(rec)
+        except RecordError as e:
+            raise RecordError(f"{path}:{n}: {e}") from None
+        if rec["kind"] != kind:
+            raise RecordError(f"{path}:{n}: field 'kind': expected {kind!r}, got {rec['kind']!r}")
+        out.append(rec)
+    return out

@@ -53,18 +53,10 @@ DEFAULTS = {
 
 def read_records(path: str, kind: str) -> list[dict]:
     """Records of one kind from an upstream file; anything else is an error naming file, line and field."""
-    out = []
-    for n, rec in io.read_jsonl(path):
-        if isinstance(rec, io.JsonlLineError):
-            raise click.ClickException(str(rec))
-        try:
-            records.validate(rec)
-        except records.RecordError as e:
-            raise click.ClickException(f"{path}:{n}: {e}") from None
-        if rec["kind"] != kind:
-            raise click.ClickException(f"{path}:{n}: field 'kind': expected {kind!r}, got {rec['kind']!r}")
-        out.append(rec)
-    return out
+    try:
+        return records.load(path, kind)
+    except records.RecordError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def split_and_cap(pairs: list[dict], cfg: dict) -> tuple[list[dict], list[dict], int]:
