@@ -38,7 +38,7 @@ log = logging.getLogger("sft")
 
 RUN_KEYS = {"base": "models/base", "inference_tag": "seed", "phases": []}
 PHASE_KEYS = {"name": "", "sources": [], "epochs": 1, "max_steps": 0}
-SOURCE_KEYS = {"path": "", "tag": None, "reverse": False, "template": ""}
+SOURCE_KEYS = {"path": "", "tag": None, "keep_system": False, "reverse": False, "template": ""}
 IGNORE = -100
 
 
@@ -81,6 +81,8 @@ def check_run(cfg: dict, run: str, where: str) -> dict:
                 raise ParamsError(f"{pw}.sources[{j}].tag: {s['tag']!r} is not in sft.system_tags")
             if s["template"] and not s["reverse"]:
                 raise ParamsError(f"{pw}.sources[{j}].template: only a reversed source uses a backward prompt")
+            if s["keep_system"] and s["reverse"]:
+                raise ParamsError(f"{pw}.sources[{j}].keep_system: a reversed source drops the record's system prompt")
             srcs.append(s)
         phases.append({**ph, "name": ph["name"] or f"phase{i + 1}", "sources": srcs})
     out["phases"] = phases
@@ -130,18 +132,22 @@ def reverse_record(record: dict, template: str | None = None) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": msgs[0]["content"]}]
 
 
-def conversation(record: dict, system: str | None, reverse: bool = False, template: str | None = None) -> list[dict]:
+def conversation(record: dict, system: str | None, reverse: bool = False, template: str | None = None,
+                 keep_system: bool = False) -> list[dict]:
     """The messages to train on, led by the tag's system prompt.
 
     A forward source without a tag keeps the record's own system prompt (or the template's default);
-    a reversed one gets only the tag's, since the record's system prompt belonged to the other direction.
+    with keep_system, a record's own system prompt wins and the tag only fills in where it has none
+    (Orca-style answers keep the system message they were written under). A reversed one gets only
+    the tag's, since the record's system prompt belonged to the other direction.
     """
     if reverse:
         msgs = reverse_record(record, template)
         sys = system
     else:
         msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        sys = system if system is not None else record.get("system")
+        own = record.get("system")
+        sys = own if (own and keep_system) or system is None else system
     if msgs[-1]["role"] != "assistant":
         raise Reject("no_final_assistant_turn")
     return ([{"role": "system", "content": sys}] if sys else []) + msgs
@@ -234,7 +240,7 @@ class SourceData:
 
 
 def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction: float, reverse: bool = False,
-                template: str | None = None) -> SourceData:
+                template: str | None = None, keep_system: bool = False) -> SourceData:
     """Every line of a chat JSONL file ends up in train, eval or rejected (with file, line and reason)."""
     data = SourceData(path)
     for line, obj in read_jsonl(path):
@@ -253,7 +259,7 @@ def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction:
             if reverse:
                 ex = build_reversed(tok, obj, system, template, max_len)
             else:
-                ex = build_example(tok, conversation(obj, system), max_len)
+                ex = build_example(tok, conversation(obj, system, keep_system=keep_system), max_len)
         except Reject as e:
             data.rejected.append(records.rejected(obj, e.reason, "sft", detail=e.detail, file=path, line=line))
             continue

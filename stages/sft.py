@@ -57,12 +57,12 @@ def read_phases(tok, cfg: dict, run_cfg: dict):
     for phase in run_cfg["phases"]:
         examples = []
         for s in phase["sources"]:
-            key = (s["path"], s["tag"], s["reverse"], s["template"])
+            key = (s["path"], s["tag"], s["keep_system"], s["reverse"], s["template"])
             if key not in cache:
                 system = cfg["system_tags"][s["tag"]] if s["tag"] else None
                 template = training.load_template(s["template"]) if s["template"] else None
                 data = cache[key] = training.read_source(tok, s["path"], system, t["max_len"], t["eval_fraction"],
-                                                         s["reverse"], template)
+                                                         s["reverse"], template, s["keep_system"])
                 rejected += data.rejected
                 for ex in data.eval:
                     evals.setdefault((ex["id"], key), ex)

@@ -89,3 +89,20 @@ def test_system_tag_lands_in_the_prompt_not_in_the_labels(tok):
     prompt = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == training.IGNORE])
     assert "Answer with knowledge from web search." in prompt
     assert "web search" not in tok.decode([lab for lab in labels if lab != training.IGNORE])
+
+
+def test_keep_system_lets_a_records_own_system_message_win_over_the_tag():
+    """Distilled Orca answers were written under their own system message; the tag fills in only where none is."""
+    tag = "Answer in the style of an AI Assistant."
+    orca = {"messages": CONVERSATIONS["single"], "system": "Explain step by step."}
+    plain = {"messages": CONVERSATIONS["single"]}
+    assert training.conversation(orca, tag, keep_system=True)[0]["content"] == "Explain step by step."
+    assert training.conversation(plain, tag, keep_system=True)[0]["content"] == tag
+    assert training.conversation(orca, tag)[0]["content"] == tag
+
+
+def test_keep_system_on_a_reversed_source_is_a_params_error():
+    cfg = {"system_tags": {"seed": "s"}, "runs": {"r": {"phases": [{"sources": [
+        {"path": "x.jsonl", "reverse": True, "keep_system": True}]}]}}}
+    with pytest.raises(training.ParamsError, match=r"sources\[0\]\.keep_system"):
+        training.check_run(cfg, "r", "sft")
