@@ -16,7 +16,7 @@ train: setup ; dvc repro
 test: setup ; python -m pytest -q tests
 lint: setup ; ruff check selfalign stages tests bench
 serve: setup ; python -m selfalign.serve --model $(MODEL) --port $(PORT)
-bench: setup ; for b in bench/*.py; do python $$b || exit 1; done
+bench: setup ; for b in bench/[!_]*.py; do python $$b || exit 1; done
 dag: setup ; dvc dag
 
 # Containers, the remote cache and profiles (docker/README.md). ENGINE is podman or docker, whichever is present.

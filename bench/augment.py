@@ -10,14 +10,12 @@ wall-time ratio and how many of the greedy outputs are identical; writes bench/r
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _report  # bench/_report.py, beside this script
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,12 +87,7 @@ def main(segments, batch_size, max_new_tokens, threads, dtypes):
                 **{k: {f: v for f, v in r.items() if f != "texts"} for k, r in runs.items()},
                 "examples": [{"segment": s["text"][:160], "instruction": p}
                              for s, p in zip(segs[:4], parsed[:4], strict=True)]}
-    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                         "load_avg_1m": round(os.getloadavg()[0], 2)}
-    out = ROOT / "bench" / "results" / "augment.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {out.relative_to(ROOT)}")
+    _report.write("augment", result)
 
 
 if __name__ == "__main__":

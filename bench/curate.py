@@ -19,15 +19,13 @@ bench/results/curate.json. models/base stands in for models/m0.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _report  # bench/_report.py, beside this script
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,13 +134,8 @@ def main(n_pairs, batch_size, threads, dtype):
           f"(goal >= 10x); prefix sharing alone {out['speedup_vs_digits_full']:.2f}x")
     print(f"mean expected score: matched pairs {out['digits']['score_mean_matched']}, "
           f"mismatched {out['digits']['score_mean_mismatched']}")
-    result = {"model": model_dir, "pairs": len(pairs), "dtype": dtype, "threads": torch.get_num_threads(), **out,
-              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                          "load_avg_1m": round(os.getloadavg()[0], 2)}}
-    path = ROOT / "bench" / "results" / "curate.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {path.relative_to(ROOT)}")
+    _report.write("curate", {"model": model_dir, "pairs": len(pairs), "dtype": dtype,
+                             "threads": torch.get_num_threads(), **out})
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ identical to float32's. Writes bench/results/evaluate.json. models/base stands i
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _report  # bench/_report.py, beside this script
 import click
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +100,8 @@ def main(n_prompts, max_tokens, rounds, batch_size):
     for r in rows:
         print(f"{r['dtype']:9} {r['threads']:>7} {r['wall_s']:>7} {r['cpu_s']:>7} {r['tok_per_s']:>6} "
               f"{r['speedup_wall']:>7} {r['speedup_tok_per_s']:>8} {r['same_answers_as_float32']:>2}/{len(reqs)}")
-    out = ROOT / "bench" / "results" / "evaluate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"prompts": len(reqs), "max_tokens": max_tokens, "batch_size": batch_size,
-                               "rounds": rounds, "load_average": round(load, 2), "cpus": os.cpu_count(),
-                               "machine": platform.processor() or platform.machine(), "results": rows},
-                              indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    _report.write("evaluate", {"prompts": len(reqs), "max_tokens": max_tokens, "batch_size": batch_size,
+                               "rounds": rounds, "results": rows})
 
 
 if __name__ == "__main__":

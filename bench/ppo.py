@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _report  # bench/_report.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PUBLISHED_GENERATION_SHARE = 0.8
@@ -133,9 +135,7 @@ def main() -> None:
                "generation_share_vs_published": share["generate"] / PUBLISHED_GENERATION_SHARE,
                "peak_rss_ratio_copy_over_adapter": c["peak_rss_mb"] / a["peak_rss_mb"],
                "step_time_ratio_copy_over_adapter": c["seconds_per_step"] / a["seconds_per_step"]}
-    out = ROOT / "bench" / "results" / "ppo.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    _report.write("ppo", results)
 
 
 if __name__ == "__main__":

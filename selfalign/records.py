@@ -128,6 +128,29 @@ def to_messages(record: dict, system: str | None = None) -> list[dict]:
     return head + [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
 
 
+def read(path, stage: str, kind: str | None = None) -> tuple[list[tuple[dict, int]], list[dict], int]:
+    """Every line of an upstream file accounted for: (record, line) of each valid one (of `kind`, if given),
+    a rejected record naming file, line and field for each other (invalid_json, invalid_record), lines read."""
+    from selfalign import io
+
+    good, bad, n = [], [], 0
+    for line, obj in io.read_jsonl(path):
+        n += 1
+        where = {"file": str(path), "line": line}
+        if isinstance(obj, io.JsonlLineError):
+            bad.append(rejected(None, "invalid_json", stage, detail=obj.reason, raw=obj.raw, **where))
+            continue
+        try:
+            if kind is not None and obj.get("kind") != kind:
+                raise RecordError(f"field 'kind': expected {kind!r}, got {obj.get('kind')!r}")
+            validate(obj)
+        except RecordError as e:
+            bad.append(rejected(obj, "invalid_record", stage, detail=str(e), **where))
+            continue
+        good.append((obj, line))
+    return good, bad, n
+
+
 def load(path: str, kind: str) -> list[dict]:
     """Records of one kind from an upstream file; anything else raises RecordError naming file, line and field."""
     from selfalign import io

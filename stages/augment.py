@@ -44,20 +44,10 @@ ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "float32"}
 
 def read_web(path: Path, min_chars: int, max_chars: int) -> tuple[list[dict], list[dict], int]:
     """(usable segments, rejected, lines read)."""
-    good, bad, n = [], [], 0
-    for line, obj in io.read_jsonl(path):
-        n += 1
+    pairs, bad, n = records.read(path, STAGE, "web")
+    good = []
+    for obj, line in pairs:
         where = {"file": str(path), "line": line}
-        if isinstance(obj, io.JsonlLineError):
-            bad.append(records.rejected(None, "invalid_record", STAGE, detail=obj.reason, raw=obj.raw, **where))
-            continue
-        try:
-            if obj.get("kind") != "web":
-                raise records.RecordError(f"field 'kind': expected 'web', got {obj.get('kind')!r}")
-            records.validate(obj)
-        except records.RecordError as e:
-            bad.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), **where))
-            continue
         size = len(obj["text"].strip())
         if size < min_chars:
             bad.append(records.rejected(obj, "segment_too_short", STAGE, detail=f"{size} < {min_chars} chars", **where))

@@ -42,23 +42,6 @@ DEFAULTS = {
 }
 
 
-def read(path: Path) -> tuple[list[tuple[dict, int]], list[dict]]:
-    """(valid records with their line numbers, rejected lines) of one input file."""
-    good, bad = [], []
-    for line, obj in io.read_jsonl(path):
-        where = {"file": str(path), "line": line}
-        if isinstance(obj, io.JsonlLineError):
-            bad.append(records.rejected(None, "invalid_record", STAGE, detail=obj.reason, raw=obj.raw, **where))
-            continue
-        try:
-            records.validate(obj)
-        except records.RecordError as e:
-            bad.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), **where))
-            continue
-        good.append((obj, line))
-    return good, bad
-
-
 def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict]], list[dict], dict]:
     """Clean the files of `pairs` together: (kept records per output path, rejected, metrics)."""
     rules_cfg = {**cfg["rules"], "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"],
@@ -69,9 +52,10 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
     rejected: list[dict] = []
     todo: list[tuple[Path, dict, str, int]] = []  # (output path, record, input file, line)
     for src, dst in pairs:
-        good, bad = read(src)
-        files[str(src)] = Counter(records_in=len(good) + len(bad), rejected=len(bad))
-        counts["invalid_record"]["dropped"] += len(bad)
+        good, bad, n = records.read(src, STAGE)
+        files[str(src)] = Counter(records_in=n, rejected=len(bad))
+        for r in bad:
+            counts[r["reason"]]["dropped"] += 1
         rejected += bad
         todo += [(dst, record, str(src), line) for record, line in good]
     results = clean.clean_records([t[1] for t in todo], rules_cfg, lang_cfg if cfg["langs"]["enabled"] else None,
@@ -119,7 +103,7 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
         raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {len(rejected)}")
     metrics = {
         "records_in": n_in, "kept": n_kept, "rejected": len(rejected),
-        "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_record", "lang", "duplicate",
+        "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_json", "invalid_record", "lang", "duplicate",
                                                         "near_duplicate"] if counts[name]},
         "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
                   for name, c in files.items()},

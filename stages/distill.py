@@ -44,22 +44,9 @@ ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "float32"}
 
 def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
     """Valid chat records of `path`; bad lines go to `rejected` with file, line and field."""
-    good, n = [], 0
-    for line, obj in io.read_jsonl(path):
-        n += 1
-        if isinstance(obj, io.JsonlLineError):
-            rejected.append(records.rejected(None, "invalid_record", STAGE, detail=obj.reason, file=str(path),
-                                             line=line, raw=obj.raw))
-            continue
-        try:
-            if obj.get("kind") != "chat":
-                raise records.RecordError(f"field 'kind': expected 'chat', got {obj.get('kind')!r}")
-            records.validate(obj)
-        except records.RecordError as e:
-            rejected.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), file=str(path), line=line))
-            continue
-        good.append(obj)
-    return good, n
+    good, bad, n = records.read(path, STAGE, "chat")
+    rejected += bad
+    return [r for r, _ in good], n
 
 
 @click.command()

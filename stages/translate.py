@@ -61,24 +61,6 @@ def check(cfg: dict) -> None:
         raise params.ParamsError("translate.langs: expected a non-empty list of language codes")
 
 
-def read(path: Path, failed: list[dict]) -> tuple[list[tuple[dict, int]], int]:
-    """(record, line) of each valid record, and the number of non-blank lines; bad lines go to `failed`."""
-    out, n = [], 0
-    for line, obj in io.read_jsonl(path):
-        n += 1
-        if isinstance(obj, io.JsonlLineError):
-            failed.append(records.rejected(None, "invalid_json", STAGE, detail=obj.reason, file=str(path),
-                                           line=line, raw=obj.raw))
-            continue
-        try:
-            records.validate(obj)
-        except records.RecordError as e:
-            failed.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), file=str(path), line=line))
-            continue
-        out.append((obj, line))
-    return out, n
-
-
 def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template: str, failed: list[dict]) -> dict:
     """Read every input, ask the engine for every field at once, write every output; returns metrics."""
     gen = {k: cfg[k] for k in ("max_tokens", "tokens_per_char", "temperature", "top_p", "seed")}
@@ -87,7 +69,8 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
     per_file: dict[str, Counter] = {}
     for src, dst in pairs:
         c = per_file.setdefault(dst.stem, Counter())
-        recs, c["lines_in"] = read(src, failed) if src.exists() else ([], 0)
+        recs, bad, c["lines_in"] = records.read(src, STAGE) if src.exists() else ([], [], 0)
+        failed += bad
         c["invalid"] = c["lines_in"] - len(recs)
         if not src.exists():
             log.warning("%s does not exist: writing an empty %s", src, dst)

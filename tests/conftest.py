@@ -51,3 +51,22 @@ def tiny_model_copy(tiny_model_dir, tmp_path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(tiny_model_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A read-only tiny model that gives distinct, sometimes stopping replies (llm_helpers.varied_model)."""
+    from llm_helpers import varied_model
+
+    return varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny-model generation is dominated by thread spin-waiting when the 2 cores are shared: one thread is faster."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

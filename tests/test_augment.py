@@ -117,9 +117,10 @@ def test_stage_links_candidates_to_segments_and_resumes_from_cache(tiny_model_di
     assert m2["records_in"] == 11 == m2["candidates"] + m2["rejected"] + m2["unsampled"]
     assert m2["sampled"] == 6 and m2["unsampled"] == 2
     assert m2["candidates"] == len(cands) and m2["rejected"] == len(rejected)
-    assert m2["rejected_by_reason"]["invalid_record"] == 2 and m2["rejected_by_reason"]["segment_too_short"] == 1
-    assert {(r["line"], r["reason"]) for r in rejected if "line" in r} >= {(2, "invalid_record"), (11, "invalid_record")}
-    generated = [r for r in rejected if r["reason"] not in ("invalid_record", "segment_too_short")]
+    by_reason = m2["rejected_by_reason"]
+    assert by_reason["invalid_json"] == 1 and by_reason["invalid_record"] == 1 and by_reason["segment_too_short"] == 1
+    assert {(r["line"], r["reason"]) for r in rejected if "line" in r} >= {(2, "invalid_json"), (11, "invalid_record")}
+    generated = [r for r in rejected if r["reason"] not in ("invalid_json", "invalid_record", "segment_too_short")]
     assert len(cands) + len(generated) == 6
     for c in cands:
         w = by_id[c["meta"]["segment_id"]]

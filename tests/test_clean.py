@@ -259,8 +259,8 @@ def test_stage_cli_conservation_reasons_and_determinism(tmp_path):
         by_reason.setdefault(r["reason"], []).append(r)
         assert r["stage"] == "clean" and r["file"] and r["line"] >= 1
     expected_drops = {c["expect"] for c in ALPACA} - {"keep"}
-    assert expected_drops | {"duplicate", "invalid_record"} <= set(by_reason)
-    bad_json, bad_field = sorted(by_reason["invalid_record"], key=lambda r: r["line"])
+    assert expected_drops | {"duplicate", "invalid_json", "invalid_record"} <= set(by_reason)
+    (bad_json,), (bad_field,) = by_reason["invalid_json"], by_reason["invalid_record"]
     assert bad_json["file"].endswith("prompts.jsonl") and bad_json["line"] == 2 and "invalid JSON" in bad_json["detail"]
     assert bad_field["line"] == 3 and "'prompt'" in bad_field["detail"]
     assert by_reason["duplicate"][0]["line"] == len(ALPACA) + 1

@@ -118,7 +118,7 @@ def test_stage_regenerates_and_answers_under_system_messages(tiny_model_dir, tmp
 
     assert m["teacher_requests"] == 4 + 3 and m["invalid_inputs"] == 1
     assert m["records_in"] == 8 == m["distilled"] + m["rejected"] == len(out) + len(rejected)
-    assert [r["line"] for r in rejected if r["reason"] == "invalid_record"] == [6]
+    assert [r["line"] for r in rejected if r["reason"] == "invalid_json"] == [6]
     by_origin = {r["id"]: r for r in SEEDS + SCORED}
     for r in out:
         records.validate(r)
@@ -143,6 +143,6 @@ def test_teacher_failures_are_rejected_with_reasons(tmp_path):
     m = run(tmp_path, "teacher-model", "m.json",
             "engine={kind: openai, base_url: 'http://127.0.0.1:9/v1', max_retries: 0, timeout: 5}")
     rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
-    assert m["distilled"] == 0 and m["rejected_by_reason"] == {"invalid_record": 1, "teacher_failed": 7}
+    assert m["distilled"] == 0 and m["rejected_by_reason"] == {"invalid_json": 1, "teacher_failed": 7}
     assert m["engine"]["failures"] == 7
     assert all("Connection" in r["detail"] for r in rejected if r["reason"] == "teacher_failed")

@@ -7,25 +7,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from llm_helpers import varied_model
 
 from selfalign import llm
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Generation of a tiny model is dominated by thread spin-waiting when the cores are shared."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    return varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
 
 
 def ask(text: str, **kw) -> llm.Request:
@@ -72,11 +58,11 @@ def test_request_and_spec_validation(tmp_path):
 # ---------------------------------------------------------------------------------- local engine
 
 
-def test_local_engine_batches_caches_and_resumes(model_dir, tmp_path):
+def test_local_engine_batches_caches_and_resumes(varied_model_dir, tmp_path):
     reqs = [ask("Name a colour."), ask("What is two plus two? Answer briefly please."), ask("Hi", max_tokens=3),
             llm.Request(prompt="Once upon a time", max_tokens=8), ask("Name a colour.")]
-    one = llm.make_engine({"kind": "local", "model": str(model_dir), "batch_size": 1}, tmp_path / "c1")
-    batched = llm.make_engine({"kind": "local", "model": str(model_dir), "batch_size": 4}, tmp_path / "c4")
+    one = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 1}, tmp_path / "c1")
+    batched = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 4}, tmp_path / "c4")
     r1, r4 = one.complete(reqs, template_id="t"), batched.complete(reqs, template_id="t")
     assert [r.text for r in r1] == [r.text for r in r4]          # left-padded batches change nothing greedy
     assert all(r.ok and isinstance(r.text, str) for r in r4)
@@ -88,7 +74,7 @@ def test_local_engine_batches_caches_and_resumes(model_dir, tmp_path):
     assert s["requests"] == 5 and s["calls"] == 4 and s["cache_hits"] == 0   # the duplicate is asked once
     assert s["prompt_tokens"] > 0 and s["completion_tokens"] > 0
 
-    again = llm.make_engine({"kind": "local", "model": str(model_dir), "batch_size": 4}, tmp_path / "c4")
+    again = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 4}, tmp_path / "c4")
     r = again.complete(reqs, template_id="t")
     assert [x.text for x in r] == [x.text for x in r4] and all(x.cached for x in r)
     assert again.stats["calls"] == 0 and again.stats["cache_hits"] == 5
@@ -97,8 +83,8 @@ def test_local_engine_batches_caches_and_resumes(model_dir, tmp_path):
     assert not other[0].cached and again.stats["calls"] == 1
 
 
-def test_sampling_is_seeded_per_request_not_per_batch(model_dir):
-    eng = llm.make_engine({"kind": "local", "model": str(model_dir), "batch_size": 4}, None)
+def test_sampling_is_seeded_per_request_not_per_batch(varied_model_dir):
+    eng = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 4}, None)
     s = ask("Tell me a story.", temperature=1.0, seed=3, max_tokens=10)
     alone = eng.complete([s])[0].text
     mixed = eng.complete([ask("Other prompt here."), s, ask("A third", temperature=0.9, seed=5)])[1].text
@@ -107,8 +93,8 @@ def test_sampling_is_seeded_per_request_not_per_batch(model_dir):
     assert len({r.text for r in seeds}) > 1 and seeds[3].text == alone
 
 
-def test_stop_strings_and_failures_are_not_cached(model_dir, tmp_path):
-    eng = llm.make_engine({"kind": "local", "model": str(model_dir)}, tmp_path)
+def test_stop_strings_and_failures_are_not_cached(varied_model_dir, tmp_path):
+    eng = llm.make_engine({"kind": "local", "model": str(varied_model_dir)}, tmp_path)
     full = eng.complete([ask("Count for me.", max_tokens=10)])[0]
     words = full.text.split()
     assert len(words) >= 2

@@ -74,12 +74,10 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_model_dir) -> Path:
+def repo(tmp_path_factory, varied_model_dir) -> Path:
     # The shared tiny model only ever says "\n\n\n"; the varied copy gives distinct, sometimes
     # stopping replies, so augment has candidates for curate to score and SFT to learn from.
-    from llm_helpers import varied_model
-
-    base = varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
+    base = varied_model_dir
     dst = tmp_path_factory.mktemp("pipeline") / "repo"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -118,9 +116,20 @@ AFTER_CURATION = {"curate@iter1", "sft@m1", "curate@iter2", "distill", "sft@fina
                   "export"}
 
 
-def test_whole_graph_then_threshold_change_reruns_only_downstream(repo):
-    first = _run(["dvc", "repro"], repo)
-    assert ALL_STAGES <= _ran(first) | {"base", "ingest", "translate", "clean"}
+@pytest.fixture(scope="module")
+def whole_graph(repo, tmp_path_factory) -> set[str]:
+    """The whole graph reproduced once, pushed to a temporary local remote and committed with its dvc.lock."""
+    remote = tmp_path_factory.mktemp("remote")
+    _run(["dvc", "remote", "add", "-f", "-d", "test", str(remote)], repo)
+    ran = _ran(_run(["dvc", "repro"], repo))
+    _run(["dvc", "push"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "whole graph"], repo)
+    return ran
+
+
+def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_graph):
+    assert ALL_STAGES <= whole_graph | {"base", "ingest", "translate", "clean"}
     for name in ["m0", "backward", "m1", "final", "reward", "ppo", "export"]:
         assert (repo / "models" / name / "config.json").exists(), f"models/{name} missing"
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
@@ -143,3 +152,39 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo):
     # when m1's few tiny steps leave iteration 2's rounded scores as they were).
     assert {"curate@iter1", "curate@iter2", "sft@m1"} <= again, f"ran {sorted(again)}"
     assert again <= AFTER_CURATION, f"ran {sorted(again)}: upstream stages must not rerun"
+
+
+def _lock_hashes(repo: Path, stages: set[str] | None = None) -> dict[str, str]:
+    """What dvc.lock records for each stage's outputs (metrics, which hold timings, excepted)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {f"{s}:{o['path']}": o.get("md5", "") for s, v in lock.items() if stages is None or s in stages
+            for o in v.get("outs", []) if not o["path"].startswith("metrics/")}
+
+
+def test_fresh_clone_pulls_the_remote_then_one_param_reruns_exactly_its_downstream(repo, whole_graph, tmp_path):
+    """The CI story (issue 5): pull what another machine pushed and nothing reruns; change a param and exactly
+    the stages downstream of it rerun; forcing the data stages gives byte-identical outputs."""
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "models").exists()
+    _run(["dvc", "pull"], clone)
+    assert (clone / "models" / "export" / "config.json").exists()
+    status = _run(["dvc", "status"], clone)
+    assert "up to date" in status.stdout, status.stdout
+    assert _ran(_run(["dvc", "repro"], clone)) == set()
+    pushed = _lock_hashes(clone)
+
+    data = ["ingest", "translate", "clean"]
+    forced = _run(["dvc", "repro", "-f", "--single-item", *data], clone)
+    assert _ran(forced) == set(data), forced.stdout
+    assert _lock_hashes(clone) == pushed, "forced data stages must write byte-identical outputs"
+
+    # One more PPO step changes the PPO model, hence the evaluation of it and the export; nothing upstream.
+    params = clone / "params.yaml"
+    tree = yaml.safe_load(params.read_text())
+    tree["ppo"]["steps"] = tree["ppo"]["steps"] + 1
+    params.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
+    rerun = _ran(_run(["dvc", "repro"], clone))
+    assert rerun == {"ppo", "evaluate", "export"}, f"ran {sorted(rerun)}"
+    upstream = ALL_STAGES - rerun
+    assert _lock_hashes(clone, upstream) == {k: v for k, v in pushed.items() if k.split(":")[0] in upstream}

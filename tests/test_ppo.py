@@ -17,17 +17,10 @@ from click.testing import CliRunner
 from selfalign import chat, io, records
 from selfalign import ppo as P
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model is far faster on one thread when the cores are shared (2 threads contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def load_stage():

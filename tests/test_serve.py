@@ -9,31 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from llm_helpers import varied_model
 
 from selfalign import chat, serve
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KEY = "test-key-123"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    return varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    app = serve.create_app(model_dir, api_key=KEY, limits=serve.Limits(max_prompt_tokens=200, max_tokens=64))
+def server(varied_model_dir):
+    app = serve.create_app(varied_model_dir, api_key=KEY, limits=serve.Limits(max_prompt_tokens=200, max_tokens=64))
     running = serve.start_in_thread(app)
     yield running, app
     running.stop()
@@ -67,8 +54,8 @@ def test_models_and_health(server, client):
         assert json.loads(r.read())["status"] == "ok"
 
 
-def test_chat_plain_uses_the_training_prompt(server, client, model_dir):
-    tok = chat.load_tokenizer(model_dir)
+def test_chat_plain_uses_the_training_prompt(server, client, varied_model_dir):
+    tok = chat.load_tokenizer(varied_model_dir)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"}]
     prompt, _ = chat.split_last_turn(tok, msgs)
@@ -128,14 +115,14 @@ def test_raw_completions(client):
     assert isinstance(r.choices[0].text, str) and r.usage.prompt_tokens == 4
 
 
-def test_concurrent_requests_are_batched_without_changing_answers(model_dir, client):
+def test_concurrent_requests_are_batched_without_changing_answers(varied_model_dir, client):
     prompts = ["Name a fruit.", "What is the capital of France?", "Say hi.", "Count to three."]
     kw = dict(model="m", max_tokens=8)
     greedy = [client.chat.completions.create(messages=user(p), temperature=0, **kw).choices[0].message.content
               for p in prompts]
     sampled = client.chat.completions.create(messages=user(prompts[0]), temperature=1.0, seed=7, **kw)
     # a long wait and room for exactly 5: the 5 concurrent requests become one batch, deterministically
-    app = serve.create_app(model_dir, max_batch_size=5, batch_wait_ms=30_000)
+    app = serve.create_app(varied_model_dir, max_batch_size=5, batch_wait_ms=30_000)
     running = serve.start_in_thread(app)
     try:
         c = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=120)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from llm_helpers import FaultProxy, varied_model
+from llm_helpers import FaultProxy
 
 from selfalign import llm, serve
 from selfalign import translate as tr
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "translate"
@@ -108,21 +110,6 @@ def test_fields_follow_roles_and_assemble_keeps_the_id():
 # ------------------------------------------------------------------------------------------ stage
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir, tmp_path_factory):
-    return varied_model(tiny_model_dir, tmp_path_factory.mktemp("varied") / "model")
-
-
 def run_stage(args: list[str]):
     res = CliRunner().invoke(load_stage().main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -144,9 +131,9 @@ def check_accounting(m: dict, out_dir: Path, failed: Path):
     assert lines(out_dir / "web.jsonl") == lines(FIX / "web.jsonl")
 
 
-def test_stage_local_engine_smoke_and_resume(model_dir, tmp_path):
+def test_stage_local_engine_smoke_and_resume(varied_model_dir, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["--input-dir", str(FIX), "--output-dir", str(out), "--model", str(model_dir), "--cache", str(cache),
+    args = ["--input-dir", str(FIX), "--output-dir", str(out), "--model", str(varied_model_dir), "--cache", str(cache),
             "--metrics", str(tmp_path / "m.json"), "--prompt", str(ROOT / "prompts" / "translate.txt"),
             "--set", "engine.dtype=float32", "--set", "max_tokens=24", "--set", "kinds=[chat, prompt, preference]"]
     run_stage(args)
@@ -171,12 +158,12 @@ def test_stage_local_engine_smoke_and_resume(model_dir, tmp_path):
     assert len(seed) == 6 and m3["llm"]["calls"] == 0
 
 
-def test_stage_reports_bad_lines_and_bad_params(model_dir, tmp_path):
+def test_stage_reports_bad_lines_and_bad_params(varied_model_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     good = (FIX / "prompts.jsonl").read_text().splitlines()[0]
     src.write_text(good + "\n{broken\n" + json.dumps({"id": "x", "kind": "chat", "messages": [], "lang": "en",
                                                         "source": "s", "meta": {}}) + "\n")
-    run_stage(["--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--model", str(model_dir),
+    run_stage(["--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--model", str(varied_model_dir),
                "--metrics", str(tmp_path / "m.json"), "--set", "engine.dtype=float32", "--set", "max_tokens=8"])
     m = json.loads((tmp_path / "m.json").read_text())
     failed = lines(tmp_path / "out.failed.jsonl")
@@ -195,8 +182,8 @@ def test_stage_reports_bad_lines_and_bad_params(model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    app = serve.create_app(model_dir)
+def server(varied_model_dir):
+    app = serve.create_app(varied_model_dir)
     running = serve.start_in_thread(app)
     # the first generation of a fresh model is slow (allocations); keep it out of the timed-out-request test
     llm.make_engine({"kind": "openai", "base_url": running.url, "model": "m", "api_key_env": ""}).complete(
