@@ -47,7 +47,18 @@ DEFAULTS = {
     "tie_margin": 0.0,
     "judge_engine": {},
     "judge_max_tokens": 16,
+    "engine": {},
 }
+
+
+def answer_spec(model_dir: str, cfg: dict) -> dict:
+    """The llm.py spec that answers with one model dir: local (batch_size, dtype, threads above) or vLLM on a GPU."""
+    spec = {"kind": "local", "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], "threads": cfg["threads"],
+            **cfg["engine"], "model": model_dir}
+    if spec["kind"] not in ("local", "vllm"):
+        raise params.ParamsError(f"evaluate.engine.kind: {spec['kind']!r}: the evaluated models are directories, "
+                                 "answered in-process by local or vllm (an endpoint can be the judge: judge_engine)")
+    return spec
 
 
 def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
@@ -71,8 +82,7 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
 
 def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str) -> list[dict]:
     system = models.read_info(model_dir).get("system")
-    engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"],
-                              "dtype": cfg["dtype"], "threads": cfg["threads"]}, cache)
+    engine = llm.make_engine(answer_spec(model_dir, cfg), cache)
     reqs = [llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
             for p in prompts]
     results = engine.complete(reqs, template_id="evaluate", progress=True)

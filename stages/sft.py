@@ -29,7 +29,7 @@ DEFAULTS = {
         "precision": "auto", "max_len": 256, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 5.0e-4,
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
         "logging_steps": 1, "save_steps": 5, "eval_steps": 8, "eval_fraction": 0.1, "eval_max_examples": 8,
-        "deepspeed": False, "keep_adapter": True, "launcher": "python",
+        "gradient_checkpointing": False, "deepspeed": False, "keep_adapter": True, "launcher": "python",
     },
     "system_tags": {},
     "runs": {},
@@ -170,6 +170,7 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
                       data_collator=training.PackedCollator(tok.pad_token_id), callbacks=[progress])
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step
+    checkpointed = bool(getattr(trainer.model, "is_activation_checkpointing", False))
     trained_tokens = progress.tokens_trained(step, per_step)
 
     system = cfg["system_tags"][run_cfg["inference_tag"]] if run_cfg["inference_tag"] else None
@@ -194,7 +195,7 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
         "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
         "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
         "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
-        "method": t["method"], "precision": t["precision"]})
+        "method": t["method"], "precision": t["precision"], "gradient_checkpointing": checkpointed})
     training.clear_checkpoints(ckpt_dir)
     log.info("run %s: %d steps, %.1f tokens/s, wrote %s", run, step,
              trained_tokens / progress.seconds if progress.seconds else 0.0, output)

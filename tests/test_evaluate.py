@@ -298,3 +298,14 @@ def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
         "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
         "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code != 0 and f"--model final={tmp_path}: not a model directory" in res.output
+
+
+def test_answer_engine_is_local_by_default_vllm_by_params_and_never_an_endpoint():
+    stage = _stage()
+    cfg = {**stage.DEFAULTS, "batch_size": 4, "dtype": "float32", "threads": 1}
+    assert stage.answer_spec("models/m0", cfg) == {"kind": "local", "batch_size": 4, "dtype": "float32",
+                                                   "threads": 1, "model": "models/m0"}
+    vllm = stage.answer_spec("models/ppo", {**cfg, "engine": {"kind": "vllm", "batch_size": 256, "model": "x"}})
+    assert vllm["kind"] == "vllm" and vllm["batch_size"] == 256 and vllm["model"] == "models/ppo"
+    with pytest.raises(Exception, match="evaluate.engine.kind: 'openai'"):
+        stage.answer_spec("models/m0", {**cfg, "engine": {"kind": "openai"}})

@@ -310,3 +310,22 @@ def test_precision_auto_resolves_to_what_the_hardware_computes_fast():
     assert training.resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(params.ParamsError, match="expected auto, bf16 or fp32"):
         training.resolve_precision("fp8")
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_copy):
+    """Recomputing activations in the backward pass changes memory, not the result (LoRA: frozen inputs)."""
+    import torch
+
+    weights = {}
+    for flag in (False, True):
+        out = tmp_path / f"gc_{flag}"
+        (tmp_path / f"p_{flag}").mkdir()
+        p = write_params(tmp_path / f"p_{flag}", tiny_model_copy, {"gradient_checkpointing": flag})
+        res = CliRunner().invoke(load_stage().main, cli_args(p, "backward", tiny_model_copy, out))
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        weights[flag] = _weights(out / "model")
+        assert io.read_json(out / "metrics.json")["gradient_checkpointing"] is flag
+    base = _weights(tiny_model_copy)
+    key = next(k for k in base if "q_proj" in k)
+    assert not torch.equal(base[key], weights[True][key])
+    assert all(torch.allclose(weights[False][k], weights[True][k], atol=1e-6) for k in base)
