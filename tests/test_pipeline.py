@@ -83,7 +83,7 @@ def repo(tmp_path_factory, varied_model_dir) -> Path:
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         src = ROOT / f
-        if src.is_file() and not f.startswith(("metrics/", "bench/results/")) and f != "dvc.lock":
+        if src.is_file() and not f.startswith(("metrics/", "plots/", "bench/results/")) and f != "dvc.lock":
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
     tiny_params(dst, base)
