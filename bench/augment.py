@@ -47,7 +47,10 @@ def web_segments(n: int) -> list[dict]:
               "busy machine 1 thread avoids OpenMP oversubscription, which slowed generation ~10x here.")
 @click.option("--dtypes", default="bfloat16,float32", show_default=True, help="Comma-separated; each is one "
               "side-by-side comparison.")
-def main(segments, batch_size, max_new_tokens, threads, dtypes):
+@click.option("--max-chars", default=0, show_default=True, help="Cut each segment to this many characters (at a "
+              "space; 0 = whole). Prefill is the same work batched or not, so the ratio grows as prompts shrink. "
+              "Writes bench/results/augment_chars<N>.json.")
+def main(segments, batch_size, max_new_tokens, threads, dtypes, max_chars):
     import torch
 
     from selfalign import augment, llm
@@ -61,8 +64,18 @@ def main(segments, batch_size, max_new_tokens, threads, dtypes):
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = result["model"] = base_model_dir(tmp)
         segs = web_segments(segments)
+        if max_chars:
+            segs = [{**s, "text": s["text"][:max_chars].rsplit(" ", 1)[0]} for s in segs]
         reqs = [llm.Request(messages=[{"role": "user", "content": augment.user_turn(template, s["text"])}],
                             max_tokens=max_new_tokens) for s in segs]
+        from selfalign import chat
+
+        tok = chat.load_tokenizer(model_dir)
+        prompt_tokens = [len(tok(chat.render(tok, r.messages, add_generation_prompt=True),
+                                 add_special_tokens=False)["input_ids"]) for r in reqs]
+        result["max_chars"] = max_chars
+        result["prompt_tokens_mean"] = round(sum(prompt_tokens) / len(prompt_tokens), 1)
+        print(f"{len(reqs)} prompts of {result['prompt_tokens_mean']} tokens on average, up to {max_new_tokens} new")
         for dtype in dtypes.split(","):
             runs = {}
             for name, bs in (("batched", batch_size), ("sequential", 1)):
@@ -87,7 +100,7 @@ def main(segments, batch_size, max_new_tokens, threads, dtypes):
                 **{k: {f: v for f, v in r.items() if f != "texts"} for k, r in runs.items()},
                 "examples": [{"segment": s["text"][:160], "instruction": p}
                              for s, p in zip(segs[:4], parsed[:4], strict=True)]}
-    _report.write("augment", result)
+    _report.write(f"augment_chars{max_chars}" if max_chars else "augment", result)
 
 
 if __name__ == "__main__":
