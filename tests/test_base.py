@@ -8,17 +8,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import io, models
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_base", ROOT / "stages" / "base.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_base(tmp: Path, name: str, *sets: str):
@@ -26,7 +20,7 @@ def run_base(tmp: Path, name: str, *sets: str):
     args = ["--output", str(out), "--metrics", str(metrics), "--set", "check_tokens=4"]
     for s in sets:
         args += ["--set", s]
-    res = CliRunner().invoke(load_stage().main, args)
+    res = CliRunner().invoke(load_stage("base").main, args)
     return res, out, metrics
 
 

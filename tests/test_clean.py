@@ -3,20 +3,18 @@ arithmetic checking, the language gate (ms vs id on held-out sentences), dedup, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import clean, dedup, io, langid, params, records
 
 FIX = Path(__file__).parent / "fixtures" / "clean"
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("clean_stage", ROOT / "stages" / "clean.py")
-stage = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stage)
+stage = load_stage("clean")
 RULES_CFG = {**stage.DEFAULTS["rules"], "length": {"enabled": True, "min_chars": stage.DEFAULTS["min_chars"],
                                                    "max_chars": stage.DEFAULTS["max_chars"]}}
 ALPACA = json.loads((FIX / "alpaca_cases.json").read_text(encoding="utf-8"))

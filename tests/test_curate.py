@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import chat, curate, io, records
 
@@ -97,13 +97,6 @@ def write_candidates(path: Path) -> list[dict]:
     lines.append(json.dumps({**cands[0], "messages": [{"role": "user", "content": "only a question"}]}))
     path.write_text("\n".join(lines) + "\n")
     return cands
-
-
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_stage(args: list[str]):

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import distill, io, records
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ROOT / "prompts" / "orca_systems.txt"
-
-
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def chat(q: str, a: str, score: float | None = None, source: str = "seed") -> dict:

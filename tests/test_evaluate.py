@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -10,19 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import evaluate as ev
 from selfalign import io, llm, records
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "data" / "eval" / "prompts.jsonl"
-
-
-def _stage():
-    spec = importlib.util.spec_from_file_location("stage_evaluate", ROOT / "stages" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ---------------------------------------------------------------- pure parts
@@ -240,7 +233,7 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
             "--cache", str(tmp_path / "cache"), "--output-dir", str(out), "--metrics", str(metrics_path),
             "--set", "models=[a, b]", "--set", "prompts_per_category=1", "--set", "max_new_tokens=8",
             "--set", "heldout_fraction=1.0", "--set", "heldout_max=4", "--set", "dtype=float32"]
-    res = CliRunner().invoke(_stage().main, args, catch_exceptions=False)
+    res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(metrics_path.read_text())
 
@@ -279,7 +272,7 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
     # a rerun answers from the cache and rewrites the same outputs
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="evaluate"):
-        res = CliRunner().invoke(_stage().main, args, catch_exceptions=False)
+        res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
     assert res.exit_code == 0
     assert [r.getMessage() for r in caplog.records if "from cache" in r.getMessage()] == [
         f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("a", "b")]
@@ -287,12 +280,12 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
 
 
 def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
-    res = CliRunner().invoke(_stage().main, [
+    res = CliRunner().invoke(load_stage("evaluate").main, [
         "--model", f"m0={tiny_model_dir}", "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS),
         "--heldout", str(PROMPTS), "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"),
         "--output-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code != 0 and "final, ppo" in res.output
-    res = CliRunner().invoke(_stage().main, [
+    res = CliRunner().invoke(load_stage("evaluate").main, [
         "--model", f"m0={tiny_model_dir}", "--model", f"final={tmp_path}", "--model", f"ppo={tiny_model_dir}",
         "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(PROMPTS),
         "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
@@ -301,7 +294,7 @@ def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
 
 
 def test_answer_engine_is_local_by_default_vllm_by_params_and_never_an_endpoint():
-    stage = _stage()
+    stage = load_stage("evaluate")
     cfg = {**stage.DEFAULTS, "batch_size": 4, "dtype": "float32", "threads": 1}
     assert stage.answer_spec("models/m0", cfg) == {"kind": "local", "batch_size": 4, "dtype": "float32",
                                                    "threads": 1, "model": "models/m0"}

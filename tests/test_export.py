@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,19 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import chat
 from selfalign import export as ex
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLY = "Hi there!"
-
-
-def _stage():
-    spec = importlib.util.spec_from_file_location("stage_export", ROOT / "stages" / "export.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _dep(path, md5):
@@ -93,7 +86,7 @@ def test_an_adapter_is_merged_into_its_base(tmp_path, tiny_model_dir, monkeypatc
                                            init_lora_weights=False, task_type="CAUSAL_LM"))
     peft.save_pretrained("models/ppo")       # adapter only: adapter_config.json names models/base
     assert ex.is_adapter_dir("models/ppo")
-    res = CliRunner().invoke(_stage().main, ["--model", "models/ppo", "--output", "models/export",
+    res = CliRunner().invoke(load_stage("export").main, ["--model", "models/ppo", "--output", "models/export",
                                              "--metrics", "metrics/export.json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(Path("metrics/export.json").read_text())
@@ -128,7 +121,7 @@ def test_export_round_trip_through_the_server(tmp_path, monkeypatch):
                            "answer_match": {"all": 0.5}, "perplexity": {"perplexity": 12.5}}},
         "win_rate": {"ppo_vs_m0": {"all": {"win_rate": 0.75}}, "final_vs_ppo": {"all": {"win_rate": 0.4}}}}))
 
-    res = CliRunner().invoke(_stage().main, [
+    res = CliRunner().invoke(load_stage("export").main, [
         "--model", "models/ppo", "--evaluation", "metrics/evaluate.json", "--lock", "dvc.lock",
         "--output", "models/export", "--metrics", "metrics/export.json", "--set", "dtype=float32"],
         catch_exceptions=False)
@@ -174,7 +167,7 @@ def test_export_round_trip_through_the_server(tmp_path, monkeypatch):
 
 def test_a_directory_that_is_no_model_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    res = CliRunner().invoke(_stage().main, ["--model", str(tmp_path / "empty"), "--output", str(tmp_path / "o"),
+    res = CliRunner().invoke(load_stage("export").main, ["--model", str(tmp_path / "empty"), "--output", str(tmp_path / "o"),
                                              "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code != 0 and "neither a model directory" in res.output
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections import Counter
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import io, params, readers, records
 
@@ -17,14 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "ingest"
 
 
-def _stage():
-    spec = importlib.util.spec_from_file_location("stage_ingest", ROOT / "stages" / "ingest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ingest = _stage()
+ingest = load_stage("ingest")
 
 
 def run(fmt: str, name: str, lang: str = "en", **options) -> tuple[list[dict], list[dict]]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from stage_loader import load_stage
 
 from selfalign import params
 
@@ -15,13 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 SCRIPTS = sorted(p.stem for p in (ROOT / "stages").glob("*.py"))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_every_stage_is_its_script_and_its_params_section():
@@ -44,7 +37,7 @@ def test_every_script_is_a_stage_and_every_section_is_used():
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_params_section_validates_against_code_defaults(name):
-    mod = _load(name)
+    mod = load_stage(name)
     assert isinstance(getattr(mod, "DEFAULTS", None), dict), f"stages/{name}.py must define DEFAULTS"
     check = getattr(mod, "resolve_params", None)
     if check is not None:
@@ -55,7 +48,7 @@ def test_params_section_validates_against_code_defaults(name):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_stage_script_has_runnable_docstring(name):
-    mod = _load(name)
+    mod = load_stage(name)
     assert mod.__doc__ and f"python stages/{name}.py" in mod.__doc__, f"stages/{name}.py docstring must show its command"
 
 

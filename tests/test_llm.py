@@ -13,7 +13,6 @@ from selfalign import llm
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def ask(text: str, **kw) -> llm.Request:
     return llm.Request(messages=[{"role": "user", "content": text}], **{"max_tokens": 12, **kw})
 

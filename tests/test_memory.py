@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from stage_loader import load_stage
 
 from selfalign import memory
 from selfalign.memory import GIB, Plan
@@ -139,16 +140,6 @@ def test_generation_plan_counts_the_kv_cache():
     assert "optimizer" not in est
 
 
-def _stage(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"_dry_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
 def test_training_stages_dry_run_loads_nothing_and_writes_nothing(stage, tiny_model_dir, tmp_path):
     from click.testing import CliRunner
@@ -166,7 +157,7 @@ def test_training_stages_dry_run_loads_nothing_and_writes_nothing(stage, tiny_mo
     else:
         args = ["--policy", str(tiny_model_dir), "--checkpoints", str(tmp_path / "ck"), "--plots", str(tmp_path / "p"),
                 "--metrics", str(tmp_path / "m.json")]
-    result = CliRunner().invoke(_stage(stage).main, [*args, *common])
+    result = CliRunner().invoke(load_stage(stage).main, [*args, *common])
     assert result.exit_code == 0, result.output
     assert f"stage {stage}: dry run (no weights loaded)" in result.output
     for term in ("weights", "optimizer", "activations", "total"):

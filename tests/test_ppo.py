@@ -2,7 +2,6 @@
 exact resume, and a stage run killed after a checkpoint that resumes through CliRunner."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import chat, io, records
 from selfalign import ppo as P
@@ -21,13 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_ppo", ROOT / "stages" / "ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_prompts(tok, n):
@@ -294,7 +287,7 @@ def test_stage_killed_after_a_checkpoint_resumes_and_writes_a_servable_model(tin
     assert any("checkpoint saved at step 2" in s for s in seen), "".join(seen[-20:])
     assert not (tmp_path / "ppo").exists() and not (tmp_path / "metrics.json").exists()
 
-    res = CliRunner().invoke(load_stage().main, args, catch_exceptions=False)
+    res = CliRunner().invoke(load_stage("ppo").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert 2 <= m["resumed_from"] < 6 and m["steps"] == 6
@@ -319,7 +312,7 @@ def test_stage_errors_name_file_line_and_field(tiny_model_dir, stage_inputs, tmp
     io.write_jsonl(bad, recs)
     args = stage_args(tiny_model_dir, stage_inputs, tmp_path)
     args[args.index("--prompts") + 1] = str(bad)
-    res = CliRunner().invoke(load_stage().main, args)
+    res = CliRunner().invoke(load_stage("ppo").main, args)
     assert res.exit_code != 0 and f"{bad}:3:" in res.output and "'prompt'" in res.output
 
 
@@ -331,7 +324,7 @@ def test_stage_takes_a_python_reward_instead_of_the_reward_model(tiny_model_dir,
     del args[i:i + 2]
     args += ["--set", f"reward_fn={fn}:short", "--set", "steps=2", "--set", "checkpoint_every=0",
              "--set", "response_length=3"]
-    res = CliRunner().invoke(load_stage().main, args, catch_exceptions=False)
+    res = CliRunner().invoke(load_stage("ppo").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["steps"] == 2 and m["resumed_from"] == 0

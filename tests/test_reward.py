@@ -1,28 +1,20 @@
 """Reward stage: pair building, the held-out split, scoring, and a CliRunner smoke test that learns."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import io, records
 from selfalign import reward as rm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reward"
-STAGE = Path(__file__).resolve().parent.parent / "stages" / "reward.py"
 
 TOPICS = ["the sea", "bread", "rain", "a cat", "the moon", "tea", "a river", "winter", "a garden", "music",
           "a train", "mountains", "coffee", "the wind", "a library", "stars"]
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_reward", STAGE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def obvious_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -98,7 +90,7 @@ def test_encode_cuts_from_the_left(tiny_model_dir):
 
 
 def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
-    stage = load_stage()
+    stage = load_stage("reward")
     pref = tmp_path / "preference.jsonl"
     real = io.load_jsonl(FIXTURES / "preference.jsonl")  # real MYChatGPT and Orca-style text, long and multilingual
     io.write_jsonl(pref, obvious_pairs(64) + real)
@@ -125,7 +117,7 @@ def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
 
 
 def test_reward_stage_errors_name_file_line_and_field(tiny_model_dir, tmp_path):
-    stage = load_stage()
+    stage = load_stage("reward")
     pref = tmp_path / "preference.jsonl"
     bad = obvious_pairs(3)
     del bad[1]["chosen"]
@@ -138,7 +130,7 @@ def test_reward_stage_errors_name_file_line_and_field(tiny_model_dir, tmp_path):
 
 def test_lora_reward_model_is_merged_with_its_head(tiny_model_dir, tmp_path):
     """The default path: LoRA adapter merged, trained score head kept, loads without peft."""
-    cfg = {**load_stage().DEFAULTS, "batch_size": 4, "lr": 1e-2, "max_length": 64}
+    cfg = {**load_stage("reward").DEFAULTS, "batch_size": 4, "lr": 1e-2, "max_length": 64}
     model, tok, info = rm.train(tiny_model_dir, obvious_pairs(8), cfg, str(tmp_path / "work"))
     assert info["log"] and not hasattr(model, "peft_config")
     model.save_pretrained(tmp_path / "rm")

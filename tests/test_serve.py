@@ -17,7 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEY = "test-key-123"
 
 
-
 @pytest.fixture(scope="module")
 def server(varied_model_dir):
     app = serve.create_app(varied_model_dir, api_key=KEY, limits=serve.Limits(max_prompt_tokens=200, max_tokens=64))

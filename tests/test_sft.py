@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from stage_loader import load_stage
 
 from selfalign import chat, io, models, params, records, training
 
@@ -23,13 +24,6 @@ TEMPLATE = str(ROOT / "prompts" / "backward.txt")
 TAGS = {"seed": "Answer in the style of an AI Assistant.", "augmented": "Answer with knowledge from web search."}
 TRAIN = {"max_len": 96, "batch_size": 2, "lr": 1.0e-3, "save_steps": 2, "eval_steps": 100, "eval_fraction": 0.2,
          "eval_max_examples": 2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_sft", ROOT / "stages" / "sft.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_params(tmp: Path, base: Path, train: dict | None = None) -> Path:
@@ -64,7 +58,7 @@ def tok(tiny_model_dir):
 # ---------------------------------------------------------------- params
 
 def test_run_params_fail_at_start_up(tmp_path, tiny_model_dir):
-    stage = load_stage()
+    stage = load_stage("sft")
     p = write_params(tmp_path, tiny_model_dir)
     cfg, run = stage.resolve_params(p, (), "m1")
     assert [ph["name"] for ph in run["phases"]] == ["seed", "mix"]
@@ -84,7 +78,7 @@ def test_run_params_fail_at_start_up(tmp_path, tiny_model_dir):
 
 def test_repo_params_and_dvc_agree_on_every_runs_inputs():
     """Each sft@<run> stage depends on exactly the files its params name, and passes them as --input."""
-    stage = load_stage()
+    stage = load_stage("sft")
     cfg, _ = stage.resolve_params(ROOT / "params.yaml")
     block = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sft"]
     assert set(block["foreach"]) == set(cfg["runs"])
@@ -97,7 +91,7 @@ def test_repo_params_and_dvc_agree_on_every_runs_inputs():
 
 def test_undeclared_input_is_refused(tmp_path, tiny_model_dir):
     p = write_params(tmp_path, tiny_model_dir)
-    res = CliRunner().invoke(load_stage().main, cli_args(p, "m1", tiny_model_dir, tmp_path, inputs=(SEED,)))
+    res = CliRunner().invoke(load_stage("sft").main, cli_args(p, "m1", tiny_model_dir, tmp_path, inputs=(SEED,)))
     assert res.exit_code == 2 and f"reads {AUG}" in res.output
 
 
@@ -166,7 +160,7 @@ def test_target_only_loss_is_the_models_own_loss(tmp_path, tiny_model_dir, tok):
            for q, a in [("One?", "1, and more."), ("Two, please?", "2"), ("Three?", "It is three.")]]
     batch = training.PackedCollator(tok.pad_token_id)(training.pack(exs, 96))
     assert batch["input_ids"].shape[0] == 2  # two rows, one padded
-    cfg = {**load_stage().DEFAULTS["train"], "precision": "fp32"}
+    cfg = {**load_stage("sft").DEFAULTS["train"], "precision": "fp32"}
     args = training.training_args(cfg, tmp_path, 1, False, None)
     trainer = training.trainer_class()(model=model, args=args, train_dataset=[], data_collator=None)
     ours = trainer.compute_loss(model, dict(batch))
@@ -233,7 +227,7 @@ def test_smoke_lora_curriculum(tmp_path, tiny_model_copy):
 
     out = tmp_path / "out"
     p = write_params(tmp_path, tiny_model_copy)
-    res = CliRunner().invoke(load_stage().main, cli_args(p, "m1", tiny_model_copy, out))
+    res = CliRunner().invoke(load_stage("sft").main, cli_args(p, "m1", tiny_model_copy, out))
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = check_outputs(out, tiny_model_copy)
     assert m["steps"] == 4 and [ph["rows"] for ph in m["phases"]] == [4, 4]
@@ -250,7 +244,7 @@ def test_smoke_lora_curriculum(tmp_path, tiny_model_copy):
 def test_smoke_full_backward(tmp_path, tiny_model_copy):
     out = tmp_path / "out"
     p = write_params(tmp_path, tiny_model_copy, {"method": "full", "precision": "fp32"})
-    res = CliRunner().invoke(load_stage().main, cli_args(p, "backward", tiny_model_copy, out))
+    res = CliRunner().invoke(load_stage("sft").main, cli_args(p, "backward", tiny_model_copy, out))
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = check_outputs(out, tiny_model_copy)
     assert m["steps"] == 2 and list(m["sources"]) == [f"{SEED}|None|reverse"]
@@ -280,7 +274,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_copy):
     assert saved is not None and not (out / "model").exists()
     saved_step = int(saved.name.split("-")[1])
 
-    res = CliRunner().invoke(load_stage().main, args)
+    res = CliRunner().invoke(load_stage("sft").main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = check_outputs(out, tiny_model_copy)
     rows = m["rows"]
@@ -321,7 +315,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_cop
         out = tmp_path / f"gc_{flag}"
         (tmp_path / f"p_{flag}").mkdir()
         p = write_params(tmp_path / f"p_{flag}", tiny_model_copy, {"gradient_checkpointing": flag})
-        res = CliRunner().invoke(load_stage().main, cli_args(p, "backward", tiny_model_copy, out))
+        res = CliRunner().invoke(load_stage("sft").main, cli_args(p, "backward", tiny_model_copy, out))
         assert res.exit_code == 0, res.output + repr(res.exception)
         weights[flag] = _weights(out / "model")
         assert io.read_json(out / "metrics.json")["gradient_checkpointing"] is flag

@@ -3,7 +3,6 @@ server over HTTP with faults injected in between, and killed mid-run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from llm_helpers import FaultProxy
+from stage_loader import load_stage
 
 from selfalign import llm, serve
 from selfalign import translate as tr
@@ -21,13 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "translate"
 REASONS = {"lost_sentinel", "duplicated_sentinel", "unknown_sentinel", "empty_reply", "truncated", "llm_error"}
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_translate", ROOT / "stages" / "translate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def lines(path: Path) -> list[dict]:
@@ -111,7 +104,7 @@ def test_fields_follow_roles_and_assemble_keeps_the_id():
 
 
 def run_stage(args: list[str]):
-    res = CliRunner().invoke(load_stage().main, args, catch_exceptions=False)
+    res = CliRunner().invoke(load_stage("translate").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return res
 
@@ -170,10 +163,10 @@ def test_stage_reports_bad_lines_and_bad_params(varied_model_dir, tmp_path):
     assert m["records_in"] == 3 and m["invalid"] == 2 and len(lines(tmp_path / "out.jsonl")) >= 1
     assert [(f["reason"], f["line"]) for f in failed[:2]] == [("invalid_json", 2), ("invalid_record", 3)]
     assert "messages" in failed[1]["detail"] and failed[0]["file"] == str(src)
-    res = CliRunner().invoke(load_stage().main, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+    res = CliRunner().invoke(load_stage("translate").main, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
                                                  "--metrics", str(tmp_path / "m2.json"), "--set", "kinds=[web]"])
     assert res.exit_code != 0 and "web segments always pass through" in res.output
-    res = CliRunner().invoke(load_stage().main, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+    res = CliRunner().invoke(load_stage("translate").main, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"),
                                                  "--metrics", str(tmp_path / "m2.json"), "--set", "engine.kindd=x"])
     assert res.exit_code != 0 and "kindd" in res.output
 
