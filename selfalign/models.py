@@ -214,6 +214,21 @@ def load_for_training(model_dir: str | os.PathLike, method: str, lora: dict, pre
     return model
 
 
+def save_adapter(model, adapter_dir: str | os.PathLike) -> None:
+    """`model.save_pretrained` for a peft model, with byte-stable output.
+
+    peft writes `target_modules` from a set, so its order follows PYTHONHASHSEED: two identical
+    trainings wrote different adapter_config.json bytes, and DVC reran every stage downstream.
+    """
+    model.save_pretrained(str(adapter_dir))
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike):
     """A fresh copy of the base in its saved dtype with the LoRA adapter merged into its weights."""
     from peft import PeftModel

@@ -88,7 +88,7 @@ def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapt
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA/QLoRA: merge into a fresh full-precision copy of the base
         with tempfile.TemporaryDirectory() as adapter:
-            model.save_pretrained(adapter)
+            models.save_adapter(model, adapter)
             merged = models.merge_adapter(run_cfg["base"], adapter)
             models.save_model_dir(merged, tok, output, info)
             if keep_adapter:

@@ -323,3 +323,18 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_cop
     key = next(k for k in base if "q_proj" in k)
     assert not torch.equal(base[key], weights[True][key])
     assert all(torch.allclose(weights[False][k], weights[True][k], atol=1e-6) for k in base)
+
+
+def test_saved_adapter_bytes_do_not_depend_on_the_hash_seed(tmp_path, tiny_model_dir):
+    """peft keeps target_modules in a set; DVC hashes the bytes, so their order must not follow PYTHONHASHSEED."""
+    script = ("import sys; from peft import LoraConfig, get_peft_model; from selfalign import models; "
+              "m = get_peft_model(models.load_model(sys.argv[1], 'float32'), LoraConfig(r=4, target_modules="
+              "['q_proj', 'v_proj', 'k_proj', 'o_proj'])); models.save_adapter(m, sys.argv[2])")
+    written = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"adapter{seed}"
+        subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(out)], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        written.append((out / "adapter_config.json").read_bytes())
+    assert written[0] == written[1] == written[2]
+    assert json.loads(written[0])["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
