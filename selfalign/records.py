@@ -151,19 +151,10 @@ def read(path, stage: str, kind: str | None = None) -> tuple[list[tuple[dict, in
     return good, bad, n
 
 
-def load(path: str, kind: str) -> list[dict]:
-    """Records of one kind from an upstream file; anything else raises RecordError naming file, line and field."""
-    from selfalign import io
-
-    out = []
-    for n, rec in io.read_jsonl(path):
-        if isinstance(rec, io.JsonlLineError):
-            raise RecordError(str(rec))
-        try:
-            validate(rec)
-        except RecordError as e:
-            raise RecordError(f"{path}:{n}: {e}") from None
-        if rec["kind"] != kind:
-            raise RecordError(f"{path}:{n}: field 'kind': expected {kind!r}, got {rec['kind']!r}")
-        out.append(rec)
-    return out
+def load(path: str, kind: str | None = None) -> list[dict]:
+    """Records (of one kind, if given) from an upstream file that must be whole: the first bad line raises
+    RecordError naming file, line and field (`read` finds it)."""
+    good, bad, _ = read(path, "load", kind)
+    if bad:
+        raise RecordError(f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['detail']}")
+    return [rec for rec, _ in good]

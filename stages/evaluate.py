@@ -147,12 +147,10 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
     chosen = ev.select_prompts(all_prompts, cfg["prompts_per_category"], cfg["languages"])
     if not chosen:
         raise click.UsageError(f"{prompts}: no prompt in languages {cfg['languages']}")
-    seed = io.load_jsonl(heldout)
-    for n, r in enumerate(seed, 1):
-        try:
-            records.validate(r)
-        except records.RecordError as e:
-            raise click.ClickException(f"{heldout}:{n}: {e}") from None
+    try:
+        seed = records.load(heldout)  # any kind: only the chat records sft held out are scored
+    except records.RecordError as e:
+        raise click.ClickException(str(e)) from None
     log.info("%d of %d prompts (%d per category and language, %s); %d answers of up to %d tokens per model; models %s",
              len(chosen), len(all_prompts), cfg["prompts_per_category"], "/".join(cfg["languages"]), len(chosen),
              cfg["max_new_tokens"], ", ".join(f"{m}={d}" for m, d in dirs.items()))

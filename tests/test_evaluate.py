@@ -302,3 +302,16 @@ def test_answer_engine_is_local_by_default_vllm_by_params_and_never_an_endpoint(
     assert vllm["kind"] == "vllm" and vllm["batch_size"] == 256 and vllm["model"] == "models/ppo"
     with pytest.raises(Exception, match="evaluate.engine.kind: 'openai'"):
         stage.answer_spec("models/m0", {**cfg, "engine": {"kind": "openai"}})
+
+
+def test_bad_heldout_line_names_file_and_line(tmp_path, tiny_model_dir):
+    heldout = tmp_path / "seed.jsonl"
+    good = json.dumps(records.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                   lang="en", source="t"))
+    heldout.write_text(good + "\n\n{not json\n")
+    res = CliRunner().invoke(load_stage("evaluate").main, [
+        "--model", f"m0={tiny_model_dir}", "--model", f"final={tiny_model_dir}", "--model", f"ppo={tiny_model_dir}",
+        "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(heldout),
+        "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
+        "--metrics", str(tmp_path / "m.json"), "--params", str(ROOT / "params.yaml")])
+    assert res.exit_code != 0 and f"{heldout}:3:" in res.output, res.output
