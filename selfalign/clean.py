@@ -390,6 +390,20 @@ _DEICTIC_TEXT = re.compile(r"\b(?:this|these|the\s+following|the\s+given|the\s+p
                            r"below)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _TEXT_OBJECT + r"\b", re.I)
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"”’')\]]*(?=\s)|\n")
+_GIVEN_BEFORE = re.compile(r":([^\n]*)|[\"“]([^\"“”\n]+)[\"”]")
+
+
+def _given_before(before: str, min_words: int) -> bool:
+    """True when the sentences before an instruction hold its input: a colon or a quotation followed by at least
+    min_words words ("Here is some data about a restaurant: name = Giraffe, ... Write a sentence about the
+    following data"). A bare label ("Task: rewrite the following sentence") is in the instruction's own sentence."""
+    for m in _GIVEN_BEFORE.finditer(before):
+        if len(_WORDS.findall(m.group(1) or m.group(2))) >= min_words:
+            return True
+    return False
+
+
 @rule("missing_input", INSTRUCTED)
 def missing_input(record: dict, cfg: dict) -> Outcome:
     """Drop instructions about "the following text" when no text follows (an Alpaca input that was lost)."""
@@ -402,6 +416,9 @@ def missing_input(record: dict, cfg: dict) -> Outcome:
     text = prompts[0]
     for m in _DEICTIC_TEXT.finditer(text):
         if _nothing_follows(text[m.end():], cfg.get("max_trailing_words", 4)):
+            sentence_start = max((e.end() for e in _SENTENCE_END.finditer(text, 0, m.start())), default=0)
+            if _given_before(text[:sentence_start], cfg.get("min_words_before", 3)):
+                return keep(record)
             return drop(f"refers to {m.group(0)!r} but nothing follows")
     return keep(record)
 
@@ -440,10 +457,14 @@ def nonsense(record: dict, cfg: dict) -> Outcome:
 
 
 _WORDS = re.compile(r"\w+")
+# A loop repeats words: "2 x 2 x 3 x 3 x 7" (a product), "1 2 1 2" (counting) repeat numbers and
+# operators, and multiple-choice options are full of them.
+_WORD_OF_LETTERS = re.compile(r"[^\W\d_]{2}")
 
 
 def repetition_loop(text: str, n: int, max_len: int = 10) -> str | None:
-    """A phrase of 2..max_len words repeated n times in a row ("What is the answer to the question:" x5), or None.
+    """A phrase of 2..max_len words, one of them of 2+ letters, repeated n times in a row ("What is the answer to
+    the question:" x5), or None.
 
     Such a loop repeats its first word pair n times at a fixed period d; only word pairs seen n
     times are followed up, so ordinary text costs one pass of counting.
@@ -463,7 +484,8 @@ def repetition_loop(text: str, n: int, max_len: int = 10) -> str | None:
         for a, b in zip(pos, pos[1:], strict=False):
             d = b - a
             if 2 <= d <= max_len and a + n * d <= len(ws) and all(
-                    ws[a + j] == ws[a + j + d] for j in range((n - 1) * d)):
+                    ws[a + j] == ws[a + j + d] for j in range((n - 1) * d)) and any(
+                    _WORD_OF_LETTERS.search(w) for w in ws[a:a + d]):
                 return " ".join(ws[a:a + d])
     return None
 
@@ -504,7 +526,13 @@ def refusal(record: dict, cfg: dict) -> Outcome:
 _NUM = r"-?\$?\d+(?:,\d{3})*(?:\.\d+)?"
 _OP = r"(?:[-+*/×÷^x]|\\times|\\div)"
 _EXPR = rf"\(?\s*{_NUM}\s*\)?(?:\s*{_OP}\s*\(?\s*{_NUM}\s*\)?)+"
-_EQUATION = re.compile(rf"(?<![\w.^/\\{{])({_EXPR})\s*=\s*({_NUM}(?:\s*/\s*\d+)?)(?![\w.]*[a-zA-Z(^]|\.\d|\s*{_OP})")
+# One side of an equation: a number or an expression, read whole (a number never stops before a digit, so
+# "21336 * (5000 + 12)" is not "2133"; "1,5" is not 1 and 5).
+_WHOLE_NUM = rf"{_NUM}(?!\d|[.,]\d)"
+_SIDE = rf"[(\s]*{_WHOLE_NUM}[)\s]*(?:{_OP}[(\s]*{_WHOLE_NUM}[)\s]*)*"
+# `a = b = c ...`, where the last side is not followed by a letter or an operator (units after a space are fine).
+_CHAIN = re.compile(rf"(?<![\w.,^/\\{{])(?:{_SIDE})(?:=(?:{_SIDE}))+(?![\w.]*[a-zA-Z(^]|\.\d|\s*{_OP})")
+_BARE_SIDE = re.compile(rf"\s*\(?\s*({_NUM})\s*\)?\s*")
 _PROMPT_EXPR = re.compile(rf"(?<![\w./\\-])({_EXPR})(?![\w.]*[a-zA-Z(]|\s*=)")
 _COMPUTE = re.compile(r"\b(?:calculate|compute|evaluate|solve|simplify|what\s+is|how\s+much|sum|add|multiply|"
                       r"subtract|divide|result|hitung(?:kan)?|kira(?:kan)?|berapa|calcule[rz]?|combien|[ée]value[rz]?)\b",
@@ -571,23 +599,61 @@ def _exact_int(expr: str, value: float) -> bool:
     return "/" not in expr and "÷" not in expr and "\\div" not in expr and "." not in expr and value.is_integer()
 
 
+# Two expressions on either side of "=" are steps of one computation; when either holds a decimal or a
+# division its numbers may be rounded ("1/3 * 3 = 0.333 * 3"), so only a gap wider than this is wrong.
+_STEP_TOLERANCE = 0.01
+
+
+def _first_number(side: str) -> float | None:
+    m = re.search(_NUM, side)
+    return _number(m.group(0))[0] if m else None
+
+
+def wrong_chain(sides: list[str]) -> str | None:
+    """Detail of the first wrong link of `a = b = c ...` (each side checked against the last one with a value), or None.
+
+    A number is checked against the expression before or after it at the precision it is written
+    with; two expressions must agree (exactly for whole-number arithmetic); two numbers are not
+    compared (they are not a computation).
+    """
+    prev: tuple[str, float, tuple[float, int] | None] | None = None  # (side, value, as stated if a number)
+    for side in (s.strip() for s in sides):
+        if bare := _BARE_SIDE.fullmatch(side):
+            stated = _number(bare.group(1))
+            if prev and prev[2] is None and not arithmetic_ok(prev[1], stated, _exact_int(prev[0], prev[1])):
+                return f"{prev[0]} = {side} (is {prev[1]:g})"
+            prev = (side, stated[0], stated)
+            continue
+        value = evaluate(side)
+        if value is None:
+            continue
+        if prev and prev[2] is None and _first_number(side) == prev[1]:
+            pass  # a running total ("12 x 3 = 36 + 4 = 40"): "=" misused, the arithmetic right
+        elif prev and prev[2] is None:
+            exact = _exact_int(prev[0], prev[1]) and _exact_int(side, value)
+            if (value != prev[1]) if exact else abs(value - prev[1]) > _STEP_TOLERANCE * max(abs(value), abs(prev[1])):
+                return f"{prev[0]} = {side} ({prev[1]:g} vs {value:g})"
+        elif prev and not arithmetic_ok(value, prev[2], _exact_int(side, value)):
+            return f"{prev[0]} = {side} (is {value:g})"
+        prev = (side, value, None)
+    return None
+
+
 def wrong_arithmetic(prompt: str, answer: str) -> str | None:
     """Detail of the first checkable piece of arithmetic that is wrong, or None.
 
-    Checked: every `a op b ... = c` in the answer; and a bare-number answer to a prompt that asks
+    Checked: every chain `a op b ... = c op d ... = e` in the answer; and a bare-number answer to a prompt that asks
     for a computation and holds exactly one arithmetic expression ("Evaluate (6+2)*(2-2)." -> "8"). Anything else (units,
     algebra, rounding words, percentages) is left alone: only what is certainly wrong is dropped.
     """
     bare = _BARE_NUMBER.match(answer)
     if ("=" not in answer and not bare) or _OTHER_ARITHMETIC.search(prompt) or _OTHER_ARITHMETIC.search(answer):
         return None
-    for m in _EQUATION.finditer(answer) if "=" in answer else ():
-        expr, rhs = m.group(1), m.group(2)
-        if "%" in answer[m.start():m.end() + 1]:
-            continue
-        value, stated = evaluate(expr), _number(rhs)
-        if value is not None and stated is not None and not arithmetic_ok(value, stated, _exact_int(expr, value)):
-            return f"{expr.strip()} = {rhs} (is {value:g})"
+    for m in _CHAIN.finditer(answer) if "=" in answer else ():
+        if "%" in answer[m.start():m.end() + 1] or answer[:m.start()].rstrip()[-1:] in set("+-*/×÷^("):
+            continue  # a percentage; or the left side goes on to the left ("2x + 3 = 9"): algebra, not a sum
+        if detail := wrong_chain(m.group(0).split("=")):
+            return detail
     if bare:
         exprs = [m.group(1) for m in _PROMPT_EXPR.finditer(prompt)]
         if len(exprs) == 1 and "%" not in prompt and _COMPUTE.search(prompt):

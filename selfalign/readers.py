@@ -386,6 +386,19 @@ def read_rm(path: str, lang: str, source: str) -> Iterator[dict]:
     """KoChatGPT / MYChatGPT RM `{prompt, completion_0..k, ranking}`, ranking = completion indices best first.
 
     Expanded to every ordered pair (better, worse): 3 completions give 3 preference records.
+
+    What `ranking` means is settled by the code that wrote it, airobotlab/KoChatGPT
+    `kochatgpt_data_230320.ipynb` (commit dfe46ec6), which ordered each prompt's answers best first
+    (ChatGPT > GPT-3 davinci > GPT-3 ada) and stored them as
+        ranking = [0, 1, 2]; random.shuffle(ranking)
+        completion_tmp[ranking[k]] = tmp_sentences[k]     # the k-th best answer goes to completion_{ranking[k]}
+    so ranking[k] is the index of the k-th best completion. The same repo's training notebook
+    (`1_kochatgpt_code_231122.ipynb`, "make ranking data to chosen, rejected data") reads it the other
+    way, choosing completion_i over completion_j when `ranking[i] < ranking[j]` (ranking[i] as the rank of
+    completion_i). The two readings agree on the 4 of 6 orders that are their own inverse ([0,1,2],
+    [1,0,2], [2,1,0], [0,2,1]) and contradict each other on the 3-cycles [1,2,0] and [2,0,1], a third of
+    the rows, where the notebook trains on partly inverted pairs. We follow the generator; on MYChatGPT's
+    3-cycle rows it is the reading that puts the off-topic (ada) answer last (tests/test_ingest.py).
     """
     def convert(obj, line):
         prompt = _str(obj, "prompt")

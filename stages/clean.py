@@ -9,7 +9,8 @@ a duplicate the seed wins) and writes the same names to --output-dir plus reject
 --input/--output are repeatable and paired. The rules are selfalign.clean's (each keeps, fixes or
 drops with a named reason), the gate is selfalign.langid's, dedup is selfalign.dedup's; each
 can be switched off in params. A rejected record carries its reason, detail, file and line;
-metrics/clean.json has per-rule fixed/dropped counts and records_in == kept + rejected.
+metrics/clean.json has per-rule fixed/dropped counts, the gate's verdicts per declared language
+(gate_by_lang: records, ok, undetermined, mismatch) and records_in == kept + rejected.
 The stage takes seconds (bench/clean.py), so it simply reruns whole rather than resuming.
 """
 
@@ -29,7 +30,7 @@ STAGE = "clean"
 FILES = ("seed.jsonl", "preference.jsonl", "prompts.jsonl", "web.jsonl")  # dedup priority: first wins
 RULE_DEFAULTS = {name: {"enabled": True} for name in clean.RULES}
 RULE_DEFAULTS["unseen_reference"].update(max_trailing_words=8, max_chars_around_url=300)
-RULE_DEFAULTS["missing_input"].update(max_trailing_words=4)
+RULE_DEFAULTS["missing_input"].update(max_trailing_words=4, min_words_before=3)
 RULE_DEFAULTS["nonsense"].update(max_repeats=4)
 DEFAULTS = {
     "rules": RULE_DEFAULTS,
@@ -61,11 +62,16 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
     results = clean.clean_records([t[1] for t in todo], rules_cfg, lang_cfg if cfg["langs"]["enabled"] else None,
                                   cfg["workers"])
     survivors: list[tuple[Path, dict, str, int]] = []
+    # The gate's verdicts per declared language: how many French or Malay translations it let through (ok and
+    # undetermined pass, mismatch is dropped); records minus the verdicts were dropped by a rule first.
+    gate_by_lang: dict[str, Counter] = defaultdict(Counter)
     for (dst, record, src, line), (out, fixed, reason, detail, verdict) in zip(todo, results, strict=True):
         for name in fixed:
             counts[name]["fixed"] += 1
+        gate_by_lang[record["lang"]]["records"] += 1
         if verdict:
             counts["lang"][verdict] += 1
+            gate_by_lang[record["lang"]][verdict] += 1
         if out is None:
             counts[reason]["dropped"] += 1
             files[src]["rejected"] += 1
@@ -105,6 +111,8 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
         "records_in": n_in, "kept": n_kept, "rejected": len(rejected),
         "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_json", "invalid_record", "lang", "duplicate",
                                                         "near_duplicate"] if counts[name]},
+        "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
+                         for lang, c in sorted(gate_by_lang.items())} if cfg["langs"]["enabled"] else {},
         "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
                   for name, c in files.items()},
     }

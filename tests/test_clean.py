@@ -20,6 +20,7 @@ RULES_CFG = {**stage.DEFAULTS["rules"], "length": {"enabled": True, "min_chars":
 ALPACA = json.loads((FIX / "alpaca_cases.json").read_text(encoding="utf-8"))
 MULTI = [json.loads(line) for line in (FIX / "multilingual_cases.jsonl").read_text(encoding="utf-8").splitlines()]
 SENTENCES = [json.loads(line) for line in (FIX / "lang_sentences.jsonl").read_text(encoding="utf-8").splitlines()]
+ORCA = [json.loads(line) for line in (FIX / "orca_cases.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def alpaca_record(case: dict, with_meta: bool = True, lang: str = "en") -> dict:
@@ -127,9 +128,55 @@ def test_mojibake_repaired_and_clean_text_untouched():
     ("Evaluate the following expression: (6+2)*(2-2).", "8", True),
     ("The date is 4/16.", "4", False),                 # no computation asked
     ("", "50% of 10 = 5", False),
+    # chained equalities: every side is checked against the one before it, and a right chain stays
+    ("", "15+27 = 15+20+7 = 42", False),
+    ("", "15+27 = 15+20+7 = 43", True),                # wrong result
+    ("", "15+27 = 15+20+6 = 42", True),                # wrong step, right result
+    ("", "21336 * 5012 = 21336 * (5000 + 10 + 2) = 21336 * 5000 + 21336 * 10 + 21336 * 2 = 106680000 + 213360 + "
+         "42672 = 106893360 + 42672 = 106936032", False),
+    ("", "21336 * 5012 = 21336 * (5000 + 10 + 2) = 21336 * 5000 + 21336 * 10 + 21336 * 2 = 106680000 + 213360 + "
+         "42672 = 106893360 + 42672 = 106963032", True),
+    ("", "21336 * 5012 = 2133", True),                  # the number on the right is read whole
+    ("", "2x + 3 = 4 + 5 = 9", False),                 # algebra on the left: not a chain to check
+    ("", "(1 + 0.09/4)^(4*0.75) = (1 + 0.0225)^3 = 1.0690", False),
+    ("", "1/3 * 3 = 0.333 * 3 = 0.999", False),        # rounded steps are not wrong
+    ("", "Total: 12 x 3 = 36 + 4 = 40 apples", False),  # a running total misuses "=", its arithmetic is right
+    ("", "Total: 12 x 3 = 36 + 4 = 41 apples", True),
+    ("", "12 x 3 = 35 + 4 = 39", True),                # not a running total: 12 x 3 is not 35
+    ("", "   7(36) + 36 + 5\n   = 252 + 36 + 5\n   = 293", False),  # "36 + 5" is the tail of a longer sum
 ])
 def test_wrong_arithmetic(prompt, answer, wrong):
     assert (clean.wrong_arithmetic(prompt, answer) is not None) == wrong
+
+
+@pytest.mark.parametrize("case", ORCA, ids=[f"{c['expect']}-{c['index']}" for c in ORCA])
+def test_default_data_records_get_their_expected_verdict(case):
+    """The default data's own cases (issue 9 item 8): what the rules dropped wrongly stays, what is wrong goes."""
+    pair = records.make("preference", prompt=case["prompt"], chosen=case["chosen"], rejected=case["rejected"],
+                        lang="en", source="orca_dpo_pairs", **({"system": case["system"]} if "system" in case else {}))
+    out, _, reason, detail = clean.apply_rules(pair, RULES_CFG)
+    assert (reason or "keep") == case["expect"], (case["why"], detail)
+
+
+def test_multiple_choice_products_are_not_a_phrase_loop():
+    options = "252 can be expressed as a product of primes as :\nOptions:\n(A) 2 x 2 x 3 x 3 x 7\n(C) 3 x 3 x 3 x 3 x 7"
+    assert clean.repetition_loop(options, 4) is None
+    assert clean.repetition_loop("1 2 1 2 1 2 1 2 1 2", 4) is None  # counting, not a loop of words
+    assert clean.repetition_loop("I think that " + "the answer is x " * 5, 4) == "the answer is x"
+    loop = "Options: (A) yes (B) no " + "and so on " * 4  # a real loop of words still goes, next to options
+    assert clean.apply_rules(chat("Pick one.\n" + options, loop), RULES_CFG)[2] == "nonsense"
+
+
+def test_missing_input_before_the_reference():
+    data_first = "Here is some data about a restaurant: name = Giraffe, eatType = pub. Write a sentence about the following data"
+    quoted_first = 'Consider "The cat chased the mouse across the yard." Rewrite the following sentence in passive voice.'
+    for prompt in (data_first, quoted_first):
+        assert clean.apply_rules(chat(prompt, "Giraffe is a pub."), RULES_CFG)[2] == "", prompt
+    for prompt in ("Write a sentence that includes the following data about a restaurant",
+                   "Task: rewrite the following sentence in passive voice.",
+                   "You are a helpful assistant. Please summarize the following article.",
+                   "Note: be brief. Summarize the above text."):
+        assert clean.apply_rules(chat(prompt, "Giraffe is a pub."), RULES_CFG)[2] == "missing_input", prompt
 
 
 def test_refusal_only_in_answers_and_rejected_side_may_be_bad():
@@ -263,6 +310,32 @@ def test_stage_cli_conservation_reasons_and_determinism(tmp_path):
     assert bad_field["line"] == 3 and "'prompt'" in bad_field["detail"]
     assert by_reason["duplicate"][0]["line"] == len(ALPACA) + 1
     assert m["rules"]["no_input"]["fixed"] >= 1 and m["rules"]["lang"]["ok"] > 0
+
+
+def test_stage_counts_gate_verdicts_per_declared_language(tmp_path):
+    """A translation declared fr or ms is counted under that language: what the gate let through, what it dropped."""
+    long = {lang: [s["text"] for s in SENTENCES if s["label"] == lang and len(s["text"]) > 60] for lang in ("en", "fr", "ms")}
+    french_refusal = next(c for c in MULTI if c["expect"] == "refusal" and "yaourt" in c["prompt"])
+    seed = [chat(long["fr"][0], long["fr"][1], lang="fr"), chat(long["fr"][2], long["fr"][3], lang="fr"),
+            chat(long["en"][0], long["en"][1], lang="fr"),              # left in English: the gate drops it
+            chat(french_refusal["prompt"], french_refusal["answer"], lang="fr"),  # dropped by a rule first
+            chat(long["ms"][0], long["ms"][2], lang="ms"),
+            chat("Apa khabar?", "Baik, terima kasih.", lang="ms"),      # too few letters to judge: kept
+            chat(long["en"][2], long["en"][3], lang="en")]
+    (tmp_path / "in").mkdir()
+    io.write_jsonl(tmp_path / "in" / "seed.jsonl", seed)
+    res = CliRunner().invoke(stage.main, ["--params", str(ROOT / "params.yaml"), "--input-dir", str(tmp_path / "in"),
+                                          "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["gate_by_lang"] == {"en": {"records": 1, "ok": 1, "undetermined": 0, "mismatch": 0},
+                                 "fr": {"records": 4, "ok": 2, "undetermined": 0, "mismatch": 1},
+                                 "ms": {"records": 2, "ok": 1, "undetermined": 1, "mismatch": 0}}
+    for verdict in ("ok", "undetermined", "mismatch"):
+        assert sum(c[verdict] for c in m["gate_by_lang"].values()) == m["rules"]["lang"][verdict]
+    kept = io.load_jsonl(tmp_path / "out" / "seed.jsonl")
+    assert [r["lang"] for r in kept] == ["fr", "fr", "ms", "ms", "en"]
+    assert m["records_in"] == len(seed) == m["kept"] + m["rejected"]
 
 
 def test_stage_by_hand_pairs_and_param_errors(tmp_path):

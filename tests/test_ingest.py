@@ -156,6 +156,26 @@ def test_rm_expands_a_ranking_to_all_ordered_pairs():
     assert all(p["prompt"] == first["prompt"] and p["kind"] == "preference" for p in pairs)
 
 
+@pytest.mark.parametrize("line,order,off_topic", [
+    (2, [2, 0, 1], "Pada kesempatan itu, terjadi puncak pencarian di Google."),  # "how many blocks?" -> Google
+    (3, [1, 2, 0], "Diameter domain metalik lebih besar dari domain hiperonik."),  # "which candidate?" -> metals
+])
+def test_rm_ranking_lists_indices_best_first_on_3_cycles(line, order, off_topic):
+    """The rows where the two readings of `ranking` disagree: KoChatGPT's generator put the k-th best answer at
+    completion_{ranking[k]}; reading ranking[i] as completion_i's rank would prefer the off-topic answer."""
+    src = json.loads((FIX / "mschatgpt_rm.jsonl").read_text().splitlines()[line - 1])
+    assert src["ranking"] == order
+    by_rank = sorted(range(3), key=lambda i: order[i])  # the other reading: ranking[i] = rank of completion_i
+    assert by_rank != order
+    kept, _ = run("rm", "mschatgpt_rm.jsonl", lang="ms")
+    pairs = [(p["chosen"], p["rejected"]) for p in kept if p["meta"]["line"] == line]
+    best, mid, worst = (src[f"completion_{i}"] for i in order)
+    assert pairs == [(best, mid), (best, worst), (mid, worst)]
+    assert worst == off_topic and all(rejected == off_topic for chosen, rejected in pairs if off_topic in (chosen, rejected))
+    assert [(p["meta"]["chosen_index"], p["meta"]["rejected_index"]) for p in kept if p["meta"]["line"] == line] == [
+        (order[0], order[1]), (order[0], order[2]), (order[1], order[2])]
+
+
 def test_sharegpt_preference_keeps_system_and_rejects_multi_turn():
     kept, rej = run("sharegpt_preference", "dpo_en_demo_first12.json")
     src = json.loads((FIX / "dpo_en_demo_first12.json").read_text())
