@@ -28,9 +28,26 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> st
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+_PROBE = "Probe answer 7."
+
+
 def end_of_turn(tok) -> str:
-    """The token that closes an assistant turn in this template (ChatML: <|im_end|>)."""
-    return tok.eos_token
+    """The special token the chat template writes right after an assistant message's text.
+
+    ChatML (SmolLM2, Qwen): <|im_end|>; Llama-3: <|eot_id|>, which is not the tokenizer's eos_token
+    in Llama-3.0's own tokenizer_config (<|end_of_text|>). Read off a rendered probe conversation,
+    so a training target ends where the template closes the turn and generation stops there; a
+    template that closes a turn with no special token (or cannot render the probe) falls back to eos.
+    """
+    probe = [{"role": "user", "content": "Probe question?"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        full = render(tok, probe)
+    except Exception:  # jinja raises what the template raises (e.g. a template that demands a system turn)
+        return tok.eos_token
+    after = full[full.rfind(_PROBE) + len(_PROBE):].lstrip(" ")
+    specials = set(tok.all_special_tokens) | {t for t, _ in tok.get_added_vocab().items()}
+    found = [t for t in specials if t and after.startswith(t)]
+    return max(found, key=len) if found else tok.eos_token
 
 
 def split_last_turn(tok, messages: list[dict]) -> tuple[str, str]:

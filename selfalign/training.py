@@ -8,7 +8,9 @@ Design, measured on 2 CPU cores (bench/sft.py):
   feasibility probe), and the data handling it would add is what this module does anyway:
 - labels come from `chat.split_last_turn`, so the prompt tokens of a training example are exactly the
   tokens of the prompt the server builds (tests/test_chat_template.py), and only assistant tokens,
-  each turn's closing <|im_end|> included, carry loss;
+  each turn's closing end-of-turn token (<|im_end|>, <|eot_id|>, ...) included, carry loss;
+- an example longer than `max_len` is shortened from the prompt side or dropped as too_long, never cut
+  at its end: an answer without its end-of-turn token teaches the model not to stop;
 - examples are packed whole into rows of `max_len` tokens with position_ids restarting at 0 for each
   example; transformers turns that into a block-diagonal causal mask, so packed examples never see
   each other while rows carry almost no padding (the model must run with use_cache=False: with a
@@ -183,45 +185,99 @@ def encode(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _finish(ids: list[int], labels: list[int], max_len: int, truncated: bool) -> dict:
-    ids, labels = ids[:max_len], labels[:max_len]
-    n_target = sum(1 for x in labels if x != IGNORE)
-    if n_target == 0:
-        raise Reject("too_long", f"the prompt alone is longer than max_len={max_len}")
-    return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_target": n_target}
+# A user turn clipped below this many tokens no longer says what was asked: the example is dropped instead.
+MIN_PROMPT_TOKENS = 16
 
 
-def build_example(tok, messages: list[dict], max_len: int) -> dict:
-    """One tokenized example of at most max_len tokens; a longer one is cut at the end (its prompt and
-    the start of its answer stay); one left with no target token is rejected."""
+def _encoded(tok, messages: list[dict], truncated: bool = False) -> dict:
     try:
         ids, labels = encode(tok, messages)
     except Reject:
         raise
     except ValueError as e:
         raise Reject("template", str(e)) from e
-    return _finish(ids, labels, max_len, len(ids) > max_len)
+    return {"input_ids": ids, "labels": labels, "truncated": truncated,
+            "n_target": sum(1 for x in labels if x != IGNORE)}
+
+
+def _clip_text(tok, text: str, drop: int, keep_start: bool) -> str | None:
+    """text less `drop` tokens from its start (or its end, keep_start), or None below MIN_PROMPT_TOKENS."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - drop
+    if keep < min(MIN_PROMPT_TOKENS, len(ids)) or keep <= 0:
+        return None
+    return tok.decode(ids[:keep]) if keep_start else tok.decode(ids[-keep:]).lstrip()
+
+
+def _shorten_user(tok, messages: list[dict], i: int, max_len: int, keep_start: bool) -> dict | None:
+    """The example with messages[i] (a user turn) clipped until the whole fits max_len, or None.
+
+    Decode/re-encode can merge tokens differently at the cut, so it converges in a few tries.
+    """
+    excess = len(_encoded(tok, messages)["input_ids"]) - max_len
+    for extra in (0, 2, 8, 32):
+        text = _clip_text(tok, messages[i]["content"], excess + extra, keep_start)
+        if text is None:
+            return None
+        ex = _encoded(tok, [*messages[:i], {**messages[i], "content": text}, *messages[i + 1:]], truncated=True)
+        if len(ex["input_ids"]) <= max_len:
+            return ex
+    return None
+
+
+def build_example(tok, messages: list[dict], max_len: int) -> dict:
+    """One tokenized example of at most max_len tokens whose final assistant turn, end-of-turn token
+    included, is always whole: the model must learn where to stop.
+
+    A longer conversation is shortened from the prompt side: whole earlier exchanges go first (oldest
+    first; the system prompt and the template's header stay), then the start of the last user turn
+    (its end, next to the answer, stays). One whose final answer does not fit even after a prompt of
+    MIN_PROMPT_TOKENS is rejected as too_long, never cut at its end.
+    """
+    ex = _encoded(tok, messages)
+    if len(ex["input_ids"]) <= max_len:
+        return ex
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    while len(body) > 2:  # drop the oldest exchange; the conversation must still open with a user turn
+        body = body[1:]
+        while len(body) > 2 and body[0]["role"] != "user":
+            body = body[1:]
+        if body[0]["role"] != "user":
+            break
+        ex = _encoded(tok, head + body, truncated=True)
+        if len(ex["input_ids"]) <= max_len:
+            return ex
+    if len(body) == 2 and body[0]["role"] == "user":
+        short = _shorten_user(tok, head + body, len(head), max_len, keep_start=False)
+        if short is not None:
+            return short
+    answer = len(tok(messages[-1]["content"], add_special_tokens=False)["input_ids"])
+    raise Reject("too_long", f"the final assistant turn ({answer} tokens) with a prompt of at least "
+                             f"{MIN_PROMPT_TOKENS} tokens does not fit max_len={max_len}")
 
 
 def build_reversed(tok, record: dict, system: str | None, template: str | None, max_len: int) -> dict:
-    """A backward example of at most max_len tokens: a long response is clipped, never the instruction
-    (the target). Decode/re-encode can merge tokens differently at the cut, so it converges in a few tries."""
-    ex = build_example(tok, conversation(record, system, True, template), max_len=10**9)
-    excess = len(ex["input_ids"]) - max_len
-    if excess <= 0:
+    """A backward example of at most max_len tokens, shortened from the prompt side: the response in
+    the user turn loses its end (its start says most about what was asked; the prompt wording stays),
+    never the instruction, the target; one that cannot fit is rejected as too_long."""
+    msgs = conversation(record, system, True, template)
+    ex = _encoded(tok, msgs)
+    if len(ex["input_ids"]) <= max_len:
         return ex
     response = record["messages"][1]["content"]
-    resp_ids = tok(response, add_special_tokens=False)["input_ids"]
-    for extra in (2, 8, 32):
-        keep = len(resp_ids) - excess - extra
-        if keep <= 0:
+    excess = len(ex["input_ids"]) - max_len
+    for extra in (0, 2, 8, 32):
+        clipped = _clip_text(tok, response, excess + extra, keep_start=True)
+        if clipped is None:
             break
-        clipped = {**record, "messages": [record["messages"][0],
-                                          {"role": "assistant", "content": tok.decode(resp_ids[:keep])}]}
-        ex = build_example(tok, conversation(clipped, system, True, template), max_len=10**9)
+        rec = {**record, "messages": [record["messages"][0], {"role": "assistant", "content": clipped}]}
+        ex = _encoded(tok, conversation(rec, system, True, template), truncated=True)
         if len(ex["input_ids"]) <= max_len:
-            return {**ex, "truncated": True}
-    raise Reject("too_long", f"the instruction and prompt wording alone exceed max_len={max_len}")
+            return ex
+    instruction = len(tok(record["messages"][0]["content"], add_special_tokens=False)["input_ids"])
+    raise Reject("too_long", f"the instruction ({instruction} tokens) and the prompt wording with a response of "
+                             f"at least {MIN_PROMPT_TOKENS} tokens do not fit max_len={max_len}")
 
 
 def heldout(record_id: str, fraction: float) -> bool:

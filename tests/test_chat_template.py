@@ -7,6 +7,8 @@ server builds; labels cover exactly the assistant tokens; each target ends with 
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +108,113 @@ def test_keep_system_on_a_reversed_source_is_a_params_error():
         {"path": "x.jsonl", "reverse": True, "keep_system": True}]}]}}}
     with pytest.raises(training.ParamsError, match=r"sources\[0\]\.keep_system"):
         training.check_run(cfg, "r", "sft")
+
+
+# ---------------------------------------------------------------- every shipped chat template keeps its end-of-turn token
+
+TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
+SEED = Path(__file__).resolve().parent / "fixtures" / "sft" / "seed.jsonl"
+# name: (template file, special tokens the vocabulary must have, bos, eos, the token that must close a turn).
+# Llama-3.0's own tokenizer_config names <|end_of_text|> as eos and the Qwen2.5 base models <|endoftext|>:
+# in both the token that ends an assistant turn is another one, read off the template.
+TEMPLATES = {
+    "smollm2": ("chat_template.jinja", [], None, None, "<|im_end|>"),
+    "llama3": ("llama3_chat_template.jinja",
+               ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
+    "qwen2_5": ("qwen2_5_chat_template.jinja", [], None, "<|endoftext|>", "<|im_end|>"),
+}
+LONG = "Please read the following background before you answer, it matters a great deal. " * 40
+
+
+def template_tok(name: str):
+    """The fixture vocabulary (SmolLM2's) under another model family's chat template and special tokens."""
+    from transformers import AutoTokenizer
+
+    file, specials, bos, eos, _ = TEMPLATES[name]
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    if specials:
+        tok.add_tokens(specials, special_tokens=True)
+    if bos:
+        tok.bos_token = bos
+    if eos:
+        tok.eos_token = eos
+    tok.chat_template = (TOKENIZER / file).read_text()
+    return tok
+
+
+def assistant_spans(ids, labels):
+    spans, cur = [], []
+    for i, lab in zip(ids, labels, strict=True):
+        if lab != training.IGNORE:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans + ([cur] if cur else [])
+
+
+def header(tok, messages):
+    """What the template writes before the first user message's text (system prompt and all)."""
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    text = chat.render(tok, head + [{"role": "user", "content": "MARKER"}])
+    return text[: text.index("MARKER")]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_end_of_turn_is_read_off_the_template(name):
+    tok = template_tok(name)
+    assert chat.end_of_turn(tok) == TEMPLATES[name][4]
+    msgs = CONVERSATIONS["multi"]
+    prompt, target = chat.split_last_turn(tok, msgs)
+    assert target == "Paris." + TEMPLATES[name][4]
+    assert prompt == chat.render(tok, msgs[:-1], add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_example_keeps_its_end_of_turn_token_in_the_label_mask(name):
+    """Short, multi-turn, over-long and reversed examples, and every line of the sft fixture at three
+    max_len: each kept example ends with the end-of-turn token, labelled, and starts with the template's
+    header; each assistant span closes with it; an example that cannot fit is rejected as too_long."""
+    tok = template_tok(name)
+    eot = tok.convert_tokens_to_ids(TEMPLATES[name][4])
+    assert eot != tok.unk_token_id
+    long_multi = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG},
+                  {"role": "assistant", "content": "Fine, thanks. " * 40}, {"role": "user", "content": LONG},
+                  {"role": "assistant", "content": "Blue."}]
+    convs = [*CONVERSATIONS.values(), long_multi, long_multi[:1] + long_multi[3:]]
+    built = []
+    for msgs in convs:
+        for max_len in (10**6, 200, 60):
+            try:
+                ex = training.build_example(tok, msgs, max_len)
+            except training.Reject as e:
+                assert e.reason == "too_long" and max_len < 10**6
+                continue
+            built.append((ex, msgs, max_len))
+    assert sum(ex["truncated"] for ex, _, _ in built) >= 4
+    for ex, msgs, max_len in built:
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert len(ids) <= max_len and ids[-1] == labels[-1] == eot
+        spans = assistant_spans(ids, labels)
+        assert all(s[-1] == eot for s in spans)
+        assert tok.decode(spans[-1]) == msgs[-1]["content"] + TEMPLATES[name][4]
+        assert tok.decode(ids).startswith(header(tok, msgs))
+    wording = "Write the instruction for this answer.\n\n{response}"
+    for line in SEED.read_text().splitlines():
+        rec = json.loads(line)
+        for max_len in (512, 256, 128):
+            for reverse in (False, True):
+                try:
+                    if reverse:
+                        ex = training.build_reversed(tok, rec, None, wording, max_len)
+                    else:
+                        ex = training.build_example(tok, training.conversation(rec, "Be helpful."), max_len)
+                except training.Reject as e:
+                    assert e.reason == "too_long"
+                    continue
+                ids, labels = ex["input_ids"], ex["labels"]
+                assert len(ids) <= max_len and ids[-1] == labels[-1] == eot
+                target = rec["messages"][0 if reverse else -1]["content"]
+                assert tok.decode([x for x in labels if x != training.IGNORE]) == target + TEMPLATES[name][4]

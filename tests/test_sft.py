@@ -22,7 +22,8 @@ FIX = Path(__file__).resolve().parent / "fixtures" / "sft"
 SEED, AUG = str(FIX / "seed.jsonl"), str(FIX / "augmented.jsonl")
 TEMPLATE = str(ROOT / "prompts" / "backward.txt")
 TAGS = {"seed": "Answer in the style of an AI Assistant.", "augmented": "Answer with knowledge from web search."}
-TRAIN = {"max_len": 96, "batch_size": 2, "lr": 1.0e-3, "save_steps": 2, "eval_steps": 100, "eval_fraction": 0.2,
+# max_len 512: 11 of the 12 seed fixture lines fit whole; line 9 (1,785 tokens, a 1,047-token answer) is too_long.
+TRAIN = {"max_len": 512, "batch_size": 2, "lr": 1.0e-3, "save_steps": 2, "eval_steps": 100, "eval_fraction": 0.2,
          "eval_max_examples": 2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
 
 
@@ -116,17 +117,84 @@ def test_backward_examples_are_reversed_and_clip_the_response_not_the_instructio
     assert e.value.reason == "not_single_turn"
 
 
+def _target(tok, ex) -> str:
+    return tok.decode([x for x in ex["labels"] if x != training.IGNORE])
+
+
+def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt_never_its_end(tok):
+    """The final answer and its <|im_end|> stay whole; the system prompt stays; the prompt side gives way."""
+    background = "Some background that matters less than the question. " * 12
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello, who are you?"}, {"role": "assistant", "content": "A helper. " * 20},
+            {"role": "user", "content": background + "So: what colour is the sky?"},
+            {"role": "assistant", "content": "Blue, on a clear day."}]
+    whole = training.build_example(tok, msgs, 10**6)
+    assert not whole["truncated"] and _target(tok, whole).count("<|im_end|>") == 2
+    n_last_turn = len(training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"])
+    # Room for the last exchange only: the first exchange goes, nothing else changes.
+    ex = training.build_example(tok, msgs, n_last_turn)
+    assert ex["truncated"] and ex["input_ids"] == training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"]
+    # Less room: the last user turn loses its start; its end (the question) and the answer stay.
+    ex = training.build_example(tok, msgs, n_last_turn - 40)
+    text = tok.decode(ex["input_ids"])
+    assert ex["truncated"] and len(ex["input_ids"]) <= n_last_turn - 40
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert "what colour is the sky?<|im_end|>" in text and "Hello, who are you?" not in text
+    assert _target(tok, ex) == "Blue, on a clear day.<|im_end|>"
+    assert ex["input_ids"][-1] == ex["labels"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    # No room for the answer with a minimal prompt: dropped with a reason, not cut.
+    with pytest.raises(training.Reject) as e:
+        training.build_example(tok, msgs, 25)
+    assert e.value.reason == "too_long" and "max_len=25" in e.value.detail
+    # A short prompt is not clipped below what it asks: the example is dropped instead.
+    short_q = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because. " * 30}]
+    with pytest.raises(training.Reject, match="too_long"):
+        training.build_example(tok, short_q, len(training.build_example(tok, short_q, 10**6)["input_ids"]) - 1)
+
+
+def test_a_reversed_example_too_long_for_its_instruction_is_dropped(tok):
+    rec = records.chat([{"role": "user", "content": "Explain tides in detail, please. " * 20},
+                        {"role": "assistant", "content": "Tides come from the moon. " * 60}], lang="en", source="t")
+    wording = training.load_template(TEMPLATE)
+    ex = training.build_reversed(tok, rec, None, wording, max_len=256)
+    assert ex["truncated"] and len(ex["input_ids"]) <= 256
+    assert _target(tok, ex) == rec["messages"][0]["content"] + "<|im_end|>"
+    with pytest.raises(training.Reject) as e:
+        training.build_reversed(tok, rec, None, wording, max_len=150)
+    assert e.value.reason == "too_long"
+
+
+def test_no_fixture_example_loses_its_end_at_any_max_len(tok):
+    """Every seed line, forward and reversed, at max_len from 64 to 1024: kept whole-ended or too_long, and
+    the accounting holds."""
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    wording = training.load_template(TEMPLATE)
+    kept_by_len = {}
+    for max_len in (64, 128, 256, 512, 1024):
+        for reverse in (False, True):
+            data = training.read_source(tok, SEED, TAGS["seed"], max_len, 0.0, reverse, wording if reverse else None)
+            assert data.records_in == 12 == len(data.train) + len(data.rejected)
+            assert {r["reason"] for r in data.rejected} <= {"too_long"}
+            for ex in data.train:
+                assert len(ex["input_ids"]) <= max_len and ex["input_ids"][-1] == ex["labels"][-1] == eot
+            kept_by_len[max_len, reverse] = len(data.train)
+    assert kept_by_len[512, False] == 11 and kept_by_len[1024, False] == 11 and kept_by_len[64, False] == 0
+    assert kept_by_len[256, True] > kept_by_len[256, False]  # a reversed example can give up part of its response
+
+
 def test_every_line_is_trained_held_out_or_rejected_with_file_and_line(tmp_path, tok):
-    good = [json.loads(x) for x in Path(SEED).read_text().splitlines()[:4]]
+    lines = Path(SEED).read_text().splitlines()
+    good = [json.loads(x) for x in lines[:4]]
     user_last = records.chat([{"role": "user", "content": "hi"}], lang="en", source="t")
     pref = records.make("preference", prompt="p", chosen="c", rejected="r", lang="en", source="t")
     f = tmp_path / "in.jsonl"
     f.write_text("\n".join([json.dumps(good[0]), "{not json", json.dumps(pref), json.dumps(user_last),
-                            json.dumps({**good[1], "lang": 3})] + [json.dumps(g) for g in good[2:]]) + "\n")
-    data = training.read_source(tok, str(f), "sys", max_len=96, eval_fraction=0.0)
-    assert data.records_in == 7 == len(data.train) + len(data.eval) + len(data.rejected)
+                            json.dumps({**good[1], "lang": 3})] + [json.dumps(g) for g in good[2:]] + [lines[8]]) + "\n")
+    data = training.read_source(tok, str(f), "sys", max_len=512, eval_fraction=0.0)
+    assert data.records_in == 8 == len(data.train) + len(data.eval) + len(data.rejected)
     assert {(r["line"], r["reason"]) for r in data.rejected} == {
-        (2, "bad_json"), (3, "not_chat"), (4, "no_final_assistant_turn"), (5, "bad_record")}
+        (2, "bad_json"), (3, "not_chat"), (4, "no_final_assistant_turn"), (5, "bad_record"), (8, "too_long")}
+    assert "max_len=512" in next(r["detail"] for r in data.rejected if r["line"] == 8)
     assert all(r["file"] == str(f) for r in data.rejected)
     assert "'lang'" in next(r["detail"] for r in data.rejected if r["line"] == 5)
     assert len(data.train) == 3 and data.truncated == sum(e["truncated"] for e in data.train)
