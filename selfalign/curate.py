@@ -16,10 +16,11 @@ Pure functions over records and tensors; the stage script (stages/curate.py) doe
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
-from selfalign import chat, records
+from selfalign import chat, params, records
 
 DIGITS = ("1", "2", "3", "4", "5")
 _FIELD = re.compile(r"\{(instruction|response)\}")
@@ -193,8 +194,47 @@ def histogram(scores: list[float]) -> dict[str, int]:
     return counts
 
 
-def select(scored: list[dict], threshold: float) -> tuple[list[dict], list[dict]]:
-    """(kept, below): a record is kept when its meta.score is at least `threshold`."""
-    kept = [r for r in scored if r["meta"]["score"] >= threshold]
-    below = [r for r in scored if r["meta"]["score"] < threshold]
-    return kept, below
+SELECT_MODES = ("threshold", "top_fraction", "top_k")
+
+
+def select(scored: list[dict], mode: str = "threshold", threshold: float = 4.5, fraction: float = 0.5,
+           k: int = 0) -> tuple[list[dict], list[dict], float | None]:
+    """(kept, below, cutoff): which scored candidates to keep, and the lowest score kept (None: nothing kept).
+
+    threshold: scores >= threshold (the paper keeps 5, i.e. >= 4.5 for expected scores). top_fraction:
+    the best ceil(fraction x n), for weak scorers whose scores crowd the middle of the scale. top_k: the
+    best k. Ranks break ties by id, so the kept set does not depend on the input order.
+    """
+    if mode == "threshold":
+        kept = [r for r in scored if r["meta"]["score"] >= threshold]
+        below = [r for r in scored if r["meta"]["score"] < threshold]
+    elif mode in ("top_fraction", "top_k"):
+        n = math.ceil(fraction * len(scored) - 1e-9) if mode == "top_fraction" else min(k, len(scored))
+        ranked = sorted(scored, key=lambda r: (-r["meta"]["score"], r["id"]))
+        ids = {r["id"] for r in ranked[:n]}
+        kept = [r for r in scored if r["id"] in ids]
+        below = [r for r in scored if r["id"] not in ids]
+    else:
+        raise ValueError(f"unknown selection mode {mode!r}; one of {', '.join(SELECT_MODES)}")
+    cutoff = min((r["meta"]["score"] for r in kept), default=None)
+    return kept, below, cutoff
+
+
+def iteration_names(params_file) -> list[str]:
+    """The Humpback rounds of params.yaml (curate.iterations), in order."""
+    rounds = params.section(params_file, "curate").get("iterations") or {}
+    if not isinstance(rounds, dict) or not rounds:
+        raise params.ParamsError(f"{params_file}: curate.iterations names no round")
+    return list(rounds)
+
+
+def round_file(path: str | Path, params_file, name: str) -> Path:
+    """`path` itself when it is a file; for a directory (dvc.yaml passes data/curate), the last round's `name`.
+
+    distill, reward and sft@final read "the last iteration" this way, so adding a round is one line of
+    params.yaml and nothing downstream names it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path / iteration_names(params_file)[-1] / name
+    return path

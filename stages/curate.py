@@ -8,8 +8,8 @@ mode=logprobs (default) scores each candidate by one batched forward pass: the e
 the model's probabilities over "1".."5" after the rubric and "Score: ", so every candidate gets a
 score. mode=generate asks any engine of selfalign.llm for a "Score: N" reply and parses it
 strictly, counting what does not parse. Writes scored.jsonl (every scored candidate, score in
-meta.score), kept.jsonl (score >= threshold) and rejected.jsonl (invalid, unparsed, failed or
-below the threshold, each with its reason).
+meta.score), kept.jsonl (the candidates curate.select keeps: a score threshold, a top fraction or a
+top k) and rejected.jsonl (invalid, unparsed, failed or below the cut-off, each with its reason).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger("curate")
 STAGE = "curate"
 DEFAULTS = {
     "mode": "logprobs",
-    "threshold": 3.0,
+    "select": {"mode": "top_fraction", "threshold": 4.5, "fraction": 0.4, "k": 16},
     "batch_size": 8,
     "dtype": "float32",
     "score_prefix": "Score: ",
@@ -105,8 +105,15 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     if cfg["mode"] not in MODES:
         raise click.UsageError(f"curate.mode: {cfg['mode']!r} is not one of {', '.join(MODES)}")
-    if not 1.0 <= float(cfg["threshold"]) <= 5.0:
-        raise click.UsageError(f"curate.threshold: {cfg['threshold']} is outside the score range [1, 5]")
+    sel = cfg["select"]
+    if sel["mode"] not in curate.SELECT_MODES:
+        raise click.UsageError(f"curate.select.mode: {sel['mode']!r} is not one of {', '.join(curate.SELECT_MODES)}")
+    if not 1.0 <= float(sel["threshold"]) <= 5.0:
+        raise click.UsageError(f"curate.select.threshold: {sel['threshold']} is outside the score range [1, 5]")
+    if not 0.0 < float(sel["fraction"]) <= 1.0:
+        raise click.UsageError(f"curate.select.fraction: {sel['fraction']} is outside (0, 1]")
+    if not (isinstance(sel["k"], int) and sel["k"] >= 0):
+        raise click.UsageError(f"curate.select.k: {sel['k']!r} is not an integer >= 0")
     try:
         rubric_text = curate.load_rubric(rubric)
     except ValueError as e:
@@ -115,8 +122,8 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
     good, rejected, n_in = read_candidates(Path(candidates))
     system = models.read_info(model_dir).get("system")  # the scorer is prompted as it is served
-    log.info("%s: %d candidates (%d invalid), scorer %s (system prompt %r), mode %s, threshold %.2f", iteration, n_in,
-             len(rejected), model_dir, system, cfg["mode"], cfg["threshold"])
+    log.info("%s: %d candidates (%d invalid), scorer %s (system prompt %r), mode %s, select %s", iteration, n_in,
+             len(rejected), model_dir, system, cfg["mode"], sel)
 
     pairs = [p for _, p in good]
     engine_stats = None
@@ -139,8 +146,10 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
                                           response_clipped=res["response_clipped"]))
         else:
             scored.append(curate.annotate(record, res["score"], **detail_base, reply=res["text"]))
-    kept, below = curate.select(scored, float(cfg["threshold"]))
-    rejected += [records.rejected(r, "below_threshold", STAGE, detail=f"score {r['meta']['score']:.3f}") for r in below]
+    kept, below, cutoff = curate.select(scored, sel["mode"], float(sel["threshold"]), float(sel["fraction"]), sel["k"])
+    reason = "below_threshold" if sel["mode"] == "threshold" else "below_cutoff"
+    rejected += [records.rejected(r, reason, STAGE, detail=f"score {r['meta']['score']:.3f}"
+                                  + (f" < cut-off {cutoff:.3f}" if cutoff is not None else "")) for r in below]
 
     out = Path(output_dir)
     io.write_jsonl(out / "scored.jsonl", scored)
@@ -150,12 +159,14 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     scores = [r["meta"]["score"] for r in scored]
     attempted = len(good)
     m = {
-        "iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "threshold": cfg["threshold"],
-        "records_in": n_in, "scored": len(scored), "kept": len(kept), "rejected": len(rejected),
+        "iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "select": sel["mode"],
+        "select_param": {"threshold": sel["threshold"], "top_fraction": sel["fraction"], "top_k": sel["k"]}[sel["mode"]],
+        "cutoff_score": round(cutoff, 4) if cutoff is not None else None, "records_in": n_in, "scored": len(scored), "kept": len(kept), "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "parse_rate": round(len(scored) / attempted, 4) if attempted else None,
         "unparsed": sum(r["reason"] == "unparsed_score" for r in rejected),
         "yield": round(len(kept) / len(scored), 4) if scored else None,
+        "kept_fraction_of_valid": round(len(kept) / attempted, 4) if attempted else None,
         "yield_by_threshold": {f"{t:.1f}": sum(s >= t for s in scores) for t in (2.5, 3.0, 3.5, 4.0, 4.5)},
         "score_mean": round(sum(scores) / len(scores), 4) if scores else None,
         "score_histogram": curate.histogram(scores),
@@ -168,8 +179,8 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         m["engine"] = engine_stats
     assert m["records_in"] == m["kept"] + m["rejected"], "curate lost records"
     io.write_json(metrics, m)
-    log.info("%s: scored %d/%d, kept %d (yield %s), mean score %s", iteration, len(scored), attempted, len(kept),
-             m["yield"], m["score_mean"])
+    log.info("%s: scored %d/%d, kept %d (yield %s, %s cut-off score %s), mean score %s", iteration, len(scored),
+             attempted, len(kept), m["yield"], sel["mode"], m["cutoff_score"], m["score_mean"])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from stage_loader import load_stage
 
-from selfalign import chat, curate, io, records
+from selfalign import chat, curate, io, params, records
 
 ROOT = Path(__file__).resolve().parent.parent
 RUBRIC = ROOT / "prompts" / "curate.txt"
@@ -83,11 +83,39 @@ def test_parse_score_is_strict():
 
 def test_select_splits_at_threshold_inclusive():
     recs = [curate.annotate(candidate(f"q{i}", "a", f"s{i}"), s) for i, s in enumerate([1.0, 2.999, 3.0, 4.2, 5.0])]
-    kept, below = curate.select(recs, 3.0)
-    assert [r["meta"]["score"] for r in kept] == [3.0, 4.2, 5.0]
+    kept, below, cutoff = curate.select(recs, "threshold", 3.0)
+    assert [r["meta"]["score"] for r in kept] == [3.0, 4.2, 5.0] and cutoff == 3.0
     assert [r["meta"]["score"] for r in below] == [1.0, 2.999]
+    assert curate.select(recs, "threshold", 5.5) == ([], recs, None)
     assert curate.histogram([1.0, 2.999, 3.0, 4.2, 5.0]) == {
         "1.0-1.5": 1, "1.5-2.0": 0, "2.0-2.5": 0, "2.5-3.0": 1, "3.0-3.5": 1, "3.5-4.0": 0, "4.0-4.5": 1, "4.5-5.0": 1}
+
+
+def test_select_top_fraction_and_top_k_rank_and_break_ties_by_id():
+    # A weak scorer crowds the middle (the 135M m0 gave 1.6-2.9): a threshold keeps nothing, a rank keeps the best.
+    scores = [2.1, 2.9, 2.5, 2.5, 1.6, 2.7, 2.2, 2.5]
+    recs = [curate.annotate(candidate(f"q{i}", "a", f"s{i}"), s) for i, s in enumerate(scores)]
+    assert curate.select(recs, "threshold", 4.5)[0] == []
+    kept, below, cutoff = curate.select(recs, "top_fraction", fraction=0.25)
+    assert sorted(r["meta"]["score"] for r in kept) == [2.7, 2.9] and cutoff == 2.7 and len(below) == 6
+    kept, _, cutoff = curate.select(recs, "top_fraction", fraction=0.5)  # ceil(4): two of the three 2.5s, by id
+    tied = sorted((r for r in recs if r["meta"]["score"] == 2.5), key=lambda r: r["id"])
+    assert len(kept) == 4 and cutoff == 2.5 and [r for r in kept if r["meta"]["score"] == 2.5] == tied[:2]
+    assert [r["id"] for r in kept] == [r["id"] for r in recs if r in kept], "kept records stay in input order"
+    shuffled = curate.select(list(reversed(recs)), "top_fraction", fraction=0.5)[0]
+    assert {r["id"] for r in shuffled} == {r["id"] for r in kept}, "the kept set does not depend on input order"
+    assert [r["meta"]["score"] for r in curate.select(recs, "top_k", k=3)[0]] == [2.9, 2.5, 2.7]
+    assert curate.select(recs, "top_k", k=99)[1] == [] and curate.select([], "top_fraction", fraction=0.4)[2] is None
+    with pytest.raises(ValueError, match="unknown selection mode"):
+        curate.select(recs, "best")
+
+
+def test_default_params_keep_at_least_a_quarter():
+    cfg = params.resolve(load_stage("curate").DEFAULTS, ROOT / "params.yaml", "curate")
+    sel = cfg["select"]
+    recs = [curate.annotate(candidate(f"q{i}", "a", f"s{i}"), 1.6 + 0.03 * i) for i in range(39)]
+    kept = curate.select(recs, sel["mode"], sel["threshold"], sel["fraction"], sel["k"])[0]
+    assert len(kept) >= 0.25 * len(recs), f"default selection {sel} keeps {len(kept)} of {len(recs)} mid-scale scores"
 
 
 def write_candidates(path: Path) -> list[dict]:
@@ -133,8 +161,9 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     assert [r["meta"]["segment_id"] for r in scored] == [f"seg{k}" for k in range(len(PAIRS))]
     assert all(1.0 <= r["meta"]["score"] <= 5.0 for r in scored)
     assert all(r["meta"]["curate"]["iteration"] == "iter1" and r["meta"]["curate"]["system"] == system for r in scored)
-    assert all(r["meta"]["score"] >= 3.0 for r in kept)
-    assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_threshold"} == \
+    assert len(kept) == 2 and m["select"] == "top_fraction" and m["cutoff_score"] == min(r["meta"]["score"] for r in kept)
+    assert all(r["meta"]["score"] >= s["meta"]["score"] for r in kept for s in scored if s not in kept)
+    assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_cutoff"} == \
         {r["id"] for r in scored}
     invalid = sorted((r["line"], r["file"]) for r in rejected if r["reason"] == "invalid_candidate")
     assert invalid == [(3, str(tmp_path / "candidates.jsonl")), (7, str(tmp_path / "candidates.jsonl"))]
@@ -144,7 +173,8 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     # The threshold is the only thing that moves a candidate between kept and rejected.
     scores = sorted(r["meta"]["score"] for r in scored)
     mid = (scores[1] + scores[2]) / 2
-    run_stage(common + ["--metrics", str(tmp_path / "m2.json"), "--set", f"threshold={mid}"])
+    run_stage(common + ["--metrics", str(tmp_path / "m2.json"), "--set", "select.mode=threshold",
+                        "--set", f"select.threshold={mid}"])
     kept2 = io.load_jsonl(out / "kept.jsonl")
     assert sorted(r["meta"]["score"] for r in kept2) == scores[2:]
     assert io.read_json(tmp_path / "m2.json")["kept"] == 3
@@ -171,7 +201,8 @@ def test_generate_mode_counts_unparsed_and_failed_explicitly(tiny_model_dir, tmp
     write_candidates(tmp_path / "candidates.jsonl")
     run_stage(["--iteration", "iter2", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", "any-endpoint",
                "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
-               "--set", "mode=generate", "--set", "engine={kind: openai}"])
+               "--set", "mode=generate", "--set", "engine={kind: openai}", "--set", "select.mode=threshold",
+               "--set", "select.threshold=3.0"])
     m = io.read_json(tmp_path / "m.json")
     assert m["scored"] == 2 and m["unparsed"] == 2 and m["parse_rate"] == 0.4
     assert m["rejected_by_reason"] == {"invalid_candidate": 2, "unparsed_score": 2, "generation_failed": 1,
