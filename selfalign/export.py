@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -211,6 +213,46 @@ def base_model_id(lineage_rows: list[dict]) -> str | None:
     return None
 
 
+def distill_teacher(lock: dict) -> dict | None:
+    """Which model distill asked for answers, and whether it is the base model the sft runs start from.
+
+    The teacher is distill's `--teacher` (dvc.lock's cmd), unless its params' `engine` names another
+    kind or model. The student's base is the `base` stage's output when an sft stage depends on it.
+    They are the same model when the paths match or the lock gives both the same md5. None when the
+    lock has no distill stage.
+    """
+    st = lock.get("distill")
+    if not st:
+        return None
+    cmd = st.get("cmd", "")
+    args = shlex.split(" ".join(cmd) if isinstance(cmd, list) else cmd)
+    teacher = next((a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
+                    if re.fullmatch(r"--teacher(=.*)?", a) and ("=" in a or i + 1 < len(args))), None)
+    engine = ((st.get("params") or {}).get("params.yaml", {}).get("distill") or {}).get("engine") or {}
+    kind = engine.get("kind", "local")
+    if engine.get("model"):
+        teacher = engine["model"]
+    base_outs = [o for o in (lock.get("base") or {}).get("outs", [])]
+    sft_deps = [d for name, s in lock.items() if name.split("@")[0] == "sft" for d in s.get("deps", [])]
+    base = next((o for o in base_outs if any(_norm(d["path"]) == _norm(o["path"]) for d in sft_deps)), None)
+    teacher_dep = next((d for d in st.get("deps", []) if teacher and _norm(d["path"]) == _norm(teacher)), None)
+    same = bool(kind == "local" and teacher and base and (
+        _norm(teacher) == _norm(base["path"]) or (teacher_dep is not None and _md5(teacher_dep) == _md5(base))))
+    return {"teacher": teacher, "engine": kind, "student_base": base["path"] if base else None,
+            "teacher_is_student_base": same}
+
+
+def teacher_sentence(t: dict) -> str:
+    """One plain sentence on distill's teacher, for the model card and the evaluation report."""
+    if t["teacher_is_student_base"]:
+        return (f"**The distillation teacher is the student's own base model** (`{t['teacher']}`): the distilled "
+                "answers are the generations of the very model the student starts from, so distillation here adds "
+                "no knowledge the student did not start with; it exercises the plumbing. A real run names a stronger teacher "
+                "(dvc.yaml distill --teacher, or params distill.engine for an endpoint).")
+    return (f"The distillation teacher is `{t['teacher']}` ({t['engine']} engine), not the student's base "
+            f"(`{t['student_base'] or '?'}`).")
+
+
 # ---------------------------------------------------------------- the card
 
 def _fmt(x) -> str:
@@ -219,35 +261,50 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def _est(e, key: str = "mean") -> str:
+    """"value [low, high]" of an evaluate estimate ({mean|perplexity|win_rate, ci})."""
+    if not isinstance(e, dict) or e.get(key) is None:
+        return "–"
+    ci = e.get("ci")
+    return _fmt(e[key]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
 def evaluation_lines(evaluation: dict, name: str) -> list[str]:
-    """The evaluate stage's numbers for model `name`, and its win rates against the others."""
+    """The evaluate stage's numbers for model `name` with their 95% intervals, and its win rates against the others."""
     m = (evaluation.get("models") or {}).get(name)
     if not m:
         return [f"The evaluate metrics hold no model named `{name}`."]
-    rows = [("reward-model score (mean)", m["reward"].get("all")),
-            ("response length (tokens)", m["length_tokens"].get("all")),
-            ("answers cut at the token limit", m.get("truncated_rate")),
-            ("refusal rate on safety prompts", m["refusal_rate"].get("safety")),
-            ("refusal rate on other prompts", m["refusal_rate"].get("other")),
-            ("answer-key match (closed QA, math)", m.get("answer_match", {}).get("all")),
-            ("perplexity on held-out seed responses", m["perplexity"].get("perplexity"))]
+    rows = [("answers that stop at end-of-turn (not the token cap)", _est(m.get("stop_rate", {}).get("all"))),
+            ("answer-key match (prompts with a key)", _est((m.get("answer_match") or {}).get("all"))),
+            ("ROUGE-L F1 against reference answers", _est((m.get("reference_rouge") or {}).get("all"))),
+            ("perplexity of held-out seed responses", _est(m.get("perplexity"), "perplexity")),
+            ("perplexity of the eval set's reference answers", _est(m.get("reference_perplexity"), "perplexity")),
+            ("reward-model score (the reward model PPO optimised)", _est(m["reward"].get("all"))),
+            ("response length (tokens)", _est(m["length_tokens"].get("all"))),
+            ("refusal rate on safety prompts", _est(m["refusal_rate"].get("safety"))),
+            ("refusal rate on other prompts", _est(m["refusal_rate"].get("other")))]
     for pair, e in (evaluation.get("win_rate") or {}).items():
         a, _, b = pair.partition("_vs_")
-        wr = e["all"]["win_rate"]
-        if a == name:
-            rows.append((f"win rate against {b}", wr))
-        elif b == name and wr is not None:
-            rows.append((f"win rate against {a}", round(1 - wr, 4)))
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
-    cats = [c for c in m["reward"] if c not in ("all",)]
-    lines += ["", "Reward-model score by category and language: "
-              + ", ".join(f"{c} {_fmt(m['reward'][c])}" for c in cats) + "."]
+        t = e["all"]
+        if t.get("win_rate") is None or name not in (a, b):
+            continue
+        wr, ci, verdict = t["win_rate"], t.get("ci"), t.get("verdict")
+        if b == name:   # the pair is a_vs_name: flip it to name's point of view
+            wr, ci = round(1 - wr, 4), ([round(1 - ci[1], 4), round(1 - ci[0], 4)] if ci else None)
+            verdict = {"better": "worse", "worse": "better"}.get(verdict, verdict)
+        rows.append((f"win rate against {b if a == name else a}",
+                     _est({"win_rate": wr, "ci": ci}, "win_rate") + (f" ({verdict})" if verdict else "")))
+    lines = ["Each value comes with its bootstrap 95% interval [low, high]. A win rate whose interval contains 0.5 is "
+             "no measurable difference.", "", "| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if evaluation.get("judge"):
+        lines += ["", f"Pairwise judge: `{evaluation['judge']}`."]
     return lines
 
 
 def render_card(*, name: str, source: str, merged_from: str | None, info: dict, example_prompt: str, eot: str,
                 eot_id: int, n_params: int, dtype: str, files: list[dict], lineage_rows: list[dict], metrics: dict,
-                evaluation: dict | None, evaluation_path: str | None, lock_path: str, lock_md5: str | None) -> str:
+                evaluation: dict | None, evaluation_path: str | None, lock_path: str, lock_md5: str | None,
+                teacher: dict | None = None) -> str:
     """README.md of the export: front matter, use, prompt format, evaluation, lineage, metrics, files."""
     fm = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": "apache-2.0",
           "tags": ["selfalign", "chat", "instruction-backtranslation"]}
@@ -265,6 +322,8 @@ def render_card(*, name: str, source: str, merged_from: str | None, info: dict, 
         lines += ["**Limitations.** A model this small (the default is SmolLM2-135M-Instruct, fine-tuned for minutes "
                   "on a CPU) shows that the pipeline works end to end. Its answers and scores say nothing about the "
                   "quality of the method. Do not use it for anything that matters.", ""]
+    if teacher and any(e["stage"] == "distill" for e in lineage_rows):
+        lines += [teacher_sentence(teacher), ""]
     lines += ["## Use", "", "```bash", "make serve                                   # serves models/export on :8000",
               "python -m selfalign.serve --model models/export --port 8000", "```", "",
               "```python", "from openai import OpenAI",

@@ -1,14 +1,18 @@
-"""Evaluate M0, the final SFT model and the PPO model on a fixed prompt set, with plots and a report.
+"""Evaluate the base model, M0, the final SFT model and the PPO model on a fixed prompt set, with a report.
 
-    python stages/evaluate.py --params params.yaml --model m0=models/m0 --model final=models/final \
-        --model ppo=models/ppo --reward-model models/reward --prompts data/eval/prompts.jsonl \
-        --heldout data/clean/seed.jsonl --judge-prompt prompts/evaluate.txt --cache cache/evaluate \
-        --output-dir reports/evaluate --metrics metrics/evaluate.json
+    python stages/evaluate.py --params params.yaml --model base=models/base --model m0=models/m0 \
+        --model final=models/final --model ppo=models/ppo --reward-model models/reward \
+        --prompts data/eval/prompts.jsonl --heldout data/clean/seed.jsonl --judge-prompt prompts/evaluate.txt \
+        --lock dvc.lock --cache cache/evaluate --output-dir reports/evaluate --metrics metrics/evaluate.json
 
-For every model in `evaluate.models`: greedy answers to the first `prompts_per_category` prompts of
-each category and language (through llm.py's local engine and its cache, so a killed run resumes),
-reward-model scores, length, refusals on the safety prompts, answer-key matches, and perplexity on
-the held-out seed responses. Every later model is judged against every earlier one, in both orders.
+For every model in `evaluate.models` (the base first, so every trained model is compared with where
+it started): greedy answers to the first `prompts_per_category` prompts of each category and language
+(through llm.py's local engine and its cache, so a killed run resumes), how often an answer stops at
+the end-of-turn token rather than the cap, answer-key matches, ROUGE-L against the reference answers,
+perplexity of the held-out seed responses and of the reference answers, reward-model scores, length
+and refusals. Every later model is judged against every earlier one, in both orders, by the reference
+judge (default), the reward model PPO optimised, or an LLM. Every number carries a bootstrap 95%
+interval. dvc.lock, when given, is read (not a dep) to say whether distill's teacher is the student's base.
 Outputs: metrics/evaluate.json, reports/evaluate/{report.md,answers.jsonl,judgments.jsonl,*.png}.
 """
 
@@ -26,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from selfalign import chat, io, llm, models, params, records  # noqa: E402
 from selfalign import evaluate as ev  # noqa: E402
+from selfalign import export as ex  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
 DEFAULTS = {
-    "models": ["m0", "final", "ppo"],
-    "languages": ["en", "fr"],
+    "models": ["base", "m0", "final", "ppo"],
+    "languages": ["en", "fr", "ms"],
     "prompts_per_category": 3,
     "max_new_tokens": 96,
     "batch_size": 8,
@@ -43,8 +48,10 @@ DEFAULTS = {
     "ppl_max_length": 512,
     "ppl_batch_size": 4,
     "reward_batch_size": 8,
-    "judge": "reward",
+    "judge": "reference",
     "tie_margin": 0.0,
+    "bootstrap_resamples": 1000,
+    "seed": 0,
     "judge_engine": {},
     "judge_max_tokens": 16,
     "engine": {},
@@ -94,26 +101,37 @@ def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: s
             | {"system": system} for p, r in zip(prompts, results, strict=True)]
 
 
-def held_out_perplexity(model_dir: str, seed: list[dict], cfg: dict) -> dict:
-    """Perplexity on the held-out seed responses, and the model's parameter count."""
-    convs = ev.heldout_conversations(seed, cfg["heldout_fraction"], cfg["heldout_max"],
-                                     models.read_info(model_dir).get("system"))
+def held_out_perplexity(model_dir: str, seed: list[dict], references: list[dict], cfg: dict) -> dict:
+    """Perplexity of the held-out seed responses and of the eval prompts' reference answers; parameter count."""
+    system = models.read_info(model_dir).get("system")
+    convs = ev.heldout_conversations(seed, cfg["heldout_fraction"], cfg["heldout_max"], system)
     model, tok = models.load_model(model_dir, "float32"), chat.load_tokenizer(model_dir)
-    out = ev.perplexity(model, tok, convs, cfg["ppl_batch_size"], cfg["ppl_max_length"])
-    return out | {"params": sum(p.numel() for p in model.parameters())}
+    boot = (cfg["bootstrap_resamples"], cfg["seed"])
+    out = ev.perplexity(model, tok, convs, cfg["ppl_batch_size"], cfg["ppl_max_length"], *boot)
+    ref = ev.perplexity(model, tok, ev.reference_conversations(references, system), cfg["ppl_batch_size"],
+                        cfg["ppl_max_length"], *boot)
+    return {"perplexity": out, "reference_perplexity": ref, "params": sum(p.numel() for p in model.parameters())}
 
 
-def make_judge(cfg: dict, rows: list[dict], template_path: str, cache: str, judge_log: list):
+def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: str, cache: str, judge_log: list):
+    if cfg["judge"] == "reference":
+        refs = {p["prompt"]: p["meta"]["reference"] for p in prompts if p["meta"].get("reference")}
+        return ev.reference_judge(refs), ("reference judge: the answer with the higher ROUGE-L F1 against the "
+                                          "prompt's reference answer wins (equal is a tie); prompts without a "
+                                          "reference are not judged")
     if cfg["judge"] == "reward":
         scores = {(r["prompt"], r["response"]): r["reward"] for r in rows if r["ok"]}
-        return ev.reward_judge(scores, cfg["tie_margin"]), f"reward model (tie margin {cfg['tie_margin']})"
+        return ev.reward_judge(scores, cfg["tie_margin"]), (
+            f"the reward model (tie margin {cfg['tie_margin']}). **This is the reward model PPO optimised**: ppo was "
+            "trained to raise exactly this score, so its win rates against the others measure that optimisation, "
+            "not an independent preference")
     if cfg["judge"] == "llm":
         if not cfg["judge_engine"]:
             raise click.UsageError("evaluate.judge=llm needs evaluate.judge_engine (an llm.py spec, e.g. kind: openai)")
         template = Path(template_path).read_text(encoding="utf-8")
         engine = llm.make_engine(cfg["judge_engine"], cache)
         return ev.llm_judge(engine, template, cfg["judge_max_tokens"], judge_log), f"LLM {cfg['judge_engine'].get('model')}"
-    raise click.UsageError(f"evaluate.judge {cfg['judge']!r}: expected reward or llm")
+    raise click.UsageError(f"evaluate.judge {cfg['judge']!r}: expected reference, reward or llm")
 
 
 @click.command()
@@ -124,10 +142,12 @@ def make_judge(cfg: dict, rows: list[dict], template_path: str, cache: str, judg
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False), help="Seed chat records.")
 @click.option("--judge-prompt", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
+              help="dvc.lock, read (not a dep) to say whether distill's teacher is the student's own base.")
 @click.option("--cache", required=True, type=click.Path(file_okay=False), help="llm.py cache (resumable generation).")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
-def main(params_file, overrides, model_opts, reward_model, prompts, heldout, judge_prompt, cache, output_dir,
+def main(params_file, overrides, model_opts, reward_model, prompts, heldout, judge_prompt, lock_path, cache, output_dir,
          metrics_path):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
@@ -155,12 +175,21 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
              len(chosen), len(all_prompts), cfg["prompts_per_category"], "/".join(cfg["languages"]), len(chosen),
              cfg["max_new_tokens"], ", ".join(f"{m}={d}" for m, d in dirs.items()))
 
+    references = [p for p in all_prompts if p["lang"] in cfg["languages"] and p["meta"].get("reference")]
+    teacher = ex.distill_teacher(ex.read_lock(lock_path)) if lock_path else None
+    boot = (cfg["bootstrap_resamples"], cfg["seed"])
+
     rows, per_model = [], {}
     for name, model_dir in dirs.items():
-        rows += generate(name, model_dir, chosen, cfg, cache)
-        per_model[name] = held_out_perplexity(model_dir, seed, cfg)
-        log.info("%s: held-out perplexity %s over %d tokens", name, per_model[name]["perplexity"],
-                 per_model[name]["tokens"])
+        answered = generate(name, model_dir, chosen, cfg, cache)
+        rows += answered
+        per_model[name] = held_out_perplexity(model_dir, seed, references, cfg)
+        ok = [r for r in answered if r["ok"]]
+        log.info("%s: %d of %d answers stopped at end-of-turn (cap %d); perplexity held-out %s (%d tokens), "
+                 "references %s (%d tokens)", name, sum(r["stopped"] for r in ok), len(ok), cfg["max_new_tokens"],
+                 per_model[name]["perplexity"]["perplexity"], per_model[name]["perplexity"]["tokens"],
+                 per_model[name]["reference_perplexity"]["perplexity"],
+                 per_model[name]["reference_perplexity"]["tokens"])
         gc.collect()
 
     rmodel, rtok = rm.load_reward_model(reward_model)
@@ -172,36 +201,44 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
     del rmodel
 
     judge_log: list = []
-    judge, judge_name = make_judge(cfg, rows, judge_prompt, cache, judge_log)
+    judge, judge_name = make_judge(cfg, rows, chosen, judge_prompt, cache, judge_log)
+    judged = [p for p in chosen if cfg["judge"] != "reference" or p["meta"].get("reference")]
     answer = {(r["id"], r["lang"], r["model"]): r for r in rows}
     judgments = {}
     for a, b in itertools.combinations(dirs, 2):
-        both = [(answer[(p["id"], p["lang"], b)], answer[(p["id"], p["lang"], a)]) for p in chosen]
+        both = [(answer[(p["id"], p["lang"], b)], answer[(p["id"], p["lang"], a)]) for p in judged]
         both = [(rb, ra) for rb, ra in both if rb["ok"] and ra["ok"]]
         js = ev.judge_both_orders(judge, [(rb["prompt"], rb["response"], ra["response"]) for rb, ra in both])
         judgments[f"{b}_vs_{a}"] = [j | {"id": rb["id"], "lang": rb["lang"], "category": rb["category"]}
                                     for j, (rb, _) in zip(js, both, strict=True)]
 
     metrics = {"prompts": {"in_file": len(all_prompts), "evaluated": len(chosen),
-                           "not_selected": len(all_prompts) - len(chosen)},
-               "heldout": {"seed_records": len(seed), "scored": max(p["conversations"] for p in per_model.values())},
-               "models": {}, "win_rate": ev.win_rates(judgments)}
+                           "not_selected": len(all_prompts) - len(chosen), "judged": len(judged),
+                           "with_reference": len(references)},
+               "heldout": {"seed_records": len(seed),
+                           "scored": max(p["perplexity"]["conversations"] for p in per_model.values())},
+               "judge": cfg["judge"], "distill_teacher": teacher,
+               "models": {}, "win_rate": ev.win_rates(judgments, *boot)}
     for name in dirs:
-        ppl = per_model[name]
-        metrics["models"][name] = {"params": ppl.pop("params", None), "perplexity": ppl,
-                                   **ev.model_metrics([r for r in rows if r["model"] == name])}
+        metrics["models"][name] = {**per_model[name], **ev.model_metrics([r for r in rows if r["model"] == name], *boot)}
     with models.atomic_dir(output_dir) as out:     # the report directory is replaced whole
         io.write_jsonl(out / "answers.jsonl", rows)
         io.write_jsonl(out / "judgments.jsonl", [j | {"pair": p} for p, js in judgments.items() for j in js])
         if judge_log:
             io.write_jsonl(out / "judge_replies.jsonl", judge_log)
         plots = ev.write_plots(out, metrics, list(dirs))
-        setup = {"models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()), "reward model": reward_model,
+        setup = {"models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()),
+                 "reward model": f"{reward_model}: the reward model PPO optimised, so its scores are not independent "
+                                 "of ppo",
                  "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg['prompts_per_category']} per "
-                            f"category and language: {', '.join(cfg['languages'])})",
+                            f"category and language: {', '.join(cfg['languages'])}); {len(judged)} judged",
                  "generation": f"greedy, at most {cfg['max_new_tokens']} new tokens", "judge": judge_name,
+                 "intervals": f"percentile bootstrap, 95%, {cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}",
                  "perplexity": f"last assistant turn of up to {cfg['heldout_max']} held-out seed records "
-                               f"(heldout_fraction {cfg['heldout_fraction']}) from {heldout}"}
+                               f"(heldout_fraction {cfg['heldout_fraction']}) from {heldout}, and of the "
+                               f"{len(references)} reference answers of {prompts} in these languages"}
+        if teacher:
+            setup["distillation teacher"] = ex.teacher_sentence(teacher)
         (out / "report.md").write_text(ev.render_report(metrics, rows, list(dirs), plots, setup), encoding="utf-8")
     io.write_json(metrics_path, metrics)
     log.info("wrote %s/report.md and %s", output_dir, metrics_path)

@@ -7,7 +7,8 @@ dvc.yaml passes `--model models/${export.model}`, so `export.model` picks ppo (d
 A LoRA adapter directory is merged into its base first. The export holds safetensors weights, the
 tokenizer, the chat template, a generation config whose eos is the end-of-turn token, the source's
 selfalign.json (the inference system prompt) and README.md, the model card: lineage from dvc.lock
-(stage commands, dep/out md5s, params values), the upstream stages' metrics and the evaluate numbers.
+(stage commands, dep/out md5s, params values), the upstream stages' metrics and the evaluate numbers,
+and, when distill is upstream, a plain statement of whether its teacher is the student's own base.
 
 dvc.lock is read but not declared as a dependency: DVC rewrites it after every stage, this one
 included, so as a dependency it would make export stale forever. Its content is the lineage of
@@ -72,6 +73,9 @@ def main(params_file, overrides, source, evaluation, lock_path, output, metrics_
     info = models.read_info(source)
     lock = ex.read_lock(lock_path)
     stages = ex.lineage(lock, source, exclude=("export",))
+    teacher = ex.distill_teacher(lock) if "distill" in stages else None
+    if teacher and teacher["teacher_is_student_base"]:
+        log.warning("distill's teacher %s is the student's own base model: the card says so", teacher["teacher"])
     log.info("exporting %s (%s): %d parameters in %s, %s; end-of-turn %r (id %d); %d upstream stages in %s",
              cfg["model"], source, n_params, dtype, f"adapter merged into {merged_from}" if merged_from else "merged",
              chat.end_of_turn(tok), eot_id, len(stages), lock_path if lock else "(no dvc.lock)")
@@ -96,13 +100,14 @@ def main(params_file, overrides, source, evaluation, lock_path, output, metrics_
             lineage_rows=ex.lineage_entries(lock, stages), metrics=ex.stage_metrics(lock, stages),
             evaluation=io.read_json(evaluation) if evaluation and Path(evaluation).is_file() else None,
             evaluation_path=evaluation,
-            lock_path=str(lock_path), lock_md5=ex.file_md5(lock_path) if lock else None)
+            lock_path=str(lock_path), lock_md5=ex.file_md5(lock_path) if lock else None, teacher=teacher)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         files = ex.file_table(tmp)
     io.write_json(metrics_path, {
         "model": cfg["model"], "source": str(source), "merged_adapter": merged_from is not None, "params": n_params,
         "dtype": dtype, "bytes": sum(f["bytes"] for f in files), "eos_token_id": eot_id,
         "reload_max_logit_diff": diff, "lineage_stages": len(stages),
+        "teacher_is_student_base": teacher["teacher_is_student_base"] if teacher else None,
         "weights_sha256": next((f["sha256"] for f in files if f["file"].endswith(".safetensors")), None)})
     log.info("wrote %s (%d files, %.1f MB) and %s", output, len(files), sum(f["bytes"] for f in files) / 1e6,
              metrics_path)

@@ -1,4 +1,5 @@
-"""The evaluate stage: refusal detector, answer keys, strict verdicts, both-order win rates, perplexity, smoke run."""
+"""The evaluate stage: refusal detector, answer keys, strict verdicts, both-order win rates, bootstrap intervals,
+the reference judge, stop rates, perplexity, and a smoke run with the base model as a row."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ PROMPTS = ROOT / "data" / "eval" / "prompts.jsonl"
     "Il est important de noter que voler une voiture n'est pas légal. Je ne peux pas vous donner cette information.",
     "Je suis désolée, mais c'est hors de question.",
     "En tant qu\u2019IA, je refuse de répondre.",
+    "Maaf, saya tidak boleh membantu anda mencuri kereta.",
+    "Saya enggan menulis mesej seperti itu.",
 ])
 def test_refusal_detector_finds_refusals_in_english_and_french(text):
     assert ev.is_refusal(text), text
@@ -39,6 +42,7 @@ def test_refusal_detector_finds_refusals_in_english_and_french(text):
     "Voici un poème : la pluie tombe, je ne peux m'empêcher de sourire.",
     "I'm sorry for your loss. Here is a short poem about your dog.",
     "Je suis désolé pour ta perte.",
+    "Maaf atas kelewatan saya. Ini pantun tentang laut.",
     "",
 ])
 def test_refusal_detector_leaves_ordinary_answers(text):
@@ -96,8 +100,76 @@ def test_reward_judge_and_per_category_win_rates():
     js = ev.judge_both_orders(ev.reward_judge(scores, margin=0.1), [("q", "a1", "b1"), ("r", "a2", "b2")])
     js = [j | {"category": c} for j, c in zip(js, ["math", "safety"], strict=True)]
     wr = ev.win_rates({"x_vs_y": js})["x_vs_y"]
-    assert wr["math"] == 1.0 and wr["safety"] == 0.5 and wr["all"]["ties"] == 2
+    assert wr["math"]["win_rate"] == 1.0 and wr["safety"]["win_rate"] == 0.5 and wr["all"]["ties"] == 2
+    assert wr["math"]["ci"] == [1.0, 1.0] and wr["safety"]["verdict"] == ev.NO_DIFFERENCE
     assert "coding" not in wr
+
+
+def test_bootstrap_interval_of_a_mean_and_of_a_ratio():
+    # a constant has a zero-width interval; one unit says nothing about spread, so its interval is the point
+    assert ev.estimate([0.3] * 20) == {"mean": 0.3, "ci": [0.3, 0.3], "n": 20}
+    assert ev.estimate([5.0])["ci"] == [5.0, 5.0]
+    assert ev.estimate([]) == {"mean": None, "ci": None, "n": 0}
+    # 40 of 100 successes: the percentile interval agrees with the normal approximation 0.4 +- 1.96 * 0.049
+    e = ev.estimate([1.0] * 40 + [0.0] * 60, resamples=2000, seed=1)
+    assert e["mean"] == 0.4 and e["ci"][0] == pytest.approx(0.304, abs=0.02) and e["ci"][1] == pytest.approx(0.496, abs=0.02)
+    # seeded: the same call gives the same interval, another seed a (slightly) different one
+    assert ev.estimate([1.0] * 40 + [0.0] * 60, resamples=2000, seed=1) == e
+    assert ev.estimate([1.0] * 40 + [0.0] * 60, resamples=2000, seed=2)["ci"] != e["ci"]
+    # a ratio of sums: units with more weight count more, in the value and in every resample
+    r = ev.estimate([2.0, 0.0], [2.0, 1.0], resamples=500)
+    assert r["mean"] == pytest.approx(2 / 3, abs=1e-4) and r["ci"] == [0.0, 1.0]
+
+
+def test_a_win_rate_whose_interval_contains_half_is_no_measurable_difference():
+    def judge_from(wins):
+        return lambda batch: ["A" if wins.pop(0) else "B" for _ in batch]
+
+    items = [(f"p{i}", "x", "y") for i in range(10)]
+    # 6 of 10 prompts won in both orders: 60%, but with 10 prompts the interval reaches below 50%
+    t = ev.tally(ev.judge_both_orders(judge_from([1] * 6 + [0] * 4 + [0] * 6 + [1] * 4), items))
+    assert t["win_rate"] == 0.6 and t["ci"][0] < 0.5 < t["ci"][1] and t["verdict"] == ev.NO_DIFFERENCE
+    # 10 of 10: better; 0 of 10: worse
+    assert ev.tally(ev.judge_both_orders(judge_from([1] * 10 + [0] * 10), items))["verdict"] == "better"
+    assert ev.tally(ev.judge_both_orders(judge_from([0] * 10 + [1] * 10), items))["verdict"] == "worse"
+    assert ev.verdict([0.5, 0.7]) == ev.NO_DIFFERENCE and ev.verdict([0.51, 0.7]) == "better" and ev.verdict(None) is None
+    # the report marks it in words
+    metrics = {"models": {}, "win_rate": {"b_vs_a": {"all": t}}}
+    report = ev.render_report(metrics, [], [], [], {"judge": "test"})
+    assert f"| b vs a | 60% [{100 * t['ci'][0]:.0f}%–{100 * t['ci'][1]:.0f}%] | {ev.NO_DIFFERENCE} |" in report
+
+
+def test_reference_judge_prefers_the_answer_closer_to_the_reference():
+    ref = {"Capital of Australia?": "The capital of Australia is Canberra.",
+           "Capitale de l'Australie ?": "La capitale de l'Australie est Canberra."}
+    assert ev.rouge_l("The capital of Australia is Canberra.", ref["Capital of Australia?"]) == 1.0
+    # accented words are words: rouge_score's default tokenizer would split "capitale" from "l'Australie" oddly
+    assert ev.rouge_l("La capitale est Canberra.", ref["Capitale de l'Australie ?"]) == pytest.approx(
+        2 * (4 / 7) * 1.0 / (4 / 7 + 1.0), abs=1e-4)
+    judge = ev.reference_judge(ref)
+    items = [("Capital of Australia?", "It is Canberra.", "Sydney is a big city."),
+             ("Capitale de l'Australie ?", "C'est Sydney.", "La capitale est Canberra."),
+             ("Capital of Australia?", "Canberra", "Canberra"),
+             ("No reference here?", "a", "b")]
+    assert judge(items) == ["A", "B", "tie", None]
+    t = ev.tally(ev.judge_both_orders(judge, items))
+    assert (t["wins"], t["losses"], t["ties"], t["unparsed"], t["consistent"]) == (2, 2, 2, 2, 1.0)
+
+
+def test_stop_rate_counts_answers_that_end_at_end_of_turn():
+    rec = {"id": "x", "lang": "en", "prompt": "2+2?", "meta": {"category": "math", "answers": ["4"],
+                                                               "reference": "2 + 2 = 4."}}
+    stop = ev.answer_row(rec, "m", llm.Result(text="It is 4.", ok=True, finish_reason="stop"), 4)
+    cut = ev.answer_row(rec, "m", llm.Result(text="Let me think about", ok=True, finish_reason="length"), 4)
+    failed = ev.answer_row(rec, "m", llm.Result.failure("oom"), None)
+    assert (stop["stopped"], cut["stopped"], failed["stopped"]) == (True, False, None)
+    assert stop["answer_match"] and not cut["answer_match"] and stop["reference_rouge"] > cut["reference_rouge"] == 0.0
+    rows = [stop | {"reward": 0.0}] * 3 + [cut | {"reward": 0.0}] + [failed]
+    m = ev.model_metrics(rows)
+    assert m["generated"] == 4 and m["failed"] == 1
+    assert m["stop_rate"]["all"]["mean"] == 0.75 and m["stop_rate"]["all"]["n"] == 4
+    assert m["stop_rate"]["all"]["ci"][0] < 0.75 < m["stop_rate"]["all"]["ci"][1] == 1.0
+    assert m["answer_match"]["math"]["mean"] == 0.75 and set(m["reference_rouge"]) == {"all", "math", "en"}
 
 
 class FakeJudgeEngine:
@@ -146,17 +218,25 @@ def test_llm_judge_over_http_shows_position_bias(tmp_path):
     assert (t["win_rate"], t["consistent"], t["first_position_rate"]) == (0.5, 0.0, 1.0)
 
 
-def test_shipped_prompt_set_covers_every_category_in_two_languages():
+def test_shipped_prompt_set_covers_every_category_in_three_languages():
     prompts = ev.load_prompts(PROMPTS)
     for c in ev.CATEGORIES:
-        for lang in ("en", "fr"):
+        for lang in ("en", "fr", "ms"):
             sub = [p for p in prompts if p["meta"]["category"] == c and p["lang"] == lang]
-            assert 6 <= len(sub) <= 8, (c, lang)
+            assert (4 if lang == "ms" else 6) <= len(sub) <= 8, (c, lang)
             assert all(p["id"] == records.record_id(p) for p in sub)
+            # the first three of each (category, language) have a reference answer in that language
+            assert all(p["meta"].get("reference") for p in sub[:3]), (c, lang)
             if c in ("closed_qa", "math"):
                 assert all(p["meta"].get("answers") for p in sub[:3]), (c, lang)
+            for p in sub[:3]:
+                if p["meta"].get("answers"):     # the reference answer passes its own answer key
+                    assert ev.answer_matches(p["meta"]["reference"], p["meta"]["answers"]), p["prompt"]
+            if c == "safety":
+                assert all(ev.is_refusal(p["meta"]["reference"]) for p in sub[:3]), (c, lang)
     chosen = ev.select_prompts(prompts, 3, ["fr"])
     assert len(chosen) == 18 and {p["lang"] for p in chosen} == {"fr"}
+    assert len(ev.select_prompts(prompts, 2, ["en", "fr", "ms"])) == 36
 
 
 def test_bad_prompt_line_names_file_line_and_field(tmp_path):
@@ -222,51 +302,74 @@ def _tiny_reward_model(out: Path, tiny_model_dir: Path) -> Path:
 def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, caplog):
     from scripted_model import make_scripted_model
 
-    # a: the random tiny model (runs to the token limit); b: always "I cannot help with that." then end-of-turn
+    # base: the random tiny model (runs to the token limit); tuned: always "I cannot help with that." then end-of-turn
     policy_b = make_scripted_model(tmp_path / "b", "I cannot help with that.")
     rm_dir = _tiny_reward_model(tmp_path / "rm", tiny_model_dir)
     seed = tmp_path / "seed.jsonl"
     io.write_jsonl(seed, _seed_records(6))
+    lock = tmp_path / "dvc.lock"     # distill asked the very base the sft runs start from
+    lock.write_text(json.dumps({"schema": "2.0", "stages": {
+        "base": {"cmd": "python stages/base.py --output models/base", "outs": [{"path": "models/base", "md5": "b.dir"}]},
+        "distill": {"cmd": "python stages/distill.py --teacher models/base", "deps": [{"path": "models/base", "md5": "b.dir"}],
+                    "outs": [{"path": "data/distill/distilled.jsonl", "md5": "d"}]},
+        "sft@final": {"cmd": "python stages/sft.py --input models/base", "deps": [{"path": "models/base", "md5": "b.dir"}],
+                      "outs": [{"path": "models/final", "md5": "f.dir"}]}}}))
     out, metrics_path = tmp_path / "report", tmp_path / "metrics" / "evaluate.json"
-    args = ["--model", f"a={tiny_model_dir}", "--model", f"b={policy_b}", "--reward-model", str(rm_dir),
+    args = ["--model", f"base={tiny_model_dir}", "--model", f"tuned={policy_b}", "--reward-model", str(rm_dir),
             "--prompts", str(PROMPTS), "--heldout", str(seed), "--judge-prompt", str(ROOT / "prompts" / "evaluate.txt"),
-            "--cache", str(tmp_path / "cache"), "--output-dir", str(out), "--metrics", str(metrics_path),
-            "--set", "models=[a, b]", "--set", "prompts_per_category=1", "--set", "max_new_tokens=8",
-            "--set", "heldout_fraction=1.0", "--set", "heldout_max=4", "--set", "dtype=float32"]
+            "--lock", str(lock), "--cache", str(tmp_path / "cache"), "--output-dir", str(out),
+            "--metrics", str(metrics_path), "--set", "models=[base, tuned]", "--set", "prompts_per_category=1",
+            "--set", "max_new_tokens=8", "--set", "heldout_fraction=1.0", "--set", "heldout_max=4",
+            "--set", "dtype=float32", "--set", "bootstrap_resamples=200"]
     res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(metrics_path.read_text())
 
-    n = 1 * 6 * 2          # per category and language x categories x languages: two prompts per category
+    n = 1 * 6 * 3          # per category and language x categories x languages (en, fr, ms)
     assert m["prompts"]["evaluated"] == n and m["prompts"]["in_file"] == m["prompts"]["evaluated"] + m["prompts"]["not_selected"]
-    for name in ("a", "b"):
+    assert m["prompts"]["judged"] == n and m["judge"] == "reference"     # every first prompt has a reference answer
+    n_refs = m["prompts"]["with_reference"]
+    assert n_refs == sum(1 for p in ev.load_prompts(PROMPTS) if p["meta"].get("reference")) >= 3 * n
+    assert m["distill_teacher"]["teacher_is_student_base"] is True
+    for name in ("base", "tuned"):
         mm = m["models"][name]
         assert mm["generated"] + mm["failed"] == n and mm["failed"] == 0
-        assert set(ev.CATEGORIES) | {"all", "en", "fr"} <= set(mm["reward"]) == set(mm["length_tokens"])
-        assert all(isinstance(v, float) for v in mm["reward"].values())
-        assert set(mm["refusal_rate"]) == {"safety", "safety_en", "safety_fr", "other"}
-        assert set(mm["answer_match"]) == {"all", "closed_qa", "math", "en", "fr"}
+        assert set(ev.CATEGORIES) | {"all", "en", "fr", "ms"} <= set(mm["reward"]) == set(mm["length_tokens"])
+        for e in mm["reward"].values():      # every mean carries its interval
+            assert isinstance(e["mean"], float) and e["ci"][0] <= e["mean"] <= e["ci"][1]
+        assert set(mm["refusal_rate"]) == {"safety", "safety_en", "safety_fr", "safety_ms", "other"}
+        assert set(mm["answer_match"]) == {"all", "closed_qa", "math", "en", "fr", "ms"}
+        assert mm["reference_rouge"]["all"]["n"] == n
         assert mm["perplexity"]["conversations"] == 4 and mm["perplexity"]["perplexity"] > 1
+        lo, hi = mm["perplexity"]["ci"]
+        assert lo <= mm["perplexity"]["perplexity"] <= hi
+        assert mm["reference_perplexity"]["conversations"] == n_refs and mm["reference_perplexity"]["perplexity"] > 1
         assert mm["params"] > 1_000_000
-    a, b = m["models"]["a"], m["models"]["b"]
-    assert a["length_tokens"]["all"] == 8 and a["truncated_rate"] == 1.0 and a["refusal_rate"]["safety"] == 0.0
-    assert b["length_tokens"]["all"] == 6 and b["truncated_rate"] == 0.0      # stopped at its end-of-turn token
-    assert b["refusal_rate"]["safety"] == 1.0 and b["refusal_rate"]["other"] == 1.0
-    assert b["answer_match"]["all"] == 0.0
-    wr = m["win_rate"]["b_vs_a"]
+    a, b = m["models"]["base"], m["models"]["tuned"]
+    assert a["length_tokens"]["all"]["mean"] == 8 and a["stop_rate"]["all"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": n}
+    assert b["length_tokens"]["all"]["mean"] == 6 and b["stop_rate"]["all"]["mean"] == 1.0   # stopped at end-of-turn
+    assert a["refusal_rate"]["safety"]["mean"] == 0.0 and b["refusal_rate"]["safety"]["mean"] == 1.0
+    assert b["refusal_rate"]["other"]["mean"] == 1.0 and b["answer_match"]["all"]["mean"] == 0.0
+    wr = m["win_rate"]["tuned_vs_base"]
     assert wr["all"]["judgments"] == 2 * n and wr["all"]["unparsed"] == 0 and set(ev.CATEGORIES) <= set(wr)
-    assert 0.0 <= wr["all"]["win_rate"] <= 1.0 and wr["all"]["consistent"] == 1.0    # a reward judge has no position
+    assert wr["all"]["consistent"] == 1.0    # a reference judge has no position
+    assert wr["all"]["ci"][0] <= wr["all"]["win_rate"] <= wr["all"]["ci"][1]
+    assert wr["all"]["verdict"] == ev.verdict(wr["all"]["ci"])
 
     answers = io.load_jsonl(out / "answers.jsonl")
     assert len(answers) == 2 * n and all(r["reward"] is not None for r in answers)
-    assert {r["response"] for r in answers if r["model"] == "b"} == {"I cannot help with that."}
+    assert {r["response"] for r in answers if r["model"] == "tuned"} == {"I cannot help with that."}
+    assert {r["stopped"] for r in answers if r["model"] == "tuned"} == {True}
     assert len(io.load_jsonl(out / "judgments.jsonl")) == n
     report = (out / "report.md").read_text()
-    assert "say **nothing** about the quality" in report
+    assert "say **nothing** about the quality" in report and "**The distillation teacher is the student's own base" in report
+    assert "the reward model PPO optimised" in report and "bootstrap" in report
     for c in ev.CATEGORIES:
         assert f"`{c}`" in report and ev.TITLES[c] in report
-    assert report.count("***a***") == n and report.count("***b***") == n
-    for png in ("reward_by_category.png", "length_by_category.png", "win_rate.png"):
+    assert report.count("***base***") == n and report.count("***tuned***") == n
+    assert "| base | " in report and "| tuned vs base | " in report      # the base is a row and the reference
+    for png in ("reward_by_category.png", "rouge_by_category.png", "length_by_category.png",
+                "stop_rate_by_category.png", "win_rate.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
 
     # a rerun answers from the cache and rewrites the same outputs
@@ -275,18 +378,27 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
         res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
     assert res.exit_code == 0
     assert [r.getMessage() for r in caplog.records if "from cache" in r.getMessage()] == [
-        f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("a", "b")]
+        f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("base", "tuned")]
     assert io.load_jsonl(out / "answers.jsonl") == answers and json.loads(metrics_path.read_text()) == m
+
+
+def test_the_reward_judge_says_it_is_the_reward_model_ppo_optimised():
+    stage = load_stage("evaluate")
+    rows = [{"ok": True, "prompt": "q", "response": "x", "reward": 1.0}, {"ok": True, "prompt": "q", "response": "y",
+                                                                        "reward": 0.0}]
+    judge, name = stage.make_judge({**stage.DEFAULTS, "judge": "reward"}, rows, [], "", "", [])
+    assert judge([("q", "x", "y")]) == ["A"] and "reward model PPO optimised" in name
+    assert stage.DEFAULTS["judge"] == "reference" and stage.DEFAULTS["models"][0] == "base"
 
 
 def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
     res = CliRunner().invoke(load_stage("evaluate").main, [
-        "--model", f"m0={tiny_model_dir}", "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS),
+        "--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS),
         "--heldout", str(PROMPTS), "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"),
         "--output-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code != 0 and "final, ppo" in res.output
     res = CliRunner().invoke(load_stage("evaluate").main, [
-        "--model", f"m0={tiny_model_dir}", "--model", f"final={tmp_path}", "--model", f"ppo={tiny_model_dir}",
+        "--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--model", f"final={tmp_path}", "--model", f"ppo={tiny_model_dir}",
         "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(PROMPTS),
         "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
         "--metrics", str(tmp_path / "m.json")])
@@ -310,7 +422,8 @@ def test_bad_heldout_line_names_file_and_line(tmp_path, tiny_model_dir):
                                    lang="en", source="t"))
     heldout.write_text(good + "\n\n{not json\n")
     res = CliRunner().invoke(load_stage("evaluate").main, [
-        "--model", f"m0={tiny_model_dir}", "--model", f"final={tiny_model_dir}", "--model", f"ppo={tiny_model_dir}",
+        "--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--model", f"final={tiny_model_dir}",
+        "--model", f"ppo={tiny_model_dir}",
         "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(heldout),
         "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
         "--metrics", str(tmp_path / "m.json"), "--params", str(ROOT / "params.yaml")])

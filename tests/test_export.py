@@ -67,6 +67,35 @@ def test_lineage_walks_upstream_only():
     assert ex.flat_numbers({"a": {"b": 1, "c": [1]}, "d": 0.5, "e": True, "f": "x"}) == {"a.b": 1, "d": 0.5}
 
 
+def with_distill(lock: dict, cmd_teacher: str, engine: dict | None = None, teacher_md5: str = "ba5e.dir") -> dict:
+    """fake_lock's stages plus a distill stage feeding sft@m0, asking `cmd_teacher`."""
+    stages = json.loads(json.dumps(lock["stages"]))
+    stages["distill"] = {
+        "cmd": f"python stages/distill.py --params params.yaml --seed data/clean/seed.jsonl --teacher {cmd_teacher} "
+               "--output-dir data/distill",
+        "deps": [_dep("stages/distill.py", "d1"), _dep("data/clean/seed.jsonl", "5eed"), _dep(cmd_teacher, teacher_md5)],
+        "params": {"params.yaml": {"distill": {"max_new_tokens": 192, "engine": engine or {}}}},
+        "outs": [_dep("data/distill/distilled.jsonl", "d15t")]}
+    stages["sft@m0"]["deps"].append(_dep("data/distill/distilled.jsonl", "d15t"))
+    return {"schema": "2.0", "stages": stages}
+
+
+def test_the_teacher_is_named_when_it_is_the_students_own_base():
+    lock = with_distill(fake_lock(), "models/base")["stages"]
+    t = ex.distill_teacher(lock)
+    assert t == {"teacher": "models/base", "engine": "local", "student_base": "models/base",
+                 "teacher_is_student_base": True}
+    assert ex.teacher_sentence(t).startswith("**The distillation teacher is the student's own base model** (`models/base`)")
+    # a copy of the base under another path is still the base: the lock gives it the same md5
+    assert ex.distill_teacher(with_distill(fake_lock(), "models/copy")["stages"])["teacher_is_student_base"]
+    other = ex.distill_teacher(with_distill(fake_lock(), "models/big", teacher_md5="b1g.dir")["stages"])
+    assert not other["teacher_is_student_base"] and "not the student's base" in ex.teacher_sentence(other)
+    api = ex.distill_teacher(with_distill(fake_lock(), "models/base", engine={"kind": "openai", "model": "gpt-4o"})["stages"])
+    assert api["teacher"] == "gpt-4o" and api["engine"] == "openai" and not api["teacher_is_student_base"]
+    assert ex.distill_teacher(fake_lock()["stages"]) is None
+    assert ex.lineage(lock, "models/ppo", exclude=("export",)) == ["base", "ingest", "clean", "distill", "sft@m0", "ppo"]
+
+
 def test_generation_config_stops_at_end_of_turn(tiny_model_dir):
     model, tok, merged = ex.load_source(tiny_model_dir)
     eot = ex.set_generation_config(model, tok)
@@ -91,6 +120,7 @@ def test_an_adapter_is_merged_into_its_base(tmp_path, tiny_model_dir, monkeypatc
     assert res.exit_code == 0, res.output
     m = json.loads(Path("metrics/export.json").read_text())
     assert m["merged_adapter"] and m["reload_max_logit_diff"] < 1e-4 and m["lineage_stages"] == 0
+    assert m["teacher_is_student_base"] is None
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("models/base"), "models/ppo")
     exported = AutoModelForCausalLM.from_pretrained("models/export")
@@ -112,20 +142,28 @@ def test_export_round_trip_through_the_server(tmp_path, monkeypatch):
     make_scripted_model(Path("models/ppo"), REPLY)
     info = {"run": "ppo", "system": "Answer in the style of an AI Assistant.", "inference_tag": "seed"}
     Path("models/ppo/selfalign.json").write_text(json.dumps(info))
-    Path("dvc.lock").write_text(yaml.safe_dump(fake_lock()))
+    Path("dvc.lock").write_text(yaml.safe_dump(with_distill(fake_lock(), "models/base")))
     Path("metrics").mkdir()
     Path("metrics/ingest.json").write_text(json.dumps({"records_in": 120, "kept": 100, "rejected": 20}))
+    def est(x, lo, hi):
+        return {"mean": x, "ci": [lo, hi], "n": 36}
     Path("metrics/evaluate.json").write_text(json.dumps({
-        "models": {"ppo": {"reward": {"all": 0.42, "math": 0.1}, "length_tokens": {"all": 3.0},
-                           "truncated_rate": 0.0, "refusal_rate": {"safety": 1.0, "other": 0.25},
-                           "answer_match": {"all": 0.5}, "perplexity": {"perplexity": 12.5}}},
-        "win_rate": {"ppo_vs_m0": {"all": {"win_rate": 0.75}}, "final_vs_ppo": {"all": {"win_rate": 0.4}}}}))
+        "judge": "reference",
+        "models": {"ppo": {"reward": {"all": est(0.42, 0.3, 0.5), "math": est(0.1, 0.0, 0.2)},
+                           "length_tokens": {"all": est(3.0, 2.0, 4.0)}, "stop_rate": {"all": est(0.9, 0.8, 1.0)},
+                           "refusal_rate": {"safety": est(1.0, 1.0, 1.0), "other": est(0.25, 0.1, 0.4)},
+                           "answer_match": {"all": est(0.5, 0.25, 0.75)}, "reference_rouge": {"all": est(0.2, 0.1, 0.3)},
+                           "perplexity": {"perplexity": 12.5, "ci": [11.0, 14.0]},
+                           "reference_perplexity": {"perplexity": 20.0, "ci": [15.0, 26.0]}}},
+        "win_rate": {"ppo_vs_m0": {"all": {"win_rate": 0.75, "ci": [0.6, 0.9], "verdict": "better"}},
+                     "final_vs_ppo": {"all": {"win_rate": 0.4, "ci": [0.3, 0.55], "verdict": "no measurable difference"}}}}))
 
     res = CliRunner().invoke(load_stage("export").main, [
         "--model", "models/ppo", "--evaluation", "metrics/evaluate.json", "--lock", "dvc.lock",
         "--output", "models/export", "--metrics", "metrics/export.json", "--set", "dtype=float32"],
         catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    assert json.loads(Path("metrics/export.json").read_text())["teacher_is_student_base"] is True
     out = Path("models/export")
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
             "selfalign.json", "README.md"} <= {p.name for p in out.iterdir()}
@@ -136,8 +174,12 @@ def test_export_round_trip_through_the_server(tmp_path, monkeypatch):
     card = (out / "README.md").read_text()
     for needle in ("data/clean/seed.jsonl", "`5eed`", "data/sample", "kl_coef: 0.05", "lr: 0.0002", "max_records: 500",
                    "python stages/ppo.py --policy models/m0 --output models/ppo", "metrics/ingest.json",
-                   "records_in: 120", "(the workspace file differs from dvc.lock)", "| win rate against m0 | 0.75 |",
-                   "| win rate against final | 0.6 |", "| perplexity on held-out seed responses | 12.5 |",
+                   "records_in: 120", "(the workspace file differs from dvc.lock)",
+                   "| win rate against m0 | 0.75 [0.6, 0.9] (better) |",
+                   "| win rate against final | 0.6 [0.45, 0.7] (no measurable difference) |",
+                   "| perplexity of held-out seed responses | 12.5 [11, 14] |",
+                   "| answers that stop at end-of-turn (not the token cap) | 0.9 [0.8, 1] |",
+                   "**The distillation teacher is the student's own base model** (`models/base`)",
                    "From `metrics/evaluate.json`",
                    "Answer in the style of an AI Assistant.", "<|im_end|>", "model.safetensors", "Limitations",
                    "base_model: HuggingFaceTB/SmolLM2-135M-Instruct"):
