@@ -525,22 +525,22 @@ def refusal(record: dict, cfg: dict) -> Outcome:
 
 _NUM = r"-?\$?\d+(?:,\d{3})*(?:\.\d+)?"
 _OP = r"(?:[-+*/×÷^x]|\\times|\\div)"
-_EXPR = rf"\(?\s*{_NUM}\s*\)?(?:\s*{_OP}\s*\(?\s*{_NUM}\s*\)?)+"
 # One side of an equation: a number or an expression, read whole (a number never stops before a digit, so
 # "21336 * (5000 + 12)" is not "2133"; "1,5" is not 1 and 5).
 _WHOLE_NUM = rf"{_NUM}(?!\d|[.,]\d)"
-_SIDE = rf"[(\s]*{_WHOLE_NUM}[)\s]*(?:{_OP}[(\s]*{_WHOLE_NUM}[)\s]*)*"
+_OPERAND = rf"(?:\(\s*)*{_WHOLE_NUM}(?:\s*\))*"  # white space only inside brackets: no run of it is tried twice
+_SIDE = rf"{_OPERAND}(?:\s*{_OP}\s*{_OPERAND})*"
 # `a = b = c ...`, where the last side is not followed by a letter or an operator (units after a space are fine).
-_CHAIN = re.compile(rf"(?<![\w.,^/\\{{])(?:{_SIDE})(?:=(?:{_SIDE}))+(?![\w.]*[a-zA-Z(^]|\.\d|\s*{_OP})")
-_BARE_SIDE = re.compile(rf"\s*\(?\s*({_NUM})\s*\)?\s*")
-_PROMPT_EXPR = re.compile(rf"(?<![\w./\\-])({_EXPR})(?![\w.]*[a-zA-Z(]|\s*=)")
+_CHAIN = re.compile(rf"(?<![\w.,^/\\{{]){_SIDE}(?:\s*=\s*{_SIDE})+(?![\w.]*[a-zA-Z(^]|\.\d|\s*{_OP})")
+_BARE_SIDE = re.compile(rf"\(?\s*({_NUM})(?:\s*\))?")  # fullmatch on a stripped side
+_PROMPT_EXPR = re.compile(rf"(?<![\w./\\-])({_OPERAND}(?:\s*{_OP}\s*{_OPERAND})+)(?![\w.]*[a-zA-Z(]|\s*=)")
 _COMPUTE = re.compile(r"\b(?:calculate|compute|evaluate|solve|simplify|what\s+is|how\s+much|sum|add|multiply|"
                       r"subtract|divide|result|hitung(?:kan)?|kira(?:kan)?|berapa|calcule[rz]?|combien|[ée]value[rz]?)\b",
                       re.I)
 # Sums that are right in another number system or another algebra ("11 + 1 = 100" in binary).
 _OTHER_ARITHMETIC = re.compile(r"\b(?:binary|base[- ]?\d+|hex(?:adecimal)?|octal|modul[oa]r?|mod|boolean|binaire|"
                                r"binari|perduaan|peano|clock|matri(?:x|ces))\b", re.I)
-_BARE_NUMBER = re.compile(rf"^\s*({_NUM})\s*\.?\s*$")
+_BARE_NUMBER = re.compile(rf"^\s*({_NUM})\s*(?:\.\s*)?$")
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.Pow: operator.pow}
 
@@ -553,7 +553,7 @@ def evaluate(expr: str) -> float | None:
         return None
     try:
         tree = ast.parse(py, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, RecursionError):  # a sum of thousands of terms nests too deep: not checked
         return None
 
     def ev(node):
@@ -572,7 +572,7 @@ def evaluate(expr: str) -> float | None:
 
     try:
         value = ev(tree)
-    except (ValueError, ZeroDivisionError, OverflowError):
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
         return None
     return float(value) if math.isfinite(value) else None
 
@@ -650,7 +650,7 @@ def wrong_arithmetic(prompt: str, answer: str) -> str | None:
     if ("=" not in answer and not bare) or _OTHER_ARITHMETIC.search(prompt) or _OTHER_ARITHMETIC.search(answer):
         return None
     for m in _CHAIN.finditer(answer) if "=" in answer else ():
-        if "%" in answer[m.start():m.end() + 1] or answer[:m.start()].rstrip()[-1:] in set("+-*/×÷^("):
+        if "%" in answer[m.start():m.end() + 1] or answer[max(0, m.start() - 80):m.start()].rstrip()[-1:] in set("+-*/×÷^("):
             continue  # a percentage; or the left side goes on to the left ("2x + 3 = 9"): algebra, not a sum
         if detail := wrong_chain(m.group(0).split("=")):
             return detail
