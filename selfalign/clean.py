@@ -240,8 +240,14 @@ _NO_INPUT = re.compile(
     )\s*[>\])]?\s*\.?\s*["'“”]?\s*$""", re.I | re.X)
 
 
+# Every spelling above is shorter than this; a longer text is never a placeholder, and the patterns' runs of
+# optional white space are only ever tried on short, stripped text (they backtrack on a long run of spaces).
+_MAX_PLACEHOLDER = 80
+
+
 def is_no_input(text: str) -> bool:
-    return bool(_NO_INPUT.match(text))
+    text = text.strip()
+    return len(text) <= _MAX_PLACEHOLDER and bool(_NO_INPUT.match(text))
 
 
 def strip_no_input(text: str) -> str:
@@ -314,7 +320,8 @@ _PLACEHOLDER_PREFIX = re.compile(r"^\s*<\s*no\s*-?\s*output\s*>", re.I)
 def placeholder(record: dict, cfg: dict) -> Outcome:
     """Drop "N/A"-style and <nooutput> placeholder answers."""
     for text in answer_texts(record):
-        if _PLACEHOLDER.match(text) or _PLACEHOLDER_PREFIX.match(text):
+        short = text.strip()
+        if (len(short) <= _MAX_PLACEHOLDER and _PLACEHOLDER.match(short)) or _PLACEHOLDER_PREFIX.match(text):
             return drop(f"placeholder answer {text.strip()[:40]!r}")
     return keep(record)
 
@@ -366,7 +373,7 @@ def unseen_reference(record: dict, cfg: dict) -> Outcome:
 
 
 _NON_TEXT = re.compile(
-    r"(?:^|[.!?]\s+|\n)\s*(?:please\s+|can\s+you\s+|could\s+you\s+)?"
+    r"(?:^|[.!?]\s|\n)[ \t]*(?:please\s+|can\s+you\s+|could\s+you\s+)?"
     r"(?:create|generate|draw|design|render|paint|sketch|produce|make|record|film|take|crop|edit|resize|animate|"
     r"photograph|illustrate)\s+(?:(?:a|an|the|me|us|this|that|some|my|\d+)[ \t]+)?(?:[\w-]+[ \t]+){0,2}?"
     r"(?:image|picture|photo|photograph|illustration|drawing|painting|logo|sketch|3d\s+model|animation|video|gif|"
@@ -423,9 +430,10 @@ def missing_input(record: dict, cfg: dict) -> Outcome:
     return keep(record)
 
 
-_MERGED_ANY = re.compile(r"^\s*\d+\s*[.)]\s*(?:instruction|input|output|arahan|masukan|keluaran|consigne|"
+# [ \t]* after ^: a line's indent, so a run of blank lines is not read again from each of its lines
+_MERGED_ANY = re.compile(r"^[ \t]*\d+\s*[.)]\s*(?:instruction|input|output|arahan|masukan|keluaran|consigne|"
                          r"entr[ée]e|sortie)\s*:", re.I | re.M)
-_MERGED_ANSWER = re.compile(r"^\s*(?:#+\s*)?(?:instruction|arahan|consigne)\s*:", re.I | re.M)
+_MERGED_ANSWER = re.compile(r"^[ \t]*(?:#+\s*)?(?:instruction|arahan|consigne)\s*:", re.I | re.M)
 
 
 @rule("merged_instruction", INSTRUCTED)

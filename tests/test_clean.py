@@ -156,6 +156,13 @@ def test_arithmetic_patterns_read_white_space_once():
     assert clean.wrong_arithmetic("", "1" + gap + "+" + gap + "= 2 x") is None
     assert clean.wrong_arithmetic("", "3 + 4 =" + gap + "8") == "3 + 4 = 8 (is 7)"
     assert clean.wrong_arithmetic("", "1 + " * 5000 + "1 = 5001") is None  # too deep to parse: not checked
+    indented = chat("Do it.\n\n" + gap + "N/A", gap + "hello there")  # 400 spaces took the placeholder rule 6 s
+    assert clean.apply_rules(indented, RULES_CFG)[2] == ""
+    assert clean.apply_rules(chat("Name a fruit.", gap + "N/A"), RULES_CFG)[2] == "placeholder"
+    blank_lines = "Write a poem." + "\n" * 3000 + "Sure."  # 6000 took non_text_output 16 s
+    assert clean.apply_rules(chat(blank_lines, blank_lines), RULES_CFG)[2] == ""
+    assert clean.apply_rules(chat("A poem.\n\n\n  Create an image of it.", "Ok."), RULES_CFG)[2] == "non_text_output"
+    assert clean.apply_rules(chat("A poem.", "Ok.\n\n\n  6. Instruction: more"), RULES_CFG)[2] == "merged_instruction"
 
 
 @pytest.mark.parametrize("case", ORCA, ids=[f"{c['expect']}-{c['index']}" for c in ORCA])
