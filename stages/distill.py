@@ -1,7 +1,7 @@
 """Teacher distillation (Vigogne): regenerate short or low-scoring responses; answer under Orca system messages.
 
     python stages/distill.py --params params.yaml --seed data/clean/seed.jsonl \
-        --scored data/curate/iter2/scored.jsonl --teacher models/base --systems prompts/orca_systems.txt \
+        --scored data/curate --teacher models/base --systems prompts/orca_systems.txt \
         --output-dir data/distill --cache cache/distill --metrics metrics/distill.json
 
 The teacher is any selfalign.llm engine: in-process transformers on --teacher by default, or an
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import distill, io, params, records
+from selfalign import curate, distill, io, params, records
 
 log = logging.getLogger("distill")
 STAGE = "distill"
@@ -54,8 +54,9 @@ def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
 @params.set_option
 @click.option("--seed", "seed_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="Seed chat records: short responses are regenerated, instructions feed the Orca sample.")
-@click.option("--scored", "scored_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Curated candidates with meta.score: low scorers are regenerated.")
+@click.option("--scored", "scored_file", type=click.Path(exists=True), default=None,
+              help="Curated candidates with meta.score (low scorers are regenerated): a scored.jsonl, or data/curate "
+                   "for the last round of curate.iterations.")
 @click.option("--teacher", required=True, help="Teacher model directory (local engine) or endpoint model name.")
 @click.option("--systems", type=click.Path(exists=True, dir_okay=False), required=True,
               help="Orca-style system messages, one per line.")
@@ -75,6 +76,9 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         raise click.ClickException(str(e)) from e
     rejected: list[dict] = []
     seeds, n_seed = read_chat(Path(seed_file), rejected)
+    if scored_file:
+        scored_file = curate.round_file(scored_file, params_file, "scored.jsonl")
+        log.info("curated candidates: %s", scored_file)
     scored, n_scored = read_chat(Path(scored_file), rejected) if scored_file else ([], 0)
     invalid = len(rejected)
     regen = distill.regenerate_targets(seeds, scored, min_chars=cfg["regenerate"]["min_chars"],

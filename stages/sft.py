@@ -1,12 +1,13 @@
-"""Supervised fine-tuning of one run (backward, m0, m1, final): curriculum phases, LoRA/QLoRA/full, resumable.
+"""Supervised fine-tuning of one run (backward, m0, each round's model, final): curriculum phases, LoRA/QLoRA/full, resumable.
 
     python stages/sft.py --params params.yaml --run m0 --input models/base --input data/clean/seed.jsonl \
         --output models/m0 --checkpoints cache/sft/m0 --rejected data/sft/m0/rejected.jsonl \
         --metrics metrics/sft/m0.json --plots plots/sft/m0
 
-dvc.yaml runs it once per run (sft@backward, sft@m0, ...). The run's base model and data come from
-params (sft.runs.<run>); every path they name must also be passed as --input, i.e. declared in
-dvc.yaml, so a run never reads a file its stage does not depend on. The output is a plain model
+dvc.yaml runs it once per run (sft@backward, sft@m0, sft@final) and once per Humpback round
+(sft-iter@<round>: run `iteration`). The run's base model and data come from params (sft.runs.<run>);
+every path they name must also be passed as --input (or --curated, what a source path "{curated}"
+means), i.e. declared in dvc.yaml, so a run never reads a file its stage does not depend on. The output is a plain model
 directory (LoRA merged into the weights; the adapter kept in adapter/) with the base's tokenizer and
 chat template and a selfalign.json naming the system prompt to use at inference.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import chat, io, launch, memory, models, params, training
+from selfalign import backward, chat, curate, io, launch, memory, models, params, training
 
 DEFAULTS = {
     "train": {
@@ -30,12 +31,14 @@ DEFAULTS = {
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
         "logging_steps": 1, "save_steps": 5, "eval_steps": 8, "eval_fraction": 0.1, "eval_max_examples": 8,
         "gradient_checkpointing": False, "deepspeed": False, "keep_adapter": True, "launcher": "python",
+        "heldout_eval": dict(backward.DEFAULTS),  # runs with a reversed source: held-out instruction prediction
     },
     "system_tags": {},
     "runs": {},
 }
 
 log = logging.getLogger("sft")
+CURATED = "{curated}"
 
 
 def resolve_params(params_file, overrides=(), run: str | None = None) -> tuple[dict, dict]:
@@ -76,6 +79,20 @@ def read_phases(tok, cfg: dict, run_cfg: dict):
     return by_phase, eval_examples, rejected, sources
 
 
+def fill_curated(run_cfg: dict, curated: str | None, params_file, run: str) -> dict:
+    """A source path "{curated}" becomes --curated: a kept.jsonl, or for a directory (data/curate) the last
+    round's kept.jsonl in params' curate.iterations; so adding a round never edits sft@final."""
+    wanted = [s for ph in run_cfg["phases"] for s in ph["sources"] if s["path"] == CURATED]
+    if not wanted:
+        return run_cfg
+    if not curated:
+        raise click.UsageError(f"sft.runs.{run} reads {CURATED} but no --curated is given")
+    path = str(curate.round_file(curated, params_file, "kept.jsonl"))
+    phases = [{**ph, "sources": [{**s, "path": path} if s["path"] == CURATED else s for s in ph["sources"]]}
+              for ph in run_cfg["phases"]]
+    return {**run_cfg, "phases": phases}
+
+
 def _count(items) -> dict:
     out: dict = {}
     for x in items:
@@ -105,6 +122,8 @@ def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapt
 @params.set_option
 @click.option("--run", required=True, help="Which sft.runs entry to train (backward, m0, m1, final).")
 @click.option("--input", "inputs", multiple=True, help="A file or dir this run may read (as declared in dvc.yaml).")
+@click.option("--curated", default=None, help="What a source path {curated} reads: a curated kept.jsonl, or "
+              "a dir of rounds (data/curate: the last round of curate.iterations).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--checkpoints", required=True, type=click.Path(file_okay=False),
               help="Checkpoint dir; a killed run resumes from it if params, data and base are unchanged.")
@@ -115,12 +134,15 @@ def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapt
 @click.option("--deepspeed-config", default=None, help="ZeRO config used when sft.train.deepspeed is true.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
 @click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path, metrics_path, plots_dir,
+def main(params_file, overrides, run, inputs, curated, output, checkpoints, rejected_path, metrics_path, plots_dir,
          deepspeed_config, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, run_cfg = resolve_params(params_file, overrides, run)
     t = cfg["train"]
-    undeclared = [p for p in training.run_inputs(run_cfg) if p not in inputs]
+    run_cfg = fill_curated(run_cfg, curated, params_file, run)
+    declared = inputs + ((curated,) if curated else ())
+    undeclared = [p for p in training.run_inputs(run_cfg)
+                  if p not in declared and not any(Path(p).is_relative_to(d) for d in declared)]
     if undeclared:
         raise click.UsageError(f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)")
     if dry_run:
@@ -179,6 +201,17 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
             "phases": [{"name": p["name"], "sources": p["sources"], "epochs": p["epochs"]} for p in run_cfg["phases"]]}
     save_output(trainer, run_cfg, tok, output, info, t["keep_adapter"])
 
+    heldout = {}
+    if t["heldout_eval"]["max_examples"] and backward.reversed_sources(run_cfg):
+        h, examples = backward.evaluate(run_cfg, output, t["eval_fraction"], t["heldout_eval"], system)
+        heldout = {"heldout_instruction": h}
+        log.info("held-out instructions (%d pairs, ROUGE-L F1): %s %.3f %s, base %.3f %s, difference %.3f %s (%.0f s)",
+                 h["n"], run, h["backward"]["rougeL"] or 0, h["backward"]["ci95"], h["base"]["rougeL"] or 0,
+                 h["base"]["ci95"], h["difference"]["mean"] or 0, h["difference"]["ci95"], h["seconds"])
+        for ex in examples[: t["heldout_eval"]["examples_logged"]]:
+            log.info("held-out %s: true %r | %s %r | base %r", ex["id"], ex["true"][:200], run, ex["backward"][:200],
+                     ex["base"][:200])
+
     train_curve, eval_curve = training.loss_curves(trainer.state.log_history, rows, per_step)
     io.write_jsonl(rejected_path, rejected)
     Path(plots_dir).mkdir(parents=True, exist_ok=True)
@@ -195,7 +228,7 @@ def main(params_file, overrides, run, inputs, output, checkpoints, rejected_path
         "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
         "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
         "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
-        "method": t["method"], "precision": t["precision"], "gradient_checkpointing": checkpointed})
+        "method": t["method"], "precision": t["precision"], "gradient_checkpointing": checkpointed, **heldout})
     training.clear_checkpoints(ckpt_dir)
     log.info("run %s: %d steps, %.1f tokens/s, wrote %s", run, step,
              trained_tokens / progress.seconds if progress.seconds else 0.0, output)

@@ -17,8 +17,15 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 SCRIPTS = sorted(p.stem for p in (ROOT / "stages").glob("*.py"))
 
 
+def script_of(stage: str) -> str:
+    """A stage runs stages/<script>.py: its own name, or for a second group of the same script (sft-iter:
+    Humpback's rounds, whose count comes from params) the name before the dash."""
+    return stage.split("-")[0]
+
+
 def test_every_stage_is_its_script_and_its_params_section():
-    for name, stage in DVC.items():
+    for stage_name, stage in DVC.items():
+        name = script_of(stage_name)
         body = stage.get("do", stage)
         cmd = body["cmd"] if isinstance(body["cmd"], str) else body["cmd"][0]
         assert cmd.startswith(f"python stages/{name}.py "), f"stage {name}: cmd must run stages/{name}.py"
@@ -31,7 +38,7 @@ def test_every_stage_is_its_script_and_its_params_section():
 
 
 def test_every_script_is_a_stage_and_every_section_is_used():
-    assert set(SCRIPTS) == set(DVC), "stages/ and dvc.yaml disagree"
+    assert set(SCRIPTS) == {script_of(s) for s in DVC}, "stages/ and dvc.yaml disagree"
     assert set(PARAMS) <= set(DVC), f"params.yaml sections without a stage: {set(PARAMS) - set(DVC)}"
 
 
@@ -60,3 +67,45 @@ def test_front_doors():
     for target in re.findall(r"`make (\w[\w-]*)", readme):
         assert re.search(rf"^{target}:", makefile, re.M), f"README mentions make {target}, Makefile lacks it"
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def selfalign_imports(path: Path) -> set[str]:
+    """selfalign modules a file imports (at top level or inside functions)."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "selfalign":
+            if node.module == "selfalign":
+                out |= {a.name for a in node.names}
+            else:
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("selfalign.")}
+    return {m for m in out if (ROOT / "selfalign" / f"{m}.py").exists()}
+
+
+def module_closure(script: Path) -> set[str]:
+    """Every selfalign module a stage script runs, following the library's own imports."""
+    todo, seen = list(selfalign_imports(script)), set()
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += selfalign_imports(ROOT / "selfalign" / f"{m}.py")
+    return seen
+
+
+@pytest.mark.parametrize("stage_name", sorted(DVC))
+def test_stage_deps_cover_every_module_it_imports(stage_name):
+    """A change to any code a stage runs reruns it: dvc.yaml's deps list every selfalign module the
+    script imports, directly or through the library (or the whole selfalign/ dir), and the data files
+    the library reads (selfalign/*.json)."""
+    body = DVC[stage_name].get("do", DVC[stage_name])
+    deps = set(body["deps"])
+    if "selfalign" in deps:
+        return
+    script = ROOT / "stages" / f"{script_of(stage_name)}.py"
+    missing = sorted(f"selfalign/{m}.py" for m in module_closure(script) if f"selfalign/{m}.py" not in deps)
+    assert not missing, f"dvc.yaml stage {stage_name} runs {', '.join(missing)} but does not depend on it"
+    if "langid" in module_closure(script):
+        assert "selfalign/ms_id_markers.json" in deps, f"{stage_name}: langid reads selfalign/ms_id_markers.json"

@@ -110,10 +110,17 @@ def test_data_half_repro_then_noop(repo):
     assert _ran(second) == set(), second.stdout
 
 
-ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1", "sft@m1",
-              "curate@iter2", "distill", "sft@final", "reward", "ppo", "evaluate", "export"}
-AFTER_CURATION = {"curate@iter1", "sft@m1", "curate@iter2", "distill", "sft@final", "reward", "ppo", "evaluate",
-                  "export"}
+ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1",
+              "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "distill", "sft@final", "reward", "ppo", "evaluate",
+              "export"}
+AFTER_LAST_ROUND = {"distill", "sft@final", "reward", "ppo", "evaluate", "export"}
+AFTER_CURATION = {"curate@iter1", "sft-iter@iter1", "curate@iter2", "sft-iter@iter2"} | AFTER_LAST_ROUND
+
+
+def curated_trained(repo: Path, model: str) -> int:
+    """How many curated (augmented) examples the run's metrics say it trained on."""
+    m = json.loads((repo / "metrics" / "sft" / f"{model}.json").read_text())
+    return sum(v["train"] for k, v in m["sources"].items() if "/curate/" in k and k.split("|")[1] == "augmented")
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +137,16 @@ def whole_graph(repo, tmp_path_factory) -> set[str]:
 
 def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_graph):
     assert ALL_STAGES <= whole_graph | {"base", "ingest", "translate", "clean"}
-    for name in ["m0", "backward", "m1", "final", "reward", "ppo", "export"]:
+    for name in ["m0", "backward", "m1", "m2", "final", "reward", "ppo", "export"]:
         assert (repo / "models" / name / "config.json").exists(), f"models/{name} missing"
+    # The method reaches the models: every round keeps at least a quarter of its valid candidates, and the
+    # models after curation train on curated examples (issue 9: curation once kept 0 of 39 and m1 = m0's data).
+    for rnd in ["iter1", "iter2"]:
+        cur = json.loads((repo / "metrics" / "curate" / f"{rnd}.json").read_text())
+        assert cur["scored"] > 0 and cur["kept"] >= 0.25 * cur["scored"], cur
+    assert curated_trained(repo, "m1") > 0 and curated_trained(repo, "m2") > 0 and curated_trained(repo, "final") > 0
+    final = json.loads((repo / "metrics" / "sft" / "final.json").read_text())
+    assert any(k.startswith("data/curate/iter2/kept.jsonl|") for k in final["sources"]), "final reads the last round"
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert evaluate
     assert (repo / "reports" / "evaluate" / "report.md").exists()
@@ -143,15 +158,27 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
     tree = yaml.safe_load(params.read_text())
     # Every score is at least 1, so threshold 1 keeps every candidate: the kept sets change for sure
     # (a change that left them byte-identical would rightly stop DVC at curate).
-    assert float(tree["curate"]["threshold"]) > 1.0
-    tree["curate"]["threshold"] = 1.0
+    assert tree["curate"]["select"]["mode"] != "threshold" or float(tree["curate"]["select"]["threshold"]) > 1.0
+    tree["curate"]["select"].update(mode="threshold", threshold=1.0)
     params.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
     again = _ran(_run(["dvc", "repro"], repo))
     # Curation and the model trained on what it kept rerun; nothing upstream does. Further stages
     # rerun only if their inputs' bytes changed (DVC skips a stage whose deps hash the same, e.g.
     # when m1's few tiny steps leave iteration 2's rounded scores as they were).
-    assert {"curate@iter1", "curate@iter2", "sft@m1"} <= again, f"ran {sorted(again)}"
+    assert {"curate@iter1", "curate@iter2", "sft-iter@iter1"} <= again, f"ran {sorted(again)}"
     assert again <= AFTER_CURATION, f"ran {sorted(again)}: upstream stages must not rerun"
+
+    # A third Humpback round is one line of params.yaml; the rounds before it do not rerun, and what reads
+    # "the last round" (distill, sft@final, reward and after) follows it without an edit.
+    tree["curate"]["iterations"]["iter3"] = {"scorer": "m2", "trains": "m3"}
+    params.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
+    third = _ran(_run(["dvc", "repro"], repo))
+    assert {"curate@iter3", "sft-iter@iter3"} <= third <= {"curate@iter3", "sft-iter@iter3"} | AFTER_LAST_ROUND, \
+        f"ran {sorted(third)}"
+    assert curated_trained(repo, "m3") > 0
+    final = json.loads((repo / "metrics" / "sft" / "final.json").read_text())
+    assert any(k.startswith("data/curate/iter3/kept.jsonl|") for k in final["sources"]), final["sources"]
+    assert "sft@final" in third and "distill" in third, f"ran {sorted(third)}"
 
 
 def _lock_hashes(repo: Path, stages: set[str] | None = None) -> dict[str, str]:
