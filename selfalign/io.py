@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,24 +18,69 @@ from typing import Any
 
 
 class JsonlLineError(ValueError):
-    """A line that is not one JSON object. Carries file and line for the rejected record."""
+    """A line that is not one JSON object (`code` invalid_json) or not UTF-8 (`code` invalid_utf8).
+    Carries file and line for the rejected record."""
 
-    def __init__(self, path: str, line: int, reason: str, raw: str):
+    def __init__(self, path: str, line: int, reason: str, raw: str, code: str = "invalid_json"):
         super().__init__(f"{path}:{line}: {reason}")
-        self.path, self.line, self.reason, self.raw = path, line, reason, raw
+        self.path, self.line, self.reason, self.raw, self.code = path, line, reason, raw, code
+
+
+# Bytes that are not UTF-8 decode (errors="surrogateescape") to lone surrogates U+DC80-U+DCFF, which
+# valid UTF-8 never yields: so one bad line is found and reported while the rest of the file is read.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def open_text(path: str | os.PathLike):
+    """Open an input file for reading as UTF-8: a leading BOM is skipped, and undecodable bytes come
+    through as lone surrogates for `not_utf8` to find instead of raising mid-file."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
+
+
+def not_utf8(path: str, line: int, text: str) -> JsonlLineError | None:
+    """The error for `text`, read by `open_text` from `line` on, if it holds bytes that are not UTF-8, else None.
+    The error names the line and column of the first such byte."""
+    m = _UNDECODED.search(text)
+    if m is None:
+        return None
+    line += text.count("\n", 0, m.start())
+    column = m.start() - text.rfind("\n", 0, m.start())
+    return JsonlLineError(path, line, f"not valid UTF-8: byte 0x{ord(m.group()) - 0xDC00:02x} at column {column}",
+                          printable(text).rstrip("\n"), code="invalid_utf8")
+
+
+def printable(text: str) -> str:
+    """`text` read by `open_text`, with any bytes that were not UTF-8 shown as \\xNN, so it can be written out."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def starts_json_array(path: str | os.PathLike) -> bool:
+    """Whether the file's first non-blank character is '[' (one JSON array, not JSON Lines)."""
+    with open_text(path) as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip().startswith("[")
+    return False
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | JsonlLineError]]:
     """Yield (1-based line number, object) per non-blank line; a bad line yields an error, not a raise."""
     path = str(path)
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            bad = not_utf8(path, n, line)
+            if bad is not None:
+                yield n, bad
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 yield n, JsonlLineError(path, n, f"invalid JSON: {e.msg} at column {e.colno}", line.rstrip("\n"))
+                continue
+            except RecursionError:
+                yield n, JsonlLineError(path, n, "invalid JSON: nested too deeply", line.rstrip("\n"))
                 continue
             if not isinstance(obj, dict):
                 yield n, JsonlLineError(path, n, f"expected a JSON object, got {type(obj).__name__}", line.rstrip("\n"))

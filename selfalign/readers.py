@@ -78,16 +78,15 @@ def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
     decoded one by one so each keeps the line it starts on; a syntax error stops the array and
     the rest of the file becomes that one error.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    body = text.lstrip()
-    if not body.startswith("["):
+    if not io.starts_json_array(path):
         for n, obj in io.read_jsonl(path):
             raw = obj.raw if isinstance(obj, io.JsonlLineError) else None
             yield n, obj, raw
         return
+    with io.open_text(path) as f:
+        text = f.read()
     decoder = json.JSONDecoder()
-    pos = len(text) - len(body) + 1
+    pos = len(text) - len(text.lstrip()) + 1
     ws = re.compile(r"\s*")
     expect_item = True
     while True:
@@ -97,17 +96,27 @@ def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
             return
         if not expect_item:
             if not text.startswith(",", pos):
-                yield line, io.JsonlLineError(path, line, "invalid JSON array: expected ',' or ']'", text[pos:]), text[pos:]
+                rest = io.printable(text[pos:])
+                yield line, io.JsonlLineError(path, line, "invalid JSON array: expected ',' or ']'", rest), rest
                 return
             pos = ws.match(text, pos + 1).end()
             line = text.count("\n", 0, pos) + 1
         try:
             obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            yield line, io.JsonlLineError(path, e.lineno, f"invalid JSON: {e.msg} at column {e.colno}", text[pos:]), text[pos:]
+        except (json.JSONDecodeError, RecursionError) as e:
+            # the rest of the file is this one error; bytes that are not UTF-8 in it are the likelier cause
+            bad = io.not_utf8(path, line, text[pos:])
+            if bad is None:
+                detail = f"invalid JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) \
+                    else "invalid JSON: nested too deeply"
+                bad = io.JsonlLineError(path, getattr(e, "lineno", line), detail, text[pos:])
+            yield bad.line, bad, bad.raw
             return
         raw = text[pos:end]
-        if isinstance(obj, dict):
+        bad = io.not_utf8(path, line, raw)
+        if bad is not None:     # inside a string: the item is rejected, the array goes on
+            yield line, bad, bad.raw
+        elif isinstance(obj, dict):
             yield line, obj, raw
         else:
             yield line, io.JsonlLineError(path, line, f"expected a JSON object, got {type(obj).__name__}", raw), raw
@@ -118,7 +127,7 @@ def _convert(path: str, units, convert: Callable[[dict, int], list[dict]]) -> It
     """Apply `convert(obj, line)` to every unit, turning bad JSON, Reject and RecordError into rejected records."""
     for line, obj, raw in units:
         if isinstance(obj, io.JsonlLineError):
-            yield records.rejected(None, "invalid_json", STAGE, detail=obj.reason, file=path, line=obj.line, raw=obj.raw)
+            yield records.rejected(None, obj.code, STAGE, detail=obj.reason, file=path, line=obj.line, raw=obj.raw)
             continue
         try:
             out = convert(obj, line)
@@ -304,7 +313,7 @@ def _conversation_blocks(path: str) -> Iterator[tuple[int, list[tuple[int, str]]
     no marker is one conversation).
     """
     start, block, marked = 1, [], False
-    with open(path, encoding="utf-8") as f:
+    with io.open_text(path) as f:
         for n, raw in enumerate(f, 1):
             text = raw.rstrip("\n")
             if text.strip() == _START:
@@ -326,6 +335,10 @@ def read_conversation(path: str, lang: str, source: str) -> Iterator[dict]:
     """
     for start, lines in _conversation_blocks(path):
         raw = "\n".join(t for _, t in lines)
+        bad = io.not_utf8(path, lines[0][0] if lines else start, raw)
+        if bad is not None:
+            yield records.rejected(None, bad.code, STAGE, detail=bad.reason, file=path, line=bad.line, raw=bad.raw)
+            continue
         turns: list[list[str]] = []
         try:
             if not any(t.strip() for _, t in lines):
@@ -551,22 +564,24 @@ def read_c4(path: str, lang: str, source: str, min_chars: int = 200, max_chars: 
     yield from _segments(path, json_units(path), lang, source, min_chars, max_chars)
 
 
-def text_documents(path: str, documents: str = "auto") -> Iterator[tuple[int, dict, str]]:
-    """(first line, {"text"}, raw) per document: one per line, or blocks separated by blank lines.
+def text_documents(path: str, documents: str = "auto") -> Iterator[tuple[int, Any, str]]:
+    """(first line, {"text"} or an io.JsonlLineError for bytes that are not UTF-8, raw) per document: one per
+    line, or blocks separated by blank lines.
 
     `auto` means blocks when the file has a blank line between two non-blank ones, else lines.
     Lines are split on "\\n" only (Leipzig's French has Unicode line separators inside sentences).
     """
     if documents not in ("auto", "line", "blank"):
         raise ValueError(f"text documents: {documents!r} is not auto|line|blank")
-    with open(path, encoding="utf-8") as f:
+    with io.open_text(path) as f:
         lines = f.read().split("\n")
     if documents == "auto":
         documents = "blank" if re.search(r"\S\n[ \t]*\n+[ \t]*\S", "\n".join(lines)) else "line"
     if documents == "line":
         for n, text in enumerate(lines, 1):
             if text.strip():
-                yield n, {"text": text}, text
+                bad = io.not_utf8(path, n, text)
+                yield (n, {"text": text}, text) if bad is None else (n, bad, bad.raw)
         return
     block: list[str] = []
     start = 0
@@ -577,7 +592,8 @@ def text_documents(path: str, documents: str = "auto") -> Iterator[tuple[int, di
             block.append(text)
         elif block:
             doc = "\n".join(block)
-            yield start, {"text": doc}, doc
+            bad = io.not_utf8(path, start, doc)
+            yield (start, {"text": doc}, doc) if bad is None else (start, bad, bad.raw)
             block = []
 
 

@@ -130,15 +130,21 @@ def to_messages(record: dict, system: str | None = None) -> list[dict]:
 
 def read(path, stage: str, kind: str | None = None) -> tuple[list[tuple[dict, int]], list[dict], int]:
     """Every line of an upstream file accounted for: (record, line) of each valid one (of `kind`, if given),
-    a rejected record naming file, line and field for each other (invalid_json, invalid_record), lines read."""
+    a rejected record naming file, line and field for each other (invalid_json, invalid_utf8, invalid_record),
+    lines read. A file that is one JSON array is one `json_array` reject: stages read JSON Lines, and ingest
+    is what converts an array."""
     from selfalign import io
 
+    if io.starts_json_array(path):
+        detail = (f"{path} is one JSON array, not JSON Lines (one object per line); convert it with "
+                  f"stages/ingest.py --input {path} --format canonical --role ROLE --output OUT.jsonl")
+        return [], [rejected(None, "json_array", stage, detail=detail, file=str(path), line=1)], 1
     good, bad, n = [], [], 0
     for line, obj in io.read_jsonl(path):
         n += 1
         where = {"file": str(path), "line": line}
         if isinstance(obj, io.JsonlLineError):
-            bad.append(rejected(None, "invalid_json", stage, detail=obj.reason, raw=obj.raw, **where))
+            bad.append(rejected(None, obj.code, stage, detail=obj.reason, raw=obj.raw, **where))
             continue
         try:
             if kind is not None and obj.get("kind") != kind:

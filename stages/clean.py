@@ -109,8 +109,9 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
         raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {len(rejected)}")
     metrics = {
         "records_in": n_in, "kept": n_kept, "rejected": len(rejected),
-        "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_json", "invalid_record", "lang", "duplicate",
-                                                        "near_duplicate"] if counts[name]},
+        "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_json", "invalid_utf8", "json_array",
+                                                        "invalid_record", "lang", "duplicate", "near_duplicate"]
+                  if counts[name]},
         "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
                          for lang, c in sorted(gate_by_lang.items())} if cfg["langs"]["enabled"] else {},
         "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
@@ -141,6 +142,11 @@ def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejecte
         if not output_dir:
             raise click.UsageError("--input-dir needs --output-dir")
         pairs = [(input_dir / f, output_dir / f) for f in FILES if (input_dir / f).exists()]
+        for src, dst in pairs:
+            if not src.is_file():
+                raise click.UsageError(f"{src} is a directory, not a JSON Lines file")
+            if dst.is_dir():
+                raise click.UsageError(f"{dst} is a directory; the cleaned file cannot be written there")
         if not pairs:
             raise click.UsageError(f"{input_dir}: none of {', '.join(FILES)} exists")
         rejected_path = rejected_path or output_dir / "rejected.jsonl"

@@ -148,7 +148,8 @@ def main(params_file, overrides, output_dir, metrics_path, input_path, fmt, outp
             raise click.UsageError(f"{params_file or 'code defaults'}: ingest.sources is empty")
         for src in cfg["sources"]:
             if not Path(src["path"]).is_file():
-                raise click.UsageError(f"{params_file}: ingest source {src['path']} does not exist")
+                what = "is a directory, not a file" if Path(src["path"]).is_dir() else "does not exist"
+                raise click.UsageError(f"{params_file}: ingest source {src['path']} {what}")
         with ExitStack() as stack:
             writers = {r: stack.enter_context(io.jsonl_writer(Path(output_dir) / f"{r}.jsonl")) for r in readers.ROLE_KIND}
             write_rej = stack.enter_context(io.jsonl_writer(Path(output_dir) / "rejected.jsonl"))

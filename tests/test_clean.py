@@ -384,3 +384,39 @@ def test_params_section_matches_code_defaults():
     assert set(section) == set(stage.DEFAULTS)
     assert set(section["rules"]) == set(clean.RULES)
     params.resolve(stage.DEFAULTS, ROOT / "params.yaml", "clean")
+
+
+def test_stage_reads_past_bad_bytes_and_a_bom_and_names_a_json_array(tmp_path):
+    """Before: bad bytes ended in a UnicodeDecodeError traceback, a BOM made the first record invalid_json, and a
+    JSON array became one invalid_json reject per line."""
+    good = [chat("What is the capital of France?", "The capital of France is Paris."),
+            chat("Name a primary colour.", "Red is one of the three primary colours.")]
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in good]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "seed.jsonl").write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n{\"kind\": \"ch\xffat\"}\n" + lines[1])
+    (tmp_path / "in" / "prompts.jsonl").write_text(json.dumps([{"prompt": f"Question {i}?"} for i in range(3)],
+                                                              indent=2))
+    args = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"),
+            "--metrics", str(tmp_path / "m.json"), "--set", "langs.enabled=false"]
+    res = CliRunner().invoke(stage.main, args)
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in io.load_jsonl(tmp_path / "out" / "seed.jsonl")] == [r["id"] for r in good]
+    rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
+    assert [(r["reason"], Path(r["file"]).name, r["line"]) for r in rejected] == [
+        ("invalid_utf8", "seed.jsonl", 2), ("json_array", "prompts.jsonl", 1)]
+    assert "\\xff" in rejected[0]["raw"] and "JSON array" in rejected[1]["detail"] and "ingest" in rejected[1]["detail"]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["records_in"] == 4 == m["kept"] + m["rejected"]
+    assert m["rules"]["invalid_utf8"] == {"dropped": 1} and m["rules"]["json_array"] == {"dropped": 1}
+
+
+@pytest.mark.parametrize("where", ["in", "out"])
+def test_a_directory_named_like_a_file_is_a_one_line_error(tmp_path, where):
+    """Before: an IsADirectoryError traceback."""
+    (tmp_path / where / "seed.jsonl").mkdir(parents=True)
+    if where == "out":
+        io.write_jsonl(tmp_path / "in" / "seed.jsonl", [])
+    res = CliRunner().invoke(stage.main, ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"),
+                                          "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code == 2 and "seed.jsonl is a directory" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "m.json").exists()

@@ -47,6 +47,22 @@ def test_read_jsonl_reports_bad_lines(tmp_path):
     assert "expected a JSON object" in got[2][1].reason
 
 
+def test_read_jsonl_reads_past_bad_bytes_a_bom_and_deep_nesting(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": "\xe9t\xe9"}\n' + b"[" * 100_000 + b'\n{"b": 2}\n')
+    got = list(io.read_jsonl(f))
+    assert got[0] == (1, {"a": 1}) and got[3] == (4, {"b": 2})
+    assert (got[1][1].code, got[1][1].line, got[1][1].raw) == ("invalid_utf8", 2, '{"a": "\\xe9t\\xe9"}')
+    assert "column 8" in got[1][1].reason
+    assert got[2][1].code == "invalid_json" and "nested too deeply" in got[2][1].reason
+    good, bad, n = records.read(f, "test")
+    assert (good, n) == ([], 4) and [b["reason"] for b in bad] == ["invalid_record", "invalid_utf8", "invalid_json",
+                                                                   "invalid_record"]
+    f.write_text('\n  [{"kind": "web"},\n {"kind": "web"}]\n')
+    good, bad, n = records.read(f, "test")
+    assert (good, n, [b["reason"] for b in bad]) == ([], 1, ["json_array"])
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "o.jsonl"
     with pytest.raises(RuntimeError):

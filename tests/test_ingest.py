@@ -207,6 +207,49 @@ def test_broken_json_array_is_one_rejected_record_naming_the_line(tmp_path):
     assert len(rej) == 1 and rej[0]["reason"] == "invalid_json" and rej[0]["line"] == 4 and "oops" in rej[0]["raw"]
 
 
+BAD_BYTES = b'{"instruction": "Bad \xff\xfe bytes", "input": "", "output": "Kept out."}'
+
+
+@pytest.mark.parametrize("fmt, lines", [
+    ("alpaca", [b'{"instruction": "Say hi.", "input": "", "output": "Hi there."}', BAD_BYTES,
+                b'{"instruction": "Name a colour.", "input": "", "output": "Blue."}']),
+    ("conversation", [b"<<start conversation>>", "<사람>: 안녕?".encode(), "<챗봇>: 안녕하세요.".encode(),
+                      b"<<start conversation>>", b"<\xec\xb0>: \xff", b"<<start conversation>>",
+                      "<사람>: 뭐 해?".encode(), "<챗봇>: 공부해.".encode()]),
+    ("text", [b"First document, all of it readable.", b"Second \xc3\x28 document.", b"Third document, readable too."]),
+])
+def test_a_line_that_is_not_utf8_is_one_reject_and_a_bom_is_skipped(tmp_path, fmt, lines):
+    """Before: a UnicodeDecodeError traceback with no file or line, the whole file lost; a BOM made the first
+    record invalid_json."""
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    kept, rej = run(fmt, str(path), min_chars=1)
+    assert len(kept) == 2 and reasons(rej) == [("invalid_utf8", 5 if fmt == "conversation" else 2)]
+    assert rej[0]["file"] == str(path) and "not valid UTF-8" in rej[0]["detail"]
+    assert "\\xff" in rej[0]["raw"] or "\\xc3(" in rej[0]["raw"]  # the bad bytes, shown as escapes
+    assert not any("\ufeff" in json.dumps(r, ensure_ascii=False) for r in kept)
+
+
+def test_json_array_with_bad_bytes_in_one_item_rejects_that_item(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b'\xef\xbb\xbf[\n {"prompt": "one"},\n {"prompt": "tw\xffo"},\n {"prompt": "three"}\n]\n')
+    kept, rej = run("ppo", str(path))
+    assert [r["prompt"] for r in kept] == ["one", "three"] and reasons(rej) == [("invalid_utf8", 3)]
+
+
+def test_stage_writes_the_invalid_utf8_reject_and_names_a_directory_source(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join([BAD_BYTES, b'{"instruction": "Hi?", "input": "", "output": "Hi."}']))
+    res = CliRunner().invoke(ingest.main, ["--input", str(tmp_path / "a.jsonl"), "--format", "alpaca",
+                                           "--output", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0, res.output
+    (rej,) = io.load_jsonl(tmp_path / "o.rejected.jsonl")
+    assert (rej["reason"], rej["line"]) == ("invalid_utf8", 1) and len(io.load_jsonl(tmp_path / "o.jsonl")) == 1
+    (tmp_path / "dir.jsonl").mkdir()
+    p = write_params(tmp_path, [{"path": str(tmp_path / "dir.jsonl"), "format": "alpaca"}])
+    res = CliRunner().invoke(ingest.main, ["--params", str(p), "--output-dir", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "dir.jsonl is a directory" in res.output and "Traceback" not in res.output
+
+
 def test_canonical_round_trip_keeps_ids_and_rejects_a_bad_record(tmp_path):
     kept, _ = run("alpaca", "alpaca_first12.json")
     translated = {**kept[0], "lang": "ms", "messages": [{"role": "user", "content": "Beri tiga petua."},
