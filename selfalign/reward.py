@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections import Counter, defaultdict
 from fnmatch import fnmatch
 
@@ -49,19 +50,44 @@ def source_listed(source: str, patterns: list[str] | str) -> bool:
 
 
 def select_pairs(records: list[dict], sources: list[str] | str) -> tuple[list[dict], Counter]:
-    """Preference records whose source is listed, each id once; the rest counted by reason."""
+    """Preference records whose source is listed, each (id, lang) once; the rest counted by reason.
+
+    A translation keeps its original's id (selfalign.translate), so the key is (id, lang): the
+    French copy of a pair is a pair of its own, not a duplicate of the English one.
+    """
     kept, dropped, seen = [], Counter(), set()
     for r in records:
         if not source_listed(r.get("source", ""), sources):
             dropped["source_not_listed"] += 1
         elif r["prompt"] == "" or r["chosen"] == r["rejected"]:
             dropped["no_preference"] += 1
-        elif r["id"] in seen:
+        elif (r["id"], r["lang"]) in seen:
             dropped["duplicate"] += 1
         else:
-            seen.add(r["id"])
+            seen.add((r["id"], r["lang"]))
             kept.append(r)
     return kept, dropped
+
+
+def split_heldout(pairs: list[dict], n_heldout: int, salt: str = "reward-heldout") -> tuple[list[dict], list[dict]]:
+    """(train, heldout): whole ids held out, in the order of their salted hash, until at least
+    `n_heldout` pairs are out, but never more than half of the pairs (training keeps the rest).
+
+    Every language of an id lands on the same side, so a translation of a held-out pair never
+    trains the model that is then tested on it. The hash order is in_fraction's: holding out the
+    first k ids is holding out a fraction just above the k-th id's hash, the same ids in every run.
+    """
+    def rank(record_id: str) -> int:
+        return int(hashlib.sha1(f"{salt}:{record_id}".encode()).hexdigest()[:12], 16)
+
+    per_id = Counter(p["id"] for p in pairs)
+    out, n = set(), 0
+    for record_id in sorted(per_id, key=lambda i: (rank(i), i)):
+        if n >= n_heldout or n + per_id[record_id] > len(pairs) // 2:
+            break
+        out.add(record_id)
+        n += per_id[record_id]
+    return [p for p in pairs if p["id"] not in out], [p for p in pairs if p["id"] in out]
 
 
 def curation_pairs(scored: list[dict], margin: float) -> tuple[list[dict], Counter]:
@@ -127,14 +153,15 @@ def encode(tok, conversation: list[dict], max_length: int) -> tuple[list[int], b
     return ids[-max_length:], len(ids) > max_length
 
 
-def score(model, tok, conversations: list[list[dict]], batch_size: int = 8, max_length: int = 1024) -> list[float]:
-    """Reward of each conversation (a message list ending with the assistant's answer)."""
+def _last_token(model, tok, conversations: list[list[dict]], batch_size: int, max_length: int, features: bool):
+    """Per conversation: the score (features=False) or the final hidden state the score head reads
+    (features=True), at the last non-padding token, in batches of similar length."""
     import torch
 
     encoded = [encode(tok, c, max_length)[0] for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     pad = tok.pad_token_id
-    out = [0.0] * len(encoded)
+    out: list = [None] * len(encoded)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -147,20 +174,89 @@ def score(model, tok, conversations: list[list[dict]], batch_size: int = 8, max_
             for row, i in enumerate(idx):
                 ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, :len(encoded[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
-            for row, i in enumerate(idx):
-                out[i] = float(logits[row])
+            ids, mask = ids.to(device), mask.to(device)
+            if features:
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                for row, i in enumerate(idx):
+                    out[i] = hidden[row, len(encoded[i]) - 1].float().cpu()
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+                for row, i in enumerate(idx):
+                    out[i] = float(logits[row])
     model.train(was_training)
     return out
 
 
+def score(model, tok, conversations: list[list[dict]], batch_size: int = 8, max_length: int = 1024) -> list[float]:
+    """Reward of each conversation (a message list ending with the assistant's answer)."""
+    return _last_token(model, tok, conversations, batch_size, max_length, features=False)
+
+
+def fit_head(chosen, rejected, l2: float, center: float):
+    """Bradley-Terry on fixed features: the weight w (no bias) minimising
+    mean softplus(-(c - r)·w) + center * mean((c·w + r·w)^2) + l2 * |w|^2, by L-BFGS.
+
+    The same loss as TRL's RewardTrainer with center_rewards_coefficient, on a frozen backbone's
+    last-token states: convex, so one deterministic answer; the L2 term keeps a few hundred pairs
+    from memorising 576 dimensions. Returns (w, losses): the loss at w = 0 (log 2) and at the end.
+    """
+    import torch
+
+    c, r = chosen.double(), rejected.double()
+    w = torch.zeros(c.shape[1], dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def loss_fn():
+        rc, rr = c @ w, r @ w
+        return (torch.nn.functional.softplus(rr - rc).mean() + center * ((rc + rr) ** 2).mean() + l2 * (w @ w))
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+    with torch.no_grad():
+        first = float(loss_fn())
+    opt.step(closure)
+    with torch.no_grad():
+        return w.detach().float(), [first, float(loss_fn())]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (z = 1.96: 95%).
+
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage at the small n
+    and the accuracies near 0.5 or 1 that a held-out set of a few dozen pairs gives.
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict:
-    """Accuracy (chosen scored higher) and mean margin over pairs."""
+    """Accuracy (chosen scored strictly higher) with its 95% Wilson interval, and mean margin."""
     n = len(chosen)
     if n == 0:
-        return {"accuracy": None, "margin": None, "pairs": 0}
+        return {"accuracy": None, "ci95": None, "margin": None, "pairs": 0}
     diffs = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    return {"accuracy": sum(d > 0 for d in diffs) / n, "margin": sum(diffs) / n, "pairs": n}
+    wins = sum(d > 0 for d in diffs)
+    return {"accuracy": wins / n, "ci95": list(wilson_interval(wins, n)), "margin": sum(diffs) / n, "pairs": n}
+
+
+def length_baseline(pairs: list[dict]) -> dict:
+    """The reward "the longer answer wins" (in characters; a tie is half right) on the same pairs.
+
+    A reward model that only learned length scores about this; one that learned more beats it.
+    """
+    n = len(pairs)
+    if n == 0:
+        return {"accuracy": None, "ci95": None, "pairs": 0}
+    wins = sum((len(p["chosen"]) > len(p["rejected"])) + 0.5 * (len(p["chosen"]) == len(p["rejected"]))
+               for p in pairs)
+    return {"accuracy": wins / n, "ci95": list(wilson_interval(wins, n)), "pairs": n}
 
 
 def load_reward_model(model_dir, device: str = "cpu"):
@@ -196,6 +292,8 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
     check_pooling(tok)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
+    if cfg["backbone"] == "frozen":
+        return _train_head(model, tok, train_pairs, cfg)
     rows, cut = [], 0
     for p in train_pairs:
         good, bad = pair_messages(p)
@@ -223,3 +321,23 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
     model.config.pad_token_id = tok.pad_token_id
     log = [h for h in trainer.state.log_history if "loss" in h]
     return model.eval(), tok, {"truncated_pairs": cut, "log": log}
+
+
+def _train_head(model, tok, train_pairs: list[dict], cfg: dict):
+    """backbone: frozen. Only the score head learns, from last-token states computed once (forward
+    passes only, no backward through the network): the cheap way to use more pairs on a CPU."""
+    import torch
+
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1 or head.bias is not None:
+        raise ValueError(f"backbone: frozen needs a bias-free one-output `score` head; {type(model).__name__} has "
+                         f"{head!r}")
+    convs = [pair_messages(p) for p in train_pairs]
+    cut = sum(encode(tok, c, cfg["max_length"])[1] or encode(tok, r, cfg["max_length"])[1] for c, r in convs)
+    kw = {"batch_size": cfg["score_batch_size"], "max_length": cfg["max_length"], "features": True}
+    chosen = torch.stack(_last_token(model, tok, [c for c, _ in convs], **kw))
+    rejected = torch.stack(_last_token(model, tok, [r for _, r in convs], **kw))
+    w, losses = fit_head(chosen, rejected, float(cfg["head_l2"]), float(cfg["center_rewards"]))
+    with torch.no_grad():
+        head.weight.copy_(w[None, :].to(head.weight.dtype))
+    return model.eval(), tok, {"truncated_pairs": cut, "log": [{"step": i, "loss": v} for i, v in enumerate(losses)]}

@@ -1,7 +1,7 @@
 """Train the reward model on preference pairs (MYChatGPT's stage 2) and report held-out accuracy.
 
     python stages/reward.py --params params.yaml --preference data/clean/preference.jsonl \
-        --scored data/curate/iter2/scored.jsonl --model models/base --output models/reward \
+        --scored data/curate --model models/base --output models/reward \
         --metrics metrics/reward.json
 
 dvc.yaml passes `--model models/${reward.init}`, so `reward.init` picks base or final SFT weights.
@@ -24,7 +24,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import io, launch, memory, models, params, records  # noqa: E402
+from selfalign import curate, io, launch, memory, models, params, records  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
 
 log = logging.getLogger("reward")
@@ -34,15 +34,16 @@ DEFAULTS = {
     "sources": "all",
     "curation_pairs": False,
     "curation_margin": 2,
-    "heldout_fraction": 0.1,
+    "heldout_pairs": 64,
     "max_pairs": 64,
-    "max_heldout": 32,
     "max_length": 192,
     "epochs": 1,
     "batch_size": 8,
     "lr": 2.0e-4,
     "precision": "fp32",
     "center_rewards": 0.01,
+    "backbone": "tuned",
+    "head_l2": 0.01,
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     "score_batch_size": 16,
     "threads": 0,
@@ -60,13 +61,10 @@ def read_records(path: str, kind: str) -> list[dict]:
 
 
 def split_and_cap(pairs: list[dict], cfg: dict) -> tuple[list[dict], list[dict], int]:
-    """(train, heldout, capped): held-out by id hash, each side capped by a seeded sample."""
-    heldout = [p for p in pairs if rm.in_fraction(p["id"], cfg["heldout_fraction"], "reward-heldout")]
-    train = [p for p in pairs if not rm.in_fraction(p["id"], cfg["heldout_fraction"], "reward-heldout")]
-    rng = random.Random(cfg["seed"])
-    capped = max(0, len(train) - cfg["max_pairs"]) + max(0, len(heldout) - cfg["max_heldout"])
-    train = rng.sample(train, min(len(train), cfg["max_pairs"]))
-    heldout = rng.sample(heldout, min(len(heldout), cfg["max_heldout"]))
+    """(train, heldout, capped): held out by id (selfalign.reward.split_heldout), train capped by a seeded sample."""
+    train, heldout = rm.split_heldout(pairs, cfg["heldout_pairs"])
+    capped = max(0, len(train) - cfg["max_pairs"])
+    train = random.Random(cfg["seed"]).sample(train, min(len(train), cfg["max_pairs"]))
     return train, heldout, capped
 
 
@@ -75,14 +73,15 @@ def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
     kw = {"batch_size": cfg["score_batch_size"], "max_length": cfg["max_length"]}
     chosen = rm.score(model, tok, [c for c, _ in convs], **kw)
     rejected = rm.score(model, tok, [r for _, r in convs], **kw)
-    return rm.pairwise_metrics(chosen, rejected)
+    return {**rm.pairwise_metrics(chosen, rejected), "length_baseline": rm.length_baseline(pairs)}
 
 
 @click.command()
 @click.option("--preference", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Preference records (prompt/chosen/rejected) from clean.")
-@click.option("--scored", type=click.Path(dir_okay=False), default=None,
-              help="Curation-scored chat records; read only when curation_pairs is on.")
+@click.option("--scored", type=click.Path(), default=None,
+              help="Curation-scored chat records (a scored.jsonl, or data/curate for the last round of "
+                   "curate.iterations); read only when curation_pairs is on.")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Model directory that initialises the reward model.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Reward model directory to write.")
@@ -94,6 +93,8 @@ def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
 def main(preference, scored, model_dir, output, metrics_path, params_file, overrides, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "reward", overrides)
+    if cfg["backbone"] not in ("tuned", "frozen"):
+        raise click.UsageError(f"reward.backbone: {cfg['backbone']!r} is not tuned or frozen")
     if dry_run:  # pairs: chosen and rejected both go through the model
         click.echo(memory.dry_run(memory.stage_plan("reward", cfg, model_dir, params_file, gpu_gib=gpu_gib,
                                                     head="score", pairs=True), params=cfg))
@@ -108,16 +109,17 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
     pairs, dropped = rm.select_pairs(prefs, cfg["sources"])
     curation: Counter = Counter()
     if cfg["curation_pairs"]:
+        scored = scored and str(curate.round_file(scored, params_file, "scored.jsonl"))
         if not scored or not Path(scored).exists():
             raise click.ClickException(f"curation_pairs is on but --scored {scored!r} does not exist")
         extra, curation = rm.curation_pairs(read_records(scored, "chat"), cfg["curation_margin"])
-        known = {p["id"] for p in pairs}
-        dropped["duplicate_curation"] += sum(p["id"] in known for p in extra)
-        pairs += [p for p in extra if p["id"] not in known]
+        known = {(p["id"], p["lang"]) for p in pairs}
+        dropped["duplicate_curation"] += sum((p["id"], p["lang"]) in known for p in extra)
+        pairs += [p for p in extra if (p["id"], p["lang"]) not in known]
     train, heldout, capped = split_and_cap(pairs, cfg)
     if not train or not heldout:
         raise click.ClickException(f"{len(train)} training and {len(heldout)} held-out pairs: need at least one "
-                                   "of each (more preference records, or another heldout_fraction)")
+                                   "of each (more preference records, or another heldout_pairs)")
     by_source = Counter(p["source"] for p in train)
     log.info("init %s (%s): %d preference records -> %d pairs (%d from curation scores); train %d, held out %d, "
              "capped %d, dropped %s; train pairs by source %s", cfg["init"], model_dir, len(prefs), len(pairs),
@@ -127,8 +129,9 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
     with tempfile.TemporaryDirectory() as work:
         model, tok, info = rm.train(model_dir, train, cfg, work)
     held = evaluate(model, tok, heldout, cfg)
-    log.info("held-out pairwise accuracy %.3f, margin %.3f over %d pairs", held["accuracy"], held["margin"],
-             held["pairs"])
+    log.info("held-out pairwise accuracy %.3f (95%% Wilson interval %.3f-%.3f), margin %.3f over %d pairs; "
+             "the longer answer wins %.3f of them", held["accuracy"], *held["ci95"], held["margin"], held["pairs"],
+             held["length_baseline"]["accuracy"])
     models.save_model_dir(model, tok, output, info={"kind": "reward", "init": cfg["init"]})
 
     losses = [h["loss"] for h in info["log"]]
@@ -136,7 +139,10 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
     io.write_json(metrics_path, {
         "init": cfg["init"],
         "heldout_accuracy": held["accuracy"],
+        "heldout_ci95": held["ci95"],           # Wilson score interval of the accuracy
         "heldout_margin": held["margin"],
+        "heldout_length_baseline": held["length_baseline"]["accuracy"],  # "the longer answer wins", same pairs
+        "heldout_length_baseline_ci95": held["length_baseline"]["ci95"],
         "pairs_in": len(prefs) + n_curation + dropped["duplicate_curation"],
         "pairs_train": len(train),
         "pairs_heldout": len(heldout),

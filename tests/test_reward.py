@@ -50,6 +50,62 @@ def test_select_pairs_counts_every_record():
     assert len(kept_all) == 10 and dropped_all == {"duplicate": 1, "no_preference": 1}
 
 
+def french(pair: dict) -> dict:
+    """A translation as selfalign.translate writes it: the original's id, another lang."""
+    return {**pair, "prompt": "FR " + pair["prompt"], "chosen": "FR " + pair["chosen"],
+            "rejected": "FR " + pair["rejected"], "lang": "fr", "meta": {"translated_from": "en"}}
+
+
+def test_select_pairs_keys_on_id_and_lang():
+    """A translation keeps its original's id; it is a pair of its own, not a duplicate."""
+    pairs = obvious_pairs(6)
+    recs = pairs + [french(p) for p in pairs[:4]] + [pairs[1], french(pairs[2])]
+    kept, dropped = rm.select_pairs(recs, "all")
+    assert len(kept) == 10 and dropped == {"duplicate": 2}
+    assert sum(p["lang"] == "fr" for p in kept) == 4
+
+
+def test_wilson_interval_matches_newcombe():
+    """Newcombe (1998), Statistics in Medicine 17:857, table I, method 3 (score interval without correction)."""
+    for (k, n), (lo, hi) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
+                             (1, 29): (0.0061, 0.1718)}.items():
+        assert rm.wilson_interval(k, n) == pytest.approx((lo, hi), abs=6e-5)
+    # on 64 held-out pairs the lower bound clears chance from 40 right (0.625) on, not at 39
+    assert rm.wilson_interval(40, 64)[0] > 0.5 > rm.wilson_interval(39, 64)[0]
+    m = rm.pairwise_metrics([1.0, 2.0, 0.0, 5.0], [0.0, 1.0, 1.0, 5.0])  # 2 right, 1 wrong, 1 tie (not right)
+    assert m["accuracy"] == 0.5 and m["pairs"] == 4 and m["ci95"] == pytest.approx(list(rm.wilson_interval(2, 4)))
+    assert m["ci95"][0] < 0.5 < m["ci95"][1]
+
+
+def test_split_holds_out_whole_ids_until_the_count():
+    pairs = obvious_pairs(200)
+    train, held = rm.split_heldout(pairs, 64)
+    assert len(held) == 64 and len(train) == 136
+    assert rm.split_heldout(list(reversed(pairs)), 64)[1] == list(reversed(held))  # the same ids, whatever the order
+    assert {p["id"] for p in rm.split_heldout(pairs, 32)[1]} < {p["id"] for p in held}  # a smaller count: a subset
+    # with translations every language of an id lands on one side, and the count is reached in pairs
+    both = pairs + [french(p) for p in pairs[::2]]
+    train2, held2 = rm.split_heldout(both, 64)
+    assert not {p["id"] for p in train2} & {p["id"] for p in held2}
+    assert 64 <= len(held2) <= 65 and len(train2) + len(held2) == len(both)
+    assert {(p["id"], p["lang"]) for p in held2} >= {(p["id"], "fr") for p in held2 if p in pairs[::2]}
+    # never more than half: training keeps the rest
+    few_train, few_held = rm.split_heldout(pairs[:20], 64)
+    assert len(few_held) == 10 and len(few_train) == 10
+    assert rm.split_heldout(pairs, 0) == (pairs, [])
+
+
+def test_length_baseline():
+    def pair(chosen, rejected):
+        return records.make("preference", prompt="q", chosen=chosen, rejected=rejected, lang="en", source="s")
+    pairs = [pair("a longer answer", "short"), pair("short", "a longer answer"), pair("same", "size"),
+             pair("much longer still", "no")]
+    m = rm.length_baseline(pairs)
+    assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4) and m["pairs"] == 4
+    assert m["ci95"][0] < m["accuracy"] < m["ci95"][1]
+    assert rm.length_baseline([])["accuracy"] is None
+
+
 def test_curation_pairs_need_a_shared_instruction_and_a_margin():
     def cand(q, a, s):
         return records.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], lang="en",
@@ -93,18 +149,26 @@ def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
     stage = load_stage("reward")
     pref = tmp_path / "preference.jsonl"
     real = io.load_jsonl(FIXTURES / "preference.jsonl")  # real MYChatGPT and Orca-style text, long and multilingual
-    io.write_jsonl(pref, obvious_pairs(64) + real)
+    obvious = obvious_pairs(64)
+    io.write_jsonl(pref, obvious + [french(p) for p in obvious[:8]] + real)
     out, metrics = tmp_path / "reward", tmp_path / "metrics" / "reward.json"
     args = ["--preference", str(pref), "--model", str(tiny_model_dir), "--output", str(out), "--metrics", str(metrics),
-            "--set", "sources=[kochatgpt*, orca*]", "--set", "heldout_fraction=0.25", "--set", "epochs=1",
+            "--set", "sources=[kochatgpt*, orca*]", "--set", "heldout_pairs=20", "--set", "epochs=1",
             "--set", "lr=5e-3", "--set", "lora.r=0", "--set", "max_length=64", "--set", "batch_size=8"]
     res = CliRunner().invoke(stage.main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(metrics.read_text())
     assert m["pairs_in"] == m["pairs_train"] + m["pairs_heldout"] + m["pairs_capped"] + sum(m["pairs_dropped"].values())
     assert m["pairs_dropped"].get("source_not_listed", 0) == sum(r["source"] == "mychatgpt-ranking" for r in real)
-    assert m["pairs_heldout"] >= 10
+    assert m["pairs_dropped"].get("duplicate", 0) == 0  # the French copies are pairs of their own
+    assert 20 <= m["pairs_heldout"] <= 21
     assert m["heldout_accuracy"] >= 0.8, m          # chance is 0.5
+    lo, hi = m["heldout_ci95"]
+    assert lo < m["heldout_accuracy"] <= hi and (lo, hi) == pytest.approx(
+        rm.wilson_interval(round(m["heldout_accuracy"] * m["pairs_heldout"]), m["pairs_heldout"]))
+    # the length baseline is "the longer answer wins" on exactly the held-out pairs
+    held = rm.split_heldout(rm.select_pairs(io.load_jsonl(pref), ["kochatgpt*", "orca*"])[0], 20)[1]
+    assert m["heldout_length_baseline"] == rm.length_baseline(held)["accuracy"]
     assert m["heldout_margin"] > 0 and m["train_loss_last"] < m["train_loss_first"]
 
     # the output is a plain sequence-classification directory that ranks unseen pairs the same way
@@ -138,3 +202,40 @@ def test_lora_reward_model_is_merged_with_its_head(tiny_model_dir, tmp_path):
     loaded, _ = rm.load_reward_model(tmp_path / "rm")
     convs = [rm.pair_messages(p)[0] for p in obvious_pairs(3)]
     assert rm.score(loaded, tok, convs) == pytest.approx(rm.score(model, tok, convs), abs=1e-5)
+
+
+def test_frozen_backbone_fits_only_the_head(tiny_model_dir, tmp_path):
+    """backbone: frozen: the network's weights stay as loaded, the score head learns the preference."""
+    from safetensors.torch import load_file
+
+    stage = load_stage("reward")
+    pref = tmp_path / "preference.jsonl"
+    io.write_jsonl(pref, obvious_pairs(48))
+    out, metrics = tmp_path / "reward", tmp_path / "reward.json"
+    res = CliRunner().invoke(stage.main, [
+        "--preference", str(pref), "--model", str(tiny_model_dir), "--output", str(out), "--metrics", str(metrics),
+        "--set", "backbone=frozen", "--set", "heldout_pairs=16", "--set", "max_length=64"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads(metrics.read_text())
+    assert m["pairs_train"] == 32 and m["pairs_heldout"] == 16
+    assert m["heldout_accuracy"] >= 0.8, m
+    assert m["train_loss_last"] < m["train_loss_first"] == pytest.approx(0.693, abs=1e-3)  # log 2 at w = 0
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    tuned = load_file(out / "model.safetensors")
+    same = [k for k in base if k in tuned and "embed" not in k]
+    assert same and all((tuned[k] == base[k]).all() for k in same)
+    assert (tuned["score.weight"] != 0).any()
+
+
+def test_fit_head_is_bradley_terry():
+    """On separable features the head ranks every pair; L2 keeps the weight finite; w = 0 costs log 2."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rejected = torch.randn(40, 6, generator=g)
+    chosen = rejected + torch.tensor([1.0, 0, 0, 0, 0, 0])  # only dimension 0 tells them apart
+    w, (first, last) = rm.fit_head(chosen, rejected, l2=0.01, center=0.0)
+    assert first == pytest.approx(0.6931, abs=1e-4) and last < first
+    assert ((chosen - rejected) @ w > 0).all() and abs(w[0]) > 5 * w[1:].abs().max()
+    w_strong, _ = rm.fit_head(chosen, rejected, l2=1.0, center=0.0)
+    assert w_strong.norm() < w.norm()
