@@ -19,8 +19,11 @@ from pathlib import Path
 from selfalign import records
 
 PLACEHOLDER = "{response}"
-# Labels a model tends to put before the instruction it writes ("Instruction: ...").
-_LABEL = re.compile(r"^\s*(?:#+\s*)?(?:the\s+)?(?:instruction|question|prompt|request|task|user)\s*:\s*", re.IGNORECASE)
+# Labels a model tends to put before the instruction it writes ("Instruction: ...", "Here is the instruction:",
+# what SmolLM2 base and a lightly trained backward model open with), never a user's own words.
+_LABEL = re.compile(r"^\s*(?:#+\s*)?(?:(?:here(?:'|\u2019)s|here\s+is)\s+(?:the|an|a|your)\s+|the\s+)?"
+                    r"(?:instruction|question|prompt|request|task|user)(?:\s+(?:would\s+be|is))?\s*:\s*",
+                    re.IGNORECASE)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u00ab": "\u00bb"}
 _WORD = re.compile(r"\w+", re.UNICODE)
 # How an assistant opens a reply, never how a user opens a request: the backward model answered

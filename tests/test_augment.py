@@ -31,6 +31,11 @@ def test_template_wraps_the_segment(tmp_path):
     ('"Describe the benefits of a heat pump."', "Describe the benefits of a heat pump."),
     ('"Compare" these two "options"', '"Compare" these two "options"'),
     ("### Question: What is C4?", "What is C4?"),
+    ('Here is the instruction:\n\n"Write a review of Terminator 2."', "Write a review of Terminator 2."),
+    ("Here\u2019s a question: Why do pancakes brown?", "Why do pancakes brown?"),
+    ("The instruction would be: List three uses of a heat pump.", "List three uses of a heat pump."),
+    ("Here is my furnace manual: when should I change the filter?",
+     "Here is my furnace manual: when should I change the filter?"),
     ("", ""),
     (None, ""),
 ])
