@@ -170,6 +170,22 @@ def test_stop_rate_counts_answers_that_end_at_end_of_turn():
     assert m["stop_rate"]["all"]["mean"] == 0.75 and m["stop_rate"]["all"]["n"] == 4
     assert m["stop_rate"]["all"]["ci"][0] < 0.75 < m["stop_rate"]["all"]["ci"][1] == 1.0
     assert m["answer_match"]["math"]["mean"] == 0.75 and set(m["reference_rouge"]) == {"all", "math", "en"}
+    assert m["loop_rate"]["mean"] == 0.0 and cut["loop"] is False and stop["loop"] is False
+
+
+@pytest.mark.parametrize("text, loop", [
+    ("je ne sais pas, je ne sais pas, je ne sais pas, je ne sais pas, je ne sais", True),   # seen: SmolLM2 at the cap
+    ("Apakah ibu negara Australia? - Indonesia\n\nApakah ibu negara Australia? - Indonesia\n\nApakah ibu negara "
+     "Australia? - Indonesia\n\nApakah", True),
+    ("Bilangan kamiakanakakakakakakakakakakakakakakakakakakakakakakakakaka", True),
+    ("1. Drink water.\n2. Take a short walk.\n3. Do the hard tasks first.\n4. Nap if you can.", False),
+    ("The capital of Australia is Canberra, not Sydney.", False),
+])
+def test_loop_detector(text, loop):
+    assert ev.is_loop(text) is loop
+    row = ev.answer_row({"id": "x", "lang": "fr", "prompt": "?", "meta": {"category": "open_qa"}}, "m",
+                        llm.Result(text=text, ok=True, finish_reason="length"), 9)
+    assert row["loop"] is loop and row["stopped"] is False
 
 
 class FakeJudgeEngine:
