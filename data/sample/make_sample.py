@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 
 C4_DOCS = 40           # first documents of c4_demo.jsonl; about 180 segments at 200-1500 chars
-PREFERENCE_PAIRS = 120  # first single-turn records of dpo_en_demo.json
+# Preference pairs: every single-turn record of dpo_en_demo.json (194 of 300). The reward stage holds
+# 64 pairs out for its accuracy interval and needs the rest to train; 120 left 46 after the hold-out.
 
 # Follow-up prompter turns kept as stand-alone PPO prompts: 30-300 chars on one line, not opening
 # with a conversational reaction, and without words that point back at earlier turns.
@@ -57,7 +58,7 @@ def main(shared: Path, out: Path) -> None:
     (out / "c4_web.jsonl").write_text("".join(lines), encoding="utf-8")
 
     pairs = json.loads((shared / "orca_style/dpo_en_demo.json").read_text(encoding="utf-8"))
-    single = [p for p in pairs if sum(m["from"] == "human" for m in p["conversations"]) == 1][:PREFERENCE_PAIRS]
+    single = [p for p in pairs if sum(m["from"] == "human" for m in p["conversations"]) == 1]
     # the original's own layout: indent 2, ASCII escapes, trailing newline
     (out / "orca_dpo_pairs.json").write_text(json.dumps(single, indent=2) + "\n", encoding="utf-8")
 
