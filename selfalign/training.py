@@ -189,14 +189,14 @@ def encode(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
 MIN_PROMPT_TOKENS = 16
 
 
-def _encoded(tok, messages: list[dict], truncated: bool = False) -> dict:
+def _encoded(tok, messages: list[dict], shortened: bool = False) -> dict:
     try:
         ids, labels = encode(tok, messages)
     except Reject:
         raise
     except ValueError as e:
         raise Reject("template", str(e)) from e
-    return {"input_ids": ids, "labels": labels, "truncated": truncated,
+    return {"input_ids": ids, "labels": labels, "shortened": shortened,
             "n_target": sum(1 for x in labels if x != IGNORE)}
 
 
@@ -219,7 +219,7 @@ def _shorten_user(tok, messages: list[dict], i: int, max_len: int, keep_start: b
         text = _clip_text(tok, messages[i]["content"], excess + extra, keep_start)
         if text is None:
             return None
-        ex = _encoded(tok, [*messages[:i], {**messages[i], "content": text}, *messages[i + 1:]], truncated=True)
+        ex = _encoded(tok, [*messages[:i], {**messages[i], "content": text}, *messages[i + 1:]], shortened=True)
         if len(ex["input_ids"]) <= max_len:
             return ex
     return None
@@ -245,7 +245,7 @@ def build_example(tok, messages: list[dict], max_len: int) -> dict:
             body = body[1:]
         if body[0]["role"] != "user":
             break
-        ex = _encoded(tok, head + body, truncated=True)
+        ex = _encoded(tok, head + body, shortened=True)
         if len(ex["input_ids"]) <= max_len:
             return ex
     if len(body) == 2 and body[0]["role"] == "user":
@@ -272,7 +272,7 @@ def build_reversed(tok, record: dict, system: str | None, template: str | None, 
         if clipped is None:
             break
         rec = {**record, "messages": [record["messages"][0], {"role": "assistant", "content": clipped}]}
-        ex = _encoded(tok, conversation(rec, system, True, template), truncated=True)
+        ex = _encoded(tok, conversation(rec, system, True, template), shortened=True)
         if len(ex["input_ids"]) <= max_len:
             return ex
     instruction = len(tok(record["messages"][0]["content"], add_special_tokens=False)["input_ids"])
@@ -292,7 +292,7 @@ class SourceData:
     eval: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     records_in: int = 0
-    truncated: int = 0
+    shortened: int = 0
 
 
 def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction: float, reverse: bool = False,
@@ -319,7 +319,7 @@ def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction:
         except Reject as e:
             data.rejected.append(records.rejected(obj, e.reason, "sft", detail=e.detail, file=path, line=line))
             continue
-        data.truncated += ex["truncated"]
+        data.shortened += ex["shortened"]
         ex["id"] = obj["id"]
         (data.eval if heldout(obj["id"], eval_fraction) else data.train).append(ex)
     return data

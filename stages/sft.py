@@ -69,10 +69,15 @@ def read_phases(tok, cfg: dict, run_cfg: dict):
                 rejected += data.rejected
                 for ex in data.eval:
                     evals.setdefault((ex["id"], key), ex)
-                sources[f"{s['path']}|{s['tag']}|{'reverse' if s['reverse'] else 'forward'}"] = {
+                name = f"{s['path']}|{s['tag']}|{'reverse' if s['reverse'] else 'forward'}"
+                sources[name] = {
                     "records_in": data.records_in, "train": len(data.train), "eval": len(data.eval),
-                    "rejected": len(data.rejected), "truncated": data.truncated,
+                    "rejected": len(data.rejected), "shortened": data.shortened,
                     "rejected_by_reason": _count(r["reason"] for r in data.rejected)}
+                # shortened: lost earlier turns or part of the prompt (never the answer's end); too_long: dropped
+                log.info("%s: %d in, %d train, %d eval, %d shortened from the prompt side, rejected %s (max_len %d)",
+                         name, data.records_in, len(data.train), len(data.eval), data.shortened,
+                         sources[name]["rejected_by_reason"] or 0, t["max_len"])
             examples += cache[key].train
         by_phase.append(examples)
     eval_examples = [evals[k] for k in sorted(evals)][: t["eval_max_examples"]]

@@ -193,7 +193,7 @@ def test_every_example_keeps_its_end_of_turn_token_in_the_label_mask(name):
                 assert e.reason == "too_long" and max_len < 10**6
                 continue
             built.append((ex, msgs, max_len))
-    assert sum(ex["truncated"] for ex, _, _ in built) >= 4
+    assert sum(ex["shortened"] for ex, _, _ in built) >= 4
     for ex, msgs, max_len in built:
         ids, labels = ex["input_ids"], ex["labels"]
         assert len(ids) <= max_len and ids[-1] == labels[-1] == eot

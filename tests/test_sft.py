@@ -106,7 +106,7 @@ def test_backward_examples_are_reversed_and_clip_the_response_not_the_instructio
     assert msgs[0]["role"] == "user" and msgs[0]["content"] == wording.replace("{response}", rec["messages"][1]["content"])
     assert msgs[1] == {"role": "assistant", "content": "Explain tides."}
     ex = training.build_reversed(tok, rec, None, wording, max_len=96)
-    assert len(ex["input_ids"]) <= 96 and ex["truncated"]
+    assert len(ex["input_ids"]) <= 96 and ex["shortened"]
     target = tok.decode([x for x in ex["labels"] if x != training.IGNORE])
     assert target == "Explain tides.<|im_end|>"
     assert wording.split("{response}")[0].strip() in tok.decode(ex["input_ids"])
@@ -129,15 +129,15 @@ def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt
             {"role": "user", "content": background + "So: what colour is the sky?"},
             {"role": "assistant", "content": "Blue, on a clear day."}]
     whole = training.build_example(tok, msgs, 10**6)
-    assert not whole["truncated"] and _target(tok, whole).count("<|im_end|>") == 2
+    assert not whole["shortened"] and _target(tok, whole).count("<|im_end|>") == 2
     n_last_turn = len(training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"])
     # Room for the last exchange only: the first exchange goes, nothing else changes.
     ex = training.build_example(tok, msgs, n_last_turn)
-    assert ex["truncated"] and ex["input_ids"] == training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"]
+    assert ex["shortened"] and ex["input_ids"] == training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"]
     # Less room: the last user turn loses its start; its end (the question) and the answer stay.
     ex = training.build_example(tok, msgs, n_last_turn - 40)
     text = tok.decode(ex["input_ids"])
-    assert ex["truncated"] and len(ex["input_ids"]) <= n_last_turn - 40
+    assert ex["shortened"] and len(ex["input_ids"]) <= n_last_turn - 40
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     assert "what colour is the sky?<|im_end|>" in text and "Hello, who are you?" not in text
     assert _target(tok, ex) == "Blue, on a clear day.<|im_end|>"
@@ -157,7 +157,7 @@ def test_a_reversed_example_too_long_for_its_instruction_is_dropped(tok):
                         {"role": "assistant", "content": "Tides come from the moon. " * 60}], lang="en", source="t")
     wording = training.load_template(TEMPLATE)
     ex = training.build_reversed(tok, rec, None, wording, max_len=256)
-    assert ex["truncated"] and len(ex["input_ids"]) <= 256
+    assert ex["shortened"] and len(ex["input_ids"]) <= 256
     assert _target(tok, ex) == rec["messages"][0]["content"] + "<|im_end|>"
     with pytest.raises(training.Reject) as e:
         training.build_reversed(tok, rec, None, wording, max_len=150)
@@ -197,7 +197,7 @@ def test_every_line_is_trained_held_out_or_rejected_with_file_and_line(tmp_path,
     assert "max_len=512" in next(r["detail"] for r in data.rejected if r["line"] == 8)
     assert all(r["file"] == str(f) for r in data.rejected)
     assert "'lang'" in next(r["detail"] for r in data.rejected if r["line"] == 5)
-    assert len(data.train) == 3 and data.truncated == sum(e["truncated"] for e in data.train)
+    assert len(data.train) == 3 and data.shortened == sum(e["shortened"] for e in data.train)
 
 
 # ---------------------------------------------------------------- packing and curriculum
@@ -299,6 +299,12 @@ def test_smoke_lora_curriculum(tmp_path, tiny_model_copy):
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = check_outputs(out, tiny_model_copy)
     assert m["steps"] == 4 and [ph["rows"] for ph in m["phases"]] == [4, 4]
+    # Seed line 9's answer alone is longer than max_len: dropped, counted for its source, never cut at its end.
+    seed = m["sources"][f"{SEED}|seed|forward"]
+    assert seed["rejected_by_reason"] == {"too_long": 1} and seed["shortened"] == 0
+    assert seed["records_in"] == 12 == seed["train"] + seed["eval"] + seed["rejected"]
+    [long_one] = [r for r in io.load_jsonl(out / "rejected.jsonl") if r["file"] == SEED]
+    assert (long_one["line"], long_one["reason"]) == (9, "too_long")
     info = models.read_info(out / "model")
     assert info["system"] == TAGS["seed"] and info["global_step"] == 4
     assert (out / "model" / "adapter" / "adapter_config.json").is_file()
