@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +90,7 @@ def test_streaming_equals_plain(client):
 @pytest.mark.parametrize("body, needle", [
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "JSON object"),
-    (json.dumps({"model": "m"}).encode(), "'messages' is required"),
+    (json.dumps({"model": "model"}).encode(), "'messages' is required"),
     (json.dumps({"messages": []}).encode(), "non-empty list"),
     (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages[0].role"),
     (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages[0].content"),
@@ -106,7 +113,7 @@ def test_api_key_is_enforced(server, client):
     bad = openai.OpenAI(base_url=server[0].url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    assert client.chat.completions.create(model="m", messages=user("hi"), max_tokens=2).choices
+    assert client.chat.completions.create(model="model", messages=user("hi"), max_tokens=2).choices
 
 
 def test_raw_completions(client):
@@ -116,7 +123,7 @@ def test_raw_completions(client):
 
 def test_concurrent_requests_are_batched_without_changing_answers(varied_model_dir, client):
     prompts = ["Name a fruit.", "What is the capital of France?", "Say hi.", "Count to three."]
-    kw = dict(model="m", max_tokens=8)
+    kw = dict(model="model", max_tokens=8)
     greedy = [client.chat.completions.create(messages=user(p), temperature=0, **kw).choices[0].message.content
               for p in prompts]
     sampled = client.chat.completions.create(messages=user(prompts[0]), temperature=1.0, seed=7, **kw)
@@ -135,3 +142,185 @@ def test_concurrent_requests_are_batched_without_changing_answers(varied_model_d
         app.state.close()
     assert got[:4] == greedy and got[4] == sampled.choices[0].message.content
     assert stats["batches"] == 1 and stats["max_batch"] == 5 and stats["requests"] == 5
+
+
+# ------------------------------------------------------------------------ hostile clients (issue 11)
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_unknown_model_is_404_model_not_found(server, client):
+    """Before: any model name was answered."""
+    status, payload = post(server[0].url, json.dumps({"model": "gpt-4o", "messages": user("hi")}).encode())
+    assert status == 404 and payload["error"]["code"] == "model_not_found" and "gpt-4o" in payload["error"]["message"]
+    assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="m", prompt="Once", max_tokens=2)
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "finite"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "finite"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', "finite"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', "finite"),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+])
+def test_non_finite_numbers_and_deep_nesting_get_400(server, body, needle):
+    """Before: NaN was accepted (it fails every range check) and 100,000 levels of nesting gave a 500."""
+    status, payload = post(server[0].url, body)
+    assert status == 400 and needle in payload["error"]["message"], payload
+
+
+def test_huge_body_is_413_and_long_prompts_leave_health_free(server):
+    """Before: a 10 MB prompt was tokenised on the event loop, /health waited 7.5 s behind it."""
+    t0 = time.monotonic()
+    status, payload = post(server[0].url, json.dumps({"messages": user("word " * 2_000_000)}).encode())
+    assert status == 413 and payload["error"]["code"] == "request_too_large" and time.monotonic() - t0 < 5
+    big = ThreadPoolExecutor(1).submit(post, server[0].url, json.dumps({"messages": user("word " * 150_000)}).encode())
+    waits = []
+    while not big.done():
+        t0 = time.monotonic()
+        assert health(server[0].url)["status"] == "ok"
+        waits.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    status, payload = big.result()
+    assert status == 400 and "limit is 200" in payload["error"]["message"]
+    assert max(waits, default=0) < 0.5, waits
+
+
+class Slow:
+    """Makes a tiny model take `step_s` per generated token (a forward pre-hook), counting the steps."""
+
+    def __init__(self, app, step_s: float):
+        self.steps, self.step_s = 0, step_s
+        app.state.model.model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.steps += 1
+        time.sleep(self.step_s)
+
+
+def send(url: str, max_tokens: int, model: str = "model") -> http.client.HTTPConnection:
+    """Start a non-streaming chat request and return its connection (read it, or close it to walk away)."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://").split("/")[0], timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": user("Go on."),
+                                                              "max_tokens": max_tokens}),
+                 {"Content-Type": "application/json"})
+    return conn
+
+
+def answer(conn: http.client.HTTPConnection) -> tuple[int, dict]:
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def wait_for(cond, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def slow_server(tiny_model_dir):
+    """The tiny model (which never stops before max_tokens) at 10 ms a token, one request at a time, 3 places."""
+    app = serve.create_app(tiny_model_dir, max_batch_size=1, batch_wait_ms=0,
+                           limits=serve.Limits(max_tokens=900, max_queue=3))
+    slow = Slow(app, 0.01)
+    running = serve.start_in_thread(app)
+    yield running, app, slow
+    running.stop()
+    app.state.close()
+
+
+def test_clients_that_leave_cost_nothing_and_the_queue_is_bounded(slow_server):
+    """Before: a dropped request generated to its end (the next request waited 71 s behind it) and the queue grew
+    without bound."""
+    running, app, slow = slow_server
+    first = send(running.url, 900)                   # 9 s of work
+    wait_for(lambda: slow.steps > 1)
+    queued = [send(running.url, 900), send(running.url, 900)]
+    wait_for(lambda: app.state.stats["busy"] == 3)
+    t0 = time.monotonic()
+    status, payload = post(running.url, json.dumps({"model": "model", "messages": user("hi"),
+                                                    "max_tokens": 2}).encode(), key=None)
+    assert status == 429 and payload["error"]["code"] == "server_busy" and time.monotonic() - t0 < 2
+    for conn in [first, *queued]:
+        conn.close()                                 # all three clients walk away
+    wait_for(lambda: app.state.stats["busy"] == 0, timeout=5)
+    steps = slow.steps
+    t0 = time.monotonic()
+    status, payload = answer(send(running.url, 3))
+    assert status == 200 and payload["usage"]["completion_tokens"] == 3
+    assert time.monotonic() - t0 < 3                 # not behind 27 s of orphaned work
+    assert app.state.stats["cancelled"] == 3 and slow.steps - steps <= 5  # nothing but the new request ran
+    assert app.state.stats["refused_busy"] == 1
+
+
+def test_a_streaming_client_that_leaves_while_queued_costs_nothing(slow_server):
+    running, app, slow = slow_server
+    first = send(running.url, 900)
+    wait_for(lambda: slow.steps > 1)
+    c = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
+    stream = c.chat.completions.create(model="model", messages=user("Go on."), max_tokens=900, stream=True)
+    stream.close()                                   # left while waiting behind `first`
+    first.close()
+    wait_for(lambda: app.state.stats["busy"] == 0, timeout=5)
+    steps = slow.steps
+    assert answer(send(running.url, 2))[0] == 200 and slow.steps - steps <= 4
+
+
+def test_shutdown_cancels_queued_work_and_answers_503(slow_server):
+    """Before: SIGTERM with orphans queued had not stopped the server after 50 s."""
+    running, app, slow = slow_server
+    conns = [send(running.url, 900)]
+    wait_for(lambda: slow.steps > 1)
+    conns += [send(running.url, 900), send(running.url, 900)]
+    wait_for(lambda: app.state.stats["busy"] == 3)
+    with ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(answer, c) for c in conns]
+        t0 = time.monotonic()
+        running.stop()                               # what SIGTERM calls
+        assert not running.thread.is_alive() and time.monotonic() - t0 < 8
+        got = [a.result(timeout=10) for a in answers]
+    assert [s for s, _ in got] == [503] * 3 and all(p["error"]["code"] == "server_shutting_down" for _, p in got)
+
+
+def test_cli_serves_its_aliases_and_exits_on_sigterm_with_work_queued(tiny_model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "selfalign.serve", "--model", str(tiny_model_dir),
+                             "--port", str(port), "--served-model-name", "teacher", "--max-batch-size", "1",
+                             "--max-tokens", "900"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                health(url)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < end, proc.stdout.read()
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list()] == ["teacher", "model"]
+        assert c.chat.completions.create(model="teacher", messages=user("hi"), max_tokens=2).model == "teacher"
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="gpt-4o", messages=user("hi"), max_tokens=2)
+        assert e.value.code == "model_not_found"
+        conns = [send(url, 900) for _ in range(4)]   # seconds of work each, one at a time
+        wait_for(lambda: health(url)["busy"] == 4)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        statuses = [answer(conn)[0] for conn in conns]
+        proc.wait(timeout=15)
+        assert time.monotonic() - t0 < 5 and statuses == [503] * 4
+        assert "Finished server process" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
