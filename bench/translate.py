@@ -98,7 +98,7 @@ def main(model_path, n, max_tokens, rounds, dtype, threads, out):
     reqs = [f.request for f in fields]
     with tempfile.TemporaryDirectory() as tmp:
         mdir = model_dir(model_path, tmp)
-        app = serve.create_app(mdir, dtype=dtype, max_batch_size=n, batch_wait_ms=5,
+        app = serve.create_app(mdir, dtype=dtype, max_batch_size=n, batch_wait_ms=5, model_name="base",
                                limits=serve.Limits(max_tokens=max(max_tokens, 64)))
         server = serve.start_in_thread(app)
         try:
