@@ -27,7 +27,7 @@ from selfalign import backward, chat, curate, io, launch, memory, models, params
 DEFAULTS = {
     "train": {
         "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "precision": "auto", "max_len": 256, "packing": True, "batch_size": 4, "grad_accum": 1, "lr": 5.0e-4,
+        "precision": "auto", "max_len": 512, "packing": True, "batch_size": 2, "grad_accum": 1, "lr": 5.0e-4,
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
         "logging_steps": 1, "save_steps": 5, "eval_steps": 8, "eval_fraction": 0.1, "eval_max_examples": 8,
         "gradient_checkpointing": False, "deepspeed": False, "keep_adapter": True, "launcher": "python",
