@@ -164,3 +164,20 @@ def load(path: str, kind: str | None = None) -> list[dict]:
     if bad:
         raise RecordError(f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['detail']}")
     return [rec for rec, _ in good]
+
+
+def success_floor(metrics: dict, passed: int, total: int, floor: float, what: str) -> str | None:
+    """A stage that produced (almost) nothing must not exit 0: DVC would record it as a success.
+
+    Records the share of `total` that came through against the stage's `min_success` param in
+    metrics["success"]; returns the message to fail with when the share is below the floor (the
+    stage fails only after writing its outputs, rejects and metrics, so the cause can be read).
+    Nothing asked (total 0) is not a failure.
+    """
+    rate = passed / total if total else None
+    metrics["success"] = {"what": what, "passed": passed, "of": total,
+                          "rate": round(rate, 4) if rate is not None else None, "min_success": floor}
+    if rate is not None and rate < floor:
+        return (f"{what}: {passed} of {total} ({rate:.0%}) came through, below min_success {floor}; outputs, "
+                f"rejects and metrics are written: see the rejected records' reasons")
+    return None

@@ -10,7 +10,8 @@ a duplicate the seed wins) and writes the same names to --output-dir plus reject
 drops with a named reason), the gate is selfalign.langid's, dedup is selfalign.dedup's; each
 can be switched off in params. A rejected record carries its reason, detail, file and line;
 metrics/clean.json has per-rule fixed/dropped counts, the gate's verdicts per declared language
-(gate_by_lang: records, ok, undetermined, mismatch) and records_in == kept + rejected.
+(gate_by_lang: records, ok, undetermined, mismatch), which detector decided them (gate_by_detector:
+fasttext, ngram, markers, lingua, none) and records_in == kept + rejected.
 The stage takes seconds (bench/clean.py), so it simply reruns whole rather than resuming.
 """
 
@@ -36,10 +37,12 @@ DEFAULTS = {
     "rules": RULE_DEFAULTS,
     "min_chars": {"chat": 10, "preference": 10, "prompt": 5, "web": 100},
     "max_chars": {"chat": 20000, "preference": 20000, "prompt": 4000, "web": 5000},
-    "langs": {"enabled": True, "min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "max_chars": 300},
+    "langs": {"enabled": True, "min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "ngram_margin": 8.0,
+              "ms_id_fallback": "lingua", "ms_id_ngram_margin": 64.0, "max_chars": 300},
     "exact_dup": True,
     "near_dup": {"enabled": True, "threshold": 0.8, "num_perm": 128, "shingle": 3, "seed": 1},
     "workers": 2,
+    "min_success": 0.5,
 }
 
 
@@ -65,13 +68,16 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
     # The gate's verdicts per declared language: how many French or Malay translations it let through (ok and
     # undetermined pass, mismatch is dropped); records minus the verdicts were dropped by a rule first.
     gate_by_lang: dict[str, Counter] = defaultdict(Counter)
+    gate_by_detector: dict[str, Counter] = defaultdict(Counter)  # which detector decided (selfalign.langid.Verdict)
     for (dst, record, src, line), (out, fixed, reason, detail, verdict) in zip(todo, results, strict=True):
         for name in fixed:
             counts[name]["fixed"] += 1
         gate_by_lang[record["lang"]]["records"] += 1
         if verdict:
+            verdict, detector = verdict.split("/")
             counts["lang"][verdict] += 1
             gate_by_lang[record["lang"]][verdict] += 1
+            gate_by_detector[detector][verdict] += 1
         if out is None:
             counts[reason]["dropped"] += 1
             files[src]["rejected"] += 1
@@ -114,6 +120,8 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
                   if counts[name]},
         "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
                          for lang, c in sorted(gate_by_lang.items())} if cfg["langs"]["enabled"] else {},
+        "gate_by_detector": {det: {k: c[k] for k in ("ok", "undetermined", "mismatch")}
+                             for det, c in sorted(gate_by_detector.items())},
         "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
                   for name, c in files.items()},
     }
@@ -165,10 +173,13 @@ def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejecte
     for dst, recs in kept.items():
         io.write_jsonl(dst, recs)
     io.write_jsonl(rejected_path, rejected)
+    failed = records.success_floor(metrics, metrics["kept"], metrics["records_in"], cfg["min_success"], "clean kept")
     io.write_json(metrics_path, metrics)
     log.info("%d records in, %d kept, %d rejected in %.1f s; by rule: %s", metrics["records_in"], metrics["kept"],
              metrics["rejected"], metrics["seconds"],
              ", ".join(f"{k} {v}" for k, v in metrics["rules"].items()))
+    if failed:
+        raise click.ClickException(failed)
 
 
 if __name__ == "__main__":

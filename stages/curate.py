@@ -33,6 +33,7 @@ DEFAULTS = {
     "max_response_tokens": 384,
     "max_tokens": 8,
     "engine": {},
+    "min_success": 0.9,
     "iterations": {},
 }
 MODES = ("logprobs", "generate")
@@ -178,9 +179,14 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     if engine_stats is not None:
         m["engine"] = engine_stats
     assert m["records_in"] == m["kept"] + m["rejected"], "curate lost records"
+    failed = records.success_floor(m, len(scored), attempted, cfg["min_success"], f"curate {iteration} scored")
+    if not failed and attempted and not kept:
+        failed = f"curate {iteration}: {len(scored)} candidates scored but none kept by {sel}"
     io.write_json(metrics, m)
     log.info("%s: scored %d/%d, kept %d (yield %s, %s cut-off score %s), mean score %s", iteration, len(scored),
              attempted, len(kept), m["yield"], sel["mode"], m["cutoff_score"], m["score_mean"])
+    if failed:
+        raise click.ClickException(failed)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ DEFAULTS = {
     "trim_truncated": True,
     "reject_truncated": True,
     "engine": {},
+    "min_success": 0.5,
 }
 # float32: batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bfloat16 8/16), so
 # what the llm cache holds after a killed run matches what a fresh run writes. bfloat16 is ~1.8x faster on an idle
@@ -137,11 +138,14 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
     }
     assert m["records_in"] == m["distilled"] + m["rejected"], "distill lost records"
+    failed = records.success_floor(m, len(out_records), len(jobs), cfg["min_success"], "distill teacher answers kept")
     io.write_json(metrics, m)
     engine.close()
     log.info("%d distilled %s, %d rejected %s; %d engine calls, %d cache hits, cost $%.4f", len(out_records),
              m["distilled_by_kind"], len(rejected), m["rejected_by_reason"], m["engine"]["calls"],
              m["engine"]["cache_hits"], m["engine"]["cost_usd"])
+    if failed:
+        raise click.ClickException(failed)
 
 
 if __name__ == "__main__":

@@ -232,20 +232,20 @@ def test_disabled_rule_is_skipped():
 # ---------------------------------------------------------------- language gate
 
 def gate(text: str, lang: str) -> str:
-    return langid.identify(text, lang, min_letters=40, min_confidence=0.5, margin=2.0)[0]
+    return langid.identify(text, lang, **{k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"})[0]
 
 
 def test_ms_vs_id_on_held_out_real_sentences():
-    """Held-out accuracy: the marker words were derived without any of these sentences."""
+    """Held-out: neither the marker words nor the n-gram model saw these sentences. Both declared Malay, as the
+    pipeline's translations are: Malay is kept, Indonesian caught (marker words, then lingua where they are silent).
+    The marker words alone decided 21 of 34 Malay and 99 of 253 Indonesian, the rest undetermined and kept."""
     verdicts = {"ms": [], "id": []}
     for s in SENTENCES:
         if s["label"] in verdicts:
-            verdicts[s["label"]].append(gate(s["text"], s["label"]))
-    for label, got in verdicts.items():
-        decided = [v for v in got if v != "undetermined"]
-        precision = decided.count("ok") / len(decided)
-        assert precision >= 0.95, (label, precision)        # measured: id 97/99, ms 20/21
-        assert len(decided) / len(got) >= 0.35, label       # measured: id 99/253, ms 21/34 decided
+            verdicts[s["label"]].append(gate(s["text"], "ms"))
+    assert verdicts["ms"].count("mismatch") <= 1                    # measured: 33 of 34 kept
+    assert verdicts["id"].count("mismatch") / len(verdicts["id"]) >= 0.85  # measured: 221 of 253 caught (0.874)
+    assert sum(v.count("undetermined") for v in verdicts.values()) <= 3
     bahwa = next(s["text"] for s in SENTENCES if s["text"].startswith("Dengan melihat kepada 5.000 pasien"))
     assert gate(bahwa, "ms") == "mismatch"
     assert "bahwa" in langid.identify(bahwa, "ms", min_letters=40, min_confidence=0.5, margin=2.0)[2]
@@ -257,7 +257,20 @@ def test_en_fr_gate_and_too_little_text():
             assert gate(s["text"], s["label"]) in ("ok", "undetermined")
             other = "fr" if s["label"] == "en" else "en"
             assert gate(s["text"], other) in ("mismatch", "undetermined")
-    assert gate("Oui.", "en") == "undetermined"
+    assert gate("Oui.", "en") == "undetermined"  # one capitalised word: no signal (a name would look the same)
+
+
+def test_short_record_in_the_wrong_language_is_dropped_by_the_ngram_detector():
+    """Below min_letters the gate used to wave a record through as undetermined; the n-gram model judges it now,
+    and the reject says which detector decided."""
+    lang_cfg = {k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"}
+    wrong = chat("What is the capital of France?", "Paris.", lang="fr")
+    out, _, reason, detail, verdict = clean.clean_record(wrong, RULES_CFG, lang_cfg)
+    assert out is None and reason == "lang" and verdict == "mismatch/ngram" and "[ngram]" in detail
+    right = chat("Quelle est la capitale de la France ?", "Paris.", lang="fr")
+    assert clean.clean_record(right, RULES_CFG, lang_cfg)[4] == "ok/ngram"
+    names = chat("Barack Obama", "Michelle Obama", lang="fr")
+    assert clean.clean_record(names, RULES_CFG, lang_cfg)[4] == "undetermined/none"
 
 
 def test_translation_task_judged_by_its_instruction():
@@ -336,7 +349,8 @@ def test_stage_counts_gate_verdicts_per_declared_language(tmp_path):
             chat(long["en"][0], long["en"][1], lang="fr"),              # left in English: the gate drops it
             chat(french_refusal["prompt"], french_refusal["answer"], lang="fr"),  # dropped by a rule first
             chat(long["ms"][0], long["ms"][2], lang="ms"),
-            chat("Apa khabar?", "Baik, terima kasih.", lang="ms"),      # too few letters to judge: kept
+            chat("Apa khabar?", "Baik, terima kasih.", lang="ms"),      # short, no ms/id marker word: lingua keeps it
+            chat("Where is the train station?", "Over there.", lang="fr"),  # short and English: the n-gram model drops it
             chat(long["en"][2], long["en"][3], lang="en")]
     (tmp_path / "in").mkdir()
     io.write_jsonl(tmp_path / "in" / "seed.jsonl", seed)
@@ -345,10 +359,15 @@ def test_stage_counts_gate_verdicts_per_declared_language(tmp_path):
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["gate_by_lang"] == {"en": {"records": 1, "ok": 1, "undetermined": 0, "mismatch": 0},
-                                 "fr": {"records": 4, "ok": 2, "undetermined": 0, "mismatch": 1},
-                                 "ms": {"records": 2, "ok": 1, "undetermined": 1, "mismatch": 0}}
+                                 "fr": {"records": 5, "ok": 2, "undetermined": 0, "mismatch": 2},
+                                 "ms": {"records": 2, "ok": 2, "undetermined": 0, "mismatch": 0}}
+    assert m["gate_by_detector"] == {"fasttext": {"ok": 3, "undetermined": 0, "mismatch": 1},
+                                     "lingua": {"ok": 1, "undetermined": 0, "mismatch": 0},
+                                     "markers": {"ok": 1, "undetermined": 0, "mismatch": 0},
+                                     "ngram": {"ok": 0, "undetermined": 0, "mismatch": 1}}
     for verdict in ("ok", "undetermined", "mismatch"):
-        assert sum(c[verdict] for c in m["gate_by_lang"].values()) == m["rules"]["lang"][verdict]
+        assert sum(c[verdict] for c in m["gate_by_lang"].values()) == m["rules"]["lang"].get(verdict, 0)
+        assert sum(c[verdict] for c in m["gate_by_detector"].values()) == m["rules"]["lang"].get(verdict, 0)
     kept = io.load_jsonl(tmp_path / "out" / "seed.jsonl")
     assert [r["lang"] for r in kept] == ["fr", "fr", "ms", "ms", "en"]
     assert m["records_in"] == len(seed) == m["kept"] + m["rejected"]
@@ -420,3 +439,18 @@ def test_a_directory_named_like_a_file_is_a_one_line_error(tmp_path, where):
                                           "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code == 2 and "seed.jsonl is a directory" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "m.json").exists()
+
+
+def test_a_stage_that_keeps_too_little_fails_after_writing_everything(tmp_path):
+    """Before: clean exited 0 whatever it kept, so DVC recorded a stage that passed nothing on as a success."""
+    recs = [chat("What is the capital of France?", "The capital of France is Paris.")] + \
+        [chat(f"Question {i}?", "As an AI language model, I cannot answer that.") for i in range(3)]
+    io.write_jsonl(tmp_path / "in" / "seed.jsonl", recs)
+    args = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"), "--metrics",
+            str(tmp_path / "m.json"), "--set", "langs.enabled=false"]
+    res = CliRunner().invoke(stage.main, args)
+    assert res.exit_code == 1 and "clean kept: 1 of 4 (25%) came through, below min_success 0.5" in res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["success"] == {"what": "clean kept", "passed": 1, "of": 4, "rate": 0.25, "min_success": 0.5}
+    assert len(io.load_jsonl(tmp_path / "out" / "rejected.jsonl")) == 3 == m["rules"]["refusal"]["dropped"]
+    assert CliRunner().invoke(stage.main, args + ["--set", "min_success=0.25"]).exit_code == 0

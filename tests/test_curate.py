@@ -202,7 +202,7 @@ def test_generate_mode_counts_unparsed_and_failed_explicitly(tiny_model_dir, tmp
     run_stage(["--iteration", "iter2", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", "any-endpoint",
                "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
                "--set", "mode=generate", "--set", "engine={kind: openai}", "--set", "select.mode=threshold",
-               "--set", "select.threshold=3.0"])
+               "--set", "select.threshold=3.0", "--set", "min_success=0.4"])
     m = io.read_json(tmp_path / "m.json")
     assert m["scored"] == 2 and m["unparsed"] == 2 and m["parse_rate"] == 0.4
     assert m["rejected_by_reason"] == {"invalid_candidate": 2, "unparsed_score": 2, "generation_failed": 1,
@@ -219,10 +219,28 @@ def test_generate_mode_with_the_local_engine(tiny_model_dir, tmp_path):
     write_candidates(tmp_path / "candidates.jsonl")
     run_stage(["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_dir),
                "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
-               "--metrics", str(tmp_path / "m.json"), "--set", "mode=generate", "--set", "max_tokens=4"])
+               "--metrics", str(tmp_path / "m.json"), "--set", "mode=generate", "--set", "max_tokens=4",
+               "--set", "min_success=0"])
     m = io.read_json(tmp_path / "m.json")
     assert m["engine"]["calls"] == 5 and m["scored"] + m["unparsed"] + m["rejected_by_reason"].get(
         "generation_failed", 0) == 5
     assert m["parse_rate"] == m["scored"] / 5
     for r in io.load_jsonl(tmp_path / "out" / "scored.jsonl"):
         assert r["meta"]["score"] in (1, 2, 3, 4, 5) and curate.parse_score(r["meta"]["curate"]["reply"])
+
+
+def test_a_round_that_scores_too_few_fails_after_writing_its_outputs(tmp_path, monkeypatch):
+    """2 of 5 replies parse: below min_success the stage exits non-zero (DVC must not record a success),
+    but only after its outputs, rejects and metrics are written, so the cause can be read."""
+    from selfalign import llm
+    replies = ["Score: 4", "The answer is 5.", "Score: 2", None, "Score: 6"]
+    monkeypatch.setattr(llm, "make_engine", lambda spec, cache_dir=None: ScriptedEngine(replies))
+    write_candidates(tmp_path / "candidates.jsonl")
+    res = CliRunner().invoke(load_stage("curate").main, [
+        "--iteration", "iter2", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", "any-endpoint",
+        "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+        "--set", "mode=generate", "--set", "engine={kind: openai}"])
+    assert res.exit_code == 1 and "curate iter2 scored: 2 of 5 (40%) came through, below min_success 0.9" in res.output
+    m = io.read_json(tmp_path / "m.json")
+    assert m["success"] == {"what": "curate iter2 scored", "passed": 2, "of": 5, "rate": 0.4, "min_success": 0.9}
+    assert (tmp_path / "out" / "rejected.jsonl").exists() and m["records_in"] == m["kept"] + m["rejected"]

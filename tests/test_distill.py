@@ -95,7 +95,8 @@ def run(tmp_path: Path, teacher: str, metrics: str, *sets: str) -> dict:
     args = ["--seed", str(seed), "--scored", str(scored), "--teacher", teacher, "--systems", str(SYSTEMS),
             "--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
             "--metrics", str(tmp_path / metrics), "--set", "max_new_tokens=8", "--set", "reject_truncated=false",
-            "--set", "min_response_words=1", "--set", "orca.n=3"]
+            "--set", "min_response_words=1", "--set", "orca.n=3",
+            "--set", "min_success=0"]  # the tiny teacher's replies are noise: the floor is tested on its own below
     for s in sets:
         args += ["--set", s]
     res = CliRunner().invoke(load_stage("distill").main, args, catch_exceptions=False)
@@ -139,3 +140,16 @@ def test_teacher_failures_are_rejected_with_reasons(tmp_path):
     assert m["distilled"] == 0 and m["rejected_by_reason"] == {"invalid_json": 1, "teacher_failed": 7}
     assert m["engine"]["failures"] == 7
     assert all("Connection" in r["detail"] for r in rejected if r["reason"] == "teacher_failed")
+
+
+def test_a_teacher_that_answers_nothing_usable_fails_the_stage(tmp_path, tiny_model_dir):
+    """Before: distill exited 0 with 0 answers kept, so DVC recorded a success and sft@final trained without them."""
+    seed = write(tmp_path / "seed.jsonl", SEEDS)
+    args = ["--seed", str(seed), "--teacher", str(tiny_model_dir), "--systems", str(SYSTEMS), "--output-dir",
+            str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
+            "--set", "max_new_tokens=4", "--set", "min_response_words=50", "--set", "orca.n=2"]
+    res = CliRunner().invoke(load_stage("distill").main, args)
+    assert res.exit_code == 1 and "below min_success 0.5" in res.output, res.output
+    m = io.read_json(tmp_path / "m.json")
+    assert m["success"]["passed"] == 0 and m["success"]["of"] == m["teacher_requests"] > 0
+    assert len(io.load_jsonl(tmp_path / "out" / "rejected.jsonl")) == m["rejected"] == m["records_in"]
