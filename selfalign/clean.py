@@ -80,16 +80,17 @@ def apply_rules(record: dict, rules_cfg: dict) -> tuple[dict | None, list[str], 
 
 
 def clean_record(record: dict, rules_cfg: dict, lang_cfg: dict | None) -> tuple[dict | None, list[str], str, str, str]:
-    """The rules, then (if lang_cfg) the language gate: (record or None, fixed by, reason, detail, gate verdict)."""
+    """The rules, then (if lang_cfg) the language gate: (record or None, fixed by, reason, detail, gate verdict as
+    "<verdict>/<detector>", e.g. "ok/ngram"; "" when the gate did not run)."""
     from selfalign import langid
 
     out, fixed, reason, detail = apply_rules(record, rules_cfg)
     if out is None or lang_cfg is None:
         return out, fixed, reason, detail, ""
-    verdict, _, lang_detail = langid.identify(langid.gate_text(out), out["lang"], **lang_cfg)
+    verdict, _, lang_detail, detector = langid.identify(langid.gate_text(out), out["lang"], **lang_cfg)
     if verdict == "mismatch":
-        return None, fixed, "lang", f"declared {out['lang']}: {lang_detail}", verdict
-    return out, fixed, "", "", verdict
+        return None, fixed, "lang", f"declared {out['lang']}: {lang_detail} [{detector}]", f"{verdict}/{detector}"
+    return out, fixed, "", "", f"{verdict}/{detector}"
 
 
 _WORKER_CFG: tuple[dict, dict | None] = ({}, None)

