@@ -6,9 +6,10 @@ numbers, placeholders such as {name}, <noinput>, %s, %(x)d, ${X}) replaced by se
 a sentinel is a failed field with that reason, never a silently damaged record. Text in the
 source that already looks like a sentinel is itself protected, so restoring is unambiguous.
 
-A source without a blank line gets a reply cut at its first blank line (small models ramble on
-after the translation), and a reply that still hits its token budget (16 + tokens_per_char per
-character) fails as truncated.
+A source of one line gets a reply cut at its first line break, a source without a blank line at its
+first blank line (small models ramble on after the translation: another "English:" line, a
+note), and a reply that still hits its token budget (16 + tokens_per_char per character) fails
+as truncated.
 
 The unit of work is a field (one message's content, a system prompt, a preference side); a
 record is translated only when all its selected fields are, otherwise it fails with the first
@@ -35,7 +36,7 @@ _PROTECT = re.compile("|".join([
     r"```.*?(?:```|\Z)",                                    # fenced code (an unclosed fence runs to the end)
     r"~~~.*?(?:~~~|\Z)",
     r"`[^`\n]+`",                                           # inline code
-    r"\[\[\s*\d+\s*\]\]",                                   # text that already looks like a sentinel
+    r"\[\[?\s*\d+\s*\]\]?",                                 # text that already looks like a sentinel, [3] included
     r"(?:https?|ftp)://[^\s<>\"'`]+",                       # URLs (trailing punctuation trimmed below)
     r"\bwww\.[^\s<>\"'`]+",
     r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+",                      # e-mail addresses
@@ -47,7 +48,9 @@ _PROTECT = re.compile("|".join([
     r"(?<![\w.])\d+(?:[.,:/-]\d+)*(?![\w])",                # numbers: 42, 3.14, 1,000, 12:30, 2023-04-01
 ]), re.DOTALL)
 _TRAILING = ".,;:!?)]}'\""
-SENTINEL_RE = re.compile(r"\[\[\s*(\d+)\s*\]\]")             # lenient about spaces when reading replies
+# Lenient when reading replies: spaces, and one bracket for two. The 135M model copies "[[0]]" as "[0]" about as
+# often as not; a source's own "[3]" is protected above, so a bracketed number in a reply is always ours.
+SENTINEL_RE = re.compile(r"\[\[?\s*(\d+)\s*\]\]?")
 _LETTER = re.compile(r"[^\W\d_]")
 
 
@@ -160,6 +163,30 @@ def fields(record: dict, roles: list[str]) -> list[tuple[tuple, str]]:
     return out
 
 
+def select(recs: list[dict], kinds: list[str], roles: list[str], max_chars: int, max_records: int
+           ) -> tuple[list[int], dict[str, int]]:
+    """(indices of the records to translate, counts of the others by reason): the first `max_records` (0 = all)
+    records of `kinds` whose every field is at most `max_chars` characters (0 = any length). A small model
+    translates a short field within budget and rambles or stops halfway through a long one, so the bound
+    picks what it can do rather than cutting what it cannot."""
+    chosen: list[int] = []
+    skipped = {"other_kind": 0, "too_long": 0, "no_fields": 0, "over_max_records": 0}
+    for i, r in enumerate(recs):
+        if r["kind"] not in kinds:
+            skipped["other_kind"] += 1
+            continue
+        texts = [t for _, t in fields(r, roles)]
+        if not texts:
+            skipped["no_fields"] += 1
+        elif max_chars and max(len(t.strip()) for t in texts) > max_chars:
+            skipped["too_long"] += 1
+        elif max_records and len(chosen) >= max_records:
+            skipped["over_max_records"] += 1
+        else:
+            chosen.append(i)
+    return chosen, skipped
+
+
 @dataclass
 class Field:
     """One field of one record on its way to one target language."""
@@ -179,8 +206,8 @@ def plan_field(path: tuple, text: str, source_lang: str, target: str, template: 
     budget = min(int(gen["max_tokens"]), 16 + math.ceil(gen["tokens_per_char"] * len(sent)))
     req = llm.Request(messages=[{"role": "user", "content": build_prompt(template, sent, source_lang, target)}],
                       max_tokens=budget, temperature=gen["temperature"], top_p=gen["top_p"], seed=gen["seed"],
-                      # small models ramble on after the translation: one paragraph in, one paragraph out
-                      stop=None if "\n\n" in sent else ["\n\n"])
+                      # small models ramble on after the translation: one line (paragraph) in, one out
+                      stop=["\n"] if "\n" not in sent else None if "\n\n" in sent else ["\n\n"])
     return Field(path, text, protected, spans, target, req)
 
 

@@ -1,11 +1,12 @@
 """Translate chat, prompt (and, if asked, preference) records into the target languages.
 
     python stages/translate.py --params params.yaml --input-dir data/ingest --output-dir data/translate \
-        --model models/base --cache cache/translate --metrics metrics/translate.json
+        --model models/base --prompt prompts/translate.txt --cache cache/translate --metrics metrics/translate.json
 
 writes data/translate/{seed,web,preference,prompts}.jsonl and data/translate/failed.jsonl. By hand, on one file:
 
-    python stages/translate.py --input data/ingest/seed.jsonl --output fr.jsonl --cache cache/t --metrics m.json
+    python stages/translate.py --input data/ingest/seed.jsonl --output fr.jsonl --model models/base \
+        --prompt prompts/translate.txt --cache cache/t --metrics m.json
 
 Web segments pass through unchanged. In `add` mode translations follow their originals; in
 `replace` mode they take their place (an original whose every translation failed is kept, so
@@ -30,12 +31,12 @@ from selfalign import translate as tr
 STAGE = "translate"
 FILES = ("seed", "web", "preference", "prompts")
 DEFAULTS = {
-    "langs": ["fr"],
+    "langs": ["fr", "ms"],
     "mode": "add",
     "kinds": ["chat", "prompt"],
     "roles": ["system", "user", "assistant"],
     "max_records": 12,
-    "prompt_file": "prompts/translate.txt",
+    "max_chars": 160,
     "max_tokens": 512,
     "tokens_per_char": 0.75,
     "temperature": 0.0,
@@ -74,8 +75,10 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
         c["invalid"] = c["lines_in"] - len(recs)
         if not src.exists():
             log.warning("%s does not exist: writing an empty %s", src, dst)
-        chosen = [i for i, (r, _) in enumerate(recs) if r["kind"] in cfg["kinds"]][: cfg["max_records"] or None]
+        chosen, skipped = tr.select([r for r, _ in recs], cfg["kinds"], cfg["roles"], cfg["max_chars"],
+                                    cfg["max_records"])
         c["selected"] = len(chosen)
+        c.update({f"skipped_{k}": v for k, v in skipped.items()})
         for i in chosen:
             r = recs[i][0]
             for target in cfg["langs"]:
@@ -93,6 +96,7 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
 
     done: dict[tuple[int, int], list[dict]] = {}
     reasons: Counter = Counter()
+    by_lang = {t: {"asked": 0, "translated": 0, "failed": 0, "failed_by_reason": Counter()} for t in cfg["langs"]}
     for fi, ri, target, fields in jobs:
         c = per_file[files[fi][1].stem]
         got, error = {}, None
@@ -103,15 +107,19 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
             except tr.RestoreError as e:
                 error = error or (e, f)
         record, line = files[fi][2][ri]
+        by_lang[target]["asked"] += 1
         if error:
             e, f = error
             rej = records.rejected(record, e.reason, STAGE, detail=f"{'.'.join(map(str, f.path))}: {e.detail}",
                                    file=str(files[fi][0]), line=line)
             failed.append({**rej, "target_lang": target})
             reasons[e.reason] += 1
+            by_lang[target]["failed_by_reason"][e.reason] += 1
+            by_lang[target]["failed"] += 1
             c["failed"] += 1
         else:
             done.setdefault((fi, ri), []).append(tr.assemble(record, target, got))
+            by_lang[target]["translated"] += 1
             c["translated"] += 1
 
     for fi, (_, dst, recs) in enumerate(files):
@@ -129,9 +137,13 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
     total = Counter()
     for c in per_file.values():
         total.update(c)
+    for v in by_lang.values():
+        v["failed_by_reason"] = dict(sorted(v["failed_by_reason"].items()))
     return {"records_in": total["lines_in"], "invalid": total["invalid"], "selected": total["selected"],
+            "skipped": {k.removeprefix("skipped_"): total[k] for k in sorted(total) if k.startswith("skipped_")},
             "translations_asked": len(jobs), "translated": total["translated"], "failed": total["failed"],
-            "failed_by_reason": dict(sorted(reasons.items())), "already_in_target": total["already_in_target"],
+            "failed_by_reason": dict(sorted(reasons.items())), "by_lang": by_lang,
+            "already_in_target": total["already_in_target"],
             "records_out": total["records_out"], "fields": sum(len(j[3]) for j in jobs), "fields_sent": len(reqs),
             "by_file": {k: dict(v) for k, v in per_file.items()}}
 
@@ -146,8 +158,8 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
 @click.option("--failed", "failed_file", type=click.Path(dir_okay=False), default=None,
               help="Failed translations (default: failed.jsonl in the output dir, or OUTPUT's stem + .failed.jsonl).")
 @click.option("--model", "model_dir", default=None, help="Model directory for the local/vllm engine (engine.model).")
-@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Prompt template (default: translate.prompt_file).")
+@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Prompt template with {source_lang}, {target_lang}, {text}; its hash is part of every cache key.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 def main(params_file, overrides, input_dir, output_dir, input_file, output_file, failed_file, model_dir, prompt_file,
@@ -165,14 +177,15 @@ def main(params_file, overrides, input_dir, output_dir, input_file, output_file,
     else:
         pairs = [(Path(input_file), Path(output_file))]
         failed_path = Path(failed_file or Path(output_file).with_suffix(".failed.jsonl"))
-    template = Path(prompt_file or cfg["prompt_file"]).read_text(encoding="utf-8")
+    template = Path(prompt_file).read_text(encoding="utf-8")
     spec = dict(cfg["engine"])
     if spec["kind"] in ("local", "vllm"):
         spec["model"] = model_dir or spec["model"]
     elif model_dir:
         log.info("--model %s is unused: engine.kind is %s (model %s)", model_dir, spec["kind"], spec["model"])
-    log.info("engine %s on %s; max_records %s per file; kinds %s; roles %s", spec["kind"],
-             spec["model"], cfg["max_records"], ",".join(cfg["kinds"]), ",".join(cfg["roles"]))
+    log.info("engine %s on %s; max_records %s per file, fields of at most %s characters; kinds %s; roles %s",
+             spec["kind"], spec["model"], cfg["max_records"], cfg["max_chars"] or "any", ",".join(cfg["kinds"]),
+             ",".join(cfg["roles"]))
 
     engine = llm.make_engine(spec, cache_dir=cache)
     failed: list[dict] = []
