@@ -209,14 +209,14 @@ def _clip_text(tok, text: str, drop: int, keep_start: bool) -> str | None:
     return tok.decode(ids[:keep]) if keep_start else tok.decode(ids[-keep:]).lstrip()
 
 
-def _shorten_user(tok, messages: list[dict], i: int, max_len: int, keep_start: bool) -> dict | None:
-    """The example with messages[i] (a user turn) clipped until the whole fits max_len, or None.
+def _shorten_user(tok, messages: list[dict], i: int, max_len: int) -> dict | None:
+    """The example with the start of messages[i] (a user turn) clipped until the whole fits max_len, or None.
 
     Decode/re-encode can merge tokens differently at the cut, so it converges in a few tries.
     """
     excess = len(_encoded(tok, messages)["input_ids"]) - max_len
     for extra in (0, 2, 8, 32):
-        text = _clip_text(tok, messages[i]["content"], excess + extra, keep_start)
+        text = _clip_text(tok, messages[i]["content"], excess + extra, keep_start=False)
         if text is None:
             return None
         ex = _encoded(tok, [*messages[:i], {**messages[i], "content": text}, *messages[i + 1:]], shortened=True)
@@ -249,7 +249,7 @@ def build_example(tok, messages: list[dict], max_len: int) -> dict:
         if len(ex["input_ids"]) <= max_len:
             return ex
     if len(body) == 2 and body[0]["role"] == "user":
-        short = _shorten_user(tok, head + body, len(head), max_len, keep_start=False)
+        short = _shorten_user(tok, head + body, len(head), max_len)
         if short is not None:
             return short
     answer = len(tok(messages[-1]["content"], add_special_tokens=False)["input_ids"])

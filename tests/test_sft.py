@@ -78,16 +78,32 @@ def test_run_params_fail_at_start_up(tmp_path, tiny_model_dir):
 
 
 def test_repo_params_and_dvc_agree_on_every_runs_inputs():
-    """Each sft@<run> stage depends on exactly the files its params name, and passes them as --input."""
+    """Each sft@<run> and sft-iter@<round> stage depends on the files its params name and passes them as --input
+    (or --curated, which a "{curated}" source path stands for)."""
     stage = load_stage("sft")
-    cfg, _ = stage.resolve_params(ROOT / "params.yaml")
-    block = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sft"]
-    assert set(block["foreach"]) == set(cfg["runs"])
+    params_file = ROOT / "params.yaml"
+    cfg, _ = stage.resolve_params(params_file)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    block, per_round = stages["sft"], stages["sft-iter"]
+    assert set(block["foreach"]) | {"iteration"} == set(cfg["runs"])
+
+    def covered(path: str, declared: set) -> bool:
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
+
     for run, item in block["foreach"].items():
-        run_cfg = training.check_run(cfg, run, "params.yaml:sft")
+        run_cfg = stage.fill_curated(training.check_run(cfg, run, "params.yaml:sft"), "data/curate", params_file, run)
         declared = {"models/base"} | set(item.values())
-        assert set(training.run_inputs(run_cfg)) == declared, run
-    assert "sft.runs.${key}" in block["do"]["params"]
+        inputs = training.run_inputs(run_cfg)
+        assert all(covered(p, declared) for p in inputs), (run, inputs, declared)
+        assert all(any(covered(p, {d}) for p in inputs) for d in declared), (run, inputs, declared)
+        assert "sft.runs.${key}" in block["do"]["params"]
+    rounds = yaml.safe_load(params_file.read_text())["curate"]["iterations"]
+    assert per_round["foreach"] == "${curate.iterations}" and "sft.runs.iteration" in per_round["do"]["params"]
+    for key in rounds:
+        kept = f"data/curate/{key}/kept.jsonl"
+        run_cfg = stage.fill_curated(training.check_run(cfg, "iteration", "params.yaml:sft"), kept, params_file, key)
+        deps = {d.replace("${key}", key) for d in per_round["do"]["deps"]}
+        assert set(training.run_inputs(run_cfg)) <= deps and kept in training.run_inputs(run_cfg)
 
 
 def test_undeclared_input_is_refused(tmp_path, tiny_model_dir):
