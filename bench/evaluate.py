@@ -2,7 +2,7 @@
 
     python bench/evaluate.py [--prompts 8] [--max-tokens 24] [--rounds 1]
 
-The evaluate stage answers 36 prompts per model with the local engine (batch 8, greedy). This
+The evaluate stage answers 36 prompts per model with the local engine (all 36 in one batch, greedy). This
 runs the same engine on the first `--prompts` prompts of data/eval/prompts.jsonl (one per
 category and language, in turn) under each setting, rounds interleaved so that a change in
 machine load hits every setting alike, and reports wall time, CPU time and generated tokens per
