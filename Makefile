@@ -31,6 +31,6 @@ comma := ,
 image: ; $(ENGINE) build -f docker/Dockerfile $(IMAGE_ARGS) -t $(IMAGE) .
 image-test: ; bash scripts/image-test.sh
 train-docker: ; $(ENGINE) run --rm $(GPU_ARGS) -v $(CURDIR):/workspace -v selfalign-hf-cache:/home/selfalign/.cache/huggingface $(IMAGE) dvc repro
-push: setup ; dvc push
-pull: setup ; dvc pull
+push: setup ; python scripts/check-remote.py && dvc push --run-cache
+pull: setup ; python scripts/check-remote.py && dvc pull --run-cache --allow-missing
 profile: setup ; python -m selfalign.profile apply profiles/$(PROFILE).yaml
