@@ -29,7 +29,7 @@ DEFAULTS = {
     "seed": 0,
     "min_chars": 80,
     "max_chars": 2000,
-    "max_new_tokens": 48,
+    "max_new_tokens": 64,
     "temperature": 0.0,
     "top_p": 1.0,
     "min_instruction_words": 3,
