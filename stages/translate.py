@@ -37,6 +37,7 @@ DEFAULTS = {
     "roles": ["system", "user", "assistant"],
     "max_records": 12,
     "max_chars": 160,
+    "max_spans": -1,
     "max_tokens": 512,
     "tokens_per_char": 0.75,
     "temperature": 0.0,
@@ -76,7 +77,7 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
         if not src.exists():
             log.warning("%s does not exist: writing an empty %s", src, dst)
         chosen, skipped = tr.select([r for r, _ in recs], cfg["kinds"], cfg["roles"], cfg["max_chars"],
-                                    cfg["max_records"])
+                                    cfg["max_records"], cfg["max_spans"])
         c["selected"] = len(chosen)
         c.update({f"skipped_{k}": v for k, v in skipped.items()})
         for i in chosen:

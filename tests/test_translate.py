@@ -75,10 +75,12 @@ def test_prompt_reply_and_field_handling():
     assert tr.parse_reply('  French: "Bonjour"\n', "Hello", "fr") == "Bonjour"
     assert tr.parse_reply('Translation (fr): « Salut »', "Hi", "fr") == "Salut"
     assert tr.parse_reply('"Cité"', '"Quoted"', "fr") == '"Cité"'           # the source had the quotes
+    assert tr.parse_reply("Malay: Le chat", "The cat", "fr") == "Le chat"   # a few-shot line's label echoed
+    assert tr.parse_reply("English: a note", "English: a note", "ms") == "English: a note"   # the source's own
     assert not tr.needs_translation(tr.protect("42 - https://x.org `x`")[0])
     gen = {"max_tokens": 100, "tokens_per_char": 0.5, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     f = tr.plan_field(("prompt",), "  Say {name} twice.\n", "en", "fr", template, gen)
-    assert f.request.max_tokens == 16 + 8 and "[[0]]" in f.request.messages[0]["content"]
+    assert f.request.max_tokens == 32 + 8 and "[[0]]" in f.request.messages[0]["content"]
     assert f.request.stop == ["\n"]                        # one line in, one line out
     assert tr.plan_field(("x",), "One.\nTwo.", "en", "fr", template, gen).request.stop == ["\n\n"]   # one paragraph
     assert tr.plan_field(("x",), "One.\n\nTwo.", "en", "fr", template, gen).request.stop is None
@@ -113,7 +115,7 @@ def test_select_takes_the_first_short_records_and_counts_the_rest():
     assert longest == [202, 51, 345, 472, 154, 1369, 59, 23, 1688, 2123]
     chosen, skipped = tr.select(recs, ["chat", "prompt"], roles, max_chars=160, max_records=0)
     assert chosen == [1, 4, 6, 7]
-    assert skipped == {"other_kind": 2, "too_long": 4, "no_fields": 0, "over_max_records": 0}
+    assert skipped == {"other_kind": 2, "too_long": 4, "has_spans": 0, "no_fields": 0, "over_max_records": 0}
     chosen, skipped = tr.select(recs, ["chat", "prompt"], roles, max_chars=160, max_records=1)
     assert chosen == [1] and skipped["over_max_records"] == 3       # too long first, then over the count
     # the bound applies to the fields that are sent: user turns alone are all short
@@ -121,8 +123,13 @@ def test_select_takes_the_first_short_records_and_counts_the_rest():
     assert chosen == [0, 1, 2, 3, 4, 5] and skipped["other_kind"] == 4
     chosen, skipped = tr.select(recs, ["preference"], ["system"], max_chars=0, max_records=0)
     assert chosen == [9] and skipped["no_fields"] == 1          # only the second pair has a system prompt
-    for kinds, mc, mr in [(["chat", "prompt", "preference"], 0, 0), (["chat"], 100, 2), (["prompt"], 30, 0)]:
-        chosen, skipped = tr.select(recs, kinds, roles, max_chars=mc, max_records=mr)
+    # the numbers, code and URLs whose markers the 135M model loses: the numbered list and the code answer are out
+    spans = [max(len(tr.protect(t)[1]) for _, t in tr.fields(r, roles)) for r in recs]
+    assert spans[:8] == [3, 0, 0, 0, 3, 0, 0, 0]
+    chosen, skipped = tr.select(recs, ["chat", "prompt"], roles, max_chars=0, max_records=0, max_spans=0)
+    assert chosen == [1, 2, 3, 5, 6, 7] and skipped["has_spans"] == 2
+    for kinds, mc, mr, ms in [(["chat", "prompt", "preference"], 0, 0, -1), (["chat"], 100, 2, 0), (["prompt"], 30, 0, 1)]:
+        chosen, skipped = tr.select(recs, kinds, roles, max_chars=mc, max_records=mr, max_spans=ms)
         assert len(chosen) + sum(skipped.values()) == len(recs)
         assert all(longest[i] <= (mc or 10**9) and recs[i]["kind"] in kinds for i in chosen)
 
