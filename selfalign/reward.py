@@ -6,6 +6,11 @@ score at the last non-padding token. With ChatML that token is the newline after
 `<|im_end|>`, so the score sees the end-of-turn marker; `check_pooling` refuses a template whose
 render ends in the padding token, where the pooling would silently read the wrong position.
 
+Two ways to train it: `tuned` (TRL's RewardTrainer, LoRA or full) and `frozen` (fit_head: the
+same Bradley-Terry loss on the frozen network's last-token states, for a CPU that can afford
+forward passes over ~120 pairs but backward passes over ~50). The held-out split (split_heldout)
+takes whole ids, so translations of a held-out pair are held out too.
+
 Pair sources (STYLE principle 7: every candidate pair is used or counted with a reason):
   - preference records (`prompt`, `chosen`, `rejected`): ingest already expanded KoChatGPT and
     MYChatGPT ranking files into all ordered pairs and read chosen/rejected files (Orca style);

@@ -5,9 +5,12 @@
         --metrics metrics/reward.json
 
 dvc.yaml passes `--model models/${reward.init}`, so `reward.init` picks base or final SFT weights.
-The output is a plain AutoModelForSequenceClassification directory (LoRA merged, score head
-kept, pad_token_id in its config) with the tokenizer and chat template; selfalign.reward.score
-reads it for evaluate and ppo.
+`reward.backbone` frozen fits only the score head on the network's last-token states (forward
+passes only, so ~120 pairs fit the CPU budget); tuned trains LoRA or all weights with TRL.
+Held-out accuracy comes with its 95% Wilson interval and the accuracy of "the longer answer
+wins" on the same pairs. The output is a plain AutoModelForSequenceClassification directory
+(LoRA merged, score head kept, pad_token_id in its config) with the tokenizer and chat template;
+selfalign.reward.score reads it for evaluate and ppo.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
     n_curation = sum(p["source"] == "curation-scores" for p in pairs)
     io.write_json(metrics_path, {
         "init": cfg["init"],
+        "backbone": cfg["backbone"],            # frozen: train_loss_* are the head's loss at w = 0 and fitted
         "heldout_accuracy": held["accuracy"],
         "heldout_ci95": held["ci95"],           # Wilson score interval of the accuracy
         "heldout_margin": held["margin"],
