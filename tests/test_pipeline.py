@@ -56,6 +56,7 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
         "augment.max_segments": 12, "augment.max_new_tokens": 12, "augment.reject_truncated": False,
         "augment.min_instruction_words": 1,
         "sft.train.max_len": 128, "sft.train.save_steps": 2, "sft.train.eval_steps": 2,
+        "sft.train.heldout_eval.max_new_tokens": 12, "sft.train.heldout_eval.max_examples": 4,
         "distill.regenerate.max": 3, "distill.orca.n": 3, "distill.max_new_tokens": 12,
         "distill.reject_truncated": False, "distill.min_response_words": 1,
         "evaluate.prompts_per_category": 1, "evaluate.max_new_tokens": 12, "evaluate.heldout_max": 4,
