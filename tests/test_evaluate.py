@@ -345,7 +345,7 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
     assert m["prompts"]["evaluated"] == n and m["prompts"]["in_file"] == m["prompts"]["evaluated"] + m["prompts"]["not_selected"]
     assert m["prompts"]["judged"] == n and m["judge"] == "reference"     # every first prompt has a reference answer
     n_refs = m["prompts"]["with_reference"]
-    assert n_refs == sum(1 for p in ev.load_prompts(PROMPTS) if p["meta"].get("reference")) >= 3 * n
+    assert n_refs == n      # the references of the evaluated prompts (every first prompt has one)
     assert m["distill_teacher"]["teacher_is_student_base"] is True
     for name in ("base", "tuned"):
         mm = m["models"][name]
