@@ -50,7 +50,7 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
     }
     optional = {
         "translate.max_records": 3, "translate.max_tokens": 48,
-        "reward.max_pairs": 24, "reward.max_heldout": 8, "reward.max_length": 128,
+        "reward.max_pairs": 24, "reward.heldout_pairs": 8, "reward.max_length": 128,
         "ppo.steps": 2, "ppo.batch_size": 4, "ppo.minibatch_size": 2, "ppo.ppo_epochs": 1,
         "ppo.response_length": 8, "ppo.checkpoint_every": 1,
         "augment.max_segments": 12, "augment.max_new_tokens": 12, "augment.reject_truncated": False,
