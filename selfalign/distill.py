@@ -63,16 +63,23 @@ def regenerate_targets(seed_records: list[dict], scored: list[dict], *, min_char
     return chosen[: max(limit, 0)]
 
 
-def orca_targets(pool: list[dict], exclude: set[str], *, n: int, seed: int, n_systems: int) -> list[tuple[dict, int]]:
-    """(record, system index) for a seeded sample of `n` single-turn instructions not in `exclude` (ids)."""
+def key(record: dict) -> tuple[str, str | None]:
+    """A record's identity: (id, lang). A translation keeps its original's id, so the id alone would take
+    the French copy of a regenerated record for the record itself."""
+    return record["id"], record.get("lang")
+
+
+def orca_targets(pool: list[dict], exclude: set[tuple[str, str | None]], *, n: int, seed: int,
+                 n_systems: int) -> list[tuple[dict, int]]:
+    """(record, system index) for a seeded sample of `n` single-turn instructions not in `exclude` ((id, lang))."""
     seen, eligible = set(), []
     for r in pool:
         pair = single_turn(r)
-        if pair and r["id"] not in exclude and pair[0].strip() not in seen:
+        if pair and key(r) not in exclude and pair[0].strip() not in seen:
             seen.add(pair[0].strip())
             eligible.append(r)
-    chosen = sorted(eligible, key=lambda r: rank(seed + 1, r["id"]))[: max(n, 0)]
-    return [(r, int(rank(seed + 2, r["id"]), 16) % n_systems) for r in chosen]
+    chosen = sorted(eligible, key=lambda r: rank(seed + 1, f"{r['id']}/{r.get('lang')}"))[: max(n, 0)]
+    return [(r, int(rank(seed + 2, f"{r['id']}/{r.get('lang')}"), 16) % n_systems) for r in chosen]
 
 
 _LIST_MARKER = re.compile(r"^\s*\d+[.)]\s*$")  # "5." opening a list item is not the end of a sentence

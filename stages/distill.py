@@ -85,7 +85,7 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
     regen = distill.regenerate_targets(seeds, scored, min_chars=cfg["regenerate"]["min_chars"],
                                        below_score=cfg["regenerate"]["below_score"], limit=cfg["regenerate"]["max"],
                                        seed=cfg["seed"])
-    orca = distill.orca_targets(seeds + scored, {r["id"] for r, _ in regen}, n=cfg["orca"]["n"], seed=cfg["seed"],
+    orca = distill.orca_targets(seeds + scored, {distill.key(r) for r, _ in regen}, n=cfg["orca"]["n"], seed=cfg["seed"],
                                 n_systems=len(system_msgs))
     log.info("%d seed + %d scored records (%d invalid): %d to regenerate (%s), %d Orca answers over %d system "
              "messages; teacher %s on %s", n_seed, n_scored, invalid, len(regen), dict(Counter(w for _, w in regen)),

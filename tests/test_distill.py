@@ -45,14 +45,19 @@ def test_regenerate_targets_are_short_or_low_scoring_once_per_instruction():
 
 def test_orca_targets_skip_regenerated_and_pick_valid_systems():
     pool = SEEDS + SCORED
-    exclude = {SEEDS[0]["id"], SCORED[0]["id"]}
+    exclude = {distill.key(SEEDS[0]), distill.key(SCORED[0])}
     got = distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3)
-    ids = [r["id"] for r, _ in got]
-    assert not exclude & set(ids) and len(ids) == len(set(ids))
+    keys = [distill.key(r) for r, _ in got]
+    assert not exclude & set(keys) and len(keys) == len(set(keys))
     assert {distill.single_turn(r)[0] for r, _ in got} == {distill.single_turn(r)[0] for r in pool
-                                                          if r["id"] not in exclude}
+                                                          if distill.key(r) not in exclude}
     assert all(0 <= k < 3 for _, k in got)
     assert distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3) == got
+    # A translation keeps its original's id: regenerating the English record must not exclude its French copy.
+    french = {**SEEDS[0], "lang": "fr", "messages": [{"role": "user", "content": "Combien font 2+2 ?"},
+                                                     {"role": "assistant", "content": "4"}]}
+    again = distill.orca_targets(pool + [french], exclude, n=20, seed=0, n_systems=3)
+    assert ("fr" in {r.get("lang") for r, _ in again}) and distill.key(SEEDS[0]) not in {distill.key(r) for r, _ in again}
 
 
 def test_response_reasons():
