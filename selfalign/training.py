@@ -320,7 +320,7 @@ def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction:
             data.rejected.append(records.rejected(obj, e.reason, "sft", detail=e.detail, file=path, line=line))
             continue
         data.shortened += ex["shortened"]
-        ex["id"] = obj["id"]
+        ex["id"], ex["lang"] = obj["id"], obj.get("lang")  # a translation shares its original's id: (id, lang) names it
         (data.eval if heldout(obj["id"], eval_fraction) else data.train).append(ex)
     return data
 

@@ -68,7 +68,7 @@ def read_phases(tok, cfg: dict, run_cfg: dict):
                                                          s["reverse"], template, s["keep_system"])
                 rejected += data.rejected
                 for ex in data.eval:
-                    evals.setdefault((ex["id"], key), ex)
+                    evals.setdefault((ex["id"], ex.get("lang") or "", key), ex)
                 name = f"{s['path']}|{s['tag']}|{'reverse' if s['reverse'] else 'forward'}"
                 sources[name] = {
                     "records_in": data.records_in, "train": len(data.train), "eval": len(data.eval),
