@@ -35,6 +35,7 @@ DEFAULTS = {
     "min_instruction_words": 3,
     "reject_truncated": True,
     "engine": {},
+    "min_success": 0.5,
 }
 # float32: batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bfloat16 8/16), so
 # what the llm cache holds after a killed run matches what a fresh run writes. bfloat16 is ~1.8x faster on an idle
@@ -118,10 +119,13 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
         "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
     }
     assert n_in == m["candidates"] + m["rejected"] + m["unsampled"], "augment lost records"
+    below = records.success_floor(m, len(candidates), len(chosen), cfg["min_success"], "augment candidates")
     io.write_json(metrics, m)
     engine.close()
     log.info("%d candidates, %d rejected %s; %d engine calls, %d cache hits", len(candidates), len(rejected),
              m["rejected_by_reason"], m["engine"]["calls"], m["engine"]["cache_hits"])
+    if below:
+        raise click.ClickException(below)
 
 
 if __name__ == "__main__":

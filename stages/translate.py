@@ -44,6 +44,7 @@ DEFAULTS = {
     "top_p": 1.0,
     "seed": 0,
     "engine": {**llm.SPEC_DEFAULTS, "dtype": "bfloat16"},     # every key, so a typo in params.yaml fails at once
+    "min_success": 0.5,
 }
 
 log = logging.getLogger(STAGE)
@@ -197,9 +198,12 @@ def main(params_file, overrides, input_dir, output_dir, input_file, output_file,
     io.write_jsonl(failed_path, failed)
     m.update(llm=engine.stats, engine=spec["kind"], model=spec["model"], langs=cfg["langs"],
              mode=cfg["mode"], failed_file_records=len(failed))
+    below = records.success_floor(m, m["translated"], m["translations_asked"], cfg["min_success"], "translate translated")
     io.write_json(metrics, m)
     log.info("%d records in (%d invalid): %d translated, %d failed %s, %d out; llm %s", m["records_in"], m["invalid"],
              m["translated"], m["failed"], m["failed_by_reason"], m["records_out"], m["llm"])
+    if below:
+        raise click.ClickException(below)
 
 
 if __name__ == "__main__":

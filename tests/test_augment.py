@@ -92,12 +92,23 @@ def run(tmp_path: Path, model: Path, metrics: str, *sets: str) -> dict:
             "--output-dir", str(tmp_path / "out"),
             "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / metrics),
             "--set", "max_new_tokens=6", "--set", "reject_truncated=false", "--set", "min_instruction_words=1",
-            "--set", "engine={kind: local, batch_size: 4, dtype: float32}"]
+            "--set", "engine={kind: local, batch_size: 4, dtype: float32}",
+            "--set", "min_success=0"]  # the tiny model's replies are noise; the floor has its own test
     for s in sets:
         args += ["--set", s]
     res = CliRunner().invoke(load_stage("augment").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return io.read_json(tmp_path / metrics)
+
+
+def test_a_backward_model_that_yields_too_few_candidates_fails_the_stage(tiny_model_dir, tmp_path):
+    """Before: augment exited 0 with 0 candidates, and DVC went on to curate nothing."""
+    write_web(tmp_path / "web.jsonl")
+    with pytest.raises(AssertionError, match="augment candidates: 0 of .* below min_success 0.5"):
+        run(tmp_path, tiny_model_dir, "m.json", "min_instruction_words=50", "min_success=0.5")
+    m = io.read_json(tmp_path / "m.json")
+    assert m["success"]["passed"] == 0 and m["success"]["of"] == m["sampled"] > 0
+    assert m["candidates"] == 0 and len(io.load_jsonl(tmp_path / "out" / "rejected.jsonl")) == m["rejected"] >= m["sampled"]
 
 
 def test_stage_links_candidates_to_segments_and_resumes_from_cache(tiny_model_dir, tmp_path):

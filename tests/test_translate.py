@@ -137,8 +137,10 @@ def test_select_takes_the_first_short_records_and_counts_the_rest():
 # ------------------------------------------------------------------------------------------ stage
 
 
-def run_stage(args: list[str]):
-    res = CliRunner().invoke(load_stage("translate").main, args, catch_exceptions=False)
+def run_stage(args: list[str], floor: bool = False):
+    """The stage, with its min_success floor off unless `floor` (tiny models and fault injection fail on purpose)."""
+    extra = [] if floor else ["--set", "min_success=0"]
+    res = CliRunner().invoke(load_stage("translate").main, args + extra, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return res
 
@@ -183,6 +185,14 @@ def test_stage_local_engine_smoke_and_resume(varied_model_dir, tmp_path):
     assert m["translated"] >= 1 and m["failed"] >= 1          # random weights: some replies keep no sentinel
     assert m["llm"]["calls"] > 0 and m["llm"]["cache_hits"] == 0
     first = {n: (out / f"{n}.jsonl").read_text() for n in ("seed", "preference", "prompts", "failed")}
+
+    # Too few translations come through for the floor: the stage fails, after writing everything (from the cache).
+    res = CliRunner().invoke(load_stage("translate").main, args + ["--set", "min_success=1.0"])
+    assert res.exit_code == 1 and "below min_success 1.0" in res.output, res.output
+    floor = json.loads((tmp_path / "m.json").read_text())["success"]
+    assert floor == {"what": "translate translated", "passed": m["translated"], "of": m["translations_asked"],
+                     "rate": round(m["translated"] / m["translations_asked"], 4), "min_success": 1.0}
+    assert first == {n: (out / f"{n}.jsonl").read_text() for n in first}
 
     run_stage(args)                                            # a rerun asks the model nothing
     m2 = json.loads((tmp_path / "m.json").read_text())
