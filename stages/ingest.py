@@ -29,6 +29,7 @@ DEFAULTS = {
     "text_documents": "auto",
     "segment": {"min_chars": 200, "max_chars": 1500},
     "sources": [],
+    "min_success": 0.5,
 }
 SOURCE_KEYS = ("path", "format", "role", "lang", "name")
 
@@ -159,8 +160,15 @@ def main(params_file, overrides, output_dir, metrics_path, input_path, fmt, outp
                "outputs": {r: sum(s["records_written"] for s in sources if s["role"] == r) for r in readers.ROLE_KIND}}
     log.info("total: %d records in, %d written, %d rejected", metrics["records_in"], metrics["records_written"],
              metrics["rejected"])
+    # Per source: one file read with the wrong format (all rejects) must stop the stage even when the others are fine.
+    failed = [records.success_floor({}, s["records_written"], s["records_in"], cfg["min_success"],
+                                    f"ingest {s['path']} ({s['format']})") for s in sources]
+    records.success_floor(metrics, metrics["records_written"], metrics["records_in"], cfg["min_success"], "ingest")
+    metrics["success"]["sources_below"] = sum(f is not None for f in failed)
     if metrics_path:
         io.write_json(metrics_path, metrics)
+    if any(failed):
+        raise click.ClickException(next(f for f in failed if f))
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_canonical_round_trip_keeps_ids_and_rejects_a_bad_record(tmp_path):
     out = tmp_path / "p.jsonl"
     res = CliRunner().invoke(ingest.main, ["--input", str(tmp_path / "c.jsonl"), "--format", "canonical",
                                            "--role", "preference", "--output", str(out)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1 and "below min_success" in res.output, res.output  # nothing came through: not a success
     assert io.load_jsonl(out) == []
     assert Counter(r["reason"] for r in io.load_jsonl(tmp_path / "p.rejected.jsonl")) == {"wrong_kind": 13,
                                                                                           "invalid_record": 1}
@@ -412,6 +412,16 @@ def test_default_params_ingest_the_embedded_sample(tmp_path, monkeypatch):
                                            "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["outputs"]["seed"] == 94 and m["outputs"]["preference"] == 120 and m["outputs"]["prompts"] == 89
+    assert m["outputs"]["seed"] == 94 and m["outputs"]["preference"] == 194 and m["outputs"]["prompts"] == 89
     assert 150 <= m["outputs"]["web"] <= 250
     assert m["records_in"] == m["records_written"] + m["rejected"]
+
+
+def test_a_source_read_with_the_wrong_format_fails_the_stage_after_writing(tmp_path):
+    """Before: C4 documents read as alpaca gave 0 records and exit 0, so DVC recorded the stage as done."""
+    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "c4_docs.jsonl"), "--format", "alpaca", "--output",
+                                           str(tmp_path / "o.jsonl"), "--metrics", str(tmp_path / "m.json")])
+    assert res.exit_code == 1 and "c4_docs.jsonl (alpaca): 0 of" in res.output and "below min_success 0.5" in res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["records_written"] == 0 and m["rejected"] == m["records_in"] > 0 and m["success"]["sources_below"] == 1
+    assert len(io.load_jsonl(tmp_path / "o.rejected.jsonl")) == m["rejected"]
