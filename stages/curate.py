@@ -180,7 +180,7 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         m["engine"] = engine_stats
     assert m["records_in"] == m["kept"] + m["rejected"], "curate lost records"
     failed = records.success_floor(m, len(scored), attempted, cfg["min_success"], f"curate {iteration} scored")
-    if not failed and attempted and not kept:
+    if not failed and scored and not kept:
         failed = f"curate {iteration}: {len(scored)} candidates scored but none kept by {sel}"
     io.write_json(metrics, m)
     log.info("%s: scored %d/%d, kept %d (yield %s, %s cut-off score %s), mean score %s", iteration, len(scored),

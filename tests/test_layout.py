@@ -109,3 +109,10 @@ def test_stage_deps_cover_every_module_it_imports(stage_name):
     assert not missing, f"dvc.yaml stage {stage_name} runs {', '.join(missing)} but does not depend on it"
     if "langid" in module_closure(script):
         assert "selfalign/ms_id_markers.json" in deps, f"{stage_name}: langid reads selfalign/ms_id_markers.json"
+
+
+def test_curate_rounds_depend_on_every_curate_key_but_the_list_of_rounds():
+    """curate@<round> lists its params keys one by one so that adding a round (curate.iterations) reruns only the
+    new round; a key added to the section must be added there too, or changing it would rerun nothing."""
+    listed = {p.split(".", 1)[1] for p in DVC["curate"]["do"]["params"]}
+    assert listed == set(PARAMS["curate"]) - {"iterations"}

@@ -55,7 +55,9 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
         "ppo.response_length": 8, "ppo.checkpoint_every": 1,
         "augment.max_segments": 12, "augment.max_new_tokens": 12, "augment.reject_truncated": False,
         "augment.min_instruction_words": 1,
-        "sft.train.max_len": 128, "sft.train.save_steps": 2, "sft.train.eval_steps": 2,
+        # 512: a curated example's response is a whole web segment (200-1500 characters); it is kept whole or dropped
+        # as too_long, never cut, so a shorter row would leave m1 no curated example to train on.
+        "sft.train.max_len": 512, "sft.train.save_steps": 2, "sft.train.eval_steps": 2,
         "sft.train.heldout_eval.max_new_tokens": 12, "sft.train.heldout_eval.max_examples": 4,
         "distill.regenerate.max": 3, "distill.orca.n": 3, "distill.max_new_tokens": 12,
         "distill.reject_truncated": False, "distill.min_response_words": 1,
