@@ -92,8 +92,12 @@ def test_repo_params_and_dvc_agree_on_every_runs_inputs():
 
     for run, item in block["foreach"].items():
         run_cfg = stage.fill_curated(training.check_run(cfg, run, "params.yaml:sft"), "data/curate", params_file, run)
-        declared = {"models/base"} | set(item.values())
+        declared = {"models/base"} | {v for k, v in item.items() if k.startswith("in")}
         inputs = training.run_inputs(run_cfg)
+        # Only the run that reads "{curated}" (the last round) depends on the list of rounds.
+        reads_curated = any(s["path"] == stage.CURATED for ph in training.check_run(cfg, run, "params.yaml:sft")["phases"]
+                            for s in ph["sources"])
+        assert (item["rounds"] == "curate.iterations") == reads_curated, (run, item)
         assert all(covered(p, declared) for p in inputs), (run, inputs, declared)
         assert all(any(covered(p, {d}) for p in inputs) for d in declared), (run, inputs, declared)
         assert "sft.runs.${key}" in block["do"]["params"]
