@@ -61,16 +61,7 @@ def test_labels_cover_exactly_the_assistant_tokens(tok, name):
     ids, labels = training.encode(tok, msgs)
     eot = tok.convert_tokens_to_ids(chat.end_of_turn(tok))
     # Contiguous labelled spans, one per assistant turn, each "content<|im_end|>".
-    spans, cur = [], []
-    for i, lab in zip(ids, labels, strict=True):
-        if lab != training.IGNORE:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
+    spans = assistant_spans(ids, labels)
     answers = [m["content"] for m in msgs if m["role"] == "assistant"]
     assert [tok.decode(s) for s in spans] == [a + "<|im_end|>" for a in answers]
     assert all(s[-1] == eot for s in spans)
