@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 KINDS = ("chat", "preference", "prompt", "web")
@@ -128,32 +129,39 @@ def to_messages(record: dict, system: str | None = None) -> list[dict]:
     return head + [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
 
 
-def read(path, stage: str, kind: str | None = None) -> tuple[list[tuple[dict, int]], list[dict], int]:
-    """Every line of an upstream file accounted for: (record, line) of each valid one (of `kind`, if given),
-    a rejected record naming file, line and field for each other (invalid_json, invalid_utf8, invalid_record),
-    lines read. A file that is one JSON array is one `json_array` reject: stages read JSON Lines, and ingest
-    is what converts an array."""
+def stream(path, stage: str, kind: str | None = None) -> Iterator[tuple[dict, int] | dict]:
+    """Every line of an upstream file accounted for, one at a time: (record, line) for each valid one (of `kind`,
+    if given), a rejected record naming file, line and field for each other (invalid_json, invalid_utf8,
+    invalid_record). A file that is one JSON array is one `json_array` reject: stages read JSON Lines, and ingest
+    is what converts an array. Memory holds one line."""
     from selfalign import io
 
     if io.starts_json_array(path):
         detail = (f"{path} is one JSON array, not JSON Lines (one object per line); convert it with "
                   f"stages/ingest.py --input {path} --format canonical --role ROLE --output OUT.jsonl")
-        return [], [rejected(None, "json_array", stage, detail=detail, file=str(path), line=1)], 1
-    good, bad, n = [], [], 0
+        yield rejected(None, "json_array", stage, detail=detail, file=str(path), line=1)
+        return
     for line, obj in io.read_jsonl(path):
-        n += 1
         where = {"file": str(path), "line": line}
         if isinstance(obj, io.JsonlLineError):
-            bad.append(rejected(None, obj.code, stage, detail=obj.reason, raw=obj.raw, **where))
+            yield rejected(None, obj.code, stage, detail=obj.reason, raw=obj.raw, **where)
             continue
         try:
             if kind is not None and obj.get("kind") != kind:
                 raise RecordError(f"field 'kind': expected {kind!r}, got {obj.get('kind')!r}")
             validate(obj)
         except RecordError as e:
-            bad.append(rejected(obj, "invalid_record", stage, detail=str(e), **where))
+            yield rejected(obj, "invalid_record", stage, detail=str(e), **where)
             continue
-        good.append((obj, line))
+        yield obj, line
+
+
+def read(path, stage: str, kind: str | None = None) -> tuple[list[tuple[dict, int]], list[dict], int]:
+    """`stream` as lists: ((record, line) of each valid one, rejected records, lines read)."""
+    good, bad, n = [], [], 0
+    for item in stream(path, stage, kind):
+        n += 1
+        (bad if isinstance(item, dict) else good).append(item)
     return good, bad, n
 
 

@@ -12,19 +12,20 @@ can be switched off in params. A rejected record carries its reason, detail, fil
 metrics/clean.json has per-rule fixed/dropped counts, the gate's verdicts per declared language
 (gate_by_lang: records, ok, undetermined, mismatch), which detector decided them (gate_by_detector:
 fasttext, ngram, markers, lingua, none) and records_in == kept + rejected.
-The stage takes seconds (bench/clean.py), so it simply reruns whole rather than resuming.
+It streams (selfalign.executor): memory holds a window of records plus compact dedup state (a hash per record,
+MinHash signatures on disk), so a million web segments fit in under 3 GB (bench/scale.py); metrics add
+records_per_s and peak_rss_mb. It takes minutes at that size and seconds on the sample, so it reruns whole.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import click
 
-from selfalign import clean, dedup, io, params, records
+from selfalign import clean, executor, io, params, progress, records
 
 log = logging.getLogger("clean")
 STAGE = "clean"
@@ -46,86 +47,9 @@ DEFAULTS = {
 }
 
 
-def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict]], list[dict], dict]:
-    """Clean the files of `pairs` together: (kept records per output path, rejected, metrics)."""
-    rules_cfg = {**cfg["rules"], "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"],
-                                            "max_chars": cfg["max_chars"]}}
-    lang_cfg = {k: v for k, v in cfg["langs"].items() if k != "enabled"}
-    counts: dict[str, Counter] = defaultdict(Counter)
-    files: dict[str, Counter] = {}
-    rejected: list[dict] = []
-    todo: list[tuple[Path, dict, str, int]] = []  # (output path, record, input file, line)
-    for src, dst in pairs:
-        good, bad, n = records.read(src, STAGE)
-        files[str(src)] = Counter(records_in=n, rejected=len(bad))
-        for r in bad:
-            counts[r["reason"]]["dropped"] += 1
-        rejected += bad
-        todo += [(dst, record, str(src), line) for record, line in good]
-    results = clean.clean_records([t[1] for t in todo], rules_cfg, lang_cfg if cfg["langs"]["enabled"] else None,
-                                  cfg["workers"])
-    survivors: list[tuple[Path, dict, str, int]] = []
-    # The gate's verdicts per declared language: how many French or Malay translations it let through (ok and
-    # undetermined pass, mismatch is dropped); records minus the verdicts were dropped by a rule first.
-    gate_by_lang: dict[str, Counter] = defaultdict(Counter)
-    gate_by_detector: dict[str, Counter] = defaultdict(Counter)  # which detector decided (selfalign.langid.Verdict)
-    for (dst, record, src, line), (out, fixed, reason, detail, verdict) in zip(todo, results, strict=True):
-        for name in fixed:
-            counts[name]["fixed"] += 1
-        gate_by_lang[record["lang"]]["records"] += 1
-        if verdict:
-            verdict, detector = verdict.split("/")
-            counts["lang"][verdict] += 1
-            gate_by_lang[record["lang"]][verdict] += 1
-            gate_by_detector[detector][verdict] += 1
-        if out is None:
-            counts[reason]["dropped"] += 1
-            files[src]["rejected"] += 1
-            rejected.append(records.rejected(record, reason, STAGE, detail=detail, file=src, line=line))
-            continue
-        if fixed:
-            out = {**out, "meta": {**out.get("meta", {}), "clean_fixed": fixed}}
-        survivors.append((dst, out, src, line))
-
-    gone: dict[int, tuple[str, str]] = {}
-    keys = [dedup.key_text(r) for _, r, _, _ in survivors]
-    if cfg["exact_dup"]:
-        for i, j in dedup.exact_duplicates(keys):
-            gone[i] = ("duplicate", f"same text as {survivors[j][1]['id']} ({survivors[j][2]}:{survivors[j][3]})")
-    nd = cfg["near_dup"]
-    if nd["enabled"]:
-        for i, j, sim in dedup.near_duplicates(keys, threshold=nd["threshold"], num_perm=nd["num_perm"],
-                                               shingle=nd["shingle"], seed=nd["seed"], skip=set(gone)):
-            gone[i] = ("near_duplicate", f"Jaccard ~{sim:.2f} with {survivors[j][1]['id']} "
-                                         f"({survivors[j][2]}:{survivors[j][3]})")
-    kept: dict[Path, list[dict]] = {dst: [] for _, dst in pairs}
-    for i, (dst, record, src, line) in enumerate(survivors):
-        if i in gone:
-            reason, detail = gone[i]
-            counts[reason]["dropped"] += 1
-            files[src]["rejected"] += 1
-            rejected.append(records.rejected(record, reason, STAGE, detail=detail, file=src, line=line))
-        else:
-            kept[dst].append(record)
-            files[src]["kept"] += 1
-
-    n_in = sum(f["records_in"] for f in files.values())
-    n_kept = sum(len(v) for v in kept.values())
-    if n_in != n_kept + len(rejected):  # the audit promise; a bug here must not pass silently
-        raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {len(rejected)}")
-    metrics = {
-        "records_in": n_in, "kept": n_kept, "rejected": len(rejected),
-        "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_json", "invalid_utf8", "json_array",
-                                                        "invalid_record", "lang", "duplicate", "near_duplicate"]
-                  if counts[name]},
-        "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
-                         for lang, c in sorted(gate_by_lang.items())} if cfg["langs"]["enabled"] else {},
-        "gate_by_detector": {det: {k: c[k] for k in ("ok", "undetermined", "mismatch")}
-                             for det, c in sorted(gate_by_detector.items())},
-        "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
-                  for name, c in files.items()},
-    }
-    return kept, rejected, metrics
+def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path) -> dict:
+    """Clean the files of `pairs` together, writing each output and `rejected_path`; return the metrics."""
+    return executor.run(pairs, cfg, rejected_path)
 
 
 @click.command()
@@ -168,11 +92,9 @@ def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejecte
              "on" if cfg["near_dup"]["enabled"] else "off", cfg["near_dup"]["threshold"],
              cfg["near_dup"]["num_perm"], cfg["near_dup"]["shingle"])
     t0 = time.perf_counter()
-    kept, rejected, metrics = run(pairs, cfg)
+    metrics = run(pairs, cfg, rejected_path)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    for dst, recs in kept.items():
-        io.write_jsonl(dst, recs)
-    io.write_jsonl(rejected_path, rejected)
+    metrics.update(progress.rates(metrics["records_in"], metrics["seconds"]))
     failed = records.success_floor(metrics, metrics["kept"], metrics["records_in"], cfg["min_success"], "clean kept")
     io.write_json(metrics_path, metrics)
     log.info("%d records in, %d kept, %d rejected in %.1f s; by rule: %s", metrics["records_in"], metrics["kept"],

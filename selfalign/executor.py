@@ -1,0 +1,240 @@
+"""The clean stage as a stream: rules, language gate and dedup over records that are never all in memory.
+
+Per record (pure, in any process: `clean_item`): the rules and the gate (selfalign.clean), then for a
+survivor its dedup key's hash and MinHash signature (selfalign.dedup). Global, and compact: the set of
+key hashes (exact duplicates), the signatures in a file beside the outputs, and a few ints per record.
+
+    pass 1  read every input in order; the rules run on `workers` processes over a bounded window of chunks;
+            read rejects, rule/gate rejects, survivors and signatures go to temporary files as they come
+    dedup   exact duplicates were decided in pass 1 (first copy wins); near duplicates are decided from the
+            signatures alone (dedup.near_duplicates_of), in input order, as the old in-memory pass did
+    pass 2  stream the survivors: kept ones to their output, duplicates to the rejects
+
+The outputs are byte-identical to the two-pass in-memory stage (tests/test_stream_clean.py): the rejected file
+holds read rejects, then rule and gate rejects, then duplicates, each group in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+from selfalign import clean, dedup, io, progress, records
+
+STAGE = "clean"
+CHUNK = 512  # records per task sent to a worker
+EXTRA_RULES = ["invalid_json", "invalid_utf8", "json_array", "invalid_record", "lang", "duplicate", "near_duplicate"]
+
+
+def settings(cfg: dict) -> tuple[dict, dict | None, dict | None]:
+    """(rules config, language gate config or None, near-dup config or None) from the stage's params section."""
+    rules_cfg = {**cfg["rules"], "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"],
+                                            "max_chars": cfg["max_chars"]}}
+    lang_cfg = {k: v for k, v in cfg["langs"].items() if k != "enabled"} if cfg["langs"]["enabled"] else None
+    nd = cfg["near_dup"] if cfg["near_dup"]["enabled"] else None
+    return rules_cfg, lang_cfg, nd
+
+
+def clean_items(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, nd: dict | None) -> list[tuple]:
+    """Per record: (clean_record's 5-tuple, key hash or None, signature or None). Pure; the unit of work a worker or a
+    datatrove task runs."""
+    results = [clean.clean_record(r, rules_cfg, lang_cfg) for r in recs]
+    live = [i for i, res in enumerate(results) if res[0] is not None]
+    keys = [dedup.key_text(results[i][0]) for i in live]
+    sigs = dedup.signatures(keys, num_perm=nd["num_perm"], shingle=nd["shingle"], seed=nd["seed"]) if nd else None
+    out = [(res, None, None) for res in results]
+    for n, i in enumerate(live):
+        out[i] = (results[i], dedup.key_hash(keys[n]), sigs[n].tobytes() if nd else None)
+    return out
+
+
+_ARGS: tuple = ()
+
+
+def _init(*args) -> None:
+    global _ARGS
+    _ARGS = args
+
+
+def _work(recs: list[dict]) -> list[tuple]:
+    return clean_items(recs, *_ARGS)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def map_ordered(recs: Iterable[dict], args: tuple, workers: int, min_parallel: int = 2000) -> Iterator[tuple]:
+    """clean_items over a stream, results in input order, at most 4 x workers chunks in flight. Below `min_parallel`
+    records in all no process is started (starting one costs more than it saves)."""
+    stream = iter(recs)
+    head = [r for _, r in zip(range(min_parallel), stream, strict=False)]
+    if workers <= 1 or len(head) < min_parallel:
+        for chunk in _chunks(head, CHUNK):
+            yield from clean_items(chunk, *args)
+        for chunk in _chunks(stream, CHUNK):
+            yield from clean_items(chunk, *args)
+        return
+    import itertools
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init, initargs=args) as pool:
+        window: deque = deque()
+        for chunk in _chunks(itertools.chain(head, stream), CHUNK):
+            window.append(pool.apply_async(_work, (chunk,)))
+            if len(window) >= 4 * workers:
+                yield from window.popleft().get()
+        while window:
+            yield from window.popleft().get()
+
+
+def _concat(parts: list[Path], dst: Path) -> None:
+    with io.atomic_path(dst) as tmp, open(tmp, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+
+
+def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers: int | None = None) -> dict:
+    """Clean the files of `pairs` together and write the outputs and `rejected_path`; return the metrics."""
+    import numpy as np
+
+    rules_cfg, lang_cfg, nd = settings(cfg)
+    workers = cfg["workers"] if workers is None else workers
+    counts: dict[str, Counter] = defaultdict(Counter)
+    files = {str(src): Counter() for src, _ in pairs}
+    gate_by_lang: dict[str, Counter] = defaultdict(Counter)
+    gate_by_detector: dict[str, Counter] = defaultdict(Counter)
+    work = Path(rejected_path).parent / f".{Path(rejected_path).name}.parts"
+    work.mkdir(parents=True, exist_ok=True)
+    parts = [work / "read.jsonl", work / "rules.jsonl", work / "dups.jsonl"]
+    where: list[tuple[int, int]] = []  # per survivor: (pair index, line)
+    ids: list[str] = []  # per survivor: its id, for the duplicates' detail
+    exact_first: dict[bytes, int] = {}
+    exact: dict[int, int] = {}  # survivor -> the first survivor with its key
+    sig_rows: list[int] = []  # signature row -> survivor
+    try:
+        with ExitStack() as stack:
+            read_rej, rule_rej = (stack.enter_context(open(p, "w", encoding="utf-8")) for p in parts[:2])
+            surv = stack.enter_context(open(work / "survivors.jsonl", "w", encoding="utf-8"))
+            sig_file = stack.enter_context(open(work / "signatures.u32", "wb"))
+
+            def good_records() -> Iterator[tuple[int, dict, int]]:
+                for p, (src, _) in enumerate(pairs):
+                    for item in records.stream(src, STAGE):
+                        files[str(src)]["records_in"] += 1
+                        if isinstance(item, dict):  # a line that is not a valid record
+                            counts[item["reason"]]["dropped"] += 1
+                            files[str(src)]["rejected"] += 1
+                            read_rej.write(json.dumps(item, ensure_ascii=False) + "\n")
+                            continue
+                        yield p, item[0], item[1]
+
+            todo: deque = deque()  # (pair, record, line) sent to the rules, awaiting their result
+
+            def feed() -> Iterator[dict]:
+                for p, record, line in good_records():
+                    todo.append((p, record, line))
+                    yield record
+
+            tracker = progress.Tracker(desc="clean")
+            for (out, fixed, reason, detail, verdict), key, sig in map_ordered(feed(), (rules_cfg, lang_cfg, nd),
+                                                                               workers):
+                p, record, line = todo.popleft()
+                src = str(pairs[p][0])
+                tracker.update()
+                for name in fixed:
+                    counts[name]["fixed"] += 1
+                gate_by_lang[record["lang"]]["records"] += 1
+                if verdict:
+                    verdict, detector = verdict.split("/")
+                    counts["lang"][verdict] += 1
+                    gate_by_lang[record["lang"]][verdict] += 1
+                    gate_by_detector[detector][verdict] += 1
+                if out is None:
+                    counts[reason]["dropped"] += 1
+                    files[src]["rejected"] += 1
+                    rule_rej.write(json.dumps(records.rejected(record, reason, STAGE, detail=detail, file=src,
+                                                               line=line), ensure_ascii=False) + "\n")
+                    continue
+                if fixed:
+                    out = {**out, "meta": {**out.get("meta", {}), "clean_fixed": fixed}}
+                i = len(ids)
+                ids.append(out["id"])
+                where.append((p, line))
+                surv.write(json.dumps(out, ensure_ascii=False) + "\n")
+                if cfg["exact_dup"]:
+                    j = exact_first.setdefault(key, i)
+                    if j != i:
+                        exact[i] = j
+                        continue
+                if nd:
+                    sig_file.write(sig)
+                    sig_rows.append(i)
+            tracker.close()
+        del exact_first
+
+        gone: dict[int, tuple[str, str]] = {}
+        for i, j in exact.items():
+            gone[i] = ("duplicate", f"same text as {ids[j]} ({pairs[where[j][0]][0]}:{where[j][1]})")
+        if nd and sig_rows:
+            sigs = np.memmap(work / "signatures.u32", dtype=np.uint32, mode="r", shape=(len(sig_rows), nd["num_perm"]))
+            for a, b, sim in dedup.near_duplicates_of(sigs, threshold=nd["threshold"], num_perm=nd["num_perm"]):
+                i, j = sig_rows[a], sig_rows[b]
+                gone[i] = ("near_duplicate", f"Jaccard ~{sim:.2f} with {ids[j]} ({pairs[where[j][0]][0]}:{where[j][1]})")
+            del sigs
+
+        with ExitStack() as stack:
+            writers = [stack.enter_context(io.atomic_path(dst)) for _, dst in pairs]
+            outs = [stack.enter_context(open(w, "w", encoding="utf-8")) for w in writers]
+            dups = stack.enter_context(open(parts[2], "w", encoding="utf-8"))
+            with open(work / "survivors.jsonl", encoding="utf-8") as surv:
+                for i, text in enumerate(surv):
+                    p, line = where[i]
+                    src = str(pairs[p][0])
+                    if i in gone:
+                        reason, detail = gone[i]
+                        counts[reason]["dropped"] += 1
+                        files[src]["rejected"] += 1
+                        rej = records.rejected(json.loads(text), reason, STAGE, detail=detail, file=src, line=line)
+                        dups.write(json.dumps(rej, ensure_ascii=False) + "\n")
+                    else:
+                        outs[p].write(text)
+                        files[src]["kept"] += 1
+            dups.close()
+            _concat(parts, Path(rejected_path))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    n_in = sum(f["records_in"] for f in files.values())
+    n_kept = sum(f["kept"] for f in files.values())
+    n_rej = sum(f["rejected"] for f in files.values())
+    if n_in != n_kept + n_rej:  # the audit promise; a bug here must not pass silently
+        raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {n_rej}")
+    return {
+        "records_in": n_in, "kept": n_kept, "rejected": n_rej,
+        "rules": {name: dict(counts[name]) for name in [*clean.RULES, *EXTRA_RULES] if counts[name]},
+        "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
+                         for lang, c in sorted(gate_by_lang.items())} if lang_cfg is not None else {},
+        "gate_by_detector": {det: {k: c[k] for k in ("ok", "undetermined", "mismatch")}
+                             for det, c in sorted(gate_by_detector.items())},
+        "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
+                  for name, c in files.items()},
+    }
+
+
+def workers_used(cfg: dict) -> int:
+    return int(cfg["workers"] or os.cpu_count() or 1)

@@ -1,0 +1,134 @@
+"""The streaming clean stage writes byte for byte what the in-memory stage wrote (tests/stream_reference.py, the
+code at b6ab84d), on the embedded default and on a generated corpus with duplicates, bad lines and fixable
+records, in one process and on 2 workers; and the near-duplicates found from signatures alone are the ones the
+datasketch LSH index found."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import stream_reference
+from stage_loader import load_stage
+
+from selfalign import dedup, executor, params
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import scale  # noqa: E402
+
+clean_stage = load_stage("clean")
+ingest_stage = load_stage("ingest")
+FILES = clean_stage.FILES
+
+
+def cfg(**changes) -> dict:
+    out = params.resolve(clean_stage.DEFAULTS, None, "clean", ())
+    out.update(changes)
+    return out
+
+
+def ingest_sample(dst: Path) -> None:
+    """data/sample through ingest as params.yaml lists it (the embedded default)."""
+    icfg = ingest_stage.resolve_params(ROOT / "params.yaml")
+    options = ingest_stage.reader_options(icfg)
+    dst.mkdir(parents=True)
+    outs = {r: open(dst / f"{r}.jsonl", "w", encoding="utf-8") for r in ("seed", "web", "preference", "prompts")}
+    try:
+        for src in icfg["sources"]:
+            src = {**src, "path": str(ROOT / src["path"])}
+            ingest_stage.ingest_source(src, options, lambda r, f=outs[src["role"]]: f.write(
+                json.dumps(r, ensure_ascii=False) + "\n"), lambda r: None)
+    finally:
+        for f in outs.values():
+            f.close()
+
+
+def both(tmp: Path, inputs: Path, conf: dict, workers: int) -> tuple[dict, dict]:
+    """Run the reference and the streaming stage on the same inputs; (reference files, streaming files) as bytes."""
+    got = {}
+    for name in ("old", "new"):
+        out = tmp / name
+        out.mkdir()
+        pairs = [(inputs / f, out / f) for f in FILES if (inputs / f).exists()]
+        if name == "old":
+            metrics = stream_reference.write(pairs, conf, out / "rejected.jsonl")
+        else:
+            metrics = executor.run(pairs, conf, out / "rejected.jsonl", workers=workers)
+        got[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        got[name]["metrics"] = json.dumps(metrics, sort_keys=True).encode()
+        assert not list(out.glob(".*")), "temporary files left behind"
+    return got["old"], got["new"]
+
+
+def test_embedded_default_is_byte_identical(tmp_path):
+    ingest_sample(tmp_path / "in")
+    old, new = both(tmp_path, tmp_path / "in", cfg(), workers=1)
+    assert set(old) == {*FILES, "rejected.jsonl", "metrics"}
+    assert old == new
+    assert json.loads(old["metrics"])["kept"] > 100
+
+
+def generated(d: Path, docs: int) -> None:
+    """A web corpus from bench/scale.py's generator with 10% exact and near copies, through the ingest reader, plus
+    a seed file with lines the reader rejects, fixable records and copies of web text."""
+    d.mkdir()
+    scale.write_corpus(d / "c4.jsonl", docs, seed=3, dup_rate=0.1)
+    icfg = ingest_stage.resolve_params(None)
+    with open(d / "web.jsonl", "w", encoding="utf-8") as f:
+        ingest_stage.ingest_source({"path": str(d / "c4.jsonl"), "format": "c4", "role": "web", "lang": "en",
+                                    "name": "c4"}, ingest_stage.reader_options(icfg),
+                                   lambda r: f.write(json.dumps(r, ensure_ascii=False) + "\n"), lambda r: None)
+    web = [json.loads(line) for line in (d / "web.jsonl").read_text(encoding="utf-8").splitlines()]
+    rng = random.Random(5)
+    seed_lines = []
+    for i, w in enumerate(rng.sample(web, 40)):
+        chat = {"id": f"s{i}", "kind": "chat", "lang": "en", "source": "seed", "meta": {},
+                "messages": [{"role": "user", "content": f"Summarise this text:\n\n{w['text']}"},
+                             {"role": "assistant", "content": w["text"][:300] + (" cafÃ© \x07" if i % 3 else "")}]}
+        seed_lines.append(json.dumps(chat, ensure_ascii=False))
+        if i % 10 == 0:
+            seed_lines += ["{not json", json.dumps({"id": "x", "kind": "chat", "lang": "en"}), ""]
+        if i % 7 == 0:
+            seed_lines.append(json.dumps(chat, ensure_ascii=False))  # an exact copy in the seed file
+    (d / "seed.jsonl").write_text("\n".join(seed_lines) + "\n", encoding="utf-8")
+    (d / "c4.jsonl").unlink()
+
+
+@pytest.mark.slow
+def test_generated_corpus_is_byte_identical_on_two_workers(tmp_path):
+    generated(tmp_path / "in", 1800)  # > 2,000 records: the worker pool runs
+    old, new = both(tmp_path, tmp_path / "in", cfg(), workers=2)
+    m = json.loads(old["metrics"])
+    assert m["records_in"] > 2000 and m["rules"]["duplicate"]["dropped"] > 50
+    assert m["rules"]["near_duplicate"]["dropped"] > 50 and m["rules"]["invalid_json"]["dropped"] == 4
+    assert old == new
+
+
+def test_generated_corpus_is_byte_identical_without_the_gate_and_exact_dedup(tmp_path):
+    generated(tmp_path / "in", 300)
+    conf = cfg(exact_dup=False, langs={**cfg()["langs"], "enabled": False},
+               near_dup={**cfg()["near_dup"], "threshold": 0.6, "num_perm": 64, "shingle": 2})
+    old, new = both(tmp_path, tmp_path / "in", conf, workers=1)
+    assert json.loads(old["metrics"])["rules"]["near_duplicate"]["dropped"] > 10
+    assert old == new
+
+
+@pytest.mark.parametrize("threshold,num_perm,shingle", [(0.8, 128, 3), (0.5, 64, 2), (0.9, 32, 1)])
+def test_near_duplicates_from_signatures_match_the_lsh_index(threshold, num_perm, shingle):
+    docs = [d["text"] for d in scale.documents(400, seed=1, dup_rate=0.3)]
+    rng = random.Random(2)
+    for _ in range(60):  # chains: copies of copies with a few words changed, so some are near only to a dropped one
+        ws = rng.choice(docs).split()
+        for _ in range(rng.randint(1, 12)):
+            ws[rng.randrange(len(ws))] = "changed"
+        docs.append(" ".join(ws))
+    keys = [dedup.key_text({"kind": "web", "text": t}) for t in docs]
+    want = list(dedup.near_duplicates(keys, threshold=threshold, num_perm=num_perm, shingle=shingle))
+    sigs = dedup.signatures(keys, num_perm=num_perm, shingle=shingle)
+    got = list(dedup.near_duplicates_of(sigs, threshold=threshold, num_perm=num_perm))
+    assert len(want) > 20
+    assert got == want
