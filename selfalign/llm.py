@@ -44,7 +44,7 @@ SPEC_DEFAULTS = {
     "batch_size": 8,            # local: sequences generated together (left-padded)
     "dtype": "float32",         # local/vllm: float32 | bfloat16 (bf16 batched generation is ~2x faster on AMX CPUs)
     "threads": 0,               # local: torch CPU threads for this process; 0 keeps torch's default
-    "base_url": "http://127.0.0.1:8000/v1",
+    "base_url": "http://127.0.0.1:8000/v1",   # openai: one endpoint, or a list of endpoints serving the same model
     "api_key_env": "OPENAI_API_KEY",   # the NAME of the env var holding the key, never the key
     "concurrency": 4,           # openai: requests in flight
     "timeout": 60.0,            # openai: seconds per attempt
@@ -54,6 +54,10 @@ SPEC_DEFAULTS = {
     "retry_after_max": 120.0,
     "price_per_1k_input": 0.0,  # USD, for the cost estimate in metrics
     "price_per_1k_output": 0.0,
+    "tensor_parallel_size": 1,  # vllm: GPUs one model is split over
+    "gpu_memory_utilization": 0.9,  # vllm: share of each GPU for weights + KV cache
+    "max_model_len": 0,         # vllm: context length to reserve KV cache for; 0 = the model's own
+    "prefix_caching": True,     # vllm: reuse the KV cache of a shared prompt prefix (one system/template prompt)
 }
 
 
@@ -485,7 +489,13 @@ class OpenAIEngine(Engine):
         import openai
 
         self._openai = openai
-        self.base_url = str(spec["base_url"]).rstrip("/")
+        urls = [spec["base_url"]] if isinstance(spec["base_url"], str) else spec["base_url"]
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ValueError(f"engine spec: base_url must be a URL or a non-empty list of URLs, got {spec['base_url']!r}")
+        # several endpoints serving one model share the load: each attempt goes to the next one (round-robin),
+        # so a retry after a 5xx or a timeout also moves off a server that is down
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
         self.model_name = str(spec["model"])
         self.concurrency = max(1, int(spec.get("concurrency") or 1))
         self.max_retries = int(spec.get("max_retries") or 0)
@@ -497,17 +507,29 @@ class OpenAIEngine(Engine):
         env = spec.get("api_key_env") or ""
         key = os.environ.get(env) if env else None
         if env and not key:
-            log.warning("env var %s is not set; calling %s without an API key", env, self.base_url)
+            log.warning("env var %s is not set; calling %s without an API key", env, ", ".join(self.base_urls))
         # the client does no retrying of its own: ours counts retries and honours Retry-After
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key or "none", max_retries=0,
-                                    timeout=float(spec.get("timeout") or 60.0))
+        self.clients = [openai.OpenAI(base_url=u, api_key=key or "none", max_retries=0,
+                                      timeout=float(spec.get("timeout") or 60.0)) for u in self.base_urls]
+        self.client = self.clients[0]
+        self.sent = [0] * len(self.clients)     # attempts per endpoint
+        self._turn = 0
         self._rng = random.Random(0)
 
     @property
     def identity(self) -> dict:
-        return {"kind": "openai", "base_url": self.base_url, "model": self.model_name}
+        # a list is one pool whatever its order, so the cache serves a rerun that lists the endpoints differently
+        urls = self.base_url if len(self.base_urls) == 1 else sorted(set(self.base_urls))
+        return {"kind": "openai", "base_url": urls, "model": self.model_name}
+
+    def _client(self):
+        with self._stats_lock:
+            i, self._turn = self._turn, (self._turn + 1) % len(self.clients)
+            self.sent[i] += 1
+        return self.clients[i]
 
     def _once(self, req: Request) -> Result:
+        client = self._client()
         oa = self._openai
         kw = {"model": self.model_name, "max_tokens": req.max_tokens, "temperature": req.temperature}
         if req.temperature > 0:
@@ -516,11 +538,11 @@ class OpenAIEngine(Engine):
             kw["stop"] = list(req.stop)
         try:
             if req.messages is not None:
-                resp = self.client.chat.completions.create(messages=req.messages, **kw)
+                resp = client.chat.completions.create(messages=req.messages, **kw)
                 choice = resp.choices[0]
                 text = choice.message.content
             else:
-                resp = self.client.completions.create(prompt=req.prompt, **kw)
+                resp = client.completions.create(prompt=req.prompt, **kw)
                 choice = resp.choices[0]
                 text = choice.text
         except oa.APIStatusError as e:
@@ -573,7 +595,8 @@ class OpenAIEngine(Engine):
         bar.close()
 
     def close(self) -> None:
-        self.client.close()
+        for c in self.clients:
+            c.close()
 
 
 def _short(s: str, n: int = 300) -> str:
@@ -583,45 +606,193 @@ def _short(s: str, n: int = 300) -> str:
 
 # ---------------------------------------------------------------------------------------------- vllm
 
+# engine spec keys only the vllm kind reads, and vllm.LLM's name for each
+VLLM_KEYS = {"tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
+             "max_model_len": "max_model_len", "prefix_caching": "enable_prefix_caching"}
+
+
+def vllm_llm_kwargs(spec: dict) -> dict:
+    """vllm.LLM's keyword arguments from an engine spec, validated before vllm is imported (a typo in a
+    7B run fails at once); max_model_len 0 leaves the model's own context length."""
+    tp, util, max_len = spec.get("tensor_parallel_size", 1), spec.get("gpu_memory_utilization", 0.9), \
+        spec.get("max_model_len", 0)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"engine spec: tensor_parallel_size must be an integer >= 1, got {tp!r}")
+    if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+        raise ValueError(f"engine spec: gpu_memory_utilization must be in (0, 1], got {util!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"engine spec: max_model_len must be an integer >= 0 (0: the model's own), got {max_len!r}")
+    prefix = spec.get("prefix_caching", True)
+    if not isinstance(prefix, bool):
+        raise ValueError(f"engine spec: prefix_caching must be true or false, got {prefix!r}")
+    dtype = spec.get("dtype") or "bfloat16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"engine spec: dtype {dtype!r}: expected float32, bfloat16 or float16")
+    kw = {"model": str(spec["model"]), "dtype": dtype, "tensor_parallel_size": tp,
+          "gpu_memory_utilization": float(util), "enable_prefix_caching": prefix, "seed": 0}
+    if max_len:
+        kw["max_model_len"] = max_len
+    return kw
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise RuntimeError("engine kind 'vllm' needs the vllm package, which is GPU-only and not installed here; "
+                           "use kind 'local' or 'openai' (e.g. a vLLM server via its OpenAI-compatible endpoint)"
+                           ) from e
+    return vllm
+
+
+class VLLMModel:
+    """A model directory loaded into vLLM (CUDA only), with LocalModel's interface (tok, render,
+    count_tokens, max_positions, generate), so the engine and the server drive either one.
+
+    Each row keeps its own settings: max_tokens, temperature/top_p, a seed per request (vLLM seeds
+    per request, so a sampled answer does not depend on its batch), and stop strings. Generation
+    stops at the chat template's end-of-turn token as LocalModel's does. `close()` gives the GPU
+    memory back, so the next stage step (evaluate's perplexity, the reward model) can load.
+    """
+
+    def __init__(self, spec: dict):
+        from selfalign import chat
+
+        kwargs = vllm_llm_kwargs(spec)
+        self._vllm = _import_vllm()
+        self.model_dir = str(spec["model"])
+        self.dtype = kwargs["dtype"]
+        self.tok = chat.load_tokenizer(self.model_dir)
+        eot = self.tok.convert_tokens_to_ids(chat.end_of_turn(self.tok))
+        self.stop_ids = sorted({i for i in (eot, self.tok.eos_token_id) if i is not None})
+        log.info("vllm: loading %s (%s)", self.model_dir,
+                 ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "model"))
+        self.llm = self._vllm.LLM(**kwargs)
+        self.max_positions = int(kwargs.get("max_model_len") or _config_positions(self.model_dir))
+
+    def render(self, req: Request) -> str:
+        from selfalign import chat
+
+        if req.prompt is not None:
+            return req.prompt
+        return chat.render(self.tok, req.messages, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def sampling_params(self, req: Request):
+        greedy = req.temperature == 0
+        return self._vllm.SamplingParams(
+            n=1, max_tokens=req.max_tokens, temperature=req.temperature, top_p=1.0 if greedy else req.top_p,
+            seed=None if greedy else req.seed, stop=list(req.stop or []) or None, stop_token_ids=self.stop_ids,
+            skip_special_tokens=True)
+
+    def generate(self, texts: list[str], reqs: list[Request], cancel: threading.Event | None = None,
+                 streamer=None, progress: bool = False) -> list[Generation]:
+        """One batch (vLLM schedules it continuously); a streamer gets the whole text at the end, as the
+        offline engine does not stream. `cancel` is checked before the batch: vLLM cannot stop mid-batch."""
+        if cancel is not None and cancel.is_set():
+            raise RuntimeError("cancelled before generation")
+        outs = self.llm.generate(list(texts), [self.sampling_params(r) for r in reqs], use_tqdm=progress)
+        gens = []
+        for o in outs:
+            c = o.outputs[0]
+            finish = "length" if c.finish_reason == "length" else "stop"
+            gens.append(Generation(c.text, finish, len(o.prompt_token_ids), len(c.token_ids)))
+        if streamer is not None:
+            streamer.on_finalized_text(gens[0].text if gens else "", stream_end=True)
+        return gens
+
+    def close(self) -> None:
+        """Free the GPU: drop the LLM (its workers and KV cache), tear down vLLM's model-parallel
+        groups, collect, and empty torch's cache. Safe to call twice."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        del llm
+        for module, names in (("vllm.distributed.parallel_state", ("destroy_model_parallel",
+                                                                   "destroy_distributed_environment")),
+                              ("vllm.model_executor.parallel_utils.parallel_state", ("destroy_model_parallel",))):
+            try:
+                mod = __import__(module, fromlist=list(names))
+            except ImportError:
+                continue
+            for name in names:
+                fn = getattr(mod, name, None)
+                if fn is not None:
+                    fn()
+            break
+        gc.collect()
+        try:
+            import torch
+        except ImportError:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("vllm: %s released", self.model_dir)
+
+
+def _config_positions(model_dir: str) -> int:
+    cfg = json.loads(Path(model_dir, "config.json").read_text(encoding="utf-8"))
+    return int(cfg.get("max_position_embeddings") or 1 << 30)
+
 
 class VLLMEngine(Engine):
-    """vLLM offline batched generation (CUDA only; not installable on the CPU image)."""
+    """vLLM offline batched generation (CUDA only; not installable on the CPU image). Use it as a
+    context manager, or call close(), to free the GPU before the next model loads."""
 
     kind = "vllm"
 
     def __init__(self, spec: dict, cache_dir):
-        try:
-            import vllm
-        except ImportError as e:
-            raise RuntimeError("engine kind 'vllm' needs the vllm package, which is GPU-only and not installed here; "
-                               "use kind 'local' or 'openai' (e.g. a vLLM server via its OpenAI-compatible endpoint)"
-                               ) from e
+        vllm_llm_kwargs(spec)
+        _import_vllm()
         super().__init__(cache_dir)
-        from selfalign import chat
-
-        self._vllm = vllm
         self.model_dir = spec["model"]
+        if not Path(self.model_dir, "config.json").exists():
+            raise FileNotFoundError(f"engine.model {self.model_dir!r}: not a model directory (no config.json)")
         self.dtype = spec.get("dtype") or "bfloat16"
-        self.tok = chat.load_tokenizer(self.model_dir)
-        self.llm = vllm.LLM(model=self.model_dir, dtype=self.dtype)
+        # tensor_parallel_size, memory share, context length and prefix caching change speed, not outputs
         self._identity = {"kind": "vllm", "model": model_fingerprint(self.model_dir), "dtype": self.dtype}
+        self.model = VLLMModel(spec)
 
     @property
     def identity(self) -> dict:
         return self._identity
 
     def _run(self, requests, done, progress):
-        from selfalign import chat
+        m = self.model
+        texts = [m.render(r) for r in requests]
+        ok = []
+        for i, (r, t) in enumerate(zip(requests, texts, strict=True)):
+            n = m.count_tokens(t)
+            if n + r.max_tokens > m.max_positions:
+                done(i, Result.failure(f"prompt of {n} tokens + max_tokens {r.max_tokens} exceeds max_model_len "
+                                       f"{m.max_positions}"))
+            else:
+                ok.append(i)
+        if not ok:
+            return
+        try:
+            gens = m.generate([texts[i] for i in ok], [requests[i] for i in ok], progress=progress)
+        except Exception as e:  # noqa: BLE001 - a failed batch becomes explicit failures, not a crash
+            log.exception("vllm generation failed")
+            for i in ok:
+                done(i, Result.failure(f"generation failed: {type(e).__name__}: {e}"))
+            return
+        for i, g in zip(ok, gens, strict=True):
+            done(i, Result(text=g.text, ok=True, finish_reason=g.finish_reason,
+                           usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}))
 
-        texts = [r.prompt if r.prompt is not None else chat.render(self.tok, r.messages, add_generation_prompt=True)
-                 for r in requests]
-        params = [self._vllm.SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                                            seed=r.seed, stop=list(r.stop or []) or None) for r in requests]
-        outs = self.llm.generate(texts, params, use_tqdm=progress)
-        for i, o in enumerate(outs):
-            c = o.outputs[0]
-            done(i, Result(text=c.text, ok=True, finish_reason=c.finish_reason,
-                           usage={"prompt_tokens": len(o.prompt_token_ids), "completion_tokens": len(c.token_ids)}))
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 ENGINES = {"local": LocalEngine, "openai": OpenAIEngine, "vllm": VLLMEngine}

@@ -52,7 +52,7 @@ import click
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves route annotations from here
 
 from selfalign import chat
-from selfalign.llm import LocalModel, Request
+from selfalign.llm import LocalModel, Request, VLLMModel
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +267,23 @@ async def _disconnected(request: HTTPRequest) -> None:
 
 def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtype: str = "float32",
                limits: Limits | None = None, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-               model_name: str | Sequence[str] | None = None):
+               model_name: str | Sequence[str] | None = None, engine: str = "local", vllm: dict | None = None):
     """The FastAPI app serving `model_dir` under its directory name and the aliases in `model_name`
     (the first alias, if any, is the name /v1/models lists first). `app.state.stop()` cancels all work
-    and refuses new requests (SIGTERM calls it); `app.state.close()` stops the batcher thread."""
+    and refuses new requests (SIGTERM calls it); `app.state.close()` stops the batcher thread and frees
+    the model's GPU memory. `engine="vllm"` generates with vLLM on the GPU (`vllm` holds the engine spec's
+    vllm keys: tensor_parallel_size, gpu_memory_utilization, max_model_len, prefix_caching); the routes,
+    limits and batching are the same for both engines."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     limits = limits or Limits()
-    model = LocalModel(model_dir, dtype)
+    if engine == "vllm":
+        model = VLLMModel({"model": str(model_dir), "dtype": dtype, **(vllm or {})})
+    elif engine == "local":
+        model = LocalModel(model_dir, dtype)
+    else:
+        raise ValueError(f"engine {engine!r}: expected local or vllm")
     aliases = [model_name] if isinstance(model_name, str) else list(model_name or [])
     names = list(dict.fromkeys([*aliases, Path(model_dir).resolve().name]))
     name = names[0]
@@ -295,7 +303,14 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
                 gone.set()
 
     app.state.model, app.state.stats, app.state.names = model, stats, names
-    app.state.close, app.state.stop = batcher.close, stop
+    app.state.stop = stop
+
+    def close() -> None:
+        batcher.close()
+        if hasattr(model, "close"):
+            model.close()
+
+    app.state.close = close
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None,
               headers: dict | None = None):
@@ -607,8 +622,19 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Running:
               help="Requests waiting or generating at once; one more gets a 429 with Retry-After.")
 @click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True, type=click.IntRange(min=1),
               help="A larger request body gets a 413.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "vllm"]),
+              help="local: transformers in this process; vllm: vLLM on the GPU (pip install vllm; CUDA only).")
+@click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="vllm: GPUs the model is split over.")
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=float,
+              help="vllm: share of each GPU for weights and KV cache.")
+@click.option("--max-model-len", default=0, show_default=True, type=click.IntRange(min=0),
+              help="vllm: context length to reserve KV cache for (0: the model's own).")
+@click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
+              help="vllm: reuse the KV cache of shared prompt prefixes.")
 def main(model_dir, aliases, port, host, api_key_env, dtype, max_batch_size, batch_wait_ms, max_prompt_tokens,
-         max_tokens_limit, max_queue, max_body_bytes):
+         max_tokens_limit, max_queue, max_body_bytes, engine, tensor_parallel_size, gpu_memory_utilization,
+         max_model_len, prefix_caching):
     """Serve MODEL over an OpenAI-compatible HTTP API."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_key = None
@@ -618,12 +644,20 @@ def main(model_dir, aliases, port, host, api_key_env, dtype, max_batch_size, bat
             raise click.UsageError(f"--api-key-env {api_key_env}: that env var is not set")
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
                     max_body_bytes=max_body_bytes)
-    app = create_app(model_dir, api_key=api_key, dtype=dtype, max_batch_size=max_batch_size,
-                     batch_wait_ms=batch_wait_ms, limits=limits, model_name=aliases)
-    log.info("serving %s as %s on http://%s:%d/v1 (dtype %s, batches of up to %d, queue of %d, API key %s)",
-             model_dir, ", ".join(app.state.names), host, port, dtype, max_batch_size, max_queue,
+    vllm = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len, "prefix_caching": prefix_caching}
+    try:
+        app = create_app(model_dir, api_key=api_key, dtype=dtype, max_batch_size=max_batch_size,
+                         batch_wait_ms=batch_wait_ms, limits=limits, model_name=aliases, engine=engine, vllm=vllm)
+    except (RuntimeError, ValueError) as e:     # vllm missing, or a bad vllm setting: one line, no traceback
+        raise click.UsageError(str(e)) from e
+    log.info("serving %s as %s on http://%s:%d/v1 (engine %s, dtype %s, batches of up to %d, queue of %d, API key %s)",
+             model_dir, ", ".join(app.state.names), host, port, engine, dtype, max_batch_size, max_queue,
              "required" if api_key else "off")
-    make_server(app, host=host, port=port, log_level="info").run()
+    try:
+        make_server(app, host=host, port=port, log_level="info").run()
+    finally:
+        app.state.close()
 
 
 if __name__ == "__main__":
