@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import augment, io, models, params, records
+from selfalign import augment, io, models, params, records, shard
 
 log = logging.getLogger("augment")
 STAGE = "augment"
@@ -69,8 +69,11 @@ def read_web(path: Path, min_chars: int, max_chars: int) -> tuple[list[dict], li
 @click.option("--output-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--cache", type=click.Path(file_okay=False), required=True, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
-def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache, metrics):
+@shard.options
+def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache, metrics, shard_spec, merge_shards,
+         shard_dir):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
@@ -91,7 +94,11 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
     reqs = [llm.Request(messages=head + [{"role": "user", "content": augment.user_turn(template, w["text"])}],
                         max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                         seed=cfg["seed"]) for w in chosen]
-    results = engine.complete(reqs, template_id="augment-v1", progress=True) if reqs else []
+    results = sh.complete(engine, reqs, [shard.record_key(w) for w in chosen], "augment-v1") if reqs else []
+    if sh.is_shard:
+        sh.finish(metrics)
+        engine.close()
+        return
 
     candidates = []
     for w, res in zip(chosen, results, strict=True):
@@ -116,7 +123,7 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
         "rejected": len(rejected), "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "yield": round(len(candidates) / len(chosen), 4) if chosen else None,
         "instruction_words_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
-        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats}, **sh.throughput(len(chosen)),
     }
     assert n_in == m["candidates"] + m["rejected"] + m["unsampled"], "augment lost records"
     below = records.success_floor(m, len(candidates), len(chosen), cfg["min_success"], "augment candidates")

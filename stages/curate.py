@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import curate, io, models, params, records
+from selfalign import curate, io, models, params, records, shard
 
 log = logging.getLogger("curate")
 STAGE = "curate"
@@ -64,6 +64,7 @@ def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
 
     tok = chat.load_tokenizer(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg["dtype"]))
+    model.to(device.resolve_device("auto"))  # the process's accelerator, else the CPU (selfalign/device.py)
     prompts, clipped = [], []
     for instruction, response in pairs:
         response, cut = curate.clip_tokens(tok, response, cfg["max_response_tokens"])
@@ -74,7 +75,7 @@ def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
 
 
 def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None,
-                   cache: str | None, template_id: str) -> tuple[list[dict], dict]:
+                   cache: str | None, template_id: str, sh: shard.Sharding, keys: list[str]) -> tuple[list[dict], dict]:
     from selfalign import llm
 
     spec = {"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
@@ -85,7 +86,9 @@ def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
     reqs = [llm.Request(messages=curate.rubric_messages(rubric, i, r, system), max_tokens=cfg["max_tokens"], temperature=0.0,
                         top_p=1.0, seed=0) for i, r in pairs]
     out = []
-    for res in engine.complete(reqs, template_id=template_id, progress=True):
+    for res in sh.complete(engine, reqs, keys, template_id):
+        if res is None:         # another shard's candidate
+            continue
         score = curate.parse_score(res.text) if res.ok else None
         out.append({"ok": res.ok, "score": score, "text": res.text, "error": res.error})
     return out, engine.stats
@@ -101,8 +104,11 @@ def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
 @click.option("--output-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache (generate mode).")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
-def main(params_file, overrides, iteration, candidates, model_dir, rubric, output_dir, cache, metrics):
+@shard.options
+def main(params_file, overrides, iteration, candidates, model_dir, rubric, output_dir, cache, metrics, shard_spec,
+         merge_shards, shard_dir):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     if cfg["mode"] not in MODES:
         raise click.UsageError(f"curate.mode: {cfg['mode']!r} is not one of {', '.join(MODES)}")
@@ -119,6 +125,12 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         rubric_text = curate.load_rubric(rubric)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
+    try:  # one rule for where and in what dtype the scorer runs (selfalign/device.py); params say why float32
+        dtype, placed = device.resolve_dtype(cfg["dtype"], device.resolve_device("auto"), model_dir, "curate.dtype")
+    except device.DeviceError as e:
+        raise click.UsageError(str(e)) from e
+    cfg = {**cfg, "dtype": dtype}
+    log.info("%s: scorer on %s in %s (%s)", iteration, placed.device, dtype, placed.reason)
     if cache:
         Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
     good, rejected, n_in = read_candidates(Path(candidates))
@@ -126,14 +138,19 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     log.info("%s: %d candidates (%d invalid), scorer %s (system prompt %r), mode %s, select %s", iteration, n_in,
              len(rejected), model_dir, system, cfg["mode"], sel)
 
-    pairs = [p for _, p in good]
+    pairs, keys = [p for _, p in good], [shard.record_key(r) for r, _ in good]
     engine_stats = None
     if not pairs:
         results = []
     elif cfg["mode"] == "logprobs":
-        results = score_logprobs(cfg, model_dir, rubric_text, pairs, system)
+        results = sh.map(f"curate-{iteration}", keys, lambda idx: score_logprobs(
+            cfg, model_dir, rubric_text, [pairs[j] for j in idx], system))
     else:
-        results, engine_stats = score_generate(cfg, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}")
+        results, engine_stats = score_generate(cfg, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}",
+                                               sh, keys)
+    if sh.is_shard:
+        sh.finish(metrics)
+        return
 
     scored, detail_base = [], {"iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "system": system}
     for (record, _), res in zip(good, results, strict=True):
@@ -178,6 +195,8 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         m["responses_clipped"] = sum(r["meta"]["curate"]["response_clipped"] for r in scored)
     if engine_stats is not None:
         m["engine"] = engine_stats
+    m.update(sh.throughput(attempted))
+    m.update(placed.metrics())
     assert m["records_in"] == m["kept"] + m["rejected"], "curate lost records"
     failed = records.success_floor(m, len(scored), attempted, cfg["min_success"], f"curate {iteration} scored")
     if not failed and scored and not kept:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import curate, distill, io, params, records
+from selfalign import curate, distill, io, params, records, shard
 
 log = logging.getLogger("distill")
 STAGE = "distill"
@@ -64,8 +64,11 @@ def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
 @click.option("--output-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
-def main(params_file, overrides, seed_file, scored_file, teacher, systems, output_dir, cache, metrics):
+@shard.options
+def main(params_file, overrides, seed_file, scored_file, teacher, systems, output_dir, cache, metrics, shard_spec,
+         merge_shards, shard_dir):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
@@ -101,7 +104,11 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
     for r, _, system, _ in jobs:
         head = [{"role": "system", "content": system}] if system else []
         reqs.append(request(head + [{"role": "user", "content": distill.single_turn(r)[0]}]))
-    results = engine.complete(reqs, template_id="distill-v1", progress=True) if reqs else []
+    results = sh.complete(engine, reqs, [shard.record_key(r) for r, *_ in jobs], "distill-v1") if reqs else []
+    if sh.is_shard:
+        sh.finish(metrics)
+        engine.close()
+        return
 
     out_records = []
     for (origin, how, system, extra), res in zip(jobs, results, strict=True):
@@ -135,7 +142,7 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         "trimmed": sum(r["meta"]["trimmed"] for r in out_records),
         "response_chars_mean": round(sum(len(r["messages"][1]["content"]) for r in out_records) / len(out_records), 1)
         if out_records else None,
-        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats}, **sh.throughput(len(jobs)),
     }
     assert m["records_in"] == m["distilled"] + m["rejected"], "distill lost records"
     failed = records.success_floor(m, len(out_records), len(jobs), cfg["min_success"], "distill teacher answers kept")

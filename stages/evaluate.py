@@ -28,7 +28,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import chat, io, llm, models, params, records  # noqa: E402
+from selfalign import chat, io, llm, models, params, records, shard  # noqa: E402
 from selfalign import evaluate as ev  # noqa: E402
 from selfalign import export as ex  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
@@ -87,12 +87,15 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
     return {m: given[m] for m in wanted}
 
 
-def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str) -> list[dict]:
+def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str, sh: shard.Sharding) -> list[dict]:
     system = models.read_info(model_dir).get("system")
     engine = llm.make_engine(answer_spec(model_dir, cfg), cache)
     reqs = [llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
             for p in prompts]
-    results = engine.complete(reqs, template_id="evaluate", progress=True)
+    results = sh.complete(engine, reqs, [shard.record_key(p) for p in prompts], "evaluate", call=f"evaluate:{name}")
+    if sh.is_shard:     # this shard's answers go to its shard file; the merge run builds the rows
+        engine.close()
+        return []
     log.info("%s: %d answers (%d from cache, %d failed)", name, len(results), sum(r.cached for r in results),
              sum(not r.ok for r in results))
     engine.close()
@@ -147,9 +150,11 @@ def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: 
 @click.option("--cache", required=True, type=click.Path(file_okay=False), help="llm.py cache (resumable generation).")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
+@shard.options
 def main(params_file, overrides, model_opts, reward_model, prompts, heldout, judge_prompt, lock_path, cache, output_dir,
-         metrics_path):
+         metrics_path, shard_spec, merge_shards, shard_dir):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sh = shard.Sharding("evaluate", shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
     dirs = parse_models(model_opts, cfg["models"])
     if cfg["threads"]:
@@ -182,7 +187,9 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
 
     rows, per_model = [], {}
     for name, model_dir in dirs.items():
-        answered = generate(name, model_dir, chosen, cfg, cache)
+        answered = generate(name, model_dir, chosen, cfg, cache, sh)
+        if sh.is_shard:     # only the answering is sharded: perplexity, reward and judging run in the merge
+            continue
         rows += answered
         per_model[name] = held_out_perplexity(model_dir, seed, references, cfg)
         ok = [r for r in answered if r["ok"]]
@@ -193,6 +200,9 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
                  per_model[name]["reference_perplexity"]["tokens"])
         gc.collect()
 
+    if sh.is_shard:
+        sh.finish(metrics_path)
+        return
     rmodel, rtok = rm.load_reward_model(reward_model)
     scored = [r for r in rows if r["ok"]]
     convs = [ev.prompt_messages({"prompt": r["prompt"]}, r["system"]) + [{"role": "assistant", "content": r["response"]}]
@@ -219,7 +229,7 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
                "heldout": {"seed_records": len(seed),
                            "scored": max(p["perplexity"]["conversations"] for p in per_model.values())},
                "judge": cfg["judge"], "distill_teacher": teacher,
-               "models": {}, "win_rate": ev.win_rates(judgments, *boot)}
+               "models": {}, "win_rate": ev.win_rates(judgments, *boot), **sh.throughput(len(rows))}
     for name in dirs:
         metrics["models"][name] = {**per_model[name], **ev.model_metrics([r for r in rows if r["model"] == name], *boot)}
     with models.atomic_dir(output_dir) as out:     # the report directory is replaced whole

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import io, llm, params, records
+from selfalign import io, llm, params, records, shard
 from selfalign import translate as tr
 
 STAGE = "translate"
@@ -64,7 +64,8 @@ def check(cfg: dict) -> None:
         raise params.ParamsError("translate.langs: expected a non-empty list of language codes")
 
 
-def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template: str, failed: list[dict]) -> dict:
+def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template: str, failed: list[dict],
+                    sh: shard.Sharding) -> dict | None:
     """Read every input, ask the engine for every field at once, write every output; returns metrics."""
     gen = {k: cfg[k] for k in ("max_tokens", "tokens_per_char", "temperature", "top_p", "seed")}
     template_id = "translate:" + hashlib.sha256(template.encode()).hexdigest()[:12]
@@ -91,10 +92,13 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
                 jobs.append((len(files), i, target, fields))
         files.append((src, dst, recs))
     reqs = [f.request for *_, fields in jobs for f in fields if f.request is not None]
+    keys = [shard.record_key(files[fi][2][ri][0]) for fi, ri, _, fields in jobs for f in fields if f.request is not None]
     log.info("%d records selected in %d files; %d translations to make (%d fields, %d needing the model); "
              "targets %s, mode %s", sum(c["selected"] for c in per_file.values()), len(files), len(jobs),
              sum(len(j[3]) for j in jobs), len(reqs), ",".join(cfg["langs"]), cfg["mode"])
-    results = iter(engine.complete(reqs, template_id=template_id, progress=True) if reqs else [])
+    results = iter(sh.complete(engine, reqs, keys, template_id) if reqs else [])
+    if sh.is_shard:
+        return None
 
     done: dict[tuple[int, int], list[dict]] = {}
     reasons: Counter = Counter()
@@ -164,9 +168,11 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
               help="Prompt template with {source_lang}, {target_lang}, {text}; its hash is part of every cache key.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
+@shard.options
 def main(params_file, overrides, input_dir, output_dir, input_file, output_file, failed_file, model_dir, prompt_file,
-         cache, metrics):
+         cache, metrics, shard_spec, merge_shards, shard_dir):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir or output_file)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     check(cfg)
     if bool(input_dir) == bool(input_file) or bool(input_dir) != bool(output_dir) or bool(input_file) != bool(output_file):
@@ -192,12 +198,15 @@ def main(params_file, overrides, input_dir, output_dir, input_file, output_file,
     engine = llm.make_engine(spec, cache_dir=cache)
     failed: list[dict] = []
     try:
-        m = translate_files(pairs, cfg, engine, template, failed)
+        m = translate_files(pairs, cfg, engine, template, failed, sh)
     finally:
         engine.close()
+    if m is None:     # a shard run: its answers, not the outputs
+        sh.finish(metrics)
+        return
     io.write_jsonl(failed_path, failed)
     m.update(llm=engine.stats, engine=spec["kind"], model=spec["model"], langs=cfg["langs"],
-             mode=cfg["mode"], failed_file_records=len(failed))
+             mode=cfg["mode"], failed_file_records=len(failed), **sh.throughput(m["translations_asked"]))
     below = records.success_floor(m, m["translated"], m["translations_asked"], cfg["min_success"], "translate translated")
     io.write_json(metrics, m)
     log.info("%d records in (%d invalid): %d translated, %d failed %s, %d out; llm %s", m["records_in"], m["invalid"],

@@ -1,0 +1,282 @@
+"""Generation in shards: N shard runs + a merge write what one run writes, byte for byte; endpoints share the load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from stage_loader import load_stage
+
+from selfalign import io, llm, shard
+
+TIMING = ("seconds", "records_per_s", "peak_rss_mb")
+
+
+def test_shard_spec_and_buckets():
+    assert shard.parse("0/3") == (0, 3) and shard.parse("2/3") == (2, 3)
+    for bad in ("3/3", "-1/3", "1", "a/b", "0/0"):
+        with pytest.raises(shard.ShardError, match="expected i/N"):
+            shard.parse(bad)
+    # a stable hash, not Python's salted hash(): the same bucket on every machine and every run
+    assert shard.bucket("abc\ten", 3) == int(hashlib.sha256(b"abc\ten").hexdigest()[:16], 16) % 3
+    keys = [shard.record_key({"id": f"r{i}", "lang": "en"}) for i in range(300)]
+    sizes = [sum(shard.bucket(k, 3) == i for k in keys) for i in range(3)]
+    assert sum(sizes) == 300 and min(sizes) > 70, sizes
+    assert shard.record_key({"id": "x", "lang": "fr"}) != shard.record_key({"id": "x", "lang": "en"})
+
+
+def test_map_splits_and_merge_checks_every_answer(tmp_path):
+    keys = [f"k{i}" for i in range(10)]
+    for i in range(3):
+        sh = shard.Sharding("t", f"{i}/3", None, tmp_path / "s", None)
+        got = sh.map("call", keys, lambda idx: [f"answer {j}" for j in idx])
+        assert [j for j, g in enumerate(got) if g is not None] == sh.mine(keys)
+        sh.finish(tmp_path / f"m{i}.json")
+        assert io.read_json(tmp_path / f"m{i}.json")["answered"] == len(sh.mine(keys))
+    merged = shard.Sharding("t", None, 3, tmp_path / "s", None)
+    assert merged.map("call", keys, lambda idx: pytest.fail("a merge asks nothing")) == [f"answer {j}" for j in range(10)]
+    with pytest.raises(shard.ShardError, match="another input"):
+        merged.map("call", keys[:-1], None)
+    with pytest.raises(shard.ShardError, match=r"t-1-of-3.jsonl: shard 1/3 has not been written"):
+        (tmp_path / "s" / "t-1-of-3.jsonl").unlink()
+        shard.Sharding("t", None, 3, tmp_path / "s", None)
+    with pytest.raises(shard.ShardError, match="exclude each other"):
+        shard.Sharding("t", "0/3", 3, tmp_path / "s", None)
+
+
+def invoke(stage: str, args: list[str]) -> None:
+    res = CliRunner().invoke(load_stage(stage).main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+def counts(m: dict) -> dict:
+    """Metrics without wall time and memory, which differ between any two runs."""
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+def single_vs_shards(tmp_path: Path, stage: str, args, outputs: list[str], n: int = 3) -> tuple[dict, list[dict]]:
+    """Run `stage` once, then in n shards and a merge (a fresh cache, so every shard asks its own engine); check
+    that the merge wrote the single run's files byte for byte and the same counts. Returns (merged, shard metrics)."""
+    invoke(stage, args(tmp_path / "single", tmp_path / "cache1", tmp_path / "single.json"))
+    for i in range(n):
+        invoke(stage, args(tmp_path / "sharded", tmp_path / "cache2", tmp_path / f"s{i}.json") + ["--shard", f"{i}/{n}"])
+    assert not (tmp_path / "sharded" / outputs[0]).exists(), "a shard writes its answers, not the outputs"
+    invoke(stage, args(tmp_path / "sharded", tmp_path / "cache2", tmp_path / "merged.json") + ["--merge-shards", str(n)])
+    for name in outputs:
+        a, b = (tmp_path / "single" / name).read_bytes(), (tmp_path / "sharded" / name).read_bytes()
+        assert a == b, f"{stage}: {name} differs between one run and {n} shards + merge"
+    single, merged = io.read_json(tmp_path / "single.json"), io.read_json(tmp_path / "merged.json")
+    assert counts(single) == counts(merged)
+    assert merged["records_per_s"] is not None and merged["peak_rss_mb"] > 0
+    shards = [io.read_json(tmp_path / f"s{i}.json") for i in range(n)]
+    assert sum(s["answered"] for s in shards) == sum(next(iter(s["calls"].values()))["items"] for s in shards[:1])
+    assert sum(s["answered"] > 0 for s in shards) >= 2, "the work was really split"
+    assert all(s["records_per_s"] is not None and s["peak_rss_mb"] > 0 for s in shards)
+    return merged, shards
+
+
+@pytest.mark.slow
+def test_augment_in_three_shards_then_two_over_the_same_cache(varied_model_dir, tmp_path):
+    from test_augment import write_web
+
+    write_web(tmp_path / "web.jsonl")
+    (tmp_path / "backward.txt").write_text("Write the request that this text answers.\n\n{response}\n")
+
+    def args(out, cache, metrics):
+        return ["--web", str(tmp_path / "web.jsonl"), "--model", str(varied_model_dir),
+                "--prompt", str(tmp_path / "backward.txt"), "--output-dir", str(out), "--cache", str(cache),
+                "--metrics", str(metrics), "--set", "max_new_tokens=8", "--set", "min_instruction_words=1",
+                "--set", "engine={kind: local, batch_size: 4, dtype: float32}", "--set", "min_success=0"]
+
+    merged, shards = single_vs_shards(tmp_path, "augment", args, ["candidates.jsonl", "rejected.jsonl"])
+    assert merged["engine"]["calls"] == merged["sampled"] == sum(s["engine"]["calls"] for s in shards) > 0
+    assert io.load_jsonl(tmp_path / "sharded" / "candidates.jsonl"), "some candidates, not only rejects"
+
+    # Re-sharded over the same cache: nothing is asked twice, and the merge is still the single run's.
+    for i in range(2):
+        invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / f"r{i}.json") + ["--shard", f"{i}/2"])
+        r = io.read_json(tmp_path / f"r{i}.json")
+        assert r["engine"]["calls"] == 0 and r["engine"]["cache_hits"] == r["answered"]
+    invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / "r.json") + ["--merge-shards", "2"])
+    for name in ("candidates.jsonl", "rejected.jsonl"):
+        assert (tmp_path / "re" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+
+    # A shard file from another input is refused, naming it.
+    res = CliRunner().invoke(load_stage("augment").main, args(tmp_path / "re", tmp_path / "cache2", tmp_path / "x.json")
+                             + ["--merge-shards", "2", "--set", "max_segments=3"])
+    assert res.exit_code != 0 and "made from another input" in res.output
+
+
+@pytest.mark.slow
+def test_distill_in_three_shards(varied_model_dir, tmp_path):
+    from test_distill import SCORED, SEEDS, SYSTEMS, write
+
+    seed, scored = write(tmp_path / "seed.jsonl", SEEDS), write(tmp_path / "scored.jsonl", SCORED)
+
+    def args(out, cache, metrics):
+        return ["--seed", str(seed), "--scored", str(scored), "--teacher", str(varied_model_dir),
+                "--systems", str(SYSTEMS), "--output-dir", str(out), "--cache", str(cache), "--metrics", str(metrics),
+                "--set", "max_new_tokens=8", "--set", "reject_truncated=false", "--set", "min_response_words=1",
+                "--set", "orca.n=3", "--set", "min_success=0",
+                "--set", "engine={kind: local, batch_size: 4, dtype: float32}"]
+
+    merged, _ = single_vs_shards(tmp_path, "distill", args, ["distilled.jsonl", "rejected.jsonl"])
+    assert merged["teacher_requests"] == 7 and merged["distilled"] > 0
+
+
+@pytest.mark.slow
+def test_translate_in_three_shards(varied_model_dir, tmp_path):
+    from test_translate import FIX, PROMPT
+
+    def args(out, cache, metrics):
+        return ["--input-dir", str(FIX), "--output-dir", str(out), "--model", str(varied_model_dir), "--cache",
+                str(cache), "--metrics", str(metrics), "--prompt", str(PROMPT), "--set", "engine.dtype=float32",
+                "--set", "max_tokens=24", "--set", "kinds=[chat, prompt, preference]", "--set", "max_chars=0",
+                "--set", "langs=[fr, ms]", "--set", "min_success=0"]
+
+    files = ["seed.jsonl", "web.jsonl", "preference.jsonl", "prompts.jsonl", "failed.jsonl"]
+    merged, _ = single_vs_shards(tmp_path, "translate", args, files)
+    assert merged["translated"] >= 1 and merged["translations_asked"] == 19
+
+
+@pytest.mark.slow
+def test_curate_generate_mode_in_three_shards(varied_model_dir, tmp_path):
+    from test_curate import RUBRIC, write_candidates
+
+    write_candidates(tmp_path / "candidates.jsonl")
+
+    def args(out, cache, metrics):
+        return ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"),
+                "--model", str(varied_model_dir), "--rubric", str(RUBRIC), "--output-dir", str(out),
+                "--cache", str(cache), "--metrics", str(metrics), "--set", "mode=generate", "--set", "max_tokens=4",
+                "--set", "min_success=0", "--set", "select.mode=threshold", "--set", "select.threshold=1.0"]
+
+    merged, _ = single_vs_shards(tmp_path, "curate", args, ["scored.jsonl", "kept.jsonl", "rejected.jsonl"])
+    assert merged["engine"]["calls"] == 5
+
+
+@pytest.mark.slow
+def test_curate_logprobs_mode_in_three_shards_keeps_the_global_cut(tiny_model_dir, tmp_path):
+    """Scores come from batched forward passes, so a shard's batch-mates differ from a single run's: the scores
+    agree to float noise (1e-4, as batched vs unbatched in test_curate), and the top-fraction cut is taken
+    over every shard's scores in the merge."""
+    from test_curate import RUBRIC, write_candidates
+
+    write_candidates(tmp_path / "candidates.jsonl")
+
+    def args(out, cache, metrics):
+        return ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"),
+                "--model", str(tiny_model_dir), "--rubric", str(RUBRIC), "--output-dir", str(out),
+                "--cache", str(cache), "--metrics", str(metrics), "--set", "batch_size=2"]
+
+    invoke("curate", args(tmp_path / "single", tmp_path / "c1", tmp_path / "single.json"))
+    for i in range(3):
+        invoke("curate", args(tmp_path / "sharded", tmp_path / "c2", tmp_path / f"s{i}.json") + ["--shard", f"{i}/3"])
+    invoke("curate", args(tmp_path / "sharded", tmp_path / "c2", tmp_path / "merged.json") + ["--merge-shards", "3"])
+    one = io.load_jsonl(tmp_path / "single" / "scored.jsonl")
+    many = io.load_jsonl(tmp_path / "sharded" / "scored.jsonl")
+    assert [r["id"] for r in one] == [r["id"] for r in many]
+    assert all(abs(a["meta"]["score"] - b["meta"]["score"]) < 1e-4 for a, b in zip(one, many, strict=True))
+    m = io.read_json(tmp_path / "merged.json")
+    assert m["kept"] == 2 and m["records_in"] == 7 == m["kept"] + m["rejected"], "the cut is over all 5 scores"
+
+
+class EchoServer:
+    """A real HTTP OpenAI-compatible endpoint whose reply depends only on the request; counts what it is sent."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][-1]["content"]
+                outer.seen.append(text)
+                reply = f"What does item {hashlib.sha256(text.encode()).hexdigest()[:6]} say about this topic?"
+                data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": reply}}],
+                                   "usage": {"prompt_tokens": 10, "completion_tokens": 9}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_list_of_endpoints_shares_the_load_and_is_one_cache_identity(tmp_path):
+    a, b = EchoServer(), EchoServer()
+    try:
+        spec = {"kind": "openai", "model": "m", "api_key_env": "", "concurrency": 3, "max_retries": 0}
+        eng = llm.make_engine({**spec, "base_url": [a.url, b.url]}, tmp_path / "cache")
+        reqs = [llm.Request(messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8) for i in range(10)]
+        res = eng.complete(reqs, template_id="t")
+        assert all(r.ok for r in res) and len(a.seen) == len(b.seen) == 5, "round-robin: 5 each"
+        assert sorted(a.seen + b.seen) == sorted(f"q{i}" for i in range(10)), "each request asked once"
+        # the same pool listed in another order is the same engine to the cache: nothing asked again
+        again = llm.make_engine({**spec, "base_url": [b.url, a.url]}, tmp_path / "cache").complete(reqs, template_id="t")
+        assert [r.text for r in again] == [r.text for r in res] and all(r.cached for r in again)
+        assert len(a.seen) + len(b.seen) == 10
+        one = llm.make_engine({**spec, "base_url": a.url}, None)
+        assert one.identity == {"kind": "openai", "base_url": a.url, "model": "m"}, "one URL keys the cache as before"
+        with pytest.raises(ValueError, match="base_url must be a URL or a non-empty list"):
+            llm.make_engine({**spec, "base_url": []})
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_dead_endpoint_in_the_list_is_retried_on_the_next(tmp_path, monkeypatch):
+    monkeypatch.setattr(llm, "_sleep", lambda s: None)
+    live = EchoServer()
+    try:
+        spec = {"kind": "openai", "model": "m", "api_key_env": "", "concurrency": 1, "max_retries": 1, "timeout": 5,
+                "base_url": ["http://127.0.0.1:9/v1", live.url]}
+        eng = llm.make_engine(spec, None)
+        res = eng.complete([llm.Request(messages=[{"role": "user", "content": f"q{i}"}]) for i in range(4)])
+        assert all(r.ok for r in res) and len(live.seen) == 4 and eng.stats["retries"] >= 1
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+def test_augment_shards_over_two_endpoints_share_one_cache(tiny_model_dir, tmp_path):
+    """Three workers, each given both servers: a merge equals one run, and a 2-shard rerun sends nothing."""
+    from test_augment import write_web
+
+    write_web(tmp_path / "web.jsonl")
+    a, b = EchoServer(), EchoServer()
+    try:
+        def args(out, cache, metrics):
+            return ["--web", str(tmp_path / "web.jsonl"), "--model", str(tiny_model_dir), "--output-dir", str(out),
+                    "--cache", str(cache), "--metrics", str(metrics), "--set", "min_success=0",
+                    "--set", f"engine={{kind: openai, model: m, api_key_env: '', base_url: [{a.url}, {b.url}]}}"]
+
+        merged, shards = single_vs_shards(tmp_path, "augment", args, ["candidates.jsonl", "rejected.jsonl"])
+        assert merged["candidates"] > 0 and merged["engine"]["calls"] == merged["sampled"]
+        assert len(a.seen) > 0 and len(b.seen) > 0
+        sent = len(a.seen) + len(b.seen)
+        assert sent == 2 * merged["sampled"], "the single run and the shards each asked every segment once"
+        for i in range(2):
+            invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / f"r{i}.json") + ["--shard", f"{i}/2"])
+        assert len(a.seen) + len(b.seen) == sent, "re-sharded over the same cache: no request sent"
+    finally:
+        a.close()
+        b.close()
