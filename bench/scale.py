@@ -3,7 +3,7 @@
     nice python bench/scale.py [--segments 100000,1000000] [--workdir /tmp/scale] [--out bench/results/scale.json]
 
 Generates C4-shaped documents (a seeded generator: unique documents of 120-300 words drawn from the
-vocabulary of data/sample/c4_web.jsonl, in 1-3 paragraphs, about 1.3 segments each), runs the real
+vocabulary of data/sample/c4_web.jsonl, in 1-3 paragraphs, about 2.2 segments each), runs the real
 stages as a user would (`stages/ingest.py --input ... --format c4`, then `stages/clean.py --input ...`,
 each a fresh process under /usr/bin/time-like accounting: wall from start to exit, peak RSS from
 wait4's ru_maxrss of the stage and its worker processes), and prints one row per size plus the ratios
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "c4_web.jsonl"
-SEGMENTS_PER_DOC = 1.3  # measured on this generator with the default segment bounds (200-1500 chars)
+SEGMENTS_PER_DOC = 2.2  # measured on this generator with the default segment bounds (200-1500 chars)
 
 
 def vocabulary() -> list[str]:
@@ -103,7 +103,7 @@ def measure(segments: int, workdir: Path, seed: int, workers: int) -> dict:
         n_seg = sum(1 for _ in f)
     cln = run_measured([py, "stages/clean.py", "--input", str(d / "web.jsonl"), "--output", str(d / "clean.jsonl"),
                         "--rejected", str(d / "clean_rejected.jsonl"), "--metrics", str(d / "clean.json"),
-                        "--set", f"clean.workers={workers}"])
+                        "--set", f"workers={workers}"])
     m = json.loads((d / "clean.json").read_text())
     return {"documents": docs, "segments": n_seg, "ingest_s": round(ing[0], 1), "ingest_rss_mb": round(ing[1]),
             "clean_s": round(cln[0], 1), "clean_rss_mb": round(cln[1]), "clean_kept": m["kept"],

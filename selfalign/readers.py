@@ -14,6 +14,7 @@ takes beyond (path, lang, source); the ingest stage builds its `--format` choice
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import re
@@ -76,7 +77,8 @@ def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
 
     A bad line yields an io.JsonlLineError in place of the object. In an array, items are
     decoded one by one so each keeps the line it starts on; a syntax error stops the array and
-    the rest of the file becomes that one error.
+    the rest of the file becomes that one error. Both stream: memory holds a line, or an array's
+    current item and a read chunk (the rest of the file only after a syntax error, to report it).
     """
     if not io.starts_json_array(path):
         for n, obj in io.read_jsonl(path):
@@ -84,35 +86,92 @@ def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
             yield n, obj, raw
         return
     with io.open_text(path) as f:
-        text = f.read()
+        yield from _array_units(path, f)
+
+
+_ARRAY_CHUNK = 1 << 20
+_WS = re.compile(r"\s*")
+
+
+def _array_units(path: str, f, chunk: int = _ARRAY_CHUNK) -> Iterator[tuple[int, Any, str]]:
+    """The items of one JSON array read from `f` a chunk at a time; what json_units did on the whole text, with
+    the same lines, columns and raw texts. `buf` holds the file from a consumed item's end on; `base`/`col` are the
+    line number and column of buf[0], so positions in buf translate back to the file's."""
+    buf, base, col, eof = "", 1, 0, False
+    counted = [0, 0]  # (position in buf, newlines before it): line numbers are counted once per character
+
+    def more() -> bool:
+        nonlocal buf, eof
+        if not eof:
+            got = f.read(max(chunk, len(buf)))  # doubles buf while one item is longer than a chunk
+            if got:
+                buf += got
+                return True
+            eof = True
+        return False
+
+    def line_at(pos: int) -> int:
+        if pos < counted[0]:
+            counted[:] = [0, 0]
+        counted[1] += buf.count("\n", counted[0], pos)
+        counted[0] = pos
+        return base + counted[1]
+
+    def skip_ws(pos: int) -> int:
+        while (end := _WS.match(buf, pos).end()) == len(buf) and more():
+            pass
+        return end
+
+    def rest(pos: int) -> str:
+        while more():
+            pass
+        return buf[pos:]
+
+    def trim(pos: int) -> int:
+        """Drop buf[:pos] (a consumed item); returns the new position, 0."""
+        nonlocal buf, base, col
+        nl = buf.rfind("\n", 0, pos)
+        col = pos - nl - 1 if nl >= 0 else col + pos
+        base = line_at(pos)
+        buf = buf[pos:]
+        counted[:] = [0, 0]
+        return 0
+
     decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip()) + 1
-    ws = re.compile(r"\s*")
+    pos = skip_ws(0) + 1
     expect_item = True
     while True:
-        pos = ws.match(text, pos).end()
-        line = text.count("\n", 0, pos) + 1
-        if text.startswith("]", pos):
+        pos = skip_ws(pos)
+        line = line_at(pos)
+        if buf.startswith("]", pos):
             return
         if not expect_item:
-            if not text.startswith(",", pos):
-                rest = io.printable(text[pos:])
-                yield line, io.JsonlLineError(path, line, "invalid JSON array: expected ',' or ']'", rest), rest
+            if not buf.startswith(",", pos):
+                raw = io.printable(rest(pos))
+                yield line, io.JsonlLineError(path, line, "invalid JSON array: expected ',' or ']'", raw), raw
                 return
-            pos = ws.match(text, pos + 1).end()
-            line = text.count("\n", 0, pos) + 1
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except (json.JSONDecodeError, RecursionError) as e:
-            # the rest of the file is this one error; bytes that are not UTF-8 in it are the likelier cause
-            bad = io.not_utf8(path, line, text[pos:])
-            if bad is None:
-                detail = f"invalid JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) \
-                    else "invalid JSON: nested too deeply"
-                bad = io.JsonlLineError(path, getattr(e, "lineno", line), detail, text[pos:])
-            yield bad.line, bad, bad.raw
-            return
-        raw = text[pos:end]
+            pos = skip_ws(pos + 1)
+            line = line_at(pos)
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except (json.JSONDecodeError, RecursionError) as e:
+                if more():
+                    continue
+                # the rest of the file is this one error; bytes that are not UTF-8 in it are the likelier cause
+                bad = io.not_utf8(path, line, buf[pos:])
+                if bad is None:
+                    if isinstance(e, json.JSONDecodeError):
+                        colno = e.colno + (col if buf.rfind("\n", 0, e.pos) < 0 else 0)
+                        bad = io.JsonlLineError(path, base + e.lineno - 1, f"invalid JSON: {e.msg} at column {colno}",
+                                                buf[pos:])
+                    else:
+                        bad = io.JsonlLineError(path, line, "invalid JSON: nested too deeply", buf[pos:])
+                yield bad.line, bad, bad.raw
+                return
+            if end < len(buf) or not more():  # a number at the end of the chunk may go on in the next one
+                break
+        raw = buf[pos:end]
         bad = io.not_utf8(path, line, raw)
         if bad is not None:     # inside a string: the item is rejected, the array goes on
             yield line, bad, bad.raw
@@ -121,6 +180,8 @@ def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
         else:
             yield line, io.JsonlLineError(path, line, f"expected a JSON object, got {type(obj).__name__}", raw), raw
         pos, expect_item = end, False
+        if pos > chunk // 2:
+            pos = trim(pos)
 
 
 def _convert(path: str, units, convert: Callable[[dict, int], list[dict]]) -> Iterator[dict]:
@@ -564,28 +625,57 @@ def read_c4(path: str, lang: str, source: str, min_chars: int = 200, max_chars: 
     yield from _segments(path, json_units(path), lang, source, min_chars, max_chars)
 
 
+def _lines(path: str) -> Iterator[str]:
+    """The file's lines without their "\\n", as `f.read().split("\\n")` gives them (a last "" after a final newline),
+    one at a time."""
+    with io.open_text(path) as f:
+        last = ""
+        for last in f:
+            yield last[:-1] if last.endswith("\n") else last
+        if last == "" or last.endswith("\n"):
+            yield ""
+
+
+def has_blank_line(lines: Iterator[str]) -> bool:
+    """Whether the text has a blank line between two non-blank ones: the regex \\S\\n[ \\t]*\\n+[ \\t]*\\S on the
+    joined lines, decided a line at a time (a line ending in a non-space, a line of spaces or tabs, empty lines,
+    a line starting with spaces or tabs and a non-space)."""
+    gap = after_text = False
+    for line in lines:
+        if gap and _FIRST_TEXT.match(line):
+            return True
+        if gap and line == "":
+            continue
+        gap = after_text and _SPACES.fullmatch(line) is not None
+        after_text = line[-1:] != "" and not line[-1].isspace()
+    return False
+
+
+_FIRST_TEXT = re.compile(r"[ \t]*\S")
+_SPACES = re.compile(r"[ \t]*")
+
+
 def text_documents(path: str, documents: str = "auto") -> Iterator[tuple[int, Any, str]]:
     """(first line, {"text"} or an io.JsonlLineError for bytes that are not UTF-8, raw) per document: one per
     line, or blocks separated by blank lines.
 
-    `auto` means blocks when the file has a blank line between two non-blank ones, else lines.
-    Lines are split on "\\n" only (Leipzig's French has Unicode line separators inside sentences).
+    `auto` means blocks when the file has a blank line between two non-blank ones, else lines (a first
+    pass over the file decides). Lines are split on "\\n" only (Leipzig's French has Unicode line
+    separators inside sentences). Memory holds one document.
     """
     if documents not in ("auto", "line", "blank"):
         raise ValueError(f"text documents: {documents!r} is not auto|line|blank")
-    with io.open_text(path) as f:
-        lines = f.read().split("\n")
     if documents == "auto":
-        documents = "blank" if re.search(r"\S\n[ \t]*\n+[ \t]*\S", "\n".join(lines)) else "line"
+        documents = "blank" if has_blank_line(_lines(path)) else "line"
     if documents == "line":
-        for n, text in enumerate(lines, 1):
+        for n, text in enumerate(_lines(path), 1):
             if text.strip():
                 bad = io.not_utf8(path, n, text)
                 yield (n, {"text": text}, text) if bad is None else (n, bad, bad.raw)
         return
     block: list[str] = []
     start = 0
-    for n, text in enumerate(lines + [""], 1):
+    for n, text in enumerate(itertools.chain(_lines(path), [""]), 1):
         if text.strip():
             if not block:
                 start = n

@@ -8,6 +8,8 @@ role) and data/ingest/rejected.jsonl. By hand, on one file of any format the rea
     python stages/ingest.py --input FILE --format alpaca --output OUT.jsonl --rejected REJ.jsonl
     python stages/ingest.py --input FILE --format text --lang ms --output OUT.jsonl
 
+Every reader streams (memory holds one input unit, whatever the file's size); progress (records/s) is shown
+on a TTY and logged otherwise, and the metrics add seconds, records_per_s and peak_rss_mb.
 Each input unit becomes records (one, or several: RM pairs, seed-task instances, web segments)
 or one rejected record naming file, line and reason; per source, records_in = written + rejected.
 """
@@ -15,13 +17,14 @@ or one rejected record naming file, line and reason; per source, records_in = wr
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
-from selfalign import io, params, readers, records
+from selfalign import io, params, progress, readers, records
 
 DEFAULTS = {
     "lang": "en",
@@ -79,7 +82,8 @@ def ingest_source(src: dict, options: dict, write_record, write_rejected) -> dic
     """Read one source, write its records and rejects, return its metrics."""
     want = readers.ROLE_KIND.get(src["role"])
     written, rejected = 0, Counter()
-    for item in readers.read(src["format"], src["path"], src["lang"], src["name"], **options):
+    items = readers.read(src["format"], src["path"], src["lang"], src["name"], **options)
+    for item in progress.track(items, desc=f"ingest {src['name']}"):
         if not readers.is_rejected(item) and want and item["kind"] != want:
             item = records.rejected(item, "wrong_kind", readers.STAGE, file=src["path"],
                                             line=item["meta"].get("line"),
@@ -128,6 +132,7 @@ def main(params_file, overrides, output_dir, metrics_path, input_path, fmt, outp
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = resolve_params(params_file, overrides)
     options = reader_options(cfg)
+    t0 = time.perf_counter()
     log.info("segments of %d-%d chars, multi_turn %s, text documents %s", options["min_chars"], options["max_chars"],
              options["multi_turn"], options["documents"])
 
@@ -158,6 +163,8 @@ def main(params_file, overrides, output_dir, metrics_path, input_path, fmt, outp
 
     metrics = {"sources": sources, **totals(sources),
                "outputs": {r: sum(s["records_written"] for s in sources if s["role"] == r) for r in readers.ROLE_KIND}}
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    metrics.update(progress.rates(metrics["records_in"], metrics["seconds"]))
     log.info("total: %d records in, %d written, %d rejected", metrics["records_in"], metrics["records_written"],
              metrics["rejected"])
     # Per source: one file read with the wrong format (all rejects) must stop the stage even when the others are fine.
