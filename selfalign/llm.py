@@ -41,7 +41,7 @@ _sleep = time.sleep          # tests replace this to check backoff without waiti
 SPEC_DEFAULTS = {
     "kind": "local",            # local | openai | vllm
     "model": "models/base",     # local/vllm: a model directory; openai: the model name sent to the endpoint
-    "batch_size": 8,            # local: sequences generated together (left-padded)
+    "batch_size": 8,            # local: sequences generated together (left-padded); vllm: max_num_seqs
     "dtype": "float32",         # local/vllm: float32 | bfloat16 (bf16 batched generation is ~2x faster on AMX CPUs)
     "threads": 0,               # local: torch CPU threads for this process; 0 keeps torch's default
     "base_url": "http://127.0.0.1:8000/v1",   # openai: one endpoint, or a list of endpoints serving the same model
@@ -626,10 +626,15 @@ def vllm_llm_kwargs(spec: dict) -> dict:
     if not isinstance(prefix, bool):
         raise ValueError(f"engine spec: prefix_caching must be true or false, got {prefix!r}")
     dtype = spec.get("dtype") or "bfloat16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"engine spec: dtype {dtype!r}: expected float32, bfloat16 or float16")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):     # vLLM's auto: the checkpoint's own dtype
+        raise ValueError(f"engine spec: dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    batch = spec.get("batch_size") or 256
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"engine spec: batch_size must be an integer >= 1, got {batch!r}")
+    # batch_size is vLLM's max_num_seqs: the sequences its scheduler runs at once (the KV cache they need is
+    # what --dry-run prints)
     kw = {"model": str(spec["model"]), "dtype": dtype, "tensor_parallel_size": tp,
-          "gpu_memory_utilization": float(util), "enable_prefix_caching": prefix, "seed": 0}
+          "gpu_memory_utilization": float(util), "enable_prefix_caching": prefix, "max_num_seqs": batch, "seed": 0}
     if max_len:
         kw["max_model_len"] = max_len
     return kw

@@ -34,6 +34,7 @@ from pathlib import Path
 GIB = 1024 ** 3
 CUDA_CONTEXT = 0.5 * GIB
 HEADROOM = 0.90  # of the card's memory an estimate may use and still be called a fit
+VLLM_BATCHED_TOKENS = 8192  # vLLM's max_num_batched_tokens: prefill is chunked to this many tokens per step
 
 # Published architectures (the numbers of each model's config.json), so a dry run of a hub
 # profile needs neither the hub nor the weights.
@@ -138,7 +139,7 @@ class Plan:
 
     stage: str
     model: str | Path | dict
-    method: str = "qlora"           # qlora | lora | full | generate
+    method: str = "qlora"           # qlora | lora | full | generate | score (one forward pass, no KV cache)
     seq_len: int = 1024
     micro_batch: int = 1            # sequences per GPU per forward (a preference pair counts 2)
     grad_accum: int = 1
@@ -156,13 +157,14 @@ class Plan:
     zero_stage: int = 0
     frozen_copies: int = 0          # extra resident copies of the frozen base (reference/reward models)
     gpu_gib: float | None = None    # the card to check against
+    prefill_tokens: int = 0         # generate/score: tokens one forward pass holds at once (0: micro_batch x seq_len)
     notes: dict = dataclasses.field(default_factory=dict)
 
 
 def estimate(plan: Plan) -> dict[str, float]:
     """Bytes per GPU by component, with `total`; see the module docstring for each term."""
-    if plan.method not in ("qlora", "lora", "full", "generate"):
-        raise ValueError(f"method {plan.method!r}: expected qlora, lora, full or generate")
+    if plan.method not in ("qlora", "lora", "full", "generate", "score"):
+        raise ValueError(f"method {plan.method!r}: expected qlora, lora, full, generate or score")
     arch = load_arch(plan.model)
     p = arch.params()
     dt = BYTES[plan.dtype]
@@ -181,8 +183,13 @@ def estimate(plan: Plan) -> dict[str, float]:
     if plan.method == "generate":
         # KV cache for the whole batch at full length; no gradients, no optimizer.
         out["kv_cache"] = 2 * arch.layers * arch.kv_dim * dt * tokens
-        out["activations"] = 2 * (arch.hidden + arch.intermediate) * dt * tokens
+        out["activations"] = 2 * (arch.hidden + arch.intermediate) * dt * (plan.prefill_tokens or tokens)
         out["logits"] = 4 * arch.vocab * plan.micro_batch
+    elif plan.method == "score":
+        # one forward pass under inference_mode: a layer's working set at a time, and the fp32 logits of every
+        # position (perplexity and the score prompts' log-probs need all of them; a score head needs none)
+        out["activations"] = 2 * (arch.hidden + arch.intermediate) * dt * tokens
+        out["logits"] = (4 + dt) * arch.vocab * tokens if plan.head == "lm" else 0.0
     else:
         if plan.method == "full":
             trainable, train_bytes = p["total"] - p["head"] + head_params, wdt
@@ -233,8 +240,13 @@ def dry_run(plan: Plan, params: dict | None = None) -> str:
              f"{plan.gpus} GPU(s) -> {plan.micro_batch * plan.grad_accum * plan.gpus} sequences per step",
              f"  runtime      {plan.dtype}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
              f"optimizer {plan.optimizer}, ZeRO stage {plan.zero_stage}"]
+    if plan.method in ("generate", "score"):    # no training: the batch is what runs at once, in one dtype
+        lines[3:] = [f"  batch        {plan.micro_batch} sequences x {plan.seq_len} tokens"
+                     + (" (prompt + new tokens)" if plan.method == "generate" else ""),
+                     f"  runtime      {plan.dtype}, inference only"]
     for key, value in plan.notes.items():
-        lines.append(f"  {key:<12} {value}")
+        if key != "verdict":
+            lines.append(f"  {key:<12} {value}")
     if params:
         lines.append("  params       " + json.dumps(params, sort_keys=True, default=str))
     lines.append("  peak GPU memory estimate per GPU:")
@@ -242,7 +254,9 @@ def dry_run(plan: Plan, params: dict | None = None) -> str:
         if key != "total":
             lines.append(f"    {key:<15} {value / GIB:8.2f} GiB")
     lines.append(f"    {'total':<15} {est['total'] / GIB:8.2f} GiB")
-    if plan.gpu_gib:
+    if plan.notes.get("verdict"):
+        lines.append(f"  {plan.notes['verdict']} ({plan.gpu_gib:g} GiB GPU)")
+    elif plan.gpu_gib:
         verdict = "fits" if fits(est["total"], plan.gpu_gib) else "does NOT fit"
         lines.append(f"  {verdict} a {plan.gpu_gib:g} GiB GPU (estimate must stay under {HEADROOM:.0%} of it)")
     return "\n".join(lines)
@@ -255,7 +269,7 @@ def _targets(targets) -> str:
 def dry_run_model(model_dir: str | Path, params_file: str | Path | None) -> str | Path:
     """What to read the architecture from before any weights exist: the model directory if it has
     been made, else what params.yaml's base section will fetch (a known hub id or a local dir)."""
-    if (Path(model_dir) / "config.json").is_file():
+    if (Path(model_dir) / "config.json").is_file() or str(model_dir) in KNOWN:
         return model_dir
     base = {}
     if params_file:
@@ -321,3 +335,123 @@ def ppo_plan(cfg: dict, policy_dir: str | Path, params_file: str | Path | None =
     plan.notes["rollout"] = (f"{cfg['batch_size']} prompts x {cfg['response_length']} new tokens, "
                              f"{cfg['ppo_epochs']} epochs of minibatches of {cfg['minibatch_size']}")
     return plan
+
+
+def _dtype_name(dtype: str, model) -> str:
+    """A BYTES key for a stage's dtype setting; "auto" is the checkpoint's own torch_dtype."""
+    if dtype == "auto":
+        cfg = KNOWN.get(str(model)) or {}
+        path = Path(str(model)) / "config.json"
+        if not cfg and path.is_file():
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    if dtype not in BYTES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(BYTES)} or auto")
+    return dtype
+
+
+def generation_plan(stage: str, model_dir: str | Path, params_file: str | Path | None = None, *,
+                    engine: dict | None = None, batch: int, prompt_tokens: int, new_tokens: int,
+                    dtype: str = "bfloat16", method: str = "generate", head: str = "lm",
+                    gpu_gib: float | None = 24, what: str = "") -> Plan:
+    """A Plan for a stage that runs a model without training it: `generate` (weights + the KV cache of
+    `batch` sequences of prompt_tokens + new_tokens) or `score` (one forward pass over `batch` sequences of
+    prompt_tokens, with every position's logits). `engine` is the stage's resolved engine spec: with
+    kind vllm the dtype is the engine's, and the notes say what vLLM reserves up front
+    (gpu_memory_utilization of the card) and how many sequences of that length its KV cache then holds."""
+    engine = engine or {}
+    kind = engine.get("kind", "local")
+    if kind in ("local", "vllm") and engine.get("dtype"):
+        dtype = engine["dtype"]
+    model = dry_run_model(model_dir, params_file)
+    seq = int(prompt_tokens) + int(new_tokens)
+    # the largest forward: the whole batch's prompts at once in transformers, chunks of max_num_batched_tokens in vLLM
+    prefill = min(int(batch) * seq, VLLM_BATCHED_TOKENS) if kind == "vllm" else int(batch) * int(prompt_tokens)
+    plan = Plan(stage=stage, model=model, method=method, seq_len=seq, prefill_tokens=prefill,
+                micro_batch=int(batch), dtype=_dtype_name(dtype, model), gradient_checkpointing=False,
+                optimizer="none", head=head, gpu_gib=gpu_gib,
+                notes={"model dir": f"{model_dir}" + ("" if Path(model_dir, "config.json").is_file()
+                                                      else " (not made yet: architecture from params base)")})
+    if what:
+        plan.notes["work"] = what
+    plan.notes["engine"] = (f"{kind}, batches of {batch}" if method == "generate" else
+                            f"in-process (transformers), batches of {batch}")
+    if kind == "openai":
+        plan.notes["engine"] += " (an endpoint: nothing is loaded in this process)"
+    if kind == "vllm" and gpu_gib:
+        est = estimate(plan)
+        arch = load_arch(model)
+        util = float(engine.get("gpu_memory_utilization", 0.9))
+        tp = int(engine.get("tensor_parallel_size", 1))
+        per_token = 2 * arch.layers * arch.kv_dim * BYTES[plan.dtype] / tp
+        room = util * gpu_gib * GIB - est["weights"] / tp - est["activations"] - CUDA_CONTEXT
+        seqs = room / per_token / plan.seq_len if room > 0 else 0
+        plan.notes["vllm"] = (f"reserves {util:g} x {gpu_gib:g} GiB = {util * gpu_gib:.1f} GiB per GPU "
+                              f"(tensor_parallel_size {tp}); its KV cache then holds {max(0, room) / GIB:.1f} GiB = "
+                              f"{int(seqs)} sequences of {plan.seq_len} tokens")
+        # vLLM takes its share up front and queues what its KV cache cannot hold: the question is whether one
+        # sequence fits beside the weights, and how much of the batch runs at once
+        plan.notes["verdict"] = (f"fits: vLLM runs {min(batch, int(seqs))} of the batch of {batch} at once"
+                                 if seqs >= 1 else "does NOT fit: the weights leave no room for one sequence's "
+                                 "KV cache in vLLM's share; raise gpu_memory_utilization or tensor_parallel_size")
+    return plan
+
+
+def dry_run_plans(plans: list[Plan], params: dict | None = None) -> str:
+    """Several plans (a stage that loads more than one model, or runs one model two ways), then the params once."""
+    text = "\n".join(dry_run(p) if not p.notes.get("engine", "").startswith("openai") else
+                     f"stage {p.stage}: dry run: {p.notes['engine']}" for p in plans)
+    if params:
+        text += "\n  params       " + json.dumps(params, sort_keys=True, default=str)
+    return text
+
+
+PROMPT_TOKENS = 512  # the prompt a dry run assumes where a stage's params do not bound it (system + instruction)
+
+
+def stage_inference_plans(stage: str, cfg: dict, model_dir: str | Path, params_file: str | Path | None = None, *,
+                          spec: dict | None = None, reward_model: str | Path | None = None,
+                          gpu_gib: float | None = 24) -> list[Plan]:
+    """The plans of a stage that runs models without training them, from its resolved params `cfg` and
+    engine `spec`: what it generates (weights + KV cache at its batch and lengths) and what it scores."""
+    gen = dict(params_file=params_file, gpu_gib=gpu_gib)
+    if stage == "translate":
+        chars = cfg["max_chars"] if cfg["max_chars"] and cfg["max_chars"] > 0 else 4 * PROMPT_TOKENS
+        return [generation_plan(stage, spec["model"], engine=spec, batch=spec["batch_size"],
+                                prompt_tokens=PROMPT_TOKENS + int(chars * cfg["tokens_per_char"]),
+                                new_tokens=cfg["max_tokens"], what="one field per request", **gen)]
+    if stage == "augment":      # a web segment of max_chars at ~4 characters per token, in the instruction prompt
+        return [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"],
+                                prompt_tokens=PROMPT_TOKENS // 4 + cfg["max_chars"] // 4,
+                                new_tokens=cfg["max_new_tokens"], what="an instruction per web segment", **gen)]
+    if stage == "curate":
+        if cfg["mode"] == "logprobs":
+            return [generation_plan(stage, model_dir, engine={"kind": "local", "dtype": cfg["dtype"]},
+                                    batch=cfg["batch_size"], prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"],
+                                    new_tokens=0, method="score", what="the score digits' log-probs", **gen)]
+        spec = {"kind": "local", "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
+        return [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"],
+                                prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"], new_tokens=cfg["max_tokens"],
+                                what="a 'Score: N' reply per candidate", **gen)]
+    if stage == "distill":
+        return [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"], prompt_tokens=PROMPT_TOKENS,
+                                new_tokens=cfg["max_new_tokens"], what="the teacher's answers", **gen)]
+    if stage == "evaluate":
+        dtype = cfg["dtype"]
+        plans = [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"], prompt_tokens=PROMPT_TOKENS,
+                                 new_tokens=cfg["max_new_tokens"], what="answers to the eval prompts", **gen),
+                 generation_plan(stage, model_dir, engine={"kind": "local", "dtype": dtype}, method="score",
+                                 batch=cfg["ppl_batch_size"], prompt_tokens=cfg["ppl_max_length"], new_tokens=0,
+                                 what="perplexity (after the answering engine is closed)", **gen)]
+        if reward_model:
+            plans.append(generation_plan(stage, reward_model, engine={"kind": "local", "dtype": dtype}, method="score",
+                                         head="score", batch=cfg["reward_batch_size"],
+                                         prompt_tokens=cfg["ppl_max_length"], new_tokens=0,
+                                         what="reward scores of the answers", **gen))
+        return plans
+    if stage == "export":       # the merged model and its reloaded copy, compared on one short prompt
+        plan = generation_plan(stage, model_dir, engine={"kind": "local", "dtype": cfg["dtype"]}, method="score",
+                               batch=1, prompt_tokens=64, new_tokens=0, what="merge, save, reload and compare", **gen)
+        plan.frozen_copies = 1
+        return [plan]
+    raise ValueError(f"stage {stage!r}: no inference plan (training stages use stage_plan / ppo_plan)")

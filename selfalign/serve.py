@@ -613,7 +613,9 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Running:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes the server.")
 @click.option("--api-key-env", default=None, help="Name of an env var holding the key clients must send as Bearer.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "auto"]),
+              help="auto: selfalign/device.py's rule (bf16 on a bf16 GPU, on a CPU where measured faster); float32 "
+                   "keeps greedy answers batch-invariant. The model goes on the process's accelerator, else the CPU.")
 @click.option("--max-batch-size", default=8, show_default=True, type=int)
 @click.option("--batch-wait-ms", default=5.0, show_default=True, type=float)
 @click.option("--max-prompt-tokens", default=2048, show_default=True, type=int)
@@ -632,9 +634,12 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Running:
               help="vllm: context length to reserve KV cache for (0: the model's own).")
 @click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
               help="vllm: reuse the KV cache of shared prompt prefixes.")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (weights + KV cache at the batch and lengths "
+              "above) and exit; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run is held against.")
 def main(model_dir, aliases, port, host, api_key_env, dtype, max_batch_size, batch_wait_ms, max_prompt_tokens,
          max_tokens_limit, max_queue, max_body_bytes, engine, tensor_parallel_size, gpu_memory_utilization,
-         max_model_len, prefix_caching):
+         max_model_len, prefix_caching, dry_run, gpu_gib):
     """Serve MODEL over an OpenAI-compatible HTTP API."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_key = None
@@ -646,6 +651,14 @@ def main(model_dir, aliases, port, host, api_key_env, dtype, max_batch_size, bat
                     max_body_bytes=max_body_bytes)
     vllm = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
             "max_model_len": max_model_len, "prefix_caching": prefix_caching}
+    if dry_run:
+        from selfalign import memory
+
+        plan = memory.generation_plan("serve", model_dir, engine={"kind": engine, "dtype": dtype, **vllm},
+                                      batch=max_batch_size, prompt_tokens=max_prompt_tokens,
+                                      new_tokens=max_tokens_limit, gpu_gib=gpu_gib, what="one batch of requests")
+        click.echo(memory.dry_run(plan))
+        return
     try:
         app = create_app(model_dir, api_key=api_key, dtype=dtype, max_batch_size=max_batch_size,
                          batch_wait_ms=batch_wait_ms, limits=limits, model_name=aliases, engine=engine, vllm=vllm)

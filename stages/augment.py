@@ -70,14 +70,23 @@ def read_web(path: Path, min_chars: int, max_chars: int) -> tuple[list[dict], li
 @click.option("--cache", type=click.Path(file_okay=False), required=True, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
+              help="GPU size the --dry-run estimate is held against.")
 def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache, metrics, shard_spec, merge_shards,
-         shard_dir):
+         shard_dir, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
     spec = {**ENGINE_DEFAULTS, "model": model_dir, **cfg["engine"]}
+    if dry_run:
+        from selfalign import memory
+
+        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, spec=spec,
+                                                                     gpu_gib=gpu_gib)))
+        return
     try:  # a bad prompt file or engine spec fails here, in a second, naming what is wrong
         template = augment.load_template(prompt_file)
         engine = llm.make_engine(spec, cache_dir=cache)

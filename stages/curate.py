@@ -105,8 +105,11 @@ def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache (generate mode).")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
+              help="GPU size the --dry-run estimate is held against.")
 def main(params_file, overrides, iteration, candidates, model_dir, rubric, output_dir, cache, metrics, shard_spec,
-         merge_shards, shard_dir):
+         merge_shards, shard_dir, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
@@ -121,6 +124,12 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         raise click.UsageError(f"curate.select.fraction: {sel['fraction']} is outside (0, 1]")
     if not (isinstance(sel["k"], int) and sel["k"] >= 0):
         raise click.UsageError(f"curate.select.k: {sel['k']!r} is not an integer >= 0")
+    if dry_run:
+        from selfalign import memory
+
+        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, model_dir, params_file,
+                                                                     gpu_gib=gpu_gib)))
+        return
     try:
         rubric_text = curate.load_rubric(rubric)
     except ValueError as e:

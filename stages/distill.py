@@ -65,14 +65,23 @@ def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
+              help="GPU size the --dry-run estimate is held against.")
 def main(params_file, overrides, seed_file, scored_file, teacher, systems, output_dir, cache, metrics, shard_spec,
-         merge_shards, shard_dir):
+         merge_shards, shard_dir, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
     spec = {**ENGINE_DEFAULTS, "model": teacher, **cfg["engine"]}
+    if dry_run:
+        from selfalign import memory
+
+        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, teacher, params_file, spec=spec,
+                                                                     gpu_gib=gpu_gib)))
+        return
     try:  # a bad system-message file or engine spec fails here, in a second, naming what is wrong
         system_msgs = distill.load_systems(systems)
         engine = llm.make_engine(spec, cache_dir=cache)

@@ -28,7 +28,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import chat, io, llm, models, params, records, shard  # noqa: E402
+from selfalign import chat, dpo, io, llm, models, params, records, shard  # noqa: E402
 from selfalign import evaluate as ev  # noqa: E402
 from selfalign import export as ex  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
@@ -36,7 +36,7 @@ from selfalign import reward as rm  # noqa: E402
 log = logging.getLogger("evaluate")
 
 DEFAULTS = {
-    "models": ["base", "m0", "final", "ppo"],
+    "models": ["base", "m0", "final", "preferred"],  # preferred: ppo, dpo or both, by params.yaml's top-level prefer
     "languages": ["en", "fr", "ms"],
     "prompts_per_category": 3,
     "max_new_tokens": 96,
@@ -156,7 +156,7 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sh = shard.Sharding("evaluate", shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
-    dirs = parse_models(model_opts, cfg["models"])
+    dirs = parse_models(model_opts, dpo.expand_preferred(cfg["models"], dpo.read_prefer(params_file)))
     if cfg["threads"]:
         import torch
 

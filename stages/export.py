@@ -3,7 +3,10 @@
     python stages/export.py --params params.yaml --model models/ppo --evaluation metrics/evaluate.json \
         --lock dvc.lock --output models/export --metrics metrics/export.json
 
-dvc.yaml passes `--model models/${export.model}`, so `export.model` picks ppo (default), final or m0.
+dvc.yaml passes `--model NAME=DIR` for each model export may ship and `export.model` picks one: preferred
+(default: the model params.yaml's top-level `prefer` names; with `both`, the one evaluate judged better
+head to head, else ppo: selfalign.dpo.exported_model), ppo, dpo, final or m0. A single `--model DIR` is
+exported as is.
 A LoRA adapter directory is merged into its base first. The export holds safetensors weights, the
 tokenizer, the chat template, a generation config whose eos is the end-of-turn token, the source's
 selfalign.json (the inference system prompt) and README.md, the model card: lineage from dvc.lock
@@ -26,16 +29,37 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import chat, io, models, params  # noqa: E402
+from selfalign import chat, dpo, io, models, params  # noqa: E402
 from selfalign import export as ex  # noqa: E402
 
 log = logging.getLogger("export")
 
 DEFAULTS = {
-    "model": "ppo",
+    "model": "preferred",
     "dtype": "auto",
     "base": "",
 }
+
+
+def choose_source(opts: tuple[str, ...], wanted: str, params_file, evaluation) -> tuple[str, str, str]:
+    """(name, directory, why) of the model to export: the one `--model DIR`, or the NAME=DIR that export.model names."""
+    why = f"export.model: {wanted}"
+    if wanted == "preferred":
+        ev_json = io.read_json(evaluation) if evaluation and Path(evaluation).is_file() else None
+        wanted, why = dpo.exported_model(dpo.read_prefer(params_file), ev_json)
+    named = dict(o.split("=", 1) for o in opts if "=" in o)
+    if len(named) != len(opts):
+        if len(opts) > 1:
+            raise click.UsageError("give one --model DIR, or --model NAME=DIR options")
+        source = opts[0]
+    elif wanted not in named:
+        raise click.UsageError(f"export.model picks {wanted!r} ({why}) but no --model {wanted}=DIR gives it "
+                               f"(given: {', '.join(named)})")
+    else:
+        source = named[wanted]
+    if not Path(source).is_dir():
+        raise click.UsageError(f"--model {source}: not a directory")
+    return wanted, source, why
 
 
 def reload_check(model, export_dir: Path, tok, prompt: str) -> float:
@@ -53,15 +77,17 @@ def reload_check(model, export_dir: Path, tok, prompt: str) -> float:
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--model", "source", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The model directory (or LoRA adapter directory) to export.")
+@click.option("--model", "model_opts", required=True, multiple=True, metavar="DIR | NAME=DIR",
+              help="The model directory (or LoRA adapter directory) to export; or NAME=DIR, repeatable, of which "
+                   "export.model picks one.")
 @click.option("--evaluation", type=click.Path(dir_okay=False), default=None, help="metrics/evaluate.json, if any.")
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default="dvc.lock", show_default=True)
 @click.option("--output", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
-def main(params_file, overrides, source, evaluation, lock_path, output, metrics_path):
+def main(params_file, overrides, model_opts, evaluation, lock_path, output, metrics_path):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "export", overrides)
+    name, source, why = choose_source(model_opts, cfg["model"], params_file, evaluation)
     try:
         model, tok, merged_from = ex.load_source(source, cfg["dtype"], cfg["base"] or None)
         eot_id = ex.set_generation_config(model, tok)
@@ -77,7 +103,7 @@ def main(params_file, overrides, source, evaluation, lock_path, output, metrics_
     if teacher and teacher["teacher_is_student_base"]:
         log.warning("distill's teacher %s is the student's own base model: the card says so", teacher["teacher"])
     log.info("exporting %s (%s): %d parameters in %s, %s; end-of-turn %r (id %d); %d upstream stages in %s",
-             cfg["model"], source, n_params, dtype, f"adapter merged into {merged_from}" if merged_from else "merged",
+             name, source, n_params, dtype, f"adapter merged into {merged_from}" if merged_from else "merged",
              chat.end_of_turn(tok), eot_id, len(stages), lock_path if lock else "(no dvc.lock)")
 
     sys_msg = [{"role": "system", "content": info["system"]}] if info.get("system") else []
@@ -95,7 +121,7 @@ def main(params_file, overrides, source, evaluation, lock_path, output, metrics_
         if diff > 1e-4:
             raise click.ClickException(f"the exported weights do not reload to the same model (max logit diff {diff})")
         card = ex.render_card(
-            name=cfg["model"], source=str(source), merged_from=merged_from, info=info, example_prompt=example,
+            name=name, source=str(source), merged_from=merged_from, info=info, example_prompt=example,
             eot=chat.end_of_turn(tok), eot_id=eot_id, n_params=n_params, dtype=dtype, files=ex.file_table(tmp),
             lineage_rows=ex.lineage_entries(lock, stages), metrics=ex.stage_metrics(lock, stages),
             evaluation=io.read_json(evaluation) if evaluation and Path(evaluation).is_file() else None,
@@ -104,7 +130,7 @@ def main(params_file, overrides, source, evaluation, lock_path, output, metrics_
         (tmp / "README.md").write_text(card, encoding="utf-8")
         files = ex.file_table(tmp)
     io.write_json(metrics_path, {
-        "model": cfg["model"], "source": str(source), "merged_adapter": merged_from is not None, "params": n_params,
+        "model": name, "model_choice": why, "source": str(source), "merged_adapter": merged_from is not None, "params": n_params,
         "dtype": dtype, "bytes": sum(f["bytes"] for f in files), "eos_token_id": eot_id,
         "reload_max_logit_diff": diff, "lineage_stages": len(stages),
         "teacher_is_student_base": teacher["teacher_is_student_base"] if teacher else None,

@@ -169,8 +169,11 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
+              help="GPU size the --dry-run estimate is held against.")
 def main(params_file, overrides, input_dir, output_dir, input_file, output_file, failed_file, model_dir, prompt_file,
-         cache, metrics, shard_spec, merge_shards, shard_dir):
+         cache, metrics, shard_spec, merge_shards, shard_dir, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir or output_file)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
@@ -191,6 +194,12 @@ def main(params_file, overrides, input_dir, output_dir, input_file, output_file,
         spec["model"] = model_dir or spec["model"]
     elif model_dir:
         log.info("--model %s is unused: engine.kind is %s (model %s)", model_dir, spec["kind"], spec["model"])
+    if dry_run:
+        from selfalign import memory
+
+        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, spec["model"], params_file,
+                                                                     spec=spec, gpu_gib=gpu_gib)))
+        return
     log.info("engine %s on %s; max_records %s per file, fields of at most %s characters; kinds %s; roles %s",
              spec["kind"], spec["model"], cfg["max_records"], cfg["max_chars"] or "any", ",".join(cfg["kinds"]),
              ",".join(cfg["roles"]))

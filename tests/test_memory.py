@@ -164,3 +164,125 @@ def test_training_stages_dry_run_loads_nothing_and_writes_nothing(stage, tiny_mo
         assert term in result.output
     assert "a 8 GiB GPU" in result.output
     assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+# ------------------------------------------------------------------ stages that run models without training them
+
+
+def _inference_args(stage: str, model: Path, tmp_path: Path) -> list[str]:
+    """The stage's dvc.yaml command, pointed at `model` and at files under tmp_path."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for name in ("seed.jsonl", "web.jsonl", "candidates.jsonl", "prompts.jsonl"):
+        (data / name).write_text("")
+    out, m = ["--output-dir", str(tmp_path / "out")], ["--metrics", str(tmp_path / "m.json")]
+    prompts = ROOT / "prompts"
+    return {
+        "translate": ["--input-dir", str(data), *out, "--model", str(model), "--prompt", str(prompts / "translate.txt"),
+                      "--cache", str(tmp_path / "cache"), *m],
+        "augment": ["--web", str(data / "web.jsonl"), "--model", str(model), "--prompt", str(prompts / "backward.txt"),
+                    *out, "--cache", str(tmp_path / "cache"), *m],
+        "curate": ["--iteration", "iter1", "--candidates", str(data / "candidates.jsonl"), "--model", str(model),
+                   "--rubric", str(prompts / "curate.txt"), *out, "--cache", str(tmp_path / "cache"), *m],
+        "distill": ["--seed", str(data / "seed.jsonl"), "--teacher", str(model), "--systems",
+                    str(prompts / "orca_systems.txt"), *out, "--cache", str(tmp_path / "cache"), *m],
+        "evaluate": ["--model", f"base={model}", "--model", f"m0={model}", "--model", f"final={model}",
+                     "--model", f"ppo={model}", "--model", f"dpo={model}", "--reward-model", str(model),
+                     "--prompts", str(ROOT / "data/eval/prompts.jsonl"), "--heldout", str(data / "seed.jsonl"),
+                     "--judge-prompt", str(prompts / "evaluate.txt"), "--cache", str(tmp_path / "cache"), *out, *m],
+        "export": ["--model", f"ppo={model}", "--model", f"dpo={model}", "--model", f"final={model}",
+                   "--model", f"m0={model}", "--output", str(tmp_path / "out"), *m],
+    }[stage]
+
+
+INFERENCE_STAGES = ["translate", "augment", "curate", "distill", "evaluate", "export"]
+
+
+@pytest.mark.parametrize("stage", INFERENCE_STAGES)
+def test_every_model_running_stage_dry_runs_with_its_batch_and_lengths(stage, tiny_model_dir, tmp_path):
+    """Each prints its plan from its resolved params, loads and writes nothing; a generating stage's KV cache is
+    2 (k, v) x layers x kv_dim x bytes x its batch x (prompt + new tokens)."""
+    from click.testing import CliRunner
+
+    from selfalign import params
+
+    args = [*_inference_args(stage, tiny_model_dir, tmp_path), "--params", str(ROOT / "params.yaml"), "--dry-run",
+            "--gpu-gib", "8"]
+    result = CliRunner().invoke(load_stage(stage).main, args)
+    assert result.exit_code == 0, result.output
+    assert f"stage {stage}: dry run (no weights loaded)" in result.output and "a 8 GiB GPU" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "cache").exists()
+    cfg = params.resolve(load_stage(stage).DEFAULTS, ROOT / "params.yaml", stage, ())
+    arch = memory.load_arch(tiny_model_dir)
+    kv_per_token = 2 * arch.layers * arch.kv_dim * 2     # bf16 or fp32 below
+    if stage in ("translate", "augment", "distill"):
+        engine = {**getattr(load_stage(stage), "ENGINE_DEFAULTS", {}), **cfg["engine"]}
+        new = cfg["max_tokens"] if stage == "translate" else cfg["max_new_tokens"]
+        line = next(ln for ln in result.output.splitlines() if ln.strip().startswith("batch"))
+        batch, seq = int(line.split()[1]), int(line.split()[4])
+        assert batch == engine["batch_size"] and seq > new
+        width = memory.BYTES[memory._dtype_name(engine["dtype"], tiny_model_dir)]
+        kv = next(ln for ln in result.output.splitlines() if ln.strip().startswith("kv_cache"))
+        assert float(kv.split()[1]) == pytest.approx(kv_per_token // 2 * width * batch * seq / GIB, abs=0.006)
+    if stage == "evaluate":     # answers, then perplexity, then reward scores: three plans
+        assert result.output.count("dry run (no weights loaded)") == 3 and "reward scores" in result.output
+    if stage == "export":
+        assert "merge, save, reload and compare" in result.output
+
+
+def test_serve_dry_run_counts_the_kv_cache_of_its_batch(tiny_model_dir):
+    from click.testing import CliRunner
+
+    from selfalign import serve
+
+    result = CliRunner().invoke(serve.main, ["--model", str(tiny_model_dir), "--dry-run", "--max-batch-size", "4",
+                                             "--max-prompt-tokens", "300", "--max-tokens", "100"])
+    assert result.exit_code == 0, result.output
+    arch = memory.load_arch(tiny_model_dir)
+    assert "batch        4 sequences x 400 tokens" in result.output
+    kv = next(ln for ln in result.output.splitlines() if ln.strip().startswith("kv_cache"))
+    assert float(kv.split()[1]) == pytest.approx(2 * arch.layers * arch.kv_dim * 4 * 4 * 400 / GIB, abs=0.006)
+
+
+def test_vllm_plan_says_how_much_of_the_batch_its_kv_cache_holds():
+    arch = memory.load_arch("Qwen/Qwen2.5-7B-Instruct")
+    spec = {"kind": "vllm", "dtype": "bfloat16", "gpu_memory_utilization": 0.9}
+    small = memory.generation_plan("augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512,
+                                   new_tokens=3584, gpu_gib=24)
+    est = memory.estimate(small)
+    room = 0.9 * 24 * GIB - est["weights"] - est["activations"] - memory.CUDA_CONTEXT
+    held = int(room / (2 * arch.layers * arch.kv_dim * 2) / 4096)
+    assert 0 < held < 256 and f"fits: vLLM runs {held} of the batch of 256 at once" in memory.dry_run(small)
+    assert small.prefill_tokens == memory.VLLM_BATCHED_TOKENS     # chunked prefill, not 256 x 1024 at once
+    big = memory.generation_plan("augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512,
+                                 new_tokens=512, gpu_gib=80)
+    assert "fits: vLLM runs 256 of the batch of 256 at once" in memory.dry_run(big)
+    tiny = memory.generation_plan("augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=8, prompt_tokens=512,
+                                  new_tokens=512, gpu_gib=16)
+    assert "does NOT fit: the weights leave no room" in memory.dry_run(tiny)
+
+
+def test_the_gpu_profile_runs_every_generating_stage_on_vllm_and_sets_each_value_once(tmp_path):
+    """translate, augment, curate, distill and evaluate answer with vLLM; where a stage folds its own batch_size
+    and dtype into its engine spec (curate, evaluate) the profile sets them there only, not twice."""
+    import yaml
+
+    from selfalign import params, profile
+
+    prof = profile.load(ROOT / "profiles/qwen2.5-7b-qlora.yaml")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(profile.apply_text((ROOT / "params.yaml").read_text(), prof))
+    for stage in ("translate", "augment", "curate", "distill", "evaluate"):
+        cfg = params.resolve(load_stage(stage).DEFAULTS, params_file, stage, ())
+        assert cfg["engine"]["kind"] == "vllm", stage
+        folded = {"batch_size", "dtype"} if stage in ("curate", "evaluate") else set()
+        assert not folded & set(prof[stage]["engine"]), f"{stage}: batch_size/dtype set in the section and the engine"
+    # the 7B plans of the generating stages fit an 80 GiB card
+    for stage in ("translate", "augment", "distill"):
+        cfg = params.resolve(load_stage(stage).DEFAULTS, params_file, stage, ())
+        spec = {**getattr(load_stage(stage), "ENGINE_DEFAULTS", {}), "model": "Qwen/Qwen2.5-7B-Instruct",
+                **cfg["engine"]}
+        (plan,) = memory.stage_inference_plans(stage, cfg, "Qwen/Qwen2.5-7B-Instruct", spec=spec, gpu_gib=80)
+        assert plan.notes["verdict"].startswith("fits"), (stage, plan.notes)
+    assert yaml.safe_load(params_file.read_text())["base"]["hub_id"] == "Qwen/Qwen2.5-7B-Instruct"

@@ -53,6 +53,9 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
         "reward.max_pairs": 24, "reward.heldout_pairs": 8, "reward.max_length": 128,
         "ppo.steps": 2, "ppo.batch_size": 4, "ppo.minibatch_size": 2, "ppo.ppo_epochs": 1,
         "ppo.response_length": 8, "ppo.checkpoint_every": 1,
+        "dpo.max_pairs": 8, "dpo.heldout_pairs": 4, "dpo.max_prompt_tokens": 64, "dpo.max_answer_tokens": 32,
+        "dpo.checkpoint_every": 1, "dpo.self_rewarding": True,
+        "prefer": "both",  # evaluate compares ppo and dpo; export ships the one it judged better (else ppo)
         "augment.max_segments": 12, "augment.max_new_tokens": 12, "augment.reject_truncated": False,
         "augment.min_instruction_words": 1,
         # 512: a curated example's response is a whole web segment (200-1500 characters); it is kept whole or dropped
@@ -117,9 +120,9 @@ def test_data_half_repro_then_noop(repo):
 
 
 ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1",
-              "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "distill", "sft@final", "reward", "ppo", "evaluate",
-              "export"}
-AFTER_LAST_ROUND = {"distill", "sft@final", "reward", "ppo", "evaluate", "export"}
+              "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "distill", "sft@final", "reward", "ppo", "dpo",
+              "evaluate", "export"}
+AFTER_LAST_ROUND = {"distill", "sft@final", "reward", "ppo", "dpo", "evaluate", "export"}
 AFTER_CURATION = {"curate@iter1", "sft-iter@iter1", "curate@iter2", "sft-iter@iter2"} | AFTER_LAST_ROUND
 
 
@@ -143,7 +146,7 @@ def whole_graph(repo, tmp_path_factory) -> set[str]:
 
 def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_graph):
     assert ALL_STAGES <= whole_graph | {"base", "ingest", "translate", "clean"}
-    for name in ["m0", "backward", "m1", "m2", "final", "reward", "ppo", "export"]:
+    for name in ["m0", "backward", "m1", "m2", "final", "reward", "ppo", "dpo", "export"]:
         assert (repo / "models" / name / "config.json").exists(), f"models/{name} missing"
     # The method reaches the models: every round keeps at least a quarter of its valid candidates, and the
     # models after curation train on curated examples (issue 9: curation once kept 0 of 39 and m1 = m0's data).
@@ -155,6 +158,12 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
     assert any(k.startswith("data/curate/iter2/kept.jsonl|") for k in final["sources"]), "final reads the last round"
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert evaluate
+    dpo = json.loads((repo / "metrics" / "dpo.json").read_text())
+    assert dpo["pairs_heldout"] > 0 and dpo["heldout_accuracy"] is not None and dpo["steps"] > 0, dpo
+    # prefer: both reaches evaluate (ppo and dpo are compared) and export (one of them is shipped, and why)
+    assert {"ppo", "dpo"} <= set(evaluate["models"]) and "dpo_vs_ppo" in evaluate["win_rate"]
+    export = json.loads((repo / "metrics" / "export.json").read_text())
+    assert export["model"] in ("ppo", "dpo") and export["model_choice"].startswith("prefer: both"), export
     assert (repo / "reports" / "evaluate" / "report.md").exists()
     card = (repo / "models" / "export" / "README.md").read_text()
     assert "sft@final" in card or "ppo" in card

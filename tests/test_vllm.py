@@ -97,7 +97,8 @@ def vllm_module(monkeypatch):
 
 @pytest.mark.parametrize("key, value", [("tensor_parallel_size", 0), ("tensor_parallel_size", 1.5),
                                         ("gpu_memory_utilization", 1.2), ("gpu_memory_utilization", 0),
-                                        ("max_model_len", -1), ("prefix_caching", "yes"), ("dtype", "int8")])
+                                        ("max_model_len", -1), ("prefix_caching", "yes"), ("dtype", "int8"),
+                                        ("batch_size", 0)])
 def test_bad_vllm_settings_fail_naming_the_key_before_vllm_is_needed(tiny_model_dir, key, value):
     with pytest.raises(ValueError, match=key):
         llm.make_engine({"kind": "vllm", "model": str(tiny_model_dir), key: value})
@@ -119,8 +120,8 @@ def test_spec_keys_reach_vllm_and_answers_match_the_local_engine(tiny_model_dir,
     too_long = llm.Request(prompt="word " * 80, max_tokens=40)
     with llm.make_engine(spec, cache_dir=tmp_path / "cache") as engine:
         assert vllm_module.built == [{"model": str(tiny_model_dir), "dtype": "float32", "tensor_parallel_size": 2,
-                                      "gpu_memory_utilization": 0.55, "enable_prefix_caching": False, "seed": 0,
-                                      "max_model_len": 96}]
+                                      "gpu_memory_utilization": 0.55, "enable_prefix_caching": False,
+                                      "max_num_seqs": 8, "seed": 0, "max_model_len": 96}]
         got = engine.complete(reqs + [too_long], template_id="t")
         assert engine.model.max_positions == 96
     assert vllm_module.destroyed == ["model_parallel", "distributed_environment"] and vllm_module.alive == 0

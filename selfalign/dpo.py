@@ -1,0 +1,292 @@
+"""Direct preference optimisation: pairs, their tokens, TRL's DPOTrainer, held-out implicit-reward accuracy.
+
+DPO (Rafailov et al. 2023) trains the policy straight on preference pairs, with no reward model
+and no sampling: the loss is -log sigmoid(beta * (log-ratio of chosen - log-ratio of rejected)),
+each log-ratio being log pi(y|x) - log pi_ref(y|x) summed over the answer's tokens. Here the
+policy is the SFT model with a LoRA adapter and the reference is the same model with the adapter
+off (as in selfalign.ppo), so one copy of the weights serves both.
+
+Pairs (STYLE principle 7: every candidate is used or counted with a reason):
+  - preference records (`prompt`, `chosen`, `rejected`), chosen as the reward stage chooses them
+    (selfalign.reward.select_pairs: each (id, lang) once);
+  - self-rewarding pairs from curation scores (`self_reward_pairs`): for an instruction the
+    scorer rated two or more answers to, the best and the worst scored answer.
+
+Tokens come from the model's own chat template exactly as SFT's (selfalign.training.segments):
+the prompt is what the server renders for the conversation (`chat.split_last_turn`), an answer is
+its text up to and including the end-of-turn token, each tokenised on its own. TRL is handed these
+ids, so what DPO trains on is what serve will show the model.
+
+`prefer` (a top-level key of params.yaml: ppo | dpo | both) says which preference-tuned model(s)
+evaluate compares and export ships; `expand_preferred` and `exported_model` apply it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import yaml
+
+from selfalign import chat, records
+from selfalign.params import ParamsError
+
+PREFER = ("ppo", "dpo", "both")
+SELF_REWARD_SOURCE = "self-rewarding"
+
+
+# ---------------------------------------------------------------- prefer: ppo | dpo | both
+
+def read_prefer(params_file) -> str:
+    """The top-level `prefer` of params.yaml (ppo when no file is given or the key is absent)."""
+    if not params_file:
+        return "ppo"
+    data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
+    value = data.get("prefer", "ppo")
+    if value not in PREFER:
+        raise ParamsError(f"{params_file}: prefer: {value!r} is not one of {' | '.join(PREFER)}")
+    return value
+
+
+def preferred(prefer: str) -> list[str]:
+    if prefer not in PREFER:
+        raise ParamsError(f"prefer: {prefer!r} is not one of {' | '.join(PREFER)}")
+    return ["ppo", "dpo"] if prefer == "both" else [prefer]
+
+
+def expand_preferred(names: list[str], prefer: str) -> list[str]:
+    """evaluate.models with its `preferred` entry replaced by the model(s) `prefer` names, in place."""
+    out: list[str] = []
+    for n in names:
+        out += preferred(prefer) if n == "preferred" else [n]
+    return out
+
+
+def exported_model(prefer: str, evaluation: dict | None) -> tuple[str, str]:
+    """(model name, why) export ships for `export.model: preferred`.
+
+    ppo or dpo: that one. both: the one evaluate judged better head to head (its win rate's 95%
+    interval above one half); without such a verdict ppo, the pipeline's established model.
+    """
+    if prefer != "both":
+        return preferred(prefer)[0], f"prefer: {prefer}"
+    rates = (evaluation or {}).get("win_rate", {})
+    for pair, name in (("dpo_vs_ppo", "dpo"), ("ppo_vs_dpo", "ppo")):
+        entry = (rates.get(pair) or {}).get("all")
+        if entry and entry.get("ci"):
+            lo, hi = entry["ci"]
+            if lo > 0.5:
+                return name, f"prefer: both; evaluate judged {name} better ({pair} win rate {entry['win_rate']:.3f}, " \
+                             f"95% {lo:.3f}-{hi:.3f})"
+            if hi < 0.5:
+                other = "ppo" if name == "dpo" else "dpo"
+                return other, f"prefer: both; evaluate judged {other} better ({pair} win rate " \
+                              f"{entry['win_rate']:.3f}, 95% {lo:.3f}-{hi:.3f})"
+            return "ppo", f"prefer: both; no measurable difference between ppo and dpo ({pair} win rate " \
+                          f"{entry['win_rate']:.3f}, 95% {lo:.3f}-{hi:.3f}): ppo, the established model"
+    return "ppo", "prefer: both; the evaluation has no ppo-dpo comparison: ppo, the established model"
+
+
+# ---------------------------------------------------------------- pairs
+
+def self_reward_pairs(scored: list[dict], min_gap: float) -> tuple[list[dict], Counter]:
+    """Best vs worst scored answer to each instruction that has at least two scored answers.
+
+    Candidates sharing their instruction (system prompt and every turn before the answer) form a
+    group; its highest and lowest `meta.score` make one pair when they differ by at least
+    `min_gap` and their texts differ. Counts are per candidate: in = paired + every other reason.
+    """
+    groups: dict[str, list[dict]] = defaultdict(list)
+    counts: Counter = Counter()
+    for r in scored:
+        score = (r.get("meta") or {}).get("score")
+        msgs = r.get("messages") or []
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or len(msgs) < 2 \
+                or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
+            counts["no_score"] += 1
+            continue
+        key = repr([r.get("system") or "", r.get("lang"), [[m["role"], m["content"]] for m in msgs[:-1]]])
+        groups[key].append(r)
+    pairs = []
+    for group in groups.values():
+        if len(group) < 2:
+            counts["no_shared_instruction"] += 1
+            continue
+        ranked = sorted(group, key=lambda r: (-r["meta"]["score"], r["id"]))
+        best, worst = ranked[0], ranked[-1]
+        if best["meta"]["score"] - worst["meta"]["score"] < min_gap:
+            counts["scores_too_close"] += len(group)
+            continue
+        if best["messages"][-1]["content"] == worst["messages"][-1]["content"]:
+            counts["same_answer"] += len(group)
+            continue
+        counts["paired"] += 2
+        counts["neither_best_nor_worst"] += len(group) - 2
+        pairs.append(records.make(
+            "preference", prompt=best["messages"][-2]["content"], chosen=best["messages"][-1]["content"],
+            rejected=worst["messages"][-1]["content"], system=best.get("system"), lang=best["lang"],
+            source=SELF_REWARD_SOURCE,
+            meta={"scores": [best["meta"]["score"], worst["meta"]["score"]], "from": [best["id"], worst["id"]],
+                  "answers": len(group)}))
+    return pairs, counts
+
+
+def pair_conversation(pair: dict, system: str | None) -> list[dict]:
+    """The prompt turns of a preference record; a record without its own system prompt gets `system`
+    (the policy's inference one, selfalign.json), as ppo and evaluate give it."""
+    sys_prompt = pair.get("system") or system
+    head = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+    return head + [{"role": "user", "content": pair["prompt"]}]
+
+
+def encode_pair(tok, pair: dict, system: str | None, max_prompt_tokens: int, max_answer_tokens: int) -> dict:
+    """{prompt_ids, chosen_ids, rejected_ids, prompt_cut, answer_cut} for TRL's preference collator.
+
+    A prompt longer than `max_prompt_tokens` loses its start (the question's end and the assistant
+    header stay); an answer longer than `max_answer_tokens` loses its end, end-of-turn included, as
+    TRL's own keep_start truncation would (counted: such a pair no longer teaches where to stop).
+    Raises ValueError when the chat template cannot split the conversation.
+    """
+    head = pair_conversation(pair, system)
+    prompt, chosen = chat.split_last_turn(tok, head + [{"role": "assistant", "content": pair["chosen"]}])
+    prompt2, rejected = chat.split_last_turn(tok, head + [{"role": "assistant", "content": pair["rejected"]}])
+    if prompt != prompt2:
+        raise ValueError("the chat template renders the prompt differently for the two answers")
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    p, c, r = ids(prompt), ids(chosen), ids(rejected)
+    return {"prompt_ids": p[-max_prompt_tokens:], "chosen_ids": c[:max_answer_tokens],
+            "rejected_ids": r[:max_answer_tokens], "prompt_cut": len(p) > max_prompt_tokens,
+            "answer_cut": len(c) > max_answer_tokens or len(r) > max_answer_tokens}
+
+
+def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: dict) -> tuple[list[dict], list[dict]]:
+    """(rows, rejected records): every pair becomes a row or a rejected record with its reason."""
+    rows, rejected = [], []
+    for p in pairs:
+        try:
+            row = encode_pair(tok, p, system, cfg["max_prompt_tokens"], cfg["max_answer_tokens"])
+        except ValueError as e:
+            rejected.append(records.rejected(p, "template", "dpo", detail=str(e)))
+            continue
+        if row["chosen_ids"] == row["rejected_ids"]:
+            rejected.append(records.rejected(p, "same_after_cut", "dpo",
+                                             detail=f"the answers' first {cfg['max_answer_tokens']} tokens are equal"))
+            continue
+        rows.append(row | {"id": p["id"], "lang": p["lang"], "source": p["source"]})
+    return rows, rejected
+
+
+# ---------------------------------------------------------------- training and held-out margins
+
+def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
+    """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer's tokens."""
+    import torch
+
+    seqs, spans = [], []
+    for r in rows:
+        for key in ("chosen_ids", "rejected_ids"):
+            seqs.append(r["prompt_ids"] + r[key])
+            spans.append((len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r[key])))
+    out = [0.0] * len(seqs)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            idx = list(range(start, min(start + batch_size, len(seqs))))
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, :len(seqs[i])] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+            for row, i in enumerate(idx):
+                a, b = spans[i]
+                out[i] = float(logp[row, a - 1:b - 1].sum())   # logits at t predict token t+1
+    model.train(was_training)
+    return [(out[2 * k], out[2 * k + 1]) for k in range(len(rows))]
+
+
+def implicit_rewards(model, rows: list[dict], beta: float, pad_id: int, batch_size: int) -> list[dict]:
+    """DPO's implicit rewards beta * (log pi - log pi_ref) of both answers, the reference being the
+    policy with its LoRA adapter disabled; margin > 0 means the pair is ranked right."""
+    policy = sequence_logps(model, rows, pad_id, batch_size)
+    with model.disable_adapter():
+        ref = sequence_logps(model, rows, pad_id, batch_size)
+    out = []
+    for (pc, pr), (rc, rr) in zip(policy, ref, strict=True):
+        c, r = beta * (pc - rc), beta * (pr - rr)
+        out.append({"chosen": c, "rejected": r, "margin": c - r})
+    return out
+
+
+def heldout_metrics(rewards: list[dict]) -> dict:
+    """Accuracy (implicit reward margin > 0) with its 95% Wilson interval, and the mean margin."""
+    from selfalign.reward import wilson_interval
+
+    n = len(rewards)
+    if n == 0:
+        return {"accuracy": None, "ci95": None, "margin": None, "pairs": 0}
+    wins = sum(r["margin"] > 0 for r in rewards)
+    return {"accuracy": wins / n, "ci95": list(wilson_interval(wins, n)),
+            "margin": sum(r["margin"] for r in rewards) / n, "pairs": n}
+
+
+def trainer_class():
+    """TRL's DPOTrainer, handed rows we tokenised ourselves (encode_pair): its own tokenisation would
+    render prompt + answer in one go and train the newline after ChatML's <|im_end|> as answer."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
+            if missing:
+                raise ValueError(f"{dataset_name} rows lack {sorted(missing)}: build them with selfalign.dpo.encode_pair")
+            return dataset
+
+    return PretokenizedDPOTrainer
+
+
+def dpo_config(cfg: dict, ckpt_dir: Path, total_steps: int):
+    import torch
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(ckpt_dir), max_steps=total_steps, per_device_train_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=cfg["grad_accum"], learning_rate=float(cfg["lr"]),
+        lr_scheduler_type=cfg["scheduler"], warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)),
+        max_grad_norm=cfg["max_grad_norm"], beta=float(cfg["beta"]), loss_type=[cfg["loss_type"]],
+        max_length=None,        # encode_pair already cut prompts and answers
+        precompute_ref_log_probs=False,  # the reference is the adapter-off policy: computed per batch, no copy
+        use_cpu=not torch.cuda.is_available(), bf16=cfg["precision"] == "bf16", seed=cfg["seed"],
+        data_seed=cfg["seed"], activation_checkpointing=False, logging_steps=1, logging_first_step=True,
+        save_strategy="steps" if cfg["checkpoint_every"] else "no", save_steps=cfg["checkpoint_every"] or 1,
+        save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=True,
+        dataloader_num_workers=0, dataset_num_proc=None)
+
+
+def total_steps(n_rows: int, cfg: dict) -> int:
+    per_step = cfg["batch_size"] * cfg["grad_accum"]
+    steps = math.ceil(n_rows * cfg["epochs"] / per_step)
+    return min(steps, cfg["max_steps"]) if cfg["max_steps"] else steps
+
+
+def curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Training curves from the trainer's log: loss and DPO's reward statistics, per logged step."""
+    keys = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "accuracy",
+            "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
+    out: dict[str, list[tuple[int, float]]] = {v: [] for v in keys.values()}
+    for e in log_history:
+        if "loss" not in e:
+            continue
+        for k, v in keys.items():
+            if k in e:
+                out[v].append((e["step"], float(e[k])))
+    return out
