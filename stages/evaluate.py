@@ -151,12 +151,23 @@ def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: 
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @shard.options
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
+              help="GPU size the --dry-run estimate is held against.")
 def main(params_file, overrides, model_opts, reward_model, prompts, heldout, judge_prompt, lock_path, cache, output_dir,
-         metrics_path, shard_spec, merge_shards, shard_dir):
+         metrics_path, shard_spec, merge_shards, shard_dir, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sh = shard.Sharding("evaluate", shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
     dirs = parse_models(model_opts, dpo.expand_preferred(cfg["models"], dpo.read_prefer(params_file)))
+    if dry_run:     # every evaluated model has the base's architecture: the first stands for all
+        from selfalign import memory
+
+        first = next(iter(dirs.values()))
+        click.echo(memory.dry_run_plans(memory.stage_inference_plans(
+            "evaluate", cfg, first, params_file, spec=answer_spec(first, cfg), reward_model=reward_model,
+            gpu_gib=gpu_gib)))
+        return
     if cfg["threads"]:
         import torch
 

@@ -84,10 +84,19 @@ def reload_check(model, export_dir: Path, tok, prompt: str) -> float:
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default="dvc.lock", show_default=True)
 @click.option("--output", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
-def main(params_file, overrides, model_opts, evaluation, lock_path, output, metrics_path):
+@click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
+@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
+              help="GPU size the --dry-run estimate is held against.")
+def main(params_file, overrides, model_opts, evaluation, lock_path, output, metrics_path, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "export", overrides)
     name, source, why = choose_source(model_opts, cfg["model"], params_file, evaluation)
+    if dry_run:
+        from selfalign import memory
+
+        click.echo(memory.dry_run_plans(memory.stage_inference_plans("export", cfg, source, params_file,
+                                                                     gpu_gib=gpu_gib)))
+        return
     try:
         model, tok, merged_from = ex.load_source(source, cfg["dtype"], cfg["base"] or None)
         eot_id = ex.set_generation_config(model, tok)
