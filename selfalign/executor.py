@@ -16,6 +16,8 @@ holds read rejects, then rule and gate rejects, then duplicates, each group in i
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -87,7 +89,6 @@ def map_ordered(recs: Iterable[dict], args: tuple, workers: int, min_parallel: i
         for chunk in _chunks(stream, CHUNK):
             yield from clean_items(chunk, *args)
         return
-    import itertools
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -101,6 +102,129 @@ def map_ordered(recs: Iterable[dict], args: tuple, workers: int, min_parallel: i
             yield from window.popleft().get()
 
 
+def local_results(pairs, args: tuple, workers: int, on_bad) -> Iterator[tuple]:
+    """(pair index, record, line, clean_items result) per valid record of every input in order; invalid lines go
+    to on_bad(pair index, rejected) as they are read."""
+    todo: deque = deque()  # (pair, record, line) sent to the rules, awaiting their result
+
+    def feed() -> Iterator[dict]:
+        for p, (src, _) in enumerate(pairs):
+            for item in records.stream(src, STAGE):
+                if isinstance(item, dict):
+                    on_bad(p, item)
+                    continue
+                todo.append((p, *item))
+                yield item[0]
+
+    for result in map_ordered(feed(), args, workers):
+        yield (*todo.popleft(), result)
+
+
+# ---------------------------------------------------------------- datatrove: the same work as sharded tasks
+
+
+def shard_task(data, rank: int = 0, world_size: int = 1, *, pairs, args: tuple, out_dir: str):
+    """One datatrove task: clean_items over every world_size-th line of the inputs (line k of the whole input goes
+    to task k % world_size), written to out_dir/shard-<rank>.jsonl in order. The file appears whole or not at all,
+    so a task datatrove re-runs after a kill starts clean, and one it marked completed is skipped on resume."""
+    out = Path(out_dir) / f"shard-{rank:05d}.jsonl"
+    with io.atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        batch: list[tuple[int, dict, int]] = []
+
+        def flush() -> None:
+            for (p, rec, line), ((res_out, fixed, reason, detail, verdict), key, sig) in zip(
+                    batch, clean_items([b[1] for b in batch], *args), strict=True):
+                f.write(json.dumps({"p": p, "line": line, "rec": rec, "res": [res_out, fixed, reason, detail, verdict],
+                                    "key": key.hex() if key else None, "sig": sig.hex() if sig else None},
+                                   ensure_ascii=False) + "\n")
+            batch.clear()
+
+        k = -1
+        for p, (src, _) in enumerate(pairs):
+            for item in records.stream(src, STAGE):
+                k += 1
+                if k % world_size != rank:
+                    continue
+                if isinstance(item, dict):
+                    flush()
+                    f.write(json.dumps({"p": p, "bad": item}, ensure_ascii=False) + "\n")
+                else:
+                    batch.append((p, *item))
+                    if len(batch) >= CHUNK:
+                        flush()
+        flush()
+    return data
+
+
+def datatrove_executor(engine: dict, pipeline: list, logs: Path):
+    """The datatrove executor that `engine` names, running `pipeline` as engine["workers"] tasks."""
+    tasks = int(engine["workers"])
+    if engine["executor"] == "datatrove":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs), start_method="fork")
+    if engine["executor"] == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        slurm = engine.get("slurm", {})
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logs), time=slurm.get("time", "01:00:00"),
+                                     partition=slurm["partition"], cpus_per_task=slurm.get("cpus_per_task", 1),
+                                     mem_per_cpu_gb=slurm.get("mem_per_cpu_gb", 2), job_name="selfalign-clean",
+                                     venv_path=slurm.get("venv_path") or None)
+    if engine["executor"] == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs))
+    raise ValueError(f"clean.executor: {engine['executor']!r} is not local | datatrove | slurm | ray")
+
+
+def _wait_for_shards(executor, tasks: int, poll_s: float = 30.0) -> None:
+    """SLURM's executor submits an array job and returns: wait until datatrove has marked every task completed."""
+    import time
+
+    while incomplete := executor.get_incomplete_ranks(range(tasks), skip_completed=True):
+        progress.log.info("clean: waiting for %d of %d datatrove tasks", len(incomplete), tasks)
+        time.sleep(poll_s)
+
+
+def datatrove_results(pairs, args: tuple, engine: dict, work: Path, on_bad) -> Iterator[tuple]:
+    """local_results, computed by datatrove tasks (shard_task) and merged back in input order."""
+    import functools
+
+    shards = work / "shards"
+    shards.mkdir(exist_ok=True)
+    task = functools.partial(shard_task, pairs=[(str(a), str(b)) for a, b in pairs], args=args, out_dir=str(shards))
+    executor = datatrove_executor(engine, [task], work / "datatrove")
+    executor.run()
+    tasks = int(engine["workers"])
+    if engine["executor"] == "slurm":
+        _wait_for_shards(executor, tasks)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(open(shards / f"shard-{r:05d}.jsonl", encoding="utf-8")) for r in range(tasks)]
+        for k in itertools.count():
+            text = readers[k % tasks].readline()
+            if not text:
+                break
+            row = json.loads(text)
+            if "bad" in row:
+                on_bad(row["p"], row["bad"])
+                continue
+            result = (tuple(row["res"]), bytes.fromhex(row["key"]) if row["key"] else None,
+                      bytes.fromhex(row["sig"]) if row["sig"] else None)
+            yield row["p"], row["rec"], row["line"], result
+
+
+def fresh(work: Path, what) -> None:
+    """Make `work` hold only what a run of `what` (params, engine, inputs' sizes and times) wrote: a killed run's
+    datatrove shards are reused when the same run is started again (datatrove skips the completed tasks), any
+    other leftovers are removed."""
+    stamp = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    if (work / "run.sha1").exists() and (work / "run.sha1").read_text() != stamp:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run.sha1").write_text(stamp)
+
+
 def _concat(parts: list[Path], dst: Path) -> None:
     with io.atomic_path(dst) as tmp, open(tmp, "wb") as out:
         for p in parts:
@@ -108,18 +232,25 @@ def _concat(parts: list[Path], dst: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 20)
 
 
-def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers: int | None = None) -> dict:
-    """Clean the files of `pairs` together and write the outputs and `rejected_path`; return the metrics."""
+def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers: int | None = None,
+        engine: dict | None = None) -> dict:
+    """Clean the files of `pairs` together and write the outputs and `rejected_path`; return the metrics.
+
+    `engine` (default: cfg's) picks who runs the per-record work: this process and a worker pool (`local`), or
+    datatrove's executors (`datatrove`: local processes, `slurm`, `ray`), sharded by line and merged back in input
+    order. The decisions after it (dedup, what goes where) are the same code either way, so the outputs are too.
+    """
     import numpy as np
 
     rules_cfg, lang_cfg, nd = settings(cfg)
     workers = cfg["workers"] if workers is None else workers
+    engine = engine if engine is not None else {"executor": cfg["executor"], "workers": workers, "slurm": cfg["slurm"]}
     counts: dict[str, Counter] = defaultdict(Counter)
     files = {str(src): Counter() for src, _ in pairs}
     gate_by_lang: dict[str, Counter] = defaultdict(Counter)
     gate_by_detector: dict[str, Counter] = defaultdict(Counter)
     work = Path(rejected_path).parent / f".{Path(rejected_path).name}.parts"
-    work.mkdir(parents=True, exist_ok=True)
+    fresh(work, [cfg, engine, [(str(s), os.stat(s).st_size, os.stat(s).st_mtime_ns) for s, _ in pairs]])
     parts = [work / "read.jsonl", work / "rules.jsonl", work / "dups.jsonl"]
     where: list[tuple[int, int]] = []  # per survivor: (pair index, line)
     ids: list[str] = []  # per survivor: its id, for the duplicates' detail
@@ -132,28 +263,20 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers:
             surv = stack.enter_context(open(work / "survivors.jsonl", "w", encoding="utf-8"))
             sig_file = stack.enter_context(open(work / "signatures.u32", "wb"))
 
-            def good_records() -> Iterator[tuple[int, dict, int]]:
-                for p, (src, _) in enumerate(pairs):
-                    for item in records.stream(src, STAGE):
-                        files[str(src)]["records_in"] += 1
-                        if isinstance(item, dict):  # a line that is not a valid record
-                            counts[item["reason"]]["dropped"] += 1
-                            files[str(src)]["rejected"] += 1
-                            read_rej.write(json.dumps(item, ensure_ascii=False) + "\n")
-                            continue
-                        yield p, item[0], item[1]
+            def on_bad(p: int, item: dict) -> None:  # a line that is not a valid record
+                files[str(pairs[p][0])]["records_in"] += 1
+                files[str(pairs[p][0])]["rejected"] += 1
+                counts[item["reason"]]["dropped"] += 1
+                read_rej.write(json.dumps(item, ensure_ascii=False) + "\n")
 
-            todo: deque = deque()  # (pair, record, line) sent to the rules, awaiting their result
-
-            def feed() -> Iterator[dict]:
-                for p, record, line in good_records():
-                    todo.append((p, record, line))
-                    yield record
-
+            args = (rules_cfg, lang_cfg, nd)
+            if engine is None or engine["executor"] == "local":
+                results = local_results(pairs, args, workers, on_bad)
+            else:
+                results = datatrove_results(pairs, args, engine, work, on_bad)
             tracker = progress.Tracker(desc="clean")
-            for (out, fixed, reason, detail, verdict), key, sig in map_ordered(feed(), (rules_cfg, lang_cfg, nd),
-                                                                               workers):
-                p, record, line = todo.popleft()
+            for p, record, line, ((out, fixed, reason, detail, verdict), key, sig) in results:
+                files[str(pairs[p][0])]["records_in"] += 1
                 src = str(pairs[p][0])
                 tracker.update()
                 for name in fixed:
@@ -194,7 +317,8 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers:
             sigs = np.memmap(work / "signatures.u32", dtype=np.uint32, mode="r", shape=(len(sig_rows), nd["num_perm"]))
             for a, b, sim in dedup.near_duplicates_of(sigs, threshold=nd["threshold"], num_perm=nd["num_perm"]):
                 i, j = sig_rows[a], sig_rows[b]
-                gone[i] = ("near_duplicate", f"Jaccard ~{sim:.2f} with {ids[j]} ({pairs[where[j][0]][0]}:{where[j][1]})")
+                first = f"{ids[j]} ({pairs[where[j][0]][0]}:{where[j][1]})"
+                gone[i] = ("near_duplicate", f"Jaccard ~{sim:.2f} with {first}")
             del sigs
 
         with ExitStack() as stack:
@@ -234,7 +358,3 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers:
         "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
                   for name, c in files.items()},
     }
-
-
-def workers_used(cfg: dict) -> int:
-    return int(cfg["workers"] or os.cpu_count() or 1)

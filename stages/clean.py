@@ -14,7 +14,9 @@ metrics/clean.json has per-rule fixed/dropped counts, the gate's verdicts per de
 fasttext, ngram, markers, lingua, none) and records_in == kept + rejected.
 It streams (selfalign.executor): memory holds a window of records plus compact dedup state (a hash per record,
 MinHash signatures on disk), so a million web segments fit in under 3 GB (bench/scale.py); metrics add
-records_per_s and peak_rss_mb. It takes minutes at that size and seconds on the sample, so it reruns whole.
+records_per_s and peak_rss_mb. clean.executor puts the per-record work on datatrove (local processes, a SLURM
+array, a Ray cluster): the same outputs, byte for byte (README, "The data half on a cluster"). It takes minutes
+at a million records and seconds on the sample; a killed run reruns whole (datatrove's tasks resume).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ DEFAULTS = {
     "exact_dup": True,
     "near_dup": {"enabled": True, "threshold": 0.8, "num_perm": 128, "shingle": 3, "seed": 1},
     "workers": 2,
+    "executor": "local",
+    "slurm": {"partition": "", "time": "01:00:00", "cpus_per_task": 1, "mem_per_cpu_gb": 2, "venv_path": ""},
     "min_success": 0.5,
 }
 
@@ -87,8 +91,13 @@ def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejecte
             raise click.UsageError("--input and --output must be paired (same count), and --rejected given")
         pairs = list(zip(inputs, outputs, strict=True))
     enabled = [n for n, r in cfg["rules"].items() if r["enabled"]]
-    log.info("%d input files, %d workers; rules: %s; language gate %s; near-dup %s (threshold %s, %d perms, "
-             "%d-word shingles)", len(pairs), cfg["workers"], ", ".join(enabled), "on" if cfg["langs"]["enabled"] else "off",
+    if cfg["executor"] not in ("local", "datatrove", "slurm", "ray"):
+        raise click.UsageError(f"clean.executor: {cfg['executor']!r} is not local | datatrove | slurm | ray")
+    if cfg["executor"] == "slurm" and not cfg["slurm"]["partition"]:
+        raise click.UsageError("clean.executor slurm needs clean.slurm.partition")
+    log.info("executor %s, %d input files, %d workers; rules: %s; language gate %s; near-dup %s (threshold %s, "
+             "%d perms, %d-word shingles)", cfg["executor"], len(pairs), cfg["workers"], ", ".join(enabled),
+             "on" if cfg["langs"]["enabled"] else "off",
              "on" if cfg["near_dup"]["enabled"] else "off", cfg["near_dup"]["threshold"],
              cfg["near_dup"]["num_perm"], cfg["near_dup"]["shingle"])
     t0 = time.perf_counter()
