@@ -172,8 +172,11 @@ def datatrove_executor(engine: dict, pipeline: list, logs: Path):
                                      mem_per_cpu_gb=slurm.get("mem_per_cpu_gb", 2), job_name="selfalign-clean",
                                      venv_path=slurm.get("venv_path") or None)
     if engine["executor"] == "ray":
+        import ray  # not a dependency of this project: the cluster's
         from datatrove.executor import RayPipelineExecutor
 
+        if not ray.is_initialized():
+            ray.init()  # RAY_ADDRESS, or the cluster `ray start` made on this node, else a local one
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=tasks, logging_dir=str(logs))
     raise ValueError(f"clean.executor: {engine['executor']!r} is not local | datatrove | slurm | ray")
 
@@ -340,8 +343,11 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers:
                         files[src]["kept"] += 1
             dups.close()
             _concat(parts, Path(rejected_path))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if engine["executor"] == "local":  # datatrove's finished tasks stay for a rerun to skip (`fresh`)
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
 
     n_in = sum(f["records_in"] for f in files.values())
     n_kept = sum(f["kept"] for f in files.values())
