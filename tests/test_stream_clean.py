@@ -172,3 +172,47 @@ def test_the_stage_runs_on_datatrove_from_params_and_reports_rate_and_memory(tmp
                                                 str(tmp_path / "x"), "--metrics", str(tmp_path / "x.json"),
                                                 "--set", "executor=spark"])
     assert res.exit_code == 2 and "not local | datatrove | slurm | ray" in res.output
+
+
+FAKE_SBATCH = r"""#!/bin/bash
+# A stand-in scheduler: runs the array job's tasks one after another, here, then answers as sbatch does.
+script="${@: -1}"
+range=$(sed -n 's/^#SBATCH --array=\([0-9]*-[0-9]*\).*/\1/p' "$script")
+for i in $(seq "${range%-*}" "${range#*-}"); do
+  SLURM_ARRAY_TASK_ID=$i SLURM_NODELIST=localhost SLURM_JOB_ID=4242 RUN_OFFSET=0 bash "$script" \
+    >> "$FAKE_SLURM_LOG" 2>&1 || exit 1
+done
+echo "Submitted batch job 4242"
+"""
+FAKE_SRUN = """#!/bin/bash
+while [[ "$1" == -* ]]; do if [[ "$1" == -n ]]; then shift 2; else shift; fi; done
+exec "$@"
+"""
+
+
+@pytest.mark.slow
+def test_slurm_executor_through_a_stand_in_sbatch_writes_what_one_process_writes(tmp_path, monkeypatch):
+    """clean.executor slurm: datatrove pickles the pipeline, writes its sbatch array script and launches it; the
+    scheduler (sbatch, srun: what cannot exist here) is a stand-in that runs the array's tasks on this machine via
+    datatrove's own launch_pickled_pipeline. The merge waits for datatrove's completion markers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", "#!/bin/bash\necho localhost\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(tmp_path / "slurm.log"))
+    generated(tmp_path / "in", 120)
+    conf = cfg()
+    got = {}
+    for name, engine in (("one", {"executor": "local", "workers": 1}),
+                         ("slurm", {"executor": "slurm", "workers": 3, "slurm": {**conf["slurm"], "partition": "cpu"}})):
+        out = tmp_path / name
+        out.mkdir()
+        pairs = [(tmp_path / "in" / f, out / f) for f in FILES if (tmp_path / "in" / f).exists()]
+        metrics = executor.run(pairs, conf, out / "rejected.jsonl", engine=engine)
+        got[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        got[name]["metrics"] = json.dumps(metrics, sort_keys=True).encode()
+    log = (tmp_path / "slurm.log").read_text()
+    assert log.count("Processing done for rank=") == 3, log[-3000:]
+    assert got["slurm"] == got["one"]
