@@ -1,5 +1,6 @@
 """Human review of a stage's automatic verdicts: export a sample to Label Studio and Argilla, read the
-annotators' Label Studio export back, and let their verdicts override the automatic ones.
+annotators' export (Label Studio's JSON export, or Argilla's records) back, and let their verdicts override the
+automatic ones.
 
 A reviewable source is a stage's kept.jsonl and rejected.jsonl (rejected lines wrap the record with
 `reason`, `detail`). Each record is keyed by `uid`, a hash of what the annotator saw (id, lang, system,
@@ -8,7 +9,8 @@ messages): an annotation made on one text never overrides a record whose text ha
 Label Studio formats (https://labelstud.io/guide/tasks, /guide/export): the import is a JSON list of tasks
 {data, predictions: [{model_version, score, result}]}; the export is the same tasks with `annotations`,
 each a list of `result` items {from_name, to_name, type: choices, value: {choices: [...]}}.
-Argilla 2.x: `Settings.serialize()` (fields, questions, metadata) and `Record.to_dict()` per record.
+Argilla 2.x: `Settings.serialize()` (fields, questions, metadata) and `Record.to_dict()` per record, the
+answers coming back as its `responses` ({question: [{value, user_id, status}]}).
 """
 
 from __future__ import annotations
@@ -270,56 +272,95 @@ def _choice(result: list, where: str) -> tuple[str | None, str]:
     return verdict, note.strip()
 
 
-def read_label_studio_export(path: str | Path) -> dict[str, dict]:
-    """uid -> {verdict, note, annotations, conflict} from a Label Studio JSON export.
+def _decide(votes: list[str], notes: list[str]) -> dict:
+    """Several annotators: the majority verdict; a tie is a conflict and overrides nothing."""
+    top = Counter(votes).most_common()
+    conflict = len(top) > 1 and top[0][1] == top[1][1]
+    return {
+        "verdict": None if conflict else top[0][0],
+        "note": "; ".join(notes),
+        "annotations": len(votes),
+        "conflict": conflict,
+    }
 
-    Cancelled (skipped) annotations and tasks nobody annotated override nothing. Several annotators: the
-    majority verdict; a tie is a conflict and overrides nothing. An absent or empty file means no overrides.
+
+def read_annotations(path: str | Path) -> dict[str, dict]:
+    """uid -> {verdict, note, annotations, conflict} from the annotators' export: Label Studio's JSON export
+    (a list of tasks with `data`) or Argilla 2.x records (a list of `Record.to_dict()`, with `responses`).
+
+    Cancelled (skipped) annotations and records nobody annotated override nothing. An absent or empty file
+    means no overrides.
     """
     path = Path(path)
     if not path.exists() or not path.read_text(encoding="utf-8").strip():
         return {}
     try:
-        tasks = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ReviewError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
-    if not isinstance(tasks, list):
-        raise ReviewError(f"{path}: expected a JSON list of tasks (Label Studio's JSON export)")
+    if not isinstance(rows, list):
+        raise ReviewError(f"{path}: expected a JSON list of tasks (Label Studio) or records (Argilla)")
+    argilla = bool(rows) and isinstance(rows[0], dict) and "fields" in rows[0] and "data" not in rows[0]
     out: dict[str, dict] = {}
-    for i, task in enumerate(tasks):
-        where = f"{path}: task {i} (id {task.get('id') if isinstance(task, dict) else None})"
-        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise ReviewError(f"{where}: field 'data': expected an object")
-        key = task["data"].get("uid")
-        if not isinstance(key, str) or not key:
-            raise ReviewError(f"{where}: field 'data.uid': missing (was the project imported from selfalign's tasks?)")
-        anns = task.get("annotations", [])
-        if not isinstance(anns, list):
-            raise ReviewError(f"{where}: field 'annotations': expected a list")
-        votes, notes = [], []
-        for j, ann in enumerate(anns):
-            if not isinstance(ann, dict):
-                raise ReviewError(f"{where}: annotation {j}: expected an object")
-            if ann.get("was_cancelled"):
-                continue
-            verdict, note = _choice(ann.get("result", []), f"{where}: annotation {j}")
-            if verdict is not None:
-                votes.append(verdict)
-                if note:
-                    notes.append(note)
+    for i, row in enumerate(rows):
+        what = "record" if argilla else "task"
+        where = f"{path}: {what} {i} (id {row.get('id') if isinstance(row, dict) else None})"
+        votes, notes = _argilla_votes(row, where) if argilla else _label_studio_votes(row, where)
+        key = row["metadata"]["uid"] if argilla else row["data"]["uid"]
         if not votes:
             continue
         if key in out:
-            raise ReviewError(f"{where}: field 'data.uid': {key} is annotated in two tasks")
-        top = Counter(votes).most_common()
-        conflict = len(top) > 1 and top[0][1] == top[1][1]
-        out[key] = {
-            "verdict": None if conflict else top[0][0],
-            "note": "; ".join(notes),
-            "annotations": len(votes),
-            "conflict": conflict,
-        }
+            raise ReviewError(f"{where}: uid {key} is annotated twice")
+        out[key] = _decide(votes, notes)
     return out
+
+
+def _label_studio_votes(task, where: str) -> tuple[list[str], list[str]]:
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise ReviewError(f"{where}: field 'data': expected an object")
+    key = task["data"].get("uid")
+    if not isinstance(key, str) or not key:
+        raise ReviewError(f"{where}: field 'data.uid': missing (was the project imported from selfalign's tasks?)")
+    anns = task.get("annotations", [])
+    if not isinstance(anns, list):
+        raise ReviewError(f"{where}: field 'annotations': expected a list")
+    votes, notes = [], []
+    for j, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            raise ReviewError(f"{where}: annotation {j}: expected an object")
+        if ann.get("was_cancelled"):
+            continue
+        verdict, note = _choice(ann.get("result", []), f"{where}: annotation {j}")
+        if verdict is not None:
+            votes.append(verdict)
+            if note:
+                notes.append(note)
+    return votes, notes
+
+
+def _argilla_votes(record, where: str) -> tuple[list[str], list[str]]:
+    if not isinstance(record, dict) or not isinstance(record.get("metadata"), dict):
+        raise ReviewError(f"{where}: field 'metadata': expected an object")
+    key = record["metadata"].get("uid")
+    if not isinstance(key, str) or not key:
+        raise ReviewError(f"{where}: field 'metadata.uid': missing (was the dataset logged from selfalign's records?)")
+    responses = record.get("responses") or {}
+    if not isinstance(responses, dict):
+        raise ReviewError(f"{where}: field 'responses': expected an object")
+    votes = []
+    for j, r in enumerate(responses.get("verdict", [])):
+        if not isinstance(r, dict):
+            raise ReviewError(f"{where}: field 'responses.verdict[{j}]': expected an object")
+        value = r.get("value")
+        if r.get("status", "submitted") != "submitted":  # a draft or discarded response decides nothing
+            continue
+        if value not in VERDICTS:
+            raise ReviewError(
+                f"{where}: field 'responses.verdict[{j}].value': expected one of {list(VERDICTS)}, got {value!r}"
+            )
+        votes.append(value)
+    notes = [str(r.get("value")).strip() for r in responses.get("note", []) if isinstance(r, dict) and r.get("value")]
+    return votes, notes
 
 
 def apply(items: list[dict], verdicts: dict[str, dict]) -> tuple[list[str], list[str], dict]:

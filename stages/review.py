@@ -1,5 +1,5 @@
 """Human review: export a seeded sample of a stage's kept and rejected records for Label Studio and Argilla,
-and apply the annotators' verdicts (a Label Studio JSON export) over the automatic ones.
+and apply the annotators' verdicts (a Label Studio JSON export, or Argilla records) over the automatic ones.
 
     python stages/review.py --params params.yaml --input data/curate --annotations data/review/annotations.json \
         --output-dir data/review --export-dir data/review/export --metrics metrics/review.json
@@ -47,7 +47,7 @@ DEFAULTS = {
     "--annotations",
     type=click.Path(dir_okay=False),
     required=True,
-    help="Label Studio JSON export of the annotated project; absent or empty: no overrides.",
+    help="The annotators' export: Label Studio's JSON export or Argilla records; absent or empty: no overrides.",
 )
 @click.option("--output-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--export-dir", type=click.Path(file_okay=False), required=True)
@@ -62,7 +62,7 @@ def main(params_file, overrides, input_path, annotations, output_dir, export_dir
     try:
         kept_path, rejected_path = review.source_files(source, input_path, params_file)
         items = review.load_source(kept_path, rejected_path)
-        verdicts = review.read_label_studio_export(annotations)
+        verdicts = review.read_annotations(annotations)
     except (review.ReviewError, OSError) as e:
         raise click.ClickException(str(e)) from e
     log.info(

@@ -120,16 +120,17 @@ def test_data_half_repro_then_noop(repo):
 
 
 ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1",
-              "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "distill", "sft@final", "reward", "ppo", "dpo",
+              "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "review", "distill", "sft@final", "reward", "ppo", "dpo",
               "evaluate", "export"}
-AFTER_LAST_ROUND = {"distill", "sft@final", "reward", "ppo", "dpo", "evaluate", "export"}
+AFTER_LAST_ROUND = {"review", "distill", "sft@final", "reward", "ppo", "dpo", "evaluate", "export"}
 AFTER_CURATION = {"curate@iter1", "sft-iter@iter1", "curate@iter2", "sft-iter@iter2"} | AFTER_LAST_ROUND
 
 
 def curated_trained(repo: Path, model: str) -> int:
     """How many curated (augmented) examples the run's metrics say it trained on."""
     m = json.loads((repo / "metrics" / "sft" / f"{model}.json").read_text())
-    return sum(v["train"] for k, v in m["sources"].items() if "/curate/" in k and k.split("|")[1] == "augmented")
+    return sum(v["train"] for k, v in m["sources"].items() if ("/curate/" in k or "/review/" in k)
+               and k.split("|")[1] == "augmented")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,11 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
         assert cur["scored"] > 0 and cur["kept"] >= 0.25 * cur["scored"], cur
     assert curated_trained(repo, "m1") > 0 and curated_trained(repo, "m2") > 0 and curated_trained(repo, "final") > 0
     final = json.loads((repo / "metrics" / "sft" / "final.json").read_text())
-    assert any(k.startswith("data/curate/iter2/kept.jsonl|") for k in final["sources"]), "final reads the last round"
+    # sft@final reads the last round through review (data/review/annotations.json is [] here: the same bytes)
+    assert any(k.startswith("data/review/kept.jsonl|") for k in final["sources"]), "final reads the reviewed round"
+    review = json.loads((repo / "metrics" / "review.json").read_text())
+    assert review["kept_file"] == "data/curate/iter2/kept.jsonl" and review["annotated"] == 0, review
+    assert (repo / "data/review/kept.jsonl").read_bytes() == (repo / "data/curate/iter2/kept.jsonl").read_bytes()
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert evaluate
     dpo = json.loads((repo / "metrics" / "dpo.json").read_text())
@@ -192,7 +197,7 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
         f"ran {sorted(third)}"
     assert curated_trained(repo, "m3") > 0
     final = json.loads((repo / "metrics" / "sft" / "final.json").read_text())
-    assert any(k.startswith("data/curate/iter3/kept.jsonl|") for k in final["sources"]), final["sources"]
+    assert json.loads((repo / "metrics" / "review.json").read_text())["kept_file"] == "data/curate/iter3/kept.jsonl"
     assert "sft@final" in third and "distill" in third, f"ran {sorted(third)}"
 
 

@@ -170,6 +170,43 @@ def test_argilla_export_validates_with_the_argilla_client():
             assert d["suggestions"]["verdict"]["value"] in review.VERDICTS and d["id"] == rec["metadata"]["uid"]
 
 
+def test_argilla_answers_made_by_its_client_apply(tmp_path):
+    """Our Argilla records, answered as the client holds them (Record with Responses) and written by its own
+    JSON writer (what dataset.records.to_json uses), are read back like a Label Studio export."""
+    rg = pytest.importorskip("argilla")
+    import uuid
+    from unittest import mock
+
+    its = items()
+    k = [x["uid"] for x in its if x["auto"] == "accept"]
+    r = [x["uid"] for x in its if x["auto"] == "reject"]
+    answers = {k[0]: ("reject", "off topic"), r[0]: ("accept", ""), k[1]: ("accept", "")}
+    rows = []
+    with mock.patch.object(rg.Argilla, "_default_client", mock.MagicMock()):
+        for rec in review.argilla_records(its, "curate"):
+            record = rg.Record.from_dict(rec)
+            if rec["id"] in answers:
+                value, note = answers[rec["id"]]
+                user = uuid.uuid4()
+                record.responses.add(rg.Response("verdict", value, user_id=user, status="submitted"))
+                if note:
+                    record.responses.add(rg.Response("note", note, user_id=user, status="submitted"))
+            rows.append(record)
+        from argilla.records._io import JsonIO
+
+        path = JsonIO.to_json(rows, tmp_path / "argilla_answers.json")
+    rows = json.loads(path.read_text())
+    verdicts = review.read_annotations(path)
+    assert {u: v["verdict"] for u, v in verdicts.items()} == {u: a[0] for u, a in answers.items()}
+    kept, rejected, counts = review.apply(its, verdicts)
+    assert (counts["human_rejected"], counts["human_accepted"], counts["agreed"]) == (1, 1, 1)
+    assert [json.loads(x)["detail"] for x in rejected if json.loads(x)["reason"] == "human_rejected"] == ["off topic"]
+    bad = [{**rows[0], "responses": {"verdict": [{"value": "maybe", "user_id": "u"}]}}]
+    path.write_text(json.dumps(bad, default=str))
+    with pytest.raises(review.ReviewError, match=r"record 0 .*responses.verdict\[0\].value"):
+        review.read_annotations(path)
+
+
 def test_apply_without_annotations_writes_the_source_back_unchanged():
     kept, rejected, counts = review.apply(items(), {})
     assert "".join(line + "\n" for line in kept) == (SOURCE / "iter2" / "kept.jsonl").read_text()
@@ -194,7 +231,7 @@ def test_overrides_move_records_and_say_why(tmp_path):
     )
     path = tmp_path / "annotations.json"
     path.write_text(json.dumps(export))
-    verdicts = review.read_label_studio_export(path)
+    verdicts = review.read_annotations(path)
     assert r[1] not in verdicts  # only a skipped annotation
     assert verdicts[r[2]]["conflict"] and verdicts[r[2]]["verdict"] is None
     kept, rejected, counts = review.apply(its, verdicts)
@@ -236,12 +273,12 @@ def test_a_malformed_export_is_an_error_naming_where(tmp_path, content, message)
     path = tmp_path / "annotations.json"
     path.write_text(content)
     with pytest.raises(review.ReviewError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        review.read_label_studio_export(path)
+        review.read_annotations(path)
 
 
 def test_real_label_studio_export_fixture_applies():
     """An export written by a real Label Studio 1.23.2 server for tasks made from SOURCE (SOURCES.md)."""
-    verdicts = review.read_label_studio_export(FIX / "label_studio_export.json")
+    verdicts = review.read_annotations(FIX / "label_studio_export.json")
     its = items()
     assert set(verdicts) <= {x["uid"] for x in its} and len(verdicts) >= 2
     kept, rejected, counts = review.apply(its, verdicts)

@@ -90,8 +90,9 @@ def test_repo_params_and_dvc_agree_on_every_runs_inputs():
     def covered(path: str, declared: set) -> bool:
         return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
 
+    curated = block["do"]["cmd"].split("--curated ")[1].split()[0]  # data/review/kept.jsonl: the reviewed last round
     for run, item in block["foreach"].items():
-        run_cfg = stage.fill_curated(training.check_run(cfg, run, "params.yaml:sft"), "data/curate", params_file, run)
+        run_cfg = stage.fill_curated(training.check_run(cfg, run, "params.yaml:sft"), curated, params_file, run)
         declared = {"models/base"} | {v for k, v in item.items() if k.startswith("in")}
         inputs = training.run_inputs(run_cfg)
         # Only the run that reads "{curated}" (the last round) depends on the list of rounds.
