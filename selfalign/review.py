@@ -25,7 +25,7 @@ from selfalign import curate, io
 
 STAGE = "review"
 VERDICTS = ("accept", "reject")
-SOURCES = ("curate", "verify", "localise")
+SOURCES = ("curate", "verify", "localise")  # review.source: one of these, verify as verify/<input name>
 # What each source's automatic step wrote in meta beside the record, shown to the annotator as context.
 META_KEY = {"curate": "curate", "verify": "verify", "localise": "localise"}
 
@@ -40,16 +40,24 @@ def uid(record: dict) -> str:
     return hashlib.sha1(json.dumps(seen, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def source_kind(source: str) -> str:
+    """The adapter of a review.source: curate, verify (verify/seed: verify@seed's output) or localise."""
+    kind = source.split("/")[0]
+    if kind not in SOURCES or (kind == "verify") != ("/" in source):
+        raise ReviewError(f"review.source: {source!r} is not curate, verify/<name> (a verify.inputs key) or localise")
+    return kind
+
+
 def source_files(source: str, path: str | Path, params_file) -> tuple[Path, Path]:
-    """(kept.jsonl, rejected.jsonl) of a source: curate reads the last round of data/curate (by
-    curate.iterations, as sft@final does); verify and localise read <path>/kept.jsonl and rejected.jsonl."""
-    if source not in SOURCES:
-        raise ReviewError(f"review.source: {source!r} is not one of {', '.join(SOURCES)}")
-    if source == "curate":
+    """(kept, rejected) files of a source (dvc.yaml passes data/<source>): curate, the last round of data/curate
+    (by curate.iterations, as distill does); verify/<name>, data/verify/<name>/kept.jsonl and rejected.jsonl;
+    localise, data/localise/seed.jsonl and rejected.jsonl."""
+    kind = source_kind(source)
+    if kind == "curate":
         return curate.round_file(path, params_file, "kept.jsonl"), curate.round_file(
             path, params_file, "rejected.jsonl"
         )
-    return Path(path) / "kept.jsonl", Path(path) / "rejected.jsonl"
+    return Path(path) / ("seed.jsonl" if kind == "localise" else "kept.jsonl"), Path(path) / "rejected.jsonl"
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -114,7 +122,7 @@ def view(item: dict, source: str) -> dict[str, Any]:
     users = [m["content"] for m in msgs if m.get("role") == "user"]
     answers = [m["content"] for m in msgs if m.get("role") == "assistant"]
     meta = record.get("meta") or {}
-    context = {k: meta[k] for k in (META_KEY[source], "score") if k in meta}
+    context = {k: meta[k] for k in (META_KEY[source_kind(source)], "score") if k in meta}
     return {
         "uid": item["uid"],
         "id": record.get("id"),

@@ -317,6 +317,59 @@ def test_stage_applies_annotations_with_counts(tmp_path):
     assert m["rejected_by_reason"] == {"below_cutoff": 3, "human_rejected": 2} and m["agreement"] == 0.0
 
 
+@pytest.mark.parametrize(
+    ("source", "kept_name", "meta_key"),
+    [("verify/seed", "kept.jsonl", "verify"), ("localise", "seed.jsonl", "localise")],
+)
+def test_stage_reviews_verify_and_localise_outputs(tmp_path, source, kept_name, meta_key):
+    """verify@<name> writes data/verify/<name>/kept.jsonl + rejected.jsonl, localise data/localise/seed.jsonl +
+    rejected.jsonl (records.rejected wrapping the record, the step's verdict in meta)."""
+    src = tmp_path / "data" / source
+    src.mkdir(parents=True)
+    recs = [json.loads(line) for line in (SOURCE / "iter2" / "kept.jsonl").read_text().splitlines()]
+    step = {"verdict": "correct", "reason": "answers it", "confidence": 0.9}
+    kept = [{**r, "meta": {meta_key: step}} for r in recs[:3]]
+    bad = {**recs[3], "meta": {meta_key: {**step, "verdict": "incorrect"}}}
+    rejected = [
+        {"reason": "incorrect", "stage": meta_key, "detail": "wrong year", "record": bad, "id": bad["id"]},
+        {"reason": "invalid_json", "stage": meta_key, "file": "x.jsonl", "line": 3, "raw": "{"},
+    ]
+    (src / kept_name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    (src / "rejected.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+    its = review.load_source(*review.source_files(source, src, None))
+    assert [x["auto"] for x in its] == ["accept"] * 3 + ["reject"] * 2 and its[-1]["uid"] is None
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(ls_export({its[3]["uid"]: ["accept"]})))
+    params_file = write_params(tmp_path / "params.yaml", source=source)
+    out, export, metrics = tmp_path / "out", tmp_path / "export", tmp_path / "m.json"
+    res = CliRunner().invoke(
+        stage.main,
+        [
+            "--params",
+            str(params_file),
+            "--input",
+            str(src),
+            "--annotations",
+            str(ann),
+            "--output-dir",
+            str(out),
+            "--export-dir",
+            str(export),
+            "--metrics",
+            str(metrics),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads(metrics.read_text())
+    assert (m["records_in"], m["kept"], m["rejected"], m["human_accepted"], m["exported"]) == (5, 4, 1, 1, 4)
+    task = json.loads((export / "label_studio_tasks.json").read_text())[-1]["data"]
+    assert task["auto_reason"] == "incorrect" and task["auto_detail"] == "wrong year"
+    assert json.loads(task["context"])[meta_key]["verdict"] == "incorrect"
+    assert json.loads((out / "kept.jsonl").read_text().splitlines()[-1])["meta"]["review"]["overrode"] == "incorrect"
+    with pytest.raises(review.ReviewError, match="verify/<name>"):
+        review.source_files("verify", src, None)
+
+
 def test_stage_rejects_bad_params_and_files(tmp_path):
     res, *_ = run_stage(tmp_path, tmp_path / "absent.json", source="translate")
     assert res.exit_code != 0 and "review.source" in res.output
