@@ -65,6 +65,14 @@ def _lines(path: Path) -> list[tuple[int, str]]:
         return [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
 
 
+def reviewable(record) -> bool:
+    """A chat record an annotator can read: turns with a role and text (a rejected record may be malformed)."""
+    msgs = record.get("messages") if isinstance(record, dict) else None
+    return isinstance(msgs, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+    )
+
+
 def load_source(kept_path: Path, rejected_path: Path) -> list[dict]:
     """Every line of both files as an item {uid, auto, reason, detail, record, line, file, n}; `line` is
     the original text, written back unchanged when no annotation overrides it. A rejected line that
@@ -79,9 +87,9 @@ def load_source(kept_path: Path, rejected_path: Path) -> list[dict]:
             if not isinstance(obj, dict):
                 raise ReviewError(f"{path}:{n}: expected a JSON object")
             record = obj if auto == "accept" else obj.get("record")
-            if auto == "accept" and not isinstance(obj.get("messages"), list):
+            if auto == "accept" and not reviewable(obj):
                 raise ReviewError(f"{path}:{n}: field 'messages': a kept record must be a chat record")
-            key = uid(record) if isinstance(record, dict) and isinstance(record.get("messages"), list) else None
+            key = uid(record) if reviewable(record) else None
             if key is not None and key in seen:
                 raise ReviewError(f"{path}:{n}: the same record as {seen[key]} (uid {key})")
             if key is not None:

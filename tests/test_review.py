@@ -333,11 +333,12 @@ def test_stage_reviews_verify_and_localise_outputs(tmp_path, source, kept_name, 
     rejected = [
         {"reason": "incorrect", "stage": meta_key, "detail": "wrong year", "record": bad, "id": bad["id"]},
         {"reason": "invalid_json", "stage": meta_key, "file": "x.jsonl", "line": 3, "raw": "{"},
+        {"reason": "invalid_record", "stage": meta_key, "record": {"messages": ["not a turn"]}},  # passes through
     ]
     (src / kept_name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     (src / "rejected.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
     its = review.load_source(*review.source_files(source, src, None))
-    assert [x["auto"] for x in its] == ["accept"] * 3 + ["reject"] * 2 and its[-1]["uid"] is None
+    assert [x["auto"] for x in its] == ["accept"] * 3 + ["reject"] * 3 and its[-1]["uid"] is its[-2]["uid"] is None
     ann = tmp_path / "annotations.json"
     ann.write_text(json.dumps(ls_export({its[3]["uid"]: ["accept"]})))
     params_file = write_params(tmp_path / "params.yaml", source=source)
@@ -361,7 +362,7 @@ def test_stage_reviews_verify_and_localise_outputs(tmp_path, source, kept_name, 
     )
     assert res.exit_code == 0, res.output
     m = json.loads(metrics.read_text())
-    assert (m["records_in"], m["kept"], m["rejected"], m["human_accepted"], m["exported"]) == (5, 4, 1, 1, 4)
+    assert (m["records_in"], m["kept"], m["rejected"], m["human_accepted"], m["exported"]) == (6, 4, 2, 1, 4)
     task = json.loads((export / "label_studio_tasks.json").read_text())[-1]["data"]
     assert task["auto_reason"] == "incorrect" and task["auto_detail"] == "wrong year"
     assert json.loads(task["context"])[meta_key]["verdict"] == "incorrect"
