@@ -216,7 +216,8 @@ def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> lis
 
 def implicit_rewards(model, rows: list[dict], beta: float, pad_id: int, batch_size: int) -> list[dict]:
     """DPO's implicit rewards beta * (log pi - log pi_ref) of both answers, the reference being the
-    policy with its LoRA adapter disabled; margin > 0 means the pair is ranked right."""
+    policy with its LoRA adapter disabled; margin > 0 means the pair is ranked right (accuracy and its
+    Wilson interval: selfalign.reward.pairwise_metrics over the chosen and rejected rewards)."""
     policy = sequence_logps(model, rows, pad_id, batch_size)
     with model.disable_adapter():
         ref = sequence_logps(model, rows, pad_id, batch_size)
@@ -225,18 +226,6 @@ def implicit_rewards(model, rows: list[dict], beta: float, pad_id: int, batch_si
         c, r = beta * (pc - rc), beta * (pr - rr)
         out.append({"chosen": c, "rejected": r, "margin": c - r})
     return out
-
-
-def heldout_metrics(rewards: list[dict]) -> dict:
-    """Accuracy (implicit reward margin > 0) with its 95% Wilson interval, and the mean margin."""
-    from selfalign.reward import wilson_interval
-
-    n = len(rewards)
-    if n == 0:
-        return {"accuracy": None, "ci95": None, "margin": None, "pairs": 0}
-    wins = sum(r["margin"] > 0 for r in rewards)
-    return {"accuracy": wins / n, "ci95": list(wilson_interval(wins, n)),
-            "margin": sum(r["margin"] for r in rewards) / n, "pairs": n}
 
 
 def trainer_class():

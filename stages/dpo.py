@@ -185,7 +185,7 @@ def main(policy_dir, preference, scored, output, checkpoints, rejected_path, plo
 
     policy = trainer.model
     rewards = D.implicit_rewards(policy, held_rows, float(cfg["beta"]), tok.pad_token_id, cfg["eval_batch_size"])
-    held = D.heldout_metrics(rewards)
+    held = rm.pairwise_metrics([r["chosen"] for r in rewards], [r["rejected"] for r in rewards])  # margin > 0
     length = rm.length_baseline([p for p in held_pairs if p["id"] in {r["id"] for r in held_rows}])
     log.info("held-out implicit-reward accuracy %.3f (95%% Wilson interval %.3f-%.3f), mean margin %.4f over %d "
              "pairs; the longer answer wins %.3f of them", held["accuracy"], *held["ci95"], held["margin"],
