@@ -428,8 +428,6 @@ class LocalEngine(Engine):
         return self._model
 
     def _run(self, requests, done, progress):
-        from tqdm import tqdm
-
         m = self.model
         texts = [m.render(r) for r in requests]
         lengths = [m.count_tokens(t) for t in texts]
@@ -442,7 +440,7 @@ class LocalEngine(Engine):
                 ok.append(i)
         # longest first, so batches hold similar lengths (less padding) and a slow batch shows early
         ok.sort(key=lambda i: (-requests[i].max_tokens, -lengths[i]))
-        bar = tqdm(total=len(ok), disable=not progress, desc="generate", unit="req")
+        bar = _tracker(len(ok), "generate", progress)
         for s in range(0, len(ok), self.batch_size):
             idx = ok[s: s + self.batch_size]
             try:
@@ -579,9 +577,7 @@ class OpenAIEngine(Engine):
         raise AssertionError("unreachable")
 
     def _run(self, requests, done, progress):
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(requests), disable=not progress, desc="requests", unit="req")
+        bar = _tracker(len(requests), "requests", progress)
         bar_lock = threading.Lock()
 
         def work(i: int) -> None:
@@ -597,6 +593,21 @@ class OpenAIEngine(Engine):
     def close(self) -> None:
         for c in self.clients:
             c.close()
+
+
+class _Quiet:
+    def update(self, k: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tracker(total: int, desc: str, on: bool):
+    """Requests/s and ETA: redrawn on a TTY, a log line every 30 s otherwise (a SLURM or DVC log)."""
+    from selfalign import progress as pg
+
+    return pg.Tracker(total, desc) if on else _Quiet()
 
 
 def _short(s: str, n: int = 300) -> str:

@@ -395,7 +395,9 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
     assert res.exit_code == 0
     assert [r.getMessage() for r in caplog.records if "from cache" in r.getMessage()] == [
         f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("base", "tuned")]
-    assert io.load_jsonl(out / "answers.jsonl") == answers and json.loads(metrics_path.read_text()) == m
+    timing = ("seconds", "records_per_s", "peak_rss_mb")    # wall time and memory differ between any two runs
+    again = {k: v for k, v in json.loads(metrics_path.read_text()).items() if k not in timing}
+    assert io.load_jsonl(out / "answers.jsonl") == answers and again == {k: v for k, v in m.items() if k not in timing}
 
 
 def test_the_reward_judge_says_it_is_the_reward_model_ppo_optimised():

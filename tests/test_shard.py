@@ -74,7 +74,7 @@ def single_vs_shards(tmp_path: Path, stage: str, args, outputs: list[str], n: in
     assert counts(single) == counts(merged)
     assert merged["records_per_s"] is not None and merged["peak_rss_mb"] > 0
     shards = [io.read_json(tmp_path / f"s{i}.json") for i in range(n)]
-    assert sum(s["answered"] for s in shards) == sum(next(iter(s["calls"].values()))["items"] for s in shards[:1])
+    assert sum(s["answered"] for s in shards) == sum(c["items"] for c in shards[0]["calls"].values())
     assert sum(s["answered"] > 0 for s in shards) >= 2, "the work was really split"
     assert all(s["records_per_s"] is not None and s["peak_rss_mb"] > 0 for s in shards)
     return merged, shards
@@ -280,3 +280,24 @@ def test_augment_shards_over_two_endpoints_share_one_cache(tiny_model_dir, tmp_p
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.slow
+def test_evaluate_answers_in_three_shards(varied_model_dir, tiny_model_dir, tmp_path):
+    """Only the answering is sharded (two models, one call each); perplexity, reward and judging run in the merge."""
+    from test_evaluate import PROMPTS, ROOT, _seed_records, _tiny_reward_model
+
+    rm_dir = _tiny_reward_model(tmp_path / "rm", tiny_model_dir)
+    io.write_jsonl(tmp_path / "seed.jsonl", _seed_records(4))
+
+    def args(out, cache, metrics):
+        return ["--model", f"base={tiny_model_dir}", "--model", f"tuned={varied_model_dir}", "--reward-model",
+                str(rm_dir), "--prompts", str(PROMPTS), "--heldout", str(tmp_path / "seed.jsonl"),
+                "--judge-prompt", str(ROOT / "prompts" / "evaluate.txt"), "--cache", str(cache),
+                "--output-dir", str(out), "--metrics", str(metrics), "--set", "models=[base, tuned]",
+                "--set", "prompts_per_category=1", "--set", "max_new_tokens=8", "--set", "heldout_fraction=1.0",
+                "--set", "heldout_max=2", "--set", "dtype=float32", "--set", "bootstrap_resamples=50"]
+
+    _, shards = single_vs_shards(tmp_path, "evaluate", args, ["answers.jsonl", "judgments.jsonl", "report.md"])
+    assert all(set(s["calls"]) == {"evaluate:base", "evaluate:tuned"} for s in shards)
+    assert sum(s["answered"] for s in shards) == 2 * 18
