@@ -4,15 +4,17 @@
 
 Same model (SmolLM2-135M; converted from the packaged GGUF into a temp dir if models/base is
 missing), same seed examples (data/sample's guanaco pairs, seed system tag), the default LoRA and
-row length of stages/sft.py, same precision (auto: what the stage picks on this machine), same
-AdamW, 4 rows per step:
+row length of stages/sft.py, same AdamW, 4 rows per step, and both loops in the SAME precision, so the
+ratio measures the loop, not the dtype: each in the precision `auto` picks on this machine
+(selfalign/device.py's probe, figures in the output), and both in fp32 as well when auto picks bf16:
 
 - selfalign: the stage's step: packed rows with restarting position_ids (PackedCollator), loss
   projected onto the vocabulary only at target tokens (training.trainer_class), frozen base in
   bf16 when computing in bf16;
 - plain: AutoModel in fp32 + the same LoRA, DataCollatorForSeq2Seq padding each batch of 4
-  examples to its longest, `model(**batch).loss` (what Trainer does by default);
-- --other-precision: selfalign's step in the other precision (bf16 <-> fp32);
+  examples to its longest, `model(**batch).loss` (what Trainer does by default), under bf16
+  autocast when the precision is bf16 (Trainer's bf16=True);
+- --other-precision: both loops in bf16 too when auto picks fp32 (every pair then runs in both);
 - --trl: afterwards, not interleaved (so noisier), TRL's SFTTrainer for the same number of steps.
 
 The machine is shared and its load moves by the minute, so the loops are interleaved: every round
@@ -44,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from selfalign import chat, io, models, readers, training  # noqa: E402
+from selfalign import chat, device, io, models, readers, training  # noqa: E402
 
 SYSTEM = "Answer in the style of an AI Assistant."
 
@@ -116,6 +118,12 @@ def selfalign_loss(trainer):
     return fn
 
 
+def per_round_median(a: Loop, b: Loop) -> float:
+    """Median over rounds of a's tokens/s over b's, both measured in the same round (round 1 dropped)."""
+    return round(statistics.median((an / at) / (bn / bt) for an, at, bn, bt in
+                                   zip(a.tokens[1:], a.times[1:], b.tokens[1:], b.times[1:], strict=True)), 3)
+
+
 def with_real(batch: dict, real: int) -> dict:
     return {**batch, "_real": real}
 
@@ -138,7 +146,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=None, help="default: stages/sft.py's")
     ap.add_argument("--batch-size", type=int, default=None, help="default: stages/sft.py's")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--other-precision", action="store_true", help="also time selfalign's step in the other precision")
+    ap.add_argument("--other-precision", action="store_true", help="when auto picks fp32, also time both loops in bf16")
     ap.add_argument("--trl", action="store_true", help="afterwards, time TRL's SFTTrainer (not interleaved)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft.json"))
     a = ap.parse_args()
@@ -149,11 +157,13 @@ def main():
     spec.loader.exec_module(stage)
     defaults = stage.DEFAULTS["train"]
     max_len, bs = a.max_len or defaults["max_len"], a.batch_size or defaults["batch_size"]
-    precision = training.resolve_precision(a.precision)
-    other = {"bf16": "fp32", "fp32": "bf16"}[precision]
     lora = defaults["lora"]
-
     mdir = base_dir(a.model, tmp)
+    placed = device.placement("auto", a.precision, mdir, "bench precision")
+    precision = placed.precision
+    precisions = [precision] + [p for p in ("fp32", "bf16") if p != precision and (p == "fp32" or a.other_precision)]
+    print(f"precision {precision} ({placed.reason}); CPU {device.cpu_model()}, flags {device.cpu_flags()}; "
+          f"probe {placed.probe}", flush=True)
     tok = chat.load_tokenizer(mdir)
     examples, convs = seed_examples(tok, max_len, tmp)
     n_params = sum(p.numel() for p in models.load_model(mdir).parameters())
@@ -173,20 +183,19 @@ def main():
                      for i in range(0, len(examples) - bs + 1, bs)]
 
     loops = []
-    for prec in [precision] + ([other] if a.other_precision else []):
+    for prec in precisions:
         model = models.load_for_training(mdir, "lora", lora, prec)
         args = training.training_args({**defaults, "precision": prec}, tmp / prec, 1, False, None)
         trainer = training.trainer_class()(model=model, args=args, train_dataset=[], data_collator=packed)
-        loops.append(Loop("selfalign" if prec == precision else f"selfalign_{prec}", prec, model, ours_batches,
-                          selfalign_loss(trainer)))
-    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
-    loops.append(Loop("plain_hf", precision, model, plain_batches, plain_loss(precision)))
+        loops.append(Loop(f"selfalign_{prec}", prec, model, ours_batches, selfalign_loss(trainer)))
+        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+        loops.append(Loop(f"plain_hf_{prec}", prec, model, plain_batches, plain_loss(prec)))
 
     rates = []
-    print(f"{a.rounds} rounds of {', '.join(lp.name for lp in loops)}; {precision}, rows of {max_len}, "
+    print(f"{a.rounds} rounds of {', '.join(lp.name for lp in loops)}; auto = {precision}, rows of {max_len}, "
           f"{bs} per step, {torch.get_num_threads()} threads", flush=True)
     for r in range(a.rounds):
         rates.append({"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)})
@@ -198,32 +207,38 @@ def main():
 
     results = [summarize(lp, rates, fpt) for lp in loops]
     by = {x["loop"]: x for x in results}
-    ours, plain = by["selfalign"], by["plain_hf"]
+    loop_by = {lp.name: lp for lp in loops}
     out = {"model": mdir, "params": n_params, "flops_per_token": fpt, "flops_formula": "4 * N (LoRA)",
-           "precision": precision, "lora": lora, "max_len": max_len, "batch_size": bs, "rounds": a.rounds,
+           "precision": precision, "precision_reason": placed.reason, "precision_probe": placed.probe,
+           "cpu": device.cpu_model(), "cpu_flags": device.cpu_flags(), "torch": torch.__version__,
+           "lora": lora, "max_len": max_len, "batch_size": bs, "rounds": a.rounds,
            "matmul_tflops_median": {k: round(statistics.median(x[k] for x in rates[1:]) / 1e12, 4)
                                     for k in ("bf16", "fp32")},
            "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2), "results": results,
-           "ratio_tokens_per_second_selfalign_vs_plain": round(ours["tokens_per_second"] / plain["tokens_per_second"], 3)}
-    # Load moves within seconds; the ratio of the two steps run back to back in a round is the robust figure.
-    ours_loop, plain_loop = loops[0], loops[-1]
-    per_round = [(o_n / o_t) / (p_n / p_t) for o_n, o_t, p_n, p_t in
-                 zip(ours_loop.tokens[1:], ours_loop.times[1:], plain_loop.tokens[1:], plain_loop.times[1:], strict=True)]
-    out["ratio_selfalign_vs_plain_median_per_round"] = round(statistics.median(per_round), 3)
-    if f"selfalign_{other}" in by:
-        out[f"ratio_tokens_per_second_{precision}_vs_{other}"] = round(
-            ours["tokens_per_second"] / by[f"selfalign_{other}"]["tokens_per_second"], 3)
+           "ratios": {}}
+    # Load moves within seconds; the ratio of two steps run back to back in a round is the robust figure.
+    for prec in precisions:
+        ours, plain = loop_by[f"selfalign_{prec}"], loop_by[f"plain_hf_{prec}"]
+        out["ratios"][f"selfalign_vs_plain_{prec}"] = {
+            "overall": round(by[ours.name]["tokens_per_second"] / by[plain.name]["tokens_per_second"], 3),
+            "median_per_round": per_round_median(ours, plain)}
+    for prec in precisions[1:]:
+        ours, other = loop_by[f"selfalign_{precision}"], loop_by[f"selfalign_{prec}"]
+        out["ratios"][f"selfalign_{precision}_vs_selfalign_{prec}"] = {
+            "overall": round(by[ours.name]["tokens_per_second"] / by[other.name]["tokens_per_second"], 3),
+            "median_per_round": per_round_median(ours, other)}
     del loops, model
     if a.trl:
         out["trl_not_interleaved"] = run_trl(mdir, tok, convs, lora, precision, a.rounds, max_len, bs, tmp, fpt,
                                              sum(len(e["input_ids"]) for e in examples) / len(examples))
     for x in results:
         print(x)
-    print(f"\ntokens/s ({precision})  selfalign {ours['tokens_per_second']}  plain {plain['tokens_per_second']}  "
-          f"ratio {out['ratio_tokens_per_second_selfalign_vs_plain']}x overall, "
-          f"{out['ratio_selfalign_vs_plain_median_per_round']}x median per round")
-    print(f"MFU (4N/token, median over rounds)  selfalign {ours['mfu_median']:.1%} of the {precision} matmul rate, "
-          f"{ours['mfu_vs_bf16_matmul_median']:.1%} of the bf16 rate")
+    print()
+    for name, r in out["ratios"].items():
+        print(f"{name}: {r['overall']}x overall, {r['median_per_round']}x median per round")
+    for x in results:
+        print(f"{x['loop']}: {x['tokens_per_second']} tokens/s, MFU (4N/token, median over rounds) "
+              f"{x['mfu_median']:.1%} of the {x['precision']} matmul rate, {x['mfu_vs_bf16_matmul_median']:.1%} of bf16")
     io.write_json(a.out, out)
 
 

@@ -123,7 +123,8 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
 
     import torch
 
-    digits = torch.tensor(digit_token_ids(tok))
+    dev = next(model.parameters()).device  # wherever the caller placed it (selfalign/device.py)
+    digits = torch.tensor(digit_token_ids(tok), device=dev)
     values = torch.arange(1, 6, dtype=torch.float64)
     enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     shared = common_prefix(enc) if share_prefix and len(enc) > 1 else 0
@@ -139,7 +140,7 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
     with torch.inference_mode():
         prefix_cache = None
         if shared:
-            prefix_cache = model(input_ids=torch.tensor([enc[0][:shared]]), use_cache=True,
+            prefix_cache = model(input_ids=torch.tensor([enc[0][:shared]], device=dev), use_cache=True,
                                  logits_to_keep=1).past_key_values
         for batch in batches:
             rows = [enc[i][shared:] for i in batch]
@@ -151,6 +152,7 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
                 ids[row, width - len(r):] = torch.tensor(r)
                 mask[row, shared + width - len(r):] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+            ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
             kw = {}
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
@@ -160,7 +162,8 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
                            **kw).logits[:, -1]
             logp = torch.log_softmax(logits.double(), dim=-1)[:, digits]
             mass = logp.exp().sum(-1)
-            probs = logp.exp() / mass[:, None]
+            probs = (logp.exp() / mass[:, None]).cpu()
+            mass = mass.cpu()
             for row, i in enumerate(batch):
                 out[i] = {"score": float((probs[row] * values).sum()), "probs": [round(float(p), 6) for p in probs[row]],
                           "digit_mass": float(mass[row])}

@@ -375,6 +375,8 @@ def perplexity(model, tok, conversations: list[list[dict]], batch_size: int = 4,
             ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
             labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
+            dev = next(model.parameters()).device  # wherever the caller placed it (selfalign/device.py)
+            ids, labels, mask = ids.to(dev), labels.to(dev), mask.to(dev)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                                      ignore_index=-100, reduction="none")

@@ -273,20 +273,25 @@ class LocalModel:
     Shared by the local engine and the server.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32"):
+    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", device: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM
 
         from selfalign import chat
+        from selfalign import device as placement
 
+        self.device = placement.resolve_device(device)  # auto: the process's accelerator, else the CPU
+        if dtype == "auto":  # the precision rule: bf16 on a bf16 GPU, on a CPU where it measures faster
+            dtype = placement.resolve_dtype(dtype, self.device, model_dir, "engine dtype")[0]
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype not in dtypes:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(dtypes)}")
+            raise ValueError(f"dtype {dtype!r}: expected auto or one of {', '.join(dtypes)}")
         self.model_dir = str(model_dir)
         self.dtype = dtype
         self.tok = chat.load_tokenizer(model_dir, padding_side="left")
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtypes[dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtypes[dtype]).to(self.device)
         self.model.eval()
+        log.info("%s loaded on %s in %s", model_dir, self.device, dtype)
         eot = self.tok.convert_tokens_to_ids(chat.end_of_turn(self.tok))
         gen_eos = self.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -309,7 +314,7 @@ class LocalModel:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         width = enc["input_ids"].shape[1]
         limits = [r.max_tokens for r in reqs]
         config = GenerationConfig(max_new_tokens=max(limits), do_sample=False, eos_token_id=self.stop_ids,
@@ -364,7 +369,7 @@ class _RowSampler:
         for i, (r, g) in enumerate(zip(self.reqs, self.gens, strict=True)):
             if g is None:
                 continue
-            logits = scores[i].float() / r.temperature
+            logits = scores[i].float().cpu() / r.temperature  # the row's generator lives on the CPU
             if r.top_p < 1.0:
                 sorted_logits, idx = torch.sort(logits, descending=True)
                 probs = torch.softmax(sorted_logits, -1)
@@ -373,7 +378,7 @@ class _RowSampler:
                 logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
             choice = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
             row = torch.full_like(scores[i], float("-inf"))
-            row[choice] = 0.0
+            row[choice.to(row.device)] = 0.0
             scores[i] = row
         return scores
 
@@ -388,7 +393,7 @@ class _RowStop:
         import torch
 
         n = input_ids.shape[1] - self.width
-        done = torch.tensor([n >= lim for lim in self.limits], dtype=torch.bool)
+        done = torch.tensor([n >= lim for lim in self.limits], dtype=torch.bool, device=input_ids.device)
         if self.cancel is not None and self.cancel.is_set():
             done[:] = True
         for i, stops in enumerate(self.stops):
@@ -407,9 +412,17 @@ class LocalEngine(Engine):
         if not Path(self.model_dir, "config.json").exists():
             raise FileNotFoundError(f"engine.model {self.model_dir!r}: not a model directory (no config.json)")
         self.batch_size = int(spec.get("batch_size") or 8)
-        self.dtype = spec.get("dtype") or "float32"
         self.threads = int(spec.get("threads") or 0)
+        from selfalign import device as placement
+
+        # one rule (selfalign/device.py), resolved here so the cache identity names the dtype that answers
+        self.device = placement.resolve_device(spec.get("device") or "auto")
+        self.dtype = spec.get("dtype") or "float32"
+        if self.dtype == "auto":
+            self.dtype = placement.resolve_dtype("auto", self.device, self.model_dir, "engine dtype")[0]
         self._identity = {"kind": "local", "model": model_fingerprint(self.model_dir), "dtype": self.dtype}
+        if self.device != "cpu":  # a GPU's kernels round differently; CPU identities stay as they were
+            self._identity["device"] = self.device.split(":")[0]
         self._model: LocalModel | None = None
 
     @property
@@ -424,7 +437,7 @@ class LocalEngine(Engine):
 
                 # process-wide; on a CPU shared with other jobs one thread can beat two by 5x (spin-waiting)
                 torch.set_num_threads(self.threads)
-            self._model = LocalModel(self.model_dir, self.dtype)
+            self._model = LocalModel(self.model_dir, self.dtype, self.device)
         return self._model
 
     def _run(self, requests, done, progress):

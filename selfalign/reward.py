@@ -264,14 +264,16 @@ def length_baseline(pairs: list[dict]) -> dict:
     return {"accuracy": wins / n, "ci95": list(wilson_interval(wins, n)), "pairs": n}
 
 
-def load_reward_model(model_dir, device: str = "cpu"):
-    """(model, tokenizer) of a reward model directory written by the reward stage."""
+def load_reward_model(model_dir, device: str = "auto"):
+    """(model, tokenizer) of a reward model directory written by the reward stage, on `device` (auto: the
+    process's accelerator, else the CPU: selfalign/device.py)."""
     from transformers import AutoModelForSequenceClassification
 
     from selfalign import chat
+    from selfalign.device import resolve_device
 
     tok = chat.load_tokenizer(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(device)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).to(resolve_device(device))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.eval()
@@ -297,8 +299,10 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
     check_pooling(tok)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
-    if cfg["backbone"] == "frozen":
-        return _train_head(model, tok, train_pairs, cfg)
+    if cfg["backbone"] == "frozen":  # forward passes only, on the process's device (RewardTrainer places its own)
+        from selfalign.device import resolve_device
+
+        return _train_head(model.to(resolve_device("auto")), tok, train_pairs, cfg)
     rows, cut = [], 0
     for p in train_pairs:
         good, bad = pair_messages(p)

@@ -350,15 +350,17 @@ def pack(examples: list[dict], max_len: int, packing: bool = True) -> list[dict]
     return rows
 
 
-def schedule(phases: list[dict], train_by_phase: list[list[dict]], cfg: dict) -> tuple[list[dict], list[dict]]:
+def schedule(phases: list[dict], train_by_phase: list[list[dict]], cfg: dict, world: int = 1
+             ) -> tuple[list[dict], list[dict]]:
     """All training rows in order, phase after phase; and per phase its rows, steps and examples.
 
     Each epoch of a phase is its examples shuffled (seeded by seed, phase and epoch) and packed;
-    `max_steps` caps the phase at that many optimizer steps' worth of rows.
+    `max_steps` caps the phase at that many optimizer steps' worth of rows (each step takes
+    batch_size x grad_accum rows on each of the `world` processes).
     """
     rows: list[dict] = []
     info = []
-    per_step = cfg["batch_size"] * cfg["grad_accum"]
+    per_step = cfg["batch_size"] * cfg["grad_accum"] * world
     for p, (phase, examples) in enumerate(zip(phases, train_by_phase, strict=True)):
         phase_rows: list[dict] = []
         for epoch in range(phase["epochs"]):
@@ -439,6 +441,23 @@ def prepare_checkpoints(ckpt_dir: Path, fp: str) -> Path | None:
     return None
 
 
+def prepare_checkpoints_ranked(ckpt_dir: Path, fp: str, main: bool) -> Path | None:
+    """`prepare_checkpoints` under a multi-process launch: only the main process checks, clears and stamps
+    the directory; the others wait for its decision (broadcast) and resume from the same checkpoint.
+
+    Every rank must call this once the process group exists (TrainingArguments creates it); a single
+    process just prepares.
+    """
+    import torch.distributed as dist
+
+    resume = prepare_checkpoints(ckpt_dir, fp) if main else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        chosen = [str(resume) if resume is not None else None]
+        dist.broadcast_object_list(chosen, src=0)  # also the barrier: nobody starts before the directory is ready
+        resume = Path(chosen[0]) if chosen[0] is not None else None
+    return resume
+
+
 def clear_checkpoints(ckpt_dir: Path) -> None:
     """After success nothing is left to resume; keep the (empty) directory DVC declares."""
     for p in ckpt_dir.iterdir():
@@ -447,30 +466,25 @@ def clear_checkpoints(ckpt_dir: Path) -> None:
 
 # ---------------------------------------------------------------- trainer
 
-def resolve_precision(precision: str) -> str:
-    """`auto`: bf16 where the hardware computes it fast (a CUDA GPU with bf16, a CPU with AMX), else fp32.
+def resolve_precision(precision: str, model_dir: str | os.PathLike | None = None) -> str:
+    """`auto`: bf16 or fp32 by the one rule of selfalign/device.py (bf16 on a bf16 GPU; on a CPU, measured).
 
-    Measured with bench/sft.py on a 2-core Xeon VM with AVX512-BF16 but no AMX: bf16 autocast ran
-    the LoRA step 1.5-1.7x *slower* than fp32 (the feasibility machine, with AMX, saw 1.3x faster).
+    A CPU flag does not decide it: with AVX512-BF16 and no AMX, bf16 autocast ran the LoRA step 1.5x
+    slower on one VM and 1.68x faster on another of the same kind (issue 18).
     """
-    if precision in ("bf16", "fp32"):
-        return precision
-    if precision != "auto":
-        raise ParamsError(f"sft.train.precision {precision!r}: expected auto, bf16 or fp32")
-    import torch
+    from selfalign import device
 
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text(errors="replace") if cpuinfo.is_file() else ""
-    return "bf16" if "amx_bf16" in flags else "fp32"
+    try:
+        return device.placement("auto", precision, model_dir, "sft.train.precision").precision
+    except device.DeviceError as e:
+        raise ParamsError(str(e)) from e
 
 
 def training_args(cfg: dict, ckpt_dir: Path, total_steps: int, has_eval: bool, deepspeed_config: str | None):
     import torch
     from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # accelerate then places each rank on cuda:LOCAL_RANK (device.resolve_device)
     if cfg["precision"] not in ("bf16", "fp32"):
         raise ParamsError(f"sft.train.precision {cfg['precision']!r}: resolve it first (resolve_precision)")
     return TrainingArguments(
@@ -517,7 +531,7 @@ def trainer_class():
     activation of a step; prompt tokens (a quarter of a seed example, most of a backward one, whose
     target is a short instruction) need neither. Same loss as the model's own (sum over target
     tokens / their count in the accumulated batch), checked in tests/test_sft.py. Under DeepSpeed
-    the engine must run the forward itself, so the model's own loss is used there.
+    or DDP (several processes) the wrapper must run the forward itself, so the model's own loss is used there.
     """
     import torch
     from transformers import Trainer
@@ -526,9 +540,11 @@ def trainer_class():
         loss_is_scaled_for_ga = True  # normalised by num_items_in_batch, the accumulated batch's target count
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.is_deepspeed_enabled:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inner = self.accelerator.unwrap_model(model)
+            if self.is_deepspeed_enabled or inner is not model:
+                # DeepSpeed's engine or DDP (a multi-process launch) must run the forward itself: calling the
+                # inner decoder directly would skip DDP's gradient all-reduce and let the ranks drift apart.
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
             targets = inputs["labels"][:, 1:]
             keep = targets != IGNORE
@@ -561,7 +577,8 @@ def make_callback(rows: list[dict]):
             self.seconds = time.perf_counter() - self.t0
 
         def on_save(self, args, state, control, **kw):
-            log.info("saved checkpoint at step %d", state.global_step)
+            if state.is_world_process_zero:  # the process that wrote it (the resume tests wait for this line)
+                log.info("saved checkpoint at step %d", state.global_step)
 
         def tokens_trained(self, end_step: int, per_step: int) -> int:
             done = rows[self.start_step * per_step: end_step * per_step]

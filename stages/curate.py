@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import curate, io, models, params, records, shard
+from selfalign import curate, device, io, models, params, records, shard
 
 log = logging.getLogger("curate")
 STAGE = "curate"

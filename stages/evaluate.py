@@ -1,12 +1,12 @@
-"""Evaluate the base model, M0, the final SFT model and the PPO model on a fixed prompt set, with a report.
+"""Evaluate the base model, M0, the final SFT model and the PPO and/or DPO model on a fixed prompt set, with a report.
 
     python stages/evaluate.py --params params.yaml --model base=models/base --model m0=models/m0 \
-        --model final=models/final --model ppo=models/ppo --reward-model models/reward \
+        --model final=models/final --model ppo=models/ppo --model dpo=models/dpo --reward-model models/reward \
         --prompts data/eval/prompts.jsonl --heldout data/clean/seed.jsonl --judge-prompt prompts/evaluate.txt \
         --lock dvc.lock --cache cache/evaluate --output-dir reports/evaluate --metrics metrics/evaluate.json
 
 For every model in `evaluate.models` (the base first, so every trained model is compared with where
-it started): greedy answers to the first `prompts_per_category` prompts of each category and language
+it started; `preferred` stands for what params.yaml's top-level `prefer` names: ppo, dpo or both): greedy answers to the first `prompts_per_category` prompts of each category and language
 (through llm.py's local engine and its cache, so a killed run resumes), how often an answer stops at
 the end-of-turn token rather than the cap, answer-key matches, ROUGE-L against the reference answers,
 perplexity of the held-out seed responses and of the reference answers, reward-model scores, length
@@ -28,7 +28,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import chat, dpo, io, llm, models, params, records, shard  # noqa: E402
+from selfalign import chat, device, dpo, io, llm, models, params, records, shard  # noqa: E402
 from selfalign import evaluate as ev  # noqa: E402
 from selfalign import export as ex  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
@@ -108,7 +108,8 @@ def held_out_perplexity(model_dir: str, seed: list[dict], references: list[dict]
     """Perplexity of the held-out seed responses and of the eval prompts' reference answers; parameter count."""
     system = models.read_info(model_dir).get("system")
     convs = ev.heldout_conversations(seed, cfg["heldout_fraction"], cfg["heldout_max"], system)
-    model, tok = models.load_model(model_dir, "float32"), chat.load_tokenizer(model_dir)
+    # float32 on the process's device (selfalign/device.py): perplexities compare across models and machines
+    model, tok = models.load_model(model_dir, "float32").to(device.resolve_device("auto")), chat.load_tokenizer(model_dir)
     boot = (cfg["bootstrap_resamples"], cfg["seed"])
     out = ev.perplexity(model, tok, convs, cfg["ppl_batch_size"], cfg["ppl_max_length"], *boot)
     ref = ev.perplexity(model, tok, ev.reference_conversations(references, system), cfg["ppl_batch_size"],
@@ -239,7 +240,8 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
                            "with_reference": len(references)},
                "heldout": {"seed_records": len(seed),
                            "scored": max(p["perplexity"]["conversations"] for p in per_model.values())},
-               "judge": cfg["judge"], "distill_teacher": teacher,
+               "judge": cfg["judge"], "distill_teacher": teacher, "device": device.resolve_device("auto"),
+               "precision": {"answers": cfg["dtype"], "perplexity": "float32", "reward": "float32"},
                "models": {}, "win_rate": ev.win_rates(judgments, *boot), **sh.throughput(len(rows))}
     for name in dirs:
         metrics["models"][name] = {**per_model[name], **ev.model_metrics([r for r in rows if r["model"] == name], *boot)}

@@ -29,7 +29,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import chat, dpo, io, models, params  # noqa: E402
+from selfalign import chat, device, dpo, io, models, params  # noqa: E402
 from selfalign import export as ex  # noqa: E402
 
 log = logging.getLogger("export")
@@ -62,12 +62,13 @@ def choose_source(opts: tuple[str, ...], wanted: str, params_file, evaluation) -
     return wanted, source, why
 
 
-def reload_check(model, export_dir: Path, tok, prompt: str) -> float:
-    """Largest logit difference between the model in memory and the one reloaded from the export."""
+def reload_check(model, export_dir: Path, tok, prompt: str, dev: str = "cpu") -> float:
+    """Largest logit difference between the model in memory and the one reloaded from the export, both on `dev`."""
     import torch
 
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    reloaded = models.load_model(export_dir, None)
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(dev)
+    model.to(dev)
+    reloaded = models.load_model(export_dir, None).to(dev)
     with torch.no_grad():
         a = model(**enc).logits.float()
         b = reloaded(**enc).logits.float()
@@ -126,7 +127,8 @@ def main(params_file, overrides, model_opts, evaluation, lock_path, output, metr
         (tmp / models.MODEL_INFO).write_text(json.dumps(
             {**info, "exported_from": str(source), "merged_from": merged_from}, indent=2, ensure_ascii=False) + "\n",
             encoding="utf-8")
-        diff = reload_check(model, tmp, tok, example)
+        dev = device.resolve_device("auto")  # the process's accelerator, else the CPU (selfalign/device.py)
+        diff = reload_check(model, tmp, tok, example, dev)
         if diff > 1e-4:
             raise click.ClickException(f"the exported weights do not reload to the same model (max logit diff {diff})")
         card = ex.render_card(
@@ -141,7 +143,7 @@ def main(params_file, overrides, model_opts, evaluation, lock_path, output, metr
     io.write_json(metrics_path, {
         "model": name, "model_choice": why, "source": str(source), "merged_adapter": merged_from is not None, "params": n_params,
         "dtype": dtype, "bytes": sum(f["bytes"] for f in files), "eos_token_id": eot_id,
-        "reload_max_logit_diff": diff, "lineage_stages": len(stages),
+        "reload_max_logit_diff": diff, "reload_device": dev, "lineage_stages": len(stages),
         "teacher_is_student_base": teacher["teacher_is_student_base"] if teacher else None,
         "weights_sha256": next((f["sha256"] for f in files if f["file"].endswith(".safetensors")), None)})
     log.info("wrote %s (%d files, %.1f MB) and %s", output, len(files), sum(f["bytes"] for f in files) / 1e6,

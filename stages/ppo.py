@@ -30,7 +30,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import io, launch, memory, models, params, records  # noqa: E402
+from selfalign import device, io, launch, memory, models, params, records  # noqa: E402
 from selfalign import ppo as P  # noqa: E402
 
 log = logging.getLogger("ppo")
@@ -48,7 +48,6 @@ DEFAULTS = {
     "reward_max_length": 512,
     "checkpoint_every": 4,
     "mixed_precision": "no",
-    "launcher": "python",
     "threads": 0,
 }
 PLOTTED = ("reward_mean", "score_mean", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "policy_loss",
@@ -163,7 +162,14 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
     if dry_run:
         click.echo(memory.dry_run(memory.ppo_plan(cfg, policy_dir, params_file, gpu_gib=gpu_gib), params=cfg))
         return
-    launch.relaunch(cfg["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
+    # auto: the one precision rule (selfalign/device.py); before the launch, so that its ranks read the probe's cache
+    asked = {"no": "fp32", "bf16": "bf16", "auto": "auto"}.get(cfg["mixed_precision"])
+    if asked is None:
+        raise click.UsageError(f"ppo.mixed_precision {cfg['mixed_precision']!r}: expected no, bf16 or auto")
+    placed = device.placement("auto", asked, policy_dir, "ppo.mixed_precision")
+    cfg = {**cfg, "mixed_precision": "bf16" if placed.precision == "bf16" else "no"}
+    # The launcher (torchrun, accelerate launch, srun ...) comes from the machine, not params (selfalign/launch.py).
+    launcher = launch.relaunch("ppo")
     t0 = time.time()
     import torch
     from accelerate import Accelerator
@@ -240,8 +246,11 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
         "seconds_per_step": total / len(ran) if ran else None,
         "time_share": {k: round(v / total, 3) for k, v in times.items()},
         "reference": cfg["reference"],
+        **placed.metrics(),
+        "device": str(accelerator.device),  # accelerate's: cuda:LOCAL_RANK when there is one, as device.resolve_device
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "seconds": round(time.time() - t0, 1),
+        **launch.summary(launcher, ppo_cfg.batch_size),  # prompts per rollout: batch_size on each process
     })
 
 

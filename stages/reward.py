@@ -27,7 +27,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import curate, io, launch, memory, models, params, records  # noqa: E402
+from selfalign import curate, device, io, launch, memory, models, params, records  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
 
 log = logging.getLogger("reward")
@@ -43,7 +43,7 @@ DEFAULTS = {
     "epochs": 1,
     "batch_size": 8,
     "lr": 2.0e-4,
-    "precision": "fp32",
+    "precision": "auto",
     "center_rewards": 0.01,
     "backbone": "tuned",
     "head_l2": 0.01,
@@ -51,7 +51,6 @@ DEFAULTS = {
     "score_batch_size": 16,
     "threads": 0,
     "seed": 0,
-    "launcher": "python",
 }
 
 
@@ -102,7 +101,17 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
         click.echo(memory.dry_run(memory.stage_plan("reward", cfg, model_dir, params_file, gpu_gib=gpu_gib,
                                                     head="score", pairs=True), params=cfg))
         return
-    launch.relaunch(cfg["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
+    try:  # one rule (selfalign/device.py); a frozen backbone's features stay fp32: the fitted head must not
+        # depend on which precision this machine measures faster. Before the launch: its ranks read the cache
+        frozen = cfg["backbone"] == "frozen"
+        placed = device.placement("auto", "fp32" if frozen else cfg["precision"], model_dir, "reward.precision")
+    except device.DeviceError as e:
+        raise click.UsageError(str(e)) from e
+    if frozen:
+        placed.reason = "backbone frozen: last-token features in fp32"
+    cfg = {**cfg, "precision": placed.precision}
+    # The launcher (torchrun, accelerate launch, srun ...) comes from the machine, not params (selfalign/launch.py).
+    launcher = launch.relaunch("reward")
     t0 = time.time()
     if cfg["threads"]:
         import torch
@@ -131,6 +140,9 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
 
     with tempfile.TemporaryDirectory() as work:
         model, tok, info = rm.train(model_dir, train, cfg, work)
+    if not launch.is_main():  # backbone tuned: every rank trained its shard of each batch; rank 0 evaluates and writes
+        log.info("rank %d of %d: trained; rank 0 evaluates and writes the outputs", launch.rank(), launch.world_size())
+        return
     held = evaluate(model, tok, heldout, cfg)
     log.info("held-out pairwise accuracy %.3f (95%% Wilson interval %.3f-%.3f), margin %.3f over %d pairs; "
              "the longer answer wins %.3f of them", held["accuracy"], *held["ci95"], held["margin"], held["pairs"],
@@ -160,6 +172,9 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "seconds": round(time.time() - t0, 1),
+        # frozen: the head is fitted on the same features in every process, so no batch is split
+        **launch.summary(launcher, cfg["batch_size"] if cfg["backbone"] == "tuned" else None),
+        **placed.metrics(),
     })
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import backward, chat, curate, io, launch, memory, models, params, training
+from selfalign import backward, chat, curate, device, io, launch, memory, models, params, training
 
 DEFAULTS = {
     "train": {
@@ -30,7 +30,7 @@ DEFAULTS = {
         "precision": "auto", "max_len": 512, "packing": True, "batch_size": 2, "grad_accum": 1, "lr": 5.0e-4,
         "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
         "logging_steps": 1, "save_steps": 5, "eval_steps": 8, "eval_fraction": 0.1, "eval_max_examples": 8,
-        "gradient_checkpointing": False, "deepspeed": False, "keep_adapter": True, "launcher": "python",
+        "gradient_checkpointing": False, "deepspeed": False, "keep_adapter": True,
         "heldout_eval": dict(backward.DEFAULTS),  # runs with a reversed source: held-out instruction prediction
     },
     "system_tags": {},
@@ -156,34 +156,44 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
         click.echo(memory.dry_run(memory.stage_plan("sft", t, run_cfg["base"], params_file, gpu_gib=gpu_gib,
                                                     deepspeed_config=ds), params=t))
         return
-    t = cfg["train"] = {**t, "precision": training.resolve_precision(t["precision"])}
-    launch.relaunch(t["launcher"])  # e.g. accelerate launch across GPUs (profiles/); a launched rank goes on
+    try:  # one rule for device and precision (selfalign/device.py): auto = bf16 where it measures faster
+        placed = device.placement("auto", t["precision"], run_cfg["base"], "sft.train.precision")
+    except device.DeviceError as e:
+        raise click.UsageError(str(e)) from e
+    t = cfg["train"] = {**t, "precision": placed.precision}
+    # The launcher (torchrun, accelerate launch, srun ...) comes from the machine, not params (selfalign/launch.py).
+    launcher = launch.relaunch("sft")
     ds_config = training.setup_deepspeed(t["deepspeed"], deepspeed_config)
     import torch
+
+    launch.set_cuda_device()  # before any load: QLoRA's 4-bit weights land on this rank's GPU
+    world = launch.world_size()
 
     torch.manual_seed(t["seed"])
     tok = chat.load_tokenizer(run_cfg["base"])
     by_phase, eval_examples, rejected, sources = read_phases(tok, cfg, run_cfg)
-    rows, phase_info = training.schedule(run_cfg["phases"], by_phase, t)
+    rows, phase_info = training.schedule(run_cfg["phases"], by_phase, t, world)
     if not rows:
         raise click.ClickException(f"run {run}: no training examples left (see {rejected_path})")
     eval_rows = training.pack(eval_examples, t["max_len"], t["packing"])
-    per_step = t["batch_size"] * t["grad_accum"]
+    per_step = t["batch_size"] * t["grad_accum"] * world  # rows per optimizer step across every rank
     total_steps = math.ceil(len(rows) / per_step)
     tokens = sum(len(r["input_ids"]) for r in rows)
-    log.info("run %s (%s, %s): %d rows in %d phases, %d steps, %.0f tokens/step (%.0f%% of row capacity), "
-             "%d eval rows", run, t["method"], t["precision"], len(rows), len(phase_info), total_steps,
-             tokens / total_steps,
+    log.info("run %s (%s, %s): %d rows in %d phases, %d steps of %d rows (%d processes), %.0f tokens/step "
+             "(%.0f%% of row capacity), %d eval rows", run, t["method"], t["precision"], len(rows), len(phase_info),
+             total_steps, per_step, world, tokens / total_steps,
              100 * tokens / (len(rows) * t["max_len"]), len(eval_rows))
     for ph in phase_info:
         log.info("phase %s: %d examples x %d epochs -> %d rows", ph["name"], ph["examples"], ph["epochs"], ph["rows"])
 
     base_weights = Path(run_cfg["base"]) / models.WEIGHTS
-    fp = training.fingerprint({"train": t, "run": run_cfg, "tags": cfg["system_tags"],
+    fp = training.fingerprint({"train": t, "run": run_cfg, "tags": cfg["system_tags"], "world": world,
                                "rows": training.rows_fingerprint(rows + eval_rows),
                                "base": models.sha256_file(base_weights) if base_weights.is_file() else None})
     ckpt_dir = Path(checkpoints)
-    resume = training.prepare_checkpoints(ckpt_dir, fp)
+    # TrainingArguments first: it joins this process to the launch's process group (gloo on CPU, nccl on GPUs).
+    args = training.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
+    resume = training.prepare_checkpoints_ranked(ckpt_dir, fp, args.process_index == 0)
     if resume is not None:
         log.info("resuming from %s", resume)
 
@@ -191,7 +201,6 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
         model = models.load_for_training(run_cfg["base"], t["method"], t["lora"], t["precision"])
     except models.ModelError as e:
         raise click.ClickException(str(e)) from e
-    args = training.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
     progress = training.make_callback(rows)
     trainer = training.trainer_class()(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
                       data_collator=training.PackedCollator(tok.pad_token_id), callbacks=[progress])
@@ -199,6 +208,9 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
     step = trainer.state.global_step
     checkpointed = bool(getattr(trainer.model, "is_activation_checkpointing", False))
     trained_tokens = progress.tokens_trained(step, per_step)
+    if args.process_index != 0:  # one process merges, evaluates and writes; the others are done
+        log.info("rank %d: trained %d steps; rank 0 writes the outputs", args.process_index, step)
+        return
 
     system = cfg["system_tags"][run_cfg["inference_tag"]] if run_cfg["inference_tag"] else None
     info = {"run": run, "base": run_cfg["base"], "method": t["method"], "system": system,
@@ -233,7 +245,9 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
         "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
         "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
         "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
-        "method": t["method"], "precision": t["precision"], "gradient_checkpointing": checkpointed, **heldout})
+        "method": t["method"], "gradient_checkpointing": checkpointed,
+        **placed.metrics(), "device": str(trainer.args.device),  # the precision rule's choice and the Trainer's device
+        **launch.summary(launcher, t["batch_size"] * t["grad_accum"]), **heldout})
     training.clear_checkpoints(ckpt_dir)
     log.info("run %s: %d steps, %.1f tokens/s, wrote %s", run, step,
              trained_tokens / progress.seconds if progress.seconds else 0.0, output)
