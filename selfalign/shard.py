@@ -71,13 +71,26 @@ def keys_digest(keys: Sequence[str]) -> str:
 
 def options(f: Callable) -> Callable:
     """The three click options every sharded stage takes."""
-    f = click.option("--shard-dir", type=click.Path(file_okay=False), default=None,
-                     help="Where shard answers are written and merged from (default: the output path + '.shards').")(f)
-    f = click.option("--merge-shards", type=click.IntRange(min=1), default=None,
-                     help="Merge the answers of N shard runs and write the single run's outputs.")(f)
-    return click.option("--shard", "shard_spec", default=None, metavar="i/N",
-                        help="Answer only shard i of N (by a hash of record id and language); write shard answers "
-                             "and metrics, not the outputs.")(f)
+    f = click.option(
+        "--shard-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Where shard answers are written and merged from (default: the output path + '.shards').",
+    )(f)
+    f = click.option(
+        "--merge-shards",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Merge the answers of N shard runs and write the single run's outputs.",
+    )(f)
+    return click.option(
+        "--shard",
+        "shard_spec",
+        default=None,
+        metavar="i/N",
+        help="Answer only shard i of N (by a hash of record id and language); write shard answers "
+        "and metrics, not the outputs.",
+    )(f)
 
 
 class Sharding:
@@ -109,8 +122,14 @@ class Sharding:
     def mine(self, keys: Sequence[str]) -> list[int]:
         return [j for j, k in enumerate(keys) if bucket(k, self.count) == self.index]
 
-    def map(self, call: str, keys: Sequence[str], work: Callable[[list[int]], list], encode: Callable = lambda r: r,
-            decode: Callable = lambda d: d) -> list:
+    def map(
+        self,
+        call: str,
+        keys: Sequence[str],
+        work: Callable[[list[int]], list],
+        encode: Callable = lambda r: r,
+        decode: Callable = lambda d: d,
+    ) -> list:
         """work(indices) over every item (single run), this shard's items (others are None), or none (merge)."""
         if self.is_merge:
             return [decode(d) for d in self._take(call, keys)]
@@ -128,8 +147,9 @@ class Sharding:
         log.info("shard %d/%d: %s: %d of %d items", self.index, self.count, call, len(idx), len(keys))
         return out
 
-    def complete(self, engine, reqs: list, keys: Sequence[str], template_id: str, call: str | None = None,
-                 progress: bool = True) -> list:
+    def complete(
+        self, engine, reqs: list, keys: Sequence[str], template_id: str, call: str | None = None, progress: bool = True
+    ) -> list:
         """engine.complete over the work this run owns; in a merge, the shards' answers and their engine counts."""
         from selfalign import llm
 
@@ -143,7 +163,7 @@ class Sharding:
         if self.is_shard:
             after = engine.stats
             self._header[call]["stats"] = {k: after[k] - before[k] for k in COUNTS}
-        elif self.is_merge:   # the merged metrics count what the shards asked, as a single run would have
+        elif self.is_merge:  # the merged metrics count what the shards asked, as a single run would have
             engine._count(**{k: sum(s.get(k, 0) for s in self._stats[call]) for k in COUNTS})
         return out
 
@@ -153,18 +173,26 @@ class Sharding:
         head = {"stage": self.stage, "shard": self.index, "of": self.count, "calls": self._header}
         io.write_jsonl(self.path(self.index), [head, *self._rows])
         engine = {k: sum(h["stats"].get(k, 0) for h in self._header.values()) for k in COUNTS}
-        m = {"stage": self.stage, "shard": f"{self.index}/{self.count}", "shard_file": str(self.path(self.index)),
-             "calls": {c: {"items": h["n"], "mine": h["mine"]} for c, h in self._header.items()},
-             "answered": len(self._rows), "engine": {**engine, "cost_usd": round(engine["cost_usd"], 6)},
-             **self.throughput(len(self._rows))}
+        m = {
+            "stage": self.stage,
+            "shard": f"{self.index}/{self.count}",
+            "shard_file": str(self.path(self.index)),
+            "calls": {c: {"items": h["n"], "mine": h["mine"]} for c, h in self._header.items()},
+            "answered": len(self._rows),
+            "engine": {**engine, "cost_usd": round(engine["cost_usd"], 6)},
+            **self.throughput(len(self._rows)),
+        }
         io.write_json(metrics_path, m)
         log.info("shard %d/%d: %d answers to %s", self.index, self.count, len(self._rows), self.path(self.index))
 
     def throughput(self, records: int) -> dict:
         """records_per_s over this run's wall time so far, and peak RSS."""
         secs = time.monotonic() - self.start
-        return {"seconds": round(secs, 2), "records_per_s": round(records / secs, 3) if secs > 0 else None,
-                "peak_rss_mb": progress.peak_rss_mb()}
+        return {
+            "seconds": round(secs, 2),
+            "records_per_s": round(records / secs, 3) if secs > 0 else None,
+            "peak_rss_mb": progress.peak_rss_mb(),
+        }
 
     def _load(self) -> None:
         self._stats: dict[str, list[dict]] = {}
@@ -175,12 +203,16 @@ class Sharding:
             rows = io.load_jsonl(p)
             head = rows[0] if rows else {}
             if head.get("stage") != self.stage or head.get("shard") != i or head.get("of") != self.count:
-                raise ShardError(f"{p}:1: expected the header of {self.stage} shard {i}/{self.count}, got {head!r}"[:300])
+                raise ShardError(
+                    f"{p}:1: expected the header of {self.stage} shard {i}/{self.count}, got {head!r}"[:300]
+                )
             for call, h in head["calls"].items():
                 prev = self._header.setdefault(call, h)
                 if (prev["n"], prev["keys"]) != (h["n"], h["keys"]):
-                    raise ShardError(f"{p}: {call}: made from another input than shard 0 ({h['n']} items, keys "
-                                     f"{h['keys']} vs {prev['n']}, {prev['keys']})")
+                    raise ShardError(
+                        f"{p}: {call}: made from another input than shard 0 ({h['n']} items, keys "
+                        f"{h['keys']} vs {prev['n']}, {prev['keys']})"
+                    )
                 self._stats.setdefault(call, []).append(h["stats"])
             for line, r in enumerate(rows[1:], start=2):
                 got = self._merged.setdefault(r["call"], {})
@@ -193,14 +225,18 @@ class Sharding:
         if h is None:
             raise ShardError(f"{self.dir}: no shard answered {call!r}")
         if (h["n"], h["keys"]) != (len(keys), keys_digest(keys)):
-            raise ShardError(f"{self.dir}: {call}: the shards were made from another input ({h['n']} items, keys "
-                             f"{h['keys']}; this run has {len(keys)}, {keys_digest(keys)})")
+            raise ShardError(
+                f"{self.dir}: {call}: the shards were made from another input ({h['n']} items, keys "
+                f"{h['keys']}; this run has {len(keys)}, {keys_digest(keys)})"
+            )
         got = self._merged.get(call, {})
         out = []
         for j, k in enumerate(keys):
             if j not in got:
                 raise ShardError(f"{self.path(bucket(k, self.count))}: {call} item {j} (key {k!r}) is missing")
             if got[j]["shard"] != bucket(k, self.count):
-                raise ShardError(f"{self.path(got[j]['shard'])}: {call} item {j} belongs to shard {bucket(k, self.count)}")
+                raise ShardError(
+                    f"{self.path(got[j]['shard'])}: {call} item {j} belongs to shard {bucket(k, self.count)}"
+                )
             out.append(got[j]["result"])
         return out

@@ -39,7 +39,9 @@ def test_map_splits_and_merge_checks_every_answer(tmp_path):
         sh.finish(tmp_path / f"m{i}.json")
         assert io.read_json(tmp_path / f"m{i}.json")["answered"] == len(sh.mine(keys))
     merged = shard.Sharding("t", None, 3, tmp_path / "s", None)
-    assert merged.map("call", keys, lambda idx: pytest.fail("a merge asks nothing")) == [f"answer {j}" for j in range(10)]
+    assert merged.map("call", keys, lambda idx: pytest.fail("a merge asks nothing")) == [
+        f"answer {j}" for j in range(10)
+    ]
     with pytest.raises(shard.ShardError, match="another input"):
         merged.map("call", keys[:-1], None)
     with pytest.raises(shard.ShardError, match=r"t-1-of-3.jsonl: shard 1/3 has not been written"):
@@ -64,9 +66,13 @@ def single_vs_shards(tmp_path: Path, stage: str, args, outputs: list[str], n: in
     that the merge wrote the single run's files byte for byte and the same counts. Returns (merged, shard metrics)."""
     invoke(stage, args(tmp_path / "single", tmp_path / "cache1", tmp_path / "single.json"))
     for i in range(n):
-        invoke(stage, args(tmp_path / "sharded", tmp_path / "cache2", tmp_path / f"s{i}.json") + ["--shard", f"{i}/{n}"])
+        invoke(
+            stage, args(tmp_path / "sharded", tmp_path / "cache2", tmp_path / f"s{i}.json") + ["--shard", f"{i}/{n}"]
+        )
     assert not (tmp_path / "sharded" / outputs[0]).exists(), "a shard writes its answers, not the outputs"
-    invoke(stage, args(tmp_path / "sharded", tmp_path / "cache2", tmp_path / "merged.json") + ["--merge-shards", str(n)])
+    invoke(
+        stage, args(tmp_path / "sharded", tmp_path / "cache2", tmp_path / "merged.json") + ["--merge-shards", str(n)]
+    )
     for name in outputs:
         a, b = (tmp_path / "single" / name).read_bytes(), (tmp_path / "sharded" / name).read_bytes()
         assert a == b, f"{stage}: {name} differs between one run and {n} shards + merge"
@@ -88,10 +94,28 @@ def test_augment_in_three_shards_then_two_over_the_same_cache(varied_model_dir, 
     (tmp_path / "backward.txt").write_text("Write the request that this text answers.\n\n{response}\n")
 
     def args(out, cache, metrics):
-        return ["--web", str(tmp_path / "web.jsonl"), "--model", str(varied_model_dir),
-                "--prompt", str(tmp_path / "backward.txt"), "--output-dir", str(out), "--cache", str(cache),
-                "--metrics", str(metrics), "--set", "max_new_tokens=8", "--set", "min_instruction_words=1",
-                "--set", "engine={kind: local, batch_size: 4, dtype: float32}", "--set", "min_success=0"]
+        return [
+            "--web",
+            str(tmp_path / "web.jsonl"),
+            "--model",
+            str(varied_model_dir),
+            "--prompt",
+            str(tmp_path / "backward.txt"),
+            "--output-dir",
+            str(out),
+            "--cache",
+            str(cache),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "max_new_tokens=8",
+            "--set",
+            "min_instruction_words=1",
+            "--set",
+            "engine={kind: local, batch_size: 4, dtype: float32}",
+            "--set",
+            "min_success=0",
+        ]
 
     merged, shards = single_vs_shards(tmp_path, "augment", args, ["candidates.jsonl", "rejected.jsonl"])
     assert merged["engine"]["calls"] == merged["sampled"] == sum(s["engine"]["calls"] for s in shards) > 0
@@ -107,8 +131,11 @@ def test_augment_in_three_shards_then_two_over_the_same_cache(varied_model_dir, 
         assert (tmp_path / "re" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
 
     # A shard file from another input is refused, naming it.
-    res = CliRunner().invoke(load_stage("augment").main, args(tmp_path / "re", tmp_path / "cache2", tmp_path / "x.json")
-                             + ["--merge-shards", "2", "--set", "max_segments=3"])
+    res = CliRunner().invoke(
+        load_stage("augment").main,
+        args(tmp_path / "re", tmp_path / "cache2", tmp_path / "x.json")
+        + ["--merge-shards", "2", "--set", "max_segments=3"],
+    )
     assert res.exit_code != 0 and "made from another input" in res.output
 
 
@@ -119,11 +146,34 @@ def test_distill_in_three_shards(varied_model_dir, tmp_path):
     seed, scored = write(tmp_path / "seed.jsonl", SEEDS), write(tmp_path / "scored.jsonl", SCORED)
 
     def args(out, cache, metrics):
-        return ["--seed", str(seed), "--scored", str(scored), "--teacher", str(varied_model_dir),
-                "--systems", str(SYSTEMS), "--output-dir", str(out), "--cache", str(cache), "--metrics", str(metrics),
-                "--set", "max_new_tokens=8", "--set", "reject_truncated=false", "--set", "min_response_words=1",
-                "--set", "orca.n=3", "--set", "min_success=0",
-                "--set", "engine={kind: local, batch_size: 4, dtype: float32}"]
+        return [
+            "--seed",
+            str(seed),
+            "--scored",
+            str(scored),
+            "--teacher",
+            str(varied_model_dir),
+            "--systems",
+            str(SYSTEMS),
+            "--output-dir",
+            str(out),
+            "--cache",
+            str(cache),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "max_new_tokens=8",
+            "--set",
+            "reject_truncated=false",
+            "--set",
+            "min_response_words=1",
+            "--set",
+            "orca.n=3",
+            "--set",
+            "min_success=0",
+            "--set",
+            "engine={kind: local, batch_size: 4, dtype: float32}",
+        ]
 
     merged, _ = single_vs_shards(tmp_path, "distill", args, ["distilled.jsonl", "rejected.jsonl"])
     assert merged["teacher_requests"] == 7 and merged["distilled"] > 0
@@ -134,10 +184,32 @@ def test_translate_in_three_shards(varied_model_dir, tmp_path):
     from test_translate import FIX, PROMPT
 
     def args(out, cache, metrics):
-        return ["--input-dir", str(FIX), "--output-dir", str(out), "--model", str(varied_model_dir), "--cache",
-                str(cache), "--metrics", str(metrics), "--prompt", str(PROMPT), "--set", "engine.dtype=float32",
-                "--set", "max_tokens=24", "--set", "kinds=[chat, prompt, preference]", "--set", "max_chars=0",
-                "--set", "langs=[fr, ms]", "--set", "min_success=0"]
+        return [
+            "--input-dir",
+            str(FIX),
+            "--output-dir",
+            str(out),
+            "--model",
+            str(varied_model_dir),
+            "--cache",
+            str(cache),
+            "--metrics",
+            str(metrics),
+            "--prompt",
+            str(PROMPT),
+            "--set",
+            "engine.dtype=float32",
+            "--set",
+            "max_tokens=24",
+            "--set",
+            "kinds=[chat, prompt, preference]",
+            "--set",
+            "max_chars=0",
+            "--set",
+            "langs=[fr, ms]",
+            "--set",
+            "min_success=0",
+        ]
 
     files = ["seed.jsonl", "web.jsonl", "preference.jsonl", "prompts.jsonl", "failed.jsonl"]
     merged, _ = single_vs_shards(tmp_path, "translate", args, files)
@@ -151,10 +223,32 @@ def test_curate_generate_mode_in_three_shards(varied_model_dir, tmp_path):
     write_candidates(tmp_path / "candidates.jsonl")
 
     def args(out, cache, metrics):
-        return ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"),
-                "--model", str(varied_model_dir), "--rubric", str(RUBRIC), "--output-dir", str(out),
-                "--cache", str(cache), "--metrics", str(metrics), "--set", "mode=generate", "--set", "max_tokens=4",
-                "--set", "min_success=0", "--set", "select.mode=threshold", "--set", "select.threshold=1.0"]
+        return [
+            "--iteration",
+            "iter1",
+            "--candidates",
+            str(tmp_path / "candidates.jsonl"),
+            "--model",
+            str(varied_model_dir),
+            "--rubric",
+            str(RUBRIC),
+            "--output-dir",
+            str(out),
+            "--cache",
+            str(cache),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "mode=generate",
+            "--set",
+            "max_tokens=4",
+            "--set",
+            "min_success=0",
+            "--set",
+            "select.mode=threshold",
+            "--set",
+            "select.threshold=1.0",
+        ]
 
     merged, _ = single_vs_shards(tmp_path, "curate", args, ["scored.jsonl", "kept.jsonl", "rejected.jsonl"])
     assert merged["engine"]["calls"] == 5
@@ -170,9 +264,24 @@ def test_curate_logprobs_mode_in_three_shards_keeps_the_global_cut(tiny_model_di
     write_candidates(tmp_path / "candidates.jsonl")
 
     def args(out, cache, metrics):
-        return ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"),
-                "--model", str(tiny_model_dir), "--rubric", str(RUBRIC), "--output-dir", str(out),
-                "--cache", str(cache), "--metrics", str(metrics), "--set", "batch_size=2"]
+        return [
+            "--iteration",
+            "iter1",
+            "--candidates",
+            str(tmp_path / "candidates.jsonl"),
+            "--model",
+            str(tiny_model_dir),
+            "--rubric",
+            str(RUBRIC),
+            "--output-dir",
+            str(out),
+            "--cache",
+            str(cache),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "batch_size=2",
+        ]
 
     invoke("curate", args(tmp_path / "single", tmp_path / "c1", tmp_path / "single.json"))
     for i in range(3):
@@ -202,10 +311,18 @@ class EchoServer:
                 text = body["messages"][-1]["content"]
                 outer.seen.append(text)
                 reply = f"What does item {hashlib.sha256(text.encode()).hexdigest()[:6]} say about this topic?"
-                data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": reply}}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 9}}).encode()
+                data = json.dumps(
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+                        ],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 9},
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -231,7 +348,9 @@ def test_a_list_of_endpoints_shares_the_load_and_is_one_cache_identity(tmp_path)
         assert all(r.ok for r in res) and len(a.seen) == len(b.seen) == 5, "round-robin: 5 each"
         assert sorted(a.seen + b.seen) == sorted(f"q{i}" for i in range(10)), "each request asked once"
         # the same pool listed in another order is the same engine to the cache: nothing asked again
-        again = llm.make_engine({**spec, "base_url": [b.url, a.url]}, tmp_path / "cache").complete(reqs, template_id="t")
+        again = llm.make_engine({**spec, "base_url": [b.url, a.url]}, tmp_path / "cache").complete(
+            reqs, template_id="t"
+        )
         assert [r.text for r in again] == [r.text for r in res] and all(r.cached for r in again)
         assert len(a.seen) + len(b.seen) == 10
         one = llm.make_engine({**spec, "base_url": a.url}, None)
@@ -247,8 +366,15 @@ def test_a_dead_endpoint_in_the_list_is_retried_on_the_next(tmp_path, monkeypatc
     monkeypatch.setattr(llm, "_sleep", lambda s: None)
     live = EchoServer()
     try:
-        spec = {"kind": "openai", "model": "m", "api_key_env": "", "concurrency": 1, "max_retries": 1, "timeout": 5,
-                "base_url": ["http://127.0.0.1:9/v1", live.url]}
+        spec = {
+            "kind": "openai",
+            "model": "m",
+            "api_key_env": "",
+            "concurrency": 1,
+            "max_retries": 1,
+            "timeout": 5,
+            "base_url": ["http://127.0.0.1:9/v1", live.url],
+        }
         eng = llm.make_engine(spec, None)
         res = eng.complete([llm.Request(messages=[{"role": "user", "content": f"q{i}"}]) for i in range(4)])
         assert all(r.ok for r in res) and len(live.seen) == 4 and eng.stats["retries"] >= 1
@@ -264,10 +390,24 @@ def test_augment_shards_over_two_endpoints_share_one_cache(tiny_model_dir, tmp_p
     write_web(tmp_path / "web.jsonl")
     a, b = EchoServer(), EchoServer()
     try:
+
         def args(out, cache, metrics):
-            return ["--web", str(tmp_path / "web.jsonl"), "--model", str(tiny_model_dir), "--output-dir", str(out),
-                    "--cache", str(cache), "--metrics", str(metrics), "--set", "min_success=0",
-                    "--set", f"engine={{kind: openai, model: m, api_key_env: '', base_url: [{a.url}, {b.url}]}}"]
+            return [
+                "--web",
+                str(tmp_path / "web.jsonl"),
+                "--model",
+                str(tiny_model_dir),
+                "--output-dir",
+                str(out),
+                "--cache",
+                str(cache),
+                "--metrics",
+                str(metrics),
+                "--set",
+                "min_success=0",
+                "--set",
+                f"engine={{kind: openai, model: m, api_key_env: '', base_url: [{a.url}, {b.url}]}}",
+            ]
 
         merged, shards = single_vs_shards(tmp_path, "augment", args, ["candidates.jsonl", "rejected.jsonl"])
         assert merged["candidates"] > 0 and merged["engine"]["calls"] == merged["sampled"]
@@ -275,7 +415,9 @@ def test_augment_shards_over_two_endpoints_share_one_cache(tiny_model_dir, tmp_p
         sent = len(a.seen) + len(b.seen)
         assert sent == 2 * merged["sampled"], "the single run and the shards each asked every segment once"
         for i in range(2):
-            invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / f"r{i}.json") + ["--shard", f"{i}/2"])
+            invoke(
+                "augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / f"r{i}.json") + ["--shard", f"{i}/2"]
+            )
         assert len(a.seen) + len(b.seen) == sent, "re-sharded over the same cache: no request sent"
     finally:
         a.close()
@@ -291,12 +433,40 @@ def test_evaluate_answers_in_three_shards(varied_model_dir, tiny_model_dir, tmp_
     io.write_jsonl(tmp_path / "seed.jsonl", _seed_records(4))
 
     def args(out, cache, metrics):
-        return ["--model", f"base={tiny_model_dir}", "--model", f"tuned={varied_model_dir}", "--reward-model",
-                str(rm_dir), "--prompts", str(PROMPTS), "--heldout", str(tmp_path / "seed.jsonl"),
-                "--judge-prompt", str(ROOT / "prompts" / "evaluate.txt"), "--cache", str(cache),
-                "--output-dir", str(out), "--metrics", str(metrics), "--set", "models=[base, tuned]",
-                "--set", "prompts_per_category=1", "--set", "max_new_tokens=8", "--set", "heldout_fraction=1.0",
-                "--set", "heldout_max=2", "--set", "dtype=float32", "--set", "bootstrap_resamples=50"]
+        return [
+            "--model",
+            f"base={tiny_model_dir}",
+            "--model",
+            f"tuned={varied_model_dir}",
+            "--reward-model",
+            str(rm_dir),
+            "--prompts",
+            str(PROMPTS),
+            "--heldout",
+            str(tmp_path / "seed.jsonl"),
+            "--judge-prompt",
+            str(ROOT / "prompts" / "evaluate.txt"),
+            "--cache",
+            str(cache),
+            "--output-dir",
+            str(out),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "models=[base, tuned]",
+            "--set",
+            "prompts_per_category=1",
+            "--set",
+            "max_new_tokens=8",
+            "--set",
+            "heldout_fraction=1.0",
+            "--set",
+            "heldout_max=2",
+            "--set",
+            "dtype=float32",
+            "--set",
+            "bootstrap_resamples=50",
+        ]
 
     _, shards = single_vs_shards(tmp_path, "evaluate", args, ["answers.jsonl", "judgments.jsonl", "report.md"])
     assert all(set(s["calls"]) == {"evaluate:base", "evaluate:tuned"} for s in shards)
