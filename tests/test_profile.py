@@ -1,6 +1,6 @@
 """Params profiles: they validate against every stage that exists, land in params.yaml where DVC
-tracks them, and the GPU profile's launcher, DeepSpeed, quantization and memory settings hold up
-without a GPU."""
+tracks them, and the GPU profile's DeepSpeed, quantization and memory settings hold up without a GPU
+(the launcher is not a param: tests/test_launch.py)."""
 
 from __future__ import annotations
 
@@ -177,21 +177,3 @@ def test_the_gpu_profiles_sft_plan_fits_a_24_gib_card():
     assert memory.fits(memory.estimate(plan)["total"], 24)
     assert "fits a 24 GiB GPU" in memory.dry_run(plan)
 
-
-def test_launcher_reexecutes_the_stage_once_and_ranks_run_on(monkeypatch):
-    from selfalign import launch
-
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv(launch.MARKER, raising=False)
-    argv = ["stages/sft.py", "--run", "m0"]
-    assert launch.command("python", argv, 0) is None
-    cmd = launch.command("accelerate launch --config_file configs/accelerate_zero2.yaml --num_processes {gpus}", argv, 8)
-    assert cmd == ["accelerate", "launch", "--config_file", "configs/accelerate_zero2.yaml", "--num_processes", "8",
-                   *argv]
-    calls = []
-    monkeypatch.setattr(launch.os, "execvpe", lambda f, a, env: calls.append((f, a, env[launch.MARKER])))
-    launch.relaunch("accelerate launch --multi_gpu", argv)
-    assert calls == [("accelerate", ["accelerate", "launch", "--multi_gpu", *argv], "1")]
-    monkeypatch.setenv("LOCAL_RANK", "0")  # a rank the launcher started: it trains, it does not relaunch
-    launch.relaunch("accelerate launch --multi_gpu", argv)
-    assert len(calls) == 1
