@@ -85,6 +85,11 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     good, rejected, n_in = records.read(Path(input_file), STAGE, "chat")
+    for r, line in good:  # nothing to judge without an answer: such a record is not a training example either
+        if not any(m["role"] == "assistant" for m in r["messages"]):
+            rejected.append(records.rejected(r, "no_answer", STAGE, detail="no assistant turn", file=input_file,
+                                             line=line))
+    good = [(r, line) for r, line in good if any(m["role"] == "assistant" for m in r["messages"])]
     recs = [r for r, _ in good]
     lines = [line for _, line in good]
     chosen, unjudged = plan(recs, cfg["langs"], cfg["max_records"])
@@ -134,7 +139,7 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
     out = Path(output_dir)
     io.write_jsonl(out / "kept.jsonl", kept)
     io.write_jsonl(out / "rejected.jsonl", rejected)
-    m = {"records_in": n_in, "kept": len(kept), "rejected": len(rejected), "invalid": n_in - len(recs),
+    m = {"records_in": n_in, "kept": len(kept), "rejected": len(rejected), "invalid": n_in - len(recs) - sum(r["reason"] == "no_answer" for r in rejected),
          "judged": len(chosen), "verdicts": dict(sorted(counts.items())), "unjudged": dict(sorted(unjudged.items())),
          "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
          "by_lang": {lang: sum(1 for i in chosen if recs[i]["lang"] == lang) for lang in sorted({recs[i]["lang"]

@@ -165,3 +165,12 @@ def test_params_are_checked_at_start_up(tmp_path, seed):
         "--set", "langz=[ms]", "--input", str(seed), "--prompt", str(PROMPT), "--output-dir", str(tmp_path / "o"),
         "--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m.json")])
     assert res.exit_code != 0 and "langz" in res.output
+
+
+def test_a_record_without_an_answer_is_rejected_not_sent(tmp_path):
+    path = tmp_path / "in.jsonl"
+    asks = records.make("chat", messages=[{"role": "user", "content": "Apa khabar?"}], lang="ms", source="test")
+    path.write_text(json.dumps(asks) + "\n" + json.dumps(chat("Apa khabar?", "Baik.", "ms")) + "\n")
+    m, kept, rejected = run_stage(tmp_path, "http://127.0.0.1:9/v1", path, "noanswer")
+    assert m["rejected_by_reason"] == {"no_answer": 1, "teacher_failed": 1} and m["judged"] == 1 and m["invalid"] == 0
+    assert rejected[0]["line"] == 1 and rejected[0]["detail"] == "no assistant turn"
