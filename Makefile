@@ -4,13 +4,15 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# DeepSpeed's JIT-compiled CPU ops (tests/test_multiprocess.py): built once per machine, outside any clone
+export TORCH_EXTENSIONS_DIR ?= /var/tmp/selfalign-torch-extensions
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1)
 PORT ?= 8000
 MODEL ?= $(firstword $(wildcard models/export) models/base)
 
 .PHONY: setup train test lint serve bench dag
 setup: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV) && touch $@
 train: setup ; dvc repro
 test: setup ; python -m pytest -q tests
