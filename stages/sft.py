@@ -247,6 +247,7 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
         "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
         "method": t["method"], "gradient_checkpointing": checkpointed,
         **placed.metrics(), "device": str(trainer.args.device),  # the precision rule's choice and the Trainer's device
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         **launch.summary(launcher, t["batch_size"] * t["grad_accum"]), **heldout})
     training.clear_checkpoints(ckpt_dir)
     log.info("run %s: %d steps, %.1f tokens/s, wrote %s", run, step,
