@@ -111,8 +111,14 @@ def relaunch(stage: str, argv: list[str] | None = None) -> str:
     cmd = command(launcher, argv if argv is not None else sys.argv, gpus)
     if cmd is None:
         if world_size() > 1:
-            log.info("rank %d of %d (local rank %d), launched by %s (%s)", rank(), world_size(), local_rank(),
-                     launcher, where)
+            log.info(
+                "rank %d of %d (local rank %d), launched by %s (%s)",
+                rank(),
+                world_size(),
+                local_rank(),
+                launcher,
+                where,
+            )
         return launcher
     log.info("relaunching under %s (%s): %s", launcher, where, shlex.join(cmd))
     sys.stdout.flush()
@@ -122,6 +128,7 @@ def relaunch(stage: str, argv: list[str] | None = None) -> str:
 
 
 # ---------------------------------------------------------------- this process in the launch
+
 
 def world_size() -> int:
     """Processes in the launch (torchrun, accelerate launch, deepspeed and srun+torchrun set WORLD_SIZE)."""
@@ -172,5 +179,9 @@ def barrier() -> None:
 
 def summary(launcher: str, per_process_batch: int | None) -> dict:
     """What the metrics record about the launch: world size, nodes, global batch, the launcher used."""
-    return {"world_size": world_size(), "nodes": nodes(), "launcher": launcher,
-            "global_batch": per_process_batch * world_size() if per_process_batch is not None else None}
+    return {
+        "world_size": world_size(),
+        "nodes": nodes(),
+        "launcher": launcher,
+        "global_batch": per_process_batch * world_size() if per_process_batch is not None else None,
+    }
