@@ -430,6 +430,10 @@ class LocalEngine(Engine):
         return self._identity
 
     @property
+    def stats(self) -> dict:
+        return {**super().stats, "device": self.device, "dtype": self.dtype}  # where the answers were computed
+
+    @property
     def model(self) -> LocalModel:
         if self._model is None:             # loaded only when something is not in the cache
             if self.threads:

@@ -189,6 +189,7 @@ def test_the_engine_dtype_auto_follows_the_precision_rule(tiny_model_dir, monkey
     fake_probe(monkeypatch, fp32_s=0.03, bf16_s=0.01)
     engine = llm.LocalEngine({"model": str(tiny_model_dir), "dtype": "auto"}, tmp_path / "cache")
     assert engine.dtype == "bfloat16" and engine.identity["dtype"] == "bfloat16" and "device" not in engine.identity
+    assert engine.stats["device"] == "cpu" and engine.stats["dtype"] == "bfloat16"  # what augment, distill ... record
 
 
 def test_cpu_engine_generation_still_runs(tiny_model_dir, one_torch_thread):
