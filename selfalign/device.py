@@ -205,7 +205,7 @@ def resolve_precision(precision: str, device: str, shapes: tuple[int, int] = DEF
                       what: str = "precision") -> tuple[str, str, dict | None]:
     """(bf16 | fp32, reason, probe figures or None) for `precision` on `device`."""
     if precision not in PRECISIONS:
-        raise DeviceError(f"{what} {precision!r}: expected {', '.join(PRECISIONS)}")
+        raise DeviceError(f"{what} {precision!r}: expected auto, bf16 or fp32")
     if precision != "auto":
         return precision, "asked", None
     if device.startswith("cuda"):
