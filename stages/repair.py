@@ -117,6 +117,7 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
         raise click.ClickException(f"{prompt_file}: {e}") from e
     reqs = [f.request for *_, fields in jobs for f in fields if f.request is not None]
     results = iter([])
+    Path(cache).mkdir(parents=True, exist_ok=True)  # a DVC output even when nobody was asked
     if reqs:
         try:
             engine = llm.make_engine(spec, cache_dir=cache)

@@ -134,3 +134,4 @@ def test_garbage_and_failures_are_rejected_and_drop_mode_asks_nobody(tmp_path, c
     m, repaired, failed = run_stage(tmp_path, cleaned, "http://127.0.0.1:9/v1", "drop", "mode=drop")
     assert (m["records_in"], m["repaired"], m["rejected_by_reason"], m["llm"]) == (1, 0, {"indonesian": 1}, {})
     assert failed[0]["gate_before"].startswith("mismatch:")
+    assert (tmp_path / "cache" / "drop").is_dir()      # a DVC output, there even when nobody was asked
