@@ -194,7 +194,12 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
     if not prompts:
         raise click.ClickException(f"no PPO prompts: {counts}")
 
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+    # cpu=True without CUDA: only then does accelerate join a torchrun launch over gloo (MULTI_CPU); without it
+    # every rank believed it was alone, and both wrote the same checkpoint and outputs
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != launch.world_size():
+        raise click.ClickException(f"launched as {launch.world_size()} processes ({launcher}) but accelerate sees "
+                                   f"{accelerator.num_processes}")
     policy = P.PolicyWithValue(P.with_lora(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
                                            cfg["lora"], seed=cfg["seed"]))
     ref_model = None

@@ -100,6 +100,31 @@ def launch_env(tmp: Path, out: Path, launcher: str | None, **extra) -> dict:
     return env
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc), children before grandchildren."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop(0)
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def kill_launch(pid: int) -> None:
+    """SIGKILL the launcher and every rank, as a scheduler killing the job's cgroup would. torchrun starts each
+    rank in a session of its own, so killing the launcher's process group alone would leave the ranks running."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_stage(stage: str, args: list[str], env: dict, kill_on: str | None = None, timeout: float = 420):
     """Run `python stages/<stage>.py args` in its own session; with kill_on, SIGKILL the whole launch
     (launcher and every rank, as a scheduler would) once a line contains it. Returns (returncode, output)."""
@@ -117,13 +142,14 @@ def run_stage(stage: str, args: list[str], env: dict, kill_on: str | None = None
         for line in proc.stdout:  # blocks until the stage logs; no sleeping
             lines.append(line)
             if kill_on and kill_on in line:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_launch(proc.pid)
                 break
         proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_launch(proc.pid)
             proc.wait()
+        proc.stdout.close()
     return proc.returncode, "".join(lines)
 
 
@@ -297,7 +323,7 @@ def test_sft_two_nodes_simulated_on_localhost(tmp_path, tiny_model_dir):
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_launch(p.pid)
     assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(x[-3000:] for x in logs)
     assert "rank 0 of 2" in logs[0] and "rank 1 of 2" in logs[1]
     m = check_sft(out, world=2)
