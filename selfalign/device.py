@@ -38,6 +38,7 @@ PROBE_BUDGET_S = 0.6
 DEFAULT_SHAPES = (576, 1536)  # SmolLM2-135M's hidden and intermediate sizes
 CACHE_ENV = "SELFALIGN_CACHE_DIR"
 CACHE_FILE = "precision_probe.json"
+PROBE_VERSION = 2  # in the cache key: a changed probe measures again (v2: CPU time of one thread, not wall time)
 
 
 class DeviceError(ValueError):
@@ -81,10 +82,10 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def machine_key(shapes: tuple[int, int] = DEFAULT_SHAPES) -> str:
-    """CPU model | core count | torch version | probed shapes: a probe result holds for exactly these."""
+    """CPU model | core count | torch version | probed shapes | probe version: a result holds for exactly these."""
     import torch
 
-    return f"{cpu_model()}|{os.cpu_count()} cores|torch {torch.__version__}|{shapes[0]}x{shapes[1]}"
+    return f"{cpu_model()}|{os.cpu_count()} cores|torch {torch.__version__}|{shapes[0]}x{shapes[1]}|probe v{PROBE_VERSION}"
 
 
 def cpu_model() -> str:

@@ -88,7 +88,7 @@ def test_the_cache_key_is_cpu_model_cores_torch_version_and_shapes(monkeypatch):
 
     key = device.machine_key((576, 1536))
     assert device.cpu_model() in key and f"{os.cpu_count()} cores" in key and torch.__version__ in key
-    assert key.endswith("576x1536")
+    assert key.endswith(f"576x1536|probe v{device.PROBE_VERSION}")
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert device.machine_key((576, 1536)) != key
     monkeypatch.setattr(os, "cpu_count", lambda: 999)
