@@ -190,13 +190,11 @@ def check_sft(ctx: dict, method: str) -> dict:
 def check_zero2(ctx: dict) -> dict:
     """One process under DeepSpeed ZeRO-2 through transformers.Trainer, as stages/sft.py runs it."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from selfalign import models
 
     device, s, arch = ctx["device"], ctx["sizes"], ctx["arch"]
-    port = _free_port()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     ids = random_batch(ctx["tok"], s["batch"] * (s["steps"] + 1), s["seq"], "cpu").tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     with Check(device) as c, tempfile.TemporaryDirectory() as tmp:
@@ -205,10 +203,20 @@ def check_zero2(ctx: dict) -> dict:
                                  learning_rate=1e-4, bf16=True, deepspeed=str(ROOT / "configs/deepspeed_zero2.json"),
                                  report_to=[], save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True,
                                  use_cpu=device == "cpu", dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=data)
-        with c.timed():
-            out = trainer.train()
-        c.tokens = s["batch"] * s["seq"] * (s["steps"] + 1)      # the warm-up step is inside Trainer's timing
+        class Clock(TrainerCallback):
+            """Times steps 2.. only: DeepSpeed's engine set-up (and its JIT-built ops) and the first step are not
+            throughput; their memory still counts in the peak."""
+
+            def on_step_end(self, args, state, control, **kw):
+                _sync(device)
+                if state.global_step == 1:
+                    self.t0 = time.perf_counter()
+                elif state.global_step == s["steps"] + 1:
+                    c.seconds += time.perf_counter() - self.t0
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
+        out = trainer.train()
+        c.tokens = s["batch"] * s["seq"] * s["steps"]
         zero = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.accelerator.state.deepspeed_plugin \
             else 0
     plan = memory.Plan(stage="sft", model=ctx["model"], method="lora", seq_len=s["seq"], micro_batch=s["batch"],
@@ -394,8 +402,27 @@ def check_serve(ctx: dict) -> dict:
                   reply_chars=len(reply.choices[0].message.content or ""))
 
 
+def launched(name: str):
+    """A check run under `torchrun --nproc_per_node 1` (DeepSpeed wants the launcher's rendezvous and env, as
+    stages/sft.py gets them); the worker measures itself and writes its result for this process to read."""
+    def run(ctx: dict) -> dict:
+        import subprocess
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                   str(_free_port()), str(Path(__file__).resolve()), "--worker", name, "--model", ctx["model"],
+                   "--out", str(out)] + (["--cpu-smoke"] if ctx["device"] == "cpu" else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode or not out.is_file():
+                err = proc.stderr.split("torch.distributed.elastic")[0] if "Traceback" in proc.stderr else proc.stderr
+                raise RuntimeError(f"{name} worker exited {proc.returncode}: {err[-1500:]}")
+            return json.loads(out.read_text())
+    return run
+
+
 CHECKS = {"sft_lora_bf16": lambda ctx: check_sft(ctx, "lora"), "sft_qlora": lambda ctx: check_sft(ctx, "qlora"),
-          "sft_zero2": check_zero2, "reward": check_reward, "ppo": check_ppo, "curate": check_curate,
+          "sft_zero2": launched("sft_zero2"), "reward": check_reward, "ppo": check_ppo, "curate": check_curate,
           "evaluate": check_evaluate, "serve": check_serve}
 
 
@@ -423,9 +450,10 @@ def tiny_model(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="The results JSON file.")
-    ap.add_argument("--model", default=str(ROOT / "models/base"), help="A model directory (default: models/base).")
+    ap.add_argument("--model", default=None, help="A model directory (default: models/base; --cpu-smoke: a tiny one).")
     ap.add_argument("--cpu-smoke", action="store_true", help="Tiny random model, few steps, on the CPU.")
     ap.add_argument("--only", default="", help="Comma-separated check names (default: all).")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)    # one check, under torchrun (launched)
     args = ap.parse_args(argv)
     only = [n for n in args.only.split(",") if n] or list(CHECKS)
     unknown = sorted(set(only) - set(CHECKS))
@@ -434,17 +462,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         device, sizes = "cpu", SMOKE_SIZES
         workdir = tempfile.TemporaryDirectory()
-        model = tiny_model(Path(workdir.name) / "model")
+        model = Path(args.model) if args.model else tiny_model(Path(workdir.name) / "model")
         torch.set_num_threads(min(2, torch.get_num_threads()))
     else:
         if not torch.cuda.is_available():
             ap.error("no CUDA GPU visible; use --cpu-smoke to run the checks on the CPU")
-        device, sizes, model = "cuda", GPU_SIZES, Path(args.model)
+        device, sizes, model = "cuda", GPU_SIZES, Path(args.model or ROOT / "models/base")
         if not (model / "config.json").is_file():
             ap.error(f"--model {model}: no config.json; run `make setup` (or `dvc repro base`) first")
     from selfalign import chat
 
     peak_flops, mm_dtype = matmul_flops(device, sizes["matmul"])
+    if args.worker:     # the launched half of a check: the matmul rate is the parent's, passed in the result's MFU
+        ctx = {"device": device, "sizes": sizes, "model": str(model), "arch": memory.load_arch(model),
+               "tok": chat.load_tokenizer(model), "peak_flops": float(os.environ.get("GPU_CHECK_PEAK_FLOPS") or
+                                                                     peak_flops)}
+        Path(args.out).write_text(json.dumps(globals()[f"check_{args.worker.removeprefix('sft_')}"](ctx)))
+        return 0
+    os.environ["GPU_CHECK_PEAK_FLOPS"] = repr(peak_flops)
     ctx = {"device": device, "sizes": sizes, "model": str(model), "arch": memory.load_arch(model),
            "tok": chat.load_tokenizer(model), "peak_flops": peak_flops}
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),

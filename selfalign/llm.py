@@ -656,7 +656,7 @@ def vllm_llm_kwargs(spec: dict) -> dict:
     dtype = spec.get("dtype") or "bfloat16"
     if dtype not in ("auto", "float32", "bfloat16", "float16"):     # vLLM's auto: the checkpoint's own dtype
         raise ValueError(f"engine spec: dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
-    batch = spec.get("batch_size") or 256
+    batch = spec.get("batch_size", 256)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"engine spec: batch_size must be an integer >= 1, got {batch!r}")
     # batch_size is vLLM's max_num_seqs: the sequences its scheduler runs at once (the KV cache they need is
