@@ -22,14 +22,27 @@ T = TypeVar("T")
 log = logging.getLogger("progress")
 
 
+def _own_peak_bytes() -> int:
+    """This process's peak RSS since it started running its program: /proc's VmHWM where there is one (ru_maxrss
+    carries over exec, so a stage started by a big process, DVC or pytest, would report its parent's peak)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process and of its finished, waited-for children (worker pools), in MB.
 
     The larger of the two, not the sum: children started by fork share the parent's pages."""
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    scale = 1 if sys.platform == "darwin" else 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
-    return round(max(own, kids) / 1e6, 1)
+    return round(max(_own_peak_bytes(), kids) / 1e6, 1)
 
 
 def rates(n: int, seconds: float) -> dict:
