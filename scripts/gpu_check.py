@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import socket
 import sys
 import tempfile
@@ -133,7 +132,9 @@ def result(check: Check, est: memory.Plan, flops_per_token: float, peak_flops: f
            "estimate_gib": round(memory.estimate(est)["total"] / GIB, 3),
            "mfu": round(flops_per_token * tps / peak_flops, 6), "flops_per_token": flops_per_token}
     if check.peak is None:
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        from selfalign import progress
+
+        out["peak_rss_mb"] = progress.peak_rss_mb()     # this process's own peak (VmHWM), not a parent's
     return {**out, **extra}
 
 
