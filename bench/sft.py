@@ -16,6 +16,9 @@ ratio measures the loop, not the dtype: each in the precision `auto` picks on th
   autocast when the precision is bf16 (Trainer's bf16=True);
 - --other-precision: both loops in bf16 too when auto picks fp32 (every pair then runs in both);
 - --trl: afterwards, not interleaved (so noisier), TRL's SFTTrainer for the same number of steps.
+- --clock cpu: every time is CPU time of one torch thread (time.thread_time), for a machine whose other jobs
+  swamp wall time (at load 15-20 on 2 cores a step took ~3 minutes and bf16 vs fp32 read 0.93x; in CPU time
+  1.57x, as the probe of selfalign/device.py measures). Tokens/s are then per core.
 
 The machine is shared and its load moves by the minute, so the loops are interleaved: every round
 measures the bf16 and fp32 matmul rates (2048^3 torch.matmul, best of 2) and then runs one step of
