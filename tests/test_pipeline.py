@@ -68,6 +68,10 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
         # The tiny model's generations are noise: the floors that hold for the 135M default (metrics' "success")
         # would rightly stop this graph, so they are off here and tested in each stage's own tests.
         "translate.min_success": 0, "augment.min_success": 0, "distill.min_success": 0,
+        # The Malay path: the tiny model's "Malay" is noise the gate may call anything, so localise and verify also take
+        # English records (3 each): every teacher call of the path is made, whatever the gate decided.
+        "repair.max_tokens": 48, "localise.locales": {"ms": "Malaysia", "en": "Malaysia"}, "localise.max_records": 3,
+        "localise.max_new_tokens": 16, "verify.langs": ["ms", "en"], "verify.max_records": 3, "verify.max_new_tokens": 16,
     }
     for k, v in overrides.items():
         _set(tree, k, v)
@@ -121,7 +125,7 @@ def test_data_half_repro_then_noop(repo):
 
 ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1",
               "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "review", "distill", "sft@final", "reward", "ppo", "dpo",
-              "evaluate", "export"}
+              "evaluate", "export", "repair", "localise", "verify@seed"}
 AFTER_LAST_ROUND = {"review", "distill", "sft@final", "reward", "ppo", "dpo", "evaluate", "export"}
 AFTER_CURATION = {"curate@iter1", "sft-iter@iter1", "curate@iter2", "sft-iter@iter2"} | AFTER_LAST_ROUND
 
@@ -160,6 +164,16 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
     assert any(k.startswith("data/review/kept.jsonl|") for k in final["sources"]), "final reads the reviewed round"
     review = json.loads((repo / "metrics" / "review.json").read_text())
     assert review["kept_file"] == "data/curate/iter2/kept.jsonl" and review["annotated"] == 0, review
+    # The Malay path (issue 14): translate (ms) -> clean's gate -> repair -> localise -> verify@seed -> sft@final's seed
+    repair = json.loads((repo / "metrics" / "repair.json").read_text())
+    assert repair["records_in"] == repair["repaired"] + repair["rejected"], repair
+    loc = json.loads((repo / "metrics" / "localise.json").read_text())
+    seed_lines = len((repo / "data" / "clean" / "seed.jsonl").read_text().splitlines())
+    assert loc["records_in"] == seed_lines + repair["repaired"] == loc["written"] + loc["rejected"], loc
+    assert loc["asked"] > 0 and loc["llm"]["requests"] == loc["asked"], loc
+    ver = json.loads((repo / "metrics" / "verify" / "seed.json").read_text())
+    assert ver["records_in"] == loc["written"] == ver["kept"] + ver["rejected"] and ver["judged"] > 0, ver
+    assert any(k.startswith("data/verify/seed/kept.jsonl|") for k in final["sources"]), "final reads verify's seed"
     assert (repo / "data/review/kept.jsonl").read_bytes() == (repo / "data/curate/iter2/kept.jsonl").read_bytes()
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert evaluate
