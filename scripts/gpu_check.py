@@ -17,8 +17,8 @@ Checks, each through the library code the stages run (no copies of it):
 
 For each: seconds, tokens/s, peak GPU memory (torch.cuda.max_memory_allocated, reset before the
 check) next to selfalign.memory's estimate of the same setup, and MFU: model FLOPs per second
-over a dense matmul's FLOPs per second measured at the start of the same run (bf16 on the GPU,
-fp32 on the CPU smoke). Model FLOPs per token count the matmul weights N (every linear plus the
+over a dense matmul's FLOPs per second measured at the start of the same run (bf16, on the GPU and
+on the CPU smoke alike). Model FLOPs per token count the matmul weights N (every linear plus the
 output head; embeddings are lookups): 2N forward; a LoRA step on a frozen base 4N (activation
 gradients, no weight gradients for the base); attention's seq^2 term is left out (sequences here
 are short), so MFU is slightly understated. A check that fails records its error and the others
@@ -104,8 +104,11 @@ def _sync(device: str) -> None:
 
 
 def matmul_flops(device: str, n: int) -> tuple[float, str]:
-    """FLOP/s of an n x n matmul, best of 10 after warm-up: the MFU denominator, measured here."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    """FLOP/s of an n x n bf16 matmul, best of 10 after warm-up: the MFU denominator, measured here.
+
+    bf16 on the CPU too: every check runs in bf16, and an fp32 denominator let a bf16 check on an AMX CPU read
+    MFU > 1 (curate, at load ~20)."""
+    dtype = torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):

@@ -40,7 +40,7 @@ def test_cpu_smoke_runs_every_check_and_measures_each(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert list(report["checks"]) == CHECKS
-    assert report["matmul"]["tflops"] > 0 and report["matmul"]["dtype"] == "float32"
+    assert report["matmul"]["tflops"] > 0 and report["matmul"]["dtype"] == "bfloat16"
     assert report["device"].startswith("cpu") and report["model_params"] > 0
     for name, r in report["checks"].items():
         assert r["ok"], (name, r)

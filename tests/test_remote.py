@@ -114,7 +114,7 @@ def pipeline(tmp_path_factory) -> Path:
     dvc("init", "-q", cwd=repo)
     (repo / "dvc.yaml").write_text(PIPELINE)
     (repo / "seed.txt").write_text("hello\n")
-    for name in ("Makefile", "pyproject.toml", "scripts/check-remote.py"):
+    for name in ("Makefile", "pyproject.toml", "scripts/setup.sh", "scripts/check-remote.py"):
         (repo / name).parent.mkdir(exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
     dvc("repro", "-q", cwd=repo)
