@@ -25,6 +25,7 @@ LOCAL_RANK (and our marker) and go on normally. `{gpus}` is the number of visibl
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
@@ -111,6 +112,9 @@ def relaunch(stage: str, argv: list[str] | None = None) -> str:
     cmd = command(launcher, argv if argv is not None else sys.argv, gpus)
     if cmd is None:
         if world_size() > 1:
+            # A gloo/nccl group still alive at interpreter exit can abort the rank ("terminate called without an
+            # active exception", SIGABRT) after its work is done, and the launcher then fails the stage.
+            atexit.register(_destroy_process_group)
             log.info(
                 "rank %d of %d (local rank %d), launched by %s (%s)",
                 rank(),
@@ -125,6 +129,13 @@ def relaunch(stage: str, argv: list[str] | None = None) -> str:
     sys.stderr.flush()
     os.execvpe(cmd[0], cmd, {**os.environ, MARKER: "1"})
     return launcher  # not reached
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- this process in the launch
