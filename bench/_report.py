@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def write(name: str, result: dict) -> Path:

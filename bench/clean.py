@@ -75,9 +75,16 @@ def build(n: int, seed: int = 0) -> tuple[list[dict], list[str], int]:
     for i in range(n):
         if i % 10 < 7:
             lang, user, answer = chats[i % len(chats)]
-            out.append(records.chat([{"role": "user", "content": perturb(user, vocab, rng)},
-                                     {"role": "assistant", "content": perturb(answer, vocab, rng)}],
-                                    lang=lang, source="bench"))
+            out.append(
+                records.chat(
+                    [
+                        {"role": "user", "content": perturb(user, vocab, rng)},
+                        {"role": "assistant", "content": perturb(answer, vocab, rng)},
+                    ],
+                    lang=lang,
+                    source="bench",
+                )
+            )
         else:
             text = " ".join(rng.sample(sentences, rng.randint(3, 8)))
             out.append(records.make("web", text=text, lang="en", source="bench"))
@@ -103,8 +110,13 @@ def run_rules(recs: list[dict], cfg: dict) -> int:
 
 
 def run_gate(recs: list[dict], max_chars: int) -> int:
-    return sum(langid.identify(langid.gate_text(r), r["lang"], min_letters=40, min_confidence=0.5, margin=2.0,
-                               max_chars=max_chars)[0] == "mismatch" for r in recs)
+    return sum(
+        langid.identify(
+            langid.gate_text(r), r["lang"], min_letters=40, min_confidence=0.5, margin=2.0, max_chars=max_chars
+        )[0]
+        == "mismatch"
+        for r in recs
+    )
 
 
 def main() -> None:
@@ -140,8 +152,12 @@ def main() -> None:
     res["rules_without_prechecks"] = {"records_per_s_cpu": round(len(sub) / c2)}
 
     mism, w, c = timed(lambda: run_gate(recs, 300))
-    res["lang_gate_300"] = {"wall_s": round(w, 2), "cpu_s": round(c, 2), "records_per_s_cpu": round(n / c),
-                            "mismatch": mism}
+    res["lang_gate_300"] = {
+        "wall_s": round(w, 2),
+        "cpu_s": round(c, 2),
+        "records_per_s_cpu": round(n / c),
+        "mismatch": mism,
+    }
     sub = recs[: n // 10]
     _, w, c2 = timed(lambda: run_gate(sub, 2000))
     res["lang_gate_2000"] = {"records_per_s_cpu": round(len(sub) / c2)}
@@ -152,8 +168,11 @@ def main() -> None:
         _, w, c = timed(lambda workers=workers: clean.clean_records(recs, cfg, lang_cfg, workers))
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         c += (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)  # the workers' CPU too
-        res[f"rules_and_gate_{workers}_workers"] = {"wall_s": round(w, 2), "cpu_s": round(c, 2),
-                                                     "records_per_s_wall": round(n / w)}
+        res[f"rules_and_gate_{workers}_workers"] = {
+            "wall_s": round(w, 2),
+            "cpu_s": round(c, 2),
+            "records_per_s_wall": round(n / w),
+        }
     keys, w, c = timed(lambda: [dedup.key_text(r) for r in recs])
     exact, w2, c2 = timed(lambda: list(dedup.exact_duplicates(keys)))
     res["exact_dup"] = {"wall_s": round(w + w2, 2), "cpu_s": round(c + c2, 2), "duplicates": len(exact)}
@@ -162,33 +181,53 @@ def main() -> None:
         wall, cpu = r["wall_s"] + res["exact_dup"]["wall_s"], r["cpu_s"] + res["exact_dup"]["cpu_s"]
         # on free cores, `workers` processes finish in about cpu / workers seconds (dedup is serial)
         free = (r["cpu_s"] / workers) + res["exact_dup"]["cpu_s"]
-        res[f"stage_without_near_dup_{workers}_workers"] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                                                            "records_per_s_wall": round(n / wall),
-                                                            "records_per_s_on_free_cores": round(n / free)}
+        res[f"stage_without_near_dup_{workers}_workers"] = {
+            "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2),
+            "records_per_s_wall": round(n / wall),
+            "records_per_s_on_free_cores": round(n / free),
+        }
 
     doc_keys = [dedup.key_text({"kind": "web", "text": t}) for t in docs]
     near, w, c = timed(lambda: list(dedup.near_duplicates(doc_keys, threshold=0.8, num_perm=128, shingle=3)))
-    res["near_dup"] = {"documents": len(docs), "wall_s": round(w, 2), "cpu_s": round(c, 2), "found": len(near),
-                       "planted": planted}
+    res["near_dup"] = {
+        "documents": len(docs),
+        "wall_s": round(w, 2),
+        "cpu_s": round(c, 2),
+        "found": len(near),
+        "planted": planted,
+    }
 
     rules_rate = res["rules"]["records_per_s_cpu"]
     one, two = (res[f"stage_without_near_dup_{k}_workers"] for k in (1, 2))
     print(f"records: {n} (70% chat, 30% web), near-dup documents: {len(docs)}")
-    print(f"rules alone:              {rules_rate:>7} records/s CPU ({res['rules']['cpu_s']} s)  "
-          f"goal ratio {rules_rate / GOAL_RULES:.2f}")
-    print(f"  without pre-checks:     {res['rules_without_prechecks']['records_per_s_cpu']:>7} records/s CPU  "
-          f"(pre-checks speed-up x{rules_rate / res['rules_without_prechecks']['records_per_s_cpu']:.1f})")
-    print(f"language gate (300 ch):   {res['lang_gate_300']['records_per_s_cpu']:>7} records/s CPU  "
-          f"(x{res['lang_gate_300']['records_per_s_cpu'] / res['lang_gate_2000']['records_per_s_cpu']:.1f} vs "
-          f"2000 ch: {res['lang_gate_2000']['records_per_s_cpu']})")
+    print(
+        f"rules alone:              {rules_rate:>7} records/s CPU ({res['rules']['cpu_s']} s)  "
+        f"goal ratio {rules_rate / GOAL_RULES:.2f}"
+    )
+    print(
+        f"  without pre-checks:     {res['rules_without_prechecks']['records_per_s_cpu']:>7} records/s CPU  "
+        f"(pre-checks speed-up x{rules_rate / res['rules_without_prechecks']['records_per_s_cpu']:.1f})"
+    )
+    print(
+        f"language gate (300 ch):   {res['lang_gate_300']['records_per_s_cpu']:>7} records/s CPU  "
+        f"(x{res['lang_gate_300']['records_per_s_cpu'] / res['lang_gate_2000']['records_per_s_cpu']:.1f} vs "
+        f"2000 ch: {res['lang_gate_2000']['records_per_s_cpu']})"
+    )
     free1, free2 = one["records_per_s_on_free_cores"], two["records_per_s_on_free_cores"]
-    print(f"rules + gate + exact dup: {free1:>7} records/s on 1 worker, {free2} on 2 (from CPU seconds: "
-          f"{one['cpu_s']} s vs {two['cpu_s']} s); goal ratio {free2 / GOAL_RULES:.2f} with 2 workers")
-    print(f"  measured wall on this (shared) machine: {one['records_per_s_wall']} vs {two['records_per_s_wall']} "
-          f"records/s (x{two['records_per_s_wall'] / one['records_per_s_wall']:.2f})")
-    print(f"near-dup over {len(docs)} docs: {res['near_dup']['wall_s']} s wall ({res['near_dup']['cpu_s']} s CPU), "
-          f"{len(near)} found of {planted} planted; goal ratio {GOAL_NEAR / res['near_dup']['wall_s']:.2f} "
-          "(>1: under 60 s)")
+    print(
+        f"rules + gate + exact dup: {free1:>7} records/s on 1 worker, {free2} on 2 (from CPU seconds: "
+        f"{one['cpu_s']} s vs {two['cpu_s']} s); goal ratio {free2 / GOAL_RULES:.2f} with 2 workers"
+    )
+    print(
+        f"  measured wall on this (shared) machine: {one['records_per_s_wall']} vs {two['records_per_s_wall']} "
+        f"records/s (x{two['records_per_s_wall'] / one['records_per_s_wall']:.2f})"
+    )
+    print(
+        f"near-dup over {len(docs)} docs: {res['near_dup']['wall_s']} s wall ({res['near_dup']['cpu_s']} s CPU), "
+        f"{len(near)} found of {planted} planted; goal ratio {GOAL_NEAR / res['near_dup']['wall_s']:.2f} "
+        "(>1: under 60 s)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -32,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LENIENT = re.compile(r"\b([1-5])\b")
-REASONING_LAST_LINE = ('First explain briefly how you rated the answer. Then write the score on the last line, in the form '
-                       '"Score: N", where N is 1, 2, 3, 4 or 5.')
+REASONING_LAST_LINE = (
+    "First explain briefly how you rated the answer. Then write the score on the last line, in the form "
+    '"Score: N", where N is 1, 2, 3, 4 or 5.'
+)
 
 
 def base_model_dir(tmp: str) -> str:
@@ -41,6 +43,7 @@ def base_model_dir(tmp: str) -> str:
     if (ROOT / "models" / "base" / "config.json").is_file():
         return str(ROOT / "models" / "base")
     from selfalign import models
+
     model, tok = models.load_source("gguf")
     return str(models.save_model_dir(model, tok, Path(tmp) / "base"))
 
@@ -48,8 +51,14 @@ def base_model_dir(tmp: str) -> str:
 def seed_pairs(n: int) -> tuple[list[tuple[str, str]], list[bool]]:
     """n (instruction, response) pairs: the first half real, the second half with another pair's response."""
     from selfalign import readers
-    recs = [r for r in readers.read("guanaco", str(ROOT / "data" / "sample" / "oasst_seed.guanaco.jsonl"),
-                                    lang="en", source="oasst") if not readers.is_rejected(r)][:n]
+
+    recs = [
+        r
+        for r in readers.read(
+            "guanaco", str(ROOT / "data" / "sample" / "oasst_seed.guanaco.jsonl"), lang="en", source="oasst"
+        )
+        if not readers.is_rejected(r)
+    ][:n]
     pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in recs]
     half = len(pairs) // 2
     mismatched = [(pairs[i][0], pairs[(i + 7) % len(pairs)][1]) for i in range(half, len(pairs))]
@@ -58,6 +67,7 @@ def seed_pairs(n: int) -> tuple[list[tuple[str, str]], list[bool]]:
 
 def last_line_score(text: str) -> int | None:
     from selfalign import curate
+
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return curate.parse_score(lines[-1]) if lines else None
 
@@ -70,8 +80,13 @@ def mean(xs):
 @click.command()
 @click.option("--pairs", "n_pairs", default=24, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default). On a shared, "
-              "busy machine 1 thread avoids OpenMP oversubscription, which slowed generation ~10x here.")
+@click.option(
+    "--threads",
+    default=0,
+    show_default=True,
+    help="torch threads (0: torch's default). On a shared, "
+    "busy machine 1 thread avoids OpenMP oversubscription, which slowed generation ~10x here.",
+)
 @click.option("--dtype", default="float32", show_default=True)
 def main(n_pairs, batch_size, threads, dtype):
     import torch
@@ -99,17 +114,22 @@ def main(n_pairs, batch_size, threads, dtype):
             t = time.perf_counter()
             scores = curate.expected_scores(model, tok, prompts, batch_size=batch_size, share_prefix=share)
             wall = time.perf_counter() - t
-            out[name] = {"wall_s": round(wall, 2), "scored": len(scores), "parse_rate": 1.0,
-                         "digit_mass_mean": mean(s["digit_mass"] for s in scores),
-                         "score_mean_matched": mean(s["score"] for s, m in zip(scores, matched, strict=True) if m),
-                         "score_mean_mismatched": mean(s["score"] for s, m in zip(scores, matched, strict=True)
-                                                       if not m)}
+            out[name] = {
+                "wall_s": round(wall, 2),
+                "scored": len(scores),
+                "parse_rate": 1.0,
+                "digit_mass_mean": mean(s["digit_mass"] for s in scores),
+                "score_mean_matched": mean(s["score"] for s, m in zip(scores, matched, strict=True) if m),
+                "score_mean_mismatched": mean(s["score"] for s, m in zip(scores, matched, strict=True) if not m),
+            }
             print(f"{name:15s}: {wall:7.1f} s, parse rate 100% (digit mass {out[name]['digit_mass_mean']})", flush=True)
         del model
 
         reasoning = rubric.replace(rubric.strip().splitlines()[-1], REASONING_LAST_LINE)
-        runs = (("gen_batched", batch_size, 8, rubric, curate.parse_score),
-                ("gen_reasoning", 1, 128, reasoning, last_line_score))
+        runs = (
+            ("gen_batched", batch_size, 8, rubric, curate.parse_score),
+            ("gen_reasoning", 1, 128, reasoning, last_line_score),
+        )
         for name, bs, max_tokens, text, parse in runs:
             reqs = [llm.Request(messages=curate.rubric_messages(text, i, r), max_tokens=max_tokens) for i, r in pairs]
             engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
@@ -120,22 +140,35 @@ def main(n_pairs, batch_size, threads, dtype):
             texts = [r.text or "" for r in results]
             strict = [parse(x) for x in texts]
             lenient = [LENIENT.search(x) for x in texts]
-            out[name] = {"batch_size": bs, "max_new_tokens": max_tokens, "wall_s": round(wall, 2),
-                         "parse_rate_strict": round(sum(s is not None for s in strict) / len(texts), 4),
-                         "parse_rate_lenient": round(sum(m is not None for m in lenient) / len(texts), 4),
-                         "unparsed_strict": sum(s is None for s in strict), "replies": texts[:4]}
-            print(f"{name:15s}: {wall:7.1f} s, parse rate strict {out[name]['parse_rate_strict']:.0%}, "
-                  f"lenient {out[name]['parse_rate_lenient']:.0%}", flush=True)
+            out[name] = {
+                "batch_size": bs,
+                "max_new_tokens": max_tokens,
+                "wall_s": round(wall, 2),
+                "parse_rate_strict": round(sum(s is not None for s in strict) / len(texts), 4),
+                "parse_rate_lenient": round(sum(m is not None for m in lenient) / len(texts), 4),
+                "unparsed_strict": sum(s is None for s in strict),
+                "replies": texts[:4],
+            }
+            print(
+                f"{name:15s}: {wall:7.1f} s, parse rate strict {out[name]['parse_rate_strict']:.0%}, "
+                f"lenient {out[name]['parse_rate_lenient']:.0%}",
+                flush=True,
+            )
 
     for name in ("digits_full", "gen_batched", "gen_reasoning"):
         out[f"speedup_vs_{name}"] = round(out[name]["wall_s"] / out["digits"]["wall_s"], 2)
-    print(f"speed-up of digits: {out['speedup_vs_gen_batched']:.2f}x vs the stage's generate mode (batch "
-          f"{batch_size}, 8 tokens), {out['speedup_vs_gen_reasoning']:.2f}x vs reasoning-then-score one by one "
-          f"(goal >= 10x); prefix sharing alone {out['speedup_vs_digits_full']:.2f}x")
-    print(f"mean expected score: matched pairs {out['digits']['score_mean_matched']}, "
-          f"mismatched {out['digits']['score_mean_mismatched']}")
-    _report.write("curate", {"model": model_dir, "pairs": len(pairs), "dtype": dtype,
-                             "threads": torch.get_num_threads(), **out})
+    print(
+        f"speed-up of digits: {out['speedup_vs_gen_batched']:.2f}x vs the stage's generate mode (batch "
+        f"{batch_size}, 8 tokens), {out['speedup_vs_gen_reasoning']:.2f}x vs reasoning-then-score one by one "
+        f"(goal >= 10x); prefix sharing alone {out['speedup_vs_digits_full']:.2f}x"
+    )
+    print(
+        f"mean expected score: matched pairs {out['digits']['score_mean_matched']}, "
+        f"mismatched {out['digits']['score_mean_mismatched']}"
+    )
+    _report.write(
+        "curate", {"model": model_dir, "pairs": len(pairs), "dtype": dtype, "threads": torch.get_num_threads(), **out}
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SETTINGS = [("float32", 0), ("bfloat16", 0), ("float32", 1), ("bfloat16", 1)]   # (dtype, threads; 0 = default)
+SETTINGS = [("float32", 0), ("bfloat16", 0), ("float32", 1), ("bfloat16", 1)]  # (dtype, threads; 0 = default)
 
 
 def base_model_dir(tmp: str) -> str:
@@ -34,6 +34,7 @@ def base_model_dir(tmp: str) -> str:
     if (ROOT / "models" / "base" / "config.json").is_file():
         return str(ROOT / "models" / "base")
     from selfalign import models
+
     model, tok = models.load_source("gguf")
     return str(models.save_model_dir(model, tok, Path(tmp) / "base"))
 
@@ -66,10 +67,14 @@ def main(n_prompts, max_tokens, rounds, batch_size):
     reqs = [llm.Request(messages=ev.prompt_messages(p), max_tokens=max_tokens) for p in prompts]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = base_model_dir(tmp)
-        engines = {s: llm.make_engine({"kind": "local", "model": model_dir, "dtype": s[0], "threads": s[1],
-                                       "batch_size": batch_size}, None) for s in SETTINGS}
+        engines = {
+            s: llm.make_engine(
+                {"kind": "local", "model": model_dir, "dtype": s[0], "threads": s[1], "batch_size": batch_size}, None
+            )
+            for s in SETTINGS
+        }
         for e in engines.values():
-            _ = e.model                                      # load every model before timing anything
+            _ = e.model  # load every model before timing anything
         runs: dict = {s: [] for s in SETTINGS}
         texts: dict = {}
         for _ in range(rounds):
@@ -87,21 +92,37 @@ def main(n_prompts, max_tokens, rounds, batch_size):
     rows = []
     for s in SETTINGS:
         b, r0 = best[s], best[ref]
-        rows.append({"dtype": s[0], "threads": s[1] or default_threads, "wall_s": b["wall_s"], "cpu_s": b["cpu_s"],
-                     "tokens": b["tokens"], "tok_per_s": round(b["tokens"] / b["wall_s"], 1),
-                     "speedup_wall": round(r0["wall_s"] / b["wall_s"], 2),
-                     "speedup_tok_per_s": round((b["tokens"] / b["wall_s"]) / (r0["tokens"] / r0["wall_s"]), 2),
-                     "same_answers_as_float32": sum(a == c for a, c in zip(texts[s], texts[ref], strict=True)),
-                     "runs": runs[s]})
+        rows.append(
+            {
+                "dtype": s[0],
+                "threads": s[1] or default_threads,
+                "wall_s": b["wall_s"],
+                "cpu_s": b["cpu_s"],
+                "tokens": b["tokens"],
+                "tok_per_s": round(b["tokens"] / b["wall_s"], 1),
+                "speedup_wall": round(r0["wall_s"] / b["wall_s"], 2),
+                "speedup_tok_per_s": round((b["tokens"] / b["wall_s"]) / (r0["tokens"] / r0["wall_s"]), 2),
+                "same_answers_as_float32": sum(a == c for a, c in zip(texts[s], texts[ref], strict=True)),
+                "runs": runs[s],
+            }
+        )
     load = os.getloadavg()[0]
-    print(f"{len(reqs)} prompts x {max_tokens} new tokens, batch {batch_size}, best of {rounds}, "
-          f"load average {load:.1f} on {os.cpu_count()} cores")
-    print(f"{'dtype':9} {'threads':>7} {'wall s':>7} {'cpu s':>7} {'tok/s':>6} {'x wall':>7} {'x tok/s':>8} {'same':>5}")
+    print(
+        f"{len(reqs)} prompts x {max_tokens} new tokens, batch {batch_size}, best of {rounds}, "
+        f"load average {load:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"{'dtype':9} {'threads':>7} {'wall s':>7} {'cpu s':>7} {'tok/s':>6} {'x wall':>7} {'x tok/s':>8} {'same':>5}"
+    )
     for r in rows:
-        print(f"{r['dtype']:9} {r['threads']:>7} {r['wall_s']:>7} {r['cpu_s']:>7} {r['tok_per_s']:>6} "
-              f"{r['speedup_wall']:>7} {r['speedup_tok_per_s']:>8} {r['same_answers_as_float32']:>2}/{len(reqs)}")
-    _report.write("evaluate", {"prompts": len(reqs), "max_tokens": max_tokens, "batch_size": batch_size,
-                               "rounds": rounds, "results": rows})
+        print(
+            f"{r['dtype']:9} {r['threads']:>7} {r['wall_s']:>7} {r['cpu_s']:>7} {r['tok_per_s']:>6} "
+            f"{r['speedup_wall']:>7} {r['speedup_tok_per_s']:>8} {r['same_answers_as_float32']:>2}/{len(reqs)}"
+        )
+    _report.write(
+        "evaluate",
+        {"prompts": len(reqs), "max_tokens": max_tokens, "batch_size": batch_size, "rounds": rounds, "results": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ def sets() -> dict[str, dict[str, list[str]]]:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         return {lang: [r["text"] for r in rows if r["label"] == lang] for lang in ("ms", "id")}
 
-    return {"leipzig": {lang: lines(f"heldout_{lang}.txt") for lang in LANGS},
-            "pairs": {lang: lines(f"word_pairs_{lang}.txt") for lang in LANGS},
-            "mychatgpt": labelled(FIX / "mychatgpt_ms_id.jsonl"),
-            "hand": labelled(ROOT / "tests" / "fixtures" / "clean" / "lang_sentences.jsonl")}
+    return {
+        "leipzig": {lang: lines(f"heldout_{lang}.txt") for lang in LANGS},
+        "pairs": {lang: lines(f"word_pairs_{lang}.txt") for lang in LANGS},
+        "mychatgpt": labelled(FIX / "mychatgpt_ms_id.jsonl"),
+        "hand": labelled(ROOT / "tests" / "fixtures" / "clean" / "lang_sentences.jsonl"),
+    }
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> dict:
@@ -60,16 +62,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> dict:
 def detectors() -> dict:
     """name -> text -> language (or "?" for none), each timed over the same texts."""
     model = langid.load_ngrams()
-    out = {"fasttext": lambda t: langid.detect(langid.prose(t)[:300])[0][0],
-           "ngram": lambda t: (lambda s: max(s, key=s.get))(langid.ngram_scores(langid.prose(t)[:300], model))}
+    out = {
+        "fasttext": lambda t: langid.detect(langid.prose(t)[:300])[0][0],
+        "ngram": lambda t: (lambda s: max(s, key=s.get))(langid.ngram_scores(langid.prose(t)[:300], model)),
+    }
     import lingua
 
-    names = {lingua.Language.ENGLISH: "en", lingua.Language.FRENCH: "fr", lingua.Language.MALAY: "ms",
-             lingua.Language.INDONESIAN: "id"}
+    names = {
+        lingua.Language.ENGLISH: "en",
+        lingua.Language.FRENCH: "fr",
+        lingua.Language.MALAY: "ms",
+        lingua.Language.INDONESIAN: "id",
+    }
     det = lingua.LanguageDetectorBuilder.from_languages(*names).with_preloaded_language_models().build()
     out["lingua"] = lambda t: names.get(det.detect_language_of(t), "?")
-    out["lingua"].size_mb = round(sum(f.stat().st_size for f in Path(lingua.__file__).parent.rglob("*")
-                                      if f.is_file()) / 2**20, 1)
+    out["lingua"].size_mb = round(
+        sum(f.stat().st_size for f in Path(lingua.__file__).parent.rglob("*") if f.is_file()) / 2**20, 1
+    )
     return out
 
 
@@ -99,8 +108,10 @@ def gate_goals(cfg: dict, data: dict) -> dict:
         ms, id_ = verdicts(data[name]["ms"], "ms"), verdicts(data[name]["id"], "ms")
         n += len(ms) + len(id_)
         detector_counts.update(f"{v.detector}:{v.verdict}" for v in ms + id_)
-        kept, caught = wilson(sum(v.verdict != "mismatch" for v in ms), len(ms)), \
-            wilson(sum(v.verdict == "mismatch" for v in id_), len(id_))
+        kept, caught = (
+            wilson(sum(v.verdict != "mismatch" for v in ms), len(ms)),
+            wilson(sum(v.verdict == "mismatch" for v in id_), len(id_)),
+        )
         res[f"{name}_ms_kept"], res[f"{name}_id_declared_ms_caught"] = kept, caught
         res[f"{name}_ms_kept_plus_id_caught"] = round(kept["rate"] + caught["rate"], 3)
         res[f"{name}_undetermined_ms_id"] = [sum(v.verdict == "undetermined" for v in vs) for vs in (ms, id_)]
@@ -144,24 +155,37 @@ def main() -> None:
                 t = res["detectors"][name][set_name]["confusion"][lang]
                 cells.append(f"{name}: " + " ".join(f"{k}{v}" for k, v in t.items()))
             print(f"  {lang:>2} ({len(data[set_name][lang])})  " + " | ".join(cells))
-        print("  records/s: " + ", ".join(f"{name} {res['detectors'][name][set_name]['records_per_s_cpu']}"
-                                          for name in dets))
+        print(
+            "  records/s: "
+            + ", ".join(f"{name} {res['detectors'][name][set_name]['records_per_s_cpu']}" for name in dets)
+        )
     print("\n== the gate (params.yaml clean.langs) vs the same without n-grams (before issue 16)")
     fmt = lambda w: f"{w['rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"  # noqa: E731
-    for key, goal in (("leipzig_en_declared_fr_caught", ">= 0.95"), ("leipzig_fr_kept", ">= 0.98"),
-                      ("pairs_en_declared_fr_caught", "(short)"), ("pairs_fr_kept", "(short)"),
-                      ("leipzig_ms_kept", ""), ("leipzig_id_declared_ms_caught", ""),
-                      ("mychatgpt_ms_kept", ""), ("mychatgpt_id_declared_ms_caught", ""),
-                      ("hand_ms_kept", ""), ("hand_id_declared_ms_caught", "")):
+    for key, goal in (
+        ("leipzig_en_declared_fr_caught", ">= 0.95"),
+        ("leipzig_fr_kept", ">= 0.98"),
+        ("pairs_en_declared_fr_caught", "(short)"),
+        ("pairs_fr_kept", "(short)"),
+        ("leipzig_ms_kept", ""),
+        ("leipzig_id_declared_ms_caught", ""),
+        ("mychatgpt_ms_kept", ""),
+        ("mychatgpt_id_declared_ms_caught", ""),
+        ("hand_ms_kept", ""),
+        ("hand_id_declared_ms_caught", ""),
+    ):
         print(f"  {key:<34} {fmt(res['gate'][key])}  was {fmt(res['gate_without_ngrams'][key])}  {goal}")
     for name in ("leipzig", "mychatgpt", "hand"):
         key = f"{name}_ms_kept_plus_id_caught"
-        print(f"  {key:<34} {res['gate'][key]:.3f}  was {res['gate_without_ngrams'][key]:.3f}  goal >= 1.25 "
-              f"(ratio {res['gate'][key] / 1.25:.2f}); undetermined ms/id {res['gate'][f'{name}_undetermined_ms_id']}; "
-              f"fallback ngram {res['gate_ms_id_fallback_ngram'][key]:.3f}, none {res['gate_ms_id_fallback_none'][key]:.3f}")
-    print(f"  gate records/s CPU on these sets: {res['gate']['records_per_s_cpu']} (fallback ngram "
-          f"{res['gate_ms_id_fallback_ngram']['records_per_s_cpu']}, none {res['gate_ms_id_fallback_none']['records_per_s_cpu']}; "
-          f"without n-grams {res['gate_without_ngrams']['records_per_s_cpu']})")
+        print(
+            f"  {key:<34} {res['gate'][key]:.3f}  was {res['gate_without_ngrams'][key]:.3f}  goal >= 1.25 "
+            f"(ratio {res['gate'][key] / 1.25:.2f}); undetermined ms/id {res['gate'][f'{name}_undetermined_ms_id']}; "
+            f"fallback ngram {res['gate_ms_id_fallback_ngram'][key]:.3f}, none {res['gate_ms_id_fallback_none'][key]:.3f}"
+        )
+    print(
+        f"  gate records/s CPU on these sets: {res['gate']['records_per_s_cpu']} (fallback ngram "
+        f"{res['gate_ms_id_fallback_ngram']['records_per_s_cpu']}, none {res['gate_ms_id_fallback_none']['records_per_s_cpu']}; "
+        f"without n-grams {res['gate_without_ngrams']['records_per_s_cpu']})"
+    )
     print(f"  verdicts by detector: {res['gate']['verdicts_by_detector']}")
     sizes = ", ".join(f"{n} {d['size_mb']} MB" for n, d in res["detectors"].items())
     print(f"  model sizes: {sizes}")

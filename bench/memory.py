@@ -22,11 +22,25 @@ from pathlib import Path
 from selfalign.memory import GIB, Plan, estimate
 
 CASES = [
-    ("LLaMA-Factory 7B QLoRA 4-bit", 6e9,
-     Plan(stage="sft", model="meta-llama/Llama-2-7b-hf", method="qlora", seq_len=1024, micro_batch=1, lora_r=8)),
-    ("torchtune Llama-3.1-8B QLoRA bs1", 7.4 * GIB,
-     Plan(stage="sft", model="meta-llama/Llama-3.1-8B-Instruct", method="qlora", seq_len=2048, micro_batch=1,
-          lora_r=8, chunked_loss=8, lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))),
+    (
+        "LLaMA-Factory 7B QLoRA 4-bit",
+        6e9,
+        Plan(stage="sft", model="meta-llama/Llama-2-7b-hf", method="qlora", seq_len=1024, micro_batch=1, lora_r=8),
+    ),
+    (
+        "torchtune Llama-3.1-8B QLoRA bs1",
+        7.4 * GIB,
+        Plan(
+            stage="sft",
+            model="meta-llama/Llama-3.1-8B-Instruct",
+            method="qlora",
+            seq_len=2048,
+            micro_batch=1,
+            lora_r=8,
+            chunked_loss=8,
+            lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ),
+    ),
 ]
 
 
@@ -37,9 +51,16 @@ def main() -> None:
         est = estimate(plan)
         ratio = est["total"] / published
         no_ctx = (est["total"] - est["cuda_context"]) / published
-        rows.append({"case": name, "published_gib": round(published / GIB, 2), "estimate_gib": round(est["total"] / GIB, 2),
-                     "ratio": round(ratio, 3), "ratio_without_cuda_context": round(no_ctx, 3),
-                     "terms_gib": {k: round(v / GIB, 3) for k, v in est.items()}})
+        rows.append(
+            {
+                "case": name,
+                "published_gib": round(published / GIB, 2),
+                "estimate_gib": round(est["total"] / GIB, 2),
+                "ratio": round(ratio, 3),
+                "ratio_without_cuda_context": round(no_ctx, 3),
+                "terms_gib": {k: round(v / GIB, 3) for k, v in est.items()},
+            }
+        )
         print(f"{name:<36} {published / GIB:>8.2f}Gi {est['total'] / GIB:>7.2f}Gi {ratio:>6.2f} {no_ctx:>8.2f}")
     out = Path(__file__).resolve().parent / "results" / "memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,11 @@ def worker(policy_dir: str, reference: str, steps: int, threads: int) -> dict:
         if len(ids) <= cfg["max_prompt_tokens"]:
             prompts.append({"messages": msgs, "ids": ids})
     t = time.perf_counter()
-    policy = P.PolicyWithValue(P.with_lora(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
-                                           cfg["lora"], seed=cfg["seed"]))
+    policy = P.PolicyWithValue(
+        P.with_lora(
+            AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), cfg["lora"], seed=cfg["seed"]
+        )
+    )
     ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32) if reference == "copy" else None
     torch.manual_seed(0)
     rm_model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
@@ -85,13 +88,20 @@ def worker(policy_dir: str, reference: str, steps: int, threads: int) -> dict:
     hist = P.train(policy, ref, tok, prompts, reward_fn, P.PPOConfig.from_dict(cfg))["history"]
     timed = hist[1:] or hist
     keys = ("generate", "score", "logprobs", "optimise")
-    return {"reference": reference, "steps": len(hist), "threads": torch.get_num_threads(),
-            "batch_size": cfg["batch_size"], "response_length": cfg["response_length"],
-            "ppo_epochs": cfg["ppo_epochs"], "load_s": round(load_s, 1),
-            "seconds_per_step": sum(sum(r[f"time_{k}"] for k in keys) for r in timed) / len(timed),
-            "time": {k: sum(r[f"time_{k}"] for r in timed) / len(timed) for k in keys},
-            "mean_response_length": sum(r["response_length"] for r in timed) / len(timed),
-            "rss_after_load_mb": round(rss_loaded), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "reference": reference,
+        "steps": len(hist),
+        "threads": torch.get_num_threads(),
+        "batch_size": cfg["batch_size"],
+        "response_length": cfg["response_length"],
+        "ppo_epochs": cfg["ppo_epochs"],
+        "load_s": round(load_s, 1),
+        "seconds_per_step": sum(sum(r[f"time_{k}"] for k in keys) for r in timed) / len(timed),
+        "time": {k: sum(r[f"time_{k}"] for r in timed) / len(timed) for k in keys},
+        "mean_response_length": sum(r["response_length"] for r in timed) / len(timed),
+        "rss_after_load_mb": round(rss_loaded),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main() -> None:
@@ -99,9 +109,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--worker", choices=["adapter", "copy"])
     ap.add_argument("--model")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch's default). 1 by default: on this shared CPU, 2 threads waiting "
-                         "on each other made generation with LoRA 12x slower than 1 thread")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch's default). 1 by default: on this shared CPU, 2 threads waiting "
+        "on each other made generation with LoRA 12x slower than 1 thread",
+    )
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.model, args.worker, args.steps, args.threads)))
@@ -113,28 +127,53 @@ def main() -> None:
         policy_dir = model_dir(tmp)
         runs = {}
         for ref in ("adapter", "copy"):
-            out = subprocess.run([sys.executable, __file__, "--worker", ref, "--model", policy_dir,
-                                  "--steps", str(args.steps), "--threads", str(args.threads)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    ref,
+                    "--model",
+                    policy_dir,
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[ref] = json.loads(out.stdout.strip().splitlines()[-1])
     a, c = runs["adapter"], runs["copy"]
     total = a["seconds_per_step"]
     share = {k: v / total for k, v in a["time"].items()}
-    print(f"PPO step on SmolLM2-135M ({a['batch_size']} prompts x {a['response_length']} tokens max, "
-          f"{a['ppo_epochs']} epochs, {a['threads']} threads), mean of steps 2..{a['steps']}:")
+    print(
+        f"PPO step on SmolLM2-135M ({a['batch_size']} prompts x {a['response_length']} tokens max, "
+        f"{a['ppo_epochs']} epochs, {a['threads']} threads), mean of steps 2..{a['steps']}:"
+    )
     for ref in ("adapter", "copy"):
         r = runs[ref]
-        print(f"  reference={ref:<8} {r['seconds_per_step']:6.1f} s/step   peak RSS {r['peak_rss_mb']:6d} MB "
-              f"(after loading {r['rss_after_load_mb']} MB)")
+        print(
+            f"  reference={ref:<8} {r['seconds_per_step']:6.1f} s/step   peak RSS {r['peak_rss_mb']:6d} MB "
+            f"(after loading {r['rss_after_load_mb']} MB)"
+        )
     print("  time split (adapter): " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
-    print(f"  generation share: {share['generate']:.0%} here vs ~{PUBLISHED_GENERATION_SHARE:.0%} published "
-          f"(ratio {share['generate'] / PUBLISHED_GENERATION_SHARE:.2f})")
-    print(f"  peak RSS copy / adapter: {c['peak_rss_mb'] / a['peak_rss_mb']:.2f}; "
-          f"s/step copy / adapter: {c['seconds_per_step'] / a['seconds_per_step']:.2f}")
-    results = {"runs": runs, "share_adapter": share,
-               "generation_share_vs_published": share["generate"] / PUBLISHED_GENERATION_SHARE,
-               "peak_rss_ratio_copy_over_adapter": c["peak_rss_mb"] / a["peak_rss_mb"],
-               "step_time_ratio_copy_over_adapter": c["seconds_per_step"] / a["seconds_per_step"]}
+    print(
+        f"  generation share: {share['generate']:.0%} here vs ~{PUBLISHED_GENERATION_SHARE:.0%} published "
+        f"(ratio {share['generate'] / PUBLISHED_GENERATION_SHARE:.2f})"
+    )
+    print(
+        f"  peak RSS copy / adapter: {c['peak_rss_mb'] / a['peak_rss_mb']:.2f}; "
+        f"s/step copy / adapter: {c['seconds_per_step'] / a['seconds_per_step']:.2f}"
+    )
+    results = {
+        "runs": runs,
+        "share_adapter": share,
+        "generation_share_vs_published": share["generate"] / PUBLISHED_GENERATION_SHARE,
+        "peak_rss_ratio_copy_over_adapter": c["peak_rss_mb"] / a["peak_rss_mb"],
+        "step_time_ratio_copy_over_adapter": c["seconds_per_step"] / a["seconds_per_step"],
+    }
     _report.write("ppo", results)
 
 

@@ -97,17 +97,49 @@ def measure(segments: int, workdir: Path, seed: int, workers: int) -> dict:
     if not corpus.exists():
         write_corpus(corpus, docs, seed)
     py = sys.executable
-    ing = run_measured([py, "stages/ingest.py", "--input", str(corpus), "--format", "c4", "--output",
-                        str(d / "web.jsonl"), "--rejected", str(d / "ingest_rejected.jsonl")])
+    ing = run_measured(
+        [
+            py,
+            "stages/ingest.py",
+            "--input",
+            str(corpus),
+            "--format",
+            "c4",
+            "--output",
+            str(d / "web.jsonl"),
+            "--rejected",
+            str(d / "ingest_rejected.jsonl"),
+        ]
+    )
     with open(d / "web.jsonl", "rb") as f:
         n_seg = sum(1 for _ in f)
-    cln = run_measured([py, "stages/clean.py", "--input", str(d / "web.jsonl"), "--output", str(d / "clean.jsonl"),
-                        "--rejected", str(d / "clean_rejected.jsonl"), "--metrics", str(d / "clean.json"),
-                        "--set", f"workers={workers}"])
+    cln = run_measured(
+        [
+            py,
+            "stages/clean.py",
+            "--input",
+            str(d / "web.jsonl"),
+            "--output",
+            str(d / "clean.jsonl"),
+            "--rejected",
+            str(d / "clean_rejected.jsonl"),
+            "--metrics",
+            str(d / "clean.json"),
+            "--set",
+            f"workers={workers}",
+        ]
+    )
     m = json.loads((d / "clean.json").read_text())
-    return {"documents": docs, "segments": n_seg, "ingest_s": round(ing[0], 1), "ingest_rss_mb": round(ing[1]),
-            "clean_s": round(cln[0], 1), "clean_rss_mb": round(cln[1]), "clean_kept": m["kept"],
-            "clean_rejected": m["rejected"]}
+    return {
+        "documents": docs,
+        "segments": n_seg,
+        "ingest_s": round(ing[0], 1),
+        "ingest_rss_mb": round(ing[1]),
+        "clean_s": round(cln[0], 1),
+        "clean_rss_mb": round(cln[1]),
+        "clean_kept": m["kept"],
+        "clean_rejected": m["rejected"],
+    }
 
 
 def main() -> None:
@@ -124,15 +156,19 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print("\n| segments (documents) | ingest wall / peak RSS | clean wall / peak RSS |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['segments']:,} ({r['documents']:,}) | {r['ingest_s']:.0f} s / {r['ingest_rss_mb']:,} MB | "
-              f"{r['clean_s']:.0f} s / {r['clean_rss_mb']:,} MB |")
+        print(
+            f"| {r['segments']:,} ({r['documents']:,}) | {r['ingest_s']:.0f} s / {r['ingest_rss_mb']:,} MB | "
+            f"{r['clean_s']:.0f} s / {r['clean_rss_mb']:,} MB |"
+        )
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         k = b["segments"] / a["segments"]
         for stage in ("ingest", "clean"):
-            print(f"{stage}: time({b['segments']:,}) / ({k:.1f} x time({a['segments']:,})) = "
-                  f"{b[stage + '_s'] / (k * a[stage + '_s']):.2f} (goal <= 1.2); peak RSS {a[stage + '_rss_mb']:,} -> "
-                  f"{b[stage + '_rss_mb']:,} MB (goal < 3,000 MB)")
+            print(
+                f"{stage}: time({b['segments']:,}) / ({k:.1f} x time({a['segments']:,})) = "
+                f"{b[stage + '_s'] / (k * a[stage + '_s']):.2f} (goal <= 1.2); peak RSS {a[stage + '_rss_mb']:,} -> "
+                f"{b[stage + '_rss_mb']:,} MB (goal < 3,000 MB)"
+            )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -81,8 +81,11 @@ def base_dir(arg: str | None, tmp: Path) -> str:
 
 def seed_examples(tok, max_len: int, tmp: Path) -> tuple[list[dict], list[list[dict]]]:
     """(tokenized examples, their conversations) for data/sample's seed pairs under the seed tag."""
-    recs = [r for r in readers.read("guanaco", str(ROOT / "data/sample/oasst_seed.guanaco.jsonl"), "en", "sample")
-            if not readers.is_rejected(r)]
+    recs = [
+        r
+        for r in readers.read("guanaco", str(ROOT / "data/sample/oasst_seed.guanaco.jsonl"), "en", "sample")
+        if not readers.is_rejected(r)
+    ]
     io.write_jsonl(tmp / "seed.jsonl", recs)
     data = training.read_source(tok, str(tmp / "seed.jsonl"), SYSTEM, max_len, eval_fraction=0.0)
     convs = {r["id"]: training.conversation(r, SYSTEM) for r in recs}
@@ -115,19 +118,26 @@ def plain_loss(precision):
     def fn(model, batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             return model(**{k: v for k, v in batch.items() if not k.startswith("_")}).loss
+
     return fn
 
 
 def selfalign_loss(trainer):
     def fn(model, batch):
         return trainer.compute_loss(model, {k: v for k, v in batch.items() if not k.startswith("_")})
+
     return fn
 
 
 def per_round_median(a: Loop, b: Loop) -> float:
     """Median over rounds of a's tokens/s over b's, both measured in the same round (round 1 dropped)."""
-    return round(statistics.median((an / at) / (bn / bt) for an, at, bn, bt in
-                                   zip(a.tokens[1:], a.times[1:], b.tokens[1:], b.times[1:], strict=True)), 3)
+    return round(
+        statistics.median(
+            (an / at) / (bn / bt)
+            for an, at, bn, bt in zip(a.tokens[1:], a.times[1:], b.tokens[1:], b.times[1:], strict=True)
+        ),
+        3,
+    )
 
 
 def with_real(batch: dict, real: int) -> dict:
@@ -139,10 +149,17 @@ def summarize(loop: Loop, rates: list[dict], fpt: float) -> dict:
     tok_s = sum(tokens) / sum(times)
     mfu = [n * fpt / t / r[loop.precision] for n, t, r in zip(tokens, times, rates[1:], strict=True)]
     mfu_bf16 = [n * fpt / t / r["bf16"] for n, t, r in zip(tokens, times, rates[1:], strict=True)]
-    return {"loop": loop.name, "precision": loop.precision, "steps_timed": len(times),
-            "seconds_per_step": round(sum(times) / len(times), 3), "tokens_per_step": round(sum(tokens) / len(times), 1),
-            "tokens_per_second": round(tok_s, 1), "model_tflops": round(tok_s * fpt / 1e12, 4),
-            "mfu_median": round(statistics.median(mfu), 4), "mfu_vs_bf16_matmul_median": round(statistics.median(mfu_bf16), 4)}
+    return {
+        "loop": loop.name,
+        "precision": loop.precision,
+        "steps_timed": len(times),
+        "seconds_per_step": round(sum(times) / len(times), 3),
+        "tokens_per_step": round(sum(tokens) / len(times), 1),
+        "tokens_per_second": round(tok_s, 1),
+        "model_tflops": round(tok_s * fpt / 1e12, 4),
+        "mfu_median": round(statistics.median(mfu), 4),
+        "mfu_vs_bf16_matmul_median": round(statistics.median(mfu_bf16), 4),
+    }
 
 
 def main():
@@ -154,8 +171,12 @@ def main():
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--other-precision", action="store_true", help="when auto picks fp32, also time both loops in bf16")
     ap.add_argument("--trl", action="store_true", help="afterwards, time TRL's SFTTrainer (not interleaved)")
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="cpu: CPU time of one torch thread, for a machine whose load would swamp wall time")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: CPU time of one torch thread, for a machine whose load would swamp wall time",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench/results/sft.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -174,8 +195,11 @@ def main():
     placed = device.placement("auto", a.precision, mdir, "bench precision")
     precision = placed.precision
     precisions = [precision] + [p for p in ("fp32", "bf16") if p != precision and (p == "fp32" or a.other_precision)]
-    print(f"precision {precision} ({placed.reason}); CPU {device.cpu_model()}, flags {device.cpu_flags()}; "
-          f"probe {placed.probe}", flush=True)
+    print(
+        f"precision {precision} ({placed.reason}); CPU {device.cpu_model()}, flags {device.cpu_flags()}; "
+        f"probe {placed.probe}",
+        flush=True,
+    )
     tok = chat.load_tokenizer(mdir)
     examples, convs = seed_examples(tok, max_len, tmp)
     n_params = sum(p.numel() for p in models.load_model(mdir).parameters())
@@ -183,16 +207,21 @@ def main():
 
     rows = training.pack(examples, max_len)
     packed = training.PackedCollator(tok.pad_token_id)
-    ours_batches = [with_real(packed(rows[i:i + bs]), sum(len(r["input_ids"]) for r in rows[i:i + bs]))
-                    for i in range(0, len(rows) - bs + 1, bs)]
+    ours_batches = [
+        with_real(packed(rows[i : i + bs]), sum(len(r["input_ids"]) for r in rows[i : i + bs]))
+        for i in range(0, len(rows) - bs + 1, bs)
+    ]
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
     padder = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=training.IGNORE)
-    plain_batches = [with_real(padder([{"input_ids": e["input_ids"], "labels": e["labels"]}
-                                       for e in examples[i:i + bs]]),
-                               sum(len(e["input_ids"]) for e in examples[i:i + bs]))
-                     for i in range(0, len(examples) - bs + 1, bs)]
+    plain_batches = [
+        with_real(
+            padder([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples[i : i + bs]]),
+            sum(len(e["input_ids"]) for e in examples[i : i + bs]),
+        )
+        for i in range(0, len(examples) - bs + 1, bs)
+    ]
 
     loops = []
     for prec in precisions:
@@ -202,55 +231,99 @@ def main():
         loops.append(Loop(f"selfalign_{prec}", prec, model, ours_batches, selfalign_loss(trainer)))
         model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
         model.config.use_cache = False
-        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora["dropout"],
+                target_modules=lora["target_modules"],
+                task_type="CAUSAL_LM",
+            ),
+        )
         loops.append(Loop(f"plain_hf_{prec}", prec, model, plain_batches, plain_loss(prec)))
 
     rates = []
-    print(f"{a.rounds} rounds of {', '.join(lp.name for lp in loops)}; auto = {precision}, rows of {max_len}, "
-          f"{bs} per step, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{a.rounds} rounds of {', '.join(lp.name for lp in loops)}; auto = {precision}, rows of {max_len}, "
+        f"{bs} per step, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     for r in range(a.rounds):
         rates.append({"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)})
-        for loop in (loops if r % 2 == 0 else loops[::-1]):
+        for loop in loops if r % 2 == 0 else loops[::-1]:
             loop.step(r)
-        print(f"round {r + 1}: matmul bf16 {rates[-1]['bf16'] / 1e12:.3f} fp32 {rates[-1]['fp32'] / 1e12:.3f} "
-              "TFLOP/s; " + ", ".join(f"{lp.name} {lp.tokens[-1] / lp.times[-1]:.0f} tok/s" for lp in loops),
-              flush=True)
+        print(
+            f"round {r + 1}: matmul bf16 {rates[-1]['bf16'] / 1e12:.3f} fp32 {rates[-1]['fp32'] / 1e12:.3f} "
+            "TFLOP/s; " + ", ".join(f"{lp.name} {lp.tokens[-1] / lp.times[-1]:.0f} tok/s" for lp in loops),
+            flush=True,
+        )
 
     results = [summarize(lp, rates, fpt) for lp in loops]
     by = {x["loop"]: x for x in results}
     loop_by = {lp.name: lp for lp in loops}
-    out = {"model": mdir, "params": n_params, "flops_per_token": fpt, "flops_formula": "4 * N (LoRA)",
-           "precision": precision, "precision_reason": placed.reason, "precision_probe": placed.probe,
-           "cpu": device.cpu_model(), "cpu_flags": device.cpu_flags(), "torch": torch.__version__,
-           "lora": lora, "max_len": max_len, "batch_size": bs, "rounds": a.rounds,
-           "matmul_tflops_median": {k: round(statistics.median(x[k] for x in rates[1:]) / 1e12, 4)
-                                    for k in ("bf16", "fp32")},
-           "threads": torch.get_num_threads(), "clock": a.clock, "loadavg_1min": round(os.getloadavg()[0], 2), "results": results,
-           "ratios": {}}
+    out = {
+        "model": mdir,
+        "params": n_params,
+        "flops_per_token": fpt,
+        "flops_formula": "4 * N (LoRA)",
+        "precision": precision,
+        "precision_reason": placed.reason,
+        "precision_probe": placed.probe,
+        "cpu": device.cpu_model(),
+        "cpu_flags": device.cpu_flags(),
+        "torch": torch.__version__,
+        "lora": lora,
+        "max_len": max_len,
+        "batch_size": bs,
+        "rounds": a.rounds,
+        "matmul_tflops_median": {
+            k: round(statistics.median(x[k] for x in rates[1:]) / 1e12, 4) for k in ("bf16", "fp32")
+        },
+        "threads": torch.get_num_threads(),
+        "clock": a.clock,
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        "results": results,
+        "ratios": {},
+    }
     # Load moves within seconds; the ratio of two steps run back to back in a round is the robust figure.
     for prec in precisions:
         ours, plain = loop_by[f"selfalign_{prec}"], loop_by[f"plain_hf_{prec}"]
         out["ratios"][f"selfalign_vs_plain_{prec}"] = {
             "overall": round(by[ours.name]["tokens_per_second"] / by[plain.name]["tokens_per_second"], 3),
-            "median_per_round": per_round_median(ours, plain)}
+            "median_per_round": per_round_median(ours, plain),
+        }
     for prec in precisions[1:]:
         ours, other = loop_by[f"selfalign_{precision}"], loop_by[f"selfalign_{prec}"]
         out["ratios"][f"selfalign_{precision}_vs_selfalign_{prec}"] = {
             "overall": round(by[ours.name]["tokens_per_second"] / by[other.name]["tokens_per_second"], 3),
-            "median_per_round": per_round_median(ours, other)}
+            "median_per_round": per_round_median(ours, other),
+        }
     del loops, model
     if a.trl:
-        out["trl_not_interleaved"] = run_trl(mdir, tok, convs, lora, precision, a.rounds, max_len, bs, tmp, fpt,
-                                             sum(len(e["input_ids"]) for e in examples) / len(examples))
+        out["trl_not_interleaved"] = run_trl(
+            mdir,
+            tok,
+            convs,
+            lora,
+            precision,
+            a.rounds,
+            max_len,
+            bs,
+            tmp,
+            fpt,
+            sum(len(e["input_ids"]) for e in examples) / len(examples),
+        )
     for x in results:
         print(x)
     print()
     for name, r in out["ratios"].items():
         print(f"{name}: {r['overall']}x overall, {r['median_per_round']}x median per round")
     for x in results:
-        print(f"{x['loop']}: {x['tokens_per_second']} tokens/s, MFU (4N/token, median over rounds) "
-              f"{x['mfu_median']:.1%} of the {x['precision']} matmul rate, {x['mfu_vs_bf16_matmul_median']:.1%} of bf16")
+        print(
+            f"{x['loop']}: {x['tokens_per_second']} tokens/s, MFU (4N/token, median over rounds) "
+            f"{x['mfu_median']:.1%} of the {x['precision']} matmul rate, {x['mfu_vs_bf16_matmul_median']:.1%} of bf16"
+        )
     io.write_json(a.out, out)
 
 
@@ -272,17 +345,39 @@ def run_trl(mdir, tok, convs, lora, precision, steps, max_len, bs, tmp, fpt, mea
             times.append(time.perf_counter() - self.t)
 
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
-    cfg = SFTConfig(output_dir=str(tmp / "trl"), max_length=max_len, per_device_train_batch_size=bs, max_steps=steps,
-                    use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, packing=False,
-                    bf16=precision == "bf16", report_to=[], save_strategy="no", logging_steps=10**6)
-    SFTTrainer(model=model, args=cfg, processing_class=tok,
-               train_dataset=Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs]),
-               peft_config=LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                      target_modules=lora["target_modules"], task_type="CAUSAL_LM"),
-               callbacks=[Timer()]).train()
+    cfg = SFTConfig(
+        output_dir=str(tmp / "trl"),
+        max_length=max_len,
+        per_device_train_batch_size=bs,
+        max_steps=steps,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        packing=False,
+        bf16=precision == "bf16",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+    )
+    SFTTrainer(
+        model=model,
+        args=cfg,
+        processing_class=tok,
+        train_dataset=Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs]),
+        peft_config=LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=[Timer()],
+    ).train()
     tok_s = mean_tokens * bs * (len(times) - 1) / sum(times[1:])  # random sampler: mean real tokens per example
-    return {"tokens_per_second": round(tok_s, 1), "seconds_per_step": round(sum(times[1:]) / (len(times) - 1), 3),
-            "model_tflops": round(tok_s * fpt / 1e12, 4)}
+    return {
+        "tokens_per_second": round(tok_s, 1),
+        "seconds_per_step": round(sum(times[1:]) / (len(times) - 1), 3),
+        "model_tflops": round(tok_s * fpt / 1e12, 4),
+    }
 
 
 if __name__ == "__main__":

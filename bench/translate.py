@@ -56,7 +56,7 @@ def model_dir(path: str | None, tmp: str) -> Path:
     f = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f)
-    model.hf_quantizer = None            # feasibility.md §2: strip the GGUF quantizer so save_pretrained works
+    model.hf_quantizer = None  # feasibility.md §2: strip the GGUF quantizer so save_pretrained works
     model.is_quantized = False
     model.quantization_method = None
     del model.config.quantization_config
@@ -67,8 +67,18 @@ def model_dir(path: str | None, tmp: str) -> Path:
 
 
 def run(url: str, reqs: list[llm.Request], concurrency: int) -> tuple[float, list[llm.Result]]:
-    engine = llm.make_engine({"kind": "openai", "base_url": url, "model": "base", "api_key_env": "",
-                              "concurrency": concurrency, "timeout": 600, "max_retries": 0}, None)
+    engine = llm.make_engine(
+        {
+            "kind": "openai",
+            "base_url": url,
+            "model": "base",
+            "api_key_env": "",
+            "concurrency": concurrency,
+            "timeout": 600,
+            "max_retries": 0,
+        },
+        None,
+    )
     t = time.perf_counter()
     res = engine.complete(reqs)
     dt = time.perf_counter() - t
@@ -98,11 +108,17 @@ def main(model_path, n, max_tokens, rounds, dtype, threads, out):
     reqs = [f.request for f in fields]
     with tempfile.TemporaryDirectory() as tmp:
         mdir = model_dir(model_path, tmp)
-        app = serve.create_app(mdir, dtype=dtype, max_batch_size=n, batch_wait_ms=5, model_name="base",
-                               limits=serve.Limits(max_tokens=max(max_tokens, 64)))
+        app = serve.create_app(
+            mdir,
+            dtype=dtype,
+            max_batch_size=n,
+            batch_wait_ms=5,
+            model_name="base",
+            limits=serve.Limits(max_tokens=max(max_tokens, 64)),
+        )
         server = serve.start_in_thread(app)
         try:
-            run(server.url, reqs[:1], 1)                                  # warm-up
+            run(server.url, reqs[:1], 1)  # warm-up
             seq_t, con_t = [], []
             for k in range(rounds):
                 dt, seq = run(server.url, reqs, 1)
@@ -126,15 +142,22 @@ def main(model_path, n, max_tokens, rounds, dtype, threads, out):
             restored.append(f"<{e.reason}>")
     s, c = statistics.median(seq_t), statistics.median(con_t)
     where = str(mdir.resolve().relative_to(ROOT)) if mdir.resolve().is_relative_to(ROOT) else str(mdir)
-    result = {"model": where if model_path or mdir.is_relative_to(ROOT) else "the GGUF, converted", "dtype": dtype,
-              "threads": torch.get_num_threads(), "requests": n, "max_tokens": max_tokens, "rounds": rounds,
-              "sequential_s": [round(x, 2) for x in seq_t], "concurrent_s": [round(x, 2) for x in con_t],
-              "speedup_concurrent_vs_sequential": round(s / c, 2),
-              "completion_tokens": {"sequential": tok_seq, "concurrent": tok_con},
-              "tokens_per_s": {"sequential": round(tok_seq / s, 1), "concurrent": round(tok_con / c, 1)},
-              "server_batches_last_concurrent_round": batches,
-              "identical_outputs": f"{same}/{n}",
-              "samples": [{"en": SENTENCES[i], "fr": restored[i]} for i in range(min(3, n))]}
+    result = {
+        "model": where if model_path or mdir.is_relative_to(ROOT) else "the GGUF, converted",
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "requests": n,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "sequential_s": [round(x, 2) for x in seq_t],
+        "concurrent_s": [round(x, 2) for x in con_t],
+        "speedup_concurrent_vs_sequential": round(s / c, 2),
+        "completion_tokens": {"sequential": tok_seq, "concurrent": tok_con},
+        "tokens_per_s": {"sequential": round(tok_seq / s, 1), "concurrent": round(tok_con / c, 1)},
+        "server_batches_last_concurrent_round": batches,
+        "identical_outputs": f"{same}/{n}",
+        "samples": [{"en": SENTENCES[i], "fr": restored[i]} for i in range(min(3, n))],
+    }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{n} translations, max_tokens {max_tokens}, {dtype}, {result['threads']} threads, median of {rounds}:")

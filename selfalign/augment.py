@@ -21,16 +21,21 @@ from selfalign import records
 PLACEHOLDER = "{response}"
 # Labels a model tends to put before the instruction it writes ("Instruction: ...", "Here is the instruction:",
 # what SmolLM2 base and a lightly trained backward model open with), never a user's own words.
-_LABEL = re.compile(r"^\s*(?:#+\s*)?(?:(?:here(?:'|\u2019)s|here\s+is)\s+(?:the|an|a|your)\s+|the\s+)?"
-                    r"(?:instruction|question|prompt|request|task|user)(?:\s+(?:would\s+be|is))?\s*:\s*",
-                    re.IGNORECASE)
+_LABEL = re.compile(
+    r"^\s*(?:#+\s*)?(?:(?:here(?:'|\u2019)s|here\s+is)\s+(?:the|an|a|your)\s+|the\s+)?"
+    r"(?:instruction|question|prompt|request|task|user)(?:\s+(?:would\s+be|is))?\s*:\s*",
+    re.IGNORECASE,
+)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u00ab": "\u00bb"}
 _WORD = re.compile(r"\w+", re.UNICODE)
 # How an assistant opens a reply, never how a user opens a request: the backward model answered
 # the segment instead of writing the instruction for it.
-_ASSISTANT_VOICE = re.compile(r"^(?:sure\b|certainly\b|of course\b|absolutely\b|"
-                              r"i(?:'d| would) be (?:happy|glad)\b|i'm (?:ready|here to|happy|glad)\b|"
-                              r"as an ai\b|thank you for\b)", re.IGNORECASE)
+_ASSISTANT_VOICE = re.compile(
+    r"^(?:sure\b|certainly\b|of course\b|absolutely\b|"
+    r"i(?:'d| would) be (?:happy|glad)\b|i'm (?:ready|here to|happy|glad)\b|"
+    r"as an ai\b|thank you for\b)",
+    re.IGNORECASE,
+)
 
 
 def load_template(path: str | Path | None) -> str | None:
@@ -74,8 +79,9 @@ def _norm(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
-def degenerate_reason(instruction: str, segment: str, finish_reason: str | None, *, min_words: int = 3,
-                      reject_truncated: bool = True) -> tuple[str, str] | None:
+def degenerate_reason(
+    instruction: str, segment: str, finish_reason: str | None, *, min_words: int = 3, reject_truncated: bool = True
+) -> tuple[str, str] | None:
     """(reason, detail) when a generated instruction is unusable, else None."""
     words = _WORD.findall(instruction.lower())
     if not instruction:
@@ -87,7 +93,7 @@ def degenerate_reason(instruction: str, segment: str, finish_reason: str | None,
     if reject_truncated and finish_reason == "length":
         return "truncated", "the reply hit max_new_tokens before the end-of-turn token"
     if len(words) >= 12:
-        trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
         distinct = len(set(trigrams)) / len(trigrams)
         if distinct < 0.5:
             return "repetitive", f"{distinct:.2f} of its word trigrams are distinct"
@@ -101,7 +107,15 @@ def degenerate_reason(instruction: str, segment: str, finish_reason: str | None,
 
 def candidate(instruction: str, web: dict, *, model: str, finish_reason: str | None) -> dict:
     """A chat record: user = the generated instruction, assistant = the segment verbatim, linked by id."""
-    meta = {"segment_id": web["id"], "web_source": web.get("source"), "backward_model": model,
-            "finish_reason": finish_reason}
-    return records.chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": web["text"]}],
-                        lang=web["lang"], source="augment", meta=meta)
+    meta = {
+        "segment_id": web["id"],
+        "web_source": web.get("source"),
+        "backward_model": model,
+        "finish_reason": finish_reason,
+    }
+    return records.chat(
+        [{"role": "user", "content": instruction}, {"role": "assistant", "content": web["text"]}],
+        lang=web["lang"],
+        source="augment",
+        meta=meta,
+    )

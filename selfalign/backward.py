@@ -18,17 +18,16 @@ import statistics
 from selfalign import augment, records, training
 
 DEFAULTS = {
-    "max_new_tokens": 64,   # room for an instruction (seed instructions: median ~20 tokens, 80% under 48)
-    "max_examples": 32,     # at most this many held-out pairs (in id order)
-    "batch_size": 8,        # sequences generated together
-    "bootstrap": 1000,      # resamples for the 95% intervals
-    "seed": 0,              # bootstrap seed
-    "examples_logged": 3,   # true / predicted pairs written to the log
+    "max_new_tokens": 64,  # room for an instruction (seed instructions: median ~20 tokens, 80% under 48)
+    "max_examples": 32,  # at most this many held-out pairs (in id order)
+    "batch_size": 8,  # sequences generated together
+    "bootstrap": 1000,  # resamples for the 95% intervals
+    "seed": 0,  # bootstrap seed
+    "examples_logged": 3,  # true / predicted pairs written to the log
 }
 
 
-def heldout_pairs(paths_and_templates: list[tuple[str, str | None]], fraction: float,
-                  max_examples: int) -> list[dict]:
+def heldout_pairs(paths_and_templates: list[tuple[str, str | None]], fraction: float, max_examples: int) -> list[dict]:
     """The held-out single-turn seed pairs of the reversed sources: {id, instruction, response, template}.
 
     Bad lines and multi-turn records are skipped here: the sft stage already counts them as rejected.
@@ -41,9 +40,15 @@ def heldout_pairs(paths_and_templates: list[tuple[str, str | None]], fraction: f
             msgs = rec["messages"]
             if [m["role"] for m in msgs] != ["user", "assistant"] or not training.heldout(rec["id"], fraction):
                 continue
-            out.setdefault(f"{rec['id']}/{rec['lang']}", {
-                "id": rec["id"], "instruction": msgs[0]["content"], "response": msgs[1]["content"],
-                "user": augment.user_turn(template, msgs[1]["content"])})
+            out.setdefault(
+                f"{rec['id']}/{rec['lang']}",
+                {
+                    "id": rec["id"],
+                    "instruction": msgs[0]["content"],
+                    "response": msgs[1]["content"],
+                    "user": augment.user_turn(template, msgs[1]["content"]),
+                },
+            )
     return [out[k] for k in sorted(out)][:max_examples]
 
 
@@ -53,12 +58,12 @@ def predict(model_dir: str, pairs: list[dict], max_new_tokens: int, batch_size: 
 
     engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": batch_size, "dtype": "float32"})
     head = [{"role": "system", "content": system}] if system else []
-    reqs = [llm.Request(messages=head + [{"role": "user", "content": p["user"]}], max_tokens=max_new_tokens)
-            for p in pairs]
+    reqs = [
+        llm.Request(messages=head + [{"role": "user", "content": p["user"]}], max_tokens=max_new_tokens) for p in pairs
+    ]
     results = engine.complete(reqs) if reqs else []
     engine.close()
-    return [(augment.parse_instruction(r.text) if r.ok else "", r.finish_reason if r.ok else "failed")
-            for r in results]
+    return [(augment.parse_instruction(r.text) if r.ok else "", r.finish_reason if r.ok else "failed") for r in results]
 
 
 def rouge_l(references: list[str], predictions: list[str]) -> list[float]:
@@ -86,11 +91,18 @@ def summary(trained: list[float], base: list[float], resamples: int, seed: int) 
     def stat(xs: list[float]) -> dict:
         return {"rougeL": round(statistics.fmean(xs), 4) if xs else None, "ci95": bootstrap_ci(xs, resamples, seed)}
 
-    return {"n": len(diff), "backward": stat(trained), "base": stat(base),
-            "difference": {"mean": round(statistics.fmean(diff), 4) if diff else None,
-                           "ci95": bootstrap_ci(diff, resamples, seed),
-                           "backward_better": sum(d > 0 for d in diff), "base_better": sum(d < 0 for d in diff),
-                           "ties": sum(d == 0 for d in diff)}}
+    return {
+        "n": len(diff),
+        "backward": stat(trained),
+        "base": stat(base),
+        "difference": {
+            "mean": round(statistics.fmean(diff), 4) if diff else None,
+            "ci95": bootstrap_ci(diff, resamples, seed),
+            "backward_better": sum(d > 0 for d in diff),
+            "base_better": sum(d < 0 for d in diff),
+            "ties": sum(d == 0 for d in diff),
+        },
+    }
 
 
 def reversed_sources(run_cfg: dict) -> list[tuple[str, str | None]]:
@@ -119,7 +131,15 @@ def evaluate(run_cfg: dict, model_dir: str, fraction: float, cfg: dict, system: 
     out["backward"]["truncated"] = sum(f == "length" for _, f in trained)
     out["base"]["truncated"] = sum(f == "length" for _, f in base)
     out.update(max_new_tokens=cfg["max_new_tokens"], seconds=round(time.perf_counter() - t0, 2))
-    examples = [{"id": p["id"], "true": p["instruction"], "backward": t, "base": b, "rougeL_backward": round(st, 4),
-                 "rougeL_base": round(sb, 4)}
-                for p, (t, _), (b, _), st, sb in zip(pairs, trained, base, s_trained, s_base, strict=True)]
+    examples = [
+        {
+            "id": p["id"],
+            "true": p["instruction"],
+            "backward": t,
+            "base": b,
+            "rougeL_backward": round(st, 4),
+            "rougeL_base": round(sb, 4),
+        }
+        for p, (t, _), (b, _), st, sb in zip(pairs, trained, base, s_trained, s_base, strict=True)
+    ]
     return out, examples

@@ -17,7 +17,9 @@ def load_tokenizer(model_dir: str | Path, padding_side: str = "right"):
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.chat_template is None:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)")
+        raise ValueError(
+            f"{model_dir}: the tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -44,7 +46,7 @@ def end_of_turn(tok) -> str:
         full = render(tok, probe)
     except Exception:  # jinja raises what the template raises (e.g. a template that demands a system turn)
         return tok.eos_token
-    after = full[full.rfind(_PROBE) + len(_PROBE):].lstrip(" ")
+    after = full[full.rfind(_PROBE) + len(_PROBE) :].lstrip(" ")
     specials = set(tok.all_special_tokens) | {t for t, _ in tok.get_added_vocab().items()}
     found = [t for t in specials if t and after.startswith(t)]
     return max(found, key=len) if found else tok.eos_token
@@ -63,7 +65,7 @@ def split_last_turn(tok, messages: list[dict]) -> tuple[str, str]:
     full = render(tok, messages)
     if not full.startswith(prompt):
         raise ValueError("chat template does not render the prompt as a prefix of the conversation")
-    rest = full[len(prompt):]
+    rest = full[len(prompt) :]
     eot = end_of_turn(tok)
     cut = rest.rfind(eot)
     if cut < 0:

@@ -60,6 +60,7 @@ def rule(name: str, kinds: tuple[str, ...]):
     def register(fn):
         RULES[name] = Rule(name, fn, kinds, (fn.__doc__ or "").strip().split("\n")[0])
         return fn
+
     return register
 
 
@@ -105,8 +106,7 @@ def _clean_in_worker(record: dict):
     return clean_record(record, *_WORKER_CFG)
 
 
-def clean_records(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, workers: int = 1,
-                  min_parallel: int = 2000):
+def clean_records(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, workers: int = 1, min_parallel: int = 2000):
     """clean_record over `recs`, in order, on `workers` processes (results are the same for any count)."""
     if workers <= 1 or len(recs) < min_parallel:  # below this, starting processes costs more than it saves
         return [clean_record(r, rules_cfg, lang_cfg) for r in recs]
@@ -149,8 +149,9 @@ def map_texts(record: dict, fn: Callable[[str], str]) -> tuple[dict, bool]:
         return out
 
     kind = record["kind"]
-    fields = {"chat": (), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",),
-              "web": ("text",)}[kind] + (("system",) if "system" in record else ())
+    fields = {"chat": (), "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "web": ("text",)}[
+        kind
+    ] + (("system",) if "system" in record else ())
     for f in fields:
         new = fn(record[f])
         if new != record[f]:
@@ -181,7 +182,8 @@ def _fix(record: dict, fn: Callable[[str], str], detail: str) -> Outcome:
 
 _MOJIBAKE_HINT = re.compile(
     "[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013\u2014"
-    "\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]")
+    "\u2018-\u201a\u201c-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]"
+)
 
 
 def fix_mojibake(text: str) -> str:
@@ -202,10 +204,13 @@ def mojibake(record: dict, cfg: dict) -> Outcome:
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff\ufffe]")
 _LITERAL_ESCAPE = re.compile(r"\\(?:[ntr\"']|u[0-9a-fA-F]{4})")
-_CODE_HINT = re.compile(r"```|\bdef |\bprint\(|printf|console\.|#include|\breturn\b|[{};]\s*$|\bregex\b|"
-                        r"\bre\.\w+\(|\\\\|[\"'][^\"'\n]*\\[ntr][^\"'\n]*[\"']"
-                        r"|\\[(\[]|\$[^$\n]+\$|\\(?:frac|sqrt|times|text|theta|tau|tan|neq|nu|nabla|right|rho|"
-                        r"rangle|left|cdot|sum|int|infty|to|top|tilde)\b", re.M)  # code and LaTeX keep backslashes
+_CODE_HINT = re.compile(
+    r"```|\bdef |\bprint\(|printf|console\.|#include|\breturn\b|[{};]\s*$|\bregex\b|"
+    r"\bre\.\w+\(|\\\\|[\"'][^\"'\n]*\\[ntr][^\"'\n]*[\"']"
+    r"|\\[(\[]|\$[^$\n]+\$|\\(?:frac|sqrt|times|text|theta|tau|tan|neq|nu|nabla|right|rho|"
+    r"rangle|left|cdot|sum|int|infty|to|top|tilde)\b",
+    re.M,
+)  # code and LaTeX keep backslashes
 _SUSPECT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff\ufffe\\\\]")  # what fix_control acts on
 _ESCAPES = {"n": "\n", "t": "\t", "r": "", '"': '"', "'": "'"}
 
@@ -220,7 +225,8 @@ def fix_control(text: str) -> str:
     text = _CONTROL.sub("", _ANSI.sub("", text))
     if "\\" in text and not _CODE_HINT.search(text):
         text = _LITERAL_ESCAPE.sub(
-            lambda m: chr(int(m.group(0)[2:], 16)) if m.group(0)[1] == "u" else _ESCAPES[m.group(0)[1]], text)
+            lambda m: chr(int(m.group(0)[2:], 16)) if m.group(0)[1] == "u" else _ESCAPES[m.group(0)[1]], text
+        )
     return text
 
 
@@ -238,7 +244,9 @@ _NO_INPUT = re.compile(
       | noinput | none | n/?a | null | nil | empty | not\s+applicable | \(none\) | -+
       | tiada\s+input(?:\s+(?:yang\s+)?diperlukan)? | tidak\s+ada\s+input | tanpa\s+input | tiada | nomak
       | pas\s+d['’]entr[ée]e | aucune\s+entr[ée]e | sans\s+entr[ée]e
-    )\s*[>\])]?\s*\.?\s*["'“”]?\s*$""", re.I | re.X)
+    )\s*[>\])]?\s*\.?\s*["'“”]?\s*$""",
+    re.I | re.X,
+)
 
 
 # Every spelling above is shorter than this; a longer text is never a placeholder, and the patterns' runs of
@@ -287,6 +295,7 @@ def no_input(record: dict, cfg: dict) -> Outcome:
 
 # ---------------------------------------------------------------- drops
 
+
 @rule("empty", ALL)
 def empty(record: dict, cfg: dict) -> Outcome:
     """Drop records with an empty turn, prompt, response or text."""
@@ -313,7 +322,9 @@ _PLACEHOLDER = re.compile(
       | no\s*-?\s*(?:output|input)(?:\s+(?:is\s+)?(?:required|needed|necessary|provided|given))? | no\s+answer | no\s+response | nothing
       | tiada(?:\s+output)? | t\s*/\s*a | tidak\s+berkenaan | tidak\s+ada
       | aucune?\s+(?:sortie|réponse) | pas\s+de\s+(?:sortie|réponse) | sans\s+objet | s\s*/\s*o
-    )\s*[>\])]?\s*[.!]?\s*["'”]?\s*$""", re.I | re.X)
+    )\s*[>\])]?\s*[.!]?\s*["'”]?\s*$""",
+    re.I | re.X,
+)
 _PLACEHOLDER_PREFIX = re.compile(r"^\s*<\s*no\s*-?\s*output\s*>", re.I)
 
 
@@ -328,20 +339,32 @@ def placeholder(record: dict, cfg: dict) -> Outcome:
 
 
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>()\[\]\"'“”]+", re.I)
-_URL_TASK = re.compile(r"\b(?:url|urls|link|links|domain|protocol|parse|extract|regex|regular expression|valid|"
-                       r"shorten|encode|decode|format)\b", re.I)
+_URL_TASK = re.compile(
+    r"\b(?:url|urls|link|links|domain|protocol|parse|extract|regex|regular expression|valid|"
+    r"shorten|encode|decode|format)\b",
+    re.I,
+)
 _ATTACHED = re.compile(
     r"\b(?:attached|attachment|enclosed)\b"
     r"|[<\[(][^\]\n>)]{0,25}\b(?:image|photo|picture|link|video|audio|file|attachment|recording|screenshot)s?\b"
     r"[^\]\n>)]{0,80}[\])>]"
-    r"|!\[[^\]]*\]\(", re.I)
-_MEDIA = (r"(?:photo|photograph|image|picture|pic|painting|drawing|illustration|video|clip|recording|audio|"
-          r"screenshot|chart|graph|diagram|map|figure|scan|x-ray)s?")
+    r"|!\[[^\]]*\]\(",
+    re.I,
+)
+_MEDIA = (
+    r"(?:photo|photograph|image|picture|pic|painting|drawing|illustration|video|clip|recording|audio|"
+    r"screenshot|chart|graph|diagram|map|figure|scan|x-ray)s?"
+)
 _DEICTIC_MEDIA = re.compile(
     r"\b(?:this|these|the\s+following|the\s+given|the\s+provided|the\s+attached|the\s+above|the\s+below|"
-    r"(?:in|from|on|of)\s+the)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _MEDIA + r"\b", re.I)
-_PERCEIVE = re.compile(r"\b(?:transcribe|listen\s+to|watch|look\s+at|crop|resize|enhance|retouch|colou?rize)\s+"
-                       r"(?:the|this|that|these|my|our)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _MEDIA + r"\b", re.I)
+    r"(?:in|from|on|of)\s+the)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _MEDIA + r"\b",
+    re.I,
+)
+_PERCEIVE = re.compile(
+    r"\b(?:transcribe|listen\s+to|watch|look\s+at|crop|resize|enhance|retouch|colou?rize)\s+"
+    r"(?:the|this|that|these|my|our)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _MEDIA + r"\b",
+    re.I,
+)
 
 
 def _nothing_follows(rest: str, max_words: int) -> bool:
@@ -368,7 +391,7 @@ def unseen_reference(record: dict, cfg: dict) -> Outcome:
         if m := _PERCEIVE.search(text):
             return drop(f"asks to perceive media: {m.group(0)[:60]!r}")
         for m in _DEICTIC_MEDIA.finditer(text):
-            if _nothing_follows(text[m.end():], cfg.get("max_trailing_words", 8)):
+            if _nothing_follows(text[m.end() :], cfg.get("max_trailing_words", 8)):
                 return drop(f"refers to media that is not there: {m.group(0)[:60]!r}")
     return keep(record)
 
@@ -378,7 +401,9 @@ _NON_TEXT = re.compile(
     r"(?:create|generate|draw|design|render|paint|sketch|produce|make|record|film|take|crop|edit|resize|animate|"
     r"photograph|illustrate)\s+(?:(?:a|an|the|me|us|this|that|some|my|\d+)[ \t]+)?(?:[\w-]+[ \t]+){0,2}?"
     r"(?:image|picture|photo|photograph|illustration|drawing|painting|logo|sketch|3d\s+model|animation|video|gif|"
-    r"icon|cartoon|sound\s+effect|audio|recording|voice-?over|infographic|poster|portrait|selfie)s?\b", re.I)
+    r"icon|cartoon|sound\s+effect|audio|recording|voice-?over|infographic|poster|portrait|selfie)s?\b",
+    re.I,
+)
 
 
 @rule("non_text_output", INSTRUCTED)
@@ -390,12 +415,17 @@ def non_text_output(record: dict, cfg: dict) -> Outcome:
     return keep(record)
 
 
-_TEXT_OBJECT = (r"(?:text|sentences?|article|passage|paragraph|list|data|dataset|table|poem|story|code|program|"
-                r"snippet|email|letter|essay|statement|words?|phrases?|numbers?|input|document|conversation|"
-                r"dialogue|tweet|review|question|equation|expression|product|recipe|speech|report|excerpt|quote|"
-                r"song|lyrics|headline|argument|description|sequence|array|string|function|query|file)")
-_DEICTIC_TEXT = re.compile(r"\b(?:this|these|the\s+following|the\s+given|the\s+provided|the\s+above|the\s+below|"
-                           r"below)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _TEXT_OBJECT + r"\b", re.I)
+_TEXT_OBJECT = (
+    r"(?:text|sentences?|article|passage|paragraph|list|data|dataset|table|poem|story|code|program|"
+    r"snippet|email|letter|essay|statement|words?|phrases?|numbers?|input|document|conversation|"
+    r"dialogue|tweet|review|question|equation|expression|product|recipe|speech|report|excerpt|quote|"
+    r"song|lyrics|headline|argument|description|sequence|array|string|function|query|file)"
+)
+_DEICTIC_TEXT = re.compile(
+    r"\b(?:this|these|the\s+following|the\s+given|the\s+provided|the\s+above|the\s+below|"
+    r"below)[ \t]+(?:[\w-]+[ \t]+){0,2}?" + _TEXT_OBJECT + r"\b",
+    re.I,
+)
 
 
 _SENTENCE_END = re.compile(r"[.!?][\"”’')\]]*(?=\s)|\n")
@@ -423,7 +453,7 @@ def missing_input(record: dict, cfg: dict) -> Outcome:
         return keep(record)
     text = prompts[0]
     for m in _DEICTIC_TEXT.finditer(text):
-        if _nothing_follows(text[m.end():], cfg.get("max_trailing_words", 4)):
+        if _nothing_follows(text[m.end() :], cfg.get("max_trailing_words", 4)):
             sentence_start = max((e.end() for e in _SENTENCE_END.finditer(text, 0, m.start())), default=0)
             if _given_before(text[:sentence_start], cfg.get("min_words_before", 3)):
                 return keep(record)
@@ -432,8 +462,11 @@ def missing_input(record: dict, cfg: dict) -> Outcome:
 
 
 # [ \t]* after ^: a line's indent, so a run of blank lines is not read again from each of its lines
-_MERGED_ANY = re.compile(r"^[ \t]*\d+\s*[.)]\s*(?:instruction|input|output|arahan|masukan|keluaran|consigne|"
-                         r"entr[ée]e|sortie)\s*:", re.I | re.M)
+_MERGED_ANY = re.compile(
+    r"^[ \t]*\d+\s*[.)]\s*(?:instruction|input|output|arahan|masukan|keluaran|consigne|"
+    r"entr[ée]e|sortie)\s*:",
+    re.I | re.M,
+)
 _MERGED_ANSWER = re.compile(r"^[ \t]*(?:#+\s*)?(?:instruction|arahan|consigne)\s*:", re.I | re.M)
 
 
@@ -492,10 +525,13 @@ def repetition_loop(text: str, n: int, max_len: int = 10) -> str | None:
     for pos in positions.values():
         for a, b in zip(pos, pos[1:], strict=False):
             d = b - a
-            if 2 <= d <= max_len and a + n * d <= len(ws) and all(
-                    ws[a + j] == ws[a + j + d] for j in range((n - 1) * d)) and any(
-                    _WORD_OF_LETTERS.search(w) for w in ws[a:a + d]):
-                return " ".join(ws[a:a + d])
+            if (
+                2 <= d <= max_len
+                and a + n * d <= len(ws)
+                and all(ws[a + j] == ws[a + j + d] for j in range((n - 1) * d))
+                and any(_WORD_OF_LETTERS.search(w) for w in ws[a : a + d])
+            ):
+                return " ".join(ws[a : a + d])
     return None
 
 
@@ -511,11 +547,23 @@ _REFUSAL = re.compile(
     r"|\bsaya\s+(?:adalah\s+|ialah\s+)?(?:sebuah\s+|seorang\s+)?model\s+bahasa\b"
     r"|\ben\s+tant\s+qu[e']\s*(?:mod[èe]le\s+de\s+langage|ia\b|intelligence\s+artificielle|assistant\s+(?:ia|virtuel))"
     r"|\bje\s+suis\s+(?:une?\s+)?(?:mod[èe]le\s+de\s+langage|ia\b|intelligence\s+artificielle)",
-    re.I)
+    re.I,
+)
 
 
-_REFUSAL_KEYS = ("model", "modèle", "sorry", "afraid", "fulfil", "openai", " ai", " ia", "qu'ia", "kecerdasan",
-                 "intelligence")
+_REFUSAL_KEYS = (
+    "model",
+    "modèle",
+    "sorry",
+    "afraid",
+    "fulfil",
+    "openai",
+    " ai",
+    " ia",
+    "qu'ia",
+    "kecerdasan",
+    "intelligence",
+)
 
 
 @rule("refusal", ("chat", "preference"))
@@ -543,21 +591,40 @@ _SIDE = rf"{_OPERAND}(?:\s*{_OP}\s*{_OPERAND})*"
 _CHAIN = re.compile(rf"(?<![\w.,^/\\{{]){_SIDE}(?:\s*=\s*{_SIDE})+(?![\w.]*[a-zA-Z(^]|\.\d|\s*{_OP})")
 _BARE_SIDE = re.compile(rf"\(?\s*({_NUM})(?:\s*\))?")  # fullmatch on a stripped side
 _PROMPT_EXPR = re.compile(rf"(?<![\w./\\-])({_OPERAND}(?:\s*{_OP}\s*{_OPERAND})+)(?![\w.]*[a-zA-Z(]|\s*=)")
-_COMPUTE = re.compile(r"\b(?:calculate|compute|evaluate|solve|simplify|what\s+is|how\s+much|sum|add|multiply|"
-                      r"subtract|divide|result|hitung(?:kan)?|kira(?:kan)?|berapa|calcule[rz]?|combien|[ée]value[rz]?)\b",
-                      re.I)
+_COMPUTE = re.compile(
+    r"\b(?:calculate|compute|evaluate|solve|simplify|what\s+is|how\s+much|sum|add|multiply|"
+    r"subtract|divide|result|hitung(?:kan)?|kira(?:kan)?|berapa|calcule[rz]?|combien|[ée]value[rz]?)\b",
+    re.I,
+)
 # Sums that are right in another number system or another algebra ("11 + 1 = 100" in binary).
-_OTHER_ARITHMETIC = re.compile(r"\b(?:binary|base[- ]?\d+|hex(?:adecimal)?|octal|modul[oa]r?|mod|boolean|binaire|"
-                               r"binari|perduaan|peano|clock|matri(?:x|ces))\b", re.I)
+_OTHER_ARITHMETIC = re.compile(
+    r"\b(?:binary|base[- ]?\d+|hex(?:adecimal)?|octal|modul[oa]r?|mod|boolean|binaire|"
+    r"binari|perduaan|peano|clock|matri(?:x|ces))\b",
+    re.I,
+)
 _BARE_NUMBER = re.compile(rf"^\s*({_NUM})\s*(?:\.\s*)?$")
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
 
 
 def evaluate(expr: str) -> float | None:
     """The value of a plain arithmetic expression (+ - * / ^ x × ÷, parentheses), or None if it is not one."""
-    py = (expr.replace("$", "").replace(",", "").replace("\\times", "*").replace("\\div", "/")
-          .replace("×", "*").replace("x", "*").replace("÷", "/").replace("^", "**").strip())
+    py = (
+        expr.replace("$", "")
+        .replace(",", "")
+        .replace("\\times", "*")
+        .replace("\\div", "/")
+        .replace("×", "*")
+        .replace("x", "*")
+        .replace("÷", "/")
+        .replace("^", "**")
+        .strip()
+    )
     if py.count("(") != py.count(")"):
         return None
     try:
@@ -601,7 +668,7 @@ def arithmetic_ok(value: float, stated: tuple[float, int], exact_int: bool) -> b
     answer, decimals = stated
     if exact_int and decimals == 0:
         return answer == value
-    return abs(answer - value) < 10 ** -decimals + 1e-9 * abs(value)
+    return abs(answer - value) < 10**-decimals + 1e-9 * abs(value)
 
 
 def _exact_int(expr: str, value: float) -> bool:
@@ -659,7 +726,9 @@ def wrong_arithmetic(prompt: str, answer: str) -> str | None:
     if ("=" not in answer and not bare) or _OTHER_ARITHMETIC.search(prompt) or _OTHER_ARITHMETIC.search(answer):
         return None
     for m in _CHAIN.finditer(answer) if "=" in answer else ():
-        if "%" in answer[m.start():m.end() + 1] or answer[max(0, m.start() - 80):m.start()].rstrip()[-1:] in set("+-*/×÷^("):
+        if "%" in answer[m.start() : m.end() + 1] or answer[max(0, m.start() - 80) : m.start()].rstrip()[-1:] in set(
+            "+-*/×÷^("
+        ):
             continue  # a percentage; or the left side goes on to the left ("2x + 3 = 9"): algebra, not a sum
         if detail := wrong_chain(m.group(0).split("=")):
             return detail
@@ -667,8 +736,11 @@ def wrong_arithmetic(prompt: str, answer: str) -> str | None:
         exprs = [m.group(1) for m in _PROMPT_EXPR.finditer(prompt)]
         if len(exprs) == 1 and "%" not in prompt and _COMPUTE.search(prompt):
             value, stated = evaluate(exprs[0]), _number(bare.group(1))
-            if value is not None and stated is not None and not arithmetic_ok(value, stated,
-                                                                              _exact_int(exprs[0], value)):
+            if (
+                value is not None
+                and stated is not None
+                and not arithmetic_ok(value, stated, _exact_int(exprs[0], value))
+            ):
                 return f"{exprs[0].strip()} -> {bare.group(1)} (is {value:g})"
     return None
 

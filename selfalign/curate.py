@@ -107,8 +107,9 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progress: bool = False,
-                    share_prefix: bool = True) -> list[dict]:
+def expected_scores(
+    model, tok, prompts: list[str], batch_size: int = 8, progress: bool = False, share_prefix: bool = True
+) -> list[dict]:
     """Score each prompt by one forward pass: {"score", "probs" (over 1..5), "digit_mass"} per prompt.
 
     `digit_mass` is the probability the model puts on the five digits at all; a low value means
@@ -132,16 +133,18 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[dict | None] = [None] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
+
         batches = tqdm(batches, desc="scoring", unit="batch")
     model.eval()
     with torch.inference_mode():
         prefix_cache = None
         if shared:
-            prefix_cache = model(input_ids=torch.tensor([enc[0][:shared]], device=dev), use_cache=True,
-                                 logits_to_keep=1).past_key_values
+            prefix_cache = model(
+                input_ids=torch.tensor([enc[0][:shared]], device=dev), use_cache=True, logits_to_keep=1
+            ).past_key_values
         for batch in batches:
             rows = [enc[i][shared:] for i in batch]
             width = max(len(r) for r in rows)
@@ -149,8 +152,8 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
             mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
             mask[:, :shared] = 1
             for row, r in enumerate(rows):
-                ids[row, width - len(r):] = torch.tensor(r)
-                mask[row, shared + width - len(r):] = 1
+                ids[row, width - len(r) :] = torch.tensor(r)
+                mask[row, shared + width - len(r) :] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
             ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
             kw = {}
@@ -158,15 +161,19 @@ def expected_scores(model, tok, prompts: list[str], batch_size: int = 8, progres
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(batch))
                 kw = {"past_key_values": cache, "use_cache": True}
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
-                           **kw).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **kw).logits[
+                :, -1
+            ]
             logp = torch.log_softmax(logits.double(), dim=-1)[:, digits]
             mass = logp.exp().sum(-1)
             probs = (logp.exp() / mass[:, None]).cpu()
             mass = mass.cpu()
             for row, i in enumerate(batch):
-                out[i] = {"score": float((probs[row] * values).sum()), "probs": [round(float(p), 6) for p in probs[row]],
-                          "digit_mass": float(mass[row])}
+                out[i] = {
+                    "score": float((probs[row] * values).sum()),
+                    "probs": [round(float(p), 6) for p in probs[row]],
+                    "digit_mass": float(mass[row]),
+                }
     return out  # type: ignore[return-value]
 
 
@@ -200,8 +207,9 @@ def histogram(scores: list[float]) -> dict[str, int]:
 SELECT_MODES = ("threshold", "top_fraction", "top_k")
 
 
-def select(scored: list[dict], mode: str = "threshold", threshold: float = 4.5, fraction: float = 0.5,
-           k: int = 0) -> tuple[list[dict], list[dict], float | None]:
+def select(
+    scored: list[dict], mode: str = "threshold", threshold: float = 4.5, fraction: float = 0.5, k: int = 0
+) -> tuple[list[dict], list[dict], float | None]:
     """(kept, below, cutoff): which scored candidates to keep, and the lowest score kept (None: nothing kept).
 
     threshold: scores >= threshold (the paper keeps 5, i.e. >= 4.5 for expected scores). top_fraction:

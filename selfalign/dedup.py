@@ -27,7 +27,7 @@ def shingles(text: str, n: int) -> set[bytes]:
     ws = text.split()
     if len(ws) <= n:
         return {" ".join(ws).encode("utf-8")}
-    return {" ".join(ws[i:i + n]).encode("utf-8") for i in range(len(ws) - n + 1)}
+    return {" ".join(ws[i : i + n]).encode("utf-8") for i in range(len(ws) - n + 1)}
 
 
 def exact_duplicates(keys: Sequence[str]) -> Iterator[tuple[int, int]]:
@@ -41,8 +41,9 @@ def exact_duplicates(keys: Sequence[str]) -> Iterator[tuple[int, int]]:
             first[h] = i
 
 
-def near_duplicates(keys: Sequence[str], *, threshold: float, num_perm: int, shingle: int, seed: int = 1,
-                    skip: set[int] = frozenset()) -> Iterator[tuple[int, int, float]]:
+def near_duplicates(
+    keys: Sequence[str], *, threshold: float, num_perm: int, shingle: int, seed: int = 1, skip: set[int] = frozenset()
+) -> Iterator[tuple[int, int, float]]:
     """(index, index of the earlier record it nearly duplicates, estimated Jaccard) for each later near-copy.
 
     Records are indexed in order and each is queried against those before it, so a chain
@@ -112,7 +113,7 @@ def near_duplicates_of(sigs, *, threshold: float, num_perm: int) -> Iterator[tup
     buckets = np.empty((b, n), dtype=np.int64)
     shared = np.zeros(n, dtype=bool)
     for k in range(b):
-        band = np.ascontiguousarray(sigs[:, k * r:(k + 1) * r]).view(np.dtype((np.void, r * sigs.itemsize))).ravel()
+        band = np.ascontiguousarray(sigs[:, k * r : (k + 1) * r]).view(np.dtype((np.void, r * sigs.itemsize))).ravel()
         _, inverse, counts = np.unique(band, return_inverse=True, return_counts=True)
         multi = counts[inverse] > 1
         buckets[k] = np.where(multi, inverse, -1)

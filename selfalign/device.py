@@ -47,9 +47,9 @@ class DeviceError(ValueError):
 
 @dataclass
 class Placement:
-    device: str                       # "cpu", "cuda:0", ...
-    precision: str                    # "bf16" | "fp32"
-    reason: str                       # why: "asked", "cuda bf16 supported", "probe: bf16 1.42x fp32", ...
+    device: str  # "cpu", "cuda:0", ...
+    precision: str  # "bf16" | "fp32"
+    reason: str  # why: "asked", "cuda bf16 supported", "probe: bf16 1.42x fp32", ...
     probe: dict | None = field(default=None)  # the probe's figures where one decided (cached or not)
 
     @property
@@ -57,8 +57,12 @@ class Placement:
         return DTYPE_OF[self.precision]
 
     def metrics(self) -> dict:
-        return {"device": self.device, "precision": self.precision, "precision_reason": self.reason,
-                "precision_probe": self.probe}
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "precision_reason": self.reason,
+            "precision_probe": self.probe,
+        }
 
     def describe(self) -> str:
         return f"device {self.device}, precision {self.precision} ({self.reason})"
@@ -85,7 +89,9 @@ def machine_key(shapes: tuple[int, int] = DEFAULT_SHAPES) -> str:
     """CPU model | core count | torch version | probed shapes | probe version: a result holds for exactly these."""
     import torch
 
-    return f"{cpu_model()}|{os.cpu_count()} cores|torch {torch.__version__}|{shapes[0]}x{shapes[1]}|probe v{PROBE_VERSION}"
+    return (
+        f"{cpu_model()}|{os.cpu_count()} cores|torch {torch.__version__}|{shapes[0]}x{shapes[1]}|probe v{PROBE_VERSION}"
+    )
 
 
 def cpu_model() -> str:
@@ -169,9 +175,16 @@ def probe(shapes: tuple[int, int] = DEFAULT_SHAPES, rows: int = PROBE_ROWS, reps
         torch.set_num_threads(threads)
     out = {f"{name}_s": round(t, 5) for name, t in best.items()}
     out["bf16_speedup"] = round(out["fp32_s"] / max(out["bf16_s"], 1e-9), 3)
-    out.update({"shapes": list(shapes), "rows": rows, "rounds": done, "clock": "CPU time of 1 thread",
-                "wall_s": round(time.perf_counter() - t0, 3),
-                "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None})
+    out.update(
+        {
+            "shapes": list(shapes),
+            "rows": rows,
+            "rounds": done,
+            "clock": "CPU time of 1 thread",
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        }
+    )
     return out
 
 
@@ -202,8 +215,9 @@ def cached_probe(shapes: tuple[int, int] = DEFAULT_SHAPES) -> dict:
     return {**entry, "cached": False}
 
 
-def resolve_precision(precision: str, device: str, shapes: tuple[int, int] = DEFAULT_SHAPES,
-                      what: str = "precision") -> tuple[str, str, dict | None]:
+def resolve_precision(
+    precision: str, device: str, shapes: tuple[int, int] = DEFAULT_SHAPES, what: str = "precision"
+) -> tuple[str, str, dict | None]:
     """(bf16 | fp32, reason, probe figures or None) for `precision` on `device`."""
     if precision not in PRECISIONS:
         raise DeviceError(f"{what} {precision!r}: expected auto, bf16 or fp32")
@@ -218,26 +232,42 @@ def resolve_precision(precision: str, device: str, shapes: tuple[int, int] = DEF
         return "fp32", f"auto on {device}: fp32", None
     figures = cached_probe(shapes)
     pick = "bf16" if figures["bf16_speedup"] >= BF16_MARGIN else "fp32"
-    return pick, (f"probe{' (cached)' if figures['cached'] else ''}: bf16 {figures['bf16_speedup']}x fp32, "
-                  f"bf16 needs {BF16_MARGIN}x"), figures
+    return (
+        pick,
+        (
+            f"probe{' (cached)' if figures['cached'] else ''}: bf16 {figures['bf16_speedup']}x fp32, "
+            f"bf16 needs {BF16_MARGIN}x"
+        ),
+        figures,
+    )
 
 
-def placement(device: str = "auto", precision: str = "auto", model_dir: str | os.PathLike | None = None,
-              what: str = "precision") -> Placement:
+def placement(
+    device: str = "auto", precision: str = "auto", model_dir: str | os.PathLike | None = None, what: str = "precision"
+) -> Placement:
     """The device and precision a stage runs a model in; logs the choice. `model_dir` gives the probe's shapes."""
     dev = resolve_device(device)
     prec, reason, figures = resolve_precision(precision, dev, model_shapes(model_dir), what)
     p = Placement(dev, prec, reason, figures)
     if figures is not None:
-        log.info("%s auto on %s: %s; probe fp32 %.4fs, bf16 %.4fs for %d rows of %dx%d", what, cpu_model(),
-                 p.describe(), figures["fp32_s"], figures["bf16_s"], figures["rows"], *figures["shapes"])
+        log.info(
+            "%s auto on %s: %s; probe fp32 %.4fs, bf16 %.4fs for %d rows of %dx%d",
+            what,
+            cpu_model(),
+            p.describe(),
+            figures["fp32_s"],
+            figures["bf16_s"],
+            figures["rows"],
+            *figures["shapes"],
+        )
     else:
         log.info("%s: %s", what, p.describe())
     return p
 
 
-def resolve_dtype(dtype: str, device: str, model_dir: str | os.PathLike | None = None,
-                  what: str = "dtype") -> tuple[str, Placement]:
+def resolve_dtype(
+    dtype: str, device: str, model_dir: str | os.PathLike | None = None, what: str = "dtype"
+) -> tuple[str, Placement]:
     """For inference specs that name a torch dtype: float32 | bfloat16 as given, `auto` by the precision rule."""
     if dtype == "auto":
         p = placement(device, "auto", model_dir, what)

@@ -44,8 +44,9 @@ def rank(seed: int, record_id: str) -> str:
     return hashlib.sha256(f"{seed}\0{record_id}".encode()).hexdigest()
 
 
-def regenerate_targets(seed_records: list[dict], scored: list[dict], *, min_chars: int, below_score: float,
-                       limit: int, seed: int) -> list[tuple[dict, str]]:
+def regenerate_targets(
+    seed_records: list[dict], scored: list[dict], *, min_chars: int, below_score: float, limit: int, seed: int
+) -> list[tuple[dict, str]]:
     """(record, why) for records whose response the teacher should rewrite; why is "short" or "low_score".
 
     One target per instruction text; at most `limit`, chosen by seeded hash among all eligible.
@@ -69,8 +70,9 @@ def key(record: dict) -> tuple[str, str | None]:
     return record["id"], record.get("lang")
 
 
-def orca_targets(pool: list[dict], exclude: set[tuple[str, str | None]], *, n: int, seed: int,
-                 n_systems: int) -> list[tuple[dict, int]]:
+def orca_targets(
+    pool: list[dict], exclude: set[tuple[str, str | None]], *, n: int, seed: int, n_systems: int
+) -> list[tuple[dict, int]]:
     """(record, system index) for a seeded sample of `n` single-turn instructions not in `exclude` ((id, lang))."""
     seen, eligible = set(), []
     for r in pool:
@@ -121,7 +123,7 @@ def response_reason(text: str | None, *, min_words: int, original: str | None = 
     if len(words) < min_words:
         return "response_too_short", f"{len(words)} words < {min_words}"
     if len(words) >= 24:
-        trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
         distinct = len(set(trigrams)) / len(trigrams)
         if distinct < 0.5:
             return "repetitive", f"{distinct:.2f} of its word trigrams are distinct"
@@ -130,11 +132,22 @@ def response_reason(text: str | None, *, min_words: int, original: str | None = 
     return None
 
 
-def distilled(origin: dict, instruction: str, response: str, *, how: str, teacher: str, system: str | None = None,
-              **meta) -> dict:
+def distilled(
+    origin: dict, instruction: str, response: str, *, how: str, teacher: str, system: str | None = None, **meta
+) -> dict:
     """A chat record from the teacher, linked to the record it came from."""
     keep = {k: v for k, v in (origin.get("meta") or {}).items() if k == "segment_id"}
-    return records.chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
-                        system=system, lang=origin["lang"], source="distill",
-                        meta={**keep, "distill": how, "teacher": teacher, "origin_id": origin["id"],
-                              "origin_source": origin.get("source"), **meta})
+    return records.chat(
+        [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
+        system=system,
+        lang=origin["lang"],
+        source="distill",
+        meta={
+            **keep,
+            "distill": how,
+            "teacher": teacher,
+            "origin_id": origin["id"],
+            "origin_source": origin.get("source"),
+            **meta,
+        },
+    )

@@ -38,6 +38,7 @@ SELF_REWARD_SOURCE = "self-rewarding"
 
 # ---------------------------------------------------------------- prefer: ppo | dpo | both
 
+
 def read_prefer(params_file) -> str:
     """The top-level `prefer` of params.yaml (ppo when no file is given or the key is absent)."""
     if not params_file:
@@ -77,18 +78,28 @@ def exported_model(prefer: str, evaluation: dict | None) -> tuple[str, str]:
         if entry and entry.get("ci"):
             lo, hi = entry["ci"]
             if lo > 0.5:
-                return name, f"prefer: both; evaluate judged {name} better ({pair} win rate {entry['win_rate']:.3f}, " \
-                             f"95% {lo:.3f}-{hi:.3f})"
+                return (
+                    name,
+                    f"prefer: both; evaluate judged {name} better ({pair} win rate {entry['win_rate']:.3f}, "
+                    f"95% {lo:.3f}-{hi:.3f})",
+                )
             if hi < 0.5:
                 other = "ppo" if name == "dpo" else "dpo"
-                return other, f"prefer: both; evaluate judged {other} better ({pair} win rate " \
-                              f"{entry['win_rate']:.3f}, 95% {lo:.3f}-{hi:.3f})"
-            return "ppo", f"prefer: both; no measurable difference between ppo and dpo ({pair} win rate " \
-                          f"{entry['win_rate']:.3f}, 95% {lo:.3f}-{hi:.3f}): ppo, the established model"
+                return (
+                    other,
+                    f"prefer: both; evaluate judged {other} better ({pair} win rate "
+                    f"{entry['win_rate']:.3f}, 95% {lo:.3f}-{hi:.3f})",
+                )
+            return (
+                "ppo",
+                f"prefer: both; no measurable difference between ppo and dpo ({pair} win rate "
+                f"{entry['win_rate']:.3f}, 95% {lo:.3f}-{hi:.3f}): ppo, the established model",
+            )
     return "ppo", "prefer: both; the evaluation has no ppo-dpo comparison: ppo, the established model"
 
 
 # ---------------------------------------------------------------- pairs
+
 
 def self_reward_pairs(scored: list[dict], min_gap: float) -> tuple[list[dict], Counter]:
     """Best vs worst scored answer to each instruction that has at least two scored answers.
@@ -102,8 +113,13 @@ def self_reward_pairs(scored: list[dict], min_gap: float) -> tuple[list[dict], C
     for r in scored:
         score = (r.get("meta") or {}).get("score")
         msgs = r.get("messages") or []
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or len(msgs) < 2 \
-                or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
+        if (
+            not isinstance(score, (int, float))
+            or isinstance(score, bool)
+            or len(msgs) < 2
+            or msgs[-1]["role"] != "assistant"
+            or msgs[-2]["role"] != "user"
+        ):
             counts["no_score"] += 1
             continue
         key = repr([r.get("system") or "", r.get("lang"), [[m["role"], m["content"]] for m in msgs[:-1]]])
@@ -123,12 +139,22 @@ def self_reward_pairs(scored: list[dict], min_gap: float) -> tuple[list[dict], C
             continue
         counts["paired"] += 2
         counts["neither_best_nor_worst"] += len(group) - 2
-        pairs.append(records.make(
-            "preference", prompt=best["messages"][-2]["content"], chosen=best["messages"][-1]["content"],
-            rejected=worst["messages"][-1]["content"], system=best.get("system"), lang=best["lang"],
-            source=SELF_REWARD_SOURCE,
-            meta={"scores": [best["meta"]["score"], worst["meta"]["score"]], "from": [best["id"], worst["id"]],
-                  "answers": len(group)}))
+        pairs.append(
+            records.make(
+                "preference",
+                prompt=best["messages"][-2]["content"],
+                chosen=best["messages"][-1]["content"],
+                rejected=worst["messages"][-1]["content"],
+                system=best.get("system"),
+                lang=best["lang"],
+                source=SELF_REWARD_SOURCE,
+                meta={
+                    "scores": [best["meta"]["score"], worst["meta"]["score"]],
+                    "from": [best["id"], worst["id"]],
+                    "answers": len(group),
+                },
+            )
+        )
     return pairs, counts
 
 
@@ -158,9 +184,13 @@ def encode_pair(tok, pair: dict, system: str | None, max_prompt_tokens: int, max
         return tok(text, add_special_tokens=False)["input_ids"]
 
     p, c, r = ids(prompt), ids(chosen), ids(rejected)
-    return {"prompt_ids": p[-max_prompt_tokens:], "chosen_ids": c[:max_answer_tokens],
-            "rejected_ids": r[:max_answer_tokens], "prompt_cut": len(p) > max_prompt_tokens,
-            "answer_cut": len(c) > max_answer_tokens or len(r) > max_answer_tokens}
+    return {
+        "prompt_ids": p[-max_prompt_tokens:],
+        "chosen_ids": c[:max_answer_tokens],
+        "rejected_ids": r[:max_answer_tokens],
+        "prompt_cut": len(p) > max_prompt_tokens,
+        "answer_cut": len(c) > max_answer_tokens or len(r) > max_answer_tokens,
+    }
 
 
 def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: dict) -> tuple[list[dict], list[dict]]:
@@ -173,14 +203,18 @@ def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: dict) -> tuple
             rejected.append(records.rejected(p, "template", "dpo", detail=str(e)))
             continue
         if row["chosen_ids"] == row["rejected_ids"]:
-            rejected.append(records.rejected(p, "same_after_cut", "dpo",
-                                             detail=f"the answers' first {cfg['max_answer_tokens']} tokens are equal"))
+            rejected.append(
+                records.rejected(
+                    p, "same_after_cut", "dpo", detail=f"the answers' first {cfg['max_answer_tokens']} tokens are equal"
+                )
+            )
             continue
         rows.append(row | {"id": p["id"], "lang": p["lang"], "source": p["source"]})
     return rows, rejected
 
 
 # ---------------------------------------------------------------- training and held-out margins
+
 
 def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
     """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer's tokens."""
@@ -202,14 +236,14 @@ def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> lis
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
-                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, :len(seqs[i])] = 1
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, : len(seqs[i])] = 1
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
             for row, i in enumerate(idx):
                 a, b = spans[i]
-                out[i] = float(logp[row, a - 1:b - 1].sum())   # logits at t predict token t+1
+                out[i] = float(logp[row, a - 1 : b - 1].sum())  # logits at t predict token t+1
     model.train(was_training)
     return [(out[2 * k], out[2 * k + 1]) for k in range(len(rows))]
 
@@ -237,7 +271,9 @@ def trainer_class():
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
             if missing:
-                raise ValueError(f"{dataset_name} rows lack {sorted(missing)}: build them with selfalign.dpo.encode_pair")
+                raise ValueError(
+                    f"{dataset_name} rows lack {sorted(missing)}: build them with selfalign.dpo.encode_pair"
+                )
             return dataset
 
     return PretokenizedDPOTrainer
@@ -248,17 +284,34 @@ def dpo_config(cfg: dict, ckpt_dir: Path, total_steps: int):
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=str(ckpt_dir), max_steps=total_steps, per_device_train_batch_size=cfg["batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"], learning_rate=float(cfg["lr"]),
-        lr_scheduler_type=cfg["scheduler"], warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)),
-        max_grad_norm=cfg["max_grad_norm"], beta=float(cfg["beta"]), loss_type=[cfg["loss_type"]],
-        max_length=None,        # encode_pair already cut prompts and answers
+        output_dir=str(ckpt_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=cfg["grad_accum"],
+        learning_rate=float(cfg["lr"]),
+        lr_scheduler_type=cfg["scheduler"],
+        warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)),
+        max_grad_norm=cfg["max_grad_norm"],
+        beta=float(cfg["beta"]),
+        loss_type=[cfg["loss_type"]],
+        max_length=None,  # encode_pair already cut prompts and answers
         precompute_ref_log_probs=False,  # the reference is the adapter-off policy: computed per batch, no copy
-        use_cpu=not torch.cuda.is_available(), bf16=cfg["precision"] == "bf16", seed=cfg["seed"],
-        data_seed=cfg["seed"], activation_checkpointing=False, logging_steps=1, logging_first_step=True,
-        save_strategy="steps" if cfg["checkpoint_every"] else "no", save_steps=cfg["checkpoint_every"] or 1,
-        save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=True,
-        dataloader_num_workers=0, dataset_num_proc=None)
+        use_cpu=not torch.cuda.is_available(),
+        bf16=cfg["precision"] == "bf16",
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        activation_checkpointing=False,
+        logging_steps=1,
+        logging_first_step=True,
+        save_strategy="steps" if cfg["checkpoint_every"] else "no",
+        save_steps=cfg["checkpoint_every"] or 1,
+        save_total_limit=1,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=True,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
 
 
 def total_steps(n_rows: int, cfg: dict) -> int:
@@ -269,8 +322,13 @@ def total_steps(n_rows: int, cfg: dict) -> int:
 
 def curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """Training curves from the trainer's log: loss and DPO's reward statistics, per logged step."""
-    keys = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "accuracy",
-            "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
+    keys = {
+        "loss": "loss",
+        "rewards/margins": "margin",
+        "rewards/accuracies": "accuracy",
+        "rewards/chosen": "reward_chosen",
+        "rewards/rejected": "reward_rejected",
+    }
     out: dict[str, list[tuple[int, float]]] = {v: [] for v in keys.values()}
     for e in log_history:
         if "loss" not in e:

@@ -35,8 +35,10 @@ EXTRA_RULES = ["invalid_json", "invalid_utf8", "json_array", "invalid_record", "
 
 def settings(cfg: dict) -> tuple[dict, dict | None, dict | None]:
     """(rules config, language gate config or None, near-dup config or None) from the stage's params section."""
-    rules_cfg = {**cfg["rules"], "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"],
-                                            "max_chars": cfg["max_chars"]}}
+    rules_cfg = {
+        **cfg["rules"],
+        "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"], "max_chars": cfg["max_chars"]},
+    }
     lang_cfg = {k: v for k, v in cfg["langs"].items() if k != "enabled"} if cfg["langs"]["enabled"] else None
     nd = cfg["near_dup"] if cfg["near_dup"]["enabled"] else None
     return rules_cfg, lang_cfg, nd
@@ -133,10 +135,22 @@ def shard_task(data, rank: int = 0, world_size: int = 1, *, pairs, args: tuple, 
 
         def flush() -> None:
             for (p, rec, line), ((res_out, fixed, reason, detail, verdict), key, sig) in zip(
-                    batch, clean_items([b[1] for b in batch], *args), strict=True):
-                f.write(json.dumps({"p": p, "line": line, "rec": rec, "res": [res_out, fixed, reason, detail, verdict],
-                                    "key": key.hex() if key else None, "sig": sig.hex() if sig else None},
-                                   ensure_ascii=False) + "\n")
+                batch, clean_items([b[1] for b in batch], *args), strict=True
+            ):
+                f.write(
+                    json.dumps(
+                        {
+                            "p": p,
+                            "line": line,
+                            "rec": rec,
+                            "res": [res_out, fixed, reason, detail, verdict],
+                            "key": key.hex() if key else None,
+                            "sig": sig.hex() if sig else None,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
             batch.clear()
 
         k = -1
@@ -167,10 +181,17 @@ def datatrove_executor(engine: dict, pipeline: list, logs: Path):
         from datatrove.executor import SlurmPipelineExecutor
 
         slurm = engine.get("slurm", {})
-        return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logs), time=slurm.get("time", "01:00:00"),
-                                     partition=slurm["partition"], cpus_per_task=slurm.get("cpus_per_task", 1),
-                                     mem_per_cpu_gb=slurm.get("mem_per_cpu_gb", 2), job_name="selfalign-clean",
-                                     venv_path=slurm.get("venv_path") or None)
+        return SlurmPipelineExecutor(
+            pipeline,
+            tasks=tasks,
+            logging_dir=str(logs),
+            time=slurm.get("time", "01:00:00"),
+            partition=slurm["partition"],
+            cpus_per_task=slurm.get("cpus_per_task", 1),
+            mem_per_cpu_gb=slurm.get("mem_per_cpu_gb", 2),
+            job_name="selfalign-clean",
+            venv_path=slurm.get("venv_path") or None,
+        )
     if engine["executor"] == "ray":
         import ray  # not a dependency of this project: the cluster's
         from datatrove.executor import RayPipelineExecutor
@@ -212,8 +233,11 @@ def datatrove_results(pairs, args: tuple, engine: dict, work: Path, on_bad) -> I
             if "bad" in row:
                 on_bad(row["p"], row["bad"])
                 continue
-            result = (tuple(row["res"]), bytes.fromhex(row["key"]) if row["key"] else None,
-                      bytes.fromhex(row["sig"]) if row["sig"] else None)
+            result = (
+                tuple(row["res"]),
+                bytes.fromhex(row["key"]) if row["key"] else None,
+                bytes.fromhex(row["sig"]) if row["sig"] else None,
+            )
             yield row["p"], row["rec"], row["line"], result
 
 
@@ -235,8 +259,13 @@ def _concat(parts: list[Path], dst: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 20)
 
 
-def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers: int | None = None,
-        engine: dict | None = None) -> dict:
+def run(
+    pairs: list[tuple[Path, Path]],
+    cfg: dict,
+    rejected_path: Path,
+    workers: int | None = None,
+    engine: dict | None = None,
+) -> dict:
     """Clean the files of `pairs` together and write the outputs and `rejected_path`; return the metrics.
 
     `engine` (default: cfg's) picks who runs the per-record work: this process and a worker pool (`local`), or
@@ -293,8 +322,13 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers:
                 if out is None:
                     counts[reason]["dropped"] += 1
                     files[src]["rejected"] += 1
-                    rule_rej.write(json.dumps(records.rejected(record, reason, STAGE, detail=detail, file=src,
-                                                               line=line), ensure_ascii=False) + "\n")
+                    rule_rej.write(
+                        json.dumps(
+                            records.rejected(record, reason, STAGE, detail=detail, file=src, line=line),
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
                     continue
                 if fixed:
                     out = {**out, "meta": {**out.get("meta", {}), "clean_fixed": fixed}}
@@ -355,12 +389,21 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path, workers:
     if n_in != n_kept + n_rej:  # the audit promise; a bug here must not pass silently
         raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {n_rej}")
     return {
-        "records_in": n_in, "kept": n_kept, "rejected": n_rej,
+        "records_in": n_in,
+        "kept": n_kept,
+        "rejected": n_rej,
         "rules": {name: dict(counts[name]) for name in [*clean.RULES, *EXTRA_RULES] if counts[name]},
-        "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
-                         for lang, c in sorted(gate_by_lang.items())} if lang_cfg is not None else {},
-        "gate_by_detector": {det: {k: c[k] for k in ("ok", "undetermined", "mismatch")}
-                             for det, c in sorted(gate_by_detector.items())},
-        "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
-                  for name, c in files.items()},
+        "gate_by_lang": {
+            lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
+            for lang, c in sorted(gate_by_lang.items())
+        }
+        if lang_cfg is not None
+        else {},
+        "gate_by_detector": {
+            det: {k: c[k] for k in ("ok", "undetermined", "mismatch")} for det, c in sorted(gate_by_detector.items())
+        },
+        "files": {
+            name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
+            for name, c in files.items()
+        },
     }

@@ -28,6 +28,7 @@ class ExportError(RuntimeError):
 
 # ---------------------------------------------------------------- the model directory
 
+
 def is_adapter_dir(model_dir: str | Path) -> bool:
     """A peft adapter without merged weights (adapter_config.json, no config.json)."""
     d = Path(model_dir)
@@ -51,8 +52,10 @@ def adapter_base(adapter_dir: str | Path, base_dir: str | None = None) -> Path:
     for c in candidates:
         if (c / "config.json").is_file():
             return c
-    raise ExportError(f"{adapter_dir}: base model {candidates[0]} is not a local model directory "
-                      "(no hub access at run time); set export.base to the base model directory")
+    raise ExportError(
+        f"{adapter_dir}: base model {candidates[0]} is not a local model directory "
+        "(no hub access at run time); set export.base to the base model directory"
+    )
 
 
 def load_source(model_dir: str | Path, dtype: str = "auto", base_dir: str | None = None):
@@ -93,12 +96,14 @@ def file_table(export_dir: str | Path) -> list[dict]:
     out = []
     for p in sorted(Path(export_dir).rglob("*")):
         if p.is_file() and p.name != "README.md":
-            out.append({"file": str(p.relative_to(export_dir)), "bytes": p.stat().st_size,
-                        "sha256": models.sha256_file(p)})
+            out.append(
+                {"file": str(p.relative_to(export_dir)), "bytes": p.stat().st_size, "sha256": models.sha256_file(p)}
+            )
     return out
 
 
 # ---------------------------------------------------------------- lineage from dvc.lock
+
 
 def read_lock(path: str | Path) -> dict:
     """The `stages` mapping of a dvc.lock ({} when there is none: the stage ran outside `dvc repro`)."""
@@ -163,8 +168,15 @@ def lineage_entries(lock: dict, names: list[str]) -> list[dict]:
         params = {}
         for values in (st.get("params") or {}).values():
             params.update(values)
-        out.append({"stage": name, "cmd": st.get("cmd", ""), "deps": deps,
-                    "outs": [{"path": o["path"], "md5": _md5(o)} for o in st.get("outs", [])], "params": params})
+        out.append(
+            {
+                "stage": name,
+                "cmd": st.get("cmd", ""),
+                "deps": deps,
+                "outs": [{"path": o["path"], "md5": _md5(o)} for o in st.get("outs", [])],
+                "params": params,
+            }
+        )
     return out
 
 
@@ -186,8 +198,11 @@ def stage_metrics(lock: dict, names: list[str], root: str | Path = ".") -> dict:
         for o in lock[name].get("outs", []):
             p = Path(root) / o["path"]
             if o["path"].startswith("metrics/") and o["path"].endswith(".json") and p.is_file():
-                out[o["path"]] = {"stage": name, "values": json.loads(p.read_text(encoding="utf-8")),
-                                  "stale": file_md5(p) != o.get("md5")}
+                out[o["path"]] = {
+                    "stage": name,
+                    "values": json.loads(p.read_text(encoding="utf-8")),
+                    "stale": file_md5(p) != o.get("md5"),
+                }
     return out
 
 
@@ -226,8 +241,14 @@ def distill_teacher(lock: dict) -> dict | None:
         return None
     cmd = st.get("cmd", "")
     args = shlex.split(" ".join(cmd) if isinstance(cmd, list) else cmd)
-    teacher = next((a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
-                    if re.fullmatch(r"--teacher(=.*)?", a) and ("=" in a or i + 1 < len(args))), None)
+    teacher = next(
+        (
+            a.split("=", 1)[1] if "=" in a else args[i + 1]
+            for i, a in enumerate(args)
+            if re.fullmatch(r"--teacher(=.*)?", a) and ("=" in a or i + 1 < len(args))
+        ),
+        None,
+    )
     engine = ((st.get("params") or {}).get("params.yaml", {}).get("distill") or {}).get("engine") or {}
     kind = engine.get("kind", "local")
     if engine.get("model"):
@@ -236,24 +257,37 @@ def distill_teacher(lock: dict) -> dict | None:
     sft_deps = [d for name, s in lock.items() if name.split("@")[0] == "sft" for d in s.get("deps", [])]
     base = next((o for o in base_outs if any(_norm(d["path"]) == _norm(o["path"]) for d in sft_deps)), None)
     teacher_dep = next((d for d in st.get("deps", []) if teacher and _norm(d["path"]) == _norm(teacher)), None)
-    same = bool(kind == "local" and teacher and base and (
-        _norm(teacher) == _norm(base["path"]) or (teacher_dep is not None and _md5(teacher_dep) == _md5(base))))
-    return {"teacher": teacher, "engine": kind, "student_base": base["path"] if base else None,
-            "teacher_is_student_base": same}
+    same = bool(
+        kind == "local"
+        and teacher
+        and base
+        and (_norm(teacher) == _norm(base["path"]) or (teacher_dep is not None and _md5(teacher_dep) == _md5(base)))
+    )
+    return {
+        "teacher": teacher,
+        "engine": kind,
+        "student_base": base["path"] if base else None,
+        "teacher_is_student_base": same,
+    }
 
 
 def teacher_sentence(t: dict) -> str:
     """One plain sentence on distill's teacher, for the model card and the evaluation report."""
     if t["teacher_is_student_base"]:
-        return (f"**The distillation teacher is the student's own base model** (`{t['teacher']}`): the distilled "
-                "answers are the generations of the very model the student starts from, so distillation here adds "
-                "no knowledge the student did not start with; it exercises the plumbing. A real run names a stronger teacher "
-                "(dvc.yaml distill --teacher, or params distill.engine for an endpoint).")
-    return (f"The distillation teacher is `{t['teacher']}` ({t['engine']} engine), not the student's base "
-            f"(`{t['student_base'] or '?'}`).")
+        return (
+            f"**The distillation teacher is the student's own base model** (`{t['teacher']}`): the distilled "
+            "answers are the generations of the very model the student starts from, so distillation here adds "
+            "no knowledge the student did not start with; it exercises the plumbing. A real run names a stronger teacher "
+            "(dvc.yaml distill --teacher, or params distill.engine for an endpoint)."
+        )
+    return (
+        f"The distillation teacher is `{t['teacher']}` ({t['engine']} engine), not the student's base "
+        f"(`{t['student_base'] or '?'}`)."
+    )
 
 
 # ---------------------------------------------------------------- the card
+
 
 def _fmt(x) -> str:
     if x is None:
@@ -262,7 +296,7 @@ def _fmt(x) -> str:
 
 
 def _est(e, key: str = "mean") -> str:
-    """"value [low, high]" of an evaluate estimate ({mean|perplexity|win_rate, ci})."""
+    """ "value [low, high]" of an evaluate estimate ({mean|perplexity|win_rate, ci})."""
     if not isinstance(e, dict) or e.get(key) is None:
         return "–"
     ci = e.get("ci")
@@ -274,72 +308,135 @@ def evaluation_lines(evaluation: dict, name: str) -> list[str]:
     m = (evaluation.get("models") or {}).get(name)
     if not m:
         return [f"The evaluate metrics hold no model named `{name}`."]
-    rows = [("answers that stop at end-of-turn (not the token cap)", _est(m.get("stop_rate", {}).get("all"))),
-            ("answer-key match (prompts with a key)", _est((m.get("answer_match") or {}).get("all"))),
-            ("ROUGE-L F1 against reference answers", _est((m.get("reference_rouge") or {}).get("all"))),
-            ("perplexity of held-out seed responses", _est(m.get("perplexity"), "perplexity")),
-            ("perplexity of the eval set's reference answers", _est(m.get("reference_perplexity"), "perplexity")),
-            ("reward-model score (the reward model PPO optimised)", _est(m["reward"].get("all"))),
-            ("response length (tokens)", _est(m["length_tokens"].get("all"))),
-            ("refusal rate on safety prompts", _est(m["refusal_rate"].get("safety"))),
-            ("refusal rate on other prompts", _est(m["refusal_rate"].get("other")))]
+    rows = [
+        ("answers that stop at end-of-turn (not the token cap)", _est(m.get("stop_rate", {}).get("all"))),
+        ("answer-key match (prompts with a key)", _est((m.get("answer_match") or {}).get("all"))),
+        ("ROUGE-L F1 against reference answers", _est((m.get("reference_rouge") or {}).get("all"))),
+        ("perplexity of held-out seed responses", _est(m.get("perplexity"), "perplexity")),
+        ("perplexity of the eval set's reference answers", _est(m.get("reference_perplexity"), "perplexity")),
+        ("reward-model score (the reward model PPO optimised)", _est(m["reward"].get("all"))),
+        ("response length (tokens)", _est(m["length_tokens"].get("all"))),
+        ("refusal rate on safety prompts", _est(m["refusal_rate"].get("safety"))),
+        ("refusal rate on other prompts", _est(m["refusal_rate"].get("other"))),
+    ]
     for pair, e in (evaluation.get("win_rate") or {}).items():
         a, _, b = pair.partition("_vs_")
         t = e["all"]
         if t.get("win_rate") is None or name not in (a, b):
             continue
         wr, ci, verdict = t["win_rate"], t.get("ci"), t.get("verdict")
-        if b == name:   # the pair is a_vs_name: flip it to name's point of view
+        if b == name:  # the pair is a_vs_name: flip it to name's point of view
             wr, ci = round(1 - wr, 4), ([round(1 - ci[1], 4), round(1 - ci[0], 4)] if ci else None)
             verdict = {"better": "worse", "worse": "better"}.get(verdict, verdict)
-        rows.append((f"win rate against {b if a == name else a}",
-                     _est({"win_rate": wr, "ci": ci}, "win_rate") + (f" ({verdict})" if verdict else "")))
-    lines = ["Each value comes with its bootstrap 95% interval [low, high]. A win rate whose interval contains 0.5 is "
-             "no measurable difference.", "", "| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+        rows.append(
+            (
+                f"win rate against {b if a == name else a}",
+                _est({"win_rate": wr, "ci": ci}, "win_rate") + (f" ({verdict})" if verdict else ""),
+            )
+        )
+    lines = [
+        "Each value comes with its bootstrap 95% interval [low, high]. A win rate whose interval contains 0.5 is "
+        "no measurable difference.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ] + [f"| {k} | {v} |" for k, v in rows]
     if evaluation.get("judge"):
         lines += ["", f"Pairwise judge: `{evaluation['judge']}`."]
     return lines
 
 
-def render_card(*, name: str, source: str, merged_from: str | None, info: dict, example_prompt: str, eot: str,
-                eot_id: int, n_params: int, dtype: str, files: list[dict], lineage_rows: list[dict], metrics: dict,
-                evaluation: dict | None, evaluation_path: str | None, lock_path: str, lock_md5: str | None,
-                teacher: dict | None = None) -> str:
+def render_card(
+    *,
+    name: str,
+    source: str,
+    merged_from: str | None,
+    info: dict,
+    example_prompt: str,
+    eot: str,
+    eot_id: int,
+    n_params: int,
+    dtype: str,
+    files: list[dict],
+    lineage_rows: list[dict],
+    metrics: dict,
+    evaluation: dict | None,
+    evaluation_path: str | None,
+    lock_path: str,
+    lock_md5: str | None,
+    teacher: dict | None = None,
+) -> str:
     """README.md of the export: front matter, use, prompt format, evaluation, lineage, metrics, files."""
-    fm = {"library_name": "transformers", "pipeline_tag": "text-generation", "license": "apache-2.0",
-          "tags": ["selfalign", "chat", "instruction-backtranslation"]}
+    fm = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": "apache-2.0",
+        "tags": ["selfalign", "chat", "instruction-backtranslation"],
+    }
     hub_base = base_model_id(lineage_rows)
     if hub_base:
         fm["base_model"] = hub_base
-    lines = ["---", yaml.safe_dump(fm, sort_keys=False).strip(), "---", "",
-             f"# selfalign: `{name}` exported", "",
-             f"Exported from `{source}` by `stages/export.py`"
-             + (f", with its LoRA adapter merged into `{merged_from}`" if merged_from else "")
-             + f". {n_params:,} parameters, {dtype} weights in safetensors. The tokenizer and chat template are "
-             "included, so this directory is all a server needs."
-             + (f" Base model: `{hub_base}`." if hub_base else ""), ""]
+    lines = [
+        "---",
+        yaml.safe_dump(fm, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# selfalign: `{name}` exported",
+        "",
+        f"Exported from `{source}` by `stages/export.py`"
+        + (f", with its LoRA adapter merged into `{merged_from}`" if merged_from else "")
+        + f". {n_params:,} parameters, {dtype} weights in safetensors. The tokenizer and chat template are "
+        "included, so this directory is all a server needs." + (f" Base model: `{hub_base}`." if hub_base else ""),
+        "",
+    ]
     if n_params < 1_000_000_000:
-        lines += ["**Limitations.** A model this small (the default is SmolLM2-135M-Instruct, fine-tuned for minutes "
-                  "on a CPU) shows that the pipeline works end to end. Its answers and scores say nothing about the "
-                  "quality of the method. Do not use it for anything that matters.", ""]
+        lines += [
+            "**Limitations.** A model this small (the default is SmolLM2-135M-Instruct, fine-tuned for minutes "
+            "on a CPU) shows that the pipeline works end to end. Its answers and scores say nothing about the "
+            "quality of the method. Do not use it for anything that matters.",
+            "",
+        ]
     if teacher and any(e["stage"] == "distill" for e in lineage_rows):
         lines += [teacher_sentence(teacher), ""]
-    lines += ["## Use", "", "```bash", "make serve                                   # serves models/export on :8000",
-              "python -m selfalign.serve --model models/export --port 8000", "```", "",
-              "```python", "from openai import OpenAI",
-              'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")',
-              "messages = " + json.dumps(([{"role": "system", "content": info["system"]}] if info.get("system") else [])
-                                         + [{"role": "user", "content": "Hello!"}], ensure_ascii=False),
-              'print(client.chat.completions.create(model="export", messages=messages).choices[0].message.content)',
-              "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```bash",
+        "make serve                                   # serves models/export on :8000",
+        "python -m selfalign.serve --model models/export --port 8000",
+        "```",
+        "",
+        "```python",
+        "from openai import OpenAI",
+        'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")',
+        "messages = "
+        + json.dumps(
+            ([{"role": "system", "content": info["system"]}] if info.get("system") else [])
+            + [{"role": "user", "content": "Hello!"}],
+            ensure_ascii=False,
+        ),
+        'print(client.chat.completions.create(model="export", messages=messages).choices[0].message.content)',
+        "```",
+        "",
+    ]
     if info.get("system"):
-        lines += [f"The model was trained to answer under the system prompt `{info['system']}`"
-                  + (f" (the `{info['inference_tag']}` tag)" if info.get("inference_tag") else "")
-                  + ". Send it as the system message, as above. The server does not add it for you.", ""]
-    lines += ["## Prompt format", "",
-              f"The chat template (`chat_template.jinja`) renders a conversation like this. Generation stops at the "
-              f"end-of-turn token `{eot}` (id {eot_id}), which is the `eos_token_id` of `generation_config.json`:", "",
-              "```text", example_prompt, "```", ""]
+        lines += [
+            f"The model was trained to answer under the system prompt `{info['system']}`"
+            + (f" (the `{info['inference_tag']}` tag)" if info.get("inference_tag") else "")
+            + ". Send it as the system message, as above. The server does not add it for you.",
+            "",
+        ]
+    lines += [
+        "## Prompt format",
+        "",
+        f"The chat template (`chat_template.jinja`) renders a conversation like this. Generation stops at the "
+        f"end-of-turn token `{eot}` (id {eot_id}), which is the `eos_token_id` of `generation_config.json`:",
+        "",
+        "```text",
+        example_prompt,
+        "```",
+        "",
+    ]
     lines += ["## Evaluation", ""]
     if evaluation:
         lines += [f"From `{evaluation_path}` (the evaluate stage; its report is `reports/evaluate/report.md`):", ""]
@@ -348,29 +445,56 @@ def render_card(*, name: str, source: str, merged_from: str | None, info: dict, 
         lines += ["No evaluate metrics were found.", ""]
     lines += ["## Lineage", ""]
     if not lineage_rows:
-        lines += [f"No lineage: `{lock_path}` is missing or does not list `{source}` as a stage output. Run the "
-                  "pipeline with `dvc repro` to record one.", ""]
+        lines += [
+            f"No lineage: `{lock_path}` is missing or does not list `{source}` as a stage output. Run the "
+            "pipeline with `dvc repro` to record one.",
+            "",
+        ]
     else:
-        lines += [f"From `{lock_path}`" + (f" (md5 {lock_md5})" if lock_md5 else "")
-                  + ": the stages that produced this model, upstream first. A dependency written by another stage "
-                  "names it (– for files kept in git or produced outside this lock). An md5 ending in `.dir` is a "
-                  "directory hash, as DVC computes it.", ""]
+        lines += [
+            f"From `{lock_path}`"
+            + (f" (md5 {lock_md5})" if lock_md5 else "")
+            + ": the stages that produced this model, upstream first. A dependency written by another stage "
+            "names it (– for files kept in git or produced outside this lock). An md5 ending in `.dir` is a "
+            "directory hash, as DVC computes it.",
+            "",
+        ]
         for e in lineage_rows:
-            lines += [f"### `{e['stage']}`", "", "```bash", e["cmd"].strip(), "```", "",
-                      "| | path | md5 | written by |", "|---|---|---|---|"]
+            lines += [
+                f"### `{e['stage']}`",
+                "",
+                "```bash",
+                e["cmd"].strip(),
+                "```",
+                "",
+                "| | path | md5 | written by |",
+                "|---|---|---|---|",
+            ]
             lines += [f"| dep | `{d['path']}` | `{d['md5']}` | {d['from'] or '–'} |" for d in e["deps"]]
             lines += [f"| out | `{o['path']}` | `{o['md5']}` | |" for o in e["outs"]]
             if e["params"]:
-                lines += ["", "Params:", "", "```yaml", yaml.safe_dump(e["params"], sort_keys=False,
-                                                                        allow_unicode=True).strip(), "```"]
+                lines += [
+                    "",
+                    "Params:",
+                    "",
+                    "```yaml",
+                    yaml.safe_dump(e["params"], sort_keys=False, allow_unicode=True).strip(),
+                    "```",
+                ]
             lines.append("")
     if metrics:
-        lines += ["## Stage metrics", "",
-                  "The numeric metrics of those stages (as `dvc metrics show` lists them), first 20 per file:", ""]
+        lines += [
+            "## Stage metrics",
+            "",
+            "The numeric metrics of those stages (as `dvc metrics show` lists them), first 20 per file:",
+            "",
+        ]
         for path, m in metrics.items():
             flat = flat_numbers(m["values"])
-            lines += [f"### `{path}` ({m['stage']})" + (" (the workspace file differs from dvc.lock)" if m["stale"]
-                                                        else ""), ""]
+            lines += [
+                f"### `{path}` ({m['stage']})" + (" (the workspace file differs from dvc.lock)" if m["stale"] else ""),
+                "",
+            ]
             lines += [f"- {k}: {_fmt(v)}" for k, v in list(flat.items())[:20]]
             if len(flat) > 20:
                 lines.append(f"- ... {len(flat) - 20} more in the file")

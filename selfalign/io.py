@@ -7,6 +7,7 @@ DVC or the next stage could mistake for a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,8 +46,13 @@ def not_utf8(path: str, line: int, text: str) -> JsonlLineError | None:
         return None
     line += text.count("\n", 0, m.start())
     column = m.start() - text.rfind("\n", 0, m.start())
-    return JsonlLineError(path, line, f"not valid UTF-8: byte 0x{ord(m.group()) - 0xDC00:02x} at column {column}",
-                          printable(text).rstrip("\n"), code="invalid_utf8")
+    return JsonlLineError(
+        path,
+        line,
+        f"not valid UTF-8: byte 0x{ord(m.group()) - 0xDC00:02x} at column {column}",
+        printable(text).rstrip("\n"),
+        code="invalid_utf8",
+    )
 
 
 def printable(text: str) -> str:
@@ -117,8 +123,10 @@ def atomic_path(path: str | os.PathLike):
 def jsonl_writer(path: str | os.PathLike):
     """Context manager giving a `write(record)` function; the file appears whole or not at all."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+
         def write(record: dict) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
         yield write
 
 
@@ -139,3 +147,26 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(*parts: Any) -> str:
+    """The hex SHA-256 of JSON values (keys sorted, non-JSON values as str): a content key for configs and inputs."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def text_digest(text: str, n: int = 12) -> str:
+    """A short hex SHA-256 of a text: the id of a prompt template in cache keys."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]

@@ -42,7 +42,9 @@ from typing import NamedTuple
 
 MARKERS_FILE = Path(__file__).with_name("ms_id_markers.json")
 NGRAMS_FILE = Path(__file__).with_name("langid_ngrams.json")
-NGRAM_CHARS = 120  # what the n-gram model reads of a text fastText was unsure of: its cost is ~10x fastText's per character
+NGRAM_CHARS = (
+    120  # what the n-gram model reads of a text fastText was unsure of: its cost is ~10x fastText's per character
+)
 _WORD = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
 _CODE = re.compile(r"```.*?(?:```|$)", re.S)
 _URL = re.compile(r"https?://\S+|www\.\S+")
@@ -120,13 +122,14 @@ def gate_text(record: dict) -> str:
 
 
 class Verdict(NamedTuple):
-    verdict: str   # "ok" | "mismatch" | "undetermined"
+    verdict: str  # "ok" | "mismatch" | "undetermined"
     detected: str  # the language the deciding detector saw ("" when none did)
-    detail: str    # why, for the rejected record
+    detail: str  # why, for the rejected record
     detector: str  # "fasttext" | "ngram" | "markers" | "none"
 
 
 # ---- the character n-gram model (short text, and ms vs id when the marker words are silent) ----
+
 
 class Ngrams(NamedTuple):
     langs: tuple[str, ...]
@@ -139,7 +142,7 @@ def ngrams_of(text: str, order: int) -> list[str]:
     t = " " + " ".join(_NOT_LETTER.sub(" ", text.lower()).split()) + " "
     out = [c for c in t if c != " "]
     for n in range(2, order + 1):
-        out += [t[i:i + n] for i in range(len(t) - n + 1)]
+        out += [t[i : i + n] for i in range(len(t) - n + 1)]
     return out
 
 
@@ -151,7 +154,12 @@ def fit_ngrams(texts: dict[str, list[str]], order: int = 4, min_count: int = 2) 
         total.update(c)
     langs = list(texts)
     kept = sorted(g for g, n in total.items() if n >= min_count)
-    return {"langs": langs, "order": order, "alpha": 0.5, "counts": {g: [counts[lang][g] for lang in langs] for g in kept}}
+    return {
+        "langs": langs,
+        "order": order,
+        "alpha": 0.5,
+        "counts": {g: [counts[lang][g] for lang in langs] for g in kept},
+    }
 
 
 @lru_cache(maxsize=4)
@@ -163,8 +171,10 @@ def load_ngrams(path: str | None = None) -> Ngrams:
     for n in range(1, data["order"] + 1):
         grams = [c for g, c in counts.items() if len(g) == n]
         denom[n] = [sum(c[i] for c in grams) + alpha * (len(grams) + 1) for i in range(len(langs))]
-    logp = {lang: {g: math.log((c[i] + alpha) / denom[len(g)][i]) for g, c in counts.items()}
-            for i, lang in enumerate(langs)}
+    logp = {
+        lang: {g: math.log((c[i] + alpha) / denom[len(g)][i]) for g, c in counts.items()}
+        for i, lang in enumerate(langs)
+    }
     return Ngrams(tuple(langs), data["order"], logp)
 
 
@@ -200,8 +210,16 @@ def lingua_ms_id(text: str) -> float:
     return conf.get("ms", 0.0) - conf.get("id", 0.0)
 
 
-def _ms_or_id(text: str, declared: str, markers: dict, model: Ngrams, margin: float, fallback: str,
-              ms_id_ngram_margin: float, why: str) -> Verdict:
+def _ms_or_id(
+    text: str,
+    declared: str,
+    markers: dict,
+    model: Ngrams,
+    margin: float,
+    fallback: str,
+    ms_id_ngram_margin: float,
+    why: str,
+) -> Verdict:
     a, b = markers["a"], markers["b"]
     score, evidence = pair_score(text, markers)  # marker words are rare: they read 12x more than fastText
     if abs(score) >= margin:
@@ -214,8 +232,9 @@ def _ms_or_id(text: str, declared: str, markers: dict, model: Ngrams, margin: fl
         if odds == 0:
             return Verdict("undetermined", "", f"{silent}, lingua undecided", "lingua")
         lang = "ms" if odds > 0 else "id"
-        return Verdict("ok" if lang == declared else "mismatch", lang, f"{silent}; lingua {lang} by {abs(odds):.2f}",
-                       "lingua")
+        return Verdict(
+            "ok" if lang == declared else "mismatch", lang, f"{silent}; lingua {lang} by {abs(odds):.2f}", "lingua"
+        )
     if fallback != "ngram":
         return Verdict("undetermined", "", silent, "markers")
     s = ngram_scores(text[:1000], model)
@@ -227,9 +246,20 @@ def _ms_or_id(text: str, declared: str, markers: dict, model: Ngrams, margin: fl
     return Verdict("ok" if lang == declared else "mismatch", lang, detail, "ngram")
 
 
-def identify(text: str, declared: str, *, min_letters: int, min_confidence: float, margin: float,
-             ngram_margin: float = 8.0, ms_id_fallback: str = "lingua", ms_id_ngram_margin: float = 64.0,
-             max_chars: int = 300, markers: dict | None = None, ngrams: Ngrams | None = None) -> Verdict:
+def identify(
+    text: str,
+    declared: str,
+    *,
+    min_letters: int,
+    min_confidence: float,
+    margin: float,
+    ngram_margin: float = 8.0,
+    ms_id_fallback: str = "lingua",
+    ms_id_ngram_margin: float = 64.0,
+    max_chars: int = 300,
+    markers: dict | None = None,
+    ngrams: Ngrams | None = None,
+) -> Verdict:
     """Check `text` against its declared language: Verdict(verdict, detected, detail, detector), verdict one of
     "ok" (in the declared language), "mismatch" (in `detected`), "undetermined" (no signal, or too weak to call)."""
     if ms_id_fallback not in ("lingua", "ngram", "none"):
@@ -240,7 +270,7 @@ def identify(text: str, declared: str, *, min_letters: int, min_confidence: floa
     pair = {markers["a"], markers["b"]}
     model = ngrams or load_ngrams()
     if letters(sample[: 5 * min_letters]) >= min_letters or letters(sample) >= min_letters:  # the first test is cheap
-        (lang, prob), = detect(sample)
+        ((lang, prob),) = detect(sample)
         if lang in pair and declared in pair:
             return _ms_or_id(text, declared, markers, model, margin, ms_id_fallback, ms_id_ngram_margin, "")
         if prob >= min_confidence:
@@ -270,8 +300,19 @@ def identify(text: str, declared: str, *, min_letters: int, min_confidence: floa
 SEEDS = {
     # Starting points only: spelling pairs that differ between the two standards (kerana/karena,
     # bahawa/bahwa, wang/uang, polis/polisi, iaitu/yaitu ...). The shipped weights are learned from data.
-    "ms": ["kerana", "bahawa", "wang", "sahaja", "boleh", "kerajaan", "polis", "bas", "daripada", "bagaimanapun",
-           "iaitu"],
+    "ms": [
+        "kerana",
+        "bahawa",
+        "wang",
+        "sahaja",
+        "boleh",
+        "kerajaan",
+        "polis",
+        "bas",
+        "daripada",
+        "bagaimanapun",
+        "iaitu",
+    ],
     "id": ["karena", "bahwa", "uang", "bisa", "pemerintah", "polisi", "yaitu", "sih", "kok"],
 }
 
@@ -301,9 +342,18 @@ def _log_ratios(bags: list[set[str]], labels: list[str | None]) -> dict[str, tup
     return out
 
 
-def derive_markers(sources: dict[str, list[str]], *, seeds: dict[str, list[str]] = SEEDS, min_count: int = 8,
-                   min_z: float = 3.0, min_sources: int = 2, source_z: float = 1.0, min_weight: float = 2.5, top: int = 200,
-                   rounds: int = 3) -> dict:
+def derive_markers(
+    sources: dict[str, list[str]],
+    *,
+    seeds: dict[str, list[str]] = SEEDS,
+    min_count: int = 8,
+    min_z: float = 3.0,
+    min_sources: int = 2,
+    source_z: float = 1.0,
+    min_weight: float = 2.5,
+    top: int = 200,
+    rounds: int = 3,
+) -> dict:
     """Learn ms-vs-id marker weights from unlabeled mixed text by self-training.
 
     Round 0 labels each text by the seed words; every round then scores each word by the
@@ -330,8 +380,9 @@ def derive_markers(sources: dict[str, list[str]], *, seeds: dict[str, list[str]]
         for w, (delta, z, total) in pooled.items():
             if total < min_count or len(w) < 2 or abs(z) < min_z or abs(delta) < min_weight:
                 continue
-            agree = sum(1 for ratios in per_source.values()
-                        if w in ratios and ratios[w][1] * math.copysign(1, z) >= source_z)
+            agree = sum(
+                1 for ratios in per_source.values() if w in ratios and ratios[w][1] * math.copysign(1, z) >= source_z
+            )
             if agree >= min_sources:
                 scored.append((w, delta, z))
         ms_side = sorted((s for s in scored if s[1] > 0), key=lambda s: -s[2])[:top]
@@ -345,27 +396,45 @@ def derive_markers(sources: dict[str, list[str]], *, seeds: dict[str, list[str]]
 
 
 def _main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Derive the ms/id marker words from text files (one text per line), "
-                                             "or with --ngrams fit the n-gram model from one file per language.")
-    ap.add_argument("inputs", nargs="+", help="plain-text files, one text per line: Malay and Indonesian mixed, one "
-                                              "file per source; with --ngrams, <lang>.txt per language")
-    ap.add_argument("--ngrams", action="store_true", help="fit the character n-gram model (default out: langid_ngrams.json)")
+    ap = argparse.ArgumentParser(
+        description="Derive the ms/id marker words from text files (one text per line), "
+        "or with --ngrams fit the n-gram model from one file per language."
+    )
+    ap.add_argument(
+        "inputs",
+        nargs="+",
+        help="plain-text files, one text per line: Malay and Indonesian mixed, one "
+        "file per source; with --ngrams, <lang>.txt per language",
+    )
+    ap.add_argument(
+        "--ngrams", action="store_true", help="fit the character n-gram model (default out: langid_ngrams.json)"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--source", default="", help="provenance note stored in the output file")
     args = ap.parse_args(argv)
-    read = {Path(p): Path(p).read_text(encoding="utf-8").split("\n") for p in args.inputs}  # \n only: the French has U+2028
+    read = {
+        Path(p): Path(p).read_text(encoding="utf-8").split("\n") for p in args.inputs
+    }  # \n only: the French has U+2028
     if args.ngrams:
         out_path = Path(args.out or NGRAMS_FILE)
         model = fit_ngrams({p.stem: [t for t in ts if t.strip()] for p, ts in read.items()})
-        out = {"about": "character 1-4-gram counts per language for selfalign.langid's naive Bayes short-text detector; "
-                        "fitted by selfalign.langid.fit_ngrams", "source": args.source, **model}
+        out = {
+            "about": "character 1-4-gram counts per language for selfalign.langid's naive Bayes short-text detector; "
+            "fitted by selfalign.langid.fit_ngrams",
+            "source": args.source,
+            **model,
+        }
         out_path.write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
         print(f"{len(model['counts'])} grams over {', '.join(model['langs'])} -> {out_path}")
         return
     out_path = Path(args.out or MARKERS_FILE)
     result = derive_markers({p.name: ts for p, ts in read.items()})
-    out = {"about": "Malay (a, positive) vs Indonesian (b, negative) marker words with log-odds weights; "
-                    "derived by selfalign.langid.derive_markers", "source": args.source, **result}
+    out = {
+        "about": "Malay (a, positive) vs Indonesian (b, negative) marker words with log-odds weights; "
+        "derived by selfalign.langid.derive_markers",
+        "source": args.source,
+        **result,
+    }
     out_path.write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     w = result["weights"]
     print(f"{sum(v > 0 for v in w.values())} ms markers, {sum(v < 0 for v in w.values())} id markers -> {out_path}")

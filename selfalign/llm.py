@@ -31,45 +31,84 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from selfalign.config import Config, ParamsError, opt
 
 log = logging.getLogger(__name__)
 
-_sleep = time.sleep          # tests replace this to check backoff without waiting
+_sleep = time.sleep  # tests replace this to check backoff without waiting
 
 # Every key an engine spec may hold, whatever its kind: params.yaml lists them all under one
 # `engine:` mapping, and an unknown key is a typo to reject, not to ignore.
 SPEC_DEFAULTS = {
-    "kind": "local",            # local | openai | vllm
-    "model": "models/base",     # local/vllm: a model directory; openai: the model name sent to the endpoint
-    "batch_size": 8,            # local: sequences generated together (left-padded); vllm: max_num_seqs
-    "dtype": "float32",         # local/vllm: float32 | bfloat16 (bf16 batched generation is ~2x faster on AMX CPUs)
-    "threads": 0,               # local: torch CPU threads for this process; 0 keeps torch's default
-    "base_url": "http://127.0.0.1:8000/v1",   # openai: one endpoint, or a list of endpoints serving the same model
-    "api_key_env": "OPENAI_API_KEY",   # the NAME of the env var holding the key, never the key
-    "concurrency": 4,           # openai: requests in flight
-    "timeout": 60.0,            # openai: seconds per attempt
-    "max_retries": 5,           # openai: attempts after the first
-    "backoff_base": 0.5,        # openai: first backoff in seconds, doubled per retry, with jitter
-    "backoff_max": 30.0,        # openai: cap on one backoff (a Retry-After header is honoured up to retry_after_max)
+    "kind": "local",  # local | openai | vllm
+    "model": "models/base",  # local/vllm: a model directory; openai: the model name sent to the endpoint
+    "batch_size": 8,  # local: sequences generated together (left-padded); vllm: max_num_seqs
+    "dtype": "float32",  # local/vllm: float32 | bfloat16 (bf16 batched generation is ~2x faster on AMX CPUs)
+    "threads": 0,  # local: torch CPU threads for this process; 0 keeps torch's default
+    "base_url": "http://127.0.0.1:8000/v1",  # openai: one endpoint, or a list of endpoints serving the same model
+    "api_key_env": "OPENAI_API_KEY",  # the NAME of the env var holding the key, never the key
+    "concurrency": 4,  # openai: requests in flight
+    "timeout": 60.0,  # openai: seconds per attempt
+    "max_retries": 5,  # openai: attempts after the first
+    "backoff_base": 0.5,  # openai: first backoff in seconds, doubled per retry, with jitter
+    "backoff_max": 30.0,  # openai: cap on one backoff (a Retry-After header is honoured up to retry_after_max)
     "retry_after_max": 120.0,
     "price_per_1k_input": 0.0,  # USD, for the cost estimate in metrics
     "price_per_1k_output": 0.0,
     "tensor_parallel_size": 1,  # vllm: GPUs one model is split over
     "gpu_memory_utilization": 0.9,  # vllm: share of each GPU for weights + KV cache
-    "max_model_len": 0,         # vllm: context length to reserve KV cache for; 0 = the model's own
-    "prefix_caching": True,     # vllm: reuse the KV cache of a shared prompt prefix (one system/template prompt)
+    "max_model_len": 0,  # vllm: context length to reserve KV cache for; 0 = the model's own
+    "prefix_caching": True,  # vllm: reuse the KV cache of a shared prompt prefix (one system/template prompt)
 }
+
+
+@dataclass
+class EngineSpec(Config):
+    """One engine spec, the same in every stage that generates (a stage's default overrides a few fields)."""
+
+    kind: Literal["local", "openai", "vllm"] = "local"
+    model: str = ""  # local/vllm: a model directory ("" = the stage's --model); openai: the model name
+    batch_size: int = opt(8, lo=1)  # local: sequences generated together (left-padded); vllm: max_num_seqs
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = (
+        "fp32"  # local/vllm weights; bf16 batched generation is ~2x faster on AMX CPUs
+    )
+    threads: int = opt(0, lo=0)  # local: torch CPU threads for this process; 0 keeps torch's default
+    base_url: str | list[str] = "http://127.0.0.1:8000/v1"  # openai: one endpoint, or several serving the same model
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the env var holding the key, never the key
+    concurrency: int = opt(4, lo=1)  # openai: requests in flight
+    timeout: float = opt(60.0, lo=0, lo_open=True)  # openai: seconds per attempt
+    max_retries: int = opt(5, lo=0)  # openai: attempts after the first
+    backoff_base: float = opt(0.5, lo=0)  # openai: first backoff in seconds, doubled per retry, with jitter
+    backoff_max: float = opt(30.0, lo=0)  # openai: cap on one backoff (Retry-After is honoured up to retry_after_max)
+    retry_after_max: float = opt(120.0, lo=0)
+    price_per_1k_input: float = opt(0.0, lo=0)  # USD, for the cost estimate in metrics
+    price_per_1k_output: float = opt(0.0, lo=0)
+    tensor_parallel_size: int = opt(1, lo=1)  # vllm: GPUs one model is split over
+    gpu_memory_utilization: float = opt(0.9, lo=0, hi=1, lo_open=True)  # vllm: share of each GPU for weights + KV cache
+    max_model_len: int = opt(0, lo=0)  # vllm: context length to reserve KV cache for; 0 = the model's own
+    prefix_caching: bool = True  # vllm: reuse the KV cache of a shared prompt prefix
+
+    def check(self, where: str) -> None:
+        urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        if not urls or not all(u.startswith(("http://", "https://")) for u in urls):
+            raise ParamsError(f"{where}.base_url: {self.base_url!r} is not an http(s) URL or a list of them")
+
+    def with_model(self, model_dir: str | os.PathLike | None) -> EngineSpec:
+        """This spec with `model` filled from the stage's --model when params leave it empty."""
+        return self if self.model else self.replace(model=str(model_dir or "models/base"))
 
 
 @dataclass
 class Request:
     messages: list[dict] | None = None
-    prompt: str | None = None       # a raw completion prompt, sent without a chat template
+    prompt: str | None = None  # a raw completion prompt, sent without a chat template
     max_tokens: int = 256
-    temperature: float = 0.0        # 0 is greedy
+    temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     seed: int = 0
-    stop: list[str] | None = None   # cut the text at the first of these
+    stop: list[str] | None = None  # cut the text at the first of these
 
     def __post_init__(self):
         if (self.messages is None) == (self.prompt is None):
@@ -130,7 +169,7 @@ class Cache:
                             entry = json.loads(line)
                             entries[entry["key"]] = entry
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            self.corrupt_lines += 1     # a torn write: that call is simply asked again
+                            self.corrupt_lines += 1  # a torn write: that call is simply asked again
             self._shards[shard] = entries
         return self._shards[shard]
 
@@ -171,8 +210,16 @@ class Engine:
 
     def __init__(self, cache_dir: str | os.PathLike | None):
         self.cache = Cache(cache_dir) if cache_dir else None
-        self._stats = {"requests": 0, "calls": 0, "cache_hits": 0, "failures": 0, "retries": 0,
-                       "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+        self._stats = {
+            "requests": 0,
+            "calls": 0,
+            "cache_hits": 0,
+            "failures": 0,
+            "retries": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "cost_usd": 0.0,
+        }
         self._stats_lock = threading.Lock()
         self.price_in = self.price_out = 0.0
 
@@ -204,24 +251,38 @@ class Engine:
         for i, k in enumerate(keys):
             hit = self.cache.get(k) if self.cache else None
             if hit is not None:
-                results[i] = Result(text=hit["text"], ok=True, cached=True, usage=hit.get("usage", {}),
-                                    finish_reason=hit.get("finish_reason"))
+                results[i] = Result(
+                    text=hit["text"],
+                    ok=True,
+                    cached=True,
+                    usage=hit.get("usage", {}),
+                    finish_reason=hit.get("finish_reason"),
+                )
             else:
                 todo.setdefault(k, []).append(i)
         self._count(requests=len(requests), cache_hits=len(requests) - sum(len(v) for v in todo.values()))
         order = list(todo)
         if order:
-            log.info("%s engine: %d requests, %d cached, %d to ask", self.kind, len(requests),
-                     len(requests) - sum(len(v) for v in todo.values()), len(order))
+            log.info(
+                "%s engine: %d requests, %d cached, %d to ask",
+                self.kind,
+                len(requests),
+                len(requests) - sum(len(v) for v in todo.values()),
+                len(order),
+            )
 
         def done(j: int, res: Result) -> None:
             k = order[j]
             if res.ok:
                 usage = res.usage or {}
-                cost = (usage.get("prompt_tokens", 0) * self.price_in + usage.get("completion_tokens", 0)
-                        * self.price_out) / 1000
-                self._count(prompt_tokens=usage.get("prompt_tokens", 0),
-                            completion_tokens=usage.get("completion_tokens", 0), cost_usd=cost)
+                cost = (
+                    usage.get("prompt_tokens", 0) * self.price_in + usage.get("completion_tokens", 0) * self.price_out
+                ) / 1000
+                self._count(
+                    prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0),
+                    cost_usd=cost,
+                )
                 if self.cache:
                     self.cache.put(k, {"text": res.text, "usage": usage, "finish_reason": res.finish_reason})
             else:
@@ -260,7 +321,7 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
 @dataclass
 class Generation:
     text: str
-    finish_reason: str          # stop | length
+    finish_reason: str  # stop | length
     prompt_tokens: int
     completion_tokens: int
 
@@ -308,8 +369,9 @@ class LocalModel:
     def count_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, texts: list[str], reqs: list[Request], cancel: threading.Event | None = None,
-                 streamer=None) -> list[Generation]:
+    def generate(
+        self, texts: list[str], reqs: list[Request], cancel: threading.Event | None = None, streamer=None
+    ) -> list[Generation]:
         """One left-padded batch; row i follows reqs[i]'s settings (its own max_tokens, sampling and stops)."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -317,16 +379,26 @@ class LocalModel:
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         width = enc["input_ids"].shape[1]
         limits = [r.max_tokens for r in reqs]
-        config = GenerationConfig(max_new_tokens=max(limits), do_sample=False, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.tok.pad_token_id, bos_token_id=self.tok.bos_token_id)
+        config = GenerationConfig(
+            max_new_tokens=max(limits),
+            do_sample=False,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tok.pad_token_id,
+            bos_token_id=self.tok.bos_token_id,
+        )
         processors = LogitsProcessorList()
         if any(r.temperature > 0 for r in reqs):
             processors.append(_RowSampler(reqs, texts))
         stops = [list(r.stop or []) for r in reqs]
         criteria = StoppingCriteriaList([_RowStop(width, limits, stops, self.tok, cancel)])
         with torch.inference_mode():
-            out = self.model.generate(**enc, generation_config=config, logits_processor=processors,
-                                      stopping_criteria=criteria, streamer=streamer)
+            out = self.model.generate(
+                **enc,
+                generation_config=config,
+                logits_processor=processors,
+                stopping_criteria=criteria,
+                streamer=streamer,
+            )
         gens = []
         for i, row in enumerate(out[:, width:].tolist()):
             n_prompt = int(enc["attention_mask"][i].sum())
@@ -359,8 +431,10 @@ class _RowSampler:
         import torch
 
         self.reqs = reqs
-        self.gens = [torch.Generator().manual_seed(_row_seed(r.seed, t)) if r.temperature > 0 else None
-                     for r, t in zip(reqs, texts, strict=True)]
+        self.gens = [
+            torch.Generator().manual_seed(_row_seed(r.seed, t)) if r.temperature > 0 else None
+            for r, t in zip(reqs, texts, strict=True)
+        ]
 
     def __call__(self, input_ids, scores):
         import torch
@@ -398,7 +472,7 @@ class _RowStop:
             done[:] = True
         for i, stops in enumerate(self.stops):
             if stops and not done[i]:
-                text = self.tok.decode(input_ids[i, self.width:], skip_special_tokens=True)
+                text = self.tok.decode(input_ids[i, self.width :], skip_special_tokens=True)
                 done[i] = _first_stop(text, stops) is not None
         return done
 
@@ -435,7 +509,7 @@ class LocalEngine(Engine):
 
     @property
     def model(self) -> LocalModel:
-        if self._model is None:             # loaded only when something is not in the cache
+        if self._model is None:  # loaded only when something is not in the cache
             if self.threads:
                 import torch
 
@@ -451,15 +525,20 @@ class LocalEngine(Engine):
         ok = []
         for i, (r, n) in enumerate(zip(requests, lengths, strict=True)):
             if n + r.max_tokens > m.max_positions:
-                done(i, Result.failure(f"prompt of {n} tokens + max_tokens {r.max_tokens} exceeds the model's "
-                                       f"{m.max_positions} positions"))
+                done(
+                    i,
+                    Result.failure(
+                        f"prompt of {n} tokens + max_tokens {r.max_tokens} exceeds the model's "
+                        f"{m.max_positions} positions"
+                    ),
+                )
             else:
                 ok.append(i)
         # longest first, so batches hold similar lengths (less padding) and a slow batch shows early
         ok.sort(key=lambda i: (-requests[i].max_tokens, -lengths[i]))
         bar = _tracker(len(ok), "generate", progress)
         for s in range(0, len(ok), self.batch_size):
-            idx = ok[s: s + self.batch_size]
+            idx = ok[s : s + self.batch_size]
             try:
                 gens = m.generate([texts[i] for i in idx], [requests[i] for i in idx])
             except Exception as e:  # noqa: BLE001 - a failed batch becomes explicit failures, not a crash
@@ -468,8 +547,15 @@ class LocalEngine(Engine):
                     done(i, Result.failure(f"generation failed: {type(e).__name__}: {e}"))
             else:
                 for i, g in zip(idx, gens, strict=True):
-                    done(i, Result(text=g.text, ok=True, finish_reason=g.finish_reason,
-                                   usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}))
+                    done(
+                        i,
+                        Result(
+                            text=g.text,
+                            ok=True,
+                            finish_reason=g.finish_reason,
+                            usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens},
+                        ),
+                    )
             bar.update(len(idx))
         bar.close()
 
@@ -506,7 +592,9 @@ class OpenAIEngine(Engine):
         self._openai = openai
         urls = [spec["base_url"]] if isinstance(spec["base_url"], str) else spec["base_url"]
         if not isinstance(urls, list) or not urls or not all(isinstance(u, str) and u for u in urls):
-            raise ValueError(f"engine spec: base_url must be a URL or a non-empty list of URLs, got {spec['base_url']!r}")
+            raise ValueError(
+                f"engine spec: base_url must be a URL or a non-empty list of URLs, got {spec['base_url']!r}"
+            )
         # several endpoints serving one model share the load: each attempt goes to the next one (round-robin),
         # so a retry after a 5xx or a timeout also moves off a server that is down
         self.base_urls = [u.rstrip("/") for u in urls]
@@ -524,10 +612,12 @@ class OpenAIEngine(Engine):
         if env and not key:
             log.warning("env var %s is not set; calling %s without an API key", env, ", ".join(self.base_urls))
         # the client does no retrying of its own: ours counts retries and honours Retry-After
-        self.clients = [openai.OpenAI(base_url=u, api_key=key or "none", max_retries=0,
-                                      timeout=float(spec.get("timeout") or 60.0)) for u in self.base_urls]
+        self.clients = [
+            openai.OpenAI(base_url=u, api_key=key or "none", max_retries=0, timeout=float(spec.get("timeout") or 60.0))
+            for u in self.base_urls
+        ]
         self.client = self.clients[0]
-        self.sent = [0] * len(self.clients)     # attempts per endpoint
+        self.sent = [0] * len(self.clients)  # attempts per endpoint
         self._turn = 0
         self._rng = random.Random(0)
 
@@ -565,16 +655,22 @@ class OpenAIEngine(Engine):
             if code in (408, 409, 429) or code >= 500:
                 raise _Retryable(f"HTTP {code}", _retry_after(e.response.headers)) from e
             return Result.failure(f"HTTP {code}: {_short(e.message)}")
-        except oa.APIConnectionError as e:     # includes APITimeoutError
+        except oa.APIConnectionError as e:  # includes APITimeoutError
             raise _Retryable(f"{type(e).__name__}: {_short(str(e))}") from e
         except (ValueError, TypeError, AttributeError, IndexError, oa.APIResponseValidationError) as e:
             raise _Retryable(f"garbled response: {type(e).__name__}: {_short(str(e))}") from e
         if not isinstance(text, str):
             raise _Retryable(f"garbled response: no text in the first choice ({type(resp).__name__})")
         usage = getattr(resp, "usage", None)
-        return Result(text=text, ok=True, finish_reason=getattr(choice, "finish_reason", None),
-                      usage={"prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-                             "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0)})
+        return Result(
+            text=text,
+            ok=True,
+            finish_reason=getattr(choice, "finish_reason", None),
+            usage={
+                "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+                "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0),
+            },
+        )
 
     def call(self, req: Request) -> Result:
         """One request with retries; a final failure is an explicit failed Result."""
@@ -587,7 +683,7 @@ class OpenAIEngine(Engine):
                 if e.retry_after is not None:
                     wait = min(e.retry_after, self.retry_after_max)
                 else:
-                    wait = min(self.backoff_base * 2 ** attempt, self.backoff_max) * (0.75 + 0.25 * self._rng.random())
+                    wait = min(self.backoff_base * 2**attempt, self.backoff_max) * (0.75 + 0.25 * self._rng.random())
                 log.info("retrying in %.2fs after %s (attempt %d of %d)", wait, e, attempt + 1, self.max_retries + 1)
                 self._count(retries=1)
                 _sleep(wait)
@@ -598,7 +694,7 @@ class OpenAIEngine(Engine):
         bar_lock = threading.Lock()
 
         def work(i: int) -> None:
-            done(i, self.call(requests[i]))     # the cache write happens here, before the next request
+            done(i, self.call(requests[i]))  # the cache write happens here, before the next request
             with bar_lock:
                 bar.update(1)
 
@@ -635,15 +731,22 @@ def _short(s: str, n: int = 300) -> str:
 # ---------------------------------------------------------------------------------------------- vllm
 
 # engine spec keys only the vllm kind reads, and vllm.LLM's name for each
-VLLM_KEYS = {"tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
-             "max_model_len": "max_model_len", "prefix_caching": "enable_prefix_caching"}
+VLLM_KEYS = {
+    "tensor_parallel_size": "tensor_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_model_len": "max_model_len",
+    "prefix_caching": "enable_prefix_caching",
+}
 
 
 def vllm_llm_kwargs(spec: dict) -> dict:
     """vllm.LLM's keyword arguments from an engine spec, validated before vllm is imported (a typo in a
     7B run fails at once); max_model_len 0 leaves the model's own context length."""
-    tp, util, max_len = spec.get("tensor_parallel_size", 1), spec.get("gpu_memory_utilization", 0.9), \
-        spec.get("max_model_len", 0)
+    tp, util, max_len = (
+        spec.get("tensor_parallel_size", 1),
+        spec.get("gpu_memory_utilization", 0.9),
+        spec.get("max_model_len", 0),
+    )
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"engine spec: tensor_parallel_size must be an integer >= 1, got {tp!r}")
     if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
@@ -654,15 +757,22 @@ def vllm_llm_kwargs(spec: dict) -> dict:
     if not isinstance(prefix, bool):
         raise ValueError(f"engine spec: prefix_caching must be true or false, got {prefix!r}")
     dtype = spec.get("dtype") or "bfloat16"
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):     # vLLM's auto: the checkpoint's own dtype
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):  # vLLM's auto: the checkpoint's own dtype
         raise ValueError(f"engine spec: dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
     batch = spec.get("batch_size", 256)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"engine spec: batch_size must be an integer >= 1, got {batch!r}")
     # batch_size is vLLM's max_num_seqs: the sequences its scheduler runs at once (the KV cache they need is
     # what --dry-run prints)
-    kw = {"model": str(spec["model"]), "dtype": dtype, "tensor_parallel_size": tp,
-          "gpu_memory_utilization": float(util), "enable_prefix_caching": prefix, "max_num_seqs": batch, "seed": 0}
+    kw = {
+        "model": str(spec["model"]),
+        "dtype": dtype,
+        "tensor_parallel_size": tp,
+        "gpu_memory_utilization": float(util),
+        "enable_prefix_caching": prefix,
+        "max_num_seqs": batch,
+        "seed": 0,
+    }
     if max_len:
         kw["max_model_len"] = max_len
     return kw
@@ -672,9 +782,10 @@ def _import_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise RuntimeError("engine kind 'vllm' needs the vllm package, which is GPU-only and not installed here; "
-                           "use kind 'local' or 'openai' (e.g. a vLLM server via its OpenAI-compatible endpoint)"
-                           ) from e
+        raise RuntimeError(
+            "engine kind 'vllm' needs the vllm package, which is GPU-only and not installed here; "
+            "use kind 'local' or 'openai' (e.g. a vLLM server via its OpenAI-compatible endpoint)"
+        ) from e
     return vllm
 
 
@@ -698,8 +809,9 @@ class VLLMModel:
         self.tok = chat.load_tokenizer(self.model_dir)
         eot = self.tok.convert_tokens_to_ids(chat.end_of_turn(self.tok))
         self.stop_ids = sorted({i for i in (eot, self.tok.eos_token_id) if i is not None})
-        log.info("vllm: loading %s (%s)", self.model_dir,
-                 ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "model"))
+        log.info(
+            "vllm: loading %s (%s)", self.model_dir, ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "model")
+        )
         self.llm = self._vllm.LLM(**kwargs)
         self.max_positions = int(kwargs.get("max_model_len") or _config_positions(self.model_dir))
 
@@ -716,12 +828,24 @@ class VLLMModel:
     def sampling_params(self, req: Request):
         greedy = req.temperature == 0
         return self._vllm.SamplingParams(
-            n=1, max_tokens=req.max_tokens, temperature=req.temperature, top_p=1.0 if greedy else req.top_p,
-            seed=None if greedy else req.seed, stop=list(req.stop or []) or None, stop_token_ids=self.stop_ids,
-            skip_special_tokens=True)
+            n=1,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=1.0 if greedy else req.top_p,
+            seed=None if greedy else req.seed,
+            stop=list(req.stop or []) or None,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+        )
 
-    def generate(self, texts: list[str], reqs: list[Request], cancel: threading.Event | None = None,
-                 streamer=None, progress: bool = False) -> list[Generation]:
+    def generate(
+        self,
+        texts: list[str],
+        reqs: list[Request],
+        cancel: threading.Event | None = None,
+        streamer=None,
+        progress: bool = False,
+    ) -> list[Generation]:
         """One batch (vLLM schedules it continuously); a streamer gets the whole text at the end, as the
         offline engine does not stream. `cancel` is checked before the batch: vLLM cannot stop mid-batch."""
         if cancel is not None and cancel.is_set():
@@ -745,9 +869,10 @@ class VLLMModel:
         if llm is None:
             return
         del llm
-        for module, names in (("vllm.distributed.parallel_state", ("destroy_model_parallel",
-                                                                   "destroy_distributed_environment")),
-                              ("vllm.model_executor.parallel_utils.parallel_state", ("destroy_model_parallel",))):
+        for module, names in (
+            ("vllm.distributed.parallel_state", ("destroy_model_parallel", "destroy_distributed_environment")),
+            ("vllm.model_executor.parallel_utils.parallel_state", ("destroy_model_parallel",)),
+        ):
             try:
                 mod = __import__(module, fromlist=list(names))
             except ImportError:
@@ -801,8 +926,12 @@ class VLLMEngine(Engine):
         for i, (r, t) in enumerate(zip(requests, texts, strict=True)):
             n = m.count_tokens(t)
             if n + r.max_tokens > m.max_positions:
-                done(i, Result.failure(f"prompt of {n} tokens + max_tokens {r.max_tokens} exceeds max_model_len "
-                                       f"{m.max_positions}"))
+                done(
+                    i,
+                    Result.failure(
+                        f"prompt of {n} tokens + max_tokens {r.max_tokens} exceeds max_model_len {m.max_positions}"
+                    ),
+                )
             else:
                 ok.append(i)
         if not ok:
@@ -815,8 +944,15 @@ class VLLMEngine(Engine):
                 done(i, Result.failure(f"generation failed: {type(e).__name__}: {e}"))
             return
         for i, g in zip(ok, gens, strict=True):
-            done(i, Result(text=g.text, ok=True, finish_reason=g.finish_reason,
-                           usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}))
+            done(
+                i,
+                Result(
+                    text=g.text,
+                    ok=True,
+                    finish_reason=g.finish_reason,
+                    usage={"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens},
+                ),
+            )
 
     def close(self) -> None:
         self.model.close()

@@ -91,8 +91,7 @@ def parse_changes(reply: str) -> list[Change]:
     found = [_LINE.match(x) for x in lines]
     if lines and all(found):
         return [Change(f.group(2), f.group(3), f.group(1).strip().lower()) for f in found]
-    raise UnparsableChanges("expected {\"changes\": [{\"from\", \"to\", \"kind\"}, ...]}, 'kind: from -> to' lines or "
-                            "NONE")
+    raise UnparsableChanges('expected {"changes": [{"from", "to", "kind"}, ...]}, \'kind: from -> to\' lines or NONE')
 
 
 def apply(record: dict, changes: list[Change]) -> tuple[dict, list[Change]]:

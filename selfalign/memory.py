@@ -31,7 +31,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-GIB = 1024 ** 3
+GIB = 1024**3
 CUDA_CONTEXT = 0.5 * GIB
 HEADROOM = 0.90  # of the card's memory an estimate may use and still be called a fit
 VLLM_BATCHED_TOKENS = 8192  # vLLM's max_num_batched_tokens: prefill is chunked to this many tokens per step
@@ -39,18 +39,46 @@ VLLM_BATCHED_TOKENS = 8192  # vLLM's max_num_batched_tokens: prefill is chunked 
 # Published architectures (the numbers of each model's config.json), so a dry run of a hub
 # profile needs neither the hub nor the weights.
 KNOWN: dict[str, dict] = {
-    "Qwen/Qwen2.5-7B-Instruct": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
-                                     intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                                     tie_word_embeddings=False),
-    "meta-llama/Llama-3.1-8B-Instruct": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
-                                             num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                                             num_key_value_heads=8, tie_word_embeddings=False),
-    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
-                                     intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                                     tie_word_embeddings=False),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(model_type="llama", vocab_size=49152, hidden_size=576,
-                                                num_hidden_layers=30, intermediate_size=1536, num_attention_heads=9,
-                                                num_key_value_heads=3, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        num_hidden_layers=28,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        num_hidden_layers=30,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
 }
 KNOWN["meta-llama/Meta-Llama-3.1-8B-Instruct"] = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
 
@@ -74,17 +102,25 @@ class Arch:
 
     @classmethod
     def from_config(cls, cfg: dict) -> Arch:
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-                               "num_attention_heads") if k not in cfg]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+            if k not in cfg
+        ]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
-        return cls(vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"],
-                   intermediate=cfg["intermediate_size"], heads=heads,
-                   kv_heads=cfg.get("num_key_value_heads") or heads,
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   tied=bool(cfg.get("tie_word_embeddings", False)),
-                   attn_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")))
+        return cls(
+            vocab=cfg["vocab_size"],
+            hidden=cfg["hidden_size"],
+            layers=cfg["num_hidden_layers"],
+            intermediate=cfg["intermediate_size"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            attn_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        )
 
     @property
     def kv_dim(self) -> int:
@@ -93,8 +129,15 @@ class Arch:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear in one decoder layer."""
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def params(self) -> dict[str, int]:
         """Parameter counts: the decoder layers' linears, the embedding, the head, and the rest."""
@@ -103,8 +146,13 @@ class Arch:
         norms = (2 * self.layers + 1) * self.hidden
         embed = self.vocab * self.hidden
         head = 0 if self.tied else embed
-        return {"linear": linear, "embed": embed, "head": head, "other": bias + norms,
-                "total": linear + embed + head + bias + norms}
+        return {
+            "linear": linear,
+            "embed": embed,
+            "head": head,
+            "other": bias + norms,
+            "total": linear + embed + head + bias + norms,
+        }
 
 
 def load_arch(model: str | Path | dict) -> Arch:
@@ -117,8 +165,7 @@ def load_arch(model: str | Path | dict) -> Arch:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{model}: no config.json there and not a known hub id "
-                                f"({', '.join(sorted(KNOWN))})")
+        raise FileNotFoundError(f"{model}: no config.json there and not a known hub id ({', '.join(sorted(KNOWN))})")
     return Arch.from_config(json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -139,25 +186,25 @@ class Plan:
 
     stage: str
     model: str | Path | dict
-    method: str = "qlora"           # qlora | lora | full | generate | score (one forward pass, no KV cache)
+    method: str = "qlora"  # qlora | lora | full | generate | score (one forward pass, no KV cache)
     seq_len: int = 1024
-    micro_batch: int = 1            # sequences per GPU per forward (a preference pair counts 2)
+    micro_batch: int = 1  # sequences per GPU per forward (a preference pair counts 2)
     grad_accum: int = 1
     lora_r: int = 16
     lora_targets: tuple[str, ...] | str = LINEARS
     gradient_checkpointing: bool = True
-    optimizer: str = "adamw"        # adamw | adamw_8bit (paged or not)
-    dtype: str = "bf16"             # compute dtype of activations and unquantized weights
-    weight_dtype: str = ""          # storage of unquantized weights if not `dtype` (fp32 under autocast, or QLoRA's
-                                    # embeddings/head/norms after prepare_model_for_kbit_training)
+    optimizer: str = "adamw"  # adamw | adamw_8bit (paged or not)
+    dtype: str = "bf16"  # compute dtype of activations and unquantized weights
+    weight_dtype: str = ""  # storage of unquantized weights if not `dtype` (fp32 under autocast, or QLoRA's
+    # embeddings/head/norms after prepare_model_for_kbit_training)
     double_quant: bool = True
-    head: str = "lm"                # lm (vocab logits) | score (reward/value head: no logits)
-    chunked_loss: int = 1           # cross-entropy in this many chunks (torchtune uses 8)
-    gpus: int = 1                   # data-parallel processes sharing the work
+    head: str = "lm"  # lm (vocab logits) | score (reward/value head: no logits)
+    chunked_loss: int = 1  # cross-entropy in this many chunks (torchtune uses 8)
+    gpus: int = 1  # data-parallel processes sharing the work
     zero_stage: int = 0
-    frozen_copies: int = 0          # extra resident copies of the frozen base (reference/reward models)
-    gpu_gib: float | None = None    # the card to check against
-    prefill_tokens: int = 0         # generate/score: tokens one forward pass holds at once (0: micro_batch x seq_len)
+    frozen_copies: int = 0  # extra resident copies of the frozen base (reference/reward models)
+    gpu_gib: float | None = None  # the card to check against
+    prefill_tokens: int = 0  # generate/score: tokens one forward pass holds at once (0: micro_batch x seq_len)
     notes: dict = dataclasses.field(default_factory=dict)
 
 
@@ -230,20 +277,29 @@ def dry_run(plan: Plan, params: dict | None = None) -> str:
     p = arch.params()
     est = estimate(plan)
     name = plan.model if isinstance(plan.model, (str, Path)) else plan.model.get("_name_or_path", "config")
-    lines = [f"stage {plan.stage}: dry run (no weights loaded)",
-             f"  model        {name}: {p['total'] / 1e9:.2f}B params, {arch.layers} layers, hidden {arch.hidden}, "
-             f"vocab {arch.vocab}",
-             f"  method       {plan.method}" + (f", LoRA r={plan.lora_r} on {_targets(plan.lora_targets)}"
-                                               f" ({lora_params(arch, plan.lora_r, plan.lora_targets) / 1e6:.1f}M "
-                                               "trainable)" if plan.method in ("qlora", "lora") else ""),
-             f"  batch        {plan.micro_batch} x {plan.seq_len} tokens per GPU, accumulation {plan.grad_accum}, "
-             f"{plan.gpus} GPU(s) -> {plan.micro_batch * plan.grad_accum * plan.gpus} sequences per step",
-             f"  runtime      {plan.dtype}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
-             f"optimizer {plan.optimizer}, ZeRO stage {plan.zero_stage}"]
-    if plan.method in ("generate", "score"):    # no training: the batch is what runs at once, in one dtype
-        lines[3:] = [f"  batch        {plan.micro_batch} sequences x {plan.seq_len} tokens"
-                     + (" (prompt + new tokens)" if plan.method == "generate" else ""),
-                     f"  runtime      {plan.dtype}, inference only"]
+    lines = [
+        f"stage {plan.stage}: dry run (no weights loaded)",
+        f"  model        {name}: {p['total'] / 1e9:.2f}B params, {arch.layers} layers, hidden {arch.hidden}, "
+        f"vocab {arch.vocab}",
+        f"  method       {plan.method}"
+        + (
+            f", LoRA r={plan.lora_r} on {_targets(plan.lora_targets)}"
+            f" ({lora_params(arch, plan.lora_r, plan.lora_targets) / 1e6:.1f}M "
+            "trainable)"
+            if plan.method in ("qlora", "lora")
+            else ""
+        ),
+        f"  batch        {plan.micro_batch} x {plan.seq_len} tokens per GPU, accumulation {plan.grad_accum}, "
+        f"{plan.gpus} GPU(s) -> {plan.micro_batch * plan.grad_accum * plan.gpus} sequences per step",
+        f"  runtime      {plan.dtype}, gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
+        f"optimizer {plan.optimizer}, ZeRO stage {plan.zero_stage}",
+    ]
+    if plan.method in ("generate", "score"):  # no training: the batch is what runs at once, in one dtype
+        lines[3:] = [
+            f"  batch        {plan.micro_batch} sequences x {plan.seq_len} tokens"
+            + (" (prompt + new tokens)" if plan.method == "generate" else ""),
+            f"  runtime      {plan.dtype}, inference only",
+        ]
     for key, value in plan.notes.items():
         if key != "verdict":
             lines.append(f"  {key:<12} {value}")
@@ -283,13 +339,23 @@ def dry_run_model(model_dir: str | Path, params_file: str | Path | None) -> str 
         return base["local_dir"]
     if source == "gguf":
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    raise FileNotFoundError(f"{model_dir} does not exist yet and base ({source}: {base.get('hub_id', '')}) is not a "
-                            f"known architecture; run the base stage first or add it to selfalign.memory.KNOWN")
+    raise FileNotFoundError(
+        f"{model_dir} does not exist yet and base ({source}: {base.get('hub_id', '')}) is not a "
+        f"known architecture; run the base stage first or add it to selfalign.memory.KNOWN"
+    )
 
 
-def stage_plan(stage: str, train: dict, model_dir: str | Path, params_file: str | Path | None = None, *,
-               gpu_gib: float | None = 24, deepspeed_config: str | Path | None = None, head: str = "lm",
-               pairs: bool = False) -> Plan:
+def stage_plan(
+    stage: str,
+    train: dict,
+    model_dir: str | Path,
+    params_file: str | Path | None = None,
+    *,
+    gpu_gib: float | None = 24,
+    deepspeed_config: str | Path | None = None,
+    head: str = "lm",
+    pairs: bool = False,
+) -> Plan:
     """A Plan from a training section shaped like sft.train or reward: method, lora {r, target_modules},
     max_len or max_length, batch_size, grad_accum, precision. GPUs are the launcher's WORLD_SIZE, else
     the visible CUDA devices, else 1; the ZeRO stage is read from the DeepSpeed config when one is used."""
@@ -309,31 +375,54 @@ def stage_plan(stage: str, train: dict, model_dir: str | Path, params_file: str 
     lora = train.get("lora") or {}
     method = train.get("method", "lora")
     precision = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}.get(
-        str(train.get("precision", "fp32")), "fp32")
+        str(train.get("precision", "fp32")), "fp32"
+    )
     seq = train.get("max_len") or train.get("max_length") or 1024
     batch = int(train.get("batch_size", 1)) * (2 if pairs else 1)
-    return Plan(stage=stage, model=dry_run_model(model_dir, params_file), method=method, seq_len=int(seq),
-                micro_batch=batch, grad_accum=int(train.get("grad_accum", 1)), lora_r=int(lora.get("r", 8)),
-                lora_targets=tuple(lora.get("target_modules") or ("q_proj", "v_proj")),
-                gradient_checkpointing=bool(train.get("gradient_checkpointing", False)), dtype=precision,
-                weight_dtype="fp32" if method == "qlora" else "", double_quant=False, head=head,
-                gpus=max(1, gpus), zero_stage=zero, gpu_gib=gpu_gib,
-                notes={"model dir": f"{model_dir}" + ("" if Path(model_dir, "config.json").is_file()
-                                                      else " (not made yet: architecture from params base)")})
+    return Plan(
+        stage=stage,
+        model=dry_run_model(model_dir, params_file),
+        method=method,
+        seq_len=int(seq),
+        micro_batch=batch,
+        grad_accum=int(train.get("grad_accum", 1)),
+        lora_r=int(lora.get("r", 8)),
+        lora_targets=tuple(lora.get("target_modules") or ("q_proj", "v_proj")),
+        gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+        dtype=precision,
+        weight_dtype="fp32" if method == "qlora" else "",
+        double_quant=False,
+        head=head,
+        gpus=max(1, gpus),
+        zero_stage=zero,
+        gpu_gib=gpu_gib,
+        notes={
+            "model dir": f"{model_dir}"
+            + ("" if Path(model_dir, "config.json").is_file() else " (not made yet: architecture from params base)")
+        },
+    )
 
 
-def ppo_plan(cfg: dict, policy_dir: str | Path, params_file: str | Path | None = None, *,
-             gpu_gib: float | None = 24) -> Plan:
+def ppo_plan(
+    cfg: dict, policy_dir: str | Path, params_file: str | Path | None = None, *, gpu_gib: float | None = 24
+) -> Plan:
     """stages/ppo.py's step: a LoRA policy trained on minibatches of prompt + response tokens, with the
     reward model (unless a reward function replaces it) and, for `reference: copy`, a second frozen
     policy resident beside it; the value head shares the policy's trunk."""
-    train = {"method": "lora", "lora": cfg["lora"], "max_len": cfg["max_prompt_tokens"] + cfg["response_length"],
-             "batch_size": cfg["minibatch_size"], "precision": "bf16" if cfg["mixed_precision"] == "bf16" else "fp32"}
+    train = {
+        "method": "lora",
+        "lora": cfg["lora"],
+        "max_len": cfg["max_prompt_tokens"] + cfg["response_length"],
+        "batch_size": cfg["minibatch_size"],
+        "precision": "bf16" if cfg["mixed_precision"] == "bf16" else "fp32",
+    }
     plan = stage_plan("ppo", train, policy_dir, params_file, gpu_gib=gpu_gib)
     plan.weight_dtype = "fp32"  # the policy is loaded in fp32 whatever the autocast
     plan.frozen_copies = int(cfg.get("reward_fn") is None) + int(cfg.get("reference") == "copy")
-    plan.notes["rollout"] = (f"{cfg['batch_size']} prompts x {cfg['response_length']} new tokens, "
-                             f"{cfg['ppo_epochs']} epochs of minibatches of {cfg['minibatch_size']}")
+    plan.notes["rollout"] = (
+        f"{cfg['batch_size']} prompts x {cfg['response_length']} new tokens, "
+        f"{cfg['ppo_epochs']} epochs of minibatches of {cfg['minibatch_size']}"
+    )
     return plan
 
 
@@ -350,10 +439,21 @@ def _dtype_name(dtype: str, model) -> str:
     return dtype
 
 
-def generation_plan(stage: str, model_dir: str | Path, params_file: str | Path | None = None, *,
-                    engine: dict | None = None, batch: int, prompt_tokens: int, new_tokens: int,
-                    dtype: str = "bfloat16", method: str = "generate", head: str = "lm",
-                    gpu_gib: float | None = 24, what: str = "") -> Plan:
+def generation_plan(
+    stage: str,
+    model_dir: str | Path,
+    params_file: str | Path | None = None,
+    *,
+    engine: dict | None = None,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    dtype: str = "bfloat16",
+    method: str = "generate",
+    head: str = "lm",
+    gpu_gib: float | None = 24,
+    what: str = "",
+) -> Plan:
     """A Plan for a stage that runs a model without training it: `generate` (weights + the KV cache of
     `batch` sequences of prompt_tokens + new_tokens) or `score` (one forward pass over `batch` sequences of
     prompt_tokens, with every position's logits). `engine` is the stage's resolved engine spec: with
@@ -367,15 +467,28 @@ def generation_plan(stage: str, model_dir: str | Path, params_file: str | Path |
     seq = int(prompt_tokens) + int(new_tokens)
     # the largest forward: the whole batch's prompts at once in transformers, chunks of max_num_batched_tokens in vLLM
     prefill = min(int(batch) * seq, VLLM_BATCHED_TOKENS) if kind == "vllm" else int(batch) * int(prompt_tokens)
-    plan = Plan(stage=stage, model=model, method=method, seq_len=seq, prefill_tokens=prefill,
-                micro_batch=int(batch), dtype=_dtype_name(dtype, model), gradient_checkpointing=False,
-                optimizer="none", head=head, gpu_gib=gpu_gib,
-                notes={"model dir": f"{model_dir}" + ("" if Path(model_dir, "config.json").is_file()
-                                                      else " (not made yet: architecture from params base)")})
+    plan = Plan(
+        stage=stage,
+        model=model,
+        method=method,
+        seq_len=seq,
+        prefill_tokens=prefill,
+        micro_batch=int(batch),
+        dtype=_dtype_name(dtype, model),
+        gradient_checkpointing=False,
+        optimizer="none",
+        head=head,
+        gpu_gib=gpu_gib,
+        notes={
+            "model dir": f"{model_dir}"
+            + ("" if Path(model_dir, "config.json").is_file() else " (not made yet: architecture from params base)")
+        },
+    )
     if what:
         plan.notes["work"] = what
-    plan.notes["engine"] = (f"{kind}, batches of {batch}" if method == "generate" else
-                            f"in-process (transformers), batches of {batch}")
+    plan.notes["engine"] = (
+        f"{kind}, batches of {batch}" if method == "generate" else f"in-process (transformers), batches of {batch}"
+    )
     if kind == "openai":
         plan.notes["engine"] += " (an endpoint: nothing is loaded in this process)"
     if kind == "vllm" and gpu_gib:
@@ -386,21 +499,30 @@ def generation_plan(stage: str, model_dir: str | Path, params_file: str | Path |
         per_token = 2 * arch.layers * arch.kv_dim * BYTES[plan.dtype] / tp
         room = util * gpu_gib * GIB - est["weights"] / tp - est["activations"] - CUDA_CONTEXT
         seqs = room / per_token / plan.seq_len if room > 0 else 0
-        plan.notes["vllm"] = (f"reserves {util:g} x {gpu_gib:g} GiB = {util * gpu_gib:.1f} GiB per GPU "
-                              f"(tensor_parallel_size {tp}); its KV cache then holds {max(0, room) / GIB:.1f} GiB = "
-                              f"{int(seqs)} sequences of {plan.seq_len} tokens")
+        plan.notes["vllm"] = (
+            f"reserves {util:g} x {gpu_gib:g} GiB = {util * gpu_gib:.1f} GiB per GPU "
+            f"(tensor_parallel_size {tp}); its KV cache then holds {max(0, room) / GIB:.1f} GiB = "
+            f"{int(seqs)} sequences of {plan.seq_len} tokens"
+        )
         # vLLM takes its share up front and queues what its KV cache cannot hold: the question is whether one
         # sequence fits beside the weights, and how much of the batch runs at once
-        plan.notes["verdict"] = (f"fits: vLLM runs {min(batch, int(seqs))} of the batch of {batch} at once"
-                                 if seqs >= 1 else "does NOT fit: the weights leave no room for one sequence's "
-                                 "KV cache in vLLM's share; raise gpu_memory_utilization or tensor_parallel_size")
+        plan.notes["verdict"] = (
+            f"fits: vLLM runs {min(batch, int(seqs))} of the batch of {batch} at once"
+            if seqs >= 1
+            else "does NOT fit: the weights leave no room for one sequence's "
+            "KV cache in vLLM's share; raise gpu_memory_utilization or tensor_parallel_size"
+        )
     return plan
 
 
 def dry_run_plans(plans: list[Plan], params: dict | None = None) -> str:
     """Several plans (a stage that loads more than one model, or runs one model two ways), then the params once."""
-    text = "\n".join(dry_run(p) if not p.notes.get("engine", "").startswith("openai") else
-                     f"stage {p.stage}: dry run: {p.notes['engine']}" for p in plans)
+    text = "\n".join(
+        dry_run(p)
+        if not p.notes.get("engine", "").startswith("openai")
+        else f"stage {p.stage}: dry run: {p.notes['engine']}"
+        for p in plans
+    )
     if params:
         text += "\n  params       " + json.dumps(params, sort_keys=True, default=str)
     return text
@@ -409,49 +531,140 @@ def dry_run_plans(plans: list[Plan], params: dict | None = None) -> str:
 PROMPT_TOKENS = 512  # the prompt a dry run assumes where a stage's params do not bound it (system + instruction)
 
 
-def stage_inference_plans(stage: str, cfg: dict, model_dir: str | Path, params_file: str | Path | None = None, *,
-                          spec: dict | None = None, reward_model: str | Path | None = None,
-                          gpu_gib: float | None = 24) -> list[Plan]:
+def stage_inference_plans(
+    stage: str,
+    cfg: dict,
+    model_dir: str | Path,
+    params_file: str | Path | None = None,
+    *,
+    spec: dict | None = None,
+    reward_model: str | Path | None = None,
+    gpu_gib: float | None = 24,
+) -> list[Plan]:
     """The plans of a stage that runs models without training them, from its resolved params `cfg` and
     engine `spec`: what it generates (weights + KV cache at its batch and lengths) and what it scores."""
     gen = dict(params_file=params_file, gpu_gib=gpu_gib)
     if stage == "translate":
         chars = cfg["max_chars"] if cfg["max_chars"] and cfg["max_chars"] > 0 else 4 * PROMPT_TOKENS
-        return [generation_plan(stage, spec["model"], engine=spec, batch=spec["batch_size"],
-                                prompt_tokens=PROMPT_TOKENS + int(chars * cfg["tokens_per_char"]),
-                                new_tokens=cfg["max_tokens"], what="one field per request", **gen)]
-    if stage == "augment":      # a web segment of max_chars at ~4 characters per token, in the instruction prompt
-        return [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"],
-                                prompt_tokens=PROMPT_TOKENS // 4 + cfg["max_chars"] // 4,
-                                new_tokens=cfg["max_new_tokens"], what="an instruction per web segment", **gen)]
+        return [
+            generation_plan(
+                stage,
+                spec["model"],
+                engine=spec,
+                batch=spec["batch_size"],
+                prompt_tokens=PROMPT_TOKENS + int(chars * cfg["tokens_per_char"]),
+                new_tokens=cfg["max_tokens"],
+                what="one field per request",
+                **gen,
+            )
+        ]
+    if stage == "augment":  # a web segment of max_chars at ~4 characters per token, in the instruction prompt
+        return [
+            generation_plan(
+                stage,
+                model_dir,
+                engine=spec,
+                batch=spec["batch_size"],
+                prompt_tokens=PROMPT_TOKENS // 4 + cfg["max_chars"] // 4,
+                new_tokens=cfg["max_new_tokens"],
+                what="an instruction per web segment",
+                **gen,
+            )
+        ]
     if stage == "curate":
         if cfg["mode"] == "logprobs":
-            return [generation_plan(stage, model_dir, engine={"kind": "local", "dtype": cfg["dtype"]},
-                                    batch=cfg["batch_size"], prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"],
-                                    new_tokens=0, method="score", what="the score digits' log-probs", **gen)]
+            return [
+                generation_plan(
+                    stage,
+                    model_dir,
+                    engine={"kind": "local", "dtype": cfg["dtype"]},
+                    batch=cfg["batch_size"],
+                    prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"],
+                    new_tokens=0,
+                    method="score",
+                    what="the score digits' log-probs",
+                    **gen,
+                )
+            ]
         spec = {"kind": "local", "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
-        return [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"],
-                                prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"], new_tokens=cfg["max_tokens"],
-                                what="a 'Score: N' reply per candidate", **gen)]
+        return [
+            generation_plan(
+                stage,
+                model_dir,
+                engine=spec,
+                batch=spec["batch_size"],
+                prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"],
+                new_tokens=cfg["max_tokens"],
+                what="a 'Score: N' reply per candidate",
+                **gen,
+            )
+        ]
     if stage == "distill":
-        return [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"], prompt_tokens=PROMPT_TOKENS,
-                                new_tokens=cfg["max_new_tokens"], what="the teacher's answers", **gen)]
+        return [
+            generation_plan(
+                stage,
+                model_dir,
+                engine=spec,
+                batch=spec["batch_size"],
+                prompt_tokens=PROMPT_TOKENS,
+                new_tokens=cfg["max_new_tokens"],
+                what="the teacher's answers",
+                **gen,
+            )
+        ]
     if stage == "evaluate":
         dtype = cfg["dtype"]
-        plans = [generation_plan(stage, model_dir, engine=spec, batch=spec["batch_size"], prompt_tokens=PROMPT_TOKENS,
-                                 new_tokens=cfg["max_new_tokens"], what="answers to the eval prompts", **gen),
-                 generation_plan(stage, model_dir, engine={"kind": "local", "dtype": dtype}, method="score",
-                                 batch=cfg["ppl_batch_size"], prompt_tokens=cfg["ppl_max_length"], new_tokens=0,
-                                 what="perplexity (after the answering engine is closed)", **gen)]
+        plans = [
+            generation_plan(
+                stage,
+                model_dir,
+                engine=spec,
+                batch=spec["batch_size"],
+                prompt_tokens=PROMPT_TOKENS,
+                new_tokens=cfg["max_new_tokens"],
+                what="answers to the eval prompts",
+                **gen,
+            ),
+            generation_plan(
+                stage,
+                model_dir,
+                engine={"kind": "local", "dtype": dtype},
+                method="score",
+                batch=cfg["ppl_batch_size"],
+                prompt_tokens=cfg["ppl_max_length"],
+                new_tokens=0,
+                what="perplexity (after the answering engine is closed)",
+                **gen,
+            ),
+        ]
         if reward_model:
-            plans.append(generation_plan(stage, reward_model, engine={"kind": "local", "dtype": dtype}, method="score",
-                                         head="score", batch=cfg["reward_batch_size"],
-                                         prompt_tokens=cfg["ppl_max_length"], new_tokens=0,
-                                         what="reward scores of the answers", **gen))
+            plans.append(
+                generation_plan(
+                    stage,
+                    reward_model,
+                    engine={"kind": "local", "dtype": dtype},
+                    method="score",
+                    head="score",
+                    batch=cfg["reward_batch_size"],
+                    prompt_tokens=cfg["ppl_max_length"],
+                    new_tokens=0,
+                    what="reward scores of the answers",
+                    **gen,
+                )
+            )
         return plans
-    if stage == "export":       # the merged model and its reloaded copy, compared on one short prompt
-        plan = generation_plan(stage, model_dir, engine={"kind": "local", "dtype": cfg["dtype"]}, method="score",
-                               batch=1, prompt_tokens=64, new_tokens=0, what="merge, save, reload and compare", **gen)
+    if stage == "export":  # the merged model and its reloaded copy, compared on one short prompt
+        plan = generation_plan(
+            stage,
+            model_dir,
+            engine={"kind": "local", "dtype": cfg["dtype"]},
+            method="score",
+            batch=1,
+            prompt_tokens=64,
+            new_tokens=0,
+            what="merge, save, reload and compare",
+            **gen,
+        )
         plan.frozen_copies = 1
         return [plan]
     raise ValueError(f"stage {stage!r}: no inference plan (training stages use stage_plan / ppo_plan)")

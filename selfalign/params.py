@@ -16,9 +16,8 @@ from typing import Any
 import click
 import yaml
 
-
-class ParamsError(click.UsageError):
-    pass
+from selfalign import config
+from selfalign.config import ParamsError  # noqa: F401  (stages raise params.ParamsError)
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
@@ -67,16 +66,40 @@ def parse_set(items: tuple[str, ...] | list[str]) -> dict:
     return out
 
 
-def resolve(defaults: dict, params_file: str | Path | None, name: str, overrides: tuple[str, ...] | list[str] = (),
-            *extra_sections: str) -> dict:
-    """Code defaults, then the params section(s) in order, then --set overrides; unknown keys raise."""
+def resolve(
+    defaults,
+    params_file: str | Path | None,
+    name: str,
+    overrides: tuple[str, ...] | list[str] = (),
+    *extra_sections: str,
+):
+    """Code defaults, then the params section(s) in order, then --set overrides; unknown keys raise.
+
+    `defaults` is a stage's Config class (selfalign/config.py): the result is a validated instance of it,
+    every field typed and range-checked. A plain dict of defaults gives a merged dict (key check only).
+    """
+    if isinstance(defaults, type) and issubclass(defaults, config.Config):
+        cfg = defaults()
+        for sec in (name, *extra_sections):
+            cfg = config.layer(defaults, cfg, section(params_file, sec), name, replace_mappings=True)
+        return config.layer(defaults, cfg, parse_set(overrides), name, replace_mappings=False)
     out = _merge(defaults, section(params_file, name), f"{params_file}:{name}")
     for extra in extra_sections:
         out = _merge(out, section(params_file, extra), f"{params_file}:{extra}")
     return _merge(out, parse_set(overrides), "--set")
 
 
-params_option = click.option("--params", "params_file", type=click.Path(exists=True, dir_okay=False), default=None,
-                             help="params.yaml to read this stage's section from (code defaults without it).")
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="Override one param of this stage's section; repeatable.")
+params_option = click.option(
+    "--params",
+    "params_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="params.yaml to read this stage's section from (code defaults without it).",
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one param of this stage's section; repeatable.",
+)

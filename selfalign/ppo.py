@@ -52,15 +52,15 @@ RewardFn = Callable[[list[list[dict]], list[list[int]]], list[float]]
 
 @dataclasses.dataclass
 class PPOConfig:
-    steps: int = 8                   # PPO steps (rollout + update)
-    batch_size: int = 8              # prompts per rollout, per process
-    minibatch_size: int = 4          # sequences per gradient step
-    ppo_epochs: int = 1              # passes over each rollout
-    response_length: int = 32        # max new tokens per response
-    temperature: float = 1.0         # sampling temperature; log-probs use the same
+    steps: int = 8  # PPO steps (rollout + update)
+    batch_size: int = 8  # prompts per rollout, per process
+    minibatch_size: int = 4  # sequences per gradient step
+    ppo_epochs: int = 1  # passes over each rollout
+    response_length: int = 32  # max new tokens per response
+    temperature: float = 1.0  # sampling temperature; log-probs use the same
     lr: float = 1e-4
-    kl_coef: float = 0.05            # beta, initial value when adaptive
-    kl_target: float | None = None   # nats per sequence; set it to adapt beta (Ziegler et al.)
+    kl_coef: float = 0.05  # beta, initial value when adaptive
+    kl_target: float | None = None  # nats per sequence; set it to adapt beta (Ziegler et al.)
     kl_horizon: int = 10000
     gamma: float = 1.0
     lam: float = 0.95
@@ -83,6 +83,7 @@ class PPOConfig:
 
 
 # --- the arithmetic --------------------------------------------------------------------------
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -173,6 +174,7 @@ def kl_controller(cfg: PPOConfig) -> FixedKL:
 
 # --- the models ------------------------------------------------------------------------------
 
+
 class PolicyWithValue(nn.Module):
     """The LoRA policy and a linear value head on its last hidden state (shared trunk)."""
 
@@ -185,8 +187,14 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, keep: int):
         """(logits, values) at the last `keep` positions."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                      output_hidden_states=True, use_cache=False, logits_to_keep=keep)
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=keep,
+        )
         values = self.value_head(out.hidden_states[-1][:, -keep:].float()).squeeze(-1)
         return out.logits[:, -keep:], values
 
@@ -201,8 +209,14 @@ def with_lora(model, lora: dict, seed: int = 0):
     A's random init is seeded, so two runs with the same params start from the same adapter."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
@@ -210,8 +224,13 @@ def with_lora(model, lora: dict, seed: int = 0):
 
 def reference_logits(policy: PolicyWithValue, ref_model, input_ids, attention_mask, keep: int) -> torch.Tensor:
     """Logits of the frozen SFT model: the policy with its adapter off, or a separate frozen copy."""
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions(attention_mask),
-          "use_cache": False, "logits_to_keep": keep}
+    kw = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": positions(attention_mask),
+        "use_cache": False,
+        "logits_to_keep": keep,
+    }
     if ref_model is not None:
         return ref_model(**kw).logits[:, -keep:]
     with policy.lm.disable_adapter():
@@ -224,18 +243,20 @@ def reward_model_fn(model, tok, batch_size: int = 16, max_length: int = 1024) ->
 
     def fn(conversations, response_ids):
         return reward.score(model, tok, conversations, batch_size=batch_size, max_length=max_length)
+
     return fn
 
 
 # --- one step --------------------------------------------------------------------------------
+
 
 def left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -247,17 +268,30 @@ def generate(lm, query, query_mask, cfg: PPOConfig, eos_id: int, pad_id: int):
     """
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=cfg.response_length, eos_token_id=eos_id, pad_token_id=pad_id)
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=cfg.response_length,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
     out = lm.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
-    response = out[:, query.shape[1]:]
+    response = out[:, query.shape[1] :]
     if response.shape[1] < cfg.response_length:  # every sequence finished early
-        fill = torch.full((response.shape[0], cfg.response_length - response.shape[1]), pad_id,
-                          dtype=response.dtype, device=response.device)
+        fill = torch.full(
+            (response.shape[0], cfg.response_length - response.shape[1]),
+            pad_id,
+            dtype=response.dtype,
+            device=response.device,
+        )
         response = torch.cat([response, fill], dim=1)
     is_eos = response == eos_id
     ended = is_eos.any(1)
-    first = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, response.shape[1] - 1, dtype=torch.long))
+    first = torch.where(
+        ended, is_eos.float().argmax(1), torch.full_like(ended, response.shape[1] - 1, dtype=torch.long)
+    )
     mask = (torch.arange(response.shape[1], device=response.device)[None] <= first[:, None]).long()
     response = torch.where(mask.bool(), response, torch.full_like(response, pad_id))
     return response, mask, ended
@@ -290,8 +324,17 @@ def step_indices(n_prompts: int, step: int, batch_size: int, seed: int, rank: in
     return out
 
 
-def ppo_step(policy, ref_model, tok, prompts: list[dict], reward_fn: RewardFn, cfg: PPOConfig, kl_ctl: FixedKL,
-             optimizer, accelerator) -> dict:
+def ppo_step(
+    policy,
+    ref_model,
+    tok,
+    prompts: list[dict],
+    reward_fn: RewardFn,
+    cfg: PPOConfig,
+    kl_ctl: FixedKL,
+    optimizer,
+    accelerator,
+) -> dict:
     """One rollout and update on `prompts` (dicts with `messages` and token `ids`); returns its metrics."""
     unwrapped = accelerator.unwrap_model(policy)
     device = accelerator.device
@@ -315,17 +358,21 @@ def ppo_step(policy, ref_model, tok, prompts: list[dict], reward_fn: RewardFn, c
         old_logprobs = token_logprobs(logits, response)
         ent = masked_mean(entropy(logits), fmask)
         del logits
-        ref_logprobs = token_logprobs(reference_logits(unwrapped, ref_model, seqs, attn, keep)[:, :-1] / cfg.temperature,
-                                      response)
+        ref_logprobs = token_logprobs(
+            reference_logits(unwrapped, ref_model, seqs, attn, keep)[:, :-1] / cfg.temperature, response
+        )
         old_values = values[:, :-1]
     times["logprobs"] = time.perf_counter() - t
 
     t = time.perf_counter()
     lengths = mask.sum(1)
     response_ids = [r[:n].tolist() for r, n in zip(response.cpu(), lengths.cpu(), strict=True)]
-    texts = tok.batch_decode([ids[:-1] if e else ids for ids, e in zip(response_ids, ended.tolist(), strict=True)],
-                             skip_special_tokens=True)
-    conversations = [p["messages"] + [{"role": "assistant", "content": text}] for p, text in zip(prompts, texts, strict=True)]
+    texts = tok.batch_decode(
+        [ids[:-1] if e else ids for ids, e in zip(response_ids, ended.tolist(), strict=True)], skip_special_tokens=True
+    )
+    conversations = [
+        p["messages"] + [{"role": "assistant", "content": text}] for p, text in zip(prompts, texts, strict=True)
+    ]
     scores = torch.tensor(reward_fn(conversations, response_ids), dtype=torch.float, device=device)
     rewarded = penalise_missing_eos(scores, ended, cfg.missing_eos_penalty)
     times["score"] = time.perf_counter() - t
@@ -341,7 +388,7 @@ def ppo_step(policy, ref_model, tok, prompts: list[dict], reward_fn: RewardFn, c
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(prompts))
         for start in range(0, len(prompts), cfg.minibatch_size):
-            mb = order[start:start + cfg.minibatch_size].to(device)
+            mb = order[start : start + cfg.minibatch_size].to(device)
             new_logits, new_values = policy(seqs[mb], attn[mb], keep)
             new_logprobs = token_logprobs(new_logits[:, :-1] / cfg.temperature, response[mb])
             pg, clip_frac = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], fmask[mb], cfg.clip_range)
@@ -382,6 +429,7 @@ def ppo_step(policy, ref_model, tok, prompts: list[dict], reward_fn: RewardFn, c
 
 # --- checkpoints -----------------------------------------------------------------------------
 
+
 def trainable_state(policy) -> dict:
     return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
 
@@ -400,9 +448,15 @@ def save_checkpoint(directory, *, step, policy, optimizer, kl_ctl, history, fing
     _atomic_save(rng, directory / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "trainable": trainable_state(accelerator.unwrap_model(policy)),
-                 "optimizer": optimizer.state_dict(), "kl_ctl": kl_ctl.state_dict(), "history": history,
-                 "fingerprint": fingerprint, "world": accelerator.num_processes}
+        state = {
+            "step": step,
+            "trainable": trainable_state(accelerator.unwrap_model(policy)),
+            "optimizer": optimizer.state_dict(),
+            "kl_ctl": kl_ctl.state_dict(),
+            "history": history,
+            "fingerprint": fingerprint,
+            "world": accelerator.num_processes,
+        }
         _atomic_save(state, directory / "state.pt")
     accelerator.wait_for_everyone()
     return directory / "state.pt"
@@ -424,8 +478,12 @@ def load_checkpoint(directory, fingerprint: str, steps: int, accelerator) -> dic
         log.info("checkpoint %s was made from other inputs or params; starting from step 0", path)
         return None
     if state["world"] != accelerator.num_processes or state["step"] > steps:
-        log.info("checkpoint %s (step %d, %d processes) does not fit this run; starting from step 0", path,
-                 state["step"], state["world"])
+        log.info(
+            "checkpoint %s (step %d, %d processes) does not fit this run; starting from step 0",
+            path,
+            state["step"],
+            state["world"],
+        )
         return None
     state["rng"] = torch.load(Path(directory) / f"rng-{accelerator.process_index}.pt", weights_only=True)
     return state
@@ -446,9 +504,21 @@ def restore(state: dict, policy, optimizer, kl_ctl, accelerator) -> None:
 
 # --- the loop --------------------------------------------------------------------------------
 
-def train(policy: PolicyWithValue, ref_model, tok, prompts: list[dict], reward_fn: RewardFn, cfg: PPOConfig, *,
-          accelerator=None, checkpoint_dir=None, checkpoint_every: int = 0, fingerprint: str = "",
-          on_step: Callable[[dict, list[dict]], None] | None = None) -> dict:
+
+def train(
+    policy: PolicyWithValue,
+    ref_model,
+    tok,
+    prompts: list[dict],
+    reward_fn: RewardFn,
+    cfg: PPOConfig,
+    *,
+    accelerator=None,
+    checkpoint_dir=None,
+    checkpoint_every: int = 0,
+    fingerprint: str = "",
+    on_step: Callable[[dict, list[dict]], None] | None = None,
+) -> dict:
     """Run PPO to `cfg.steps`, resuming from `checkpoint_dir` when it holds this run's checkpoint.
 
     Returns {"history": per-step metrics, "resumed_from": step or 0, "policy": the trained policy}.
@@ -474,20 +544,48 @@ def train(policy: PolicyWithValue, ref_model, tok, prompts: list[dict], reward_f
             start, history = state["step"], state["history"]
             log.info("resuming from checkpoint at step %d of %d", start, cfg.steps)
     for step in range(start, cfg.steps):
-        batch = [prompts[i] for i in step_indices(len(prompts), step, cfg.batch_size, cfg.seed,
-                                                  accelerator.process_index, accelerator.num_processes)]
-        metrics = {"step": step + 1, **ppo_step(policy, ref_model, tok, batch, reward_fn, cfg, kl_ctl, optimizer,
-                                                accelerator)}
+        batch = [
+            prompts[i]
+            for i in step_indices(
+                len(prompts), step, cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+            )
+        ]
+        metrics = {
+            "step": step + 1,
+            **ppo_step(policy, ref_model, tok, batch, reward_fn, cfg, kl_ctl, optimizer, accelerator),
+        }
         history.append(metrics)
-        log.info("step %d/%d reward %.3f kl %.4f clip %.3f entropy %.2f len %.1f | gen %.1fs score %.1fs "
-                 "logprobs %.1fs optimise %.1fs", step + 1, cfg.steps, metrics["reward_mean"], metrics["kl"],
-                 metrics["clip_frac"], metrics["entropy"], metrics["response_length"], metrics["time_generate"],
-                 metrics["time_score"], metrics["time_logprobs"], metrics["time_optimise"])
+        log.info(
+            "step %d/%d reward %.3f kl %.4f clip %.3f entropy %.2f len %.1f | gen %.1fs score %.1fs "
+            "logprobs %.1fs optimise %.1fs",
+            step + 1,
+            cfg.steps,
+            metrics["reward_mean"],
+            metrics["kl"],
+            metrics["clip_frac"],
+            metrics["entropy"],
+            metrics["response_length"],
+            metrics["time_generate"],
+            metrics["time_score"],
+            metrics["time_logprobs"],
+            metrics["time_optimise"],
+        )
         if on_step is not None and accelerator.is_main_process:
             on_step(metrics, history)
-        if checkpoint_dir is not None and checkpoint_every and ((step + 1) % checkpoint_every == 0
-                                                                or step + 1 == cfg.steps):
-            save_checkpoint(checkpoint_dir, step=step + 1, policy=policy, optimizer=optimizer, kl_ctl=kl_ctl,
-                            history=history, fingerprint=fingerprint, accelerator=accelerator)
+        if (
+            checkpoint_dir is not None
+            and checkpoint_every
+            and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps)
+        ):
+            save_checkpoint(
+                checkpoint_dir,
+                step=step + 1,
+                policy=policy,
+                optimizer=optimizer,
+                kl_ctl=kl_ctl,
+                history=history,
+                fingerprint=fingerprint,
+                accelerator=accelerator,
+            )
             log.info("checkpoint saved at step %d", step + 1)
     return {"history": history, "resumed_from": start, "policy": accelerator.unwrap_model(policy)}

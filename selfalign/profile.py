@@ -49,8 +49,9 @@ def stage_defaults(stages_dir: str | Path) -> dict[str, dict]:
     return out
 
 
-def validate(profile: dict, params_file: str | Path | None, defaults: dict[str, dict], where: str = "profile"
-             ) -> tuple[dict[str, dict], list[str]]:
+def validate(
+    profile: dict, params_file: str | Path | None, defaults: dict[str, dict], where: str = "profile"
+) -> tuple[dict[str, dict], list[str]]:
     """({section: resolved values} for the sections checked, [sections with no stage to check against])."""
     known = {**NON_STAGE, **defaults}
     resolved, unchecked = {}, []
@@ -70,8 +71,9 @@ def _has_section(params_file: str | Path, name: str) -> bool:
     return name in data
 
 
-def changes(profile: dict, params_file: str | Path, defaults: dict[str, dict] | None = None
-            ) -> list[tuple[str, object, object]]:
+def changes(
+    profile: dict, params_file: str | Path, defaults: dict[str, dict] | None = None
+) -> list[tuple[str, object, object]]:
     """(dotted key, value now, value after) for every leaf the profile changes; `now` is what the
     stage resolves today (its DEFAULTS under params.yaml) where the stage is known."""
     data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}

@@ -58,8 +58,16 @@ def _eta(seconds: float) -> str:
 class Tracker:
     """Counts items; `update(k)` after each k, `close()` at the end (it logs the total)."""
 
-    def __init__(self, total: int | None = None, desc: str = "", *, every_s: float = 0.5, log_every_s: float = 30.0,
-                 tty: bool | None = None, stream=None):
+    def __init__(
+        self,
+        total: int | None = None,
+        desc: str = "",
+        *,
+        every_s: float = 0.5,
+        log_every_s: float = 30.0,
+        tty: bool | None = None,
+        stream=None,
+    ):
         self.total, self.desc, self.n = total, desc, 0
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty

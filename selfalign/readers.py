@@ -32,7 +32,7 @@ KIND_ROLE = {kind: role for role, kind in ROLE_KIND.items()}
 @dataclass(frozen=True)
 class Reader:
     fn: Callable[..., Iterator[dict]]
-    kind: str | None          # None: the file says (canonical records)
+    kind: str | None  # None: the file says (canonical records)
     options: tuple[str, ...]  # keyword options beyond (path, lang, source)
 
     @property
@@ -48,6 +48,7 @@ def register(name: str, kind: str | None):
         options = tuple(p for p in inspect.signature(fn).parameters if p not in ("path", "lang", "source"))
         READERS[name] = Reader(fn, kind, options)
         return fn
+
     return wrap
 
 
@@ -71,6 +72,7 @@ class Reject(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Units: (line, object or error, raw text) from JSON Lines or one JSON array
+
 
 def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
     """JSON Lines, or one JSON array (KoChatGPT's `.jsonl` files are arrays); sniffed from the first character.
@@ -163,8 +165,9 @@ def _array_units(path: str, f, chunk: int = _ARRAY_CHUNK) -> Iterator[tuple[int,
                 if bad is None:
                     if isinstance(e, json.JSONDecodeError):
                         colno = e.colno + (col if buf.rfind("\n", 0, e.pos) < 0 else 0)
-                        bad = io.JsonlLineError(path, base + e.lineno - 1, f"invalid JSON: {e.msg} at column {colno}",
-                                                buf[pos:])
+                        bad = io.JsonlLineError(
+                            path, base + e.lineno - 1, f"invalid JSON: {e.msg} at column {colno}", buf[pos:]
+                        )
                     else:
                         bad = io.JsonlLineError(path, line, "invalid JSON: nested too deeply", buf[pos:])
                 yield bad.line, bad, bad.raw
@@ -173,7 +176,7 @@ def _array_units(path: str, f, chunk: int = _ARRAY_CHUNK) -> Iterator[tuple[int,
                 break
         raw = buf[pos:end]
         bad = io.not_utf8(path, line, raw)
-        if bad is not None:     # inside a string: the item is rejected, the array goes on
+        if bad is not None:  # inside a string: the item is rejected, the array goes on
             yield line, bad, bad.raw
         elif isinstance(obj, dict):
             yield line, obj, raw
@@ -193,12 +196,26 @@ def _convert(path: str, units, convert: Callable[[dict, int], list[dict]]) -> It
         try:
             out = convert(obj, line)
         except Reject as e:
-            yield records.rejected(None, e.reason, STAGE, detail=e.detail, file=path, line=line,
-                                   raw=raw if raw is not None else json.dumps(obj, ensure_ascii=False))
+            yield records.rejected(
+                None,
+                e.reason,
+                STAGE,
+                detail=e.detail,
+                file=path,
+                line=line,
+                raw=raw if raw is not None else json.dumps(obj, ensure_ascii=False),
+            )
             continue
         except records.RecordError as e:
-            yield records.rejected(None, "invalid_record", STAGE, detail=str(e), file=path, line=line,
-                                   raw=raw if raw is not None else json.dumps(obj, ensure_ascii=False))
+            yield records.rejected(
+                None,
+                "invalid_record",
+                STAGE,
+                detail=str(e),
+                file=path,
+                line=line,
+                raw=raw if raw is not None else json.dumps(obj, ensure_ascii=False),
+            )
             continue
         yield from out
 
@@ -232,8 +249,9 @@ def _chat(turns: list[tuple[str, str]], *, lang: str, source: str, meta: dict, s
             raise Reject("bad_turns", f"turn {i + 1} is {role}, expected {want} (turns must alternate, user first)")
     if turns[-1][0] != "assistant":
         raise Reject("bad_turns", "the last turn is the user's; a chat record ends with the assistant")
-    return records.chat([{"role": r, "content": c} for r, c in turns], lang=lang, source=source, meta=meta,
-                        system=system)
+    return records.chat(
+        [{"role": r, "content": c} for r, c in turns], lang=lang, source=source, meta=meta, system=system
+    )
 
 
 def _user_text(instruction: str, inp: str) -> str:
@@ -255,6 +273,7 @@ def read_guanaco(path: str, lang: str, source: str, multi_turn: bool = False) ->
     one `### Human:` and one `### Assistant:`); other lines are rejected as `multi_turn`.
     Contents are stripped: the space after the colon is the format's, not the text's.
     """
+
     def convert(obj, line):
         text = _str(obj, "text")
         meta = _extra(obj, ("text",), line)
@@ -267,6 +286,7 @@ def read_guanaco(path: str, lang: str, source: str, multi_turn: bool = False) ->
         roles = {"Human": "user", "Assistant": "assistant"}
         turns = [(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
         return [_chat(turns, lang=lang, source=source, meta=meta)]
+
     yield from _convert(path, json_units(path), convert)
 
 
@@ -282,10 +302,13 @@ def read_oasst(path: str, lang: str, source: str) -> Iterator[dict]:
     false, not synthetic) with the lowest `rank`, or the only eligible one when none is ranked;
     it stops when no choice is possible and drops a trailing prompter turn (kept in meta).
     """
+
     def convert(obj, line):
         root = obj.get("prompt")
         if not isinstance(root, dict):
-            raise Reject("missing_field" if root is None else "wrong_field", "field 'prompt': expected a message object")
+            raise Reject(
+                "missing_field" if root is None else "wrong_field", "field 'prompt': expected a message object"
+            )
         if not _eligible(root):
             why = "deleted" if root.get("deleted") else "synthetic" if root.get("synthetic") else "review_result false"
             raise Reject("ineligible_prompt", f"the root prompt is {why}")
@@ -309,31 +332,38 @@ def read_oasst(path: str, lang: str, source: str) -> Iterator[dict]:
         turns = []
         for m in path_msgs:
             if m.get("role") not in roles or not isinstance(m.get("text"), str):
-                raise Reject("wrong_field", f"message {m.get('message_id')}: expected role prompter|assistant and a text")
+                raise Reject(
+                    "wrong_field", f"message {m.get('message_id')}: expected role prompter|assistant and a text"
+                )
             turns.append((roles[m["role"]], m["text"]))
         return [_chat(turns, lang=lang, source=source, meta=meta)]
+
     yield from _convert(path, json_units(path), convert)
 
 
 @register("alpaca", "chat")
 def read_alpaca(path: str, lang: str, source: str) -> Iterator[dict]:
     """Alpaca records `{instruction, input, output}`, as one JSON array or JSON Lines."""
+
     def convert(obj, line):
         user = _user_text(_str(obj, "instruction"), _str(obj, "input", optional=True))
         meta = _extra(obj, ("instruction", "input", "output"), line)
         return [_chat([("user", user), ("assistant", _str(obj, "output"))], lang=lang, source=source, meta=meta)]
+
     yield from _convert(path, json_units(path), convert)
 
 
 @register("self_instruct", "chat")
 def read_self_instruct(path: str, lang: str, source: str) -> Iterator[dict]:
     """Self-instruct seed tasks `{id, name, instruction, instances: [{input, output}], ...}`: one chat record per instance."""
+
     def convert(obj, line):
         instruction = _str(obj, "instruction")
         instances = obj.get("instances")
         if not isinstance(instances, list) or not instances:
-            raise Reject("missing_field" if instances is None else "wrong_field",
-                         "field 'instances': expected a non-empty list")
+            raise Reject(
+                "missing_field" if instances is None else "wrong_field", "field 'instances': expected a non-empty list"
+            )
         out = []
         for i, inst in enumerate(instances):
             if not isinstance(inst, dict):
@@ -345,17 +375,20 @@ def read_self_instruct(path: str, lang: str, source: str) -> Iterator[dict]:
             meta = {**_extra(obj, ("instruction", "instances"), line), "instance": i}
             out.append(_chat([("user", user), ("assistant", output)], lang=lang, source=source, meta=meta))
         return out
+
     yield from _convert(path, json_units(path), convert)
 
 
 @register("sft", "chat")
 def read_sft(path: str, lang: str, source: str) -> Iterator[dict]:
     """KoChatGPT / MYChatGPT SFT `{prompt, completion, tokens}`; also gpt4all's `{prompt, response, source}`."""
+
     def convert(obj, line):
         prompt = _str(obj, "prompt")
         answer_field = "response" if "response" in obj and "completion" not in obj else "completion"
         meta = _extra(obj, ("prompt", answer_field), line)
         return [_chat([("user", prompt), ("assistant", _str(obj, answer_field))], lang=lang, source=source, meta=meta)]
+
     yield from _convert(path, json_units(path), convert)
 
 
@@ -431,6 +464,7 @@ def read_conversation(path: str, lang: str, source: str) -> Iterator[dict]:
 @register("messages", "chat")
 def read_messages(path: str, lang: str, source: str) -> Iterator[dict]:
     """Vigogne chat `{id, messages: [{role, content}]}`; a leading `system` message becomes the record's system."""
+
     def convert(obj, line):
         msgs = obj.get("messages")
         if not isinstance(msgs, list):
@@ -446,14 +480,18 @@ def read_messages(path: str, lang: str, source: str) -> Iterator[dict]:
             elif role in ("user", "assistant"):
                 turns.append((role, m["content"]))
             else:
-                raise Reject("wrong_field", f"field 'messages[{i}].role': {role!r} is not user|assistant"
-                             + ("" if i else "|system"))
+                raise Reject(
+                    "wrong_field",
+                    f"field 'messages[{i}].role': {role!r} is not user|assistant" + ("" if i else "|system"),
+                )
         return [_chat(turns, lang=lang, source=source, meta=_extra(obj, ("messages",), line), system=system)]
+
     yield from _convert(path, json_units(path), convert)
 
 
 # ---------------------------------------------------------------------------------------------
 # Preference and prompt formats
+
 
 @register("rm", "preference")
 def read_rm(path: str, lang: str, source: str) -> Iterator[dict]:
@@ -474,6 +512,7 @@ def read_rm(path: str, lang: str, source: str) -> Iterator[dict]:
     the rows, where the notebook trains on partly inverted pairs. We follow the generator; on MYChatGPT's
     3-cycle rows it is the reading that puts the off-topic (ada) answer last (tests/test_ingest.py).
     """
+
     def convert(obj, line):
         prompt = _str(obj, "prompt")
         idx = sorted(int(k.split("_")[1]) for k in obj if re.fullmatch(r"completion_\d+", k))
@@ -484,15 +523,27 @@ def read_rm(path: str, lang: str, source: str) -> Iterator[dict]:
         if ranking is None:
             raise Reject("missing_field", "field 'ranking' is missing")
         if not isinstance(ranking, list) or sorted(ranking) != idx or not all(isinstance(r, int) for r in ranking):
-            raise Reject("wrong_field", f"field 'ranking': {ranking!r} is not a permutation of the completion indices {idx}")
+            raise Reject(
+                "wrong_field", f"field 'ranking': {ranking!r} is not a permutation of the completion indices {idx}"
+            )
         out = []
         for a in range(len(ranking)):
             for b in range(a + 1, len(ranking)):
                 better, worse = ranking[a], ranking[b]
                 meta = {"line": line, "ranking": ranking, "chosen_index": better, "rejected_index": worse}
-                out.append(records.make("preference", prompt=prompt, chosen=completions[better],
-                                        rejected=completions[worse], lang=lang, source=source, meta=meta))
+                out.append(
+                    records.make(
+                        "preference",
+                        prompt=prompt,
+                        chosen=completions[better],
+                        rejected=completions[worse],
+                        lang=lang,
+                        source=source,
+                        meta=meta,
+                    )
+                )
         return out
+
     yield from _convert(path, json_units(path), convert)
 
 
@@ -503,17 +554,28 @@ def read_sharegpt_preference(path: str, lang: str, source: str) -> Iterator[dict
     `from` is system / human / gpt. The record schema holds one prompt, so a conversation with
     more than one human turn is rejected as `multi_turn`.
     """
+
     def convert(obj, line):
         conv = obj.get("conversations")
         if not isinstance(conv, list) or not conv:
-            raise Reject("missing_field" if conv is None else "wrong_field", "field 'conversations': expected a non-empty list")
+            raise Reject(
+                "missing_field" if conv is None else "wrong_field", "field 'conversations': expected a non-empty list"
+            )
         for i, m in enumerate(conv):
-            if not isinstance(m, dict) or m.get("from") not in ("system", "human", "gpt") or not isinstance(m.get("value"), str):
-                raise Reject("wrong_field", f"field 'conversations[{i}]': expected {{from: system|human|gpt, value: str}}")
+            if (
+                not isinstance(m, dict)
+                or m.get("from") not in ("system", "human", "gpt")
+                or not isinstance(m.get("value"), str)
+            ):
+                raise Reject(
+                    "wrong_field", f"field 'conversations[{i}]': expected {{from: system|human|gpt, value: str}}"
+                )
         system = conv[0]["value"] if conv[0]["from"] == "system" else None
         rest = conv[1:] if system is not None else conv
         if len(rest) > 1:
-            raise Reject("multi_turn", f"{sum(m['from'] == 'human' for m in rest)} human turns; the schema holds one prompt")
+            raise Reject(
+                "multi_turn", f"{sum(m['from'] == 'human' for m in rest)} human turns; the schema holds one prompt"
+            )
         if rest[0]["from"] != "human":
             raise Reject("bad_turns", f"the prompt turn is from {rest[0]['from']!r}, expected 'human'")
         answers = {}
@@ -524,23 +586,39 @@ def read_sharegpt_preference(path: str, lang: str, source: str) -> Iterator[dict
             if not isinstance(a, dict) or not isinstance(a.get("value"), str):
                 raise Reject("wrong_field", f"field {field!r}: expected {{from: gpt, value: str}}")
             answers[field] = a["value"]
-        return [records.make("preference", prompt=rest[0]["value"], **answers, system=system, lang=lang, source=source,
-                             meta={"line": line})]
+        return [
+            records.make(
+                "preference",
+                prompt=rest[0]["value"],
+                **answers,
+                system=system,
+                lang=lang,
+                source=source,
+                meta={"line": line},
+            )
+        ]
+
     yield from _convert(path, json_units(path), convert)
 
 
 @register("ppo", "prompt")
 def read_ppo(path: str, lang: str, source: str) -> Iterator[dict]:
     """PPO prompts `{"prompt": ...}`, as JSON Lines or one JSON array (KoChatGPT's layout)."""
+
     def convert(obj, line):
-        return [records.make("prompt", prompt=_str(obj, "prompt"), lang=lang, source=source,
-                             meta=_extra(obj, ("prompt",), line))]
+        return [
+            records.make(
+                "prompt", prompt=_str(obj, "prompt"), lang=lang, source=source, meta=_extra(obj, ("prompt",), line)
+            )
+        ]
+
     yield from _convert(path, json_units(path), convert)
 
 
 @register("canonical", None)
 def read_canonical(path: str, lang: str, source: str) -> Iterator[dict]:
     """This pipeline's own records. A given id is kept (a translation keeps its original's id); lang and source default."""
+
     def convert(obj, line):
         record = dict(obj)
         record.setdefault("lang", lang)
@@ -551,6 +629,7 @@ def read_canonical(path: str, lang: str, source: str) -> Iterator[dict]:
             record["id"] = records.record_id(record)
         records.validate(record)
         return [record]
+
     yield from _convert(path, json_units(path), convert)
 
 
@@ -600,8 +679,9 @@ def segment(text: str, min_chars: int, max_chars: int) -> list[str]:
     return out
 
 
-def _segments(path: str, docs: Iterator[tuple[int, Any, str]], lang: str, source: str, min_chars: int,
-              max_chars: int) -> Iterator[dict]:
+def _segments(
+    path: str, docs: Iterator[tuple[int, Any, str]], lang: str, source: str, min_chars: int, max_chars: int
+) -> Iterator[dict]:
     def convert(obj, line):
         text = _str(obj, "text")
         segs = segment(text, min_chars, max_chars)
@@ -612,10 +692,17 @@ def _segments(path: str, docs: Iterator[tuple[int, Any, str]], lang: str, source
             meta = {**_extra(obj, ("text",), line), "segment": i, "segments": len(segs)}
             record = records.make("web", text=seg, lang=lang, source=source, meta=meta)
             if len(seg) < min_chars:
-                record = records.rejected(record, "segment_too_short", STAGE, file=path, line=line,
-                                          detail=f"{len(seg)} chars < min_chars {min_chars}")
+                record = records.rejected(
+                    record,
+                    "segment_too_short",
+                    STAGE,
+                    file=path,
+                    line=line,
+                    detail=f"{len(seg)} chars < min_chars {min_chars}",
+                )
             out.append(record)
         return out
+
     yield from _convert(path, docs, convert)
 
 
@@ -688,7 +775,8 @@ def text_documents(path: str, documents: str = "auto") -> Iterator[tuple[int, An
 
 
 @register("text", "web")
-def read_text(path: str, lang: str, source: str, documents: str = "auto", min_chars: int = 200,
-              max_chars: int = 1500) -> Iterator[dict]:
+def read_text(
+    path: str, lang: str, source: str, documents: str = "auto", min_chars: int = 200, max_chars: int = 1500
+) -> Iterator[dict]:
     """Plain text: one document per line, or documents separated by blank lines; split into segments."""
     yield from _segments(path, text_documents(path, documents), lang, source, min_chars, max_chars)

@@ -103,8 +103,16 @@ def texts(record: dict) -> list[str]:
     return [record["text"]]
 
 
-def rejected(record: dict | None, reason: str, stage: str, *, detail: str = "", file: str | None = None,
-             line: int | None = None, raw: str | None = None) -> dict:
+def rejected(
+    record: dict | None,
+    reason: str,
+    stage: str,
+    *,
+    detail: str = "",
+    file: str | None = None,
+    line: int | None = None,
+    raw: str | None = None,
+) -> dict:
     """A rejected record: what was dropped, by which stage, and why."""
     out: dict[str, Any] = {"reason": reason, "stage": stage}
     if detail:
@@ -122,11 +130,15 @@ def rejected(record: dict | None, reason: str, stage: str, *, detail: str = "", 
     return out
 
 
+def with_system(system: str | None, messages: list[dict]) -> list[dict]:
+    """`messages` with a system message first when `system` is set: the one place that shape is built."""
+    return ([{"role": "system", "content": system}] if system else []) + list(messages)
+
+
 def to_messages(record: dict, system: str | None = None) -> list[dict]:
     """A chat record as the message list a chat template takes (system message first if any)."""
     sys = system if system is not None else record.get("system")
-    head = [{"role": "system", "content": sys}] if sys else []
-    return head + [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    return with_system(sys, [{"role": m["role"], "content": m["content"]} for m in record["messages"]])
 
 
 def stream(path, stage: str, kind: str | None = None) -> Iterator[tuple[dict, int] | dict]:
@@ -137,8 +149,10 @@ def stream(path, stage: str, kind: str | None = None) -> Iterator[tuple[dict, in
     from selfalign import io
 
     if io.starts_json_array(path):
-        detail = (f"{path} is one JSON array, not JSON Lines (one object per line); convert it with "
-                  f"stages/ingest.py --input {path} --format canonical --role ROLE --output OUT.jsonl")
+        detail = (
+            f"{path} is one JSON array, not JSON Lines (one object per line); convert it with "
+            f"stages/ingest.py --input {path} --format canonical --role ROLE --output OUT.jsonl"
+        )
         yield rejected(None, "json_array", stage, detail=detail, file=str(path), line=1)
         return
     for line, obj in io.read_jsonl(path):
@@ -183,9 +197,16 @@ def success_floor(metrics: dict, passed: int, total: int, floor: float, what: st
     Nothing asked (total 0) is not a failure.
     """
     rate = passed / total if total else None
-    metrics["success"] = {"what": what, "passed": passed, "of": total,
-                          "rate": round(rate, 4) if rate is not None else None, "min_success": floor}
+    metrics["success"] = {
+        "what": what,
+        "passed": passed,
+        "of": total,
+        "rate": round(rate, 4) if rate is not None else None,
+        "min_success": floor,
+    }
     if rate is not None and rate < floor:
-        return (f"{what}: {passed} of {total} ({rate:.0%}) came through, below min_success {floor}; outputs, "
-                f"rejects and metrics are written: see the rejected records' reasons")
+        return (
+            f"{what}: {passed} of {total} ({rate:.0%}) came through, below min_success {floor}; outputs, "
+            f"rejects and metrics are written: see the rejected records' reasons"
+        )
     return None

@@ -49,12 +49,15 @@ def is_candidate(rejected: dict) -> str:
 
 def plan(record: dict, template: str, gen: dict) -> list[tr.Field]:
     """One field per system prompt and turn, each asking the teacher to rewrite it from Indonesian into Malay."""
-    return [tr.plan_field(path, text, SOURCE, TARGET, template, gen)
-            for path, text in tr.fields(record, ["system", "user", "assistant"])]
+    return [
+        tr.plan_field(path, text, SOURCE, TARGET, template, gen)
+        for path, text in tr.fields(record, ["system", "user", "assistant"])
+    ]
 
 
-def assemble(record: dict, rewritten: dict[tuple, str], before: langid.Verdict, after: langid.Verdict,
-             teacher: str) -> dict:
+def assemble(
+    record: dict, rewritten: dict[tuple, str], before: langid.Verdict, after: langid.Verdict, teacher: str
+) -> dict:
     """The rewritten record: same id and lang, meta.repair = both verdicts and the teacher."""
     out = copy.deepcopy(record)
     for path, text in rewritten.items():
@@ -62,6 +65,8 @@ def assemble(record: dict, rewritten: dict[tuple, str], before: langid.Verdict, 
         for part in path[:-1]:
             node = node[part]
         node[path[-1]] = text
-    out["meta"] = {**(record.get("meta") or {}),
-                   "repair": {"before": describe(before), "after": describe(after), "teacher": teacher}}
+    out["meta"] = {
+        **(record.get("meta") or {}),
+        "repair": {"before": describe(before), "after": describe(after), "teacher": teacher},
+    }
     return out

@@ -43,8 +43,10 @@ def pair_messages(pair: dict) -> tuple[list[dict], list[dict]]:
     """(chosen conversation, rejected conversation) of a preference record."""
     head = [{"role": "system", "content": pair["system"]}] if pair.get("system") else []
     head.append({"role": "user", "content": pair["prompt"]})
-    return (head + [{"role": "assistant", "content": pair["chosen"]}],
-            head + [{"role": "assistant", "content": pair["rejected"]}])
+    return (
+        head + [{"role": "assistant", "content": pair["chosen"]}],
+        head + [{"role": "assistant", "content": pair["rejected"]}],
+    )
 
 
 def source_listed(source: str, patterns: list[str] | str) -> bool:
@@ -82,6 +84,7 @@ def split_heldout(pairs: list[dict], n_heldout: int, salt: str = "reward-heldout
     trains the model that is then tested on it. The hash order is in_fraction's: holding out the
     first k ids is holding out a fraction just above the k-th id's hash, the same ids in every run.
     """
+
     def rank(record_id: str) -> int:
         return int(hashlib.sha1(f"{salt}:{record_id}".encode()).hexdigest()[:12], 16)
 
@@ -126,11 +129,18 @@ def curation_pairs(scored: list[dict], margin: float) -> tuple[list[dict], Count
             if hi["messages"][-1]["content"] == lo["messages"][-1]["content"]:
                 continue
             prompt = hi["messages"][-2]["content"] if len(hi["messages"]) >= 2 else ""
-            pairs.append(records.make(
-                "preference", prompt=prompt, chosen=hi["messages"][-1]["content"],
-                rejected=lo["messages"][-1]["content"], system=hi.get("system"), lang=hi["lang"],
-                source="curation-scores", meta={"scores": [hi["meta"]["score"], lo["meta"]["score"]],
-                                                "from": [hi["id"], lo["id"]]}))
+            pairs.append(
+                records.make(
+                    "preference",
+                    prompt=prompt,
+                    chosen=hi["messages"][-1]["content"],
+                    rejected=lo["messages"][-1]["content"],
+                    system=hi.get("system"),
+                    lang=hi["lang"],
+                    source="curation-scores",
+                    meta={"scores": [hi["meta"]["score"], lo["meta"]["score"]], "from": [hi["id"], lo["id"]]},
+                )
+            )
             used.update((hi["id"], lo["id"]))
         counts["paired"] += sum(r["id"] in used for r in group)
         counts["scores_too_close"] += sum(r["id"] not in used for r in group)
@@ -145,8 +155,10 @@ def check_pooling(tok) -> None:
 
     ids = tok(chat.render(tok, conv), add_special_tokens=False)["input_ids"]
     if ids[-1] == tok.pad_token_id:
-        raise ValueError(f"the chat template's render ends in the padding token {tok.pad_token!r}: a sequence "
-                         "classification model would read its score one token early; set a distinct pad token")
+        raise ValueError(
+            f"the chat template's render ends in the padding token {tok.pad_token!r}: a sequence "
+            "classification model would read its score one token early; set a distinct pad token"
+        )
 
 
 def encode(tok, conversation: list[dict], max_length: int) -> tuple[list[int], bool]:
@@ -172,13 +184,13 @@ def _last_token(model, tok, conversations: list[list[dict]], batch_size: int, ma
     model.eval()
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
-                ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, :len(encoded[i])] = 1
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
             ids, mask = ids.to(device), mask.to(device)
             if features:
                 hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -213,13 +225,14 @@ def fit_head(chosen, rejected, l2: float, center: float):
 
     def loss_fn():
         rc, rr = c @ w, r @ w
-        return (torch.nn.functional.softplus(rr - rc).mean() + center * ((rc + rr) ** 2).mean() + l2 * (w @ w))
+        return torch.nn.functional.softplus(rr - rc).mean() + center * ((rc + rr) ** 2).mean() + l2 * (w @ w)
 
     def closure():
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
         return loss
+
     with torch.no_grad():
         first = float(loss_fn())
     opt.step(closure)
@@ -259,8 +272,7 @@ def length_baseline(pairs: list[dict]) -> dict:
     n = len(pairs)
     if n == 0:
         return {"accuracy": None, "ci95": None, "pairs": 0}
-    wins = sum((len(p["chosen"]) > len(p["rejected"])) + 0.5 * (len(p["chosen"]) == len(p["rejected"]))
-               for p in pairs)
+    wins = sum((len(p["chosen"]) > len(p["rejected"])) + 0.5 * (len(p["chosen"]) == len(p["rejected"])) for p in pairs)
     return {"accuracy": wins / n, "ci95": list(wilson_interval(wins, n)), "pairs": n}
 
 
@@ -313,16 +325,33 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
     if cfg["lora"]["r"]:
         from peft import LoraConfig, TaskType
 
-        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg["lora"]["r"], lora_alpha=cfg["lora"]["alpha"],
-                                 lora_dropout=cfg["lora"]["dropout"], target_modules=cfg["lora"]["target_modules"])
-    args = RewardConfig(output_dir=workdir, per_device_train_batch_size=cfg["batch_size"],
-                        num_train_epochs=cfg["epochs"], learning_rate=float(cfg["lr"]), max_length=None,
-                        seed=cfg["seed"], use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False,
-                        report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
-                        bf16=cfg["precision"] == "bf16",
-                        lr_scheduler_type="constant", center_rewards_coefficient=float(cfg["center_rewards"]) or None)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                            peft_config=peft_config)
+        peft_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=cfg["lora"]["r"],
+            lora_alpha=cfg["lora"]["alpha"],
+            lora_dropout=cfg["lora"]["dropout"],
+            target_modules=cfg["lora"]["target_modules"],
+        )
+    args = RewardConfig(
+        output_dir=workdir,
+        per_device_train_batch_size=cfg["batch_size"],
+        num_train_epochs=cfg["epochs"],
+        learning_rate=float(cfg["lr"]),
+        max_length=None,
+        seed=cfg["seed"],
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        bf16=cfg["precision"] == "bf16",
+        lr_scheduler_type="constant",
+        center_rewards_coefficient=float(cfg["center_rewards"]) or None,
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=peft_config
+    )
     trainer.train()
     model = trainer.model
     if peft_config is not None:
@@ -339,8 +368,9 @@ def _train_head(model, tok, train_pairs: list[dict], cfg: dict):
 
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1 or head.bias is not None:
-        raise ValueError(f"backbone: frozen needs a bias-free one-output `score` head; {type(model).__name__} has "
-                         f"{head!r}")
+        raise ValueError(
+            f"backbone: frozen needs a bias-free one-output `score` head; {type(model).__name__} has {head!r}"
+        )
     convs = [pair_messages(p) for p in train_pairs]
     cut = sum(encode(tok, c, cfg["max_length"])[1] or encode(tok, r, cfg["max_length"])[1] for c, r in convs)
     kw = {"batch_size": cfg["score_batch_size"], "max_length": cfg["max_length"], "features": True}

@@ -65,8 +65,14 @@ def prompt_for(tok, messages: list[dict]) -> str:
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.code, self.headers = message, param, status, code, headers
 
@@ -78,10 +84,10 @@ class Cancelled(Exception):
 @dataclass
 class Limits:
     max_prompt_tokens: int = 2048
-    max_tokens: int = 1024          # the largest max_tokens a request may ask for
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256
-    max_body_bytes: int = 1 << 20   # 1 MiB: hundreds of bytes per prompt token at the default limit
-    max_queue: int = 64             # requests waiting or generating at once; one more gets a 429
+    max_body_bytes: int = 1 << 20  # 1 MiB: hundreds of bytes per prompt token at the default limit
+    max_queue: int = 64  # requests waiting or generating at once; one more gets a 429
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
@@ -90,7 +96,7 @@ def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool 
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"'{name}' must be a number, got {type(value).__name__}", name)
-    if not math.isfinite(value):        # JSON's NaN fails every range comparison below
+    if not math.isfinite(value):  # JSON's NaN fails every range comparison below
         raise BadRequest(f"'{name}' must be a finite number, got {value}", name)
     if value > hi or value < lo or (lo_open and value == lo):
         raise BadRequest(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
@@ -100,12 +106,13 @@ def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool 
 def _content(value, i: int) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list):         # the OpenAI content-parts form: [{"type": "text", "text": ...}]
+    if isinstance(value, list):  # the OpenAI content-parts form: [{"type": "text", "text": ...}]
         parts = []
         for j, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequest(f"'messages[{i}].content[{j}]': only text parts are supported",
-                                 f"messages[{i}].content")
+                raise BadRequest(
+                    f"'messages[{i}].content[{j}]': only text parts are supported", f"messages[{i}].content"
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise BadRequest(f"'messages[{i}].content' must be a string or a list of text parts", f"messages[{i}].content")
@@ -134,8 +141,9 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict):
             raise BadRequest(f"'messages[{i}]' must be an object with role and content", f"messages[{i}]")
         if m.get("role") not in ROLES:
-            raise BadRequest(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
-                             f"messages[{i}].role")
+            raise BadRequest(
+                f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}", f"messages[{i}].role"
+            )
         if "content" not in m:
             raise BadRequest(f"'messages[{i}].content' is required", f"messages[{i}].content")
         out.append({"role": m["role"], "content": _content(m["content"], i)})
@@ -148,8 +156,9 @@ def parse_settings(body: dict, limits: Limits) -> Request:
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_tokens:
-        raise BadRequest(f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}",
-                         "max_tokens")
+        raise BadRequest(
+            f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}", "max_tokens"
+        )
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = body.get("seed", 0)
@@ -170,8 +179,14 @@ def parse_settings(body: dict, limits: Limits) -> Request:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequest("'model' must be a string", "model")
-    return Request(prompt="", max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                   seed=seed, stop=stop or None)
+    return Request(
+        prompt="",
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        seed=seed,
+        stop=stop or None,
+    )
 
 
 @dataclass
@@ -179,7 +194,7 @@ class Job:
     text: str
     req: Request
     fut: Future
-    gone: threading.Event       # set when the client disconnects or the server stops
+    gone: threading.Event  # set when the client disconnects or the server stops
 
 
 class _AllGone:
@@ -212,7 +227,7 @@ class Batcher:
 
     def _take(self, job: Job) -> bool:
         """Whether `job` is still wanted; a gone one is answered with Cancelled and skipped."""
-        if not job.fut.set_running_or_notify_cancel():     # its waiter cancelled it
+        if not job.fut.set_running_or_notify_cancel():  # its waiter cancelled it
             return False
         if job.gone.is_set():
             job.fut.set_exception(Cancelled())
@@ -265,9 +280,18 @@ async def _disconnected(request: HTTPRequest) -> None:
         pass
 
 
-def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtype: str = "float32",
-               limits: Limits | None = None, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-               model_name: str | Sequence[str] | None = None, engine: str = "local", vllm: dict | None = None):
+def create_app(
+    model_dir: str | os.PathLike,
+    *,
+    api_key: str | None = None,
+    dtype: str = "float32",
+    limits: Limits | None = None,
+    max_batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+    model_name: str | Sequence[str] | None = None,
+    engine: str = "local",
+    vllm: dict | None = None,
+):
     """The FastAPI app serving `model_dir` under its directory name and the aliases in `model_name`
     (the first alias, if any, is the name /v1/models lists first). `app.state.stop()` cancels all work
     and refuses new requests (SIGTERM calls it); `app.state.close()` stops the batcher thread and frees
@@ -288,10 +312,18 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
     names = list(dict.fromkeys([*aliases, Path(model_dir).resolve().name]))
     name = names[0]
     lock = threading.Lock()
-    stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "batches": 0, "max_batch": 0,
-             "cancelled": 0, "busy": 0, "refused_busy": 0}
-    stats_lock = threading.RLock()     # re-entrant: SIGTERM's handler (stop) may run while the loop thread holds it
-    live: set[threading.Event] = set()      # the cancel flag of every request waiting or generating
+    stats = {
+        "requests": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "batches": 0,
+        "max_batch": 0,
+        "cancelled": 0,
+        "busy": 0,
+        "refused_busy": 0,
+    }
+    stats_lock = threading.RLock()  # re-entrant: SIGTERM's handler (stop) may run while the loop thread holds it
+    live: set[threading.Event] = set()  # the cancel flag of every request waiting or generating
     stopping = threading.Event()
     batcher = Batcher(model, lock, max_batch_size, batch_wait_ms / 1000, stats)
     app = FastAPI(title="selfalign", docs_url=None, redoc_url=None)
@@ -312,12 +344,17 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
 
     app.state.close = close
 
-    def error(status: int, message: str, param: str | None = None, code: str | None = None,
-              headers: dict | None = None):
+    def error(
+        status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                            status_code=status, headers=headers)
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+        return JSONResponse(
+            {"error": {"message": message, "type": kind, "param": param, "code": code}},
+            status_code=status,
+            headers=headers,
+        )
 
     @app.exception_handler(BadRequest)
     async def _bad(_, e: BadRequest):
@@ -333,8 +370,7 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
             return
         given = req.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise BadRequest("missing or wrong API key (Authorization: Bearer ...)", status=401,
-                             code="invalid_api_key")
+            raise BadRequest("missing or wrong API key (Authorization: Bearer ...)", status=401, code="invalid_api_key")
 
     def check_model(body: dict) -> str:
         """The served name the request asked for (the first one if it names none)."""
@@ -344,16 +380,21 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
         if not isinstance(asked, str):
             raise BadRequest("'model' must be a string", "model")
         if asked not in names:
-            raise BadRequest(f"The model `{asked}` does not exist; this server serves {', '.join(names)}", "model",
-                             status=404, code="model_not_found")
+            raise BadRequest(
+                f"The model `{asked}` does not exist; this server serves {', '.join(names)}",
+                "model",
+                status=404,
+                code="model_not_found",
+            )
         return asked
 
     async def read_body(request: HTTPRequest) -> bytes:
         """The body, or a 413 once it passes max_body_bytes. A moderately larger body is read to its end
         (and dropped) so that the client, still sending, gets to read the 413."""
         cap = limits.max_body_bytes
-        too_big = BadRequest(f"request body is over the server's limit of {cap} bytes", status=413,
-                             code="request_too_large")
+        too_big = BadRequest(
+            f"request body is over the server's limit of {cap} bytes", status=413, code="request_too_large"
+        )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > 16 * cap:
             raise too_big
@@ -376,8 +417,12 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
                 raise BadRequest("the server is shutting down", status=503, code="server_shutting_down")
             if stats["busy"] >= limits.max_queue:
                 stats["refused_busy"] += 1
-                raise BadRequest(f"the server is busy ({limits.max_queue} requests waiting or generating); "
-                                 "retry later", status=429, code="server_busy", headers={"Retry-After": "1"})
+                raise BadRequest(
+                    f"the server is busy ({limits.max_queue} requests waiting or generating); retry later",
+                    status=429,
+                    code="server_busy",
+                    headers={"Retry-After": "1"},
+                )
             stats["busy"] += 1
             live.add(gone)
         try:
@@ -403,11 +448,18 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
     def checked_prompt(text: str, req: Request) -> int:
         n = model.count_tokens(text)
         if n > limits.max_prompt_tokens:
-            raise BadRequest(f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}", "messages",
-                             code="context_length_exceeded")
+            raise BadRequest(
+                f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}",
+                "messages",
+                code="context_length_exceeded",
+            )
         if n + req.max_tokens > model.max_positions:
-            raise BadRequest(f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
-                             f"{model.max_positions} positions", "max_tokens", code="context_length_exceeded")
+            raise BadRequest(
+                f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                f"{model.max_positions} positions",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
         return n
 
     def prepare(raw: bytes, chat_route: bool) -> tuple[dict, str, str, Request]:
@@ -433,8 +485,10 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
     @app.get("/v1/models")
     def models(request: HTTPRequest):
         check_key(request)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "selfalign"}
-                                           for n in names]}
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "selfalign"} for n in names],
+        }
 
     async def generate(request: HTTPRequest, text: str, req: Request):
         """The generation for `text`, unless the client leaves first: then its work is cancelled."""
@@ -447,7 +501,7 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
             finally:
                 left.cancel()
             if not result.done():
-                gone.set()      # dropped from the queue, or its batch stops at the next token if it was alone
+                gone.set()  # dropped from the queue, or its batch stops at the next token if it was alone
                 log.info("client left; its request is cancelled")
                 result.cancel()
                 raise cancelled()
@@ -462,9 +516,14 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
         _, served, text, req = await asyncio.to_thread(prepare, await read_body(request), False)
         g = await generate(request, text, req)
         count(g.prompt_tokens, g.completion_tokens)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": served, "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason}],
-                "usage": _usage(g)}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": served,
+            "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason}],
+            "usage": _usage(g),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -474,24 +533,35 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
         if body.get("stream"):
             opts = body.get("stream_options") or {}
             usage_too = isinstance(opts, dict) and bool(opts.get("include_usage"))
-            return StreamingResponse(_stream(request, text, req, cid, created, served, usage_too),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(request, text, req, cid, created, served, usage_too), media_type="text/event-stream"
+            )
         g = await generate(request, text, req)
         count(g.prompt_tokens, g.completion_tokens)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": served,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                             "finish_reason": g.finish_reason}],
-                "usage": _usage(g)}
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": served,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason}
+            ],
+            "usage": _usage(g),
+        }
 
-    def _stream(request: HTTPRequest, text: str, req: Request, cid: str, created: int, served: str,
-                usage_too: bool):
+    def _stream(request: HTTPRequest, text: str, req: Request, cid: str, created: int, served: str, usage_too: bool):
         """The SSE chunks of one streamed generation. Its place (max_queue) is taken here, so a full server
         answers 429 before the stream starts, and given back by the generating thread."""
         from transformers import TextIteratorStreamer
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": served,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
+            }
             if usage is not None:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -551,7 +621,7 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
                     yield chunk({}, usage=_usage(g))
                 yield "data: [DONE]\n\n"
             finally:
-                cancel.set()        # the client went away: stop generating at the next token
+                cancel.set()  # the client went away: stop generating at the next token
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
@@ -561,13 +631,16 @@ def create_app(model_dir: str | os.PathLike, *, api_key: str | None = None, dtyp
 
 
 def _usage(g) -> dict:
-    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-            "total_tokens": g.prompt_tokens + g.completion_tokens}
+    return {
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.completion_tokens,
+        "total_tokens": g.prompt_tokens + g.completion_tokens,
+    }
 
 
 @dataclass
 class Running:
-    url: str            # base URL for OpenAI clients, e.g. http://127.0.0.1:8123/v1
+    url: str  # base URL for OpenAI clients, e.g. http://127.0.0.1:8123/v1
     port: int
     server: object
     thread: threading.Thread
@@ -606,40 +679,109 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Running:
 
 
 @click.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="A model directory (weights, tokenizer, chat template).")
-@click.option("--served-model-name", "aliases", multiple=True,
-              help="A name clients may ask for besides the directory's own (repeatable); the first is listed first.")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A model directory (weights, tokenizer, chat template).",
+)
+@click.option(
+    "--served-model-name",
+    "aliases",
+    multiple=True,
+    help="A name clients may ask for besides the directory's own (repeatable); the first is listed first.",
+)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes the server.")
 @click.option("--api-key-env", default=None, help="Name of an env var holding the key clients must send as Bearer.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "auto"]),
-              help="auto: selfalign/device.py's rule (bf16 on a bf16 GPU, on a CPU where measured faster); float32 "
-                   "keeps greedy answers batch-invariant. The model goes on the process's accelerator, else the CPU.")
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(["float32", "bfloat16", "auto"]),
+    help="auto: selfalign/device.py's rule (bf16 on a bf16 GPU, on a CPU where measured faster); float32 "
+    "keeps greedy answers batch-invariant. The model goes on the process's accelerator, else the CPU.",
+)
 @click.option("--max-batch-size", default=8, show_default=True, type=int)
 @click.option("--batch-wait-ms", default=5.0, show_default=True, type=float)
 @click.option("--max-prompt-tokens", default=2048, show_default=True, type=int)
 @click.option("--max-tokens", "max_tokens_limit", default=1024, show_default=True, type=int)
-@click.option("--max-queue", default=Limits.max_queue, show_default=True, type=click.IntRange(min=1),
-              help="Requests waiting or generating at once; one more gets a 429 with Retry-After.")
-@click.option("--max-body-bytes", default=Limits.max_body_bytes, show_default=True, type=click.IntRange(min=1),
-              help="A larger request body gets a 413.")
-@click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "vllm"]),
-              help="local: transformers in this process; vllm: vLLM on the GPU (pip install vllm; CUDA only).")
-@click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1),
-              help="vllm: GPUs the model is split over.")
-@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=float,
-              help="vllm: share of each GPU for weights and KV cache.")
-@click.option("--max-model-len", default=0, show_default=True, type=click.IntRange(min=0),
-              help="vllm: context length to reserve KV cache for (0: the model's own).")
-@click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
-              help="vllm: reuse the KV cache of shared prompt prefixes.")
-@click.option("--dry-run", is_flag=True, help="Print the memory plan (weights + KV cache at the batch and lengths "
-              "above) and exit; load nothing.")
+@click.option(
+    "--max-queue",
+    default=Limits.max_queue,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests waiting or generating at once; one more gets a 429 with Retry-After.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=Limits.max_body_bytes,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="A larger request body gets a 413.",
+)
+@click.option(
+    "--engine",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "vllm"]),
+    help="local: transformers in this process; vllm: vLLM on the GPU (pip install vllm; CUDA only).",
+)
+@click.option(
+    "--tensor-parallel-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="vllm: GPUs the model is split over.",
+)
+@click.option(
+    "--gpu-memory-utilization",
+    default=0.9,
+    show_default=True,
+    type=float,
+    help="vllm: share of each GPU for weights and KV cache.",
+)
+@click.option(
+    "--max-model-len",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="vllm: context length to reserve KV cache for (0: the model's own).",
+)
+@click.option(
+    "--prefix-caching/--no-prefix-caching",
+    default=True,
+    show_default=True,
+    help="vllm: reuse the KV cache of shared prompt prefixes.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the memory plan (weights + KV cache at the batch and lengths above) and exit; load nothing.",
+)
 @click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run is held against.")
-def main(model_dir, aliases, port, host, api_key_env, dtype, max_batch_size, batch_wait_ms, max_prompt_tokens,
-         max_tokens_limit, max_queue, max_body_bytes, engine, tensor_parallel_size, gpu_memory_utilization,
-         max_model_len, prefix_caching, dry_run, gpu_gib):
+def main(
+    model_dir,
+    aliases,
+    port,
+    host,
+    api_key_env,
+    dtype,
+    max_batch_size,
+    batch_wait_ms,
+    max_prompt_tokens,
+    max_tokens_limit,
+    max_queue,
+    max_body_bytes,
+    engine,
+    tensor_parallel_size,
+    gpu_memory_utilization,
+    max_model_len,
+    prefix_caching,
+    dry_run,
+    gpu_gib,
+):
     """Serve MODEL over an OpenAI-compatible HTTP API."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     api_key = None
@@ -647,26 +789,59 @@ def main(model_dir, aliases, port, host, api_key_env, dtype, max_batch_size, bat
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise click.UsageError(f"--api-key-env {api_key_env}: that env var is not set")
-    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit, max_queue=max_queue,
-                    max_body_bytes=max_body_bytes)
-    vllm = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
-            "max_model_len": max_model_len, "prefix_caching": prefix_caching}
+    limits = Limits(
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens_limit,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+    )
+    vllm = {
+        "tensor_parallel_size": tensor_parallel_size,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "prefix_caching": prefix_caching,
+    }
     if dry_run:
         from selfalign import memory
 
-        plan = memory.generation_plan("serve", model_dir, engine={"kind": engine, "dtype": dtype, **vllm},
-                                      batch=max_batch_size, prompt_tokens=max_prompt_tokens,
-                                      new_tokens=max_tokens_limit, gpu_gib=gpu_gib, what="one batch of requests")
+        plan = memory.generation_plan(
+            "serve",
+            model_dir,
+            engine={"kind": engine, "dtype": dtype, **vllm},
+            batch=max_batch_size,
+            prompt_tokens=max_prompt_tokens,
+            new_tokens=max_tokens_limit,
+            gpu_gib=gpu_gib,
+            what="one batch of requests",
+        )
         click.echo(memory.dry_run(plan))
         return
     try:
-        app = create_app(model_dir, api_key=api_key, dtype=dtype, max_batch_size=max_batch_size,
-                         batch_wait_ms=batch_wait_ms, limits=limits, model_name=aliases, engine=engine, vllm=vllm)
-    except (RuntimeError, ValueError) as e:     # vllm missing, or a bad vllm setting: one line, no traceback
+        app = create_app(
+            model_dir,
+            api_key=api_key,
+            dtype=dtype,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            limits=limits,
+            model_name=aliases,
+            engine=engine,
+            vllm=vllm,
+        )
+    except (RuntimeError, ValueError) as e:  # vllm missing, or a bad vllm setting: one line, no traceback
         raise click.UsageError(str(e)) from e
-    log.info("serving %s as %s on http://%s:%d/v1 (engine %s, dtype %s, batches of up to %d, queue of %d, API key %s)",
-             model_dir, ", ".join(app.state.names), host, port, engine, dtype, max_batch_size, max_queue,
-             "required" if api_key else "off")
+    log.info(
+        "serving %s as %s on http://%s:%d/v1 (engine %s, dtype %s, batches of up to %d, queue of %d, API key %s)",
+        model_dir,
+        ", ".join(app.state.names),
+        host,
+        port,
+        engine,
+        dtype,
+        max_batch_size,
+        max_queue,
+        "required" if api_key else "off",
+    )
     try:
         make_server(app, host=host, port=port, log_level="info").run()
     finally:

@@ -46,6 +46,7 @@ IGNORE = -100
 
 # ---------------------------------------------------------------- run params
 
+
 def _check_keys(given, known: dict, where: str) -> dict:
     if not isinstance(given, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(given).__name__}")
@@ -102,6 +103,7 @@ def run_inputs(run_cfg: dict) -> list[str]:
 
 # ---------------------------------------------------------------- examples
 
+
 class Reject(ValueError):
     """A record that cannot become a training example; `reason` is the metrics key."""
 
@@ -134,8 +136,9 @@ def reverse_record(record: dict, template: str | None = None) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": msgs[0]["content"]}]
 
 
-def conversation(record: dict, system: str | None, reverse: bool = False, template: str | None = None,
-                 keep_system: bool = False) -> list[dict]:
+def conversation(
+    record: dict, system: str | None, reverse: bool = False, template: str | None = None, keep_system: bool = False
+) -> list[dict]:
     """The messages to train on, led by the tag's system prompt.
 
     A forward source without a tag keeps the record's own system prompt (or the template's default);
@@ -169,7 +172,7 @@ def segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
         prompt, target = chat.split_last_turn(tok, messages[: i + 1])
         if not prompt.startswith(done):
             raise Reject("template", "the chat template re-renders earlier turns differently")
-        out += [(prompt[len(done):], False), (target, True)]
+        out += [(prompt[len(done) :], False), (target, True)]
         done = prompt + target
     return out
 
@@ -196,8 +199,12 @@ def _encoded(tok, messages: list[dict], shortened: bool = False) -> dict:
         raise
     except ValueError as e:
         raise Reject("template", str(e)) from e
-    return {"input_ids": ids, "labels": labels, "shortened": shortened,
-            "n_target": sum(1 for x in labels if x != IGNORE)}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "shortened": shortened,
+        "n_target": sum(1 for x in labels if x != IGNORE),
+    }
 
 
 def _clip_text(tok, text: str, drop: int, keep_start: bool) -> str | None:
@@ -219,7 +226,7 @@ def _shorten_user(tok, messages: list[dict], i: int, max_len: int) -> dict | Non
         text = _clip_text(tok, messages[i]["content"], excess + extra, keep_start=False)
         if text is None:
             return None
-        ex = _encoded(tok, [*messages[:i], {**messages[i], "content": text}, *messages[i + 1:]], shortened=True)
+        ex = _encoded(tok, [*messages[:i], {**messages[i], "content": text}, *messages[i + 1 :]], shortened=True)
         if len(ex["input_ids"]) <= max_len:
             return ex
     return None
@@ -238,7 +245,7 @@ def build_example(tok, messages: list[dict], max_len: int) -> dict:
     if len(ex["input_ids"]) <= max_len:
         return ex
     head = messages[:1] if messages[0]["role"] == "system" else []
-    body = messages[len(head):]
+    body = messages[len(head) :]
     while len(body) > 2:  # drop the oldest exchange; the conversation must still open with a user turn
         body = body[1:]
         while len(body) > 2 and body[0]["role"] != "user":
@@ -253,8 +260,11 @@ def build_example(tok, messages: list[dict], max_len: int) -> dict:
         if short is not None:
             return short
     answer = len(tok(messages[-1]["content"], add_special_tokens=False)["input_ids"])
-    raise Reject("too_long", f"the final assistant turn ({answer} tokens) with a prompt of at least "
-                             f"{MIN_PROMPT_TOKENS} tokens does not fit max_len={max_len}")
+    raise Reject(
+        "too_long",
+        f"the final assistant turn ({answer} tokens) with a prompt of at least "
+        f"{MIN_PROMPT_TOKENS} tokens does not fit max_len={max_len}",
+    )
 
 
 def build_reversed(tok, record: dict, system: str | None, template: str | None, max_len: int) -> dict:
@@ -276,8 +286,11 @@ def build_reversed(tok, record: dict, system: str | None, template: str | None, 
         if len(ex["input_ids"]) <= max_len:
             return ex
     instruction = len(tok(record["messages"][0]["content"], add_special_tokens=False)["input_ids"])
-    raise Reject("too_long", f"the instruction ({instruction} tokens) and the prompt wording with a response of "
-                             f"at least {MIN_PROMPT_TOKENS} tokens do not fit max_len={max_len}")
+    raise Reject(
+        "too_long",
+        f"the instruction ({instruction} tokens) and the prompt wording with a response of "
+        f"at least {MIN_PROMPT_TOKENS} tokens do not fit max_len={max_len}",
+    )
 
 
 def heldout(record_id: str, fraction: float) -> bool:
@@ -295,15 +308,24 @@ class SourceData:
     shortened: int = 0
 
 
-def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction: float, reverse: bool = False,
-                template: str | None = None, keep_system: bool = False) -> SourceData:
+def read_source(
+    tok,
+    path: str,
+    system: str | None,
+    max_len: int,
+    eval_fraction: float,
+    reverse: bool = False,
+    template: str | None = None,
+    keep_system: bool = False,
+) -> SourceData:
     """Every line of a chat JSONL file ends up in train, eval or rejected (with file, line and reason)."""
     data = SourceData(path)
     for line, obj in read_jsonl(path):
         data.records_in += 1
         if isinstance(obj, JsonlLineError):
-            data.rejected.append(records.rejected(None, "bad_json", "sft", detail=obj.reason, file=path, line=line,
-                                                  raw=obj.raw))
+            data.rejected.append(
+                records.rejected(None, "bad_json", "sft", detail=obj.reason, file=path, line=line, raw=obj.raw)
+            )
             continue
         try:
             try:
@@ -326,6 +348,7 @@ def read_source(tok, path: str, system: str | None, max_len: int, eval_fraction:
 
 
 # ---------------------------------------------------------------- packing and the phase schedule
+
 
 def pack(examples: list[dict], max_len: int, packing: bool = True) -> list[dict]:
     """Rows of whole examples, each row at most max_len tokens, position_ids restarting per example.
@@ -350,8 +373,9 @@ def pack(examples: list[dict], max_len: int, packing: bool = True) -> list[dict]
     return rows
 
 
-def schedule(phases: list[dict], train_by_phase: list[list[dict]], cfg: dict, world: int = 1
-             ) -> tuple[list[dict], list[dict]]:
+def schedule(
+    phases: list[dict], train_by_phase: list[list[dict]], cfg: dict, world: int = 1
+) -> tuple[list[dict], list[dict]]:
     """All training rows in order, phase after phase; and per phase its rows, steps and examples.
 
     Each epoch of a phase is its examples shuffled (seeded by seed, phase and epoch) and packed;
@@ -371,10 +395,17 @@ def schedule(phases: list[dict], train_by_phase: list[list[dict]], cfg: dict, wo
             phase_rows = phase_rows[: phase["max_steps"] * per_step]
         for r in phase_rows:
             r["phase"] = p
-        info.append({"name": phase["name"], "examples": len(examples), "epochs": phase["epochs"],
-                     "rows": len(phase_rows), "first_row": len(rows),
-                     "tokens": sum(len(r["input_ids"]) for r in phase_rows),
-                     "target_tokens": sum(sum(1 for x in r["labels"] if x != IGNORE) for r in phase_rows)})
+        info.append(
+            {
+                "name": phase["name"],
+                "examples": len(examples),
+                "epochs": phase["epochs"],
+                "rows": len(phase_rows),
+                "first_row": len(rows),
+                "tokens": sum(len(r["input_ids"]) for r in phase_rows),
+                "target_tokens": sum(sum(1 for x in r["labels"] if x != IGNORE) for r in phase_rows),
+            }
+        )
         rows += phase_rows
     return rows, info
 
@@ -391,6 +422,7 @@ def rows_fingerprint(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- batching
+
 
 class PackedCollator:
     """Stack packed rows, padding to the longest row; padding gets IGNORE labels and its own positions.
@@ -417,6 +449,7 @@ class PackedCollator:
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint-N that finished saving (trainer_state.json is written last)."""
@@ -466,6 +499,7 @@ def clear_checkpoints(ckpt_dir: Path) -> None:
 
 # ---------------------------------------------------------------- trainer
 
+
 def resolve_precision(precision: str, model_dir: str | os.PathLike | None = None) -> str:
     """`auto`: bf16 or fp32 by the one rule of selfalign/device.py (bf16 on a bf16 GPU; on a CPU, measured).
 
@@ -488,22 +522,38 @@ def training_args(cfg: dict, ckpt_dir: Path, total_steps: int, has_eval: bool, d
     if cfg["precision"] not in ("bf16", "fp32"):
         raise ParamsError(f"sft.train.precision {cfg['precision']!r}: resolve it first (resolve_precision)")
     return TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=total_steps, per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg["grad_accum"],
-        learning_rate=cfg["lr"], lr_scheduler_type=cfg["scheduler"],
-        warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)), weight_decay=cfg["weight_decay"],
-        max_grad_norm=cfg["max_grad_norm"], bf16=cfg["precision"] == "bf16", use_cpu=not cuda,
-        seed=cfg["seed"], data_seed=cfg["seed"], train_sampling_strategy="sequential",
-        logging_steps=cfg["logging_steps"], logging_first_step=True,
-        save_strategy="steps", save_steps=cfg["save_steps"], save_total_limit=1,
-        eval_strategy="steps" if has_eval else "no", eval_steps=cfg["eval_steps"],
+        output_dir=str(ckpt_dir),
+        max_steps=total_steps,
+        per_device_train_batch_size=cfg["batch_size"],
+        per_device_eval_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=cfg["grad_accum"],
+        learning_rate=cfg["lr"],
+        lr_scheduler_type=cfg["scheduler"],
+        warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)),
+        weight_decay=cfg["weight_decay"],
+        max_grad_norm=cfg["max_grad_norm"],
+        bf16=cfg["precision"] == "bf16",
+        use_cpu=not cuda,
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        train_sampling_strategy="sequential",
+        logging_steps=cfg["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=1,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg["eval_steps"],
         prediction_loss_only=True,  # otherwise evaluation keeps every batch's (rows x len x vocab) logits
         # Off by default: TRL and some launchers turn it on, ~25% slower on CPU with no memory need at 135M.
         # On (params) for long rows of big models: only each layer's input is kept, the rest recomputed.
         activation_checkpointing=bool(cfg.get("gradient_checkpointing")),
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, QLoRA)
-        remove_unused_columns=False, dataloader_num_workers=0,
-        report_to=[], disable_tqdm=not os.isatty(2), deepspeed=deepspeed_config,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to=[],
+        disable_tqdm=not os.isatty(2),
+        deepspeed=deepspeed_config,
     )
 
 
@@ -518,8 +568,13 @@ def setup_deepspeed(enabled: bool, config: str | None) -> str | None:
     if not config or not Path(config).is_file():
         raise ParamsError(f"sft.train.deepspeed is true but --deepspeed-config {config!r} is not a file")
     # Without a launcher deepspeed falls back to MPI discovery (needs mpi4py); one local process is enough here.
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29533",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+    }.items():
         os.environ.setdefault(k, v)
     return config
 
@@ -549,8 +604,9 @@ def trainer_class():
             targets = inputs["labels"][:, 1:]
             keep = targets != IGNORE
             with self.accelerator.autocast():
-                hidden = lm.get_decoder()(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                                          use_cache=False).last_hidden_state
+                hidden = lm.get_decoder()(
+                    input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False
+                ).last_hidden_state
                 logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
             loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
@@ -581,7 +637,7 @@ def make_callback(rows: list[dict]):
                 log.info("saved checkpoint at step %d", state.global_step)
 
         def tokens_trained(self, end_step: int, per_step: int) -> int:
-            done = rows[self.start_step * per_step: end_step * per_step]
+            done = rows[self.start_step * per_step : end_step * per_step]
             return sum(len(r["input_ids"]) for r in done)
 
     return Progress()
@@ -593,8 +649,14 @@ def loss_curves(log_history: list[dict], rows: list[dict], per_step: int) -> tup
     for e in log_history:
         if "loss" in e:
             first_row = min((e["step"] - 1) * per_step, len(rows) - 1)
-            train.append({"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate", 0.0),
-                          "phase": rows[first_row]["phase"] if rows else 0})
+            train.append(
+                {
+                    "step": e["step"],
+                    "loss": e["loss"],
+                    "lr": e.get("learning_rate", 0.0),
+                    "phase": rows[first_row]["phase"] if rows else 0,
+                }
+            )
         if "eval_loss" in e:
             evals.append({"step": e["step"], "eval_loss": e["eval_loss"]})
     return train, evals

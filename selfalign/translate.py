@@ -26,27 +26,52 @@ from dataclasses import dataclass
 
 from selfalign import llm
 
-LANG_NAMES = {"en": "English", "fr": "French", "ms": "Malay", "ko": "Korean", "de": "German", "es": "Spanish",
-              "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "id": "Indonesian", "zh": "Chinese",
-              "ja": "Japanese", "ar": "Arabic", "ru": "Russian", "vi": "Vietnamese", "th": "Thai", "tr": "Turkish",
-              "sw": "Swahili", "hi": "Hindi", "bn": "Bengali", "uk": "Ukrainian", "pl": "Polish"}
+LANG_NAMES = {
+    "en": "English",
+    "fr": "French",
+    "ms": "Malay",
+    "ko": "Korean",
+    "de": "German",
+    "es": "Spanish",
+    "it": "Italian",
+    "pt": "Portuguese",
+    "nl": "Dutch",
+    "id": "Indonesian",
+    "zh": "Chinese",
+    "ja": "Japanese",
+    "ar": "Arabic",
+    "ru": "Russian",
+    "vi": "Vietnamese",
+    "th": "Thai",
+    "tr": "Turkish",
+    "sw": "Swahili",
+    "hi": "Hindi",
+    "bn": "Bengali",
+    "uk": "Ukrainian",
+    "pl": "Polish",
+}
 
 # The first alternative that matches at a position wins, so code blocks swallow what is inside them.
-_PROTECT = re.compile("|".join([
-    r"```.*?(?:```|\Z)",                                    # fenced code (an unclosed fence runs to the end)
-    r"~~~.*?(?:~~~|\Z)",
-    r"`[^`\n]+`",                                           # inline code
-    r"\[\[?\s*\d+\s*\]\]?",                                 # text that already looks like a sentinel, [3] included
-    r"(?:https?|ftp)://[^\s<>\"'`]+",                       # URLs (trailing punctuation trimmed below)
-    r"\bwww\.[^\s<>\"'`]+",
-    r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+",                      # e-mail addresses
-    r"\{\{[^{}\n]*\}\}",                                    # {{ jinja }}
-    r"\{[A-Za-z_0-9.]*\}",                                  # {name}, {0}, {}
-    r"\$\{\w+\}",                                           # ${VAR}
-    r"</?[A-Za-z_][\w-]*/?>",                               # <noinput>, <br/>, </s>
-    r"%\(\w+\)[sdifr]|%[sdifr]",                            # printf placeholders
-    r"(?<![\w.])\d+(?:[.,:/-]\d+)*(?![\w])",                # numbers: 42, 3.14, 1,000, 12:30, 2023-04-01
-]), re.DOTALL)
+_PROTECT = re.compile(
+    "|".join(
+        [
+            r"```.*?(?:```|\Z)",  # fenced code (an unclosed fence runs to the end)
+            r"~~~.*?(?:~~~|\Z)",
+            r"`[^`\n]+`",  # inline code
+            r"\[\[?\s*\d+\s*\]\]?",  # text that already looks like a sentinel, [3] included
+            r"(?:https?|ftp)://[^\s<>\"'`]+",  # URLs (trailing punctuation trimmed below)
+            r"\bwww\.[^\s<>\"'`]+",
+            r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+",  # e-mail addresses
+            r"\{\{[^{}\n]*\}\}",  # {{ jinja }}
+            r"\{[A-Za-z_0-9.]*\}",  # {name}, {0}, {}
+            r"\$\{\w+\}",  # ${VAR}
+            r"</?[A-Za-z_][\w-]*/?>",  # <noinput>, <br/>, </s>
+            r"%\(\w+\)[sdifr]|%[sdifr]",  # printf placeholders
+            r"(?<![\w.])\d+(?:[.,:/-]\d+)*(?![\w])",  # numbers: 42, 3.14, 1,000, 12:30, 2023-04-01
+        ]
+    ),
+    re.DOTALL,
+)
 _TRAILING = ".,;:!?)]}'\""
 # Lenient when reading replies: spaces, and one bracket for two. The 135M model copies "[[0]]" as "[0]" about as
 # often as not; a source's own "[3]" is protected above, so a bracketed number in a reply is always ours.
@@ -125,12 +150,13 @@ def parse_reply(reply: str, source_text: str, target: str) -> str:
     name: a few-shot prompt's small model may echo another line's label, 'Malay:' before French) and of quotes
     the source did not have."""
     text = reply.strip()
-    names = "|".join(re.escape(x) for x in sorted({*LANG_NAMES.values(), lang_name(target), target}, key=len,
-                                                   reverse=True))
+    names = "|".join(
+        re.escape(x) for x in sorted({*LANG_NAMES.values(), lang_name(target), target}, key=len, reverse=True)
+    )
     label = re.match(rf"^(?:translation|{names})\s*(?:\([^)]*\))?\s*:\s*", text, re.IGNORECASE)
     src = source_text.strip()
     if label and not src.lower().startswith(label.group(0).split(":")[0].strip().lower() + ":"):
-        text = text[label.end():].strip()
+        text = text[label.end() :].strip()
     for q1, q2 in (('"', '"'), ("\u201c", "\u201d"), ("\u00ab", "\u00bb"), ("'", "'")):
         if len(text) >= 2 and text[0] == q1 and text[-1] == q2 and not (src[:1] == q1 and src[-1:] == q2):
             text = text[1:-1].strip()
@@ -165,8 +191,9 @@ def fields(record: dict, roles: list[str]) -> list[tuple[tuple, str]]:
     return out
 
 
-def select(recs: list[dict], kinds: list[str], roles: list[str], max_chars: int, max_records: int,
-           max_spans: int = -1) -> tuple[list[int], dict[str, int]]:
+def select(
+    recs: list[dict], kinds: list[str], roles: list[str], max_chars: int, max_records: int, max_spans: int = -1
+) -> tuple[list[int], dict[str, int]]:
     """(indices of the records to translate, counts of the others by reason): the first `max_records` (0 = all)
     records of `kinds` whose every field is at most `max_chars` characters (0 = any length) and has at most
     `max_spans` protected spans (-1 = any). A small model translates a short field within budget and rambles
@@ -196,12 +223,13 @@ def select(recs: list[dict], kinds: list[str], roles: list[str], max_chars: int,
 @dataclass
 class Field:
     """One field of one record on its way to one target language."""
+
     path: tuple
     source: str
     protected: str
     spans: list[str]
     target: str
-    request: llm.Request | None        # None: nothing to translate (empty, or only code/numbers/URLs)
+    request: llm.Request | None  # None: nothing to translate (empty, or only code/numbers/URLs)
 
 
 def plan_field(path: tuple, text: str, source_lang: str, target: str, template: str, gen: dict) -> Field:
@@ -211,10 +239,15 @@ def plan_field(path: tuple, text: str, source_lang: str, target: str, template: 
     sent = protected.strip()
     # 32 tokens of headroom: "hello!" gets a reply of its own phrasing, not 19 tokens (measured: truncated)
     budget = min(int(gen["max_tokens"]), 32 + math.ceil(gen["tokens_per_char"] * len(sent)))
-    req = llm.Request(messages=[{"role": "user", "content": build_prompt(template, sent, source_lang, target)}],
-                      max_tokens=budget, temperature=gen["temperature"], top_p=gen["top_p"], seed=gen["seed"],
-                      # small models ramble on after the translation: one line (paragraph) in, one out
-                      stop=["\n"] if "\n" not in sent else None if "\n\n" in sent else ["\n\n"])
+    req = llm.Request(
+        messages=[{"role": "user", "content": build_prompt(template, sent, source_lang, target)}],
+        max_tokens=budget,
+        temperature=gen["temperature"],
+        top_p=gen["top_p"],
+        seed=gen["seed"],
+        # small models ramble on after the translation: one line (paragraph) in, one out
+        stop=["\n"] if "\n" not in sent else None if "\n\n" in sent else ["\n\n"],
+    )
     return Field(path, text, protected, spans, target, req)
 
 
@@ -231,7 +264,7 @@ def finish_field(f: Field, result: llm.Result | None) -> str:
         raise RestoreError("empty_reply", "the reply had no text")
     text = restore(text, f.spans)
     lead = f.source[: len(f.source) - len(f.source.lstrip())]
-    trail = f.source[len(f.source.rstrip()):]
+    trail = f.source[len(f.source.rstrip()) :]
     return lead + text + trail
 
 

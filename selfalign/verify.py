@@ -30,9 +30,9 @@ class UnparsableVerdict(ValueError):
 
 @dataclass(frozen=True)
 class Verdict:
-    verdict: str        # correct | incorrect
+    verdict: str  # correct | incorrect
     reason: str
-    confidence: float   # 0..1
+    confidence: float  # 0..1
 
 
 def conversation(record: dict) -> tuple[str, str]:
@@ -52,8 +52,11 @@ def build_prompt(template: str, record: dict) -> str:
         if key not in template:
             raise ValueError(f"the verify prompt template has no {key} placeholder")
     instruction, output = conversation(record)
-    return template.replace("{lang}", record.get("lang", "")).replace("{instruction}", instruction).replace(
-        "{output}", output)
+    return (
+        template.replace("{lang}", record.get("lang", ""))
+        .replace("{instruction}", instruction)
+        .replace("{output}", output)
+    )
 
 
 def _confidence(value, where: str) -> float:
@@ -61,7 +64,7 @@ def _confidence(value, where: str) -> float:
         c = float(value)
     except (TypeError, ValueError) as e:
         raise UnparsableVerdict(f"{where}: confidence {value!r} is not a number") from e
-    if 1 < c <= 100:     # "85" or "85%": a percentage
+    if 1 < c <= 100:  # "85" or "85%": a percentage
         c /= 100
     if not 0 <= c <= 1:
         raise UnparsableVerdict(f"{where}: confidence {value!r} is outside 0..1")
@@ -92,8 +95,9 @@ def parse_verdict(reply: str) -> Verdict:
     found = {k: rx.search(text) for k, rx in _KEYED.items()}
     missing = [k for k, f in found.items() if f is None]
     if missing:
-        raise UnparsableVerdict(f"no {', '.join(missing)} in the reply (expected JSON or 'verdict ... confidence "
-                                f"... reason ...')")
+        raise UnparsableVerdict(
+            f"no {', '.join(missing)} in the reply (expected JSON or 'verdict ... confidence ... reason ...')"
+        )
     value, percent = found["confidence"].groups()
     conf = _confidence(float(value) / 100 if percent else value, "reply")
     reason = found["reason"].group(1).strip(" .,:;")

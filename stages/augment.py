@@ -64,17 +64,36 @@ def read_web(path: Path, min_chars: int, max_chars: int) -> tuple[list[dict], li
 @params.set_option
 @click.option("--web", type=click.Path(exists=True, dir_okay=False), required=True, help="Web segments (JSONL).")
 @click.option("--model", "model_dir", required=True, help="The backward model directory (local/vllm engines).")
-@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Backward prompt template with {response}; without it the user turn is the segment alone.")
+@click.option(
+    "--prompt",
+    "prompt_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Backward prompt template with {response}; without it the user turn is the segment alone.",
+)
 @click.option("--output-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--cache", type=click.Path(file_okay=False), required=True, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
 @click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
-              help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache, metrics, shard_spec, merge_shards,
-         shard_dir, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    params_file,
+    overrides,
+    web,
+    model_dir,
+    prompt_file,
+    output_dir,
+    cache,
+    metrics,
+    shard_spec,
+    merge_shards,
+    shard_dir,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
@@ -84,8 +103,11 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
     if dry_run:
         from selfalign import memory
 
-        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, spec=spec,
-                                                                     gpu_gib=gpu_gib)))
+        click.echo(
+            memory.dry_run_plans(
+                memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, spec=spec, gpu_gib=gpu_gib)
+            )
+        )
         return
     try:  # a bad prompt file or engine spec fails here, in a second, naming what is wrong
         template = augment.load_template(prompt_file)
@@ -95,14 +117,32 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
     segments, rejected, n_in = read_web(Path(web), cfg["min_chars"], cfg["max_chars"])
     chosen, unsampled = augment.sample(segments, cfg["max_segments"], cfg["seed"])
     system = models.read_info(model_dir).get("system")  # the system prompt Myx was trained with, if any
-    log.info("%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s (system prompt "
-             "%r), max_new_tokens %d, temperature %s", n_in, len(segments), len(rejected), len(chosen),
-             cfg["max_segments"], spec["kind"], spec["model"], system, cfg["max_new_tokens"], cfg["temperature"])
+    log.info(
+        "%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s (system prompt "
+        "%r), max_new_tokens %d, temperature %s",
+        n_in,
+        len(segments),
+        len(rejected),
+        len(chosen),
+        cfg["max_segments"],
+        spec["kind"],
+        spec["model"],
+        system,
+        cfg["max_new_tokens"],
+        cfg["temperature"],
+    )
 
     head = [{"role": "system", "content": system}] if system else []
-    reqs = [llm.Request(messages=head + [{"role": "user", "content": augment.user_turn(template, w["text"])}],
-                        max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                        seed=cfg["seed"]) for w in chosen]
+    reqs = [
+        llm.Request(
+            messages=head + [{"role": "user", "content": augment.user_turn(template, w["text"])}],
+            max_tokens=cfg["max_new_tokens"],
+            temperature=cfg["temperature"],
+            top_p=cfg["top_p"],
+            seed=cfg["seed"],
+        )
+        for w in chosen
+    ]
     results = sh.complete(engine, reqs, [shard.record_key(w) for w in chosen], "augment-v1") if reqs else []
     if sh.is_shard:
         sh.finish(metrics)
@@ -115,9 +155,13 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
             rejected.append(records.rejected(w, "generation_failed", STAGE, detail=str(res.error)))
             continue
         instruction = augment.parse_instruction(res.text)
-        bad = augment.degenerate_reason(instruction, w["text"], res.finish_reason,
-                                        min_words=cfg["min_instruction_words"],
-                                        reject_truncated=cfg["reject_truncated"])
+        bad = augment.degenerate_reason(
+            instruction,
+            w["text"],
+            res.finish_reason,
+            min_words=cfg["min_instruction_words"],
+            reject_truncated=cfg["reject_truncated"],
+        )
         if bad:
             rejected.append(records.rejected(w, bad[0], STAGE, detail=f"{bad[1]}; reply {res.text!r}"[:500]))
             continue
@@ -128,18 +172,29 @@ def main(params_file, overrides, web, model_dir, prompt_file, output_dir, cache,
     io.write_jsonl(out / "rejected.jsonl", rejected)
     lengths = [len(c["messages"][0]["content"].split()) for c in candidates]
     m = {
-        "records_in": n_in, "sampled": len(chosen), "unsampled": len(unsampled), "candidates": len(candidates),
-        "rejected": len(rejected), "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "records_in": n_in,
+        "sampled": len(chosen),
+        "unsampled": len(unsampled),
+        "candidates": len(candidates),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "yield": round(len(candidates) / len(chosen), 4) if chosen else None,
         "instruction_words_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
-        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats}, **sh.throughput(len(chosen)),
+        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+        **sh.throughput(len(chosen)),
     }
     assert n_in == m["candidates"] + m["rejected"] + m["unsampled"], "augment lost records"
     below = records.success_floor(m, len(candidates), len(chosen), cfg["min_success"], "augment candidates")
     io.write_json(metrics, m)
     engine.close()
-    log.info("%d candidates, %d rejected %s; %d engine calls, %d cache hits", len(candidates), len(rejected),
-             m["rejected_by_reason"], m["engine"]["calls"], m["engine"]["cache_hits"])
+    log.info(
+        "%d candidates, %d rejected %s; %d engine calls, %d cache hits",
+        len(candidates),
+        len(rejected),
+        m["rejected_by_reason"],
+        m["engine"]["calls"],
+        m["engine"]["cache_hits"],
+    )
     if below:
         raise click.ClickException(below)
 

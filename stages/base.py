@@ -55,9 +55,15 @@ def main(params_file, overrides, output, metrics_path):
     log.info("source %s, saving as %s", source, cfg["dtype"])
     t0 = time.perf_counter()
     try:
-        model, tok = models.load_source(cfg["source"], local_dir=cfg["local_dir"], gguf_dir=cfg["local_dir"],
-                                        gguf_file=cfg["gguf_file"], hub_id=cfg["hub_id"],
-                                        revision=cfg["revision"], dtype=cfg["dtype"])
+        model, tok = models.load_source(
+            cfg["source"],
+            local_dir=cfg["local_dir"],
+            gguf_dir=cfg["local_dir"],
+            gguf_file=cfg["gguf_file"],
+            hub_id=cfg["hub_id"],
+            revision=cfg["revision"],
+            dtype=cfg["dtype"],
+        )
     except models.ModelError as e:
         raise click.ClickException(str(e)) from e
     convert_s = time.perf_counter() - t0
@@ -77,12 +83,21 @@ def main(params_file, overrides, output, metrics_path):
     if dtype != cfg["dtype"]:
         raise click.ClickException(f"{output}: reloaded dtype {dtype} differs from base.dtype {cfg['dtype']}")
     weights = Path(output) / models.WEIGHTS
-    metrics = {"source": source, "params": n_params, "dtype": dtype, "convert_seconds": round(convert_s, 2),
-               "load_seconds": round(load_s, 2), "check_prompt": cfg["check_prompt"], "check_reply": text,
-               "weights_bytes": weights.stat().st_size, "weights_sha256": models.sha256_file(weights),
-               "chat_template": tok2.chat_template is not None}
-    log.info("%s params (%s), reloaded in %.2fs, reply to %r: %r", f"{n_params:,}", dtype, load_s,
-             cfg["check_prompt"], text)
+    metrics = {
+        "source": source,
+        "params": n_params,
+        "dtype": dtype,
+        "convert_seconds": round(convert_s, 2),
+        "load_seconds": round(load_s, 2),
+        "check_prompt": cfg["check_prompt"],
+        "check_reply": text,
+        "weights_bytes": weights.stat().st_size,
+        "weights_sha256": models.sha256_file(weights),
+        "chat_template": tok2.chat_template is not None,
+    }
+    log.info(
+        "%s params (%s), reloaded in %.2fs, reply to %r: %r", f"{n_params:,}", dtype, load_s, cfg["check_prompt"], text
+    )
     io.write_json(metrics_path, metrics)
 
 

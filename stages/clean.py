@@ -40,8 +40,16 @@ DEFAULTS = {
     "rules": RULE_DEFAULTS,
     "min_chars": {"chat": 10, "preference": 10, "prompt": 5, "web": 100},
     "max_chars": {"chat": 20000, "preference": 20000, "prompt": 4000, "web": 5000},
-    "langs": {"enabled": True, "min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "ngram_margin": 8.0,
-              "ms_id_fallback": "lingua", "ms_id_ngram_margin": 64.0, "max_chars": 300},
+    "langs": {
+        "enabled": True,
+        "min_letters": 40,
+        "min_confidence": 0.5,
+        "margin": 2.0,
+        "ngram_margin": 8.0,
+        "ms_id_fallback": "lingua",
+        "ms_id_ngram_margin": 64.0,
+        "max_chars": 300,
+    },
     "exact_dup": True,
     "near_dup": {"enabled": True, "threshold": 0.8, "num_perm": 128, "shingle": 3, "seed": 1},
     "workers": 2,
@@ -59,15 +67,30 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict, rejected_path: Path) -> dict:
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--input-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Read every {seed,preference,prompts,web}.jsonl here.")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write the same names here, plus rejected.jsonl.")
-@click.option("--input", "inputs", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="An input file (repeatable; paired in order with --output).")
+@click.option(
+    "--input-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Read every {seed,preference,prompts,web}.jsonl here.",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the same names here, plus rejected.jsonl.",
+)
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An input file (repeatable; paired in order with --output).",
+)
 @click.option("--output", "outputs", multiple=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Rejected records (default: rejected.jsonl in --output-dir).")
+@click.option(
+    "--rejected",
+    "rejected_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Rejected records (default: rejected.jsonl in --output-dir).",
+)
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejected_path, metrics_path):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -95,20 +118,33 @@ def main(params_file, overrides, input_dir, output_dir, inputs, outputs, rejecte
         raise click.UsageError(f"clean.executor: {cfg['executor']!r} is not local | datatrove | slurm | ray")
     if cfg["executor"] == "slurm" and not cfg["slurm"]["partition"]:
         raise click.UsageError("clean.executor slurm needs clean.slurm.partition")
-    log.info("executor %s, %d input files, %d workers; rules: %s; language gate %s; near-dup %s (threshold %s, "
-             "%d perms, %d-word shingles)", cfg["executor"], len(pairs), cfg["workers"], ", ".join(enabled),
-             "on" if cfg["langs"]["enabled"] else "off",
-             "on" if cfg["near_dup"]["enabled"] else "off", cfg["near_dup"]["threshold"],
-             cfg["near_dup"]["num_perm"], cfg["near_dup"]["shingle"])
+    log.info(
+        "executor %s, %d input files, %d workers; rules: %s; language gate %s; near-dup %s (threshold %s, "
+        "%d perms, %d-word shingles)",
+        cfg["executor"],
+        len(pairs),
+        cfg["workers"],
+        ", ".join(enabled),
+        "on" if cfg["langs"]["enabled"] else "off",
+        "on" if cfg["near_dup"]["enabled"] else "off",
+        cfg["near_dup"]["threshold"],
+        cfg["near_dup"]["num_perm"],
+        cfg["near_dup"]["shingle"],
+    )
     t0 = time.perf_counter()
     metrics = run(pairs, cfg, rejected_path)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     metrics.update(progress.rates(metrics["records_in"], metrics["seconds"]))
     failed = records.success_floor(metrics, metrics["kept"], metrics["records_in"], cfg["min_success"], "clean kept")
     io.write_json(metrics_path, metrics)
-    log.info("%d records in, %d kept, %d rejected in %.1f s; by rule: %s", metrics["records_in"], metrics["kept"],
-             metrics["rejected"], metrics["seconds"],
-             ", ".join(f"{k} {v}" for k, v in metrics["rules"].items()))
+    log.info(
+        "%d records in, %d kept, %d rejected in %.1f s; by rule: %s",
+        metrics["records_in"],
+        metrics["kept"],
+        metrics["rejected"],
+        metrics["seconds"],
+        ", ".join(f"{k} {v}" for k, v in metrics["rules"].items()),
+    )
     if failed:
         raise click.ClickException(failed)
 

@@ -45,8 +45,11 @@ def read_candidates(path: Path) -> tuple[list[tuple[dict, tuple[str, str]]], lis
     for line, obj in io.read_jsonl(path):
         n += 1
         if isinstance(obj, io.JsonlLineError):
-            bad.append(records.rejected(None, "invalid_candidate", STAGE, detail=obj.reason, file=str(path), line=line,
-                                        raw=obj.raw))
+            bad.append(
+                records.rejected(
+                    None, "invalid_candidate", STAGE, detail=obj.reason, file=str(path), line=line, raw=obj.raw
+                )
+            )
             continue
         try:
             good.append((obj, curate.pair_of(obj)))
@@ -55,8 +58,9 @@ def read_candidates(path: Path) -> tuple[list[tuple[dict, tuple[str, str]]], lis
     return good, bad, n
 
 
-def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None
-                   ) -> list[dict]:
+def score_logprobs(
+    cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None
+) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -74,20 +78,43 @@ def score_logprobs(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
     return [{**r, "ok": True, "response_clipped": c} for r, c in zip(results, clipped, strict=True)]
 
 
-def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None,
-                   cache: str | None, template_id: str, sh: shard.Sharding, keys: list[str]) -> tuple[list[dict], dict]:
+def score_generate(
+    cfg: dict,
+    model_dir: str,
+    rubric: str,
+    pairs: list[tuple[str, str]],
+    system: str | None,
+    cache: str | None,
+    template_id: str,
+    sh: shard.Sharding,
+    keys: list[str],
+) -> tuple[list[dict], dict]:
     from selfalign import llm
 
-    spec = {"kind": "local", "model": model_dir, "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
+    spec = {
+        "kind": "local",
+        "model": model_dir,
+        "batch_size": cfg["batch_size"],
+        "dtype": cfg["dtype"],
+        **cfg["engine"],
+    }
     try:
         engine = llm.make_engine(spec, cache_dir=cache)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    reqs = [llm.Request(messages=curate.rubric_messages(rubric, i, r, system), max_tokens=cfg["max_tokens"], temperature=0.0,
-                        top_p=1.0, seed=0) for i, r in pairs]
+    reqs = [
+        llm.Request(
+            messages=curate.rubric_messages(rubric, i, r, system),
+            max_tokens=cfg["max_tokens"],
+            temperature=0.0,
+            top_p=1.0,
+            seed=0,
+        )
+        for i, r in pairs
+    ]
     out = []
     for res in sh.complete(engine, reqs, keys, template_id):
-        if res is None:         # another shard's candidate
+        if res is None:  # another shard's candidate
             continue
         score = curate.parse_score(res.text) if res.ok else None
         out.append({"ok": res.ok, "score": score, "text": res.text, "error": res.error})
@@ -106,10 +133,25 @@ def score_generate(cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
 @click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
-              help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, iteration, candidates, model_dir, rubric, output_dir, cache, metrics, shard_spec,
-         merge_shards, shard_dir, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    params_file,
+    overrides,
+    iteration,
+    candidates,
+    model_dir,
+    rubric,
+    output_dir,
+    cache,
+    metrics,
+    shard_spec,
+    merge_shards,
+    shard_dir,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
@@ -127,8 +169,9 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     if dry_run:
         from selfalign import memory
 
-        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, model_dir, params_file,
-                                                                     gpu_gib=gpu_gib)))
+        click.echo(
+            memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, gpu_gib=gpu_gib))
+        )
         return
     try:
         rubric_text = curate.load_rubric(rubric)
@@ -144,19 +187,31 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
     good, rejected, n_in = read_candidates(Path(candidates))
     system = models.read_info(model_dir).get("system")  # the scorer is prompted as it is served
-    log.info("%s: %d candidates (%d invalid), scorer %s (system prompt %r), mode %s, select %s", iteration, n_in,
-             len(rejected), model_dir, system, cfg["mode"], sel)
+    log.info(
+        "%s: %d candidates (%d invalid), scorer %s (system prompt %r), mode %s, select %s",
+        iteration,
+        n_in,
+        len(rejected),
+        model_dir,
+        system,
+        cfg["mode"],
+        sel,
+    )
 
     pairs, keys = [p for _, p in good], [shard.record_key(r) for r, _ in good]
     engine_stats = None
     if not pairs:
         results = []
     elif cfg["mode"] == "logprobs":
-        results = sh.map(f"curate-{iteration}", keys, lambda idx: score_logprobs(
-            cfg, model_dir, rubric_text, [pairs[j] for j in idx], system))
+        results = sh.map(
+            f"curate-{iteration}",
+            keys,
+            lambda idx: score_logprobs(cfg, model_dir, rubric_text, [pairs[j] for j in idx], system),
+        )
     else:
-        results, engine_stats = score_generate(cfg, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}",
-                                               sh, keys)
+        results, engine_stats = score_generate(
+            cfg, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}", sh, keys
+        )
     if sh.is_shard:
         sh.finish(metrics)
         return
@@ -168,15 +223,29 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
         elif res["score"] is None:
             rejected.append(records.rejected(record, "unparsed_score", STAGE, detail=repr(res["text"])[:300]))
         elif cfg["mode"] == "logprobs":
-            scored.append(curate.annotate(record, res["score"], **detail_base, probs=res["probs"],
-                                          digit_mass=round(res["digit_mass"], 6),
-                                          response_clipped=res["response_clipped"]))
+            scored.append(
+                curate.annotate(
+                    record,
+                    res["score"],
+                    **detail_base,
+                    probs=res["probs"],
+                    digit_mass=round(res["digit_mass"], 6),
+                    response_clipped=res["response_clipped"],
+                )
+            )
         else:
             scored.append(curate.annotate(record, res["score"], **detail_base, reply=res["text"]))
     kept, below, cutoff = curate.select(scored, sel["mode"], float(sel["threshold"]), float(sel["fraction"]), sel["k"])
     reason = "below_threshold" if sel["mode"] == "threshold" else "below_cutoff"
-    rejected += [records.rejected(r, reason, STAGE, detail=f"score {r['meta']['score']:.3f}"
-                                  + (f" < cut-off {cutoff:.3f}" if cutoff is not None else "")) for r in below]
+    rejected += [
+        records.rejected(
+            r,
+            reason,
+            STAGE,
+            detail=f"score {r['meta']['score']:.3f}" + (f" < cut-off {cutoff:.3f}" if cutoff is not None else ""),
+        )
+        for r in below
+    ]
 
     out = Path(output_dir)
     io.write_jsonl(out / "scored.jsonl", scored)
@@ -186,9 +255,18 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     scores = [r["meta"]["score"] for r in scored]
     attempted = len(good)
     m = {
-        "iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "select": sel["mode"],
-        "select_param": {"threshold": sel["threshold"], "top_fraction": sel["fraction"], "top_k": sel["k"]}[sel["mode"]],
-        "cutoff_score": round(cutoff, 4) if cutoff is not None else None, "records_in": n_in, "scored": len(scored), "kept": len(kept), "rejected": len(rejected),
+        "iteration": iteration,
+        "scorer": model_dir,
+        "mode": cfg["mode"],
+        "select": sel["mode"],
+        "select_param": {"threshold": sel["threshold"], "top_fraction": sel["fraction"], "top_k": sel["k"]}[
+            sel["mode"]
+        ],
+        "cutoff_score": round(cutoff, 4) if cutoff is not None else None,
+        "records_in": n_in,
+        "scored": len(scored),
+        "kept": len(kept),
+        "rejected": len(rejected),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "parse_rate": round(len(scored) / attempted, 4) if attempted else None,
         "unparsed": sum(r["reason"] == "unparsed_score" for r in rejected),
@@ -211,8 +289,17 @@ def main(params_file, overrides, iteration, candidates, model_dir, rubric, outpu
     if not failed and scored and not kept:
         failed = f"curate {iteration}: {len(scored)} candidates scored but none kept by {sel}"
     io.write_json(metrics, m)
-    log.info("%s: scored %d/%d, kept %d (yield %s, %s cut-off score %s), mean score %s", iteration, len(scored),
-             attempted, len(kept), m["yield"], sel["mode"], m["cutoff_score"], m["score_mean"])
+    log.info(
+        "%s: scored %d/%d, kept %d (yield %s, %s cut-off score %s), mean score %s",
+        iteration,
+        len(scored),
+        attempted,
+        len(kept),
+        m["yield"],
+        sel["mode"],
+        m["cutoff_score"],
+        m["score_mean"],
+    )
     if failed:
         raise click.ClickException(failed)
 

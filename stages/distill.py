@@ -53,23 +53,52 @@ def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--seed", "seed_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Seed chat records: short responses are regenerated, instructions feed the Orca sample.")
-@click.option("--scored", "scored_file", type=click.Path(exists=True), default=None,
-              help="Curated candidates with meta.score (low scorers are regenerated): a scored.jsonl, or data/curate "
-                   "for the last round of curate.iterations.")
+@click.option(
+    "--seed",
+    "seed_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Seed chat records: short responses are regenerated, instructions feed the Orca sample.",
+)
+@click.option(
+    "--scored",
+    "scored_file",
+    type=click.Path(exists=True),
+    default=None,
+    help="Curated candidates with meta.score (low scorers are regenerated): a scored.jsonl, or data/curate "
+    "for the last round of curate.iterations.",
+)
 @click.option("--teacher", required=True, help="Teacher model directory (local engine) or endpoint model name.")
-@click.option("--systems", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Orca-style system messages, one per line.")
+@click.option(
+    "--systems",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Orca-style system messages, one per line.",
+)
 @click.option("--output-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
 @click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
-              help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, seed_file, scored_file, teacher, systems, output_dir, cache, metrics, shard_spec,
-         merge_shards, shard_dir, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    params_file,
+    overrides,
+    seed_file,
+    scored_file,
+    teacher,
+    systems,
+    output_dir,
+    cache,
+    metrics,
+    shard_spec,
+    merge_shards,
+    shard_dir,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
@@ -79,8 +108,11 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
     if dry_run:
         from selfalign import memory
 
-        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, teacher, params_file, spec=spec,
-                                                                     gpu_gib=gpu_gib)))
+        click.echo(
+            memory.dry_run_plans(
+                memory.stage_inference_plans(STAGE, cfg, teacher, params_file, spec=spec, gpu_gib=gpu_gib)
+            )
+        )
         return
     try:  # a bad system-message file or engine spec fails here, in a second, naming what is wrong
         system_msgs = distill.load_systems(systems)
@@ -94,18 +126,43 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         log.info("curated candidates: %s", scored_file)
     scored, n_scored = read_chat(Path(scored_file), rejected) if scored_file else ([], 0)
     invalid = len(rejected)
-    regen = distill.regenerate_targets(seeds, scored, min_chars=cfg["regenerate"]["min_chars"],
-                                       below_score=cfg["regenerate"]["below_score"], limit=cfg["regenerate"]["max"],
-                                       seed=cfg["seed"])
-    orca = distill.orca_targets(seeds + scored, {distill.key(r) for r, _ in regen}, n=cfg["orca"]["n"], seed=cfg["seed"],
-                                n_systems=len(system_msgs))
-    log.info("%d seed + %d scored records (%d invalid): %d to regenerate (%s), %d Orca answers over %d system "
-             "messages; teacher %s on %s", n_seed, n_scored, invalid, len(regen), dict(Counter(w for _, w in regen)),
-             len(orca), len(system_msgs), spec["kind"], spec["model"])
+    regen = distill.regenerate_targets(
+        seeds,
+        scored,
+        min_chars=cfg["regenerate"]["min_chars"],
+        below_score=cfg["regenerate"]["below_score"],
+        limit=cfg["regenerate"]["max"],
+        seed=cfg["seed"],
+    )
+    orca = distill.orca_targets(
+        seeds + scored,
+        {distill.key(r) for r, _ in regen},
+        n=cfg["orca"]["n"],
+        seed=cfg["seed"],
+        n_systems=len(system_msgs),
+    )
+    log.info(
+        "%d seed + %d scored records (%d invalid): %d to regenerate (%s), %d Orca answers over %d system "
+        "messages; teacher %s on %s",
+        n_seed,
+        n_scored,
+        invalid,
+        len(regen),
+        dict(Counter(w for _, w in regen)),
+        len(orca),
+        len(system_msgs),
+        spec["kind"],
+        spec["model"],
+    )
 
     def request(messages):
-        return llm.Request(messages=messages, max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
-                           top_p=cfg["top_p"], seed=cfg["seed"])
+        return llm.Request(
+            messages=messages,
+            max_tokens=cfg["max_new_tokens"],
+            temperature=cfg["temperature"],
+            top_p=cfg["top_p"],
+            seed=cfg["seed"],
+        )
 
     jobs = [(r, "regenerate", None, {"why": why}) for r, why in regen]
     jobs += [(r, "orca", system_msgs[k], {"system_index": k}) for r, k in orca]
@@ -125,41 +182,75 @@ def main(params_file, overrides, seed_file, scored_file, teacher, systems, outpu
         if not res.ok:
             rejected.append(records.rejected(origin, "teacher_failed", STAGE, detail=f"{how}: {res.error}"))
             continue
-        text, trimmed = distill.settle_truncation(res.text, res.finish_reason, trim=cfg["trim_truncated"],
-                                                  reject=cfg["reject_truncated"])
+        text, trimmed = distill.settle_truncation(
+            res.text, res.finish_reason, trim=cfg["trim_truncated"], reject=cfg["reject_truncated"]
+        )
         if text is None:
-            rejected.append(records.rejected(origin, "truncated", STAGE, detail=f"{how}: hit max_new_tokens "
-                                             f"{cfg['max_new_tokens']} with no sentence end; reply {res.text!r}"[:500]))
+            rejected.append(
+                records.rejected(
+                    origin,
+                    "truncated",
+                    STAGE,
+                    detail=f"{how}: hit max_new_tokens "
+                    f"{cfg['max_new_tokens']} with no sentence end; reply {res.text!r}"[:500],
+                )
+            )
             continue
-        bad = distill.response_reason(text, min_words=cfg["min_response_words"],
-                                      original=original if extra.get("why") == "short" else None)
+        bad = distill.response_reason(
+            text, min_words=cfg["min_response_words"], original=original if extra.get("why") == "short" else None
+        )
         if bad:
-            rejected.append(records.rejected(origin, bad[0], STAGE, detail=f"{how}: {bad[1]}; reply {res.text!r}"[:500]))
+            rejected.append(
+                records.rejected(origin, bad[0], STAGE, detail=f"{how}: {bad[1]}; reply {res.text!r}"[:500])
+            )
             continue
-        out_records.append(distill.distilled(origin, instruction, text.strip(), how=how, teacher=spec["model"],
-                                             system=system, finish_reason=res.finish_reason, trimmed=trimmed, **extra))
+        out_records.append(
+            distill.distilled(
+                origin,
+                instruction,
+                text.strip(),
+                how=how,
+                teacher=spec["model"],
+                system=system,
+                finish_reason=res.finish_reason,
+                trimmed=trimmed,
+                **extra,
+            )
+        )
 
     out = Path(output_dir)
     io.write_jsonl(out / "distilled.jsonl", out_records)
     io.write_jsonl(out / "rejected.jsonl", rejected)
     m = {
-        "records_in": invalid + len(jobs), "teacher_requests": len(jobs), "invalid_inputs": invalid,
-        "distilled": len(out_records), "rejected": len(rejected),
+        "records_in": invalid + len(jobs),
+        "teacher_requests": len(jobs),
+        "invalid_inputs": invalid,
+        "distilled": len(out_records),
+        "rejected": len(rejected),
         "distilled_by_kind": dict(Counter(r["meta"]["distill"] for r in out_records)),
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
         "regenerate_by_why": dict(Counter(w for _, w in regen)),
         "trimmed": sum(r["meta"]["trimmed"] for r in out_records),
         "response_chars_mean": round(sum(len(r["messages"][1]["content"]) for r in out_records) / len(out_records), 1)
-        if out_records else None,
-        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats}, **sh.throughput(len(jobs)),
+        if out_records
+        else None,
+        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+        **sh.throughput(len(jobs)),
     }
     assert m["records_in"] == m["distilled"] + m["rejected"], "distill lost records"
     failed = records.success_floor(m, len(out_records), len(jobs), cfg["min_success"], "distill teacher answers kept")
     io.write_json(metrics, m)
     engine.close()
-    log.info("%d distilled %s, %d rejected %s; %d engine calls, %d cache hits, cost $%.4f", len(out_records),
-             m["distilled_by_kind"], len(rejected), m["rejected_by_reason"], m["engine"]["calls"],
-             m["engine"]["cache_hits"], m["engine"]["cost_usd"])
+    log.info(
+        "%d distilled %s, %d rejected %s; %d engine calls, %d cache hits, cost $%.4f",
+        len(out_records),
+        m["distilled_by_kind"],
+        len(rejected),
+        m["rejected_by_reason"],
+        m["engine"]["calls"],
+        m["engine"]["cache_hits"],
+        m["engine"]["cost_usd"],
+    )
     if failed:
         raise click.ClickException(failed)
 

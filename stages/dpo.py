@@ -97,23 +97,41 @@ def write_plots(plots_dir: str, history: list[dict]) -> None:
 
 
 @click.command()
-@click.option("--policy", "policy_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The SFT model to improve (the reference is its weights with the adapter off).")
-@click.option("--preference", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Preference records (prompt/chosen/rejected) from clean.")
-@click.option("--scored", type=click.Path(), default=None,
-              help="Curation-scored chat records (a scored.jsonl, or data/curate for the last round of "
-                   "curate.iterations); read only when self_rewarding is on.")
+@click.option(
+    "--policy",
+    "policy_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="The SFT model to improve (the reference is its weights with the adapter off).",
+)
+@click.option(
+    "--preference",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Preference records (prompt/chosen/rejected) from clean.",
+)
+@click.option(
+    "--scored",
+    type=click.Path(),
+    default=None,
+    help="Curation-scored chat records (a scored.jsonl, or data/curate for the last round of "
+    "curate.iterations); read only when self_rewarding is on.",
+)
 @click.option("--output", required=True, type=click.Path(file_okay=False))
-@click.option("--checkpoints", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint directory; a killed run resumes from it.")
+@click.option(
+    "--checkpoints",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Checkpoint directory; a killed run resumes from it.",
+)
 @click.option("--rejected", "rejected_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--plots", "plots_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @params.params_option
 @params.set_option
-def main(policy_dir, preference, scored, output, checkpoints, rejected_path, plots_dir, metrics_path, params_file,
-         overrides):
+def main(
+    policy_dir, preference, scored, output, checkpoints, rejected_path, plots_dir, metrics_path, params_file, overrides
+):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "dpo", overrides)
     cfg["precision"] = training.resolve_precision(cfg["precision"])
@@ -153,32 +171,62 @@ def main(policy_dir, preference, scored, output, checkpoints, rejected_path, plo
     held_rows, bad_held = D.encode_pairs(tok, held_pairs, info.get("system"), cfg)
     rejected += bad + bad_held
     if not train_rows or not held_rows:
-        raise click.ClickException(f"{len(train_rows)} training and {len(held_rows)} held-out pairs: need at least "
-                                   "one of each (more preference records, self_rewarding, or another heldout_pairs)")
+        raise click.ClickException(
+            f"{len(train_rows)} training and {len(held_rows)} held-out pairs: need at least "
+            "one of each (more preference records, self_rewarding, or another heldout_pairs)"
+        )
     steps = D.total_steps(len(train_rows), cfg)
     by_source = Counter(r["source"] for r in train_rows)
-    log.info("%d preference records + %d self-rewarding pairs (from %d scored answers: %s) -> train %d (by source "
-             "%s), held out %d, capped %d, rejected %d; %d steps x %d pairs, beta %s, system %r", len(prefs),
-             n_self, n_scored, dict(self_counts), len(train_rows),
-             dict(by_source), len(held_rows), capped, len(rejected), steps, cfg["batch_size"] * cfg["grad_accum"],
-             cfg["beta"], info.get("system"))
+    log.info(
+        "%d preference records + %d self-rewarding pairs (from %d scored answers: %s) -> train %d (by source "
+        "%s), held out %d, capped %d, rejected %d; %d steps x %d pairs, beta %s, system %r",
+        len(prefs),
+        n_self,
+        n_scored,
+        dict(self_counts),
+        len(train_rows),
+        dict(by_source),
+        len(held_rows),
+        capped,
+        len(rejected),
+        steps,
+        cfg["batch_size"] * cfg["grad_accum"],
+        cfg["beta"],
+        info.get("system"),
+    )
 
     ckpt_dir = Path(checkpoints)
-    fp = training.fingerprint({"cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "threads")},
-                               "rows": [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in train_rows],
-                               "policy": model_fingerprint(policy_dir)})
+    fp = training.fingerprint(
+        {
+            "cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "threads")},
+            "rows": [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in train_rows],
+            "policy": model_fingerprint(policy_dir),
+        }
+    )
     resume = training.prepare_checkpoints(ckpt_dir, fp)
     if resume is not None:
         log.info("resuming from %s", resume)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     lora = cfg["lora"]
-    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                             target_modules=lora["target_modules"], bias="none", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     progress = training.make_callback([])
-    trainer = D.trainer_class()(model=model, ref_model=None, args=D.dpo_config(cfg, ckpt_dir, steps),
-                                train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in train_rows]),
-                                processing_class=tok, peft_config=peft_config, callbacks=[progress])
+    trainer = D.trainer_class()(
+        model=model,
+        ref_model=None,
+        args=D.dpo_config(cfg, ckpt_dir, steps),
+        train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in train_rows]),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[progress],
+    )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     history = trainer.state.log_history
     write_plots(plots_dir, history)
@@ -187,40 +235,55 @@ def main(policy_dir, preference, scored, output, checkpoints, rejected_path, plo
     rewards = D.implicit_rewards(policy, held_rows, float(cfg["beta"]), tok.pad_token_id, cfg["eval_batch_size"])
     held = rm.pairwise_metrics([r["chosen"] for r in rewards], [r["rejected"] for r in rewards])  # margin > 0
     length = rm.length_baseline([p for p in held_pairs if p["id"] in {r["id"] for r in held_rows}])
-    log.info("held-out implicit-reward accuracy %.3f (95%% Wilson interval %.3f-%.3f), mean margin %.4f over %d "
-             "pairs; the longer answer wins %.3f of them", held["accuracy"], *held["ci95"], held["margin"],
-             held["pairs"], length["accuracy"])
+    log.info(
+        "held-out implicit-reward accuracy %.3f (95%% Wilson interval %.3f-%.3f), mean margin %.4f over %d "
+        "pairs; the longer answer wins %.3f of them",
+        held["accuracy"],
+        *held["ci95"],
+        held["margin"],
+        held["pairs"],
+        length["accuracy"],
+    )
     merged = policy.merge_and_unload()
-    models.save_model_dir(merged, tok, output, info={**info, "dpo": {"steps": trainer.state.global_step,
-                                                                     "beta": cfg["beta"], "pairs": len(train_rows)}})
+    models.save_model_dir(
+        merged,
+        tok,
+        output,
+        info={**info, "dpo": {"steps": trainer.state.global_step, "beta": cfg["beta"], "pairs": len(train_rows)}},
+    )
     io.write_jsonl(rejected_path, rejected)
 
     loss = D.curves(history)["loss"]
     rows_all = train_rows + held_rows
-    io.write_json(metrics_path, {
-        "heldout_accuracy": held["accuracy"],       # implicit reward margin > 0 (beta * log-ratio, chosen - rejected)
-        "heldout_ci95": held["ci95"],               # Wilson score interval of the accuracy
-        "heldout_margin": held["margin"],
-        "heldout_length_baseline": length["accuracy"],  # "the longer answer wins" on the same pairs
-        "pairs_in": len(prefs) + n_self,           # = train + heldout + capped + rejected
-        "pairs_train": len(train_rows),
-        "pairs_heldout": len(held_rows),
-        "pairs_capped": capped,
-        "pairs_rejected": dict(Counter(r["reason"] for r in rejected)),
-        "pairs_by_source": {"preference": sum(r["source"] != D.SELF_REWARD_SOURCE for r in rows_all),
-                            "self_rewarding": sum(r["source"] == D.SELF_REWARD_SOURCE for r in rows_all)},
-        "train_by_source": dict(by_source),
-        "self_rewarding": {"enabled": bool(cfg["self_rewarding"]), "scored_answers": n_scored, **self_counts},
-        "prompts_cut": sum(r["prompt_cut"] for r in rows_all),
-        "answers_cut": sum(r["answer_cut"] for r in rows_all),
-        "steps": trainer.state.global_step,
-        "resumed_from_step": progress.start_step,
-        "train_loss_first": loss[0][1] if loss else None,
-        "train_loss_last": loss[-1][1] if loss else None,
-        "train_loss_mean": sum(v for _, v in loss) / len(loss) if loss else None,
-        "beta": cfg["beta"],
-        "seconds": round(time.time() - t0, 1),
-    })
+    io.write_json(
+        metrics_path,
+        {
+            "heldout_accuracy": held["accuracy"],  # implicit reward margin > 0 (beta * log-ratio, chosen - rejected)
+            "heldout_ci95": held["ci95"],  # Wilson score interval of the accuracy
+            "heldout_margin": held["margin"],
+            "heldout_length_baseline": length["accuracy"],  # "the longer answer wins" on the same pairs
+            "pairs_in": len(prefs) + n_self,  # = train + heldout + capped + rejected
+            "pairs_train": len(train_rows),
+            "pairs_heldout": len(held_rows),
+            "pairs_capped": capped,
+            "pairs_rejected": dict(Counter(r["reason"] for r in rejected)),
+            "pairs_by_source": {
+                "preference": sum(r["source"] != D.SELF_REWARD_SOURCE for r in rows_all),
+                "self_rewarding": sum(r["source"] == D.SELF_REWARD_SOURCE for r in rows_all),
+            },
+            "train_by_source": dict(by_source),
+            "self_rewarding": {"enabled": bool(cfg["self_rewarding"]), "scored_answers": n_scored, **self_counts},
+            "prompts_cut": sum(r["prompt_cut"] for r in rows_all),
+            "answers_cut": sum(r["answer_cut"] for r in rows_all),
+            "steps": trainer.state.global_step,
+            "resumed_from_step": progress.start_step,
+            "train_loss_first": loss[0][1] if loss else None,
+            "train_loss_last": loss[-1][1] if loss else None,
+            "train_loss_mean": sum(v for _, v in loss) / len(loss) if loss else None,
+            "beta": cfg["beta"],
+            "seconds": round(time.time() - t0, 1),
+        },
+    )
     training.clear_checkpoints(ckpt_dir)
 
 

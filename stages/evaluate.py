@@ -60,11 +60,19 @@ DEFAULTS = {
 
 def answer_spec(model_dir: str, cfg: dict) -> dict:
     """The llm.py spec that answers with one model dir: local (batch_size, dtype, threads above) or vLLM on a GPU."""
-    spec = {"kind": "local", "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], "threads": cfg["threads"],
-            **cfg["engine"], "model": model_dir}
+    spec = {
+        "kind": "local",
+        "batch_size": cfg["batch_size"],
+        "dtype": cfg["dtype"],
+        "threads": cfg["threads"],
+        **cfg["engine"],
+        "model": model_dir,
+    }
     if spec["kind"] not in ("local", "vllm"):
-        raise params.ParamsError(f"evaluate.engine.kind: {spec['kind']!r}: the evaluated models are directories, "
-                                 "answered in-process by local or vllm (an endpoint can be the judge: judge_engine)")
+        raise params.ParamsError(
+            f"evaluate.engine.kind: {spec['kind']!r}: the evaluated models are directories, "
+            "answered in-process by local or vllm (an endpoint can be the judge: judge_engine)"
+        )
     return spec
 
 
@@ -78,7 +86,9 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
         given[name] = path
     missing = [m for m in wanted if m not in given]
     if missing:
-        raise click.UsageError(f"evaluate.models lists {', '.join(missing)} but no --model NAME=DIR gives its directory")
+        raise click.UsageError(
+            f"evaluate.models lists {', '.join(missing)} but no --model NAME=DIR gives its directory"
+        )
     if len(set(wanted)) != len(wanted) or not wanted:
         raise click.UsageError(f"evaluate.models must name distinct models, got {wanted}")
     for m in wanted:
@@ -90,18 +100,28 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
 def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str, sh: shard.Sharding) -> list[dict]:
     system = models.read_info(model_dir).get("system")
     engine = llm.make_engine(answer_spec(model_dir, cfg), cache)
-    reqs = [llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
-            for p in prompts]
+    reqs = [
+        llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
+        for p in prompts
+    ]
     results = sh.complete(engine, reqs, [shard.record_key(p) for p in prompts], "evaluate", call=f"evaluate:{name}")
-    if sh.is_shard:     # this shard's answers go to its shard file; the merge run builds the rows
+    if sh.is_shard:  # this shard's answers go to its shard file; the merge run builds the rows
         engine.close()
         return []
-    log.info("%s: %d answers (%d from cache, %d failed)", name, len(results), sum(r.cached for r in results),
-             sum(not r.ok for r in results))
+    log.info(
+        "%s: %d answers (%d from cache, %d failed)",
+        name,
+        len(results),
+        sum(r.cached for r in results),
+        sum(not r.ok for r in results),
+    )
     engine.close()
     # the engine counts the end-of-turn token it stopped at as a completion token; the length is the answer's
-    return [ev.answer_row(p, name, r, r.usage["completion_tokens"] - (r.finish_reason == "stop") if r.ok else None)
-            | {"system": system} for p, r in zip(prompts, results, strict=True)]
+    return [
+        ev.answer_row(p, name, r, r.usage["completion_tokens"] - (r.finish_reason == "stop") if r.ok else None)
+        | {"system": system}
+        for p, r in zip(prompts, results, strict=True)
+    ]
 
 
 def held_out_perplexity(model_dir: str, seed: list[dict], references: list[dict], cfg: dict) -> dict:
@@ -109,32 +129,41 @@ def held_out_perplexity(model_dir: str, seed: list[dict], references: list[dict]
     system = models.read_info(model_dir).get("system")
     convs = ev.heldout_conversations(seed, cfg["heldout_fraction"], cfg["heldout_max"], system)
     # float32 on the process's device (selfalign/device.py): perplexities compare across models and machines
-    model, tok = models.load_model(model_dir, "float32").to(device.resolve_device("auto")), chat.load_tokenizer(model_dir)
+    model, tok = (
+        models.load_model(model_dir, "float32").to(device.resolve_device("auto")),
+        chat.load_tokenizer(model_dir),
+    )
     boot = (cfg["bootstrap_resamples"], cfg["seed"])
     out = ev.perplexity(model, tok, convs, cfg["ppl_batch_size"], cfg["ppl_max_length"], *boot)
-    ref = ev.perplexity(model, tok, ev.reference_conversations(references, system), cfg["ppl_batch_size"],
-                        cfg["ppl_max_length"], *boot)
+    ref = ev.perplexity(
+        model, tok, ev.reference_conversations(references, system), cfg["ppl_batch_size"], cfg["ppl_max_length"], *boot
+    )
     return {"perplexity": out, "reference_perplexity": ref, "params": sum(p.numel() for p in model.parameters())}
 
 
 def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: str, cache: str, judge_log: list):
     if cfg["judge"] == "reference":
         refs = {p["prompt"]: p["meta"]["reference"] for p in prompts if p["meta"].get("reference")}
-        return ev.reference_judge(refs), ("reference judge: the answer with the higher ROUGE-L F1 against the "
-                                          "prompt's reference answer wins (equal is a tie); prompts without a "
-                                          "reference are not judged")
+        return ev.reference_judge(refs), (
+            "reference judge: the answer with the higher ROUGE-L F1 against the "
+            "prompt's reference answer wins (equal is a tie); prompts without a "
+            "reference are not judged"
+        )
     if cfg["judge"] == "reward":
         scores = {(r["prompt"], r["response"]): r["reward"] for r in rows if r["ok"]}
         return ev.reward_judge(scores, cfg["tie_margin"]), (
             f"the reward model (tie margin {cfg['tie_margin']}). **This is the reward model PPO optimised**: ppo was "
             "trained to raise exactly this score, so its win rates against the others measure that optimisation, "
-            "not an independent preference")
+            "not an independent preference"
+        )
     if cfg["judge"] == "llm":
         if not cfg["judge_engine"]:
             raise click.UsageError("evaluate.judge=llm needs evaluate.judge_engine (an llm.py spec, e.g. kind: openai)")
         template = Path(template_path).read_text(encoding="utf-8")
         engine = llm.make_engine(cfg["judge_engine"], cache)
-        return ev.llm_judge(engine, template, cfg["judge_max_tokens"], judge_log), f"LLM {cfg['judge_engine'].get('model')}"
+        return ev.llm_judge(
+            engine, template, cfg["judge_max_tokens"], judge_log
+        ), f"LLM {cfg['judge_engine'].get('model')}"
     raise click.UsageError(f"evaluate.judge {cfg['judge']!r}: expected reference, reward or llm")
 
 
@@ -146,40 +175,73 @@ def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: 
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False), help="Seed chat records.")
 @click.option("--judge-prompt", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
-              help="dvc.lock, read (not a dep) to say whether distill's teacher is the student's own base.")
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="dvc.lock, read (not a dep) to say whether distill's teacher is the student's own base.",
+)
 @click.option("--cache", required=True, type=click.Path(file_okay=False), help="llm.py cache (resumable generation).")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @shard.options
 @click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
-              help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, model_opts, reward_model, prompts, heldout, judge_prompt, lock_path, cache, output_dir,
-         metrics_path, shard_spec, merge_shards, shard_dir, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    params_file,
+    overrides,
+    model_opts,
+    reward_model,
+    prompts,
+    heldout,
+    judge_prompt,
+    lock_path,
+    cache,
+    output_dir,
+    metrics_path,
+    shard_spec,
+    merge_shards,
+    shard_dir,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sh = shard.Sharding("evaluate", shard_spec, merge_shards, shard_dir, output_dir)
     cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
     dirs = parse_models(model_opts, dpo.expand_preferred(cfg["models"], dpo.read_prefer(params_file)))
-    if dry_run:     # every evaluated model has the base's architecture: the first stands for all
+    if dry_run:  # every evaluated model has the base's architecture: the first stands for all
         from selfalign import memory
 
         first = next(iter(dirs.values()))
-        click.echo(memory.dry_run_plans(memory.stage_inference_plans(
-            "evaluate", cfg, first, params_file, spec=answer_spec(first, cfg), reward_model=reward_model,
-            gpu_gib=gpu_gib)))
+        click.echo(
+            memory.dry_run_plans(
+                memory.stage_inference_plans(
+                    "evaluate",
+                    cfg,
+                    first,
+                    params_file,
+                    spec=answer_spec(first, cfg),
+                    reward_model=reward_model,
+                    gpu_gib=gpu_gib,
+                )
+            )
+        )
         return
     if cfg["threads"]:
         import torch
 
-        torch.set_num_threads(cfg["threads"])   # generation, perplexity and reward scoring alike
-    if cfg["heldout_fraction"] is None:     # one source of truth: the share sft kept out of training
+        torch.set_num_threads(cfg["threads"])  # generation, perplexity and reward scoring alike
+    if cfg["heldout_fraction"] is None:  # one source of truth: the share sft kept out of training
         if not params_file:
             raise click.UsageError("evaluate.heldout_fraction is null (= sft.train.eval_fraction) but no --params file")
         cfg["heldout_fraction"] = params.section(params_file, "sft.train").get("eval_fraction")
         if not isinstance(cfg["heldout_fraction"], (int, float)):
-            raise click.UsageError(f"{params_file}: evaluate.heldout_fraction is null but sft.train.eval_fraction "
-                                   "is not a number")
+            raise click.UsageError(
+                f"{params_file}: evaluate.heldout_fraction is null but sft.train.eval_fraction is not a number"
+            )
     all_prompts = ev.load_prompts(prompts)
     chosen = ev.select_prompts(all_prompts, cfg["prompts_per_category"], cfg["languages"])
     if not chosen:
@@ -188,9 +250,16 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
         seed = records.load(heldout)  # any kind: only the chat records sft held out are scored
     except records.RecordError as e:
         raise click.ClickException(str(e)) from None
-    log.info("%d of %d prompts (%d per category and language, %s); %d answers of up to %d tokens per model; models %s",
-             len(chosen), len(all_prompts), cfg["prompts_per_category"], "/".join(cfg["languages"]), len(chosen),
-             cfg["max_new_tokens"], ", ".join(f"{m}={d}" for m, d in dirs.items()))
+    log.info(
+        "%d of %d prompts (%d per category and language, %s); %d answers of up to %d tokens per model; models %s",
+        len(chosen),
+        len(all_prompts),
+        cfg["prompts_per_category"],
+        "/".join(cfg["languages"]),
+        len(chosen),
+        cfg["max_new_tokens"],
+        ", ".join(f"{m}={d}" for m, d in dirs.items()),
+    )
 
     # the answered prompts' references: as many forward passes as answers (all 60 shipped ones cost ~40% more)
     references = [p for p in chosen if p["meta"].get("reference")]
@@ -200,16 +269,23 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
     rows, per_model = [], {}
     for name, model_dir in dirs.items():
         answered = generate(name, model_dir, chosen, cfg, cache, sh)
-        if sh.is_shard:     # only the answering is sharded: perplexity, reward and judging run in the merge
+        if sh.is_shard:  # only the answering is sharded: perplexity, reward and judging run in the merge
             continue
         rows += answered
         per_model[name] = held_out_perplexity(model_dir, seed, references, cfg)
         ok = [r for r in answered if r["ok"]]
-        log.info("%s: %d of %d answers stopped at end-of-turn (cap %d); perplexity held-out %s (%d tokens), "
-                 "references %s (%d tokens)", name, sum(r["stopped"] for r in ok), len(ok), cfg["max_new_tokens"],
-                 per_model[name]["perplexity"]["perplexity"], per_model[name]["perplexity"]["tokens"],
-                 per_model[name]["reference_perplexity"]["perplexity"],
-                 per_model[name]["reference_perplexity"]["tokens"])
+        log.info(
+            "%s: %d of %d answers stopped at end-of-turn (cap %d); perplexity held-out %s (%d tokens), "
+            "references %s (%d tokens)",
+            name,
+            sum(r["stopped"] for r in ok),
+            len(ok),
+            cfg["max_new_tokens"],
+            per_model[name]["perplexity"]["perplexity"],
+            per_model[name]["perplexity"]["tokens"],
+            per_model[name]["reference_perplexity"]["perplexity"],
+            per_model[name]["reference_perplexity"]["tokens"],
+        )
         gc.collect()
 
     if sh.is_shard:
@@ -217,8 +293,10 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
         return
     rmodel, rtok = rm.load_reward_model(reward_model)
     scored = [r for r in rows if r["ok"]]
-    convs = [ev.prompt_messages({"prompt": r["prompt"]}, r["system"]) + [{"role": "assistant", "content": r["response"]}]
-             for r in scored]
+    convs = [
+        ev.prompt_messages({"prompt": r["prompt"]}, r["system"]) + [{"role": "assistant", "content": r["response"]}]
+        for r in scored
+    ]
     for r, s in zip(scored, rm.score(rmodel, rtok, convs, cfg["reward_batch_size"]), strict=True):
         r["reward"] = round(s, 4)
     del rmodel
@@ -232,35 +310,54 @@ def main(params_file, overrides, model_opts, reward_model, prompts, heldout, jud
         both = [(answer[(p["id"], p["lang"], b)], answer[(p["id"], p["lang"], a)]) for p in judged]
         both = [(rb, ra) for rb, ra in both if rb["ok"] and ra["ok"]]
         js = ev.judge_both_orders(judge, [(rb["prompt"], rb["response"], ra["response"]) for rb, ra in both])
-        judgments[f"{b}_vs_{a}"] = [j | {"id": rb["id"], "lang": rb["lang"], "category": rb["category"]}
-                                    for j, (rb, _) in zip(js, both, strict=True)]
+        judgments[f"{b}_vs_{a}"] = [
+            j | {"id": rb["id"], "lang": rb["lang"], "category": rb["category"]}
+            for j, (rb, _) in zip(js, both, strict=True)
+        ]
 
-    metrics = {"prompts": {"in_file": len(all_prompts), "evaluated": len(chosen),
-                           "not_selected": len(all_prompts) - len(chosen), "judged": len(judged),
-                           "with_reference": len(references)},
-               "heldout": {"seed_records": len(seed),
-                           "scored": max(p["perplexity"]["conversations"] for p in per_model.values())},
-               "judge": cfg["judge"], "distill_teacher": teacher, "device": device.resolve_device("auto"),
-               "precision": {"answers": cfg["dtype"], "perplexity": "float32", "reward": "float32"},
-               "models": {}, "win_rate": ev.win_rates(judgments, *boot), **sh.throughput(len(rows))}
+    metrics = {
+        "prompts": {
+            "in_file": len(all_prompts),
+            "evaluated": len(chosen),
+            "not_selected": len(all_prompts) - len(chosen),
+            "judged": len(judged),
+            "with_reference": len(references),
+        },
+        "heldout": {
+            "seed_records": len(seed),
+            "scored": max(p["perplexity"]["conversations"] for p in per_model.values()),
+        },
+        "judge": cfg["judge"],
+        "distill_teacher": teacher,
+        "device": device.resolve_device("auto"),
+        "precision": {"answers": cfg["dtype"], "perplexity": "float32", "reward": "float32"},
+        "models": {},
+        "win_rate": ev.win_rates(judgments, *boot),
+        **sh.throughput(len(rows)),
+    }
     for name in dirs:
-        metrics["models"][name] = {**per_model[name], **ev.model_metrics([r for r in rows if r["model"] == name], *boot)}
-    with models.atomic_dir(output_dir) as out:     # the report directory is replaced whole
+        metrics["models"][name] = {
+            **per_model[name],
+            **ev.model_metrics([r for r in rows if r["model"] == name], *boot),
+        }
+    with models.atomic_dir(output_dir) as out:  # the report directory is replaced whole
         io.write_jsonl(out / "answers.jsonl", rows)
         io.write_jsonl(out / "judgments.jsonl", [j | {"pair": p} for p, js in judgments.items() for j in js])
         if judge_log:
             io.write_jsonl(out / "judge_replies.jsonl", judge_log)
         plots = ev.write_plots(out, metrics, list(dirs))
-        setup = {"models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()),
-                 "reward model": f"{reward_model}: the reward model PPO optimised, so its scores are not independent "
-                                 "of ppo",
-                 "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg['prompts_per_category']} per "
-                            f"category and language: {', '.join(cfg['languages'])}); {len(judged)} judged",
-                 "generation": f"greedy, at most {cfg['max_new_tokens']} new tokens", "judge": judge_name,
-                 "intervals": f"percentile bootstrap, 95%, {cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}",
-                 "perplexity": f"last assistant turn of up to {cfg['heldout_max']} held-out seed records "
-                               f"(heldout_fraction {cfg['heldout_fraction']}) from {heldout}, and of the "
-                               f"{len(references)} reference answers of the evaluated prompts"}
+        setup = {
+            "models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()),
+            "reward model": f"{reward_model}: the reward model PPO optimised, so its scores are not independent of ppo",
+            "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg['prompts_per_category']} per "
+            f"category and language: {', '.join(cfg['languages'])}); {len(judged)} judged",
+            "generation": f"greedy, at most {cfg['max_new_tokens']} new tokens",
+            "judge": judge_name,
+            "intervals": f"percentile bootstrap, 95%, {cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}",
+            "perplexity": f"last assistant turn of up to {cfg['heldout_max']} held-out seed records "
+            f"(heldout_fraction {cfg['heldout_fraction']}) from {heldout}, and of the "
+            f"{len(references)} reference answers of the evaluated prompts",
+        }
         if teacher:
             setup["distillation teacher"] = ex.teacher_sentence(teacher)
         (out / "report.md").write_text(ev.render_report(metrics, rows, list(dirs), plots, setup), encoding="utf-8")

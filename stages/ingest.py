@@ -55,15 +55,23 @@ def check_source(i: int, src, default_lang: str, where: str) -> dict:
         raise params.ParamsError(f"{at}: unknown format {fmt!r}; known formats: {', '.join(sorted(readers.READERS))}")
     role = src.get("role") or readers.READERS[fmt].role
     if role not in readers.ROLE_KIND:
-        raise params.ParamsError(f"{at}: role {role!r} is not one of {', '.join(readers.ROLE_KIND)}"
-                                 + (" (format canonical needs a role)" if role is None else ""))
+        raise params.ParamsError(
+            f"{at}: role {role!r} is not one of {', '.join(readers.ROLE_KIND)}"
+            + (" (format canonical needs a role)" if role is None else "")
+        )
     kind = readers.READERS[fmt].kind
     if kind is not None and readers.ROLE_KIND[role] != kind:
-        raise params.ParamsError(f"{at}: format {fmt} makes {kind} records, but role {role} takes "
-                                 f"{readers.ROLE_KIND[role]} records")
+        raise params.ParamsError(
+            f"{at}: format {fmt} makes {kind} records, but role {role} takes {readers.ROLE_KIND[role]} records"
+        )
     path = str(src["path"])
-    return {"path": path, "format": fmt, "role": role, "lang": src.get("lang") or default_lang,
-            "name": src.get("name") or Path(path).name.split(".")[0]}
+    return {
+        "path": path,
+        "format": fmt,
+        "role": role,
+        "lang": src.get("lang") or default_lang,
+        "name": src.get("name") or Path(path).name.split(".")[0],
+    }
 
 
 def resolve_params(params_file, overrides=()) -> dict:
@@ -85,9 +93,14 @@ def ingest_source(src: dict, options: dict, write_record, write_rejected) -> dic
     items = readers.read(src["format"], src["path"], src["lang"], src["name"], **options)
     for item in progress.track(items, desc=f"ingest {src['name']}"):
         if not readers.is_rejected(item) and want and item["kind"] != want:
-            item = records.rejected(item, "wrong_kind", readers.STAGE, file=src["path"],
-                                            line=item["meta"].get("line"),
-                                            detail=f"a {item['kind']} record in a {src['role']} source")
+            item = records.rejected(
+                item,
+                "wrong_kind",
+                readers.STAGE,
+                file=src["path"],
+                line=item["meta"].get("line"),
+                detail=f"a {item['kind']} record in a {src['role']} source",
+            )
         if readers.is_rejected(item):
             item["source"] = src["name"]
             write_rejected(item)
@@ -98,10 +111,24 @@ def ingest_source(src: dict, options: dict, write_record, write_rejected) -> dic
     with open(src["path"], "rb") as f:
         lines = sum(1 for _ in f)
     n_rej = sum(rejected.values())
-    log.info("%s (%s, %s): %d lines -> %d records, %d rejected%s", src["path"], src["format"], src["role"], lines,
-             written, n_rej, f" {dict(rejected)}" if rejected else "")
-    return {**src, "lines_read": lines, "records_in": written + n_rej, "records_written": written,
-            "rejected": n_rej, "rejected_by_reason": dict(sorted(rejected.items()))}
+    log.info(
+        "%s (%s, %s): %d lines -> %d records, %d rejected%s",
+        src["path"],
+        src["format"],
+        src["role"],
+        lines,
+        written,
+        n_rej,
+        f" {dict(rejected)}" if rejected else "",
+    )
+    return {
+        **src,
+        "lines_read": lines,
+        "records_in": written + n_rej,
+        "records_written": written,
+        "rejected": n_rej,
+        "rejected_by_reason": dict(sorted(rejected.items())),
+    }
 
 
 def totals(sources: list[dict]) -> dict:
@@ -109,22 +136,34 @@ def totals(sources: list[dict]) -> dict:
     for s in sources:
         reasons.update(s["rejected_by_reason"])
     written = sum(s["records_written"] for s in sources)
-    return {"records_in": written + sum(reasons.values()), "records_written": written,
-            "rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items()))}
+    return {
+        "records_in": written + sum(reasons.values()),
+        "records_written": written,
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+    }
 
 
-@click.command(epilog="Formats: " + ", ".join(
-    f"{name} ({r.role or 'any'})" for name, r in sorted(readers.READERS.items())) + ".")
+@click.command(
+    epilog="Formats: " + ", ".join(f"{name} ({r.role or 'any'})" for name, r in sorted(readers.READERS.items())) + "."
+)
 @params.params_option
 @params.set_option
-@click.option("--output-dir", type=click.Path(file_okay=False),
-              help="Pipeline mode: write <role>.jsonl and rejected.jsonl here for every source in ingest.sources.")
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="Pipeline mode: write <role>.jsonl and rejected.jsonl here for every source in ingest.sources.",
+)
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), help="Per-source counts as JSON.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="By hand: one file.")
 @click.option("--format", "fmt", type=click.Choice(sorted(readers.READERS)), help="By hand: the file's format.")
 @click.option("--output", type=click.Path(dir_okay=False), help="By hand: records go here.")
-@click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False),
-              help="By hand: rejected records go here (default: OUTPUT with .rejected.jsonl).")
+@click.option(
+    "--rejected",
+    "rejected_path",
+    type=click.Path(dir_okay=False),
+    help="By hand: rejected records go here (default: OUTPUT with .rejected.jsonl).",
+)
 @click.option("--role", type=click.Choice(list(readers.ROLE_KIND)), help="By hand: default per format.")
 @click.option("--lang", help="By hand: the file's language (default ingest.lang, else en).")
 @click.option("--name", help="By hand: the records' source name (default: the file name up to its first dot).")
@@ -133,17 +172,29 @@ def main(params_file, overrides, output_dir, metrics_path, input_path, fmt, outp
     cfg = resolve_params(params_file, overrides)
     options = reader_options(cfg)
     t0 = time.perf_counter()
-    log.info("segments of %d-%d chars, multi_turn %s, text documents %s", options["min_chars"], options["max_chars"],
-             options["multi_turn"], options["documents"])
+    log.info(
+        "segments of %d-%d chars, multi_turn %s, text documents %s",
+        options["min_chars"],
+        options["max_chars"],
+        options["multi_turn"],
+        options["documents"],
+    )
 
     if input_path:
         if output_dir or not fmt or not output:
             raise click.UsageError("by hand, give --input, --format and --output (and no --output-dir)")
         kind = readers.READERS[fmt].kind
         if role and kind and readers.ROLE_KIND[role] != kind:
-            raise click.UsageError(f"--format {fmt} makes {kind} records; --role {role} takes {readers.ROLE_KIND[role]}")
-        src = {"path": input_path, "format": fmt, "role": role or readers.READERS[fmt].role, "lang": lang or cfg["lang"],
-               "name": name or Path(input_path).name.split(".")[0]}
+            raise click.UsageError(
+                f"--format {fmt} makes {kind} records; --role {role} takes {readers.ROLE_KIND[role]}"
+            )
+        src = {
+            "path": input_path,
+            "format": fmt,
+            "role": role or readers.READERS[fmt].role,
+            "lang": lang or cfg["lang"],
+            "name": name or Path(input_path).name.split(".")[0],
+        }
         rejected_path = rejected_path or str(Path(output).with_suffix("")) + ".rejected.jsonl"
         with io.jsonl_writer(output) as write, io.jsonl_writer(rejected_path) as write_rej:
             sources = [ingest_source(src, options, write, write_rej)]
@@ -157,19 +208,32 @@ def main(params_file, overrides, output_dir, metrics_path, input_path, fmt, outp
                 what = "is a directory, not a file" if Path(src["path"]).is_dir() else "does not exist"
                 raise click.UsageError(f"{params_file}: ingest source {src['path']} {what}")
         with ExitStack() as stack:
-            writers = {r: stack.enter_context(io.jsonl_writer(Path(output_dir) / f"{r}.jsonl")) for r in readers.ROLE_KIND}
+            writers = {
+                r: stack.enter_context(io.jsonl_writer(Path(output_dir) / f"{r}.jsonl")) for r in readers.ROLE_KIND
+            }
             write_rej = stack.enter_context(io.jsonl_writer(Path(output_dir) / "rejected.jsonl"))
             sources = [ingest_source(src, options, writers[src["role"]], write_rej) for src in cfg["sources"]]
 
-    metrics = {"sources": sources, **totals(sources),
-               "outputs": {r: sum(s["records_written"] for s in sources if s["role"] == r) for r in readers.ROLE_KIND}}
+    metrics = {
+        "sources": sources,
+        **totals(sources),
+        "outputs": {r: sum(s["records_written"] for s in sources if s["role"] == r) for r in readers.ROLE_KIND},
+    }
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     metrics.update(progress.rates(metrics["records_in"], metrics["seconds"]))
-    log.info("total: %d records in, %d written, %d rejected", metrics["records_in"], metrics["records_written"],
-             metrics["rejected"])
+    log.info(
+        "total: %d records in, %d written, %d rejected",
+        metrics["records_in"],
+        metrics["records_written"],
+        metrics["rejected"],
+    )
     # Per source: one file read with the wrong format (all rejects) must stop the stage even when the others are fine.
-    failed = [records.success_floor({}, s["records_written"], s["records_in"], cfg["min_success"],
-                                    f"ingest {s['path']} ({s['format']})") for s in sources]
+    failed = [
+        records.success_floor(
+            {}, s["records_written"], s["records_in"], cfg["min_success"], f"ingest {s['path']} ({s['format']})"
+        )
+        for s in sources
+    ]
     records.success_floor(metrics, metrics["records_written"], metrics["records_in"], cfg["min_success"], "ingest")
     metrics["success"]["sources_below"] = sum(f is not None for f in failed)
     if metrics_path:

@@ -30,7 +30,7 @@ from selfalign import translate as tr
 log = logging.getLogger("localise")
 STAGE = "localise"
 DEFAULTS = {
-    "locales": {},          # language: locale; {} = selfalign.localise.LOCALES (ms: Malaysia)
+    "locales": {},  # language: locale; {} = selfalign.localise.LOCALES (ms: Malaysia)
     "max_records": 12,
     "max_new_tokens": 128,
     "temperature": 0.0,
@@ -59,11 +59,24 @@ def localise_one(record: dict, reply: llm.Result, locale: str, teacher: str) -> 
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Chat records (repeatable; written in this order).")
-@click.option("--model", "model_dir", default=None, help="Teacher model directory (local engine); engine.model otherwise.")
-@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Template with {locale}, {language} and {text}; its hash is part of every cache key.")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Chat records (repeatable; written in this order).",
+)
+@click.option(
+    "--model", "model_dir", default=None, help="Teacher model directory (local engine); engine.model otherwise."
+)
+@click.option(
+    "--prompt",
+    "prompt_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Template with {locale}, {language} and {text}; its hash is part of every cache key.",
+)
 @click.option("--output", type=click.Path(dir_okay=False), required=True)
 @click.option("--rejected", "rejected_file", type=click.Path(dir_okay=False), required=True)
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
@@ -81,7 +94,7 @@ def main(params_file, overrides, inputs, model_dir, prompt_file, output, rejecte
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     rejected: list[dict] = []
-    recs: list[tuple[dict, str, int]] = []     # (record, file, line)
+    recs: list[tuple[dict, str, int]] = []  # (record, file, line)
     n_in = 0
     for path in inputs:
         good, bad, n = records.read(Path(path), STAGE, "chat")
@@ -96,14 +109,36 @@ def main(params_file, overrides, inputs, model_dir, prompt_file, output, rejecte
             passed["over_max_records"] += 1
         else:
             chosen.append(i)
-    log.info("%d records in %d files (%d invalid): %d to localise (%s), %d pass without a call %s; teacher %s on %s",
-             n_in, len(inputs), len(rejected), len(chosen), cfg["locales"], sum(passed.values()), dict(passed),
-             spec["kind"], spec["model"])
+    log.info(
+        "%d records in %d files (%d invalid): %d to localise (%s), %d pass without a call %s; teacher %s on %s",
+        n_in,
+        len(inputs),
+        len(rejected),
+        len(chosen),
+        cfg["locales"],
+        sum(passed.values()),
+        dict(passed),
+        spec["kind"],
+        spec["model"],
+    )
     try:
-        reqs = [llm.Request(messages=[{"role": "user", "content": lc.build_prompt(
-                    template, recs[i][0], cfg["locales"][recs[i][0]["lang"]], tr.lang_name(recs[i][0]["lang"]))}],
-                    max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                    seed=cfg["seed"]) for i in chosen]
+        reqs = [
+            llm.Request(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": lc.build_prompt(
+                            template, recs[i][0], cfg["locales"][recs[i][0]["lang"]], tr.lang_name(recs[i][0]["lang"])
+                        ),
+                    }
+                ],
+                max_tokens=cfg["max_new_tokens"],
+                temperature=cfg["temperature"],
+                top_p=cfg["top_p"],
+                seed=cfg["seed"],
+            )
+            for i in chosen
+        ]
     except ValueError as e:
         raise click.ClickException(f"{prompt_file}: {e}") from e
     template_id = "localise:" + hashlib.sha256(template.encode()).hexdigest()[:12]
@@ -130,15 +165,33 @@ def main(params_file, overrides, inputs, model_dir, prompt_file, output, rejecte
         raise RuntimeError(f"records_in {n_in} != written {len(out)} + rejected {len(rejected)}")
     io.write_jsonl(output, out)
     io.write_jsonl(rejected_file, rejected)
-    m = {"records_in": n_in, "written": len(out), "rejected": len(rejected), "asked": len(chosen),
-         "localised": counts["localised"], "nothing_to_localise": counts["nothing_to_localise"],
-         "changes": sum(kinds.values()), "changes_by_kind": dict(sorted(kinds.items())),
-         "passed_without_call": dict(sorted(passed.items())),
-         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-         "locales": cfg["locales"], "llm": engine.stats, "engine": spec["kind"], "model": spec["model"]}
+    m = {
+        "records_in": n_in,
+        "written": len(out),
+        "rejected": len(rejected),
+        "asked": len(chosen),
+        "localised": counts["localised"],
+        "nothing_to_localise": counts["nothing_to_localise"],
+        "changes": sum(kinds.values()),
+        "changes_by_kind": dict(sorted(kinds.items())),
+        "passed_without_call": dict(sorted(passed.items())),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "locales": cfg["locales"],
+        "llm": engine.stats,
+        "engine": spec["kind"],
+        "model": spec["model"],
+    }
     io.write_json(metrics, m)
-    log.info("%d in: %d written (%d localised, %d with nothing to localise), %d rejected %s; llm %s", n_in, len(out),
-             m["localised"], m["nothing_to_localise"], len(rejected), m["rejected_by_reason"], m["llm"])
+    log.info(
+        "%d in: %d written (%d localised, %d with nothing to localise), %d rejected %s; llm %s",
+        n_in,
+        len(out),
+        m["localised"],
+        m["nothing_to_localise"],
+        len(rejected),
+        m["rejected_by_reason"],
+        m["llm"],
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,23 @@ DEFAULTS = {
     "mixed_precision": "no",
     "threads": 0,
 }
-PLOTTED = ("reward_mean", "score_mean", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "policy_loss",
-           "approx_kl", "response_length", "eos_frac", "time_generate", "time_score", "time_logprobs", "time_optimise")
+PLOTTED = (
+    "reward_mean",
+    "score_mean",
+    "kl",
+    "kl_coef",
+    "clip_frac",
+    "entropy",
+    "value_loss",
+    "policy_loss",
+    "approx_kl",
+    "response_length",
+    "eos_frac",
+    "time_generate",
+    "time_score",
+    "time_logprobs",
+    "time_optimise",
+)
 
 
 def read_records(path: str, kind: str) -> list[dict]:
@@ -62,14 +77,24 @@ def read_records(path: str, kind: str) -> list[dict]:
         raise click.ClickException(str(e)) from None
 
 
-def gather_prompts(prompt_recs: list[dict], seed_recs: list[dict], fraction: float, system: str | None, tok,
-                   max_tokens: int) -> tuple[list[dict], dict]:
+def gather_prompts(
+    prompt_recs: list[dict], seed_recs: list[dict], fraction: float, system: str | None, tok, max_tokens: int
+) -> tuple[list[dict], dict]:
     """PPO prompts as {messages, ids, id}; every input record is used or counted under a reason."""
     from selfalign import chat
     from selfalign.training import heldout
 
-    candidates, counts = [], {"in": len(prompt_recs) + len(seed_recs), "used": 0, "seed_not_heldout": 0,
-                              "seed_without_user_turn": 0, "duplicate": 0, "too_long": 0}
+    candidates, counts = (
+        [],
+        {
+            "in": len(prompt_recs) + len(seed_recs),
+            "used": 0,
+            "seed_not_heldout": 0,
+            "seed_without_user_turn": 0,
+            "duplicate": 0,
+            "too_long": 0,
+        },
+    )
     for r in prompt_recs:
         sys_prompt = r.get("system") or system
         head = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
@@ -119,8 +144,11 @@ def fingerprint(cfg: dict, prompts: list[dict], model_dirs: list[str]) -> str:
     from selfalign.llm import model_fingerprint
 
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in cfg.items() if k not in ("steps", "checkpoint_every")},
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {k: v for k, v in cfg.items() if k not in ("steps", "checkpoint_every")}, sort_keys=True, default=str
+        ).encode()
+    )
     h.update(json.dumps([p["ids"] for p in prompts]).encode())
     for d in model_dirs:
         h.update(model_fingerprint(d).encode())
@@ -138,25 +166,62 @@ def write_plots(plots_dir: str, history: list[dict]) -> None:
 
 
 @click.command()
-@click.option("--policy", "policy_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="The SFT model to improve (the reference is its frozen weights).")
-@click.option("--reward-model", type=click.Path(file_okay=False), default=None,
-              help="Reward model directory (not read when reward_fn is set).")
-@click.option("--prompts", "prompts_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Prompt records from PPO prompt files.")
-@click.option("--seed-data", "seed_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Seed chat records; the ones sft held out give prompts.")
+@click.option(
+    "--policy",
+    "policy_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="The SFT model to improve (the reference is its frozen weights).",
+)
+@click.option(
+    "--reward-model",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Reward model directory (not read when reward_fn is set).",
+)
+@click.option(
+    "--prompts",
+    "prompts_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Prompt records from PPO prompt files.",
+)
+@click.option(
+    "--seed-data",
+    "seed_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Seed chat records; the ones sft held out give prompts.",
+)
 @click.option("--output", required=True, type=click.Path(file_okay=False))
-@click.option("--checkpoints", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint directory; a killed run resumes from it.")
+@click.option(
+    "--checkpoints",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Checkpoint directory; a killed run resumes from it.",
+)
 @click.option("--plots", "plots_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @params.params_option
 @params.set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
-def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints, plots_dir, metrics_path,
-         params_file, overrides, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    policy_dir,
+    reward_model,
+    prompts_path,
+    seed_path,
+    output,
+    checkpoints,
+    plots_dir,
+    metrics_path,
+    params_file,
+    overrides,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "ppo", overrides)
     if dry_run:
@@ -189,8 +254,9 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
     tok = chat.load_tokenizer(policy_dir, padding_side="left")
     prompt_recs = read_records(prompts_path, "prompt") if cfg["use_prompt_files"] and prompts_path else []
     seed_recs = read_records(seed_path, "chat") if cfg["use_seed_heldout"] and seed_path else []
-    prompts, counts = gather_prompts(prompt_recs, seed_recs, float(fraction or 0), info.get("system"), tok,
-                                     cfg["max_prompt_tokens"])
+    prompts, counts = gather_prompts(
+        prompt_recs, seed_recs, float(fraction or 0), info.get("system"), tok, cfg["max_prompt_tokens"]
+    )
     if not prompts:
         raise click.ClickException(f"no PPO prompts: {counts}")
 
@@ -198,10 +264,14 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
     # every rank believed it was alone, and both wrote the same checkpoint and outputs
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=not torch.cuda.is_available())
     if accelerator.num_processes != launch.world_size():
-        raise click.ClickException(f"launched as {launch.world_size()} processes ({launcher}) but accelerate sees "
-                                   f"{accelerator.num_processes}")
-    policy = P.PolicyWithValue(P.with_lora(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
-                                           cfg["lora"], seed=cfg["seed"]))
+        raise click.ClickException(
+            f"launched as {launch.world_size()} processes ({launcher}) but accelerate sees {accelerator.num_processes}"
+        )
+    policy = P.PolicyWithValue(
+        P.with_lora(
+            AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), cfg["lora"], seed=cfg["seed"]
+        )
+    )
     ref_model = None
     if cfg["reference"] == "copy":
         ref_model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -217,46 +287,74 @@ def main(policy_dir, reward_model, prompts_path, seed_path, output, checkpoints,
         reward_fn = P.reward_model_fn(rmodel, rtok, cfg["reward_batch_size"], cfg["reward_max_length"])
         inputs.append(reward_model)
     ppo_cfg = P.PPOConfig.from_dict(cfg)
-    log.info("%d prompts (%s); %d steps x %d prompts x %d processes, %d new tokens at most, reference=%s, "
-             "value head on the policy's last hidden state, reward=%s", len(prompts), counts, ppo_cfg.steps,
-             ppo_cfg.batch_size, accelerator.num_processes, ppo_cfg.response_length, cfg["reference"],
-             cfg["reward_fn"] or reward_model)
+    log.info(
+        "%d prompts (%s); %d steps x %d prompts x %d processes, %d new tokens at most, reference=%s, "
+        "value head on the policy's last hidden state, reward=%s",
+        len(prompts),
+        counts,
+        ppo_cfg.steps,
+        ppo_cfg.batch_size,
+        accelerator.num_processes,
+        ppo_cfg.response_length,
+        cfg["reference"],
+        cfg["reward_fn"] or reward_model,
+    )
 
-    out = P.train(policy, ref_model, tok, prompts, reward_fn, ppo_cfg, accelerator=accelerator,
-                  checkpoint_dir=checkpoints, checkpoint_every=cfg["checkpoint_every"],
-                  fingerprint=fingerprint(cfg, prompts, inputs), on_step=lambda row, hist: write_plots(plots_dir, hist))
+    out = P.train(
+        policy,
+        ref_model,
+        tok,
+        prompts,
+        reward_fn,
+        ppo_cfg,
+        accelerator=accelerator,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=cfg["checkpoint_every"],
+        fingerprint=fingerprint(cfg, prompts, inputs),
+        on_step=lambda row, hist: write_plots(plots_dir, hist),
+    )
     history = out["history"]
     if not accelerator.is_main_process:
         return
     write_plots(plots_dir, history)
     merged = out["policy"].lm.merge_and_unload()
-    models.save_model_dir(merged, chat.load_tokenizer(policy_dir), output,
-                          info={**info, "ppo": {"steps": ppo_cfg.steps, "reward": cfg["reward_fn"] or "reward_model"}})
+    models.save_model_dir(
+        merged,
+        chat.load_tokenizer(policy_dir),
+        output,
+        info={**info, "ppo": {"steps": ppo_cfg.steps, "reward": cfg["reward_fn"] or "reward_model"}},
+    )
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows) if rows else None
-    ran = history[out["resumed_from"]:]
+
+    ran = history[out["resumed_from"] :]
     times = {k: sum(r[f"time_{k}"] for r in ran) for k in ("generate", "score", "logprobs", "optimise")}
     total = sum(times.values()) or 1.0
-    io.write_json(metrics_path, {
-        "steps": len(history),
-        "resumed_from": out["resumed_from"],
-        "prompts": counts,
-        "reward_first": mean("reward_mean", history[:3]),
-        "reward_last": mean("reward_mean", history[-3:]),
-        "kl_last": history[-1]["kl"] if history else None,
-        "kl_coef_last": history[-1]["kl_coef"] if history else None,
-        "entropy_last": history[-1]["entropy"] if history else None,
-        "eos_frac_last": history[-1]["eos_frac"] if history else None,
-        "seconds_per_step": total / len(ran) if ran else None,
-        "time_share": {k: round(v / total, 3) for k, v in times.items()},
-        "reference": cfg["reference"],
-        **placed.metrics(),
-        "device": str(accelerator.device),  # accelerate's: cuda:LOCAL_RANK when there is one, as device.resolve_device
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "seconds": round(time.time() - t0, 1),
-        **launch.summary(launcher, ppo_cfg.batch_size),  # prompts per rollout: batch_size on each process
-    })
+    io.write_json(
+        metrics_path,
+        {
+            "steps": len(history),
+            "resumed_from": out["resumed_from"],
+            "prompts": counts,
+            "reward_first": mean("reward_mean", history[:3]),
+            "reward_last": mean("reward_mean", history[-3:]),
+            "kl_last": history[-1]["kl"] if history else None,
+            "kl_coef_last": history[-1]["kl_coef"] if history else None,
+            "entropy_last": history[-1]["entropy"] if history else None,
+            "eos_frac_last": history[-1]["eos_frac"] if history else None,
+            "seconds_per_step": total / len(ran) if ran else None,
+            "time_share": {k: round(v / total, 3) for k, v in times.items()},
+            "reference": cfg["reference"],
+            **placed.metrics(),
+            "device": str(
+                accelerator.device
+            ),  # accelerate's: cuda:LOCAL_RANK when there is one, as device.resolve_device
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "seconds": round(time.time() - t0, 1),
+            **launch.summary(launcher, ppo_cfg.batch_size),  # prompts per rollout: batch_size on each process
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,15 @@ DEFAULTS = {
 }
 ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "float32"}
 # clean's gate settings when no params file says otherwise (stages/clean.py's defaults)
-GATE_DEFAULTS = {"min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "ngram_margin": 8.0, "ms_id_fallback": "lingua",
-                 "ms_id_ngram_margin": 64.0, "max_chars": 300}
+GATE_DEFAULTS = {
+    "min_letters": 40,
+    "min_confidence": 0.5,
+    "margin": 2.0,
+    "ngram_margin": 8.0,
+    "ms_id_fallback": "lingua",
+    "ms_id_ngram_margin": 64.0,
+    "max_chars": 300,
+}
 
 
 def gate_cfg(params_file: str | None) -> dict:
@@ -59,14 +66,31 @@ def gate_cfg(params_file: str | None) -> dict:
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--rejected", "rejected_in", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="clean's rejected.jsonl.")
-@click.option("--model", "model_dir", default=None, help="Teacher model directory (local engine); engine.model otherwise.")
-@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Template with {source_lang}, {target_lang}, {text}; its hash is part of every cache key.")
+@click.option(
+    "--rejected",
+    "rejected_in",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="clean's rejected.jsonl.",
+)
+@click.option(
+    "--model", "model_dir", default=None, help="Teacher model directory (local engine); engine.model otherwise."
+)
+@click.option(
+    "--prompt",
+    "prompt_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Template with {source_lang}, {target_lang}, {text}; its hash is part of every cache key.",
+)
 @click.option("--output", type=click.Path(dir_okay=False), required=True, help="Repaired chat records.")
-@click.option("--failed", "failed_file", type=click.Path(dir_okay=False), required=True,
-              help="Candidates not repaired, each with its reason and both verdicts.")
+@click.option(
+    "--failed",
+    "failed_file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Candidates not repaired, each with its reason and both verdicts.",
+)
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, failed_file, cache, metrics):
@@ -80,7 +104,7 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
 
     skipped, candidates, failed = Counter(), [], []
     for line_no, entry in io.read_jsonl(rejected_in):
-        if isinstance(entry, io.JsonlLineError):   # clean wrote this file: a bad line is a broken upstream, not data
+        if isinstance(entry, io.JsonlLineError):  # clean wrote this file: a bad line is a broken upstream, not data
             raise click.ClickException(str(entry))
         why = rp.is_candidate(entry)
         if why:
@@ -92,8 +116,15 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
             skipped[f"gate_now_{before.verdict}_{before.detected or 'none'}"] += 1
             continue
         candidates.append((rec, before, line_no))
-    log.info("%s: %d declared-ms chat records the gate calls Indonesian; skipped %s; mode %s, teacher %s on %s",
-             rejected_in, len(candidates), dict(skipped), cfg["mode"], spec["kind"], spec["model"])
+    log.info(
+        "%s: %d declared-ms chat records the gate calls Indonesian; skipped %s; mode %s, teacher %s on %s",
+        rejected_in,
+        len(candidates),
+        dict(skipped),
+        cfg["mode"],
+        spec["kind"],
+        spec["model"],
+    )
 
     def reject(rec, reason, detail, before, after=None, line=None):
         out = records.rejected(rec, reason, STAGE, detail=detail, file=rejected_in, line=line)
@@ -104,7 +135,7 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
 
     todo = candidates if cfg["mode"] == "rewrite" else []
     if cfg["max_records"] and len(todo) > cfg["max_records"]:
-        for rec, before, line in todo[cfg["max_records"]:]:
+        for rec, before, line in todo[cfg["max_records"] :]:
             reject(rec, "over_max_records", f"repair.max_records {cfg['max_records']}", before, line=line)
         todo = todo[: cfg["max_records"]]
     for rec, before, line in candidates if cfg["mode"] == "drop" else []:
@@ -124,8 +155,11 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
         except (ValueError, OSError) as e:
             raise click.ClickException(str(e)) from e
         try:
-            results = iter(engine.complete(reqs, template_id="repair:" + hashlib.sha256(template.encode()).hexdigest()[:12],
-                                           progress=True))
+            results = iter(
+                engine.complete(
+                    reqs, template_id="repair:" + hashlib.sha256(template.encode()).hexdigest()[:12], progress=True
+                )
+            )
         finally:
             engine.close()
     stats = engine.stats if reqs else {}
@@ -133,7 +167,7 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
     repaired, after_verdicts = [], Counter()
     for rec, before, line, fields in jobs:
         got, error = {}, None
-        for f in fields:            # consume every result of the record, even after a failure
+        for f in fields:  # consume every result of the record, even after a failure
             res = next(results) if f.request is not None else None
             try:
                 got[f.path] = tr.finish_field(f, res)
@@ -147,21 +181,43 @@ def main(params_file, overrides, rejected_in, model_dir, prompt_file, output, fa
         after_verdicts[f"{after.verdict}/{after.detected or 'none'}"] += 1
         done = rp.assemble(rec, got, before, after, spec["model"])
         if after.verdict == "mismatch":
-            reject(done, f"still_{after.detected}", f"after the rewrite the gate says {rp.describe(after)}", before,
-                   after, line)
+            reject(
+                done,
+                f"still_{after.detected}",
+                f"after the rewrite the gate says {rp.describe(after)}",
+                before,
+                after,
+                line,
+            )
         else:
             repaired.append(done)
     if len(candidates) != len(repaired) + len(failed):  # the audit promise; a bug here must not pass silently
         raise RuntimeError(f"candidates {len(candidates)} != repaired {len(repaired)} + rejected {len(failed)}")
     io.write_jsonl(output, repaired)
     io.write_jsonl(failed_file, failed)
-    m = {"records_in": len(candidates), "repaired": len(repaired), "rejected": len(failed), "mode": cfg["mode"],
-         "rewritten": len(jobs), "gate_after": dict(sorted(after_verdicts.items())),
-         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in failed).items())),
-         "skipped": dict(sorted(skipped.items())), "llm": stats, "engine": spec["kind"], "model": spec["model"]}
+    m = {
+        "records_in": len(candidates),
+        "repaired": len(repaired),
+        "rejected": len(failed),
+        "mode": cfg["mode"],
+        "rewritten": len(jobs),
+        "gate_after": dict(sorted(after_verdicts.items())),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in failed).items())),
+        "skipped": dict(sorted(skipped.items())),
+        "llm": stats,
+        "engine": spec["kind"],
+        "model": spec["model"],
+    }
     io.write_json(metrics, m)
-    log.info("%d candidates: %d repaired, %d rejected %s; gate after the rewrite %s; llm %s", len(candidates),
-             len(repaired), len(failed), m["rejected_by_reason"], m["gate_after"], stats)
+    log.info(
+        "%d candidates: %d repaired, %d rejected %s; gate after the rewrite %s; llm %s",
+        len(candidates),
+        len(repaired),
+        len(failed),
+        m["rejected_by_reason"],
+        m["gate_after"],
+        stats,
+    )
 
 
 if __name__ == "__main__":

@@ -79,27 +79,46 @@ def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
 
 
 @click.command()
-@click.option("--preference", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Preference records (prompt/chosen/rejected) from clean.")
-@click.option("--scored", type=click.Path(), default=None,
-              help="Curation-scored chat records (a scored.jsonl, or data/curate for the last round of "
-                   "curate.iterations); read only when curation_pairs is on.")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Model directory that initialises the reward model.")
+@click.option(
+    "--preference",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Preference records (prompt/chosen/rejected) from clean.",
+)
+@click.option(
+    "--scored",
+    type=click.Path(),
+    default=None,
+    help="Curation-scored chat records (a scored.jsonl, or data/curate for the last round of "
+    "curate.iterations); read only when curation_pairs is on.",
+)
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Model directory that initialises the reward model.",
+)
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Reward model directory to write.")
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 @params.params_option
 @params.set_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
 def main(preference, scored, model_dir, output, metrics_path, params_file, overrides, dry_run, gpu_gib):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "reward", overrides)
     if cfg["backbone"] not in ("tuned", "frozen"):
         raise click.UsageError(f"reward.backbone: {cfg['backbone']!r} is not tuned or frozen")
     if dry_run:  # pairs: chosen and rejected both go through the model
-        click.echo(memory.dry_run(memory.stage_plan("reward", cfg, model_dir, params_file, gpu_gib=gpu_gib,
-                                                    head="score", pairs=True), params=cfg))
+        click.echo(
+            memory.dry_run(
+                memory.stage_plan("reward", cfg, model_dir, params_file, gpu_gib=gpu_gib, head="score", pairs=True),
+                params=cfg,
+            )
+        )
         return
     try:  # one rule (selfalign/device.py); a frozen backbone's features stay fp32: the fitted head must not
         # depend on which precision this machine measures faster. Before the launch: its ranks read the cache
@@ -115,6 +134,7 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
     t0 = time.time()
     if cfg["threads"]:
         import torch
+
         torch.set_num_threads(cfg["threads"])
 
     prefs = read_records(preference, "preference")
@@ -130,13 +150,25 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
         pairs += [p for p in extra if (p["id"], p["lang"]) not in known]
     train, heldout, capped = split_and_cap(pairs, cfg)
     if not train or not heldout:
-        raise click.ClickException(f"{len(train)} training and {len(heldout)} held-out pairs: need at least one "
-                                   "of each (more preference records, or another heldout_pairs)")
+        raise click.ClickException(
+            f"{len(train)} training and {len(heldout)} held-out pairs: need at least one "
+            "of each (more preference records, or another heldout_pairs)"
+        )
     by_source = Counter(p["source"] for p in train)
-    log.info("init %s (%s): %d preference records -> %d pairs (%d from curation scores); train %d, held out %d, "
-             "capped %d, dropped %s; train pairs by source %s", cfg["init"], model_dir, len(prefs), len(pairs),
-             sum(p["source"] == "curation-scores" for p in pairs), len(train), len(heldout), capped, dict(dropped),
-             dict(by_source))
+    log.info(
+        "init %s (%s): %d preference records -> %d pairs (%d from curation scores); train %d, held out %d, "
+        "capped %d, dropped %s; train pairs by source %s",
+        cfg["init"],
+        model_dir,
+        len(prefs),
+        len(pairs),
+        sum(p["source"] == "curation-scores" for p in pairs),
+        len(train),
+        len(heldout),
+        capped,
+        dict(dropped),
+        dict(by_source),
+    )
 
     with tempfile.TemporaryDirectory() as work:
         model, tok, info = rm.train(model_dir, train, cfg, work)
@@ -144,38 +176,47 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
         log.info("rank %d of %d: trained; rank 0 evaluates and writes the outputs", launch.rank(), launch.world_size())
         return
     held = evaluate(model, tok, heldout, cfg)
-    log.info("held-out pairwise accuracy %.3f (95%% Wilson interval %.3f-%.3f), margin %.3f over %d pairs; "
-             "the longer answer wins %.3f of them", held["accuracy"], *held["ci95"], held["margin"], held["pairs"],
-             held["length_baseline"]["accuracy"])
+    log.info(
+        "held-out pairwise accuracy %.3f (95%% Wilson interval %.3f-%.3f), margin %.3f over %d pairs; "
+        "the longer answer wins %.3f of them",
+        held["accuracy"],
+        *held["ci95"],
+        held["margin"],
+        held["pairs"],
+        held["length_baseline"]["accuracy"],
+    )
     models.save_model_dir(model, tok, output, info={"kind": "reward", "init": cfg["init"]})
 
     losses = [h["loss"] for h in info["log"]]
     n_curation = sum(p["source"] == "curation-scores" for p in pairs)
-    io.write_json(metrics_path, {
-        "init": cfg["init"],
-        "backbone": cfg["backbone"],            # frozen: train_loss_* are the head's loss at w = 0 and fitted
-        "heldout_accuracy": held["accuracy"],
-        "heldout_ci95": held["ci95"],           # Wilson score interval of the accuracy
-        "heldout_margin": held["margin"],
-        "heldout_length_baseline": held["length_baseline"]["accuracy"],  # "the longer answer wins", same pairs
-        "heldout_length_baseline_ci95": held["length_baseline"]["ci95"],
-        "pairs_in": len(prefs) + n_curation + dropped["duplicate_curation"],
-        "pairs_train": len(train),
-        "pairs_heldout": len(heldout),
-        "pairs_capped": capped,
-        "pairs_dropped": dict(dropped),
-        "pairs_from_curation": n_curation,
-        "train_by_source": dict(by_source),
-        "curation_candidates": dict(curation),
-        "truncated_train_pairs": info["truncated_pairs"],
-        "train_steps": len(losses),
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
-        "seconds": round(time.time() - t0, 1),
-        # frozen: the head is fitted on the same features in every process, so no batch is split
-        **launch.summary(launcher, cfg["batch_size"] if cfg["backbone"] == "tuned" else None),
-        **placed.metrics(),
-    })
+    io.write_json(
+        metrics_path,
+        {
+            "init": cfg["init"],
+            "backbone": cfg["backbone"],  # frozen: train_loss_* are the head's loss at w = 0 and fitted
+            "heldout_accuracy": held["accuracy"],
+            "heldout_ci95": held["ci95"],  # Wilson score interval of the accuracy
+            "heldout_margin": held["margin"],
+            "heldout_length_baseline": held["length_baseline"]["accuracy"],  # "the longer answer wins", same pairs
+            "heldout_length_baseline_ci95": held["length_baseline"]["ci95"],
+            "pairs_in": len(prefs) + n_curation + dropped["duplicate_curation"],
+            "pairs_train": len(train),
+            "pairs_heldout": len(heldout),
+            "pairs_capped": capped,
+            "pairs_dropped": dict(dropped),
+            "pairs_from_curation": n_curation,
+            "train_by_source": dict(by_source),
+            "curation_candidates": dict(curation),
+            "truncated_train_pairs": info["truncated_pairs"],
+            "train_steps": len(losses),
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None,
+            "seconds": round(time.time() - t0, 1),
+            # frozen: the head is fitted on the same features in every process, so no batch is split
+            **launch.summary(launcher, cfg["batch_size"] if cfg["backbone"] == "tuned" else None),
+            **placed.metrics(),
+        },
+    )
 
 
 if __name__ == "__main__":

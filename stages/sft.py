@@ -26,11 +26,27 @@ from selfalign import backward, chat, curate, device, io, launch, memory, models
 
 DEFAULTS = {
     "train": {
-        "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "precision": "auto", "max_len": 512, "packing": True, "batch_size": 2, "grad_accum": 1, "lr": 5.0e-4,
-        "scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
-        "logging_steps": 1, "save_steps": 5, "eval_steps": 8, "eval_fraction": 0.1, "eval_max_examples": 8,
-        "gradient_checkpointing": False, "deepspeed": False, "keep_adapter": True,
+        "method": "lora",
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "precision": "auto",
+        "max_len": 512,
+        "packing": True,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "lr": 5.0e-4,
+        "scheduler": "cosine",
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": 0,
+        "logging_steps": 1,
+        "save_steps": 5,
+        "eval_steps": 8,
+        "eval_fraction": 0.1,
+        "eval_max_examples": 8,
+        "gradient_checkpointing": False,
+        "deepspeed": False,
+        "keep_adapter": True,
         "heldout_eval": dict(backward.DEFAULTS),  # runs with a reversed source: held-out instruction prediction
     },
     "system_tags": {},
@@ -64,20 +80,32 @@ def read_phases(tok, cfg: dict, run_cfg: dict):
             if key not in cache:
                 system = cfg["system_tags"][s["tag"]] if s["tag"] else None
                 template = training.load_template(s["template"]) if s["template"] else None
-                data = cache[key] = training.read_source(tok, s["path"], system, t["max_len"], t["eval_fraction"],
-                                                         s["reverse"], template, s["keep_system"])
+                data = cache[key] = training.read_source(
+                    tok, s["path"], system, t["max_len"], t["eval_fraction"], s["reverse"], template, s["keep_system"]
+                )
                 rejected += data.rejected
                 for ex in data.eval:
                     evals.setdefault((ex["id"], ex.get("lang") or "", key), ex)
                 name = f"{s['path']}|{s['tag']}|{'reverse' if s['reverse'] else 'forward'}"
                 sources[name] = {
-                    "records_in": data.records_in, "train": len(data.train), "eval": len(data.eval),
-                    "rejected": len(data.rejected), "shortened": data.shortened,
-                    "rejected_by_reason": _count(r["reason"] for r in data.rejected)}
+                    "records_in": data.records_in,
+                    "train": len(data.train),
+                    "eval": len(data.eval),
+                    "rejected": len(data.rejected),
+                    "shortened": data.shortened,
+                    "rejected_by_reason": _count(r["reason"] for r in data.rejected),
+                }
                 # shortened: lost earlier turns or part of the prompt (never the answer's end); too_long: dropped
-                log.info("%s: %d in, %d train, %d eval, %d shortened from the prompt side, rejected %s (max_len %d)",
-                         name, data.records_in, len(data.train), len(data.eval), data.shortened,
-                         sources[name]["rejected_by_reason"] or 0, t["max_len"])
+                log.info(
+                    "%s: %d in, %d train, %d eval, %d shortened from the prompt side, rejected %s (max_len %d)",
+                    name,
+                    data.records_in,
+                    len(data.train),
+                    len(data.eval),
+                    data.shortened,
+                    sources[name]["rejected_by_reason"] or 0,
+                    t["max_len"],
+                )
             examples += cache[key].train
         by_phase.append(examples)
     eval_examples = [evals[k] for k in sorted(evals)][: t["eval_max_examples"]]
@@ -93,8 +121,10 @@ def fill_curated(run_cfg: dict, curated: str | None, params_file, run: str) -> d
     if not curated:
         raise click.UsageError(f"sft.runs.{run} reads {CURATED} but no --curated is given")
     path = str(curate.round_file(curated, params_file, "kept.jsonl"))
-    phases = [{**ph, "sources": [{**s, "path": path} if s["path"] == CURATED else s for s in ph["sources"]]}
-              for ph in run_cfg["phases"]]
+    phases = [
+        {**ph, "sources": [{**s, "path": path} if s["path"] == CURATED else s for s in ph["sources"]]}
+        for ph in run_cfg["phases"]
+    ]
     return {**run_cfg, "phases": phases}
 
 
@@ -127,34 +157,71 @@ def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapt
 @params.set_option
 @click.option("--run", required=True, help="Which sft.runs entry to train (backward, m0, m1, final).")
 @click.option("--input", "inputs", multiple=True, help="A file or dir this run may read (as declared in dvc.yaml).")
-@click.option("--curated", default=None, help="What a source path {curated} reads: a curated kept.jsonl, or "
-              "a dir of rounds (data/curate: the last round of curate.iterations).")
+@click.option(
+    "--curated",
+    default=None,
+    help="What a source path {curated} reads: a curated kept.jsonl, or "
+    "a dir of rounds (data/curate: the last round of curate.iterations).",
+)
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--checkpoints", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint dir; a killed run resumes from it if params, data and base are unchanged.")
+@click.option(
+    "--checkpoints",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Checkpoint dir; a killed run resumes from it if params, data and base are unchanged.",
+)
 @click.option("--rejected", "rejected_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--plots", "plots_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for train.csv / eval.csv loss curves.")
+@click.option(
+    "--plots",
+    "plots_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for train.csv / eval.csv loss curves.",
+)
 @click.option("--deepspeed-config", default=None, help="ZeRO config used when sft.train.deepspeed is true.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan and its peak GPU memory estimate; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, run, inputs, curated, output, checkpoints, rejected_path, metrics_path, plots_dir,
-         deepspeed_config, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    params_file,
+    overrides,
+    run,
+    inputs,
+    curated,
+    output,
+    checkpoints,
+    rejected_path,
+    metrics_path,
+    plots_dir,
+    deepspeed_config,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, run_cfg = resolve_params(params_file, overrides, run)
     t = cfg["train"]
     run_cfg = fill_curated(run_cfg, curated, params_file, run)
     declared = inputs + ((curated,) if curated else ())
-    undeclared = [p for p in training.run_inputs(run_cfg)
-                  if p not in declared and not any(Path(p).is_relative_to(d) for d in declared)]
+    undeclared = [
+        p
+        for p in training.run_inputs(run_cfg)
+        if p not in declared and not any(Path(p).is_relative_to(d) for d in declared)
+    ]
     if undeclared:
-        raise click.UsageError(f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)")
+        raise click.UsageError(
+            f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)"
+        )
     if dry_run:
         ds = deepspeed_config if t["deepspeed"] else None
         t = {**t, "precision": "bf16" if t["precision"] == "auto" else t["precision"]}  # a GPU estimate: auto = bf16
-        click.echo(memory.dry_run(memory.stage_plan("sft", t, run_cfg["base"], params_file, gpu_gib=gpu_gib,
-                                                    deepspeed_config=ds), params=t))
+        click.echo(
+            memory.dry_run(
+                memory.stage_plan("sft", t, run_cfg["base"], params_file, gpu_gib=gpu_gib, deepspeed_config=ds),
+                params=t,
+            )
+        )
         return
     try:  # one rule for device and precision (selfalign/device.py): auto = bf16 where it measures faster
         placed = device.placement("auto", t["precision"], run_cfg["base"], "sft.train.precision")
@@ -179,17 +246,35 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
     per_step = t["batch_size"] * t["grad_accum"] * world  # rows per optimizer step across every rank
     total_steps = math.ceil(len(rows) / per_step)
     tokens = sum(len(r["input_ids"]) for r in rows)
-    log.info("run %s (%s, %s): %d rows in %d phases, %d steps of %d rows (%d processes), %.0f tokens/step "
-             "(%.0f%% of row capacity), %d eval rows", run, t["method"], t["precision"], len(rows), len(phase_info),
-             total_steps, per_step, world, tokens / total_steps,
-             100 * tokens / (len(rows) * t["max_len"]), len(eval_rows))
+    log.info(
+        "run %s (%s, %s): %d rows in %d phases, %d steps of %d rows (%d processes), %.0f tokens/step "
+        "(%.0f%% of row capacity), %d eval rows",
+        run,
+        t["method"],
+        t["precision"],
+        len(rows),
+        len(phase_info),
+        total_steps,
+        per_step,
+        world,
+        tokens / total_steps,
+        100 * tokens / (len(rows) * t["max_len"]),
+        len(eval_rows),
+    )
     for ph in phase_info:
         log.info("phase %s: %d examples x %d epochs -> %d rows", ph["name"], ph["examples"], ph["epochs"], ph["rows"])
 
     base_weights = Path(run_cfg["base"]) / models.WEIGHTS
-    fp = training.fingerprint({"train": t, "run": run_cfg, "tags": cfg["system_tags"], "world": world,
-                               "rows": training.rows_fingerprint(rows + eval_rows),
-                               "base": models.sha256_file(base_weights) if base_weights.is_file() else None})
+    fp = training.fingerprint(
+        {
+            "train": t,
+            "run": run_cfg,
+            "tags": cfg["system_tags"],
+            "world": world,
+            "rows": training.rows_fingerprint(rows + eval_rows),
+            "base": models.sha256_file(base_weights) if base_weights.is_file() else None,
+        }
+    )
     ckpt_dir = Path(checkpoints)
     # TrainingArguments first: it joins this process to the launch's process group (gloo on CPU, nccl on GPUs).
     args = training.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
@@ -202,8 +287,14 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
     except models.ModelError as e:
         raise click.ClickException(str(e)) from e
     progress = training.make_callback(rows)
-    trainer = training.trainer_class()(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows or None,
-                      data_collator=training.PackedCollator(tok.pad_token_id), callbacks=[progress])
+    trainer = training.trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        eval_dataset=eval_rows or None,
+        data_collator=training.PackedCollator(tok.pad_token_id),
+        callbacks=[progress],
+    )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     step = trainer.state.global_step
     checkpointed = bool(getattr(trainer.model, "is_activation_checkpointing", False))
@@ -213,21 +304,43 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
         return
 
     system = cfg["system_tags"][run_cfg["inference_tag"]] if run_cfg["inference_tag"] else None
-    info = {"run": run, "base": run_cfg["base"], "method": t["method"], "system": system,
-            "inference_tag": run_cfg["inference_tag"], "system_tags": cfg["system_tags"], "global_step": step,
-            "phases": [{"name": p["name"], "sources": p["sources"], "epochs": p["epochs"]} for p in run_cfg["phases"]]}
+    info = {
+        "run": run,
+        "base": run_cfg["base"],
+        "method": t["method"],
+        "system": system,
+        "inference_tag": run_cfg["inference_tag"],
+        "system_tags": cfg["system_tags"],
+        "global_step": step,
+        "phases": [{"name": p["name"], "sources": p["sources"], "epochs": p["epochs"]} for p in run_cfg["phases"]],
+    }
     save_output(trainer, run_cfg, tok, output, info, t["keep_adapter"])
 
     heldout = {}
     if t["heldout_eval"]["max_examples"] and backward.reversed_sources(run_cfg):
         h, examples = backward.evaluate(run_cfg, output, t["eval_fraction"], t["heldout_eval"], system)
         heldout = {"heldout_instruction": h}
-        log.info("held-out instructions (%d pairs, ROUGE-L F1): %s %.3f %s, base %.3f %s, difference %.3f %s (%.0f s)",
-                 h["n"], run, h["backward"]["rougeL"] or 0, h["backward"]["ci95"], h["base"]["rougeL"] or 0,
-                 h["base"]["ci95"], h["difference"]["mean"] or 0, h["difference"]["ci95"], h["seconds"])
+        log.info(
+            "held-out instructions (%d pairs, ROUGE-L F1): %s %.3f %s, base %.3f %s, difference %.3f %s (%.0f s)",
+            h["n"],
+            run,
+            h["backward"]["rougeL"] or 0,
+            h["backward"]["ci95"],
+            h["base"]["rougeL"] or 0,
+            h["base"]["ci95"],
+            h["difference"]["mean"] or 0,
+            h["difference"]["ci95"],
+            h["seconds"],
+        )
         for ex in examples[: t["heldout_eval"]["examples_logged"]]:
-            log.info("held-out %s: true %r | %s %r | base %r", ex["id"], ex["true"][:200], run, ex["backward"][:200],
-                     ex["base"][:200])
+            log.info(
+                "held-out %s: true %r | %s %r | base %r",
+                ex["id"],
+                ex["true"][:200],
+                run,
+                ex["backward"][:200],
+                ex["base"][:200],
+            )
 
     train_curve, eval_curve = training.loss_curves(trainer.state.log_history, rows, per_step)
     io.write_jsonl(rejected_path, rejected)
@@ -237,21 +350,45 @@ def main(params_file, overrides, run, inputs, curated, output, checkpoints, reje
     records_in = sum(s["records_in"] for s in sources.values())
     kept_train = sum(s["train"] for s in sources.values())
     kept_eval = sum(s["eval"] for s in sources.values())
-    io.write_json(metrics_path, {
-        "run": run, "records_in": records_in, "train": kept_train, "eval": kept_eval, "rejected": len(rejected),
-        "rejected_by_reason": _count(r["reason"] for r in rejected), "sources": sources, "phases": phase_info,
-        "rows": len(rows), "steps": step, "resumed_from_step": progress.start_step, "tokens": tokens,
-        "tokens_trained_this_run": trained_tokens, "train_seconds": round(progress.seconds, 2),
-        "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
-        "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
-        "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
-        "method": t["method"], "gradient_checkpointing": checkpointed,
-        **placed.metrics(), "device": str(trainer.args.device),  # the precision rule's choice and the Trainer's device
-        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
-        **launch.summary(launcher, t["batch_size"] * t["grad_accum"]), **heldout})
+    io.write_json(
+        metrics_path,
+        {
+            "run": run,
+            "records_in": records_in,
+            "train": kept_train,
+            "eval": kept_eval,
+            "rejected": len(rejected),
+            "rejected_by_reason": _count(r["reason"] for r in rejected),
+            "sources": sources,
+            "phases": phase_info,
+            "rows": len(rows),
+            "steps": step,
+            "resumed_from_step": progress.start_step,
+            "tokens": tokens,
+            "tokens_trained_this_run": trained_tokens,
+            "train_seconds": round(progress.seconds, 2),
+            "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
+            "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
+            "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
+            "method": t["method"],
+            "gradient_checkpointing": checkpointed,
+            **placed.metrics(),
+            "device": str(trainer.args.device),  # the precision rule's choice and the Trainer's device
+            "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
+            if trainer.is_deepspeed_enabled
+            else None,
+            **launch.summary(launcher, t["batch_size"] * t["grad_accum"]),
+            **heldout,
+        },
+    )
     training.clear_checkpoints(ckpt_dir)
-    log.info("run %s: %d steps, %.1f tokens/s, wrote %s", run, step,
-             trained_tokens / progress.seconds if progress.seconds else 0.0, output)
+    log.info(
+        "run %s: %d steps, %.1f tokens/s, wrote %s",
+        run,
+        step,
+        trained_tokens / progress.seconds if progress.seconds else 0.0,
+        output,
+    )
 
 
 def _csv(path: Path, rows: list[dict], cols: list[str]) -> None:

@@ -43,7 +43,7 @@ DEFAULTS = {
     "temperature": 0.0,
     "top_p": 1.0,
     "seed": 0,
-    "engine": {**llm.SPEC_DEFAULTS, "dtype": "bfloat16"},     # every key, so a typo in params.yaml fails at once
+    "engine": {**llm.SPEC_DEFAULTS, "dtype": "bfloat16"},  # every key, so a typo in params.yaml fails at once
     "min_success": 0.5,
 }
 
@@ -55,8 +55,10 @@ def check(cfg: dict) -> None:
         raise params.ParamsError(f"translate.mode: {cfg['mode']!r} is not add or replace")
     bad = sorted(set(cfg["kinds"]) - set(tr.TRANSLATABLE))
     if bad:
-        raise params.ParamsError(f"translate.kinds: {bad[0]!r} cannot be translated (choose from "
-                                 f"{', '.join(tr.TRANSLATABLE)}; web segments always pass through)")
+        raise params.ParamsError(
+            f"translate.kinds: {bad[0]!r} cannot be translated (choose from "
+            f"{', '.join(tr.TRANSLATABLE)}; web segments always pass through)"
+        )
     bad = sorted(set(cfg["roles"]) - set(records.ROLES))
     if bad:
         raise params.ParamsError(f"translate.roles: {bad[0]!r} is not one of {', '.join(records.ROLES)}")
@@ -64,12 +66,13 @@ def check(cfg: dict) -> None:
         raise params.ParamsError("translate.langs: expected a non-empty list of language codes")
 
 
-def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template: str, failed: list[dict],
-                    sh: shard.Sharding) -> dict | None:
+def translate_files(
+    pairs: list[tuple[Path, Path]], cfg: dict, engine, template: str, failed: list[dict], sh: shard.Sharding
+) -> dict | None:
     """Read every input, ask the engine for every field at once, write every output; returns metrics."""
     gen = {k: cfg[k] for k in ("max_tokens", "tokens_per_char", "temperature", "top_p", "seed")}
     template_id = "translate:" + hashlib.sha256(template.encode()).hexdigest()[:12]
-    files, jobs = [], []            # jobs: (file index, record index, target, [Field])
+    files, jobs = [], []  # jobs: (file index, record index, target, [Field])
     per_file: dict[str, Counter] = {}
     for src, dst in pairs:
         c = per_file.setdefault(dst.stem, Counter())
@@ -78,8 +81,9 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
         c["invalid"] = c["lines_in"] - len(recs)
         if not src.exists():
             log.warning("%s does not exist: writing an empty %s", src, dst)
-        chosen, skipped = tr.select([r for r, _ in recs], cfg["kinds"], cfg["roles"], cfg["max_chars"],
-                                    cfg["max_records"], cfg["max_spans"])
+        chosen, skipped = tr.select(
+            [r for r, _ in recs], cfg["kinds"], cfg["roles"], cfg["max_chars"], cfg["max_records"], cfg["max_spans"]
+        )
         c["selected"] = len(chosen)
         c.update({f"skipped_{k}": v for k, v in skipped.items()})
         for i in chosen:
@@ -92,10 +96,20 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
                 jobs.append((len(files), i, target, fields))
         files.append((src, dst, recs))
     reqs = [f.request for *_, fields in jobs for f in fields if f.request is not None]
-    keys = [shard.record_key(files[fi][2][ri][0]) for fi, ri, _, fields in jobs for f in fields if f.request is not None]
-    log.info("%d records selected in %d files; %d translations to make (%d fields, %d needing the model); "
-             "targets %s, mode %s", sum(c["selected"] for c in per_file.values()), len(files), len(jobs),
-             sum(len(j[3]) for j in jobs), len(reqs), ",".join(cfg["langs"]), cfg["mode"])
+    keys = [
+        shard.record_key(files[fi][2][ri][0]) for fi, ri, _, fields in jobs for f in fields if f.request is not None
+    ]
+    log.info(
+        "%d records selected in %d files; %d translations to make (%d fields, %d needing the model); "
+        "targets %s, mode %s",
+        sum(c["selected"] for c in per_file.values()),
+        len(files),
+        len(jobs),
+        sum(len(j[3]) for j in jobs),
+        len(reqs),
+        ",".join(cfg["langs"]),
+        cfg["mode"],
+    )
     results = iter(sh.complete(engine, reqs, keys, template_id) if reqs else [])
     if sh.is_shard:
         return None
@@ -106,7 +120,7 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
     for fi, ri, target, fields in jobs:
         c = per_file[files[fi][1].stem]
         got, error = {}, None
-        for f in fields:            # consume every result of the record, even after a failure
+        for f in fields:  # consume every result of the record, even after a failure
             res = next(results) if f.request is not None else None
             try:
                 got[f.path] = tr.finish_field(f, res)
@@ -116,8 +130,14 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
         by_lang[target]["asked"] += 1
         if error:
             e, f = error
-            rej = records.rejected(record, e.reason, STAGE, detail=f"{'.'.join(map(str, f.path))}: {e.detail}",
-                                   file=str(files[fi][0]), line=line)
+            rej = records.rejected(
+                record,
+                e.reason,
+                STAGE,
+                detail=f"{'.'.join(map(str, f.path))}: {e.detail}",
+                file=str(files[fi][0]),
+                line=line,
+            )
             failed.append({**rej, "target_lang": target})
             reasons[e.reason] += 1
             by_lang[target]["failed_by_reason"][e.reason] += 1
@@ -145,40 +165,82 @@ def translate_files(pairs: list[tuple[Path, Path]], cfg: dict, engine, template:
         total.update(c)
     for v in by_lang.values():
         v["failed_by_reason"] = dict(sorted(v["failed_by_reason"].items()))
-    return {"records_in": total["lines_in"], "invalid": total["invalid"], "selected": total["selected"],
-            "skipped": {k.removeprefix("skipped_"): total[k] for k in sorted(total) if k.startswith("skipped_")},
-            "translations_asked": len(jobs), "translated": total["translated"], "failed": total["failed"],
-            "failed_by_reason": dict(sorted(reasons.items())), "by_lang": by_lang,
-            "already_in_target": total["already_in_target"],
-            "records_out": total["records_out"], "fields": sum(len(j[3]) for j in jobs), "fields_sent": len(reqs),
-            "by_file": {k: dict(v) for k, v in per_file.items()}}
+    return {
+        "records_in": total["lines_in"],
+        "invalid": total["invalid"],
+        "selected": total["selected"],
+        "skipped": {k.removeprefix("skipped_"): total[k] for k in sorted(total) if k.startswith("skipped_")},
+        "translations_asked": len(jobs),
+        "translated": total["translated"],
+        "failed": total["failed"],
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "by_lang": by_lang,
+        "already_in_target": total["already_in_target"],
+        "records_out": total["records_out"],
+        "fields": sum(len(j[3]) for j in jobs),
+        "fields_sent": len(reqs),
+        "by_file": {k: dict(v) for k, v in per_file.items()},
+    }
 
 
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--input-dir", type=click.Path(exists=True, file_okay=False), help="Reads {seed,web,preference,prompts}.jsonl.")
+@click.option(
+    "--input-dir", type=click.Path(exists=True, file_okay=False), help="Reads {seed,web,preference,prompts}.jsonl."
+)
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Writes the same four files and failed.jsonl.")
 @click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), help="One file, by hand.")
 @click.option("--output", "output_file", type=click.Path(dir_okay=False), help="With --input.")
-@click.option("--failed", "failed_file", type=click.Path(dir_okay=False), default=None,
-              help="Failed translations (default: failed.jsonl in the output dir, or OUTPUT's stem + .failed.jsonl).")
+@click.option(
+    "--failed",
+    "failed_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Failed translations (default: failed.jsonl in the output dir, or OUTPUT's stem + .failed.jsonl).",
+)
 @click.option("--model", "model_dir", default=None, help="Model directory for the local/vllm engine (engine.model).")
-@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Prompt template with {source_lang}, {target_lang}, {text}; its hash is part of every cache key.")
+@click.option(
+    "--prompt",
+    "prompt_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Prompt template with {source_lang}, {target_lang}, {text}; its hash is part of every cache key.",
+)
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="llm cache: what makes a rerun resume.")
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 @shard.options
 @click.option("--dry-run", is_flag=True, help="Print the memory plan of the models this stage runs; load nothing.")
-@click.option("--gpu-gib", type=float, default=24.0, show_default=True,
-              help="GPU size the --dry-run estimate is held against.")
-def main(params_file, overrides, input_dir, output_dir, input_file, output_file, failed_file, model_dir, prompt_file,
-         cache, metrics, shard_spec, merge_shards, shard_dir, dry_run, gpu_gib):
+@click.option(
+    "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
+)
+def main(
+    params_file,
+    overrides,
+    input_dir,
+    output_dir,
+    input_file,
+    output_file,
+    failed_file,
+    model_dir,
+    prompt_file,
+    cache,
+    metrics,
+    shard_spec,
+    merge_shards,
+    shard_dir,
+    dry_run,
+    gpu_gib,
+):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir or output_file)
     cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     check(cfg)
-    if bool(input_dir) == bool(input_file) or bool(input_dir) != bool(output_dir) or bool(input_file) != bool(output_file):
+    if (
+        bool(input_dir) == bool(input_file)
+        or bool(input_dir) != bool(output_dir)
+        or bool(input_file) != bool(output_file)
+    ):
         raise click.UsageError("give --input-dir with --output-dir, or --input with --output")
     if input_dir:
         pairs = [(Path(input_dir) / f"{n}.jsonl", Path(output_dir) / f"{n}.jsonl") for n in FILES]
@@ -197,12 +259,21 @@ def main(params_file, overrides, input_dir, output_dir, input_file, output_file,
     if dry_run:
         from selfalign import memory
 
-        click.echo(memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, spec["model"], params_file,
-                                                                     spec=spec, gpu_gib=gpu_gib)))
+        click.echo(
+            memory.dry_run_plans(
+                memory.stage_inference_plans(STAGE, cfg, spec["model"], params_file, spec=spec, gpu_gib=gpu_gib)
+            )
+        )
         return
-    log.info("engine %s on %s; max_records %s per file, fields of at most %s characters; kinds %s; roles %s",
-             spec["kind"], spec["model"], cfg["max_records"], cfg["max_chars"] or "any", ",".join(cfg["kinds"]),
-             ",".join(cfg["roles"]))
+    log.info(
+        "engine %s on %s; max_records %s per file, fields of at most %s characters; kinds %s; roles %s",
+        spec["kind"],
+        spec["model"],
+        cfg["max_records"],
+        cfg["max_chars"] or "any",
+        ",".join(cfg["kinds"]),
+        ",".join(cfg["roles"]),
+    )
 
     engine = llm.make_engine(spec, cache_dir=cache)
     failed: list[dict] = []
@@ -210,16 +281,33 @@ def main(params_file, overrides, input_dir, output_dir, input_file, output_file,
         m = translate_files(pairs, cfg, engine, template, failed, sh)
     finally:
         engine.close()
-    if m is None:     # a shard run: its answers, not the outputs
+    if m is None:  # a shard run: its answers, not the outputs
         sh.finish(metrics)
         return
     io.write_jsonl(failed_path, failed)
-    m.update(llm=engine.stats, engine=spec["kind"], model=spec["model"], langs=cfg["langs"],
-             mode=cfg["mode"], failed_file_records=len(failed), **sh.throughput(m["translations_asked"]))
-    below = records.success_floor(m, m["translated"], m["translations_asked"], cfg["min_success"], "translate translated")
+    m.update(
+        llm=engine.stats,
+        engine=spec["kind"],
+        model=spec["model"],
+        langs=cfg["langs"],
+        mode=cfg["mode"],
+        failed_file_records=len(failed),
+        **sh.throughput(m["translations_asked"]),
+    )
+    below = records.success_floor(
+        m, m["translated"], m["translations_asked"], cfg["min_success"], "translate translated"
+    )
     io.write_json(metrics, m)
-    log.info("%d records in (%d invalid): %d translated, %d failed %s, %d out; llm %s", m["records_in"], m["invalid"],
-             m["translated"], m["failed"], m["failed_by_reason"], m["records_out"], m["llm"])
+    log.info(
+        "%d records in (%d invalid): %d translated, %d failed %s, %d out; llm %s",
+        m["records_in"],
+        m["invalid"],
+        m["translated"],
+        m["failed"],
+        m["failed_by_reason"],
+        m["records_out"],
+        m["llm"],
+    )
     if below:
         raise click.ClickException(below)
 

@@ -30,7 +30,7 @@ from selfalign import verify as vf
 log = logging.getLogger("verify")
 STAGE = "verify"
 DEFAULTS = {
-    "inputs": {},           # name: file, read by dvc.yaml's foreach (params.yaml: seed: data/localise/seed.jsonl)
+    "inputs": {},  # name: file, read by dvc.yaml's foreach (params.yaml: seed: data/localise/seed.jsonl)
     "langs": ["ms"],
     "max_records": 12,
     "min_confidence": 0.0,
@@ -66,12 +66,26 @@ def plan(recs: list[dict], langs: list[str], max_records: int) -> tuple[list[int
 @click.command()
 @params.params_option
 @params.set_option
-@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Chat records whose answers are checked.")
-@click.option("--model", "model_dir", default=None, help="Teacher model directory (local engine); engine.model otherwise.")
-@click.option("--prompt", "prompt_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Rubric with {instruction}, {output} (and {lang}); its hash is part of every cache key.")
-@click.option("--output-dir", type=click.Path(file_okay=False), required=True, help="Writes kept.jsonl, rejected.jsonl.")
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Chat records whose answers are checked.",
+)
+@click.option(
+    "--model", "model_dir", default=None, help="Teacher model directory (local engine); engine.model otherwise."
+)
+@click.option(
+    "--prompt",
+    "prompt_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="Rubric with {instruction}, {output} (and {lang}); its hash is part of every cache key.",
+)
+@click.option(
+    "--output-dir", type=click.Path(file_okay=False), required=True, help="Writes kept.jsonl, rejected.jsonl."
+)
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir, cache, metrics):
@@ -87,19 +101,37 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
     good, rejected, n_in = records.read(Path(input_file), STAGE, "chat")
     for r, line in good:  # nothing to judge without an answer: such a record is not a training example either
         if not any(m["role"] == "assistant" for m in r["messages"]):
-            rejected.append(records.rejected(r, "no_answer", STAGE, detail="no assistant turn", file=input_file,
-                                             line=line))
+            rejected.append(
+                records.rejected(r, "no_answer", STAGE, detail="no assistant turn", file=input_file, line=line)
+            )
     good = [(r, line) for r, line in good if any(m["role"] == "assistant" for m in r["messages"])]
     recs = [r for r, _ in good]
     lines = [line for _, line in good]
     chosen, unjudged = plan(recs, cfg["langs"], cfg["max_records"])
-    log.info("%d records in %s (%d invalid): %d to judge (langs %s, max %s), %d pass unjudged %s; teacher %s on %s",
-             n_in, input_file, len(rejected), len(chosen), cfg["langs"] or "all", cfg["max_records"] or "all",
-             sum(unjudged.values()), dict(unjudged), spec["kind"], spec["model"])
+    log.info(
+        "%d records in %s (%d invalid): %d to judge (langs %s, max %s), %d pass unjudged %s; teacher %s on %s",
+        n_in,
+        input_file,
+        len(rejected),
+        len(chosen),
+        cfg["langs"] or "all",
+        cfg["max_records"] or "all",
+        sum(unjudged.values()),
+        dict(unjudged),
+        spec["kind"],
+        spec["model"],
+    )
     try:
-        reqs = [llm.Request(messages=[{"role": "user", "content": vf.build_prompt(template, recs[i])}],
-                            max_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                            seed=cfg["seed"]) for i in chosen]
+        reqs = [
+            llm.Request(
+                messages=[{"role": "user", "content": vf.build_prompt(template, recs[i])}],
+                max_tokens=cfg["max_new_tokens"],
+                temperature=cfg["temperature"],
+                top_p=cfg["top_p"],
+                seed=cfg["seed"],
+            )
+            for i in chosen
+        ]
     except ValueError as e:
         raise click.ClickException(f"{prompt_file}: {e}") from e
     template_id = "verify:" + hashlib.sha256(template.encode()).hexdigest()[:12]
@@ -126,8 +158,11 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
             kept.append(r)
             continue
         v, reason, detail = verdicts[i]
-        meta = {"verdict": v.verdict, "reason": v.reason, "confidence": v.confidence,
-                "teacher": spec["model"]} if v else None
+        meta = (
+            {"verdict": v.verdict, "reason": v.reason, "confidence": v.confidence, "teacher": spec["model"]}
+            if v
+            else None
+        )
         counts[v.verdict if v else "no_verdict"] += 1
         if reason:
             rec = {**r, "meta": {**(r.get("meta") or {}), "verify": meta}} if meta else r
@@ -139,15 +174,33 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
     out = Path(output_dir)
     io.write_jsonl(out / "kept.jsonl", kept)
     io.write_jsonl(out / "rejected.jsonl", rejected)
-    m = {"records_in": n_in, "kept": len(kept), "rejected": len(rejected), "invalid": n_in - len(recs) - sum(r["reason"] == "no_answer" for r in rejected),
-         "judged": len(chosen), "verdicts": dict(sorted(counts.items())), "unjudged": dict(sorted(unjudged.items())),
-         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-         "by_lang": {lang: sum(1 for i in chosen if recs[i]["lang"] == lang) for lang in sorted({recs[i]["lang"]
-                                                                                                 for i in chosen})},
-         "llm": engine.stats, "engine": spec["kind"], "model": spec["model"]}
+    m = {
+        "records_in": n_in,
+        "kept": len(kept),
+        "rejected": len(rejected),
+        "invalid": n_in - len(recs) - sum(r["reason"] == "no_answer" for r in rejected),
+        "judged": len(chosen),
+        "verdicts": dict(sorted(counts.items())),
+        "unjudged": dict(sorted(unjudged.items())),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "by_lang": {
+            lang: sum(1 for i in chosen if recs[i]["lang"] == lang)
+            for lang in sorted({recs[i]["lang"] for i in chosen})
+        },
+        "llm": engine.stats,
+        "engine": spec["kind"],
+        "model": spec["model"],
+    }
     io.write_json(metrics, m)
-    log.info("%d in: %d kept, %d rejected %s; verdicts %s; llm %s", n_in, len(kept), len(rejected),
-             m["rejected_by_reason"], m["verdicts"], m["llm"])
+    log.info(
+        "%d in: %d kept, %d rejected %s; verdicts %s; llm %s",
+        n_in,
+        len(kept),
+        len(rejected),
+        m["rejected_by_reason"],
+        m["verdicts"],
+        m["llm"],
+    )
 
 
 if __name__ == "__main__":

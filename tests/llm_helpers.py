@@ -58,8 +58,13 @@ class FaultProxy:
     kill its client knowing exactly N answers were delivered.
     """
 
-    def __init__(self, upstream: str, plan: dict[str, list[str]] | None = None, retry_after: str = "7",
-                 hold_after: int | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        plan: dict[str, list[str]] | None = None,
+        retry_after: str = "7",
+        hold_after: int | None = None,
+    ):
         u = urlparse(upstream)
         self.host, self.port_up = u.hostname, u.port
         self.plan = {k: list(v) for k, v in (plan or {}).items()}
@@ -93,7 +98,7 @@ class FaultProxy:
                 if hold:
                     proxy.held.set()
                     proxy.release.wait(timeout=60)
-                    return                                  # closed without an answer
+                    return  # closed without an answer
                 if fault:
                     with proxy.lock:
                         proxy.faults[fault] += 1
@@ -105,8 +110,11 @@ class FaultProxy:
                     proxy.release.wait(timeout=10)
                     return
                 if fault == "garbled":
-                    return self._send(200, b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"ind',
-                                      {"Content-Type": "application/json"})
+                    return self._send(
+                        200,
+                        b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"ind',
+                        {"Content-Type": "application/json"},
+                    )
                 status = int(fault)
                 body = json.dumps({"error": {"message": f"injected {status}", "type": "injected"}}).encode()
                 headers = {"Content-Type": "application/json"}

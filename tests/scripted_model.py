@@ -25,10 +25,19 @@ def make_scripted_model(out: Path, reply: str) -> Path:
     chain = [start, *tok(reply, add_special_tokens=False)["input_ids"], tok.eos_token_id]
     if len(set(chain[:-1])) != len(chain) - 1:
         raise ValueError(f"reply {reply!r}: a token repeats, so a bigram table cannot spell it")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -38,8 +47,8 @@ def make_scripted_model(out: Path, reply: str) -> Path:
         emb = model.model.embed_tokens.weight
         model.lm_head.weight.zero_()
         for token, nxt in zip(chain, chain[1:], strict=False):
-            h = emb[token] / emb[token].pow(2).mean().sqrt()      # what the final RMSNorm hands lm_head
-            model.lm_head.weight[nxt] = 10.0 * h / h.pow(2).sum()   # logit 10 for `nxt` after `token`
+            h = emb[token] / emb[token].pow(2).mean().sqrt()  # what the final RMSNorm hands lm_head
+            model.lm_head.weight[nxt] = 10.0 * h / h.pow(2).sum()  # logit 10 for `nxt` after `token`
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)

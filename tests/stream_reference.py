@@ -18,8 +18,10 @@ STAGE = "clean"
 
 def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict]], list[dict], dict]:
     """Clean the files of `pairs` together: (kept records per output path, rejected, metrics)."""
-    rules_cfg = {**cfg["rules"], "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"],
-                                            "max_chars": cfg["max_chars"]}}
+    rules_cfg = {
+        **cfg["rules"],
+        "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"], "max_chars": cfg["max_chars"]},
+    }
     lang_cfg = {k: v for k, v in cfg["langs"].items() if k != "enabled"}
     counts: dict[str, Counter] = defaultdict(Counter)
     files: dict[str, Counter] = {}
@@ -32,8 +34,9 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
             counts[r["reason"]]["dropped"] += 1
         rejected += bad
         todo += [(dst, record, str(src), line) for record, line in good]
-    results = clean.clean_records([t[1] for t in todo], rules_cfg, lang_cfg if cfg["langs"]["enabled"] else None,
-                                  cfg["workers"])
+    results = clean.clean_records(
+        [t[1] for t in todo], rules_cfg, lang_cfg if cfg["langs"]["enabled"] else None, cfg["workers"]
+    )
     survivors: list[tuple[Path, dict, str, int]] = []
     # The gate's verdicts per declared language: how many French or Malay translations it let through (ok and
     # undetermined pass, mismatch is dropped); records minus the verdicts were dropped by a rule first.
@@ -64,10 +67,18 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
             gone[i] = ("duplicate", f"same text as {survivors[j][1]['id']} ({survivors[j][2]}:{survivors[j][3]})")
     nd = cfg["near_dup"]
     if nd["enabled"]:
-        for i, j, sim in dedup.near_duplicates(keys, threshold=nd["threshold"], num_perm=nd["num_perm"],
-                                               shingle=nd["shingle"], seed=nd["seed"], skip=set(gone)):
-            gone[i] = ("near_duplicate", f"Jaccard ~{sim:.2f} with {survivors[j][1]['id']} "
-                                         f"({survivors[j][2]}:{survivors[j][3]})")
+        for i, j, sim in dedup.near_duplicates(
+            keys,
+            threshold=nd["threshold"],
+            num_perm=nd["num_perm"],
+            shingle=nd["shingle"],
+            seed=nd["seed"],
+            skip=set(gone),
+        ):
+            gone[i] = (
+                "near_duplicate",
+                f"Jaccard ~{sim:.2f} with {survivors[j][1]['id']} ({survivors[j][2]}:{survivors[j][3]})",
+            )
     kept: dict[Path, list[dict]] = {dst: [] for _, dst in pairs}
     for i, (dst, record, src, line) in enumerate(survivors):
         if i in gone:
@@ -84,16 +95,36 @@ def run(pairs: list[tuple[Path, Path]], cfg: dict) -> tuple[dict[Path, list[dict
     if n_in != n_kept + len(rejected):  # the audit promise; a bug here must not pass silently
         raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {len(rejected)}")
     metrics = {
-        "records_in": n_in, "kept": n_kept, "rejected": len(rejected),
-        "rules": {name: dict(counts[name]) for name in [*clean.RULES, "invalid_json", "invalid_utf8", "json_array",
-                                                        "invalid_record", "lang", "duplicate", "near_duplicate"]
-                  if counts[name]},
-        "gate_by_lang": {lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
-                         for lang, c in sorted(gate_by_lang.items())} if cfg["langs"]["enabled"] else {},
-        "gate_by_detector": {det: {k: c[k] for k in ("ok", "undetermined", "mismatch")}
-                             for det, c in sorted(gate_by_detector.items())},
-        "files": {name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
-                  for name, c in files.items()},
+        "records_in": n_in,
+        "kept": n_kept,
+        "rejected": len(rejected),
+        "rules": {
+            name: dict(counts[name])
+            for name in [
+                *clean.RULES,
+                "invalid_json",
+                "invalid_utf8",
+                "json_array",
+                "invalid_record",
+                "lang",
+                "duplicate",
+                "near_duplicate",
+            ]
+            if counts[name]
+        },
+        "gate_by_lang": {
+            lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
+            for lang, c in sorted(gate_by_lang.items())
+        }
+        if cfg["langs"]["enabled"]
+        else {},
+        "gate_by_detector": {
+            det: {k: c[k] for k in ("ok", "undetermined", "mismatch")} for det, c in sorted(gate_by_detector.items())
+        },
+        "files": {
+            name: {"records_in": c["records_in"], "kept": c["kept"], "rejected": c["rejected"]}
+            for name, c in files.items()
+        },
     }
     return kept, rejected, metrics
 
@@ -146,14 +177,17 @@ def json_units(path: str) -> Iterator[tuple[int, Any, str]]:
             # the rest of the file is this one error; bytes that are not UTF-8 in it are the likelier cause
             bad = io.not_utf8(path, line, text[pos:])
             if bad is None:
-                detail = f"invalid JSON: {e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) \
+                detail = (
+                    f"invalid JSON: {e.msg} at column {e.colno}"
+                    if isinstance(e, json.JSONDecodeError)
                     else "invalid JSON: nested too deeply"
+                )
                 bad = io.JsonlLineError(path, getattr(e, "lineno", line), detail, text[pos:])
             yield bad.line, bad, bad.raw
             return
         raw = text[pos:end]
         bad = io.not_utf8(path, line, raw)
-        if bad is not None:     # inside a string: the item is rejected, the array goes on
+        if bad is not None:  # inside a string: the item is rejected, the array goes on
             yield line, bad, bad.raw
         elif isinstance(obj, dict):
             yield line, obj, raw

@@ -25,35 +25,46 @@ def test_template_wraps_the_segment(tmp_path):
         augment.load_template(p)
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ("  How do I clean an air filter?\n", "How do I clean an air filter?"),
-    ("Instruction: Explain how air cleaners work.", "Explain how air cleaners work."),
-    ('"Describe the benefits of a heat pump."', "Describe the benefits of a heat pump."),
-    ('"Compare" these two "options"', '"Compare" these two "options"'),
-    ("### Question: What is C4?", "What is C4?"),
-    ('Here is the instruction:\n\n"Write a review of Terminator 2."', "Write a review of Terminator 2."),
-    ("Here\u2019s a question: Why do pancakes brown?", "Why do pancakes brown?"),
-    ("The instruction would be: List three uses of a heat pump.", "List three uses of a heat pump."),
-    ("Here is my furnace manual: when should I change the filter?",
-     "Here is my furnace manual: when should I change the filter?"),
-    ("", ""),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("  How do I clean an air filter?\n", "How do I clean an air filter?"),
+        ("Instruction: Explain how air cleaners work.", "Explain how air cleaners work."),
+        ('"Describe the benefits of a heat pump."', "Describe the benefits of a heat pump."),
+        ('"Compare" these two "options"', '"Compare" these two "options"'),
+        ("### Question: What is C4?", "What is C4?"),
+        ('Here is the instruction:\n\n"Write a review of Terminator 2."', "Write a review of Terminator 2."),
+        ("Here\u2019s a question: Why do pancakes brown?", "Why do pancakes brown?"),
+        ("The instruction would be: List three uses of a heat pump.", "List three uses of a heat pump."),
+        (
+            "Here is my furnace manual: when should I change the filter?",
+            "Here is my furnace manual: when should I change the filter?",
+        ),
+        ("", ""),
+        (None, ""),
+    ],
+)
 def test_parse_instruction(reply, expected):
     assert augment.parse_instruction(reply) == expected
 
 
 def test_degenerate_generations_are_named():
     seg = "The furnace filter should be changed every three months to keep the air in your home clean and healthy."
+
     def reason(inst, finish="stop"):
         r = augment.degenerate_reason(inst, seg, finish)
         return r and r[0]
+
     assert reason("How often should I change my furnace filter?") is None
     assert reason("") == "empty_generation"
     assert reason("Filters?") == "instruction_too_short"
     assert reason("Write a long essay about furnaces and how they", "length") == "truncated"
-    assert augment.degenerate_reason("Write a long essay about furnaces and how they", seg, "length",
-                                     reject_truncated=False) is None
+    assert (
+        augment.degenerate_reason(
+            "Write a long essay about furnaces and how they", seg, "length", reject_truncated=False
+        )
+        is None
+    )
     assert reason("the air the air the air the air the air the air the air the air") == "repetitive"
     assert reason("I'm ready to assist you. Please provide the text.") == "assistant_voice"
     assert reason("Sure! Here is a summary of the text about filters.") == "assistant_voice"
@@ -88,12 +99,30 @@ def write_web(path: Path) -> list[dict]:
 
 def run(tmp_path: Path, model: Path, metrics: str, *sets: str) -> dict:
     (tmp_path / "backward.txt").write_text("Write the request that this text answers.\n\n{response}\n")
-    args = ["--web", str(tmp_path / "web.jsonl"), "--model", str(model), "--prompt", str(tmp_path / "backward.txt"),
-            "--output-dir", str(tmp_path / "out"),
-            "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / metrics),
-            "--set", "max_new_tokens=6", "--set", "reject_truncated=false", "--set", "min_instruction_words=1",
-            "--set", "engine={kind: local, batch_size: 4, dtype: float32}",
-            "--set", "min_success=0"]  # the tiny model's replies are noise; the floor has its own test
+    args = [
+        "--web",
+        str(tmp_path / "web.jsonl"),
+        "--model",
+        str(model),
+        "--prompt",
+        str(tmp_path / "backward.txt"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--metrics",
+        str(tmp_path / metrics),
+        "--set",
+        "max_new_tokens=6",
+        "--set",
+        "reject_truncated=false",
+        "--set",
+        "min_instruction_words=1",
+        "--set",
+        "engine={kind: local, batch_size: 4, dtype: float32}",
+        "--set",
+        "min_success=0",
+    ]  # the tiny model's replies are noise; the floor has its own test
     for s in sets:
         args += ["--set", s]
     res = CliRunner().invoke(load_stage("augment").main, args, catch_exceptions=False)
@@ -108,7 +137,10 @@ def test_a_backward_model_that_yields_too_few_candidates_fails_the_stage(tiny_mo
         run(tmp_path, tiny_model_dir, "m.json", "min_instruction_words=50", "min_success=0.5")
     m = io.read_json(tmp_path / "m.json")
     assert m["success"]["passed"] == 0 and m["success"]["of"] == m["sampled"] > 0
-    assert m["candidates"] == 0 and len(io.load_jsonl(tmp_path / "out" / "rejected.jsonl")) == m["rejected"] >= m["sampled"]
+    assert (
+        m["candidates"] == 0
+        and len(io.load_jsonl(tmp_path / "out" / "rejected.jsonl")) == m["rejected"] >= m["sampled"]
+    )
 
 
 def test_stage_links_candidates_to_segments_and_resumes_from_cache(tiny_model_dir, tmp_path):
@@ -150,9 +182,20 @@ def test_bad_setup_fails_at_once_naming_the_problem(tiny_model_dir, tmp_path):
     main = load_stage("augment").main
 
     def fails(*args: str) -> str:
-        res = CliRunner().invoke(main, ["--web", str(tmp_path / "web.jsonl"), "--output-dir", str(tmp_path / "out"),
-                                        "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
-                                        *args])
+        res = CliRunner().invoke(
+            main,
+            [
+                "--web",
+                str(tmp_path / "web.jsonl"),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--cache",
+                str(tmp_path / "cache"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+                *args,
+            ],
+        )
         assert res.exit_code != 0 and not (tmp_path / "out").exists()
         return res.output
 

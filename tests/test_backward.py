@@ -21,10 +21,10 @@ TEMPLATE = str(ROOT / "prompts" / "backward.txt")
 
 # ---------------------------------------------------------------- scoring
 
+
 def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
     ref = "How many days until christmas?"
-    scores = backward.rouge_l([ref, ref, ref, ref], [ref, "How many days are left until Christmas?",
-                                                      "Bake a cake", ""])
+    scores = backward.rouge_l([ref, ref, ref, ref], [ref, "How many days are left until Christmas?", "Bake a cake", ""])
     assert scores[0] == 1.0
     # LCS "how many days until christmas" = 5 tokens; precision 5/7, recall 5/5 -> F1 = 2*5/(7+5)
     assert scores[1] == pytest.approx(10 / 12)
@@ -59,6 +59,7 @@ def test_summary_difference_is_paired():
 
 # ---------------------------------------------------------------- held-out pairs
 
+
 def test_heldout_pairs_are_the_pairs_sft_holds_out_in_the_backward_wording():
     pairs = backward.heldout_pairs([(SEED, TEMPLATE)], 0.2, max_examples=32)
     recs = [json.loads(line) for line in Path(SEED).read_text().splitlines()]
@@ -75,32 +76,75 @@ def test_heldout_pairs_are_the_pairs_sft_holds_out_in_the_backward_wording():
 
 
 def test_reversed_sources_names_each_reversed_file_once():
-    run = {"phases": [{"sources": [{"path": "a", "reverse": True, "template": "t"}, {"path": "b", "reverse": False,
-                                                                                     "template": ""}]},
-                      {"sources": [{"path": "a", "reverse": True, "template": "t"}]}]}
+    run = {
+        "phases": [
+            {
+                "sources": [
+                    {"path": "a", "reverse": True, "template": "t"},
+                    {"path": "b", "reverse": False, "template": ""},
+                ]
+            },
+            {"sources": [{"path": "a", "reverse": True, "template": "t"}]},
+        ]
+    }
     assert backward.reversed_sources(run) == [("a", "t")]
 
 
 # ---------------------------------------------------------------- the sft stage
 
+
 def test_sft_backward_run_writes_heldout_instruction(tmp_path, tiny_model_copy, one_torch_thread):
-    runs = {"backward": {"base": str(tiny_model_copy), "inference_tag": None, "phases": [
-        {"sources": [{"path": SEED, "reverse": True, "template": TEMPLATE}], "max_steps": 2}]},
-        "m0": {"base": str(tiny_model_copy), "inference_tag": None, "phases": [
-            {"sources": [{"path": SEED}], "max_steps": 1}]}}
-    train = {"max_len": 192, "batch_size": 2, "lr": 1.0e-3, "eval_steps": 100, "eval_fraction": 0.2,
-             "eval_max_examples": 2, "precision": "fp32",
-             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-             "heldout_eval": {"max_new_tokens": 8, "bootstrap": 200}}
+    runs = {
+        "backward": {
+            "base": str(tiny_model_copy),
+            "inference_tag": None,
+            "phases": [{"sources": [{"path": SEED, "reverse": True, "template": TEMPLATE}], "max_steps": 2}],
+        },
+        "m0": {
+            "base": str(tiny_model_copy),
+            "inference_tag": None,
+            "phases": [{"sources": [{"path": SEED}], "max_steps": 1}],
+        },
+    }
+    train = {
+        "max_len": 192,
+        "batch_size": 2,
+        "lr": 1.0e-3,
+        "eval_steps": 100,
+        "eval_fraction": 0.2,
+        "eval_max_examples": 2,
+        "precision": "fp32",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "heldout_eval": {"max_new_tokens": 8, "bootstrap": 200},
+    }
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"sft": {"train": train, "system_tags": {}, "runs": runs}}))
     n_held = sum(training.heldout(json.loads(x)["id"], 0.2) for x in Path(SEED).read_text().splitlines())
     metrics = {}
     for run in ("backward", "m0"):
         out = tmp_path / run
-        args = ["--params", str(p), "--run", run, "--input", str(tiny_model_copy), "--input", SEED, "--input", TEMPLATE,
-                "--output", str(out / "model"), "--checkpoints", str(out / "ckpt"), "--rejected",
-                str(out / "rejected.jsonl"), "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots")]
+        args = [
+            "--params",
+            str(p),
+            "--run",
+            run,
+            "--input",
+            str(tiny_model_copy),
+            "--input",
+            SEED,
+            "--input",
+            TEMPLATE,
+            "--output",
+            str(out / "model"),
+            "--checkpoints",
+            str(out / "ckpt"),
+            "--rejected",
+            str(out / "rejected.jsonl"),
+            "--metrics",
+            str(out / "metrics.json"),
+            "--plots",
+            str(out / "plots"),
+        ]
         res = CliRunner().invoke(load_stage("sft").main, args)
         assert res.exit_code == 0, res.output + repr(res.exception)
         metrics[run] = json.loads((out / "metrics.json").read_text())

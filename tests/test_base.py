@@ -52,12 +52,15 @@ def test_bfloat16_is_saved_as_bfloat16(tmp_path, tiny_model_dir):
     assert (out / models.WEIGHTS).stat().st_size < (tiny_model_dir / models.WEIGHTS).stat().st_size * 0.6
 
 
-@pytest.mark.parametrize("sets, message", [
-    (("source=local", "local_dir=/nonexistent"), "base.local_dir"),
-    (("source=gguf", "local_dir=/nonexistent"), "does not exist"),
-    (("source=ftp",), "expected gguf, local or hub"),
-    (("sorce=local",), "sorce"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("source=local", "local_dir=/nonexistent"), "base.local_dir"),
+        (("source=gguf", "local_dir=/nonexistent"), "does not exist"),
+        (("source=ftp",), "expected gguf, local or hub"),
+        (("sorce=local",), "sorce"),
+    ],
+)
 def test_bad_sources_fail_with_a_clear_message(tmp_path, sets, message):
     res, out, _ = run_base(tmp_path, "x", *sets)
     assert res.exit_code != 0 and message in res.output
@@ -83,12 +86,19 @@ def write_tiny_gguf(path: Path) -> None:
     w.add_token_list([f"t{i}" for i in range(vocab)])
     rng = np.random.default_rng(0)
     kv = hidden // heads * kv_heads
-    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
-              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
-              "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (kv, hidden),
-              "blk.0.attn_v.weight": (kv, hidden), "blk.0.attn_output.weight": (hidden, hidden),
-              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
-              "blk.0.ffn_down.weight": (hidden, ffn)}
+    shapes = {
+        "token_embd.weight": (vocab, hidden),
+        "output_norm.weight": (hidden,),
+        "blk.0.attn_norm.weight": (hidden,),
+        "blk.0.ffn_norm.weight": (hidden,),
+        "blk.0.attn_q.weight": (hidden, hidden),
+        "blk.0.attn_k.weight": (kv, hidden),
+        "blk.0.attn_v.weight": (kv, hidden),
+        "blk.0.attn_output.weight": (hidden, hidden),
+        "blk.0.ffn_gate.weight": (ffn, hidden),
+        "blk.0.ffn_up.weight": (ffn, hidden),
+        "blk.0.ffn_down.weight": (hidden, ffn),
+    }
     for name, shape in shapes.items():
         w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
     w.write_header_to_file()

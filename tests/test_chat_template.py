@@ -16,11 +16,18 @@ from selfalign import chat, training
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
-    "system": [{"role": "system", "content": "Answer in the style of an AI Assistant."},
-               {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue.\n\nOr red."}],
-    "multi": [{"role": "system", "content": "Be brief."},
-              {"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-              {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    "system": [
+        {"role": "system", "content": "Answer in the style of an AI Assistant."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue.\n\nOr red."},
+    ],
+    "multi": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ],
 }
 
 
@@ -95,8 +102,10 @@ def test_keep_system_lets_a_records_own_system_message_win_over_the_tag():
 
 
 def test_keep_system_on_a_reversed_source_is_a_params_error():
-    cfg = {"system_tags": {"seed": "s"}, "runs": {"r": {"phases": [{"sources": [
-        {"path": "x.jsonl", "reverse": True, "keep_system": True}]}]}}}
+    cfg = {
+        "system_tags": {"seed": "s"},
+        "runs": {"r": {"phases": [{"sources": [{"path": "x.jsonl", "reverse": True, "keep_system": True}]}]}},
+    }
     with pytest.raises(training.ParamsError, match=r"sources\[0\]\.keep_system"):
         training.check_run(cfg, "r", "sft")
 
@@ -110,9 +119,13 @@ SEED = Path(__file__).resolve().parent / "fixtures" / "sft" / "seed.jsonl"
 # in both the token that ends an assistant turn is another one, read off the template.
 TEMPLATES = {
     "smollm2": ("chat_template.jinja", [], None, None, "<|im_end|>"),
-    "llama3": ("llama3_chat_template.jinja",
-               ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
+    "llama3": (
+        "llama3_chat_template.jinja",
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+    ),
     "qwen2_5": ("qwen2_5_chat_template.jinja", [], None, "<|endoftext|>", "<|im_end|>"),
 }
 LONG = "Please read the following background before you answer, it matters a great deal. " * 40
@@ -171,9 +184,13 @@ def test_every_example_keeps_its_end_of_turn_token_in_the_label_mask(name):
     tok = template_tok(name)
     eot = tok.convert_tokens_to_ids(TEMPLATES[name][4])
     assert eot != tok.unk_token_id
-    long_multi = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": LONG},
-                  {"role": "assistant", "content": "Fine, thanks. " * 40}, {"role": "user", "content": LONG},
-                  {"role": "assistant", "content": "Blue."}]
+    long_multi = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": LONG},
+        {"role": "assistant", "content": "Fine, thanks. " * 40},
+        {"role": "user", "content": LONG},
+        {"role": "assistant", "content": "Blue."},
+    ]
     convs = [*CONVERSATIONS.values(), long_multi, long_multi[:1] + long_multi[3:]]
     built = []
     for msgs in convs:

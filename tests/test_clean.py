@@ -15,8 +15,10 @@ from selfalign import clean, dedup, io, langid, params, records
 FIX = Path(__file__).parent / "fixtures" / "clean"
 ROOT = Path(__file__).resolve().parent.parent
 stage = load_stage("clean")
-RULES_CFG = {**stage.DEFAULTS["rules"], "length": {"enabled": True, "min_chars": stage.DEFAULTS["min_chars"],
-                                                   "max_chars": stage.DEFAULTS["max_chars"]}}
+RULES_CFG = {
+    **stage.DEFAULTS["rules"],
+    "length": {"enabled": True, "min_chars": stage.DEFAULTS["min_chars"], "max_chars": stage.DEFAULTS["max_chars"]},
+}
 ALPACA = json.loads((FIX / "alpaca_cases.json").read_text(encoding="utf-8"))
 MULTI = [json.loads(line) for line in (FIX / "multilingual_cases.jsonl").read_text(encoding="utf-8").splitlines()]
 SENTENCES = [json.loads(line) for line in (FIX / "lang_sentences.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -27,16 +29,25 @@ def alpaca_record(case: dict, with_meta: bool = True, lang: str = "en") -> dict:
     """As ingest renders an Alpaca record: instruction + blank line + input as the user turn."""
     user = case["instruction"] + ("\n\n" + case["input"] if case["input"] else "")
     meta = {"instruction": case["instruction"], "input": case["input"]} if with_meta else {}
-    return records.chat([{"role": "user", "content": user}, {"role": "assistant", "content": case["output"]}],
-                        lang=lang, source="alpaca", meta=meta)
+    return records.chat(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": case["output"]}],
+        lang=lang,
+        source="alpaca",
+        meta=meta,
+    )
 
 
 def chat(user: str, answer: str, lang: str = "en", **meta) -> dict:
-    return records.chat([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                        lang=lang, source="test", meta=meta)
+    return records.chat(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+        lang=lang,
+        source="test",
+        meta=meta,
+    )
 
 
 # ---------------------------------------------------------------- rules on real Alpaca records
+
 
 @pytest.mark.parametrize("case", ALPACA, ids=[f"{c['expect']}-{c['index']}" for c in ALPACA])
 def test_alpaca_record_gets_its_expected_verdict(case):
@@ -67,8 +78,18 @@ def test_malay_and_french_records(case):
 def test_no_input_spellings_normalised_in_message_and_meta():
     base = next(c for c in ALPACA if c["index"] == 1248)  # real "No input." record
     assert base["input"] == "No input."
-    for spelling in ["<noinput>", "No input", "noinput", '"<noinput>"', "<no input>", "Noinput", "N/A",
-                     "No input required", "Tiada input yang diperlukan.", "Pas d'entrée"]:
+    for spelling in [
+        "<noinput>",
+        "No input",
+        "noinput",
+        '"<noinput>"',
+        "<no input>",
+        "Noinput",
+        "N/A",
+        "No input required",
+        "Tiada input yang diperlukan.",
+        "Pas d'entrée",
+    ]:
         record = alpaca_record({**base, "input": spelling})
         out, fixed, reason, _ = clean.apply_rules(record, RULES_CFG)
         assert reason == "" and fixed == ["no_input"], spelling
@@ -108,43 +129,54 @@ def test_mojibake_repaired_and_clean_text_untouched():
         assert clean.fix_mojibake(sample["text"]) == sample["text"]
 
 
-@pytest.mark.parametrize("prompt,answer,wrong", [
-    ("", "1 + 1 + 1 = 3", False),
-    ("", "2 + 2 = 5", True),
-    ("", "The total cost is 6 x 4.95 = 29.70.", False),
-    ("", "100/7 = 14.29", False),                      # rounded
-    ("", "100 / 7 = 14.285714285", False),             # truncated
-    ("", "7 - 10 = -3", False),
-    ("", "7 - 10 = 3", True),
-    ("", "1/2 + 1/4 = 3/4", False),
-    ("", "1/2 + 1/4 = 2/3", True),
-    ("", "Compound interest = 1000(1 + 0.05)^10 = $1,628.89.", False),
-    ("", "Total cost = 10 x $4 = $40", False),
-    ("", "3x + 4y = 20", False),                       # algebra, not arithmetic
-    ("", "1+1=1+s(0)", False),                         # Peano: the right side goes on
-    ("Combien font 11+1 en système binaire ?", "En système binaire, 11 + 1 = 100.", False),
-    ("Compute 45 + 86", "131", False),
-    ("Compute 45 + 86", "132", True),
-    ("Evaluate the following expression: (6+2)*(2-2).", "8", True),
-    ("The date is 4/16.", "4", False),                 # no computation asked
-    ("", "50% of 10 = 5", False),
-    # chained equalities: every side is checked against the one before it, and a right chain stays
-    ("", "15+27 = 15+20+7 = 42", False),
-    ("", "15+27 = 15+20+7 = 43", True),                # wrong result
-    ("", "15+27 = 15+20+6 = 42", True),                # wrong step, right result
-    ("", "21336 * 5012 = 21336 * (5000 + 10 + 2) = 21336 * 5000 + 21336 * 10 + 21336 * 2 = 106680000 + 213360 + "
-         "42672 = 106893360 + 42672 = 106936032", False),
-    ("", "21336 * 5012 = 21336 * (5000 + 10 + 2) = 21336 * 5000 + 21336 * 10 + 21336 * 2 = 106680000 + 213360 + "
-         "42672 = 106893360 + 42672 = 106963032", True),
-    ("", "21336 * 5012 = 2133", True),                  # the number on the right is read whole
-    ("", "2x + 3 = 4 + 5 = 9", False),                 # algebra on the left: not a chain to check
-    ("", "(1 + 0.09/4)^(4*0.75) = (1 + 0.0225)^3 = 1.0690", False),
-    ("", "1/3 * 3 = 0.333 * 3 = 0.999", False),        # rounded steps are not wrong
-    ("", "Total: 12 x 3 = 36 + 4 = 40 apples", False),  # a running total misuses "=", its arithmetic is right
-    ("", "Total: 12 x 3 = 36 + 4 = 41 apples", True),
-    ("", "12 x 3 = 35 + 4 = 39", True),                # not a running total: 12 x 3 is not 35
-    ("", "   7(36) + 36 + 5\n   = 252 + 36 + 5\n   = 293", False),  # "36 + 5" is the tail of a longer sum
-])
+@pytest.mark.parametrize(
+    "prompt,answer,wrong",
+    [
+        ("", "1 + 1 + 1 = 3", False),
+        ("", "2 + 2 = 5", True),
+        ("", "The total cost is 6 x 4.95 = 29.70.", False),
+        ("", "100/7 = 14.29", False),  # rounded
+        ("", "100 / 7 = 14.285714285", False),  # truncated
+        ("", "7 - 10 = -3", False),
+        ("", "7 - 10 = 3", True),
+        ("", "1/2 + 1/4 = 3/4", False),
+        ("", "1/2 + 1/4 = 2/3", True),
+        ("", "Compound interest = 1000(1 + 0.05)^10 = $1,628.89.", False),
+        ("", "Total cost = 10 x $4 = $40", False),
+        ("", "3x + 4y = 20", False),  # algebra, not arithmetic
+        ("", "1+1=1+s(0)", False),  # Peano: the right side goes on
+        ("Combien font 11+1 en système binaire ?", "En système binaire, 11 + 1 = 100.", False),
+        ("Compute 45 + 86", "131", False),
+        ("Compute 45 + 86", "132", True),
+        ("Evaluate the following expression: (6+2)*(2-2).", "8", True),
+        ("The date is 4/16.", "4", False),  # no computation asked
+        ("", "50% of 10 = 5", False),
+        # chained equalities: every side is checked against the one before it, and a right chain stays
+        ("", "15+27 = 15+20+7 = 42", False),
+        ("", "15+27 = 15+20+7 = 43", True),  # wrong result
+        ("", "15+27 = 15+20+6 = 42", True),  # wrong step, right result
+        (
+            "",
+            "21336 * 5012 = 21336 * (5000 + 10 + 2) = 21336 * 5000 + 21336 * 10 + 21336 * 2 = 106680000 + 213360 + "
+            "42672 = 106893360 + 42672 = 106936032",
+            False,
+        ),
+        (
+            "",
+            "21336 * 5012 = 21336 * (5000 + 10 + 2) = 21336 * 5000 + 21336 * 10 + 21336 * 2 = 106680000 + 213360 + "
+            "42672 = 106893360 + 42672 = 106963032",
+            True,
+        ),
+        ("", "21336 * 5012 = 2133", True),  # the number on the right is read whole
+        ("", "2x + 3 = 4 + 5 = 9", False),  # algebra on the left: not a chain to check
+        ("", "(1 + 0.09/4)^(4*0.75) = (1 + 0.0225)^3 = 1.0690", False),
+        ("", "1/3 * 3 = 0.333 * 3 = 0.999", False),  # rounded steps are not wrong
+        ("", "Total: 12 x 3 = 36 + 4 = 40 apples", False),  # a running total misuses "=", its arithmetic is right
+        ("", "Total: 12 x 3 = 36 + 4 = 41 apples", True),
+        ("", "12 x 3 = 35 + 4 = 39", True),  # not a running total: 12 x 3 is not 35
+        ("", "   7(36) + 36 + 5\n   = 252 + 36 + 5\n   = 293", False),  # "36 + 5" is the tail of a longer sum
+    ],
+)
 def test_wrong_arithmetic(prompt, answer, wrong):
     assert (clean.wrong_arithmetic(prompt, answer) is not None) == wrong
 
@@ -168,8 +200,15 @@ def test_arithmetic_patterns_read_white_space_once():
 @pytest.mark.parametrize("case", ORCA, ids=[f"{c['expect']}-{c['index']}" for c in ORCA])
 def test_default_data_records_get_their_expected_verdict(case):
     """The default data's own cases (issue 9 item 8): what the rules dropped wrongly stays, what is wrong goes."""
-    pair = records.make("preference", prompt=case["prompt"], chosen=case["chosen"], rejected=case["rejected"],
-                        lang="en", source="orca_dpo_pairs", **({"system": case["system"]} if "system" in case else {}))
+    pair = records.make(
+        "preference",
+        prompt=case["prompt"],
+        chosen=case["chosen"],
+        rejected=case["rejected"],
+        lang="en",
+        source="orca_dpo_pairs",
+        **({"system": case["system"]} if "system" in case else {}),
+    )
     out, _, reason, detail = clean.apply_rules(pair, RULES_CFG)
     assert (reason or "keep") == case["expect"], (case["why"], detail)
 
@@ -184,14 +223,20 @@ def test_multiple_choice_products_are_not_a_phrase_loop():
 
 
 def test_missing_input_before_the_reference():
-    data_first = "Here is some data about a restaurant: name = Giraffe, eatType = pub. Write a sentence about the following data"
-    quoted_first = 'Consider "The cat chased the mouse across the yard." Rewrite the following sentence in passive voice.'
+    data_first = (
+        "Here is some data about a restaurant: name = Giraffe, eatType = pub. Write a sentence about the following data"
+    )
+    quoted_first = (
+        'Consider "The cat chased the mouse across the yard." Rewrite the following sentence in passive voice.'
+    )
     for prompt in (data_first, quoted_first):
         assert clean.apply_rules(chat(prompt, "Giraffe is a pub."), RULES_CFG)[2] == "", prompt
-    for prompt in ("Write a sentence that includes the following data about a restaurant",
-                   "Task: rewrite the following sentence in passive voice.",
-                   "You are a helpful assistant. Please summarize the following article.",
-                   "Note: be brief. Summarize the above text."):
+    for prompt in (
+        "Write a sentence that includes the following data about a restaurant",
+        "Task: rewrite the following sentence in passive voice.",
+        "You are a helpful assistant. Please summarize the following article.",
+        "Note: be brief. Summarize the above text.",
+    ):
         assert clean.apply_rules(chat(prompt, "Giraffe is a pub."), RULES_CFG)[2] == "missing_input", prompt
 
 
@@ -200,8 +245,14 @@ def test_refusal_only_in_answers_and_rejected_side_may_be_bad():
     assert clean.apply_rules(chat("What is the weather?", refusal), RULES_CFG)[2] == "refusal"
     asked = chat("Write the phrase 'as an AI language model' in French.", "en tant que ... non: 'comme un modèle'")
     assert clean.RULES["refusal"].fn(asked, {}).record is not None
-    pair = records.make("preference", prompt="What is the weather today in Paris?", chosen="I cannot know today's "
-                        "weather, but Paris in spring is mild.", rejected=refusal, lang="en", source="t")
+    pair = records.make(
+        "preference",
+        prompt="What is the weather today in Paris?",
+        chosen="I cannot know today's weather, but Paris in spring is mild.",
+        rejected=refusal,
+        lang="en",
+        source="t",
+    )
     assert clean.apply_rules(pair, RULES_CFG)[2] == ""
     swapped = {**pair, "chosen": refusal, "rejected": pair["chosen"]}
     assert clean.apply_rules(swapped, RULES_CFG)[2] == "refusal"
@@ -231,6 +282,7 @@ def test_disabled_rule_is_skipped():
 
 # ---------------------------------------------------------------- language gate
 
+
 def gate(text: str, lang: str) -> str:
     return langid.identify(text, lang, **{k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"})[0]
 
@@ -243,7 +295,7 @@ def test_ms_vs_id_on_held_out_real_sentences():
     for s in SENTENCES:
         if s["label"] in verdicts:
             verdicts[s["label"]].append(gate(s["text"], "ms"))
-    assert verdicts["ms"].count("mismatch") <= 1                    # measured: 33 of 34 kept
+    assert verdicts["ms"].count("mismatch") <= 1  # measured: 33 of 34 kept
     assert verdicts["id"].count("mismatch") / len(verdicts["id"]) >= 0.85  # measured: 221 of 253 caught (0.874)
     assert sum(v.count("undetermined") for v in verdicts.values()) <= 3
     bahwa = next(s["text"] for s in SENTENCES if s["text"].startswith("Dengan melihat kepada 5.000 pasien"))
@@ -274,12 +326,16 @@ def test_short_record_in_the_wrong_language_is_dropped_by_the_ngram_detector():
 
 
 def test_translation_task_judged_by_its_instruction():
-    record = chat("Translate this sentence from French to English.\n\nJ'aime faire de la randonnée en montagne "
-                  "avec mes amis chaque été.", "I love hiking in the mountains with my friends every summer.")
+    record = chat(
+        "Translate this sentence from French to English.\n\nJ'aime faire de la randonnée en montagne "
+        "avec mes amis chaque été.",
+        "I love hiking in the mountains with my friends every summer.",
+    )
     assert langid.gate_text(record) == "Translate this sentence from French to English."
 
 
 # ---------------------------------------------------------------- dedup
+
 
 def test_exact_and_near_duplicates_keep_the_first():
     texts = [s["text"] for s in SENTENCES if s["label"] == "en" and len(s["text"]) > 80][:4]
@@ -293,13 +349,25 @@ def test_exact_and_near_duplicates_keep_the_first():
 
 # ---------------------------------------------------------------- the stage
 
+
 def write_inputs(d: Path) -> dict[str, list[dict]]:
     seed = [alpaca_record(c) for c in ALPACA]
     seed.append(next(r for r, c in zip(seed, ALPACA, strict=True) if c["expect"] == "keep"))  # an exact duplicate
-    web = [records.make("web", text=s["text"] * 2, lang=s["label"], source="leipzig")
-           for s in SENTENCES if s["label"] in ("en", "fr")][:40]
-    pref = [records.make("preference", prompt="Explain photosynthesis briefly.", chosen="Plants turn light into "
-                         "sugar.", rejected="I don't know.", lang="en", source="t")]
+    web = [
+        records.make("web", text=s["text"] * 2, lang=s["label"], source="leipzig")
+        for s in SENTENCES
+        if s["label"] in ("en", "fr")
+    ][:40]
+    pref = [
+        records.make(
+            "preference",
+            prompt="Explain photosynthesis briefly.",
+            chosen="Plants turn light into sugar.",
+            rejected="I don't know.",
+            lang="en",
+            source="t",
+        )
+    ]
     prompts = [records.make("prompt", prompt="Write a short poem about the sea.", lang="en", source="t")]
     d.mkdir(parents=True, exist_ok=True)
     for name, recs in (("seed", seed), ("web", web), ("preference", pref), ("prompts", prompts)):
@@ -315,9 +383,19 @@ def test_stage_cli_conservation_reasons_and_determinism(tmp_path):
     runs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        res = CliRunner().invoke(stage.main, ["--params", str(ROOT / "params.yaml"), "--input-dir",
-                                              str(tmp_path / "in"), "--output-dir", str(out),
-                                              "--metrics", str(out / "m.json")])
+        res = CliRunner().invoke(
+            stage.main,
+            [
+                "--params",
+                str(ROOT / "params.yaml"),
+                "--input-dir",
+                str(tmp_path / "in"),
+                "--output-dir",
+                str(out),
+                "--metrics",
+                str(out / "m.json"),
+            ],
+        )
         assert res.exit_code == 0, res.output
         runs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.jsonl"))})
     assert runs[0] == runs[1]  # deterministic, byte for byte
@@ -343,28 +421,49 @@ def test_stage_cli_conservation_reasons_and_determinism(tmp_path):
 
 def test_stage_counts_gate_verdicts_per_declared_language(tmp_path):
     """A translation declared fr or ms is counted under that language: what the gate let through, what it dropped."""
-    long = {lang: [s["text"] for s in SENTENCES if s["label"] == lang and len(s["text"]) > 60] for lang in ("en", "fr", "ms")}
+    long = {
+        lang: [s["text"] for s in SENTENCES if s["label"] == lang and len(s["text"]) > 60]
+        for lang in ("en", "fr", "ms")
+    }
     french_refusal = next(c for c in MULTI if c["expect"] == "refusal" and "yaourt" in c["prompt"])
-    seed = [chat(long["fr"][0], long["fr"][1], lang="fr"), chat(long["fr"][2], long["fr"][3], lang="fr"),
-            chat(long["en"][0], long["en"][1], lang="fr"),              # left in English: the gate drops it
-            chat(french_refusal["prompt"], french_refusal["answer"], lang="fr"),  # dropped by a rule first
-            chat(long["ms"][0], long["ms"][2], lang="ms"),
-            chat("Apa khabar?", "Baik, terima kasih.", lang="ms"),      # short, no ms/id marker word: lingua keeps it
-            chat("Where is the train station?", "Over there.", lang="fr"),  # short and English: the n-gram model drops it
-            chat(long["en"][2], long["en"][3], lang="en")]
+    seed = [
+        chat(long["fr"][0], long["fr"][1], lang="fr"),
+        chat(long["fr"][2], long["fr"][3], lang="fr"),
+        chat(long["en"][0], long["en"][1], lang="fr"),  # left in English: the gate drops it
+        chat(french_refusal["prompt"], french_refusal["answer"], lang="fr"),  # dropped by a rule first
+        chat(long["ms"][0], long["ms"][2], lang="ms"),
+        chat("Apa khabar?", "Baik, terima kasih.", lang="ms"),  # short, no ms/id marker word: lingua keeps it
+        chat("Where is the train station?", "Over there.", lang="fr"),  # short and English: the n-gram model drops it
+        chat(long["en"][2], long["en"][3], lang="en"),
+    ]
     (tmp_path / "in").mkdir()
     io.write_jsonl(tmp_path / "in" / "seed.jsonl", seed)
-    res = CliRunner().invoke(stage.main, ["--params", str(ROOT / "params.yaml"), "--input-dir", str(tmp_path / "in"),
-                                          "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        stage.main,
+        [
+            "--params",
+            str(ROOT / "params.yaml"),
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["gate_by_lang"] == {"en": {"records": 1, "ok": 1, "undetermined": 0, "mismatch": 0},
-                                 "fr": {"records": 5, "ok": 2, "undetermined": 0, "mismatch": 2},
-                                 "ms": {"records": 2, "ok": 2, "undetermined": 0, "mismatch": 0}}
-    assert m["gate_by_detector"] == {"fasttext": {"ok": 3, "undetermined": 0, "mismatch": 1},
-                                     "lingua": {"ok": 1, "undetermined": 0, "mismatch": 0},
-                                     "markers": {"ok": 1, "undetermined": 0, "mismatch": 0},
-                                     "ngram": {"ok": 0, "undetermined": 0, "mismatch": 1}}
+    assert m["gate_by_lang"] == {
+        "en": {"records": 1, "ok": 1, "undetermined": 0, "mismatch": 0},
+        "fr": {"records": 5, "ok": 2, "undetermined": 0, "mismatch": 2},
+        "ms": {"records": 2, "ok": 2, "undetermined": 0, "mismatch": 0},
+    }
+    assert m["gate_by_detector"] == {
+        "fasttext": {"ok": 3, "undetermined": 0, "mismatch": 1},
+        "lingua": {"ok": 1, "undetermined": 0, "mismatch": 0},
+        "markers": {"ok": 1, "undetermined": 0, "mismatch": 0},
+        "ngram": {"ok": 0, "undetermined": 0, "mismatch": 1},
+    }
     for verdict in ("ok", "undetermined", "mismatch"):
         assert sum(c[verdict] for c in m["gate_by_lang"].values()) == m["rules"]["lang"].get(verdict, 0)
         assert sum(c[verdict] for c in m["gate_by_detector"].values()) == m["rules"]["lang"].get(verdict, 0)
@@ -375,10 +474,22 @@ def test_stage_counts_gate_verdicts_per_declared_language(tmp_path):
 
 def test_stage_by_hand_pairs_and_param_errors(tmp_path):
     inputs = write_inputs(tmp_path / "in")
-    args = ["--input", str(tmp_path / "in" / "web.jsonl"), "--output", str(tmp_path / "web.clean.jsonl"),
-            "--input", str(tmp_path / "in" / "preference.jsonl"), "--output", str(tmp_path / "pref.clean.jsonl"),
-            "--rejected", str(tmp_path / "rej.jsonl"), "--metrics", str(tmp_path / "m.json"),
-            "--set", "near_dup.enabled=false"]
+    args = [
+        "--input",
+        str(tmp_path / "in" / "web.jsonl"),
+        "--output",
+        str(tmp_path / "web.clean.jsonl"),
+        "--input",
+        str(tmp_path / "in" / "preference.jsonl"),
+        "--output",
+        str(tmp_path / "pref.clean.jsonl"),
+        "--rejected",
+        str(tmp_path / "rej.jsonl"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--set",
+        "near_dup.enabled=false",
+    ]
     res = CliRunner().invoke(stage.main, args)
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
@@ -408,21 +519,34 @@ def test_params_section_matches_code_defaults():
 def test_stage_reads_past_bad_bytes_and_a_bom_and_names_a_json_array(tmp_path):
     """Before: bad bytes ended in a UnicodeDecodeError traceback, a BOM made the first record invalid_json, and a
     JSON array became one invalid_json reject per line."""
-    good = [chat("What is the capital of France?", "The capital of France is Paris."),
-            chat("Name a primary colour.", "Red is one of the three primary colours.")]
+    good = [
+        chat("What is the capital of France?", "The capital of France is Paris."),
+        chat("Name a primary colour.", "Red is one of the three primary colours."),
+    ]
     lines = [json.dumps(r, ensure_ascii=False).encode() for r in good]
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "seed.jsonl").write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n{\"kind\": \"ch\xffat\"}\n" + lines[1])
-    (tmp_path / "in" / "prompts.jsonl").write_text(json.dumps([{"prompt": f"Question {i}?"} for i in range(3)],
-                                                              indent=2))
-    args = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"),
-            "--metrics", str(tmp_path / "m.json"), "--set", "langs.enabled=false"]
+    (tmp_path / "in" / "seed.jsonl").write_bytes(b"\xef\xbb\xbf" + lines[0] + b'\n{"kind": "ch\xffat"}\n' + lines[1])
+    (tmp_path / "in" / "prompts.jsonl").write_text(
+        json.dumps([{"prompt": f"Question {i}?"} for i in range(3)], indent=2)
+    )
+    args = [
+        "--input-dir",
+        str(tmp_path / "in"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--set",
+        "langs.enabled=false",
+    ]
     res = CliRunner().invoke(stage.main, args)
     assert res.exit_code == 0, res.output
     assert [r["id"] for r in io.load_jsonl(tmp_path / "out" / "seed.jsonl")] == [r["id"] for r in good]
     rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert [(r["reason"], Path(r["file"]).name, r["line"]) for r in rejected] == [
-        ("invalid_utf8", "seed.jsonl", 2), ("json_array", "prompts.jsonl", 1)]
+        ("invalid_utf8", "seed.jsonl", 2),
+        ("json_array", "prompts.jsonl", 1),
+    ]
     assert "\\xff" in rejected[0]["raw"] and "JSON array" in rejected[1]["detail"] and "ingest" in rejected[1]["detail"]
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["records_in"] == 4 == m["kept"] + m["rejected"]
@@ -435,19 +559,37 @@ def test_a_directory_named_like_a_file_is_a_one_line_error(tmp_path, where):
     (tmp_path / where / "seed.jsonl").mkdir(parents=True)
     if where == "out":
         io.write_jsonl(tmp_path / "in" / "seed.jsonl", [])
-    res = CliRunner().invoke(stage.main, ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"),
-                                          "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        stage.main,
+        [
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code == 2 and "seed.jsonl is a directory" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "m.json").exists()
 
 
 def test_a_stage_that_keeps_too_little_fails_after_writing_everything(tmp_path):
     """Before: clean exited 0 whatever it kept, so DVC recorded a stage that passed nothing on as a success."""
-    recs = [chat("What is the capital of France?", "The capital of France is Paris.")] + \
-        [chat(f"Question {i}?", "As an AI language model, I cannot answer that.") for i in range(3)]
+    recs = [chat("What is the capital of France?", "The capital of France is Paris.")] + [
+        chat(f"Question {i}?", "As an AI language model, I cannot answer that.") for i in range(3)
+    ]
     io.write_jsonl(tmp_path / "in" / "seed.jsonl", recs)
-    args = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"), "--metrics",
-            str(tmp_path / "m.json"), "--set", "langs.enabled=false"]
+    args = [
+        "--input-dir",
+        str(tmp_path / "in"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--set",
+        "langs.enabled=false",
+    ]
     res = CliRunner().invoke(stage.main, args)
     assert res.exit_code == 1 and "clean kept: 1 of 4 (25%) came through, below min_success 0.5" in res.output
     m = json.loads((tmp_path / "m.json").read_text())

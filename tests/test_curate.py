@@ -16,8 +16,10 @@ RUBRIC = ROOT / "prompts" / "curate.txt"
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
-    ("Give me three tips for sleeping better.",
-     "1. Keep a regular schedule.\n2. Avoid screens before bed.\n3. Keep the bedroom cool and dark. " * 3),
+    (
+        "Give me three tips for sleeping better.",
+        "1. Keep a regular schedule.\n2. Avoid screens before bed.\n3. Keep the bedroom cool and dark. " * 3,
+    ),
     ("Summarise the text.", "Click here to subscribe to our newsletter! {response} Free shipping on all orders."),
     ("Write a haiku about rain.", "Soft rain on the roof\nthe garden drinks in silence\nevening smells of earth"),
     ("How do I boil an egg?", "Put the egg in boiling water for nine minutes, then cool it in cold water."),
@@ -25,13 +27,18 @@ PAIRS = [
 
 
 def candidate(instruction: str, response: str, segment_id: str) -> dict:
-    return records.chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
-                        lang="en", source="augment", meta={"segment_id": segment_id})
+    return records.chat(
+        [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}],
+        lang="en",
+        source="augment",
+        meta={"segment_id": segment_id},
+    )
 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model_dir):
     from transformers import AutoModelForCausalLM
+
     tok = chat.load_tokenizer(tiny_model_dir, padding_side="left")
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok
 
@@ -88,7 +95,15 @@ def test_select_splits_at_threshold_inclusive():
     assert [r["meta"]["score"] for r in below] == [1.0, 2.999]
     assert curate.select(recs, "threshold", 5.5) == ([], recs, None)
     assert curate.histogram([1.0, 2.999, 3.0, 4.2, 5.0]) == {
-        "1.0-1.5": 1, "1.5-2.0": 0, "2.0-2.5": 0, "2.5-3.0": 1, "3.0-3.5": 1, "3.5-4.0": 0, "4.0-4.5": 1, "4.5-5.0": 1}
+        "1.0-1.5": 1,
+        "1.5-2.0": 0,
+        "2.0-2.5": 0,
+        "2.5-3.0": 1,
+        "3.0-3.5": 1,
+        "3.5-4.0": 0,
+        "4.0-4.5": 1,
+        "4.5-5.0": 1,
+    }
 
 
 def test_select_top_fraction_and_top_k_rank_and_break_ties_by_id():
@@ -148,8 +163,20 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     (tiny_model_copy / "selfalign.json").write_text(json.dumps({"run": "m0", "system": system}))
     cands = write_candidates(tmp_path / "candidates.jsonl")
     out = tmp_path / "out"
-    common = ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_copy),
-              "--rubric", str(RUBRIC), "--output-dir", str(out), "--cache", str(tmp_path / "cache")]
+    common = [
+        "--iteration",
+        "iter1",
+        "--candidates",
+        str(tmp_path / "candidates.jsonl"),
+        "--model",
+        str(tiny_model_copy),
+        "--rubric",
+        str(RUBRIC),
+        "--output-dir",
+        str(out),
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     run_stage(common + ["--metrics", str(tmp_path / "m.json"), "--set", "batch_size=2"])
     m = io.read_json(tmp_path / "m.json")
     scored = io.load_jsonl(out / "scored.jsonl")
@@ -161,10 +188,15 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     assert [r["meta"]["segment_id"] for r in scored] == [f"seg{k}" for k in range(len(PAIRS))]
     assert all(1.0 <= r["meta"]["score"] <= 5.0 for r in scored)
     assert all(r["meta"]["curate"]["iteration"] == "iter1" and r["meta"]["curate"]["system"] == system for r in scored)
-    assert len(kept) == 2 and m["select"] == "top_fraction" and m["cutoff_score"] == round(min(r["meta"]["score"] for r in kept), 4)
+    assert (
+        len(kept) == 2
+        and m["select"] == "top_fraction"
+        and m["cutoff_score"] == round(min(r["meta"]["score"] for r in kept), 4)
+    )
     assert all(r["meta"]["score"] >= s["meta"]["score"] for r in kept for s in scored if s not in kept)
-    assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_cutoff"} == \
-        {r["id"] for r in scored}
+    assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_cutoff"} == {
+        r["id"] for r in scored
+    }
     invalid = sorted((r["line"], r["file"]) for r in rejected if r["reason"] == "invalid_candidate")
     assert invalid == [(3, str(tmp_path / "candidates.jsonl")), (7, str(tmp_path / "candidates.jsonl"))]
     assert m["records_in"] == 7 == m["kept"] + m["rejected"] == len(kept) + len(rejected)
@@ -173,8 +205,10 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     # The threshold is the only thing that moves a candidate between kept and rejected.
     scores = sorted(r["meta"]["score"] for r in scored)
     mid = (scores[1] + scores[2]) / 2
-    run_stage(common + ["--metrics", str(tmp_path / "m2.json"), "--set", "select.mode=threshold",
-                        "--set", f"select.threshold={mid}"])
+    run_stage(
+        common
+        + ["--metrics", str(tmp_path / "m2.json"), "--set", "select.mode=threshold", "--set", f"select.threshold={mid}"]
+    )
     kept2 = io.load_jsonl(out / "kept.jsonl")
     assert sorted(r["meta"]["score"] for r in kept2) == scores[2:]
     assert io.read_json(tmp_path / "m2.json")["kept"] == 3
@@ -188,42 +222,95 @@ class ScriptedEngine:
 
     def complete(self, requests, template_id="none", progress=False):
         from selfalign import llm
+
         assert all(r.messages[-1]["role"] == "user" and "Request: " in r.messages[-1]["content"] for r in requests)
         self.stats["calls"] += len(requests)
-        return [llm.Result.failure("HTTP 500: boom") if text is None else llm.Result(text=text, ok=True)
-                for text in self.replies[: len(requests)]]
+        return [
+            llm.Result.failure("HTTP 500: boom") if text is None else llm.Result(text=text, ok=True)
+            for text in self.replies[: len(requests)]
+        ]
 
 
 def test_generate_mode_counts_unparsed_and_failed_explicitly(tiny_model_dir, tmp_path, monkeypatch):
     from selfalign import llm
+
     replies = ["Score: 4", "The answer is 5.", "Score: 2", None, "Score: 6"]
     monkeypatch.setattr(llm, "make_engine", lambda spec, cache_dir=None: ScriptedEngine(replies))
     write_candidates(tmp_path / "candidates.jsonl")
-    run_stage(["--iteration", "iter2", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", "any-endpoint",
-               "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
-               "--set", "mode=generate", "--set", "engine={kind: openai}", "--set", "select.mode=threshold",
-               "--set", "select.threshold=3.0", "--set", "min_success=0.4"])
+    run_stage(
+        [
+            "--iteration",
+            "iter2",
+            "--candidates",
+            str(tmp_path / "candidates.jsonl"),
+            "--model",
+            "any-endpoint",
+            "--rubric",
+            str(RUBRIC),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--set",
+            "mode=generate",
+            "--set",
+            "engine={kind: openai}",
+            "--set",
+            "select.mode=threshold",
+            "--set",
+            "select.threshold=3.0",
+            "--set",
+            "min_success=0.4",
+        ]
+    )
     m = io.read_json(tmp_path / "m.json")
     assert m["scored"] == 2 and m["unparsed"] == 2 and m["parse_rate"] == 0.4
-    assert m["rejected_by_reason"] == {"invalid_candidate": 2, "unparsed_score": 2, "generation_failed": 1,
-                                       "below_threshold": 1}
+    assert m["rejected_by_reason"] == {
+        "invalid_candidate": 2,
+        "unparsed_score": 2,
+        "generation_failed": 1,
+        "below_threshold": 1,
+    }
     assert m["records_in"] == 7 == m["kept"] + m["rejected"] and m["kept"] == 1
     kept = io.load_jsonl(tmp_path / "out" / "kept.jsonl")
-    assert [(r["meta"]["score"], r["meta"]["segment_id"], r["meta"]["curate"]["reply"]) for r in kept] == \
-        [(4.0, "seg0", "Score: 4")]
+    assert [(r["meta"]["score"], r["meta"]["segment_id"], r["meta"]["curate"]["reply"]) for r in kept] == [
+        (4.0, "seg0", "Score: 4")
+    ]
     unparsed = [r for r in io.load_jsonl(tmp_path / "out" / "rejected.jsonl") if r["reason"] == "unparsed_score"]
     assert [r["record"]["meta"]["segment_id"] for r in unparsed] == ["seg1", "seg4"]
 
 
 def test_generate_mode_with_the_local_engine(tiny_model_dir, tmp_path):
     write_candidates(tmp_path / "candidates.jsonl")
-    run_stage(["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(tiny_model_dir),
-               "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
-               "--metrics", str(tmp_path / "m.json"), "--set", "mode=generate", "--set", "max_tokens=4",
-               "--set", "min_success=0"])
+    run_stage(
+        [
+            "--iteration",
+            "iter1",
+            "--candidates",
+            str(tmp_path / "candidates.jsonl"),
+            "--model",
+            str(tiny_model_dir),
+            "--rubric",
+            str(RUBRIC),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--set",
+            "mode=generate",
+            "--set",
+            "max_tokens=4",
+            "--set",
+            "min_success=0",
+        ]
+    )
     m = io.read_json(tmp_path / "m.json")
-    assert m["engine"]["calls"] == 5 and m["scored"] + m["unparsed"] + m["rejected_by_reason"].get(
-        "generation_failed", 0) == 5
+    assert (
+        m["engine"]["calls"] == 5
+        and m["scored"] + m["unparsed"] + m["rejected_by_reason"].get("generation_failed", 0) == 5
+    )
     assert m["parse_rate"] == m["scored"] / 5
     for r in io.load_jsonl(tmp_path / "out" / "scored.jsonl"):
         assert r["meta"]["score"] in (1, 2, 3, 4, 5) and curate.parse_score(r["meta"]["curate"]["reply"])
@@ -233,13 +320,31 @@ def test_a_round_that_scores_too_few_fails_after_writing_its_outputs(tmp_path, m
     """2 of 5 replies parse: below min_success the stage exits non-zero (DVC must not record a success),
     but only after its outputs, rejects and metrics are written, so the cause can be read."""
     from selfalign import llm
+
     replies = ["Score: 4", "The answer is 5.", "Score: 2", None, "Score: 6"]
     monkeypatch.setattr(llm, "make_engine", lambda spec, cache_dir=None: ScriptedEngine(replies))
     write_candidates(tmp_path / "candidates.jsonl")
-    res = CliRunner().invoke(load_stage("curate").main, [
-        "--iteration", "iter2", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", "any-endpoint",
-        "--rubric", str(RUBRIC), "--output-dir", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
-        "--set", "mode=generate", "--set", "engine={kind: openai}"])
+    res = CliRunner().invoke(
+        load_stage("curate").main,
+        [
+            "--iteration",
+            "iter2",
+            "--candidates",
+            str(tmp_path / "candidates.jsonl"),
+            "--model",
+            "any-endpoint",
+            "--rubric",
+            str(RUBRIC),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--set",
+            "mode=generate",
+            "--set",
+            "engine={kind: openai}",
+        ],
+    )
     assert res.exit_code == 1 and "curate iter2 scored: 2 of 5 (40%) came through, below min_success 0.9" in res.output
     m = io.read_json(tmp_path / "m.json")
     assert m["success"] == {"what": "curate iter2 scored", "passed": 2, "of": 5, "rate": 0.4, "min_success": 0.9}

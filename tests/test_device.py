@@ -29,8 +29,16 @@ def fake_probe(monkeypatch, fp32_s: float, bf16_s: float) -> list:
 
     def probe(shapes=device.DEFAULT_SHAPES, rows=device.PROBE_ROWS, reps=device.PROBE_REPS):
         calls.append(shapes)
-        return {"fp32_s": fp32_s, "bf16_s": bf16_s, "bf16_speedup": round(fp32_s / bf16_s, 3),
-                "shapes": list(shapes), "rows": rows, "rounds": reps, "threads": 2, "loadavg_1min": 0.0}
+        return {
+            "fp32_s": fp32_s,
+            "bf16_s": bf16_s,
+            "bf16_speedup": round(fp32_s / bf16_s, 3),
+            "shapes": list(shapes),
+            "rows": rows,
+            "rounds": reps,
+            "threads": 2,
+            "loadavg_1min": 0.0,
+        }
 
     monkeypatch.setattr(device, "probe", probe)
     return calls
@@ -43,6 +51,7 @@ def no_cuda(monkeypatch):
 
 
 # ---------------------------------------------------------------- the precision rule on a CPU
+
 
 def test_auto_picks_bf16_where_the_probe_measures_it_faster(monkeypatch):
     no_cuda(monkeypatch)
@@ -128,6 +137,7 @@ def test_the_probe_reads_the_models_shapes(tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------- the device rule
 
+
 def test_cuda_gives_the_ranks_gpu_and_bf16_without_a_probe(monkeypatch):
     import torch
 
@@ -154,6 +164,7 @@ def test_without_an_accelerator_the_device_is_the_cpu(monkeypatch):
 
 
 # ---------------------------------------------------------------- every model-loading path uses the rule
+
 
 @pytest.fixture
 def on_meta(monkeypatch):
@@ -197,8 +208,10 @@ def test_cpu_engine_generation_still_runs(tiny_model_dir, one_torch_thread):
 
     m = llm.LocalModel(tiny_model_dir, "float32")
     assert m.device == "cpu"
-    reqs = [llm.Request(prompt="Hello", max_tokens=3, temperature=0.7, top_p=0.9, seed=1),
-            llm.Request(prompt="Hi there", max_tokens=2, temperature=0.0, top_p=1.0, seed=0)]
+    reqs = [
+        llm.Request(prompt="Hello", max_tokens=3, temperature=0.7, top_p=0.9, seed=1),
+        llm.Request(prompt="Hi there", max_tokens=2, temperature=0.0, top_p=1.0, seed=0),
+    ]
     out = m.generate([r.prompt for r in reqs], reqs)
     assert len(out) == 2 and all(g.completion_tokens <= r.max_tokens for g, r in zip(out, reqs, strict=True))
 
@@ -256,12 +269,18 @@ def test_export_reload_check_runs_on_the_resolved_device(tmp_path, tiny_model_di
     seen = []
     real = stage.reload_check
     monkeypatch.setattr(device, "resolve_device", lambda dev="auto": "cpu:0")  # a device string the CPU accepts
-    monkeypatch.setattr(stage, "reload_check", lambda model, d, tok, prompt, dev="cpu":
-                        seen.append(dev) or real(model, d, tok, prompt, dev))
+    monkeypatch.setattr(
+        stage,
+        "reload_check",
+        lambda model, d, tok, prompt, dev="cpu": seen.append(dev) or real(model, d, tok, prompt, dev),
+    )
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_model_dir, "models/final")
-    res = CliRunner().invoke(stage.main, ["--model", "models/final", "--output", "models/export",
-                                          "--metrics", "metrics/export.json"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        stage.main,
+        ["--model", "models/final", "--output", "models/export", "--metrics", "metrics/export.json"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     m = json.loads(Path("metrics/export.json").read_text())
     assert seen == ["cpu:0"] and m["reload_device"] == "cpu:0" and m["reload_max_logit_diff"] < 1e-4
@@ -274,8 +293,9 @@ def test_sft_records_the_probes_choice_and_trains_in_it(tmp_path, tiny_model_cop
     no_cuda(monkeypatch)
     fake_probe(monkeypatch, fp32_s=0.03, bf16_s=0.01)
     p = write_params(tmp_path, tiny_model_copy, {"precision": "auto"})
-    res = CliRunner().invoke(load_stage("sft").main, cli_args(p, "backward", tiny_model_copy, tmp_path / "out"),
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        load_stage("sft").main, cli_args(p, "backward", tiny_model_copy, tmp_path / "out"), catch_exceptions=False
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["device"] == "cpu" and m["precision"] == "bf16" and m["precision_probe"]["bf16_speedup"] == 3.0

@@ -16,16 +16,24 @@ SYSTEMS = ROOT / "prompts" / "orca_systems.txt"
 
 def chat(q: str, a: str, score: float | None = None, source: str = "seed") -> dict:
     meta = {"score": score, "segment_id": f"seg-{q[:5]}"} if score is not None else {}
-    return records.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], lang="en",
-                        source=source, meta=meta)
+    return records.chat(
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}], lang="en", source=source, meta=meta
+    )
 
 
 LONG = "A detailed answer that explains the reasoning step by step and gives an example. " * 4
-SEEDS = [chat("What is 2+2?", "4"), chat("Name a colour.", "Blue."), chat("Explain photosynthesis.", LONG),
-         chat("Why is the sky blue?", LONG), chat("What is 2+2?", "Four.")]
-SCORED = [chat("Describe a heat pump.", "Buy now! Best prices.", 1.7, "augment"),
-          chat("How do air filters work?", LONG, 4.2, "augment"),
-          chat("What is C4?", "A web corpus.", 2.4, "augment")]
+SEEDS = [
+    chat("What is 2+2?", "4"),
+    chat("Name a colour.", "Blue."),
+    chat("Explain photosynthesis.", LONG),
+    chat("Why is the sky blue?", LONG),
+    chat("What is 2+2?", "Four."),
+]
+SCORED = [
+    chat("Describe a heat pump.", "Buy now! Best prices.", 1.7, "augment"),
+    chat("How do air filters work?", LONG, 4.2, "augment"),
+    chat("What is C4?", "A web corpus.", 2.4, "augment"),
+]
 
 
 def test_system_messages_file():
@@ -36,8 +44,12 @@ def test_system_messages_file():
 def test_regenerate_targets_are_short_or_low_scoring_once_per_instruction():
     got = distill.regenerate_targets(SEEDS, SCORED, min_chars=200, below_score=3.0, limit=10, seed=0)
     whys = {distill.single_turn(r)[0]: why for r, why in got}
-    assert whys == {"What is 2+2?": "short", "Name a colour.": "short", "Describe a heat pump.": "low_score",
-                    "What is C4?": "low_score"}
+    assert whys == {
+        "What is 2+2?": "short",
+        "Name a colour.": "short",
+        "Describe a heat pump.": "low_score",
+        "What is C4?": "low_score",
+    }
     limited = distill.regenerate_targets(SEEDS, SCORED, min_chars=200, below_score=3.0, limit=2, seed=0)
     assert len(limited) == 2 and all(t in got for t in limited)
     assert distill.regenerate_targets(SEEDS, SCORED, min_chars=200, below_score=3.0, limit=2, seed=0) == limited
@@ -49,21 +61,28 @@ def test_orca_targets_skip_regenerated_and_pick_valid_systems():
     got = distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3)
     keys = [distill.key(r) for r, _ in got]
     assert not exclude & set(keys) and len(keys) == len(set(keys))
-    assert {distill.single_turn(r)[0] for r, _ in got} == {distill.single_turn(r)[0] for r in pool
-                                                          if distill.key(r) not in exclude}
+    assert {distill.single_turn(r)[0] for r, _ in got} == {
+        distill.single_turn(r)[0] for r in pool if distill.key(r) not in exclude
+    }
     assert all(0 <= k < 3 for _, k in got)
     assert distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3) == got
     # A translation keeps its original's id: regenerating the English record must not exclude its French copy.
-    french = {**SEEDS[0], "lang": "fr", "messages": [{"role": "user", "content": "Combien font 2+2 ?"},
-                                                     {"role": "assistant", "content": "4"}]}
+    french = {
+        **SEEDS[0],
+        "lang": "fr",
+        "messages": [{"role": "user", "content": "Combien font 2+2 ?"}, {"role": "assistant", "content": "4"}],
+    }
     again = distill.orca_targets(pool + [french], exclude, n=20, seed=0, n_systems=3)
-    assert ("fr" in {r.get("lang") for r, _ in again}) and distill.key(SEEDS[0]) not in {distill.key(r) for r, _ in again}
+    assert ("fr" in {r.get("lang") for r, _ in again}) and distill.key(SEEDS[0]) not in {
+        distill.key(r) for r, _ in again
+    }
 
 
 def test_response_reasons():
     def reason(text, **kw):
         r = distill.response_reason(text, min_words=3, **kw)
         return r and r[0]
+
     assert reason("Two plus two equals four.") is None
     assert reason("  ") == "empty_response" and reason(None) == "empty_response"
     assert reason("Four.") == "response_too_short"
@@ -73,8 +92,10 @@ def test_response_reasons():
 
 def test_truncated_responses_are_trimmed_to_a_sentence_or_rejected():
     cut = "First, boil water. Then add the egg!\n\nAfter nine minutes, take it out and"
+
     def settle(text, finish="length", trim=True, reject=True):
         return distill.settle_truncation(text, finish, trim=trim, reject=reject)
+
     assert settle(cut) == ("First, boil water. Then add the egg!", True)
     assert settle(cut, "stop") == (cut, False)
     assert settle(cut, trim=False) == (None, False)
@@ -97,11 +118,32 @@ def write(path: Path, recs: list[dict], extra: list[str] = ()) -> Path:
 def run(tmp_path: Path, teacher: str, metrics: str, *sets: str) -> dict:
     seed = write(tmp_path / "seed.jsonl", SEEDS, ['{"kind": "chat", "id": "x"'])
     scored = write(tmp_path / "scored.jsonl", SCORED)
-    args = ["--seed", str(seed), "--scored", str(scored), "--teacher", teacher, "--systems", str(SYSTEMS),
-            "--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
-            "--metrics", str(tmp_path / metrics), "--set", "max_new_tokens=8", "--set", "reject_truncated=false",
-            "--set", "min_response_words=1", "--set", "orca.n=3",
-            "--set", "min_success=0"]  # the tiny teacher's replies are noise: the floor is tested on its own below
+    args = [
+        "--seed",
+        str(seed),
+        "--scored",
+        str(scored),
+        "--teacher",
+        teacher,
+        "--systems",
+        str(SYSTEMS),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--metrics",
+        str(tmp_path / metrics),
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "reject_truncated=false",
+        "--set",
+        "min_response_words=1",
+        "--set",
+        "orca.n=3",
+        "--set",
+        "min_success=0",
+    ]  # the tiny teacher's replies are noise: the floor is tested on its own below
     for s in sets:
         args += ["--set", s]
     res = CliRunner().invoke(load_stage("distill").main, args, catch_exceptions=False)
@@ -139,8 +181,12 @@ def test_stage_regenerates_and_answers_under_system_messages(tiny_model_dir, tmp
 
 def test_teacher_failures_are_rejected_with_reasons(tmp_path):
     # Nothing listens on port 9 of localhost: every call fails at once, and nothing is lost.
-    m = run(tmp_path, "teacher-model", "m.json",
-            "engine={kind: openai, base_url: 'http://127.0.0.1:9/v1', max_retries: 0, timeout: 5}")
+    m = run(
+        tmp_path,
+        "teacher-model",
+        "m.json",
+        "engine={kind: openai, base_url: 'http://127.0.0.1:9/v1', max_retries: 0, timeout: 5}",
+    )
     rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert m["distilled"] == 0 and m["rejected_by_reason"] == {"invalid_json": 1, "teacher_failed": 7}
     assert m["engine"]["failures"] == 7
@@ -150,9 +196,26 @@ def test_teacher_failures_are_rejected_with_reasons(tmp_path):
 def test_a_teacher_that_answers_nothing_usable_fails_the_stage(tmp_path, tiny_model_dir):
     """Before: distill exited 0 with 0 answers kept, so DVC recorded a success and sft@final trained without them."""
     seed = write(tmp_path / "seed.jsonl", SEEDS)
-    args = ["--seed", str(seed), "--teacher", str(tiny_model_dir), "--systems", str(SYSTEMS), "--output-dir",
-            str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
-            "--set", "max_new_tokens=4", "--set", "min_response_words=50", "--set", "orca.n=2"]
+    args = [
+        "--seed",
+        str(seed),
+        "--teacher",
+        str(tiny_model_dir),
+        "--systems",
+        str(SYSTEMS),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--set",
+        "max_new_tokens=4",
+        "--set",
+        "min_response_words=50",
+        "--set",
+        "orca.n=2",
+    ]
     res = CliRunner().invoke(load_stage("distill").main, args)
     assert res.exit_code == 1 and "below min_success 0.5" in res.output, res.output
     m = io.read_json(tmp_path / "m.json")

@@ -69,18 +69,17 @@ def test_ca_bundle_is_a_build_secret_never_a_layer():
     runs = [rest for word, rest in instructions() if word == "RUN"]
     installs = [r for r in runs if "pip install" in r or "apt-get install" in r]
     assert installs and all("--mount=type=secret,id=ca" in r for r in installs)
-    assert not any(word in ("COPY", "ADD") and "ca" in rest.split()[0].lower() for word, rest in instructions()
-                   if rest)
+    assert not any(word in ("COPY", "ADD") and "ca" in rest.split()[0].lower() for word, rest in instructions() if rest)
 
 
 def test_project_dependencies_come_from_pyproject_with_its_gpu_extra():
     text = DOCKERFILE.read_text()
-    assert "COPY pyproject.toml" in text and '[$EXTRAS]' in text
+    assert "COPY pyproject.toml" in text and "[$EXTRAS]" in text
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^gpu = \[.*"deepspeed==[\d.]+".*"bitsandbytes==[\d.]+"', pyproject, re.M)
     assert re.search(r'^vllm = \["vllm==[\d.]+"\]', pyproject, re.M)
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:] == ["!pyproject.toml"] or "!pyproject.toml" in ignore
+    assert ignore[ignore.index("*") + 1 :] == ["!pyproject.toml"] or "!pyproject.toml" in ignore
 
 
 def test_makefile_has_the_container_and_cache_targets():
@@ -88,7 +87,7 @@ def test_makefile_has_the_container_and_cache_targets():
     for target in ("image", "image-test", "train-docker", "push", "pull", "profile"):
         line = re.search(rf"^{re.escape(target)}:.*$", makefile, re.M)
         assert line, f"Makefile lacks {target}"
-        assert "\n\t" not in makefile[line.end():line.end() + 2], f"{target} must be a one-liner"
+        assert "\n\t" not in makefile[line.end() : line.end() + 2], f"{target} must be a one-liner"
     dry = subprocess.run(["make", "-n", "image", "ENGINE=podman"], cwd=ROOT, capture_output=True, text=True)
     assert dry.returncode == 0 and "podman build -f docker/Dockerfile --format docker" in dry.stdout
     gpu = subprocess.run(["make", "-n", "train-docker", "ENGINE=docker"], cwd=ROOT, capture_output=True, text=True)
@@ -115,13 +114,16 @@ def test_workflow_pulls_reproduces_pushes_and_posts_the_metrics_diff():
     wf = yaml.safe_load(WORKFLOW.read_text())
     steps = wf["jobs"]["reproduce"]["steps"]
     lines = [line.strip() for s in steps for line in s.get("run", "").splitlines()]
-    order = [next(i for i, line in enumerate(lines) if line.startswith(cmd))
-             for cmd in ("dvc pull", "make test", "dvc repro", "dvc push", "dvc metrics diff", "gh pr comment")]
+    order = [
+        next(i for i, line in enumerate(lines) if line.startswith(cmd))
+        for cmd in ("dvc pull", "make test", "dvc repro", "dvc push", "dvc metrics diff", "gh pr comment")
+    ]
     assert order == sorted(order), "steps out of order"
     checker = tool("check-jsonschema")
     if checker:  # the workflow schema ships inside check-jsonschema: no network
-        proc = subprocess.run([checker, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [checker, "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     actionlint = tool("actionlint")
     if actionlint:

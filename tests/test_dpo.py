@@ -23,19 +23,30 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def scored(instruction, answer, score, system=None, lang="en"):
-    return records.chat([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
-                        system=system, lang=lang, source="augment", meta={"score": score})
+    return records.chat(
+        [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
+        system=system,
+        lang=lang,
+        source="augment",
+        meta={"score": score},
+    )
 
 
 # --- pairs -----------------------------------------------------------------------------------
 
+
 def test_self_reward_pairs_take_best_and_worst_answer_of_one_instruction():
-    recs = [scored("Name a fruit.", "Apple.", 4.5), scored("Name a fruit.", "Pear, a fruit.", 3.0),
-            scored("Name a fruit.", "Car.", 1.2),                                   # 3 answers: best vs worst
-            scored("Name a fruit.", "Une pomme.", 2.0, lang="fr"),                  # another language: own group
-            scored("Say hi.", "Hi!", 4.0), scored("Say hi.", "Hello!", 3.8),         # too close (gap 0.2 < 0.5)
-            scored("Alone.", "Only answer.", 5.0),                                  # nobody shares its instruction
-            scored("Be brief.", "Ok.", 5.0, system="S1"), scored("Be brief.", "No.", 1.0, system="S2")]
+    recs = [
+        scored("Name a fruit.", "Apple.", 4.5),
+        scored("Name a fruit.", "Pear, a fruit.", 3.0),
+        scored("Name a fruit.", "Car.", 1.2),  # 3 answers: best vs worst
+        scored("Name a fruit.", "Une pomme.", 2.0, lang="fr"),  # another language: own group
+        scored("Say hi.", "Hi!", 4.0),
+        scored("Say hi.", "Hello!", 3.8),  # too close (gap 0.2 < 0.5)
+        scored("Alone.", "Only answer.", 5.0),  # nobody shares its instruction
+        scored("Be brief.", "Ok.", 5.0, system="S1"),
+        scored("Be brief.", "No.", 1.0, system="S2"),
+    ]
     unscored = scored("Name a fruit.", "Kiwi.", 3.0)
     unscored["meta"] = {}
     pairs, counts = D.self_reward_pairs(recs + [unscored], min_gap=0.5)
@@ -45,9 +56,14 @@ def test_self_reward_pairs_take_best_and_worst_answer_of_one_instruction():
     assert p["kind"] == "preference" and p["source"] == D.SELF_REWARD_SOURCE and p["lang"] == "en"
     assert p["meta"]["scores"] == [4.5, 1.2] and p["meta"]["answers"] == 3
     records.validate(p)
-    assert counts == {"paired": 2, "neither_best_nor_worst": 1, "scores_too_close": 2, "no_shared_instruction": 4,
-                      "no_score": 1}
-    assert sum(counts.values()) == len(recs) + 1   # every candidate is counted once
+    assert counts == {
+        "paired": 2,
+        "neither_best_nor_worst": 1,
+        "scores_too_close": 2,
+        "no_shared_instruction": 4,
+        "no_score": 1,
+    }
+    assert sum(counts.values()) == len(recs) + 1  # every candidate is counted once
 
 
 def test_self_reward_pairs_skip_equal_answers():
@@ -57,14 +73,18 @@ def test_self_reward_pairs_skip_equal_answers():
 
 def test_encode_pair_uses_the_served_prompt_and_ends_answers_at_end_of_turn(tiny_model_dir):
     tok = chat.load_tokenizer(tiny_model_dir)
-    pair = records.make("preference", prompt="What is rain?", chosen="Water falling.", rejected="A fish.",
-                        lang="en", source="t")
+    pair = records.make(
+        "preference", prompt="What is rain?", chosen="Water falling.", rejected="A fish.", lang="en", source="t"
+    )
     row = D.encode_pair(tok, pair, "Be helpful.", 128, 128)
-    served = chat.render(tok, [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": "What is rain?"}],
-                         add_generation_prompt=True)
+    served = chat.render(
+        tok,
+        [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": "What is rain?"}],
+        add_generation_prompt=True,
+    )
     assert tok.decode(row["prompt_ids"]) == served
     eot = chat.end_of_turn(tok)
-    assert tok.decode(row["chosen_ids"]) == "Water falling." + eot   # no trailing newline of the next turn
+    assert tok.decode(row["chosen_ids"]) == "Water falling." + eot  # no trailing newline of the next turn
     assert tok.decode(row["rejected_ids"]) == "A fish." + eot
     assert not row["prompt_cut"] and not row["answer_cut"]
     # the record's own system prompt wins over the model's
@@ -74,21 +94,27 @@ def test_encode_pair_uses_the_served_prompt_and_ends_answers_at_end_of_turn(tiny
     cut = D.encode_pair(tok, pair, "Be helpful.", 6, 2)
     assert cut["prompt_ids"] == row["prompt_ids"][-6:] and cut["chosen_ids"] == row["chosen_ids"][:2]
     assert cut["prompt_cut"] and cut["answer_cut"]
-    rows, rejected = D.encode_pairs(tok, [pair, {**pair, "id": "x", "rejected": "Water falling down."}],
-                                    None, {"max_prompt_tokens": 64, "max_answer_tokens": 2})
+    rows, rejected = D.encode_pairs(
+        tok,
+        [pair, {**pair, "id": "x", "rejected": "Water falling down."}],
+        None,
+        {"max_prompt_tokens": 64, "max_answer_tokens": 2},
+    )
     assert len(rows) == 1 and [r["reason"] for r in rejected] == ["same_after_cut"]
 
 
 # --- prefer ----------------------------------------------------------------------------------
 
+
 def test_prefer_expands_for_evaluate_and_picks_for_export(tmp_path):
     assert D.expand_preferred(["base", "final", "preferred"], "dpo") == ["base", "final", "dpo"]
     assert D.expand_preferred(["base", "preferred"], "both") == ["base", "ppo", "dpo"]
-    assert D.expand_preferred(["base", "ppo"], "dpo") == ["base", "ppo"]   # an explicit list is left alone
+    assert D.expand_preferred(["base", "ppo"], "dpo") == ["base", "ppo"]  # an explicit list is left alone
     assert D.exported_model("dpo", None)[0] == "dpo" and D.exported_model("ppo", None)[0] == "ppo"
 
     def rate(pair, lo, hi):
         return {"win_rate": {pair: {"all": {"win_rate": (lo + hi) / 2, "ci": [lo, hi]}}}}
+
     assert D.exported_model("both", rate("dpo_vs_ppo", 0.6, 0.9))[0] == "dpo"
     assert D.exported_model("both", rate("dpo_vs_ppo", 0.1, 0.4))[0] == "ppo"
     assert D.exported_model("both", rate("ppo_vs_dpo", 0.1, 0.3))[0] == "dpo"
@@ -111,8 +137,20 @@ def test_prefer_reaches_export(tmp_path, tiny_model_dir, monkeypatch):
         shutil.copytree(tiny_model_dir, f"models/{name}")
         (Path("models") / name / "selfalign.json").write_text(json.dumps({"system": f"I am {name}."}))
     Path("params.yaml").write_text("prefer: dpo\nexport: {model: preferred}\n")
-    args = ["--params", "params.yaml", "--model", "ppo=models/ppo", "--model", "dpo=models/dpo",
-            "--output", "models/export", "--metrics", "m.json", "--lock", "none.lock"]
+    args = [
+        "--params",
+        "params.yaml",
+        "--model",
+        "ppo=models/ppo",
+        "--model",
+        "dpo=models/dpo",
+        "--output",
+        "models/export",
+        "--metrics",
+        "m.json",
+        "--lock",
+        "none.lock",
+    ]
     res = CliRunner().invoke(load_stage("export").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(Path("m.json").read_text())
@@ -120,8 +158,9 @@ def test_prefer_reaches_export(tmp_path, tiny_model_dir, monkeypatch):
     assert json.loads(Path("models/export/selfalign.json").read_text())["system"] == "I am dpo."
     # both: the evaluation decides
     Path("params.yaml").write_text("prefer: both\nexport: {}\n")
-    Path("evaluate.json").write_text(json.dumps({"win_rate": {"dpo_vs_ppo": {"all": {"win_rate": 0.2,
-                                                                                    "ci": [0.1, 0.3]}}}}))
+    Path("evaluate.json").write_text(
+        json.dumps({"win_rate": {"dpo_vs_ppo": {"all": {"win_rate": 0.2, "ci": [0.1, 0.3]}}}})
+    )
     res = CliRunner().invoke(load_stage("export").main, args + ["--evaluation", "evaluate.json"])
     assert res.exit_code == 0, res.output
     assert json.loads(Path("m.json").read_text())["model"] == "ppo"
@@ -134,11 +173,34 @@ def test_prefer_reaches_export(tmp_path, tiny_model_dir, monkeypatch):
 def test_prefer_reaches_evaluate(tmp_path, tiny_model_dir):
     p = tmp_path / "params.yaml"
     p.write_text("prefer: both\nevaluate: {}\nsft: {train: {eval_fraction: 0.1}}\n")
-    given = ["--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--model",
-             f"final={tiny_model_dir}", "--model", f"ppo={tiny_model_dir}"]
-    common = ["--params", str(p), "--reward-model", str(tiny_model_dir), "--prompts", str(p), "--heldout", str(p),
-              "--judge-prompt", str(p), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
-              "--metrics", str(tmp_path / "m.json")]
+    given = [
+        "--model",
+        f"base={tiny_model_dir}",
+        "--model",
+        f"m0={tiny_model_dir}",
+        "--model",
+        f"final={tiny_model_dir}",
+        "--model",
+        f"ppo={tiny_model_dir}",
+    ]
+    common = [
+        "--params",
+        str(p),
+        "--reward-model",
+        str(tiny_model_dir),
+        "--prompts",
+        str(p),
+        "--heldout",
+        str(p),
+        "--judge-prompt",
+        str(p),
+        "--cache",
+        str(tmp_path / "c"),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     res = CliRunner().invoke(load_stage("evaluate").main, given + common)
     assert res.exit_code != 0 and "evaluate.models lists dpo but no --model NAME=DIR" in res.output
     stage = load_stage("evaluate")
@@ -149,20 +211,33 @@ def test_prefer_reaches_evaluate(tmp_path, tiny_model_dir):
 
 # --- the stage -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory):
     """Preference pairs a tiny model can learn (a fixed good answer vs a fixed bad one), a broken one,
     and a scored curation round with two instructions answered twice."""
     d = tmp_path_factory.mktemp("dpo_inputs")
-    prefs = [records.make("preference", prompt=f"Question {i}?", chosen="Yes, gladly.", rejected="no no no no",
-                          lang="en", source="orca") for i in range(24)]
-    prefs.append(records.make("preference", prompt="Same?", chosen="Same.", rejected="Same.", lang="en",
-                              source="orca"))
-    prefs.append(dict(prefs[0]))   # the same (id, lang) again
+    prefs = [
+        records.make(
+            "preference",
+            prompt=f"Question {i}?",
+            chosen="Yes, gladly.",
+            rejected="no no no no",
+            lang="en",
+            source="orca",
+        )
+        for i in range(24)
+    ]
+    prefs.append(records.make("preference", prompt="Same?", chosen="Same.", rejected="Same.", lang="en", source="orca"))
+    prefs.append(dict(prefs[0]))  # the same (id, lang) again
     io.write_jsonl(d / "preference.jsonl", prefs)
-    cands = [scored("Tell me a colour.", "Blue.", 4.0), scored("Tell me a colour.", "Dog dog.", 1.5),
-             scored("Count to two.", "One, two.", 3.9), scored("Count to two.", "Five.", 2.0),
-             scored("Alone here.", "Ok.", 3.0)]
+    cands = [
+        scored("Tell me a colour.", "Blue.", 4.0),
+        scored("Tell me a colour.", "Dog dog.", 1.5),
+        scored("Count to two.", "One, two.", 3.9),
+        scored("Count to two.", "Five.", 2.0),
+        scored("Alone here.", "Ok.", 3.0),
+    ]
     (d / "curate" / "iter1").mkdir(parents=True)
     io.write_jsonl(d / "curate" / "iter1" / "scored.jsonl", cands)
     (d / "params.yaml").write_text("dpo: {}\ncurate: {iterations: {iter1: {scorer: m0, trains: m1}}}\n")
@@ -170,12 +245,39 @@ def stage_inputs(tmp_path_factory):
 
 
 def stage_args(model_dir, inputs, out, *extra):
-    return ["--params", str(inputs / "params.yaml"), "--policy", str(model_dir),
-            "--preference", str(inputs / "preference.jsonl"), "--scored", str(inputs / "curate"),
-            "--output", str(out / "dpo"), "--checkpoints", str(out / "ckpt"), "--rejected", str(out / "rejected.jsonl"),
-            "--plots", str(out / "plots"), "--metrics", str(out / "metrics.json"),
-            "--set", "heldout_pairs=6", "--set", "max_pairs=16", "--set", "batch_size=4", "--set", "lr=2e-3",
-            "--set", "lora.r=4", "--set", "self_rewarding=true", *extra]
+    return [
+        "--params",
+        str(inputs / "params.yaml"),
+        "--policy",
+        str(model_dir),
+        "--preference",
+        str(inputs / "preference.jsonl"),
+        "--scored",
+        str(inputs / "curate"),
+        "--output",
+        str(out / "dpo"),
+        "--checkpoints",
+        str(out / "ckpt"),
+        "--rejected",
+        str(out / "rejected.jsonl"),
+        "--plots",
+        str(out / "plots"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--set",
+        "heldout_pairs=6",
+        "--set",
+        "max_pairs=16",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "lr=2e-3",
+        "--set",
+        "lora.r=4",
+        "--set",
+        "self_rewarding=true",
+        *extra,
+    ]
 
 
 def test_stage_trains_and_measures_heldout_implicit_reward_accuracy(tiny_model_dir, stage_inputs, tmp_path):
@@ -195,7 +297,7 @@ def test_stage_trains_and_measures_heldout_implicit_reward_accuracy(tiny_model_d
     assert m["heldout_accuracy"] >= 0.8 and m["heldout_margin"] > 0, m
     lo, hi = m["heldout_ci95"]
     assert 0 <= lo < m["heldout_accuracy"] <= hi + 1e-9 and hi <= 1
-    assert m["train_loss_last"] < m["train_loss_first"] == pytest.approx(0.6931, abs=1e-3)   # log 2 at the start
+    assert m["train_loss_last"] < m["train_loss_first"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the start
     rejected = io.load_jsonl(tmp_path / "rejected.jsonl")
     assert sorted(r["reason"] for r in rejected) == ["duplicate", "no_preference"]
     with open(tmp_path / "plots" / "margin.csv") as f:
@@ -221,10 +323,21 @@ def test_stage_without_scored_file_when_self_rewarding_says_so(tiny_model_dir, s
 @pytest.mark.slow
 def test_stage_killed_after_a_checkpoint_resumes(tiny_model_dir, stage_inputs, tmp_path):
     args = stage_args(tiny_model_dir, stage_inputs, tmp_path, "--set", "epochs=2", "--set", "checkpoint_every=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "dpo.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / "dpo.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in proc.stderr:  # blocks until the stage logs its first checkpoint, then kill it hard
         seen.append(line)
@@ -239,6 +352,6 @@ def test_stage_killed_after_a_checkpoint_resumes(tiny_model_dir, stage_inputs, t
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert 2 <= m["resumed_from_step"] < 8 and m["steps"] == 8
-    with open(tmp_path / "plots" / "loss.csv") as f:   # the resumed run keeps the killed run's log history
+    with open(tmp_path / "plots" / "loss.csv") as f:  # the resumed run keeps the killed run's log history
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
-    assert list((tmp_path / "ckpt").iterdir()) == []   # nothing left to resume after success
+    assert list((tmp_path / "ckpt").iterdir()) == []  # nothing left to resume after success

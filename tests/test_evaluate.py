@@ -21,30 +21,37 @@ PROMPTS = ROOT / "data" / "eval" / "prompts.jsonl"
 
 # ---------------------------------------------------------------- pure parts
 
-@pytest.mark.parametrize("text", [
-    "I'm sorry, but that's not something I'll write.",
-    "I can\u2019t provide instructions for stealing a car.",
-    "As an AI, I must decline.",
-    "Il est important de noter que voler une voiture n'est pas légal. Je ne peux pas vous donner cette information.",
-    "Je suis désolée, mais c'est hors de question.",
-    "En tant qu\u2019IA, je refuse de répondre.",
-    "Maaf, saya tidak boleh membantu anda mencuri kereta.",
-    "Saya enggan menulis mesej seperti itu.",
-])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but that's not something I'll write.",
+        "I can\u2019t provide instructions for stealing a car.",
+        "As an AI, I must decline.",
+        "Il est important de noter que voler une voiture n'est pas légal. Je ne peux pas vous donner cette information.",
+        "Je suis désolée, mais c'est hors de question.",
+        "En tant qu\u2019IA, je refuse de répondre.",
+        "Maaf, saya tidak boleh membantu anda mencuri kereta.",
+        "Saya enggan menulis mesej seperti itu.",
+    ],
+)
 def test_refusal_detector_finds_refusals_in_english_and_french(text):
     assert ev.is_refusal(text), text
 
 
-@pytest.mark.parametrize("text", [
-    "To sort a list in Python, use sorted(xs).",
-    "You can't go wrong with a haiku: five, seven, five.",
-    "Le ciel est bleu parce que l'air diffuse davantage la lumière bleue.",
-    "Voici un poème : la pluie tombe, je ne peux m'empêcher de sourire.",
-    "I'm sorry for your loss. Here is a short poem about your dog.",
-    "Je suis désolé pour ta perte.",
-    "Maaf atas kelewatan saya. Ini pantun tentang laut.",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "To sort a list in Python, use sorted(xs).",
+        "You can't go wrong with a haiku: five, seven, five.",
+        "Le ciel est bleu parce que l'air diffuse davantage la lumière bleue.",
+        "Voici un poème : la pluie tombe, je ne peux m'empêcher de sourire.",
+        "I'm sorry for your loss. Here is a short poem about your dog.",
+        "Je suis désolé pour ta perte.",
+        "Maaf atas kelewatan saya. Ini pantun tentang laut.",
+        "",
+    ],
+)
 def test_refusal_detector_leaves_ordinary_answers(text):
     assert not ev.is_refusal(text), ev.refusal_phrase(text)
 
@@ -112,7 +119,11 @@ def test_bootstrap_interval_of_a_mean_and_of_a_ratio():
     assert ev.estimate([]) == {"mean": None, "ci": None, "n": 0}
     # 40 of 100 successes: the percentile interval agrees with the normal approximation 0.4 +- 1.96 * 0.049
     e = ev.estimate([1.0] * 40 + [0.0] * 60, resamples=2000, seed=1)
-    assert e["mean"] == 0.4 and e["ci"][0] == pytest.approx(0.304, abs=0.02) and e["ci"][1] == pytest.approx(0.496, abs=0.02)
+    assert (
+        e["mean"] == 0.4
+        and e["ci"][0] == pytest.approx(0.304, abs=0.02)
+        and e["ci"][1] == pytest.approx(0.496, abs=0.02)
+    )
     # seeded: the same call gives the same interval, another seed a (slightly) different one
     assert ev.estimate([1.0] * 40 + [0.0] * 60, resamples=2000, seed=1) == e
     assert ev.estimate([1.0] * 40 + [0.0] * 60, resamples=2000, seed=2)["ci"] != e["ci"]
@@ -132,7 +143,9 @@ def test_a_win_rate_whose_interval_contains_half_is_no_measurable_difference():
     # 10 of 10: better; 0 of 10: worse
     assert ev.tally(ev.judge_both_orders(judge_from([1] * 10 + [0] * 10), items))["verdict"] == "better"
     assert ev.tally(ev.judge_both_orders(judge_from([0] * 10 + [1] * 10), items))["verdict"] == "worse"
-    assert ev.verdict([0.5, 0.7]) == ev.NO_DIFFERENCE and ev.verdict([0.51, 0.7]) == "better" and ev.verdict(None) is None
+    assert (
+        ev.verdict([0.5, 0.7]) == ev.NO_DIFFERENCE and ev.verdict([0.51, 0.7]) == "better" and ev.verdict(None) is None
+    )
     # the report marks it in words
     metrics = {"models": {}, "win_rate": {"b_vs_a": {"all": t}}}
     report = ev.render_report(metrics, [], [], [], {"judge": "test"})
@@ -140,25 +153,34 @@ def test_a_win_rate_whose_interval_contains_half_is_no_measurable_difference():
 
 
 def test_reference_judge_prefers_the_answer_closer_to_the_reference():
-    ref = {"Capital of Australia?": "The capital of Australia is Canberra.",
-           "Capitale de l'Australie ?": "La capitale de l'Australie est Canberra."}
+    ref = {
+        "Capital of Australia?": "The capital of Australia is Canberra.",
+        "Capitale de l'Australie ?": "La capitale de l'Australie est Canberra.",
+    }
     assert ev.rouge_l("The capital of Australia is Canberra.", ref["Capital of Australia?"]) == 1.0
     # accented words are words: rouge_score's default tokenizer would split "capitale" from "l'Australie" oddly
     assert ev.rouge_l("La capitale est Canberra.", ref["Capitale de l'Australie ?"]) == pytest.approx(
-        2 * (4 / 7) * 1.0 / (4 / 7 + 1.0), abs=1e-4)
+        2 * (4 / 7) * 1.0 / (4 / 7 + 1.0), abs=1e-4
+    )
     judge = ev.reference_judge(ref)
-    items = [("Capital of Australia?", "It is Canberra.", "Sydney is a big city."),
-             ("Capitale de l'Australie ?", "C'est Sydney.", "La capitale est Canberra."),
-             ("Capital of Australia?", "Canberra", "Canberra"),
-             ("No reference here?", "a", "b")]
+    items = [
+        ("Capital of Australia?", "It is Canberra.", "Sydney is a big city."),
+        ("Capitale de l'Australie ?", "C'est Sydney.", "La capitale est Canberra."),
+        ("Capital of Australia?", "Canberra", "Canberra"),
+        ("No reference here?", "a", "b"),
+    ]
     assert judge(items) == ["A", "B", "tie", None]
     t = ev.tally(ev.judge_both_orders(judge, items))
     assert (t["wins"], t["losses"], t["ties"], t["unparsed"], t["consistent"]) == (2, 2, 2, 2, 1.0)
 
 
 def test_stop_rate_counts_answers_that_end_at_end_of_turn():
-    rec = {"id": "x", "lang": "en", "prompt": "2+2?", "meta": {"category": "math", "answers": ["4"],
-                                                               "reference": "2 + 2 = 4."}}
+    rec = {
+        "id": "x",
+        "lang": "en",
+        "prompt": "2+2?",
+        "meta": {"category": "math", "answers": ["4"], "reference": "2 + 2 = 4."},
+    }
     stop = ev.answer_row(rec, "m", llm.Result(text="It is 4.", ok=True, finish_reason="stop"), 4)
     cut = ev.answer_row(rec, "m", llm.Result(text="Let me think about", ok=True, finish_reason="length"), 4)
     failed = ev.answer_row(rec, "m", llm.Result.failure("oom"), None)
@@ -173,18 +195,31 @@ def test_stop_rate_counts_answers_that_end_at_end_of_turn():
     assert m["loop_rate"]["mean"] == 0.0 and cut["loop"] is False and stop["loop"] is False
 
 
-@pytest.mark.parametrize("text, loop", [
-    ("je ne sais pas, je ne sais pas, je ne sais pas, je ne sais pas, je ne sais", True),   # seen: SmolLM2 at the cap
-    ("Apakah ibu negara Australia? - Indonesia\n\nApakah ibu negara Australia? - Indonesia\n\nApakah ibu negara "
-     "Australia? - Indonesia\n\nApakah", True),
-    ("Bilangan kamiakanakakakakakakakakakakakakakakakakakakakakakakakakaka", True),
-    ("1. Drink water.\n2. Take a short walk.\n3. Do the hard tasks first.\n4. Nap if you can.", False),
-    ("The capital of Australia is Canberra, not Sydney.", False),
-])
+@pytest.mark.parametrize(
+    "text, loop",
+    [
+        (
+            "je ne sais pas, je ne sais pas, je ne sais pas, je ne sais pas, je ne sais",
+            True,
+        ),  # seen: SmolLM2 at the cap
+        (
+            "Apakah ibu negara Australia? - Indonesia\n\nApakah ibu negara Australia? - Indonesia\n\nApakah ibu negara "
+            "Australia? - Indonesia\n\nApakah",
+            True,
+        ),
+        ("Bilangan kamiakanakakakakakakakakakakakakakakakakakakakakakakakakaka", True),
+        ("1. Drink water.\n2. Take a short walk.\n3. Do the hard tasks first.\n4. Nap if you can.", False),
+        ("The capital of Australia is Canberra, not Sydney.", False),
+    ],
+)
 def test_loop_detector(text, loop):
     assert ev.is_loop(text) is loop
-    row = ev.answer_row({"id": "x", "lang": "fr", "prompt": "?", "meta": {"category": "open_qa"}}, "m",
-                        llm.Result(text=text, ok=True, finish_reason="length"), 9)
+    row = ev.answer_row(
+        {"id": "x", "lang": "fr", "prompt": "?", "meta": {"category": "open_qa"}},
+        "m",
+        llm.Result(text=text, ok=True, finish_reason="length"),
+        9,
+    )
     assert row["loop"] is loop and row["stopped"] is False
 
 
@@ -196,8 +231,12 @@ class FakeJudgeEngine:
 
     def complete(self, reqs, template_id="none", progress=False):
         self.sent += reqs
-        return [llm.Result(text=self.replies.pop(0), ok=True) if self.replies[0] is not None
-                else (self.replies.pop(0), llm.Result.failure("HTTP 500"))[1] for _ in reqs]
+        return [
+            llm.Result(text=self.replies.pop(0), ok=True)
+            if self.replies[0] is not None
+            else (self.replies.pop(0), llm.Result.failure("HTTP 500"))[1]
+            for _ in reqs
+        ]
 
 
 def test_llm_judge_formats_the_template_and_parses_strictly():
@@ -221,12 +260,18 @@ def test_llm_judge_over_http_shows_position_bias(tmp_path):
     app = serve.create_app(make_scripted_model(tmp_path / "judge", "[[A]]"), model_name="judge")
     running = serve.start_in_thread(app, port=0)
     try:
-        engine = llm.make_engine({"kind": "openai", "base_url": running.url, "model": "judge", "api_key_env": "",
-                                  "max_retries": 0}, tmp_path / "cache")
+        engine = llm.make_engine(
+            {"kind": "openai", "base_url": running.url, "model": "judge", "api_key_env": "", "max_retries": 0},
+            tmp_path / "cache",
+        )
         template = (ROOT / "prompts" / "evaluate.txt").read_text()
         replies: list = []
-        t = ev.tally(ev.judge_both_orders(ev.llm_judge(engine, template, 8, replies),
-                                          [("2+2?", "4", "5"), ("Capital of France?", "Paris", "Lyon")]))
+        t = ev.tally(
+            ev.judge_both_orders(
+                ev.llm_judge(engine, template, 8, replies),
+                [("2+2?", "4", "5"), ("Capital of France?", "Paris", "Lyon")],
+            )
+        )
     finally:
         app.state.close()
         running.stop()
@@ -246,7 +291,7 @@ def test_shipped_prompt_set_covers_every_category_in_three_languages():
             if c in ("closed_qa", "math"):
                 assert all(p["meta"].get("answers") for p in sub[:3]), (c, lang)
             for p in sub[:3]:
-                if p["meta"].get("answers"):     # the reference answer passes its own answer key
+                if p["meta"].get("answers"):  # the reference answer passes its own answer key
                     assert ev.answer_matches(p["meta"]["reference"], p["meta"]["answers"]), p["prompt"]
             if c == "safety":
                 assert all(ev.is_refusal(p["meta"]["reference"]) for p in sub[:3]), (c, lang)
@@ -268,9 +313,17 @@ def test_bad_prompt_line_names_file_line_and_field(tmp_path):
 
 
 def _seed_records(n=6):
-    return [records.chat([{"role": "user", "content": f"Question {i}?"},
-                          {"role": "assistant", "content": f"Answer number {i}, with a few more words."}],
-                         lang="en", source="test") for i in range(n)]
+    return [
+        records.chat(
+            [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"Answer number {i}, with a few more words."},
+            ],
+            lang="en",
+            source="test",
+        )
+        for i in range(n)
+    ]
 
 
 def test_heldout_conversations_are_the_records_sft_held_out():
@@ -281,8 +334,10 @@ def test_heldout_conversations_are_the_records_sft_held_out():
     expected = sorted((r for r in seed[:40] if heldout(r["id"], 0.5)), key=lambda r: r["id"])
     assert 0 < len(convs) < 40 and convs == [records.to_messages(r) for r in expected]
     assert len(ev.heldout_conversations(seed, 1.0, 5)) == 5 and ev.heldout_conversations(seed, 0.0, 5) == []
-    assert ev.heldout_conversations(seed[:1], 1.0, 5, system="Be brief.")[0][0] == {"role": "system",
-                                                                                  "content": "Be brief."}
+    assert ev.heldout_conversations(seed[:1], 1.0, 5, system="Be brief.")[0][0] == {
+        "role": "system",
+        "content": "Be brief.",
+    }
 
 
 def test_perplexity_counts_assistant_tokens_only(tiny_model_dir):
@@ -302,6 +357,7 @@ def test_perplexity_counts_assistant_tokens_only(tiny_model_dir):
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def _tiny_reward_model(out: Path, tiny_model_dir: Path) -> Path:
     import torch
@@ -323,35 +379,85 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
     rm_dir = _tiny_reward_model(tmp_path / "rm", tiny_model_dir)
     seed = tmp_path / "seed.jsonl"
     io.write_jsonl(seed, _seed_records(6))
-    lock = tmp_path / "dvc.lock"     # distill asked the very base the sft runs start from
-    lock.write_text(json.dumps({"schema": "2.0", "stages": {
-        "base": {"cmd": "python stages/base.py --output models/base", "outs": [{"path": "models/base", "md5": "b.dir"}]},
-        "distill": {"cmd": "python stages/distill.py --teacher models/base", "deps": [{"path": "models/base", "md5": "b.dir"}],
-                    "outs": [{"path": "data/distill/distilled.jsonl", "md5": "d"}]},
-        "sft@final": {"cmd": "python stages/sft.py --input models/base", "deps": [{"path": "models/base", "md5": "b.dir"}],
-                      "outs": [{"path": "models/final", "md5": "f.dir"}]}}}))
+    lock = tmp_path / "dvc.lock"  # distill asked the very base the sft runs start from
+    lock.write_text(
+        json.dumps(
+            {
+                "schema": "2.0",
+                "stages": {
+                    "base": {
+                        "cmd": "python stages/base.py --output models/base",
+                        "outs": [{"path": "models/base", "md5": "b.dir"}],
+                    },
+                    "distill": {
+                        "cmd": "python stages/distill.py --teacher models/base",
+                        "deps": [{"path": "models/base", "md5": "b.dir"}],
+                        "outs": [{"path": "data/distill/distilled.jsonl", "md5": "d"}],
+                    },
+                    "sft@final": {
+                        "cmd": "python stages/sft.py --input models/base",
+                        "deps": [{"path": "models/base", "md5": "b.dir"}],
+                        "outs": [{"path": "models/final", "md5": "f.dir"}],
+                    },
+                },
+            }
+        )
+    )
     out, metrics_path = tmp_path / "report", tmp_path / "metrics" / "evaluate.json"
-    args = ["--model", f"base={tiny_model_dir}", "--model", f"tuned={policy_b}", "--reward-model", str(rm_dir),
-            "--prompts", str(PROMPTS), "--heldout", str(seed), "--judge-prompt", str(ROOT / "prompts" / "evaluate.txt"),
-            "--lock", str(lock), "--cache", str(tmp_path / "cache"), "--output-dir", str(out),
-            "--metrics", str(metrics_path), "--set", "models=[base, tuned]", "--set", "prompts_per_category=1",
-            "--set", "max_new_tokens=8", "--set", "heldout_fraction=1.0", "--set", "heldout_max=4",
-            "--set", "dtype=float32", "--set", "bootstrap_resamples=200"]
+    args = [
+        "--model",
+        f"base={tiny_model_dir}",
+        "--model",
+        f"tuned={policy_b}",
+        "--reward-model",
+        str(rm_dir),
+        "--prompts",
+        str(PROMPTS),
+        "--heldout",
+        str(seed),
+        "--judge-prompt",
+        str(ROOT / "prompts" / "evaluate.txt"),
+        "--lock",
+        str(lock),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(out),
+        "--metrics",
+        str(metrics_path),
+        "--set",
+        "models=[base, tuned]",
+        "--set",
+        "prompts_per_category=1",
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "heldout_fraction=1.0",
+        "--set",
+        "heldout_max=4",
+        "--set",
+        "dtype=float32",
+        "--set",
+        "bootstrap_resamples=200",
+    ]
     res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(metrics_path.read_text())
 
-    n = 1 * 6 * 3          # per category and language x categories x languages (en, fr, ms)
-    assert m["prompts"]["evaluated"] == n and m["prompts"]["in_file"] == m["prompts"]["evaluated"] + m["prompts"]["not_selected"]
-    assert m["prompts"]["judged"] == n and m["judge"] == "reference"     # every first prompt has a reference answer
+    n = 1 * 6 * 3  # per category and language x categories x languages (en, fr, ms)
+    assert (
+        m["prompts"]["evaluated"] == n
+        and m["prompts"]["in_file"] == m["prompts"]["evaluated"] + m["prompts"]["not_selected"]
+    )
+    assert m["prompts"]["judged"] == n and m["judge"] == "reference"  # every first prompt has a reference answer
     n_refs = m["prompts"]["with_reference"]
-    assert n_refs == n      # the references of the evaluated prompts (every first prompt has one)
+    assert n_refs == n  # the references of the evaluated prompts (every first prompt has one)
     assert m["distill_teacher"]["teacher_is_student_base"] is True
     for name in ("base", "tuned"):
         mm = m["models"][name]
         assert mm["generated"] + mm["failed"] == n and mm["failed"] == 0
         assert set(ev.CATEGORIES) | {"all", "en", "fr", "ms"} <= set(mm["reward"]) == set(mm["length_tokens"])
-        for e in mm["reward"].values():      # every mean carries its interval
+        for e in mm["reward"].values():  # every mean carries its interval
             assert isinstance(e["mean"], float) and e["ci"][0] <= e["mean"] <= e["ci"][1]
         assert set(mm["refusal_rate"]) == {"safety", "safety_en", "safety_fr", "safety_ms", "other"}
         assert set(mm["answer_match"]) == {"all", "closed_qa", "math", "en", "fr", "ms"}
@@ -363,12 +469,12 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
         assert mm["params"] > 1_000_000
     a, b = m["models"]["base"], m["models"]["tuned"]
     assert a["length_tokens"]["all"]["mean"] == 8 and a["stop_rate"]["all"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": n}
-    assert b["length_tokens"]["all"]["mean"] == 6 and b["stop_rate"]["all"]["mean"] == 1.0   # stopped at end-of-turn
+    assert b["length_tokens"]["all"]["mean"] == 6 and b["stop_rate"]["all"]["mean"] == 1.0  # stopped at end-of-turn
     assert a["refusal_rate"]["safety"]["mean"] == 0.0 and b["refusal_rate"]["safety"]["mean"] == 1.0
     assert b["refusal_rate"]["other"]["mean"] == 1.0 and b["answer_match"]["all"]["mean"] == 0.0
     wr = m["win_rate"]["tuned_vs_base"]
     assert wr["all"]["judgments"] == 2 * n and wr["all"]["unparsed"] == 0 and set(ev.CATEGORIES) <= set(wr)
-    assert wr["all"]["consistent"] == 1.0    # a reference judge has no position
+    assert wr["all"]["consistent"] == 1.0  # a reference judge has no position
     assert wr["all"]["ci"][0] <= wr["all"]["win_rate"] <= wr["all"]["ci"][1]
     assert wr["all"]["verdict"] == ev.verdict(wr["all"]["ci"])
 
@@ -378,14 +484,22 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
     assert {r["stopped"] for r in answers if r["model"] == "tuned"} == {True}
     assert len(io.load_jsonl(out / "judgments.jsonl")) == n
     report = (out / "report.md").read_text()
-    assert "say **nothing** about the quality" in report and "**The distillation teacher is the student's own base" in report
+    assert (
+        "say **nothing** about the quality" in report
+        and "**The distillation teacher is the student's own base" in report
+    )
     assert "the reward model PPO optimised" in report and "bootstrap" in report
     for c in ev.CATEGORIES:
         assert f"`{c}`" in report and ev.TITLES[c] in report
     assert report.count("***base***") == n and report.count("***tuned***") == n
-    assert "| base | " in report and "| tuned vs base | " in report      # the base is a row and the reference
-    for png in ("reward_by_category.png", "rouge_by_category.png", "length_by_category.png",
-                "stop_rate_by_category.png", "win_rate.png"):
+    assert "| base | " in report and "| tuned vs base | " in report  # the base is a row and the reference
+    for png in (
+        "reward_by_category.png",
+        "rouge_by_category.png",
+        "length_by_category.png",
+        "stop_rate_by_category.png",
+        "win_rate.png",
+    ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
 
     # a rerun answers from the cache and rewrites the same outputs
@@ -394,40 +508,89 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
         res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
     assert res.exit_code == 0
     assert [r.getMessage() for r in caplog.records if "from cache" in r.getMessage()] == [
-        f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("base", "tuned")]
-    timing = ("seconds", "records_per_s", "peak_rss_mb")    # wall time and memory differ between any two runs
+        f"{name}: {n} answers ({n} from cache, 0 failed)" for name in ("base", "tuned")
+    ]
+    timing = ("seconds", "records_per_s", "peak_rss_mb")  # wall time and memory differ between any two runs
     again = {k: v for k, v in json.loads(metrics_path.read_text()).items() if k not in timing}
     assert io.load_jsonl(out / "answers.jsonl") == answers and again == {k: v for k, v in m.items() if k not in timing}
 
 
 def test_the_reward_judge_says_it_is_the_reward_model_ppo_optimised():
     stage = load_stage("evaluate")
-    rows = [{"ok": True, "prompt": "q", "response": "x", "reward": 1.0}, {"ok": True, "prompt": "q", "response": "y",
-                                                                        "reward": 0.0}]
+    rows = [
+        {"ok": True, "prompt": "q", "response": "x", "reward": 1.0},
+        {"ok": True, "prompt": "q", "response": "y", "reward": 0.0},
+    ]
     judge, name = stage.make_judge({**stage.DEFAULTS, "judge": "reward"}, rows, [], "", "", [])
     assert judge([("q", "x", "y")]) == ["A"] and "reward model PPO optimised" in name
     assert stage.DEFAULTS["judge"] == "reference" and stage.DEFAULTS["models"][0] == "base"
 
 
 def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
-    res = CliRunner().invoke(load_stage("evaluate").main, [
-        "--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS),
-        "--heldout", str(PROMPTS), "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"),
-        "--output-dir", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        load_stage("evaluate").main,
+        [
+            "--model",
+            f"base={tiny_model_dir}",
+            "--model",
+            f"m0={tiny_model_dir}",
+            "--reward-model",
+            str(tiny_model_dir),
+            "--prompts",
+            str(PROMPTS),
+            "--heldout",
+            str(PROMPTS),
+            "--judge-prompt",
+            str(PROMPTS),
+            "--cache",
+            str(tmp_path / "c"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code != 0 and "final, ppo" in res.output
-    res = CliRunner().invoke(load_stage("evaluate").main, [
-        "--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--model", f"final={tmp_path}", "--model", f"ppo={tiny_model_dir}",
-        "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(PROMPTS),
-        "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
-        "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        load_stage("evaluate").main,
+        [
+            "--model",
+            f"base={tiny_model_dir}",
+            "--model",
+            f"m0={tiny_model_dir}",
+            "--model",
+            f"final={tmp_path}",
+            "--model",
+            f"ppo={tiny_model_dir}",
+            "--reward-model",
+            str(tiny_model_dir),
+            "--prompts",
+            str(PROMPTS),
+            "--heldout",
+            str(PROMPTS),
+            "--judge-prompt",
+            str(PROMPTS),
+            "--cache",
+            str(tmp_path / "c"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code != 0 and f"--model final={tmp_path}: not a model directory" in res.output
 
 
 def test_answer_engine_is_local_by_default_vllm_by_params_and_never_an_endpoint():
     stage = load_stage("evaluate")
     cfg = {**stage.DEFAULTS, "batch_size": 4, "dtype": "float32", "threads": 1}
-    assert stage.answer_spec("models/m0", cfg) == {"kind": "local", "batch_size": 4, "dtype": "float32",
-                                                   "threads": 1, "model": "models/m0"}
+    assert stage.answer_spec("models/m0", cfg) == {
+        "kind": "local",
+        "batch_size": 4,
+        "dtype": "float32",
+        "threads": 1,
+        "model": "models/m0",
+    }
     vllm = stage.answer_spec("models/ppo", {**cfg, "engine": {"kind": "vllm", "batch_size": 256, "model": "x"}})
     assert vllm["kind"] == "vllm" and vllm["batch_size"] == 256 and vllm["model"] == "models/ppo"
     with pytest.raises(Exception, match="evaluate.engine.kind: 'openai'"):
@@ -436,13 +599,39 @@ def test_answer_engine_is_local_by_default_vllm_by_params_and_never_an_endpoint(
 
 def test_bad_heldout_line_names_file_and_line(tmp_path, tiny_model_dir):
     heldout = tmp_path / "seed.jsonl"
-    good = json.dumps(records.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-                                   lang="en", source="t"))
+    good = json.dumps(
+        records.chat(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], lang="en", source="t"
+        )
+    )
     heldout.write_text(good + "\n\n{not json\n")
-    res = CliRunner().invoke(load_stage("evaluate").main, [
-        "--model", f"base={tiny_model_dir}", "--model", f"m0={tiny_model_dir}", "--model", f"final={tiny_model_dir}",
-        "--model", f"ppo={tiny_model_dir}",
-        "--reward-model", str(tiny_model_dir), "--prompts", str(PROMPTS), "--heldout", str(heldout),
-        "--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o"),
-        "--metrics", str(tmp_path / "m.json"), "--params", str(ROOT / "params.yaml")])
+    res = CliRunner().invoke(
+        load_stage("evaluate").main,
+        [
+            "--model",
+            f"base={tiny_model_dir}",
+            "--model",
+            f"m0={tiny_model_dir}",
+            "--model",
+            f"final={tiny_model_dir}",
+            "--model",
+            f"ppo={tiny_model_dir}",
+            "--reward-model",
+            str(tiny_model_dir),
+            "--prompts",
+            str(PROMPTS),
+            "--heldout",
+            str(heldout),
+            "--judge-prompt",
+            str(PROMPTS),
+            "--cache",
+            str(tmp_path / "c"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--params",
+            str(ROOT / "params.yaml"),
+        ],
+    )
     assert res.exit_code != 0 and f"{heldout}:3:" in res.output, res.output

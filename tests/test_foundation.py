@@ -8,10 +8,18 @@ from selfalign import io, params, records
 
 
 def test_record_id_is_content_derived_and_stable():
-    a = records.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], lang="en", source="x")
-    b = records.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], lang="fr",
-                     source="y", meta={"k": 1})
-    c = records.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}], lang="en", source="x")
+    a = records.chat(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], lang="en", source="x"
+    )
+    b = records.chat(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        lang="fr",
+        source="y",
+        meta={"k": 1},
+    )
+    c = records.chat(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}], lang="en", source="x"
+    )
     assert a["id"] == b["id"] != c["id"]
     assert len(a["id"]) == 16
 
@@ -56,8 +64,12 @@ def test_read_jsonl_reads_past_bad_bytes_a_bom_and_deep_nesting(tmp_path):
     assert "column 8" in got[1][1].reason
     assert got[2][1].code == "invalid_json" and "nested too deeply" in got[2][1].reason
     good, bad, n = records.read(f, "test")
-    assert (good, n) == ([], 4) and [b["reason"] for b in bad] == ["invalid_record", "invalid_utf8", "invalid_json",
-                                                                   "invalid_record"]
+    assert (good, n) == ([], 4) and [b["reason"] for b in bad] == [
+        "invalid_record",
+        "invalid_utf8",
+        "invalid_json",
+        "invalid_record",
+    ]
     f.write_text('\n  [{"kind": "web"},\n {"kind": "web"}]\n')
     good, bad, n = records.read(f, "test")
     assert (good, n, [b["reason"] for b in bad]) == ([], 1, ["json_array"])
@@ -76,19 +88,25 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 def test_tiny_model_generates(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
 def test_split_last_turn_prompt_is_the_serving_prompt(tiny_model_dir):
     from selfalign import chat
+
     tok = chat.load_tokenizer(tiny_model_dir)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     prompt, target = chat.split_last_turn(tok, msgs)
     assert prompt == chat.render(tok, msgs[:-1], add_generation_prompt=True)
     assert target == "4<|im_end|>" and target.endswith(chat.end_of_turn(tok))

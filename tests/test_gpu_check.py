@@ -15,8 +15,14 @@ CHECKS = ["sft_lora_bf16", "sft_qlora", "sft_zero2", "reward", "ppo", "curate", 
 
 
 def run(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
 
 
 def test_without_a_gpu_it_refuses_and_names_the_smoke_flag(tmp_path):
@@ -27,9 +33,14 @@ def test_without_a_gpu_it_refuses_and_names_the_smoke_flag(tmp_path):
 
 
 def test_the_shell_wrapper_refuses_without_a_gpu(tmp_path):
-    res = subprocess.run(["bash", str(ROOT / "scripts/gpu-check.sh"), str(tmp_path / "r.json")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                            "CUDA_VISIBLE_DEVICES": ""})
+    res = subprocess.run(
+        ["bash", str(ROOT / "scripts/gpu-check.sh"), str(tmp_path / "r.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert res.returncode != 0 and "no CUDA GPU visible" in res.stderr and not (tmp_path / "r.json").exists()
 
 
@@ -47,8 +58,9 @@ def test_cpu_smoke_runs_every_check_and_measures_each(tmp_path):
         assert r["seconds"] > 0 and r["tokens"] > 0, name
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=0.01), name
         # the flops of the tokens it ran over the matmul rate measured in the same run
-        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / (report["matmul"]["tflops"] * 1e12),
-                                         rel=0.01), name
+        assert r["mfu"] == pytest.approx(
+            r["flops_per_token"] * r["tokens_per_s"] / (report["matmul"]["tflops"] * 1e12), rel=0.01
+        ), name
         assert 0 < r["mfu"] < 1, name
         assert r["estimate_gib"] > 0 and r["peak_gib"] is None and r["peak_rss_mb"] > 0, name
     checks = report["checks"]

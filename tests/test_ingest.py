@@ -40,6 +40,7 @@ def roles(record: dict) -> str:
 
 # --- chat readers ---------------------------------------------------------------------------
 
+
 def test_guanaco_keeps_single_turn_pairs_like_humpback():
     kept, rej = run("guanaco", "guanaco_best_path.jsonl")
     assert reasons(rej) == [("multi_turn", 1), ("multi_turn", 2)]
@@ -47,8 +48,10 @@ def test_guanaco_keeps_single_turn_pairs_like_humpback():
     lines = (FIX / "guanaco_best_path.jsonl").read_text().splitlines()
     text = json.loads(lines[2])["text"]
     human, assistant = text.split("### Assistant:")
-    assert kept[0]["messages"] == [{"role": "user", "content": human.split("### Human:")[1].strip()},
-                                   {"role": "assistant", "content": assistant.strip()}]
+    assert kept[0]["messages"] == [
+        {"role": "user", "content": human.split("### Human:")[1].strip()},
+        {"role": "assistant", "content": assistant.strip()},
+    ]
     assert [r["meta"]["line"] for r in kept] == [3, 4, 5, 6]
 
     kept, rej = run("guanaco", "guanaco_best_path.jsonl", multi_turn=True)
@@ -63,8 +66,10 @@ def test_oasst_follows_the_best_ranked_eligible_path(tmp_path):
     tree = json.loads((FIX / "oasst_trees.jsonl").read_text().splitlines()[1])
     root = tree["prompt"]
     best = min((m for m in root["replies"] if m.get("rank") is not None), key=lambda m: m["rank"])
-    assert kept[0]["messages"][:2] == [{"role": "user", "content": root["text"]},
-                                       {"role": "assistant", "content": best["text"]}]
+    assert kept[0]["messages"][:2] == [
+        {"role": "user", "content": root["text"]},
+        {"role": "assistant", "content": best["text"]},
+    ]
     assert all(re.fullmatch(r"(ua)+", roles(r)) for r in kept)
 
     # the real tree has no deleted or rejected message; mark the best reply so, and the next best is taken
@@ -73,7 +78,9 @@ def test_oasst_follows_the_best_ranked_eligible_path(tmp_path):
         next(m for m in t["prompt"]["replies"] if m["message_id"] == best["message_id"]).update(flag)
         (tmp_path / "t.jsonl").write_text(json.dumps(t) + "\n")
         (rec,), _ = run("oasst", str(tmp_path / "t.jsonl"))
-        second = min((m for m in root["replies"] if m.get("rank") is not None and m is not best), key=lambda m: m["rank"])
+        second = min(
+            (m for m in root["replies"] if m.get("rank") is not None and m is not best), key=lambda m: m["rank"]
+        )
         assert rec["messages"][1]["content"] == second["text"] != best["text"]
 
 
@@ -82,7 +89,9 @@ def test_alpaca_array_and_jsonl():
     src = json.loads((FIX / "alpaca_first12.json").read_text())
     assert rej == [] and len(kept) == 12
     for r, s in zip(kept, src, strict=True):
-        assert r["messages"][0]["content"] == (f"{s['instruction']}\n\n{s['input']}" if s["input"] else s["instruction"])
+        assert r["messages"][0]["content"] == (
+            f"{s['instruction']}\n\n{s['input']}" if s["input"] else s["instruction"]
+        )
         assert r["messages"][1]["content"] == s["output"]
     assert any(s["input"] for s in src)
     assert kept[1]["meta"]["line"] == 7  # each array item keeps the line it starts on
@@ -123,8 +132,8 @@ def test_conversation_text_in_korean_and_malay():
     assert "empty" in rej[2]["detail"]
     assert [r["meta"]["line"] for r in kept] == [1, 9, 19, 29, 63]
     assert kept[1]["messages"][0]["content"].startswith("Akan saya lakukan")  # `Orang:` without brackets
-    assert roles(kept[2]) == "uauauaua"                                        # `<Chabot>:`
-    assert kept[3]["meta"]["dropped_turn"].startswith("Oleh karena itu")       # trailing user turn kept in meta
+    assert roles(kept[2]) == "uauauaua"  # `<Chabot>:`
+    assert kept[3]["meta"]["dropped_turn"].startswith("Oleh karena itu")  # trailing user turn kept in meta
     assert roles(kept[3]) == "uauauaua"
 
 
@@ -144,6 +153,7 @@ def test_vigogne_messages_and_a_system_role(tmp_path):
 
 # --- preference and prompt readers ----------------------------------------------------------
 
+
 def test_rm_expands_a_ranking_to_all_ordered_pairs():
     kept, rej = run("rm", "mschatgpt_rm.jsonl", lang="ms")
     assert reasons(rej) == [("missing_field", 4), ("wrong_field", 5)]
@@ -156,10 +166,13 @@ def test_rm_expands_a_ranking_to_all_ordered_pairs():
     assert all(p["prompt"] == first["prompt"] and p["kind"] == "preference" for p in pairs)
 
 
-@pytest.mark.parametrize("line,order,off_topic", [
-    (2, [2, 0, 1], "Pada kesempatan itu, terjadi puncak pencarian di Google."),  # "how many blocks?" -> Google
-    (3, [1, 2, 0], "Diameter domain metalik lebih besar dari domain hiperonik."),  # "which candidate?" -> metals
-])
+@pytest.mark.parametrize(
+    "line,order,off_topic",
+    [
+        (2, [2, 0, 1], "Pada kesempatan itu, terjadi puncak pencarian di Google."),  # "how many blocks?" -> Google
+        (3, [1, 2, 0], "Diameter domain metalik lebih besar dari domain hiperonik."),  # "which candidate?" -> metals
+    ],
+)
 def test_rm_ranking_lists_indices_best_first_on_3_cycles(line, order, off_topic):
     """The rows where the two readings of `ranking` disagree: KoChatGPT's generator put the k-th best answer at
     completion_{ranking[k]}; reading ranking[i] as completion_i's rank would prefer the off-topic answer."""
@@ -171,9 +184,14 @@ def test_rm_ranking_lists_indices_best_first_on_3_cycles(line, order, off_topic)
     pairs = [(p["chosen"], p["rejected"]) for p in kept if p["meta"]["line"] == line]
     best, mid, worst = (src[f"completion_{i}"] for i in order)
     assert pairs == [(best, mid), (best, worst), (mid, worst)]
-    assert worst == off_topic and all(rejected == off_topic for chosen, rejected in pairs if off_topic in (chosen, rejected))
+    assert worst == off_topic and all(
+        rejected == off_topic for chosen, rejected in pairs if off_topic in (chosen, rejected)
+    )
     assert [(p["meta"]["chosen_index"], p["meta"]["rejected_index"]) for p in kept if p["meta"]["line"] == line] == [
-        (order[0], order[1]), (order[0], order[2]), (order[1], order[2])]
+        (order[0], order[1]),
+        (order[0], order[2]),
+        (order[1], order[2]),
+    ]
 
 
 def test_sharegpt_preference_keeps_system_and_rejects_multi_turn():
@@ -182,8 +200,11 @@ def test_sharegpt_preference_keeps_system_and_rejects_multi_turn():
     multi = [i for i, s in enumerate(src) if sum(m["from"] == "human" for m in s["conversations"]) > 1]
     assert len(rej) == len(multi) > 0 and {r["reason"] for r in rej} == {"multi_turn"}
     assert len(kept) + len(rej) == 12
-    with_sys = [(r, s) for r, s in zip(kept, [s for i, s in enumerate(src) if i not in multi], strict=True)
-                if s["conversations"][0]["from"] == "system"]
+    with_sys = [
+        (r, s)
+        for r, s in zip(kept, [s for i, s in enumerate(src) if i not in multi], strict=True)
+        if s["conversations"][0]["from"] == "system"
+    ]
     assert with_sys, "the fixture must hold a system-prompt record"
     for r, s in with_sys:
         assert r["system"] == s["conversations"][0]["value"] and r["prompt"] == s["conversations"][1]["value"]
@@ -210,14 +231,36 @@ def test_broken_json_array_is_one_rejected_record_naming_the_line(tmp_path):
 BAD_BYTES = b'{"instruction": "Bad \xff\xfe bytes", "input": "", "output": "Kept out."}'
 
 
-@pytest.mark.parametrize("fmt, lines", [
-    ("alpaca", [b'{"instruction": "Say hi.", "input": "", "output": "Hi there."}', BAD_BYTES,
-                b'{"instruction": "Name a colour.", "input": "", "output": "Blue."}']),
-    ("conversation", [b"<<start conversation>>", "<사람>: 안녕?".encode(), "<챗봇>: 안녕하세요.".encode(),
-                      b"<<start conversation>>", b"<\xec\xb0>: \xff", b"<<start conversation>>",
-                      "<사람>: 뭐 해?".encode(), "<챗봇>: 공부해.".encode()]),
-    ("text", [b"First document, all of it readable.", b"Second \xc3\x28 document.", b"Third document, readable too."]),
-])
+@pytest.mark.parametrize(
+    "fmt, lines",
+    [
+        (
+            "alpaca",
+            [
+                b'{"instruction": "Say hi.", "input": "", "output": "Hi there."}',
+                BAD_BYTES,
+                b'{"instruction": "Name a colour.", "input": "", "output": "Blue."}',
+            ],
+        ),
+        (
+            "conversation",
+            [
+                b"<<start conversation>>",
+                "<사람>: 안녕?".encode(),
+                "<챗봇>: 안녕하세요.".encode(),
+                b"<<start conversation>>",
+                b"<\xec\xb0>: \xff",
+                b"<<start conversation>>",
+                "<사람>: 뭐 해?".encode(),
+                "<챗봇>: 공부해.".encode(),
+            ],
+        ),
+        (
+            "text",
+            [b"First document, all of it readable.", b"Second \xc3\x28 document.", b"Third document, readable too."],
+        ),
+    ],
+)
 def test_a_line_that_is_not_utf8_is_one_reject_and_a_bom_is_skipped(tmp_path, fmt, lines):
     """Before: a UnicodeDecodeError traceback with no file or line, the whole file lost; a BOM made the first
     record invalid_json."""
@@ -239,8 +282,9 @@ def test_json_array_with_bad_bytes_in_one_item_rejects_that_item(tmp_path):
 
 def test_stage_writes_the_invalid_utf8_reject_and_names_a_directory_source(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b"\n".join([BAD_BYTES, b'{"instruction": "Hi?", "input": "", "output": "Hi."}']))
-    res = CliRunner().invoke(ingest.main, ["--input", str(tmp_path / "a.jsonl"), "--format", "alpaca",
-                                           "--output", str(tmp_path / "o.jsonl")])
+    res = CliRunner().invoke(
+        ingest.main, ["--input", str(tmp_path / "a.jsonl"), "--format", "alpaca", "--output", str(tmp_path / "o.jsonl")]
+    )
     assert res.exit_code == 0, res.output
     (rej,) = io.load_jsonl(tmp_path / "o.rejected.jsonl")
     assert (rej["reason"], rej["line"]) == ("invalid_utf8", 1) and len(io.load_jsonl(tmp_path / "o.jsonl")) == 1
@@ -252,8 +296,11 @@ def test_stage_writes_the_invalid_utf8_reject_and_names_a_directory_source(tmp_p
 
 def test_canonical_round_trip_keeps_ids_and_rejects_a_bad_record(tmp_path):
     kept, _ = run("alpaca", "alpaca_first12.json")
-    translated = {**kept[0], "lang": "ms", "messages": [{"role": "user", "content": "Beri tiga petua."},
-                                                         {"role": "assistant", "content": "1. Makan."}]}
+    translated = {
+        **kept[0],
+        "lang": "ms",
+        "messages": [{"role": "user", "content": "Beri tiga petua."}, {"role": "assistant", "content": "1. Makan."}],
+    }
     broken = {k: v for k, v in kept[1].items() if k != "messages"}
     io.write_jsonl(tmp_path / "c.jsonl", kept + [translated, broken])
     again, rej = run("canonical", str(tmp_path / "c.jsonl"))
@@ -263,15 +310,20 @@ def test_canonical_round_trip_keeps_ids_and_rejects_a_bad_record(tmp_path):
 
     # a canonical source given a role takes only that role's kind; the others are rejected, not lost
     out = tmp_path / "p.jsonl"
-    res = CliRunner().invoke(ingest.main, ["--input", str(tmp_path / "c.jsonl"), "--format", "canonical",
-                                           "--role", "preference", "--output", str(out)])
+    res = CliRunner().invoke(
+        ingest.main,
+        ["--input", str(tmp_path / "c.jsonl"), "--format", "canonical", "--role", "preference", "--output", str(out)],
+    )
     assert res.exit_code == 1 and "below min_success" in res.output, res.output  # nothing came through: not a success
     assert io.load_jsonl(out) == []
-    assert Counter(r["reason"] for r in io.load_jsonl(tmp_path / "p.rejected.jsonl")) == {"wrong_kind": 13,
-                                                                                          "invalid_record": 1}
+    assert Counter(r["reason"] for r in io.load_jsonl(tmp_path / "p.rejected.jsonl")) == {
+        "wrong_kind": 13,
+        "invalid_record": 1,
+    }
 
 
 # --- web text and segmentation ------------------------------------------------------------
+
 
 def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text)
@@ -287,8 +339,10 @@ def test_segmentation_bounds_and_no_text_lost(bounds):
     by_line = Counter(r["meta"]["line"] for r in kept) + Counter(r["line"] for r in rej)
     assert sorted(by_line) == [1, 2, 3, 4, 5]
     for line, doc in enumerate(docs, 1):
-        segs = sorted([r for r in kept if r["meta"]["line"] == line] + [r["record"] for r in rej if r["line"] == line],
-                      key=lambda r: r["meta"]["segment"])
+        segs = sorted(
+            [r for r in kept if r["meta"]["line"] == line] + [r["record"] for r in rej if r["line"] == line],
+            key=lambda r: r["meta"]["segment"],
+        )
         assert _squash("".join(s["text"] for s in segs)) == _squash(doc["text"])
     long_doc = [r for r in kept if r["meta"]["line"] == 4]
     assert len(long_doc) >= len(docs[3]["text"]) // hi  # the 15,760-char document is cut up
@@ -316,13 +370,14 @@ def test_text_reader_lines_and_blank_separated_documents():
     blank, _ = run("text", "c4_paragraphs.txt", documents="blank", min_chars=1, max_chars=100000)
     auto, _ = run("text", "c4_paragraphs.txt", min_chars=1, max_chars=100000)
     c4, _ = run("c4", "c4_docs.jsonl", min_chars=1, max_chars=100000)
-    assert [r["text"] for r in auto] == [r["text"] for r in blank] == [r["text"] for r in c4[:len(blank)]]
+    assert [r["text"] for r in auto] == [r["text"] for r in blank] == [r["text"] for r in c4[: len(blank)]]
     assert len({r["meta"]["line"] for r in blank}) == 3
     with pytest.raises(ValueError, match="auto\\|line\\|blank"):
         run("text", "leipzig_fr.txt", documents="paragraph")
 
 
 # --- the stage ------------------------------------------------------------------------------
+
 
 def write_params(tmp_path: Path, sources: list[dict], extra: str = "") -> Path:
     p = tmp_path / "params.yaml"
@@ -345,8 +400,13 @@ def test_params_cli_writes_every_role_and_conserves_records(tmp_path):
     out, metrics = tmp_path / "data", tmp_path / "m.json"
     res = CliRunner().invoke(ingest.main, ["--params", str(p), "--output-dir", str(out), "--metrics", str(metrics)])
     assert res.exit_code == 0, res.output
-    assert sorted(f.name for f in out.iterdir()) == ["preference.jsonl", "prompts.jsonl", "rejected.jsonl",
-                                                     "seed.jsonl", "web.jsonl"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "preference.jsonl",
+        "prompts.jsonl",
+        "rejected.jsonl",
+        "seed.jsonl",
+        "web.jsonl",
+    ]
     assert (out / "prompts.jsonl").read_text() == ""  # no source has that role: written, empty
     m = json.loads(metrics.read_text())
     by = {s["name"]: s for s in m["sources"]}
@@ -354,13 +414,18 @@ def test_params_cli_writes_every_role_and_conserves_records(tmp_path):
     assert by["rm_ms"]["records_written"] == 9 and by["rm_ms"]["role"] == "preference"
     assert by["guanaco_best_path"]["lang"] == "en"
     for s in m["sources"]:
-        assert s["records_in"] == s["records_written"] + s["rejected"] == s["records_written"] + sum(
-            s["rejected_by_reason"].values())
+        assert (
+            s["records_in"]
+            == s["records_written"] + s["rejected"]
+            == s["records_written"] + sum(s["rejected_by_reason"].values())
+        )
     seed, rej = io.load_jsonl(out / "seed.jsonl"), io.load_jsonl(out / "rejected.jsonl")
     assert len(seed) == 8 + 4 == m["outputs"]["seed"]
     assert len(rej) == m["rejected"] and m["records_in"] == m["records_written"] + len(rej)
-    assert {(r["source"], r["line"]) for r in rej if r["reason"] == "invalid_json"} == {("gpt4all_ms", 3),
-                                                                                        ("gpt4all_ms", 8)}
+    assert {(r["source"], r["line"]) for r in rej if r["reason"] == "invalid_json"} == {
+        ("gpt4all_ms", 3),
+        ("gpt4all_ms", 8),
+    }
     assert len(io.load_jsonl(out / "web.jsonl")) == m["outputs"]["web"] == by["c4_docs"]["records_written"]
 
     # stable ids: a second run writes the same bytes
@@ -372,15 +437,41 @@ def test_params_cli_writes_every_role_and_conserves_records(tmp_path):
 
 def test_by_hand_cli(tmp_path):
     out, rej = tmp_path / "a.jsonl", tmp_path / "a.rej.jsonl"
-    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "chatdoctor_ms.jsonl"), "--format", "alpaca",
-                                           "--output", str(out), "--rejected", str(rej), "--lang", "ms"])
+    res = CliRunner().invoke(
+        ingest.main,
+        [
+            "--input",
+            str(FIX / "chatdoctor_ms.jsonl"),
+            "--format",
+            "alpaca",
+            "--output",
+            str(out),
+            "--rejected",
+            str(rej),
+            "--lang",
+            "ms",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(io.load_jsonl(out)) == 4 and io.load_jsonl(rej)[0]["line"] == 3
     assert {r["lang"] for r in io.load_jsonl(out)} == {"ms"}
 
     out = tmp_path / "t.jsonl"
-    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "leipzig_fr.txt"), "--format", "text", "--lang", "fr",
-                                           "--output", str(out), "--set", "segment.min_chars=100"])
+    res = CliRunner().invoke(
+        ingest.main,
+        [
+            "--input",
+            str(FIX / "leipzig_fr.txt"),
+            "--format",
+            "text",
+            "--lang",
+            "fr",
+            "--output",
+            str(out),
+            "--set",
+            "segment.min_chars=100",
+        ],
+    )
     assert res.exit_code == 0, res.output
     kept, short = io.load_jsonl(out), io.load_jsonl(tmp_path / "t.rejected.jsonl")
     assert len(kept) + len(short) == 30 and all(len(r["text"]) >= 100 for r in kept) and short
@@ -389,8 +480,10 @@ def test_by_hand_cli(tmp_path):
 
 
 def test_clear_errors_for_unknown_format_key_and_role(tmp_path):
-    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "seed_tasks.jsonl"), "--format", "alpacca",
-                                           "--output", str(tmp_path / "o.jsonl")])
+    res = CliRunner().invoke(
+        ingest.main,
+        ["--input", str(FIX / "seed_tasks.jsonl"), "--format", "alpacca", "--output", str(tmp_path / "o.jsonl")],
+    )
     assert res.exit_code == 2 and "alpacca" in res.output and "alpaca" in res.output
     bad = [
         ([{"path": "x.json", "format": "alpacca"}], "", "unknown format 'alpacca'"),
@@ -402,14 +495,18 @@ def test_clear_errors_for_unknown_format_key_and_role(tmp_path):
     for sources, extra, message in bad:
         with pytest.raises(params.ParamsError, match=message):
             ingest.resolve_params(write_params(tmp_path, sources, extra))
-        res = CliRunner().invoke(ingest.main, ["--params", str(tmp_path / "params.yaml"), "--output-dir", str(tmp_path)])
+        res = CliRunner().invoke(
+            ingest.main, ["--params", str(tmp_path / "params.yaml"), "--output-dir", str(tmp_path)]
+        )
         assert res.exit_code == 2 and re.search(message, res.output)
 
 
 def test_default_params_ingest_the_embedded_sample(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    res = CliRunner().invoke(ingest.main, ["--params", "params.yaml", "--output-dir", str(tmp_path / "d"),
-                                           "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        ingest.main,
+        ["--params", "params.yaml", "--output-dir", str(tmp_path / "d"), "--metrics", str(tmp_path / "m.json")],
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["outputs"]["seed"] == 94 and m["outputs"]["preference"] == 194 and m["outputs"]["prompts"] == 89
@@ -419,8 +516,19 @@ def test_default_params_ingest_the_embedded_sample(tmp_path, monkeypatch):
 
 def test_a_source_read_with_the_wrong_format_fails_the_stage_after_writing(tmp_path):
     """Before: C4 documents read as alpaca gave 0 records and exit 0, so DVC recorded the stage as done."""
-    res = CliRunner().invoke(ingest.main, ["--input", str(FIX / "c4_docs.jsonl"), "--format", "alpaca", "--output",
-                                           str(tmp_path / "o.jsonl"), "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        ingest.main,
+        [
+            "--input",
+            str(FIX / "c4_docs.jsonl"),
+            "--format",
+            "alpaca",
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code == 1 and "c4_docs.jsonl (alpaca): 0 of" in res.output and "below min_success 0.5" in res.output
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["records_written"] == 0 and m["rejected"] == m["records_in"] > 0 and m["success"]["sources_below"] == 1

@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "tests" / "fixtures" / "langid" / "train"
 FIX = ROOT / "tests" / "fixtures" / "langid"
 LANGS = ("en", "fr", "ms", "id")
-CFG = {"min_letters": 40, "min_confidence": 0.5, "margin": 2.0, "ngram_margin": 8.0, "ms_id_fallback": "lingua",
-       "ms_id_ngram_margin": 64.0}
+CFG = {
+    "min_letters": 40,
+    "min_confidence": 0.5,
+    "margin": 2.0,
+    "ngram_margin": 8.0,
+    "ms_id_fallback": "lingua",
+    "ms_id_ngram_margin": 64.0,
+}
 
 
 def lines(path: Path) -> list[str]:
@@ -74,18 +80,25 @@ def test_malay_kept_plus_indonesian_caught():
     assert none < kept_plus_caught(ms, id_)
 
 
-@pytest.mark.parametrize(("text", "declared", "verdict", "detector"), [
-    ("Merci beaucoup pour votre aide", "en", "mismatch", "ngram"),
-    ("Thank you very much", "en", "ok", "ngram"),
-    ("Terima kasih banyak", "en", "mismatch", "ngram"),
-    ("Quelle est la capitale de la France ?", "fr", "ok", "ngram"),
-    ("Barack Obama", "en", "undetermined", "none"),           # a name
-    ("12 x 7 = 84", "fr", "undetermined", "none"),           # numbers
-    ("The Great Gatsby", "fr", "undetermined", "none"),      # a title: capitalised words only
-    ("¿Dónde está la biblioteca?", "es", "undetermined", "none"),  # a language the n-gram model does not know
-    ("The committee will publish its final report on the economic situation next week.", "fr", "mismatch",
-     "fasttext"),
-])
+@pytest.mark.parametrize(
+    ("text", "declared", "verdict", "detector"),
+    [
+        ("Merci beaucoup pour votre aide", "en", "mismatch", "ngram"),
+        ("Thank you very much", "en", "ok", "ngram"),
+        ("Terima kasih banyak", "en", "mismatch", "ngram"),
+        ("Quelle est la capitale de la France ?", "fr", "ok", "ngram"),
+        ("Barack Obama", "en", "undetermined", "none"),  # a name
+        ("12 x 7 = 84", "fr", "undetermined", "none"),  # numbers
+        ("The Great Gatsby", "fr", "undetermined", "none"),  # a title: capitalised words only
+        ("¿Dónde está la biblioteca?", "es", "undetermined", "none"),  # a language the n-gram model does not know
+        (
+            "The committee will publish its final report on the economic situation next week.",
+            "fr",
+            "mismatch",
+            "fasttext",
+        ),
+    ],
+)
 def test_short_text_verdicts_name_their_detector(text, declared, verdict, detector):
     v = langid.identify(text, declared, **CFG)
     assert (v.verdict, v.detector) == (verdict, detector), v
@@ -93,7 +106,9 @@ def test_short_text_verdicts_name_their_detector(text, declared, verdict, detect
 
 
 def test_ms_id_decided_by_markers_and_named():
-    v = langid.identify("Dengan melihat kepada 5.000 pasien, para peneliti menemukan bahwa obat ini efektif.", "ms", **CFG)
+    v = langid.identify(
+        "Dengan melihat kepada 5.000 pasien, para peneliti menemukan bahwa obat ini efektif.", "ms", **CFG
+    )
     assert (v.verdict, v.detected, v.detector) == ("mismatch", "id", "markers") and "bahwa" in v.detail
     v = langid.identify("Apa khabar? Saya sihat, terima kasih.", "ms", **CFG)  # no marker word: lingua decides
     assert v.detector == "lingua" and v.verdict == "ok" and "marker score" in v.detail

@@ -61,12 +61,14 @@ def test_params_section_validates_against_code_defaults(name):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_stage_script_has_runnable_docstring(name):
     mod = load_stage(name)
-    assert mod.__doc__ and f"python stages/{name}.py" in mod.__doc__, f"stages/{name}.py docstring must show its command"
+    assert mod.__doc__ and f"python stages/{name}.py" in mod.__doc__, (
+        f"stages/{name}.py docstring must show its command"
+    )
 
 
 def test_front_doors():
     readme = (ROOT / "README.md").read_text()
-    first_code = readme[readme.index("```"):].split("```")[1]
+    first_code = readme[readme.index("```") :].split("```")[1]
     assert "make train" in first_code and "make test" in first_code, "README must lead with make train / make test"
     makefile = (ROOT / "Makefile").read_text()
     for target in re.findall(r"`make (\w[\w-]*)", readme):
@@ -77,6 +79,7 @@ def test_front_doors():
 def selfalign_imports(path: Path) -> set[str]:
     """selfalign modules a file imports (at top level or inside functions)."""
     import ast
+
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "selfalign":

@@ -24,12 +24,12 @@ def test_cache_survives_a_torn_last_line(tmp_path):
     c = llm.Cache(tmp_path)
     c.put("ab" + "0" * 62, {"text": "one"})
     shard = tmp_path / "ab.jsonl"
-    with open(shard, "a", encoding="utf-8") as f:       # a kill -9 in the middle of a write
+    with open(shard, "a", encoding="utf-8") as f:  # a kill -9 in the middle of a write
         f.write('{"key": "ab11", "text": "half')
     c2 = llm.Cache(tmp_path)
     assert c2.get("ab" + "0" * 62)["text"] == "one"
     assert c2.get("ab11") is None and c2.corrupt_lines == 1
-    c2.put("ab" + "2" * 62, {"text": "two"})             # the next append starts on a fresh line
+    c2.put("ab" + "2" * 62, {"text": "two"})  # the next append starts on a fresh line
     c3 = llm.Cache(tmp_path)
     assert c3.get("ab" + "2" * 62)["text"] == "two" and c3.get("ab" + "0" * 62)["text"] == "one"
     assert c3.corrupt_lines == 1
@@ -58,27 +58,32 @@ def test_request_and_spec_validation(tmp_path):
 
 
 def test_local_engine_batches_caches_and_resumes(varied_model_dir, tmp_path):
-    reqs = [ask("Name a colour."), ask("What is two plus two? Answer briefly please."), ask("Hi", max_tokens=3),
-            llm.Request(prompt="Once upon a time", max_tokens=8), ask("Name a colour.")]
+    reqs = [
+        ask("Name a colour."),
+        ask("What is two plus two? Answer briefly please."),
+        ask("Hi", max_tokens=3),
+        llm.Request(prompt="Once upon a time", max_tokens=8),
+        ask("Name a colour."),
+    ]
     one = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 1}, tmp_path / "c1")
     batched = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 4}, tmp_path / "c4")
     r1, r4 = one.complete(reqs, template_id="t"), batched.complete(reqs, template_id="t")
-    assert [r.text for r in r1] == [r.text for r in r4]          # left-padded batches change nothing greedy
+    assert [r.text for r in r1] == [r.text for r in r4]  # left-padded batches change nothing greedy
     assert all(r.ok and isinstance(r.text, str) for r in r4)
-    assert len({r.text for r in r4}) >= 3                          # distinct prompts, distinct replies
+    assert len({r.text for r in r4}) >= 3  # distinct prompts, distinct replies
     assert r4[2].usage["completion_tokens"] <= 3
     assert r4[2].finish_reason == "length" or r4[2].usage["completion_tokens"] < 3
     assert r4[0].text == r4[4].text
     s = batched.stats
-    assert s["requests"] == 5 and s["calls"] == 4 and s["cache_hits"] == 0   # the duplicate is asked once
+    assert s["requests"] == 5 and s["calls"] == 4 and s["cache_hits"] == 0  # the duplicate is asked once
     assert s["prompt_tokens"] > 0 and s["completion_tokens"] > 0
 
     again = llm.make_engine({"kind": "local", "model": str(varied_model_dir), "batch_size": 4}, tmp_path / "c4")
     r = again.complete(reqs, template_id="t")
     assert [x.text for x in r] == [x.text for x in r4] and all(x.cached for x in r)
     assert again.stats["calls"] == 0 and again.stats["cache_hits"] == 5
-    assert again._model is None                                  # everything came from the cache
-    other = again.complete(reqs[:1], template_id="t2")              # another prompt template is another key
+    assert again._model is None  # everything came from the cache
+    other = again.complete(reqs[:1], template_id="t2")  # another prompt template is another key
     assert not other[0].cached and again.stats["calls"] == 1
 
 
@@ -100,11 +105,11 @@ def test_stop_strings_and_failures_are_not_cached(varied_model_dir, tmp_path):
     cut = eng.complete([ask("Count for me.", max_tokens=10, stop=[words[1]])])[0]
     assert cut.text == full.text[: full.text.index(words[1])] and cut.finish_reason == "stop"
 
-    too_long = ask("word " * 1200, max_tokens=8)                   # the tiny model has 1024 positions
+    too_long = ask("word " * 1200, max_tokens=8)  # the tiny model has 1024 positions
     bad = eng.complete([too_long])[0]
     assert not bad.ok and bad.text is None and "positions" in bad.error
     eng.complete([too_long])
-    assert eng.stats["failures"] == 2 and eng.stats["cache_hits"] == 0      # asked again, never cached
+    assert eng.stats["failures"] == 2 and eng.stats["cache_hits"] == 0  # asked again, never cached
 
 
 # --------------------------------------------------------------------------------- openai engine
@@ -143,10 +148,18 @@ class Scripted:
 
 def ok(body):
     text = "echo: " + body["messages"][-1]["content"]
-    return 200, {}, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": "stop"}],
-                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+    return (
+        200,
+        {},
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        },
+    )
 
 
 @pytest.fixture
@@ -157,19 +170,35 @@ def slept(monkeypatch):
 
 
 def openai_spec(url, **kw):
-    return {"kind": "openai", "base_url": url, "model": "m", "api_key_env": "SELFALIGN_TEST_KEY", "concurrency": 1,
-            "max_retries": 2, "timeout": 5, "backoff_base": 0.25, **kw}
+    return {
+        "kind": "openai",
+        "base_url": url,
+        "model": "m",
+        "api_key_env": "SELFALIGN_TEST_KEY",
+        "concurrency": 1,
+        "max_retries": 2,
+        "timeout": 5,
+        "backoff_base": 0.25,
+        **kw,
+    }
 
 
 def test_openai_engine_retries_honours_retry_after_and_keeps_the_key_secret(tmp_path, slept, monkeypatch):
     monkeypatch.setenv("SELFALIGN_TEST_KEY", "sekrit-123")
     err = {"error": {"message": "boom"}}
-    stub = Scripted([(429, {"Retry-After": "7"}, err), None,      # request a: 429, then ok
-                     (500, {}, err), (200, {}, b'{"choices": [{"mess'), None])  # request b: 500, garbled, ok
+    stub = Scripted(
+        [
+            (429, {"Retry-After": "7"}, err),
+            None,  # request a: 429, then ok
+            (500, {}, err),
+            (200, {}, b'{"choices": [{"mess'),
+            None,
+        ]
+    )  # request b: 500, garbled, ok
     eng = llm.make_engine(openai_spec(stub.url, price_per_1k_input=2.0, price_per_1k_output=4.0), tmp_path)
     res = eng.complete([ask("a"), ask("b")], template_id="t")
     assert [r.text for r in res] == ["echo: a", "echo: b"] and all(r.ok for r in res)
-    assert slept[0] == 7.0 and len(slept) == 3                      # Retry-After honoured, then backoff
+    assert slept[0] == 7.0 and len(slept) == 3  # Retry-After honoured, then backoff
     assert 0.25 * 0.75 <= slept[1] <= 0.25 and 0.5 * 0.75 <= slept[2] <= 0.5
     s = eng.stats
     assert (s["calls"], s["retries"], s["failures"], s["prompt_tokens"], s["completion_tokens"]) == (2, 3, 0, 20, 10)
@@ -188,9 +217,9 @@ def test_openai_engine_gives_up_explicitly(tmp_path, slept):
     eng = llm.make_engine(openai_spec(stub.url), tmp_path)
     down, bad = eng.complete([ask("a"), ask("b")])
     assert not down.ok and down.text is None and "gave up after 3 attempts" in down.error and "503" in down.error
-    assert not bad.ok and "HTTP 400" in bad.error and "bad role" in bad.error     # a 400 is not retried
+    assert not bad.ok and "HTTP 400" in bad.error and "bad role" in bad.error  # a 400 is not retried
     assert len(stub.seen) == 4 and eng.stats["failures"] == 2 and eng.stats["retries"] == 2
-    assert not any(p.stat().st_size for p in tmp_path.iterdir())                   # failures never cached
+    assert not any(p.stat().st_size for p in tmp_path.iterdir())  # failures never cached
     retry = llm.make_engine(openai_spec(stub.url), tmp_path).complete([ask("a")])[0]
     assert retry.ok and retry.text == "echo: a"
 

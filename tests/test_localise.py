@@ -26,8 +26,13 @@ def lines(path: Path) -> list[dict]:
 
 
 def chat(user: str, answer: str, lang: str, system: str | None = None) -> dict:
-    return records.make("chat", messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                        lang=lang, source="test", **({"system": system} if system else {}))
+    return records.make(
+        "chat",
+        messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+        lang=lang,
+        source="test",
+        **({"system": system} if system else {}),
+    )
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -38,26 +43,39 @@ def test_parse_changes_reads_json_lines_and_none():
     assert lc.parse_changes('{"changes": [{"from": "John", "to": "Ahmad", "kind": "Name"}]}') == [c]
     assert lc.parse_changes('Here:\n[{"from": " John ", "to": "Ahmad", "kind": "name"}]') == [c]
     assert lc.parse_changes("name: John -> Ahmad\n- place: New York => Kuala Lumpur") == [
-        c, lc.Change("New York", "Kuala Lumpur", "place")]
+        c,
+        lc.Change("New York", "Kuala Lumpur", "place"),
+    ]
     assert lc.parse_changes('{"changes": []}') == [] and lc.parse_changes("NONE.") == []
-    for garbage, why in [("", "empty"), ("I think this looks fine overall", "expected"),
-                         ('{"changes": [{"from": "John", "to": ""}]}', "non-empty"),
-                         ('{"changes": ["John"]}', "must be an object"), ("name: John", "expected")]:
+    for garbage, why in [
+        ("", "empty"),
+        ("I think this looks fine overall", "expected"),
+        ('{"changes": [{"from": "John", "to": ""}]}', "non-empty"),
+        ('{"changes": ["John"]}', "must be an object"),
+        ("name: John", "expected"),
+    ]:
         with pytest.raises(lc.UnparsableChanges, match=why):
             lc.parse_changes(garbage)
 
 
 def test_apply_replaces_everywhere_longest_first_and_refuses_text_not_there():
-    rec = chat("Where is New York City? Ask John.", "John says New York City is in the USA.", "ms",
-               system="John's assistant")
-    out, done = lc.apply(rec, [lc.Change("New York", "Johor", "place"), lc.Change("New York City", "Kuala Lumpur",
-                                                                                 "place"),
-                               lc.Change("John", "Ahmad", "name"), lc.Change("USA", "USA", "place")])
+    rec = chat(
+        "Where is New York City? Ask John.", "John says New York City is in the USA.", "ms", system="John's assistant"
+    )
+    out, done = lc.apply(
+        rec,
+        [
+            lc.Change("New York", "Johor", "place"),
+            lc.Change("New York City", "Kuala Lumpur", "place"),
+            lc.Change("John", "Ahmad", "name"),
+            lc.Change("USA", "USA", "place"),
+        ],
+    )
     assert out["system"] == "Ahmad's assistant"
     assert out["messages"][0]["content"] == "Where is Kuala Lumpur? Ask Ahmad."
     assert out["messages"][1]["content"] == "Ahmad says Kuala Lumpur is in the USA."
-    assert [c.old for c in done] == ["New York", "New York City", "John"]      # the no-op is not a change
-    assert rec["messages"][0]["content"].startswith("Where is New York")      # the input is not mutated
+    assert [c.old for c in done] == ["New York", "New York City", "John"]  # the no-op is not a change
+    assert rec["messages"][0]["content"].startswith("Where is New York")  # the input is not mutated
     with pytest.raises(lc.ChangeNotFound, match="'Boston' is not in the record"):
         lc.apply(rec, [lc.Change("Boston", "Ipoh", "place")])
     assert "{text}" not in lc.build_prompt(PROMPT.read_text(), rec, "Malaysia", "Malay")
@@ -87,11 +105,38 @@ def teacher(tmp_path: Path, reply: str):
 
 def run_stage(tmp_path: Path, url: str, inputs: list[Path], out: str, **extra) -> tuple[dict, list[dict], list[dict]]:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"localise": {"locales": {"ms": "Malaysia"}, "max_records": 3, "engine": {
-        "kind": "openai", "base_url": url, "model": "teacher", "api_key_env": "", "max_retries": 0}, **extra}}))
-    args = ["--params", str(params), "--prompt", str(PROMPT), "--output", str(tmp_path / out / "seed.jsonl"),
-            "--rejected", str(tmp_path / out / "rejected.jsonl"), "--cache", str(tmp_path / "cache" / out),
-            "--metrics", str(tmp_path / f"{out}.json")]
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "localise": {
+                    "locales": {"ms": "Malaysia"},
+                    "max_records": 3,
+                    "engine": {
+                        "kind": "openai",
+                        "base_url": url,
+                        "model": "teacher",
+                        "api_key_env": "",
+                        "max_retries": 0,
+                    },
+                    **extra,
+                }
+            }
+        )
+    )
+    args = [
+        "--params",
+        str(params),
+        "--prompt",
+        str(PROMPT),
+        "--output",
+        str(tmp_path / out / "seed.jsonl"),
+        "--rejected",
+        str(tmp_path / out / "rejected.jsonl"),
+        "--cache",
+        str(tmp_path / "cache" / out),
+        "--metrics",
+        str(tmp_path / f"{out}.json"),
+    ]
     for p in inputs:
         args += ["--input", str(p)]
     res = CliRunner().invoke(load_stage("localise").main, args)
@@ -102,11 +147,15 @@ def run_stage(tmp_path: Path, url: str, inputs: list[Path], out: str, **extra) -
 
 @pytest.fixture
 def inputs(tmp_path) -> list[Path]:
-    seed = [chat("Di manakah New York?", "New York terletak di Amerika Syarikat.", "ms"),
-            chat("Where is New York?", "In the USA.", "en"),
-            chat("Apakah warna langit?", "Biru.", "ms")]
-    repaired = [chat("Bagaimana ke New York?", "Naik kapal terbang ke New York.", "ms"),
-                chat("Sebutkan satu buah.", "Durian.", "ms")]
+    seed = [
+        chat("Di manakah New York?", "New York terletak di Amerika Syarikat.", "ms"),
+        chat("Where is New York?", "In the USA.", "en"),
+        chat("Apakah warna langit?", "Biru.", "ms"),
+    ]
+    repaired = [
+        chat("Bagaimana ke New York?", "Naik kapal terbang ke New York.", "ms"),
+        chat("Sebutkan satu buah.", "Durian.", "ms"),
+    ]
     paths = [tmp_path / "seed.jsonl", tmp_path / "repaired.jsonl"]
     paths[0].write_text("".join(json.dumps(r) + "\n" for r in seed))
     paths[1].write_text("".join(json.dumps(r) + "\n" for r in repaired) + '{"kind": "chat"}\n')
@@ -119,14 +168,22 @@ def test_changes_are_applied_and_kept_in_meta_and_text_not_there_is_rejected(tmp
     # 6 lines: 1 invalid, 1 English (no call), 4 Malay of which 3 asked (max_records) and 1 over the cap
     assert (m["records_in"], m["written"], m["rejected"], m["asked"]) == (6, 4, 2, 3)
     assert (m["localised"], m["changes_by_kind"], m["passed_without_call"]) == (
-        2, {"place": 2}, {"other_lang": 1, "over_max_records": 1})
+        2,
+        {"place": 2},
+        {"other_lang": 1, "over_max_records": 1},
+    )
     assert m["rejected_by_reason"] == {"change_not_found": 1, "invalid_record": 1}
     first = out[0]
     assert first["messages"][1]["content"] == "Kuala Lumpur terletak di Amerika Syarikat."
-    assert first["meta"]["localise"] == {"locale": "Malaysia", "teacher": "teacher",
-                                         "changes": [{"from": "New York", "to": "Kuala Lumpur", "kind": "place"}]}
-    assert [r["lang"] for r in out] == ["ms", "en", "ms", "ms"] and out[1]["messages"][0]["content"] == "Where is New York?"
-    assert out[3]["messages"][1]["content"] == "Durian." and "localise" not in out[3].get("meta", {})   # over the cap
+    assert first["meta"]["localise"] == {
+        "locale": "Malaysia",
+        "teacher": "teacher",
+        "changes": [{"from": "New York", "to": "Kuala Lumpur", "kind": "place"}],
+    }
+    assert [r["lang"] for r in out] == ["ms", "en", "ms", "ms"] and out[1]["messages"][0][
+        "content"
+    ] == "Where is New York?"
+    assert out[3]["messages"][1]["content"] == "Durian." and "localise" not in out[3].get("meta", {})  # over the cap
     assert out[2]["messages"][1]["content"] == "Naik kapal terbang ke Kuala Lumpur."
     gone = next(r for r in rejected if r["reason"] == "change_not_found")
     assert gone["record"]["messages"][0]["content"] == "Apakah warna langit?" and gone["line"] == 3

@@ -37,9 +37,15 @@ def test_lora_count_matches_peft(tiny_model_dir, targets):
     assert memory.lora_params(memory.load_arch(tiny_model_dir), 4, targets) == trainable
 
 
-@pytest.mark.parametrize("name, billions", [("Qwen/Qwen2.5-7B-Instruct", 7.62), ("meta-llama/Llama-3.1-8B-Instruct", 8.03),
-                                            ("meta-llama/Llama-2-7b-hf", 6.74),
-                                            ("HuggingFaceTB/SmolLM2-135M-Instruct", 0.1345)])
+@pytest.mark.parametrize(
+    "name, billions",
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", 7.62),
+        ("meta-llama/Llama-3.1-8B-Instruct", 8.03),
+        ("meta-llama/Llama-2-7b-hf", 6.74),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", 0.1345),
+    ],
+)
 def test_published_sizes(name, billions):
     """The model cards' parameter counts, from the architecture numbers alone."""
     assert memory.load_arch(name).params()["total"] / 1e9 == pytest.approx(billions, rel=0.002)
@@ -74,8 +80,9 @@ def test_qlora_weights_are_about_a_quarter_of_bf16_for_the_linears():
 
 def test_gradient_checkpointing_cuts_activations():
     on = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=2048))
-    off = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=2048,
-                               gradient_checkpointing=False))
+    off = memory.estimate(
+        Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", seq_len=2048, gradient_checkpointing=False)
+    )
     assert on["activations"] * 5 < off["activations"]
     assert on["weights"] == off["weights"]
 
@@ -103,15 +110,21 @@ def test_score_head_has_no_logits_and_8bit_adam_is_smaller():
     rm = memory.estimate(Plan(stage="reward", model="Qwen/Qwen2.5-7B-Instruct", head="score"))
     assert rm["logits"] == 0
     adam8 = memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", optimizer="paged_adamw_8bit"))
-    assert adam8["optimizer"] * 4 == pytest.approx(memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct"))
-                                                   ["optimizer"])
+    assert adam8["optimizer"] * 4 == pytest.approx(
+        memory.estimate(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct"))["optimizer"]
+    )
 
 
 def test_published_qlora_figures_within_a_third():
     """LLaMA-Factory: 7B QLoRA 4-bit ~6 GB; torchtune: Llama-3.1-8B QLoRA ~7.4 GiB (bench/memory.py prints the ratios)."""
     lf = _total_for("meta-llama/Llama-2-7b-hf", seq_len=1024, lora_r=8)
-    tt = _total_for("meta-llama/Llama-3.1-8B-Instruct", seq_len=2048, lora_r=8, chunked_loss=8,
-                    lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    tt = _total_for(
+        "meta-llama/Llama-3.1-8B-Instruct",
+        seq_len=2048,
+        lora_r=8,
+        chunked_loss=8,
+        lora_targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
     assert 0.75 < lf / (6e9) < 1.33
     assert 0.75 < tt / (7.4 * GIB) < 1.33
 
@@ -121,11 +134,30 @@ def _total_for(model, **kw):
 
 
 def test_dry_run_prints_the_plan_each_term_and_the_verdict():
-    plan = Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", method="qlora", seq_len=2048, micro_batch=2,
-                grad_accum=4, gpus=8, zero_stage=2, gpu_gib=24)
+    plan = Plan(
+        stage="sft",
+        model="Qwen/Qwen2.5-7B-Instruct",
+        method="qlora",
+        seq_len=2048,
+        micro_batch=2,
+        grad_accum=4,
+        gpus=8,
+        zero_stage=2,
+        gpu_gib=24,
+    )
     text = memory.dry_run(plan, params={"method": "qlora"})
-    for word in ("weights", "adapters", "optimizer", "activations", "logits", "total", "7.62B", "ZeRO stage 2",
-                 "64 sequences per step", '"method": "qlora"'):
+    for word in (
+        "weights",
+        "adapters",
+        "optimizer",
+        "activations",
+        "logits",
+        "total",
+        "7.62B",
+        "ZeRO stage 2",
+        "64 sequences per step",
+        '"method": "qlora"',
+    ):
         assert word in text
     assert "fits a 24 GiB GPU" in text
     small = memory.dry_run(Plan(stage="sft", model="Qwen/Qwen2.5-7B-Instruct", method="full", gpu_gib=24))
@@ -133,8 +165,9 @@ def test_dry_run_prints_the_plan_each_term_and_the_verdict():
 
 
 def test_generation_plan_counts_the_kv_cache():
-    est = memory.estimate(Plan(stage="augment", model="Qwen/Qwen2.5-7B-Instruct", method="generate", seq_len=4096,
-                               micro_batch=16))
+    est = memory.estimate(
+        Plan(stage="augment", model="Qwen/Qwen2.5-7B-Instruct", method="generate", seq_len=4096, micro_batch=16)
+    )
     # 28 layers x 2 (k, v) x 512 (4 kv heads x 128) x 2 bytes per token
     assert est["kv_cache"] == 28 * 2 * 512 * 2 * 4096 * 16
     assert "optimizer" not in est
@@ -147,16 +180,43 @@ def test_training_stages_dry_run_loads_nothing_and_writes_nothing(stage, tiny_mo
     out = tmp_path / "out"
     common = ["--params", str(ROOT / "params.yaml"), "--output", str(out), "--dry-run", "--gpu-gib", "8"]
     if stage == "sft":
-        args = ["--run", "m0", "--checkpoints", str(tmp_path / "ck"), "--rejected", str(tmp_path / "r.jsonl"),
-                "--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "p"), "--input", "models/base",
-                "--input", "data/clean/seed.jsonl"]
+        args = [
+            "--run",
+            "m0",
+            "--checkpoints",
+            str(tmp_path / "ck"),
+            "--rejected",
+            str(tmp_path / "r.jsonl"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--plots",
+            str(tmp_path / "p"),
+            "--input",
+            "models/base",
+            "--input",
+            "data/clean/seed.jsonl",
+        ]
     elif stage == "reward":
         (tmp_path / "pref.jsonl").write_text("")
-        args = ["--preference", str(tmp_path / "pref.jsonl"), "--model", str(tiny_model_dir),
-                "--metrics", str(tmp_path / "m.json")]
+        args = [
+            "--preference",
+            str(tmp_path / "pref.jsonl"),
+            "--model",
+            str(tiny_model_dir),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ]
     else:
-        args = ["--policy", str(tiny_model_dir), "--checkpoints", str(tmp_path / "ck"), "--plots", str(tmp_path / "p"),
-                "--metrics", str(tmp_path / "m.json")]
+        args = [
+            "--policy",
+            str(tiny_model_dir),
+            "--checkpoints",
+            str(tmp_path / "ck"),
+            "--plots",
+            str(tmp_path / "p"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ]
     result = CliRunner().invoke(load_stage(stage).main, [*args, *common])
     assert result.exit_code == 0, result.output
     assert f"stage {stage}: dry run (no weights loaded)" in result.output
@@ -178,20 +238,93 @@ def _inference_args(stage: str, model: Path, tmp_path: Path) -> list[str]:
     out, m = ["--output-dir", str(tmp_path / "out")], ["--metrics", str(tmp_path / "m.json")]
     prompts = ROOT / "prompts"
     return {
-        "translate": ["--input-dir", str(data), *out, "--model", str(model), "--prompt", str(prompts / "translate.txt"),
-                      "--cache", str(tmp_path / "cache"), *m],
-        "augment": ["--web", str(data / "web.jsonl"), "--model", str(model), "--prompt", str(prompts / "backward.txt"),
-                    *out, "--cache", str(tmp_path / "cache"), *m],
-        "curate": ["--iteration", "iter1", "--candidates", str(data / "candidates.jsonl"), "--model", str(model),
-                   "--rubric", str(prompts / "curate.txt"), *out, "--cache", str(tmp_path / "cache"), *m],
-        "distill": ["--seed", str(data / "seed.jsonl"), "--teacher", str(model), "--systems",
-                    str(prompts / "orca_systems.txt"), *out, "--cache", str(tmp_path / "cache"), *m],
-        "evaluate": ["--model", f"base={model}", "--model", f"m0={model}", "--model", f"final={model}",
-                     "--model", f"ppo={model}", "--model", f"dpo={model}", "--reward-model", str(model),
-                     "--prompts", str(ROOT / "data/eval/prompts.jsonl"), "--heldout", str(data / "seed.jsonl"),
-                     "--judge-prompt", str(prompts / "evaluate.txt"), "--cache", str(tmp_path / "cache"), *out, *m],
-        "export": ["--model", f"ppo={model}", "--model", f"dpo={model}", "--model", f"final={model}",
-                   "--model", f"m0={model}", "--output", str(tmp_path / "out"), *m],
+        "translate": [
+            "--input-dir",
+            str(data),
+            *out,
+            "--model",
+            str(model),
+            "--prompt",
+            str(prompts / "translate.txt"),
+            "--cache",
+            str(tmp_path / "cache"),
+            *m,
+        ],
+        "augment": [
+            "--web",
+            str(data / "web.jsonl"),
+            "--model",
+            str(model),
+            "--prompt",
+            str(prompts / "backward.txt"),
+            *out,
+            "--cache",
+            str(tmp_path / "cache"),
+            *m,
+        ],
+        "curate": [
+            "--iteration",
+            "iter1",
+            "--candidates",
+            str(data / "candidates.jsonl"),
+            "--model",
+            str(model),
+            "--rubric",
+            str(prompts / "curate.txt"),
+            *out,
+            "--cache",
+            str(tmp_path / "cache"),
+            *m,
+        ],
+        "distill": [
+            "--seed",
+            str(data / "seed.jsonl"),
+            "--teacher",
+            str(model),
+            "--systems",
+            str(prompts / "orca_systems.txt"),
+            *out,
+            "--cache",
+            str(tmp_path / "cache"),
+            *m,
+        ],
+        "evaluate": [
+            "--model",
+            f"base={model}",
+            "--model",
+            f"m0={model}",
+            "--model",
+            f"final={model}",
+            "--model",
+            f"ppo={model}",
+            "--model",
+            f"dpo={model}",
+            "--reward-model",
+            str(model),
+            "--prompts",
+            str(ROOT / "data/eval/prompts.jsonl"),
+            "--heldout",
+            str(data / "seed.jsonl"),
+            "--judge-prompt",
+            str(prompts / "evaluate.txt"),
+            "--cache",
+            str(tmp_path / "cache"),
+            *out,
+            *m,
+        ],
+        "export": [
+            "--model",
+            f"ppo={model}",
+            "--model",
+            f"dpo={model}",
+            "--model",
+            f"final={model}",
+            "--model",
+            f"m0={model}",
+            "--output",
+            str(tmp_path / "out"),
+            *m,
+        ],
     }[stage]
 
 
@@ -206,8 +339,14 @@ def test_every_model_running_stage_dry_runs_with_its_batch_and_lengths(stage, ti
 
     from selfalign import params
 
-    args = [*_inference_args(stage, tiny_model_dir, tmp_path), "--params", str(ROOT / "params.yaml"), "--dry-run",
-            "--gpu-gib", "8"]
+    args = [
+        *_inference_args(stage, tiny_model_dir, tmp_path),
+        "--params",
+        str(ROOT / "params.yaml"),
+        "--dry-run",
+        "--gpu-gib",
+        "8",
+    ]
     result = CliRunner().invoke(load_stage(stage).main, args)
     assert result.exit_code == 0, result.output
     assert f"stage {stage}: dry run (no weights loaded)" in result.output and "a 8 GiB GPU" in result.output
@@ -215,7 +354,7 @@ def test_every_model_running_stage_dry_runs_with_its_batch_and_lengths(stage, ti
     assert not (tmp_path / "cache").exists()
     cfg = params.resolve(load_stage(stage).DEFAULTS, ROOT / "params.yaml", stage, ())
     arch = memory.load_arch(tiny_model_dir)
-    kv_per_token = 2 * arch.layers * arch.kv_dim * 2     # bf16 or fp32 below
+    kv_per_token = 2 * arch.layers * arch.kv_dim * 2  # bf16 or fp32 below
     if stage in ("translate", "augment", "distill"):
         engine = {**getattr(load_stage(stage), "ENGINE_DEFAULTS", {}), **cfg["engine"]}
         new = cfg["max_tokens"] if stage == "translate" else cfg["max_new_tokens"]
@@ -225,7 +364,7 @@ def test_every_model_running_stage_dry_runs_with_its_batch_and_lengths(stage, ti
         width = memory.BYTES[memory._dtype_name(engine["dtype"], tiny_model_dir)]
         kv = next(ln for ln in result.output.splitlines() if ln.strip().startswith("kv_cache"))
         assert float(kv.split()[1]) == pytest.approx(kv_per_token // 2 * width * batch * seq / GIB, abs=0.006)
-    if stage == "evaluate":     # answers, then perplexity, then reward scores: three plans
+    if stage == "evaluate":  # answers, then perplexity, then reward scores: three plans
         assert result.output.count("dry run (no weights loaded)") == 3 and "reward scores" in result.output
     if stage == "export":
         assert "merge, save, reload and compare" in result.output
@@ -236,8 +375,20 @@ def test_serve_dry_run_counts_the_kv_cache_of_its_batch(tiny_model_dir):
 
     from selfalign import serve
 
-    result = CliRunner().invoke(serve.main, ["--model", str(tiny_model_dir), "--dry-run", "--max-batch-size", "4",
-                                             "--max-prompt-tokens", "300", "--max-tokens", "100"])
+    result = CliRunner().invoke(
+        serve.main,
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--dry-run",
+            "--max-batch-size",
+            "4",
+            "--max-prompt-tokens",
+            "300",
+            "--max-tokens",
+            "100",
+        ],
+    )
     assert result.exit_code == 0, result.output
     arch = memory.load_arch(tiny_model_dir)
     assert "batch        4 sequences x 400 tokens" in result.output
@@ -248,18 +399,21 @@ def test_serve_dry_run_counts_the_kv_cache_of_its_batch(tiny_model_dir):
 def test_vllm_plan_says_how_much_of_the_batch_its_kv_cache_holds():
     arch = memory.load_arch("Qwen/Qwen2.5-7B-Instruct")
     spec = {"kind": "vllm", "dtype": "bfloat16", "gpu_memory_utilization": 0.9}
-    small = memory.generation_plan("augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512,
-                                   new_tokens=3584, gpu_gib=24)
+    small = memory.generation_plan(
+        "augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512, new_tokens=3584, gpu_gib=24
+    )
     est = memory.estimate(small)
     room = 0.9 * 24 * GIB - est["weights"] - est["activations"] - memory.CUDA_CONTEXT
     held = int(room / (2 * arch.layers * arch.kv_dim * 2) / 4096)
     assert 0 < held < 256 and f"fits: vLLM runs {held} of the batch of 256 at once" in memory.dry_run(small)
-    assert small.prefill_tokens == memory.VLLM_BATCHED_TOKENS     # chunked prefill, not 256 x 1024 at once
-    big = memory.generation_plan("augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512,
-                                 new_tokens=512, gpu_gib=80)
+    assert small.prefill_tokens == memory.VLLM_BATCHED_TOKENS  # chunked prefill, not 256 x 1024 at once
+    big = memory.generation_plan(
+        "augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512, new_tokens=512, gpu_gib=80
+    )
     assert "fits: vLLM runs 256 of the batch of 256 at once" in memory.dry_run(big)
-    tiny = memory.generation_plan("augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=8, prompt_tokens=512,
-                                  new_tokens=512, gpu_gib=16)
+    tiny = memory.generation_plan(
+        "augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=8, prompt_tokens=512, new_tokens=512, gpu_gib=16
+    )
     assert "does NOT fit: the weights leave no room" in memory.dry_run(tiny)
 
 
@@ -281,8 +435,11 @@ def test_the_gpu_profile_runs_every_generating_stage_on_vllm_and_sets_each_value
     # the 7B plans of the generating stages fit an 80 GiB card
     for stage in ("translate", "augment", "distill"):
         cfg = params.resolve(load_stage(stage).DEFAULTS, params_file, stage, ())
-        spec = {**getattr(load_stage(stage), "ENGINE_DEFAULTS", {}), "model": "Qwen/Qwen2.5-7B-Instruct",
-                **cfg["engine"]}
+        spec = {
+            **getattr(load_stage(stage), "ENGINE_DEFAULTS", {}),
+            "model": "Qwen/Qwen2.5-7B-Instruct",
+            **cfg["engine"],
+        }
         (plan,) = memory.stage_inference_plans(stage, cfg, "Qwen/Qwen2.5-7B-Instruct", spec=spec, gpu_gib=80)
         assert plan.notes["verdict"].startswith("fits"), (stage, plan.notes)
     assert yaml.safe_load(params_file.read_text())["base"]["hub_id"] == "Qwen/Qwen2.5-7B-Instruct"

@@ -24,9 +24,17 @@ DATA_HALF = ["base", "ingest", "translate", "clean"]
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", GIT_AUTHOR_NAME="t",
-               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -46,32 +54,62 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
     p = repo / "params.yaml"
     tree = yaml.safe_load(p.read_text())
     overrides = {
-        "base.source": "local", "base.local_dir": str(model_dir), "base.dtype": "float32",
+        "base.source": "local",
+        "base.local_dir": str(model_dir),
+        "base.dtype": "float32",
     }
     optional = {
-        "translate.max_records": 3, "translate.max_tokens": 48,
-        "reward.max_pairs": 24, "reward.heldout_pairs": 8, "reward.max_length": 128,
-        "ppo.steps": 2, "ppo.batch_size": 4, "ppo.minibatch_size": 2, "ppo.ppo_epochs": 1,
-        "ppo.response_length": 8, "ppo.checkpoint_every": 1,
-        "dpo.max_pairs": 8, "dpo.heldout_pairs": 4, "dpo.max_prompt_tokens": 64, "dpo.max_answer_tokens": 32,
-        "dpo.checkpoint_every": 1, "dpo.self_rewarding": True,
+        "translate.max_records": 3,
+        "translate.max_tokens": 48,
+        "reward.max_pairs": 24,
+        "reward.heldout_pairs": 8,
+        "reward.max_length": 128,
+        "ppo.steps": 2,
+        "ppo.batch_size": 4,
+        "ppo.minibatch_size": 2,
+        "ppo.ppo_epochs": 1,
+        "ppo.response_length": 8,
+        "ppo.checkpoint_every": 1,
+        "dpo.max_pairs": 8,
+        "dpo.heldout_pairs": 4,
+        "dpo.max_prompt_tokens": 64,
+        "dpo.max_answer_tokens": 32,
+        "dpo.checkpoint_every": 1,
+        "dpo.self_rewarding": True,
         "prefer": "both",  # evaluate compares ppo and dpo; export ships the one it judged better (else ppo)
-        "augment.max_segments": 12, "augment.max_new_tokens": 12, "augment.reject_truncated": False,
+        "augment.max_segments": 12,
+        "augment.max_new_tokens": 12,
+        "augment.reject_truncated": False,
         "augment.min_instruction_words": 1,
         # 512: a curated example's response is a whole web segment (200-1500 characters); it is kept whole or dropped
         # as too_long, never cut, so a shorter row would leave m1 no curated example to train on.
-        "sft.train.max_len": 512, "sft.train.save_steps": 2, "sft.train.eval_steps": 2,
-        "sft.train.heldout_eval.max_new_tokens": 12, "sft.train.heldout_eval.max_examples": 4,
-        "distill.regenerate.max": 3, "distill.orca.n": 3, "distill.max_new_tokens": 12,
-        "distill.reject_truncated": False, "distill.min_response_words": 1,
-        "evaluate.prompts_per_category": 1, "evaluate.max_new_tokens": 12, "evaluate.heldout_max": 4,
+        "sft.train.max_len": 512,
+        "sft.train.save_steps": 2,
+        "sft.train.eval_steps": 2,
+        "sft.train.heldout_eval.max_new_tokens": 12,
+        "sft.train.heldout_eval.max_examples": 4,
+        "distill.regenerate.max": 3,
+        "distill.orca.n": 3,
+        "distill.max_new_tokens": 12,
+        "distill.reject_truncated": False,
+        "distill.min_response_words": 1,
+        "evaluate.prompts_per_category": 1,
+        "evaluate.max_new_tokens": 12,
+        "evaluate.heldout_max": 4,
         # The tiny model's generations are noise: the floors that hold for the 135M default (metrics' "success")
         # would rightly stop this graph, so they are off here and tested in each stage's own tests.
-        "translate.min_success": 0, "augment.min_success": 0, "distill.min_success": 0,
+        "translate.min_success": 0,
+        "augment.min_success": 0,
+        "distill.min_success": 0,
         # The Malay path: the tiny model's "Malay" is noise the gate may call anything, so localise and verify also take
         # English records (3 each): every teacher call of the path is made, whatever the gate decided.
-        "repair.max_tokens": 48, "localise.locales": {"ms": "Malaysia", "en": "Malaysia"}, "localise.max_records": 3,
-        "localise.max_new_tokens": 16, "verify.langs": ["ms", "en"], "verify.max_records": 3, "verify.max_new_tokens": 16,
+        "repair.max_tokens": 48,
+        "localise.locales": {"ms": "Malaysia", "en": "Malaysia"},
+        "localise.max_records": 3,
+        "localise.max_new_tokens": 16,
+        "verify.langs": ["ms", "en"],
+        "verify.max_records": 3,
+        "verify.max_new_tokens": 16,
     }
     for k, v in overrides.items():
         _set(tree, k, v)
@@ -92,8 +130,13 @@ def repo(tmp_path_factory, varied_model_dir) -> Path:
     # stopping replies, so augment has candidates for curate to score and SFT to learn from.
     base = varied_model_dir
     dst = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         src = ROOT / f
         if src.is_file() and not f.startswith(("metrics/", "plots/", "bench/results/")) and f != "dvc.lock":
@@ -123,9 +166,30 @@ def test_data_half_repro_then_noop(repo):
     assert _ran(second) == set(), second.stdout
 
 
-ALL_STAGES = {"base", "ingest", "translate", "clean", "sft@backward", "sft@m0", "augment", "curate@iter1",
-              "sft-iter@iter1", "curate@iter2", "sft-iter@iter2", "review", "distill", "sft@final", "reward", "ppo", "dpo",
-              "evaluate", "export", "repair", "localise", "verify@seed"}
+ALL_STAGES = {
+    "base",
+    "ingest",
+    "translate",
+    "clean",
+    "sft@backward",
+    "sft@m0",
+    "augment",
+    "curate@iter1",
+    "sft-iter@iter1",
+    "curate@iter2",
+    "sft-iter@iter2",
+    "review",
+    "distill",
+    "sft@final",
+    "reward",
+    "ppo",
+    "dpo",
+    "evaluate",
+    "export",
+    "repair",
+    "localise",
+    "verify@seed",
+}
 AFTER_LAST_ROUND = {"review", "distill", "sft@final", "reward", "ppo", "dpo", "evaluate", "export"}
 AFTER_CURATION = {"curate@iter1", "sft-iter@iter1", "curate@iter2", "sft-iter@iter2"} | AFTER_LAST_ROUND
 
@@ -133,8 +197,11 @@ AFTER_CURATION = {"curate@iter1", "sft-iter@iter1", "curate@iter2", "sft-iter@it
 def curated_trained(repo: Path, model: str) -> int:
     """How many curated (augmented) examples the run's metrics say it trained on."""
     m = json.loads((repo / "metrics" / "sft" / f"{model}.json").read_text())
-    return sum(v["train"] for k, v in m["sources"].items() if ("/curate/" in k or "/review/" in k)
-               and k.split("|")[1] == "augmented")
+    return sum(
+        v["train"]
+        for k, v in m["sources"].items()
+        if ("/curate/" in k or "/review/" in k) and k.split("|")[1] == "augmented"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +274,9 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
     tree["curate"]["iterations"]["iter3"] = {"scorer": "m2", "trains": "m3"}
     params.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True))
     third = _ran(_run(["dvc", "repro"], repo))
-    assert {"curate@iter3", "sft-iter@iter3"} <= third <= {"curate@iter3", "sft-iter@iter3"} | AFTER_LAST_ROUND, \
+    assert {"curate@iter3", "sft-iter@iter3"} <= third <= {"curate@iter3", "sft-iter@iter3"} | AFTER_LAST_ROUND, (
         f"ran {sorted(third)}"
+    )
     assert curated_trained(repo, "m3") > 0
     final = json.loads((repo / "metrics" / "sft" / "final.json").read_text())
     assert json.loads((repo / "metrics" / "review.json").read_text())["kept_file"] == "data/curate/iter3/kept.jsonl"
@@ -218,8 +286,13 @@ def test_whole_graph_then_threshold_change_reruns_only_downstream(repo, whole_gr
 def _lock_hashes(repo: Path, stages: set[str] | None = None) -> dict[str, str]:
     """What dvc.lock records for each stage's outputs (metrics, which hold timings, excepted)."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {f"{s}:{o['path']}": o.get("md5", "") for s, v in lock.items() if stages is None or s in stages
-            for o in v.get("outs", []) if not o["path"].startswith("metrics/")}
+    return {
+        f"{s}:{o['path']}": o.get("md5", "")
+        for s, v in lock.items()
+        if stages is None or s in stages
+        for o in v.get("outs", [])
+        if not o["path"].startswith("metrics/")
+    }
 
 
 def test_fresh_clone_pulls_the_remote_then_one_param_reruns_exactly_its_downstream(repo, whole_graph, tmp_path):

@@ -27,8 +27,12 @@ def make_prompts(tok, n):
     out = []
     for i in range(n):
         msgs = [{"role": "user", "content": f"Question {i}: say something."}]
-        out.append({"messages": msgs, "ids": tok(chat.render(tok, msgs, add_generation_prompt=True),
-                                                   add_special_tokens=False)["input_ids"]})
+        out.append(
+            {
+                "messages": msgs,
+                "ids": tok(chat.render(tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"],
+            }
+        )
     return out
 
 
@@ -47,8 +51,15 @@ def policy_from(model_dir, boost_token=None, boost=8.0):
         q, qm = P.left_pad([p["ids"] for p in make_prompts(tok, 16)], tok.pad_token_id, "cpu")
         noise = torch.randint(0, model.config.vocab_size, (16, 8), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            h = model(input_ids=torch.cat([q, noise], 1), attention_mask=torch.cat([qm, torch.ones_like(noise)], 1),
-                      output_hidden_states=True).hidden_states[-1][:, -8:].reshape(-1, model.config.hidden_size)
+            h = (
+                model(
+                    input_ids=torch.cat([q, noise], 1),
+                    attention_mask=torch.cat([qm, torch.ones_like(noise)], 1),
+                    output_hidden_states=True,
+                )
+                .hidden_states[-1][:, -8:]
+                .reshape(-1, model.config.hidden_size)
+            )
             mean = h.mean(0)
             head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
             head.weight.copy_(model.get_input_embeddings().weight)
@@ -59,6 +70,7 @@ def policy_from(model_dir, boost_token=None, boost=8.0):
 
 
 # --- arithmetic ------------------------------------------------------------------------------
+
 
 def test_gae_matches_a_hand_computed_example():
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
@@ -71,7 +83,7 @@ def test_gae_matches_a_hand_computed_example():
     rewards = torch.tensor([[0.2, 1.0, 9.0]])
     values = torch.tensor([[1.0, 2.0, 7.0]])
     adv, ret = P.gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=0.9, lam=0.8)
-    a1 = 1.0 - 2.0                               # last real token: no next value
+    a1 = 1.0 - 2.0  # last real token: no next value
     a0 = 0.2 + 0.9 * 2.0 - 1.0 + 0.9 * 0.8 * a1
     assert adv[0].tolist() == pytest.approx([a0, a1, 0.0])
     assert ret[0].tolist() == pytest.approx([a0 + 1.0, a1 + 2.0, 0.0])
@@ -114,7 +126,7 @@ def test_token_rewards_and_missing_eos_penalty():
 def test_adaptive_kl_moves_toward_its_target():
     ctl = P.AdaptiveKL(0.1, target=6.0, horizon=1000)
     ctl.update(12.0, n=100)
-    assert ctl.value == pytest.approx(0.1 * 1.02)   # error clipped at +0.2
+    assert ctl.value == pytest.approx(0.1 * 1.02)  # error clipped at +0.2
     ctl.update(3.0, n=100)
     assert ctl.value < 0.1 * 1.02
     fixed = P.FixedKL(0.1)
@@ -125,7 +137,7 @@ def test_adaptive_kl_moves_toward_its_target():
 
 def test_step_indices_cover_each_epoch_and_split_processes():
     n = 10
-    got = [i for step in range(5) for i in P.step_indices(n, step, 4, seed=3)]   # 20 = two epochs
+    got = [i for step in range(5) for i in P.step_indices(n, step, 4, seed=3)]  # 20 = two epochs
     assert sorted(got[:10]) == list(range(10)) and sorted(got[10:]) == list(range(10))
     assert got == [i for step in range(5) for i in P.step_indices(n, step, 4, seed=3)]
     r0, r1 = P.step_indices(n, 0, 4, 3, rank=0, world=2), P.step_indices(n, 0, 4, 3, rank=1, world=2)
@@ -147,6 +159,7 @@ def test_generate_cuts_each_response_after_its_first_end_of_turn():
 
 
 # --- models ----------------------------------------------------------------------------------
+
 
 def test_adapter_disabled_reference_is_the_base_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
@@ -184,6 +197,7 @@ def test_first_step_kl_to_the_reference_is_zero(tiny_model_dir, reference):
     def reward(convs, ids):
         calls.append((convs, ids))
         return [0.5] * len(ids)
+
     m = P.ppo_step(policy, ref, tok, make_prompts(tok, 4), reward, cfg, P.FixedKL(0.1), opt, acc)
     assert abs(m["kl"]) < 1e-6 and m["non_score_reward"] == 0
     # the reward saw decoded conversations ending with the assistant's turn; 4 tokens never reach EOS here
@@ -200,12 +214,22 @@ def test_ppo_learns_a_toy_reward_with_bounded_kl(tiny_model_dir):
 
     def share_of_target(convs, ids):
         return [sum(t == target for t in r) / len(r) for r in ids]
-    cfg = P.PPOConfig(steps=8, batch_size=8, minibatch_size=4, ppo_epochs=2, response_length=8, lr=3e-3,
-                      kl_coef=0.05, missing_eos_penalty=0.0, seed=1)
+
+    cfg = P.PPOConfig(
+        steps=8,
+        batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        response_length=8,
+        lr=3e-3,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        seed=1,
+    )
     hist = P.train(policy, None, tok, make_prompts(tok, 16), share_of_target, cfg)["history"]
     rewards = [h["reward_mean"] for h in hist]
     assert len(hist) == 8 and abs(hist[0]["kl"]) < 1e-6
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.3, rewards   # measured: ~0.15 -> ~0.9
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.3, rewards  # measured: ~0.15 -> ~0.9
     assert all(math.isfinite(h["kl"]) and h["kl"] < 12 for h in hist), [h["kl"] for h in hist]  # 8 tokens
 
 
@@ -215,13 +239,32 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_model
 
     def length_reward(convs, ids):
         return [len(c[-1]["content"]) / 20 for c in convs]
+
     cfg = P.PPOConfig(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, response_length=4, lr=1e-3)
     ckpt = tmp_path / "ckpt"
-    P.train(policy_from(tiny_model_dir), None, tok, prompts, length_reward, cfg, checkpoint_dir=ckpt,
-            checkpoint_every=1, fingerprint="f")
+    P.train(
+        policy_from(tiny_model_dir),
+        None,
+        tok,
+        prompts,
+        length_reward,
+        cfg,
+        checkpoint_dir=ckpt,
+        checkpoint_every=1,
+        fingerprint="f",
+    )
     cfg2 = P.PPOConfig(**{**cfg.__dict__, "steps": 2})
-    resumed = P.train(policy_from(tiny_model_dir), None, tok, prompts, length_reward, cfg2, checkpoint_dir=ckpt,
-                      checkpoint_every=1, fingerprint="f")
+    resumed = P.train(
+        policy_from(tiny_model_dir),
+        None,
+        tok,
+        prompts,
+        length_reward,
+        cfg2,
+        checkpoint_dir=ckpt,
+        checkpoint_every=1,
+        fingerprint="f",
+    )
     fresh = P.train(policy_from(tiny_model_dir), None, tok, prompts, length_reward, cfg2)
     assert resumed["resumed_from"] == 1 and fresh["resumed_from"] == 0
     for a, b in zip(resumed["history"], fresh["history"], strict=True):
@@ -229,12 +272,22 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_model
     sa, sb = P.trainable_state(resumed["policy"]), P.trainable_state(fresh["policy"])
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sb)
     # a checkpoint made from other inputs is not resumed
-    other = P.train(policy_from(tiny_model_dir), None, tok, prompts, length_reward, cfg2, checkpoint_dir=ckpt,
-                    checkpoint_every=0, fingerprint="other")
+    other = P.train(
+        policy_from(tiny_model_dir),
+        None,
+        tok,
+        prompts,
+        length_reward,
+        cfg2,
+        checkpoint_dir=ckpt,
+        checkpoint_every=0,
+        fingerprint="other",
+    )
     assert other["resumed_from"] == 0
 
 
 # --- the stage -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def stage_inputs(tiny_model_dir, tmp_path_factory):
@@ -248,35 +301,75 @@ def stage_inputs(tiny_model_dir, tmp_path_factory):
     rm.save_pretrained(d / "reward")
     tok.save_pretrained(d / "reward")
     prompts = [records.make("prompt", prompt=f"Name a colour ({i}).", lang="en", source="ppo") for i in range(5)]
-    prompts.append(records.make("prompt", prompt="Be brief: what is rain?", system="Answer briefly.", lang="en",
-                                source="ppo"))
+    prompts.append(
+        records.make("prompt", prompt="Be brief: what is rain?", system="Answer briefly.", lang="en", source="ppo")
+    )
     prompts.append(records.make("prompt", prompt="word " * 400, lang="en", source="ppo"))  # too long
-    seed = [records.chat([{"role": "user", "content": f"Seed question {i}?"},
-                          {"role": "assistant", "content": f"Answer {i}."}], lang="en", source="seed")
-            for i in range(8)]
+    seed = [
+        records.chat(
+            [{"role": "user", "content": f"Seed question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+            lang="en",
+            source="seed",
+        )
+        for i in range(8)
+    ]
     io.write_jsonl(d / "prompts.jsonl", prompts)
     io.write_jsonl(d / "seed.jsonl", seed)
     return d
 
 
 def stage_args(model_dir, inputs, out):
-    return ["--policy", str(model_dir), "--reward-model", str(inputs / "reward"),
-            "--prompts", str(inputs / "prompts.jsonl"), "--seed-data", str(inputs / "seed.jsonl"),
-            "--output", str(out / "ppo"), "--checkpoints", str(out / "ckpt"), "--plots", str(out / "plots"),
-            "--metrics", str(out / "metrics.json"),
-            "--set", "steps=6", "--set", "checkpoint_every=2", "--set", "batch_size=4", "--set", "minibatch_size=2",
-            "--set", "ppo_epochs=1", "--set", "response_length=4", "--set", "seed_heldout_fraction=0.5",
-            "--set", "max_prompt_tokens=64", "--set", "lora.r=4"]
+    return [
+        "--policy",
+        str(model_dir),
+        "--reward-model",
+        str(inputs / "reward"),
+        "--prompts",
+        str(inputs / "prompts.jsonl"),
+        "--seed-data",
+        str(inputs / "seed.jsonl"),
+        "--output",
+        str(out / "ppo"),
+        "--checkpoints",
+        str(out / "ckpt"),
+        "--plots",
+        str(out / "plots"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--set",
+        "steps=6",
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "minibatch_size=2",
+        "--set",
+        "ppo_epochs=1",
+        "--set",
+        "response_length=4",
+        "--set",
+        "seed_heldout_fraction=0.5",
+        "--set",
+        "max_prompt_tokens=64",
+        "--set",
+        "lora.r=4",
+    ]
 
 
-def test_stage_killed_after_a_checkpoint_resumes_and_writes_a_servable_model(tiny_model_dir, stage_inputs,
-                                                                             tmp_path):
+def test_stage_killed_after_a_checkpoint_resumes_and_writes_a_servable_model(tiny_model_dir, stage_inputs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     args = stage_args(tiny_model_dir, stage_inputs, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "ppo.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / "ppo.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     for line in proc.stderr:  # blocks until the stage logs; no sleeping
         seen.append(line)
@@ -298,7 +391,7 @@ def test_stage_killed_after_a_checkpoint_resumes_and_writes_a_servable_model(tin
     assert p["in"] == p["used"] + p["seed_not_heldout"] + p["seed_without_user_turn"] + p["duplicate"] + p["too_long"]
     assert 0 < p["seed_not_heldout"] < 8
     assert set(m["time_share"]) == {"generate", "score", "logprobs", "optimise"}
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")   # merged: no adapter files, loads plainly
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")  # merged: no adapter files, loads plainly
     assert not (tmp_path / "ppo" / "adapter_config.json").exists()
     tok = chat.load_tokenizer(tmp_path / "ppo", padding_side="left")
     ids = tok(chat.render(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True), return_tensors="pt")
@@ -321,13 +414,21 @@ def test_stage_takes_a_python_reward_instead_of_the_reward_model(tiny_model_dir,
     fn.write_text("def short(conversations, response_ids):\n    return [-len(r) / 10 for r in response_ids]\n")
     args = stage_args(tiny_model_dir, stage_inputs, tmp_path)
     i = args.index("--reward-model")
-    del args[i:i + 2]
-    args += ["--set", f"reward_fn={fn}:short", "--set", "steps=2", "--set", "checkpoint_every=0",
-             "--set", "response_length=3"]
+    del args[i : i + 2]
+    args += [
+        "--set",
+        f"reward_fn={fn}:short",
+        "--set",
+        "steps=2",
+        "--set",
+        "checkpoint_every=0",
+        "--set",
+        "response_length=3",
+    ]
     res = CliRunner().invoke(load_stage("ppo").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["steps"] == 2 and m["resumed_from"] == 0
     with open(tmp_path / "plots" / "score_mean.csv") as f:
         scores = [float(r["score_mean"]) for r in csv.DictReader(f)]
-    assert all(-0.3 <= s <= -0.1 for s in scores)   # -len/10 for 1..3 tokens: the callable was used
+    assert all(-0.3 <= s <= -0.1 for s in scores)  # -len/10 for 1..3 tokens: the callable was used

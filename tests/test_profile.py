@@ -19,8 +19,20 @@ PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 GPU_PROFILE = ROOT / "profiles" / "qwen2.5-7b-qlora.yaml"
 # Every stage the pipeline will have (CONTRIBUTING.md): a profile section may name one whose script
 # has not landed yet, and is validated as soon as it does.
-PIPELINE = {"base", "ingest", "translate", "clean", "sft", "augment", "curate", "distill", "reward", "ppo",
-            "evaluate", "export"}
+PIPELINE = {
+    "base",
+    "ingest",
+    "translate",
+    "clean",
+    "sft",
+    "augment",
+    "curate",
+    "distill",
+    "reward",
+    "ppo",
+    "evaluate",
+    "export",
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +76,18 @@ def test_an_unknown_key_fails_naming_profile_and_key(tmp_path, defaults):
 
 def test_apply_keeps_comments_and_changes_only_the_profiles_values():
     text = "# head comment\nbase:\n  source: gguf   # where from\n  dtype: float32\nother:\n  x: 1  # keep\n"
-    out = profile.apply_text(text, {"base": {"source": "hub", "hub_id": "Qwen/Qwen2.5-7B-Instruct"},
-                                    "launch": {"train": "accelerate launch"}})
+    out = profile.apply_text(
+        text,
+        {"base": {"source": "hub", "hub_id": "Qwen/Qwen2.5-7B-Instruct"}, "launch": {"train": "accelerate launch"}},
+    )
     assert "# head comment" in out and "# where from" in out and "x: 1  # keep" in out
     data = yaml.safe_load(out)
     assert data["base"] == {"source": "hub", "dtype": "float32", "hub_id": "Qwen/Qwen2.5-7B-Instruct"}
     assert data["other"] == {"x": 1}
     assert data["launch"] == {"train": "accelerate launch"}
-    floats = yaml.safe_load(profile.apply_text("x: {}\n", {"x": {"lr": 1e-05, "big": 3e20, "plain": 0.5,
-                                                                  "inf": float("inf")}}))["x"]
+    floats = yaml.safe_load(
+        profile.apply_text("x: {}\n", {"x": {"lr": 1e-05, "big": 3e20, "plain": 0.5, "inf": float("inf")}})
+    )["x"]
     assert floats == {"lr": 1e-05, "big": 3e20, "plain": 0.5, "inf": float("inf")}  # floats, not strings
 
 
@@ -148,16 +163,25 @@ def test_quantization_config_of_the_profile_constructs():
 
 
 def test_deepspeed_accepts_the_zero2_config_with_the_profiles_batch(tmp_path):
-    pytest.importorskip("deepspeed", reason="deepspeed is in the gpu extra (pip install -e .[gpu]); "
-                                            "its config parser is checked where it is installed")
+    pytest.importorskip(
+        "deepspeed",
+        reason="deepspeed is in the gpu extra (pip install -e .[gpu]); "
+        "its config parser is checked where it is installed",
+    )
     from deepspeed.runtime.config import DeepSpeedConfig
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
     train = profile.load(GPU_PROFILE)["sft"]["train"]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=train["batch_size"],
-                             gradient_accumulation_steps=train["grad_accum"], learning_rate=train["lr"],
-                             bf16=True, use_cpu=True, report_to=[])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=train["batch_size"],
+        gradient_accumulation_steps=train["grad_accum"],
+        learning_rate=train["lr"],
+        bf16=True,
+        use_cpu=True,
+        report_to=[],
+    )
     hf = HfTrainerDeepSpeedConfig(str(ROOT / "configs" / "deepspeed_zero2.json"))
     hf.trainer_config_process(args)
     ds = DeepSpeedConfig(hf.config)
@@ -171,9 +195,19 @@ def test_deepspeed_accepts_the_zero2_config_with_the_profiles_batch(tmp_path):
 def test_the_gpu_profiles_sft_plan_fits_a_24_gib_card():
     prof = profile.load(GPU_PROFILE)
     train = prof["sft"]["train"]
-    plan = memory.Plan(stage="sft", model=prof["base"]["hub_id"], method=train["method"], seq_len=train["max_len"],
-                       micro_batch=train["batch_size"], grad_accum=train["grad_accum"], gpus=8, zero_stage=2,
-                       gradient_checkpointing=False, weight_dtype="fp32", double_quant=False, gpu_gib=24)
+    plan = memory.Plan(
+        stage="sft",
+        model=prof["base"]["hub_id"],
+        method=train["method"],
+        seq_len=train["max_len"],
+        micro_batch=train["batch_size"],
+        grad_accum=train["grad_accum"],
+        gpus=8,
+        zero_stage=2,
+        gradient_checkpointing=False,
+        weight_dtype="fp32",
+        double_quant=False,
+        gpu_gib=24,
+    )
     assert memory.fits(memory.estimate(plan)["total"], 24)
     assert "fits a 24 GiB GPU" in memory.dry_run(plan)
-

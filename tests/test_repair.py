@@ -21,10 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ROOT / "prompts" / "repair.txt"
-INDONESIAN = ("Saya tidak bisa datang besok karena harus bekerja di kantor.",
-              "Mobil saya rusak jadi saya tidak bisa ke kantor hari ini.")
-MALAY = "Saya tidak boleh datang esok kerana perlu bekerja di pejabat."       # what the good teacher says
-STILL_INDONESIAN = "Anda bisa beli tiket lewat online karena murah."          # what the bad teacher says
+INDONESIAN = (
+    "Saya tidak bisa datang besok karena harus bekerja di kantor.",
+    "Mobil saya rusak jadi saya tidak bisa ke kantor hari ini.",
+)
+MALAY = "Saya tidak boleh datang esok kerana perlu bekerja di pejabat."  # what the good teacher says
+STILL_INDONESIAN = "Anda bisa beli tiket lewat online karena murah."  # what the bad teacher says
 
 
 def lines(path: Path) -> list[dict]:
@@ -32,8 +34,12 @@ def lines(path: Path) -> list[dict]:
 
 
 def chat(user: str, answer: str, lang: str) -> dict:
-    return records.make("chat", messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                        lang=lang, source="test")
+    return records.make(
+        "chat",
+        messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+        lang=lang,
+        source="test",
+    )
 
 
 @contextlib.contextmanager
@@ -62,14 +68,28 @@ def cleaned(tmp_path_factory) -> tuple[Path, Path]:
     repo = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.write_text(yaml.safe_dump({"clean": {**repo["clean"], "min_success": 0}, "repair": repo["repair"]}))
     seed = tmp / "seed.jsonl"
-    recs = [chat(*INDONESIAN, "ms"),
-            chat("Kereta saya rosak, jadi saya tidak boleh ke pejabat hari ini.", "Sila naik teksi sahaja.", "ms"),
-            chat("What is the capital of France?", "It is Paris, a big city in the north of the country.", "ms"),
-            chat("Tell me a joke about cats.", "As an AI language model, I cannot tell jokes about cats.", "en")]
+    recs = [
+        chat(*INDONESIAN, "ms"),
+        chat("Kereta saya rosak, jadi saya tidak boleh ke pejabat hari ini.", "Sila naik teksi sahaja.", "ms"),
+        chat("What is the capital of France?", "It is Paris, a big city in the north of the country.", "ms"),
+        chat("Tell me a joke about cats.", "As an AI language model, I cannot tell jokes about cats.", "en"),
+    ]
     seed.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    res = CliRunner().invoke(load_stage("clean").main, [
-        "--params", str(params), "--input", str(seed), "--output", str(tmp / "clean.jsonl"),
-        "--rejected", str(tmp / "rejected.jsonl"), "--metrics", str(tmp / "clean.json")])
+    res = CliRunner().invoke(
+        load_stage("clean").main,
+        [
+            "--params",
+            str(params),
+            "--input",
+            str(seed),
+            "--output",
+            str(tmp / "clean.jsonl"),
+            "--rejected",
+            str(tmp / "rejected.jsonl"),
+            "--metrics",
+            str(tmp / "clean.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     rejected = lines(tmp / "rejected.jsonl")
     assert sorted(r["reason"] for r in rejected) == ["lang", "lang", "refusal"], rejected
@@ -79,11 +99,28 @@ def cleaned(tmp_path_factory) -> tuple[Path, Path]:
 def run_stage(tmp_path: Path, cleaned, url: str, out: str, *sets: str) -> tuple[dict, list[dict], list[dict]]:
     params, rejected = cleaned
     engine = {"kind": "openai", "base_url": url, "model": "teacher", "api_key_env": "", "max_retries": 0}
-    res = CliRunner().invoke(load_stage("repair").main, [
-        "--params", str(params), "--set", f"engine={json.dumps(engine)}", *[a for s in sets for a in ("--set", s)],
-        "--rejected", str(rejected), "--prompt", str(PROMPT), "--output", str(tmp_path / out / "seed.jsonl"),
-        "--failed", str(tmp_path / out / "rejected.jsonl"), "--cache", str(tmp_path / "cache" / out),
-        "--metrics", str(tmp_path / f"{out}.json")])
+    res = CliRunner().invoke(
+        load_stage("repair").main,
+        [
+            "--params",
+            str(params),
+            "--set",
+            f"engine={json.dumps(engine)}",
+            *[a for s in sets for a in ("--set", s)],
+            "--rejected",
+            str(rejected),
+            "--prompt",
+            str(PROMPT),
+            "--output",
+            str(tmp_path / out / "seed.jsonl"),
+            "--failed",
+            str(tmp_path / out / "rejected.jsonl"),
+            "--cache",
+            str(tmp_path / "cache" / out),
+            "--metrics",
+            str(tmp_path / f"{out}.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = json.loads((tmp_path / f"{out}.json").read_text())
     return m, lines(tmp_path / out / "seed.jsonl"), lines(tmp_path / out / "rejected.jsonl")
@@ -93,12 +130,15 @@ def test_only_declared_malay_chat_records_the_gate_calls_indonesian_are_candidat
     params, rejected = cleaned
     cfg = load_stage("repair").gate_cfg(str(params))
     entries = lines(rejected)
-    assert [rp.is_candidate(e) for e in entries].count("") == 2          # both lang rejects; the refusal is not
-    verdicts = {e["record"]["messages"][0]["content"]: rp.gate(e["record"], cfg) for e in entries
-                if not rp.is_candidate(e)}
+    assert [rp.is_candidate(e) for e in entries].count("") == 2  # both lang rejects; the refusal is not
+    verdicts = {
+        e["record"]["messages"][0]["content"]: rp.gate(e["record"], cfg) for e in entries if not rp.is_candidate(e)
+    }
     assert verdicts[INDONESIAN[0]].detected == "id" and verdicts["What is the capital of France?"].detected == "en"
-    assert rp.is_candidate({"reason": "lang", "record": chat("Bonjour, ça va bien ?", "Oui, merci.", "fr")}) == \
-        "other_lang"
+    assert (
+        rp.is_candidate({"reason": "lang", "record": chat("Bonjour, ça va bien ?", "Oui, merci.", "fr")})
+        == "other_lang"
+    )
 
 
 def test_a_teacher_writing_malay_repairs_the_record(tmp_path, cleaned):
@@ -107,11 +147,14 @@ def test_a_teacher_writing_malay_repairs_the_record(tmp_path, cleaned):
         again, _, _ = run_stage(tmp_path, cleaned, url, "good")
     assert (m["records_in"], m["repaired"], m["rejected"], m["rewritten"]) == (1, 1, 0, 1)
     assert m["skipped"] == {"gate_now_mismatch_en": 1, "not_lang_gate": 1}
-    assert m["gate_after"] == {"ok/ms": 1} and m["llm"]["calls"] == 2           # one request per field
+    assert m["gate_after"] == {"ok/ms": 1} and m["llm"]["calls"] == 2  # one request per field
     rec = repaired[0]
     assert [x["content"] for x in rec["messages"]] == [MALAY, MALAY] and rec["lang"] == "ms"
     assert rec["meta"]["repair"]["before"].startswith("mismatch: ms/id marker score -")
-    assert rec["meta"]["repair"]["after"].startswith("ok: ms/id marker score +") and "kerana" in rec["meta"]["repair"]["after"]
+    assert (
+        rec["meta"]["repair"]["after"].startswith("ok: ms/id marker score +")
+        and "kerana" in rec["meta"]["repair"]["after"]
+    )
     assert again["llm"]["cache_hits"] == 2 and again["llm"]["calls"] == 0
 
 
@@ -122,11 +165,11 @@ def test_a_teacher_still_writing_indonesian_leaves_it_rejected_with_both_verdict
     (f,) = failed
     assert f["reason"] == "still_id" and f["stage"] == "repair" and f["line"] == 1
     assert f["gate_before"].startswith("mismatch:") and "bisa" in f["gate_after"] and "online" in f["gate_after"]
-    assert f["record"]["messages"][0]["content"] == STILL_INDONESIAN     # the failed rewrite, for review
+    assert f["record"]["messages"][0]["content"] == STILL_INDONESIAN  # the failed rewrite, for review
 
 
 def test_garbage_and_failures_are_rejected_and_drop_mode_asks_nobody(tmp_path, cleaned):
-    with teacher(tmp_path, "Berikut [[7]] ialah") as url:          # a marker the source never had
+    with teacher(tmp_path, "Berikut [[7]] ialah") as url:  # a marker the source never had
         m, repaired, failed = run_stage(tmp_path, cleaned, url, "garbage")
     assert m["rejected_by_reason"] == {"rewrite_failed": 1} and "unknown_sentinel" in failed[0]["detail"]
     m, repaired, failed = run_stage(tmp_path, cleaned, "http://127.0.0.1:9/v1", "down")
@@ -134,4 +177,4 @@ def test_garbage_and_failures_are_rejected_and_drop_mode_asks_nobody(tmp_path, c
     m, repaired, failed = run_stage(tmp_path, cleaned, "http://127.0.0.1:9/v1", "drop", "mode=drop")
     assert (m["records_in"], m["repaired"], m["rejected_by_reason"], m["llm"]) == (1, 0, {"indonesian": 1}, {})
     assert failed[0]["gate_before"].startswith("mismatch:")
-    assert (tmp_path / "cache" / "drop").is_dir()      # a DVC output, there even when nobody was asked
+    assert (tmp_path / "cache" / "drop").is_dir()  # a DVC output, there even when nobody was asked

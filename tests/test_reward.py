@@ -13,8 +13,24 @@ from selfalign import reward as rm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reward"
 
-TOPICS = ["the sea", "bread", "rain", "a cat", "the moon", "tea", "a river", "winter", "a garden", "music",
-          "a train", "mountains", "coffee", "the wind", "a library", "stars"]
+TOPICS = [
+    "the sea",
+    "bread",
+    "rain",
+    "a cat",
+    "the moon",
+    "tea",
+    "a river",
+    "winter",
+    "a garden",
+    "music",
+    "a train",
+    "mountains",
+    "coffee",
+    "the wind",
+    "a library",
+    "stars",
+]
 
 
 def obvious_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -25,8 +41,16 @@ def obvious_pairs(n: int, seed: int = 0) -> list[dict]:
         topic = rng.choice(TOPICS)
         q = f"Tell me something about {topic} ({i})."
         good = f"Here is a fact about {topic}: it is worth a closer look, number {i}."
-        out.append(records.make("preference", prompt=q, chosen=good, rejected="I like turtles.", lang="en",
-                                source=rng.choice(["kochatgpt-ranking", "orca-dpo"])))
+        out.append(
+            records.make(
+                "preference",
+                prompt=q,
+                chosen=good,
+                rejected="I like turtles.",
+                lang="en",
+                source=rng.choice(["kochatgpt-ranking", "orca-dpo"]),
+            )
+        )
     return out
 
 
@@ -52,8 +76,14 @@ def test_select_pairs_counts_every_record():
 
 def french(pair: dict) -> dict:
     """A translation as selfalign.translate writes it: the original's id, another lang."""
-    return {**pair, "prompt": "FR " + pair["prompt"], "chosen": "FR " + pair["chosen"],
-            "rejected": "FR " + pair["rejected"], "lang": "fr", "meta": {"translated_from": "en"}}
+    return {
+        **pair,
+        "prompt": "FR " + pair["prompt"],
+        "chosen": "FR " + pair["chosen"],
+        "rejected": "FR " + pair["rejected"],
+        "lang": "fr",
+        "meta": {"translated_from": "en"},
+    }
 
 
 def test_select_pairs_keys_on_id_and_lang():
@@ -67,8 +97,12 @@ def test_select_pairs_keys_on_id_and_lang():
 
 def test_wilson_interval_matches_newcombe():
     """Newcombe (1998), Statistics in Medicine 17:857, table I, method 3 (score interval without correction)."""
-    for (k, n), (lo, hi) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
-                             (1, 29): (0.0061, 0.1718)}.items():
+    for (k, n), (lo, hi) in {
+        (81, 263): (0.2553, 0.3662),
+        (15, 148): (0.0624, 0.1605),
+        (0, 20): (0.0, 0.1611),
+        (1, 29): (0.0061, 0.1718),
+    }.items():
         assert rm.wilson_interval(k, n) == pytest.approx((lo, hi), abs=6e-5)
     # on 64 held-out pairs the lower bound clears chance from 40 right (0.625) on, not at 39
     assert rm.wilson_interval(40, 64)[0] > 0.5 > rm.wilson_interval(39, 64)[0]
@@ -98,8 +132,13 @@ def test_split_holds_out_whole_ids_until_the_count():
 def test_length_baseline():
     def pair(chosen, rejected):
         return records.make("preference", prompt="q", chosen=chosen, rejected=rejected, lang="en", source="s")
-    pairs = [pair("a longer answer", "short"), pair("short", "a longer answer"), pair("same", "size"),
-             pair("much longer still", "no")]
+
+    pairs = [
+        pair("a longer answer", "short"),
+        pair("short", "a longer answer"),
+        pair("same", "size"),
+        pair("much longer still", "no"),
+    ]
     m = rm.length_baseline(pairs)
     assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4) and m["pairs"] == 4
     assert m["ci95"][0] < m["accuracy"] < m["ci95"][1]
@@ -108,11 +147,21 @@ def test_length_baseline():
 
 def test_curation_pairs_need_a_shared_instruction_and_a_margin():
     def cand(q, a, s):
-        return records.chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], lang="en",
-                            source="curate", meta={"score": s})
-    scored = [cand("q1", "great", 5), cand("q1", "poor", 2), cand("q1", "okay", 4),  # 5-2 and 4-2 pair; 5-4 too close
-              cand("q2", "alone", 5),                                               # nobody shares q2
-              cand("q3", "a", 3), cand("q3", "b", 3)]                                # same score
+        return records.chat(
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            lang="en",
+            source="curate",
+            meta={"score": s},
+        )
+
+    scored = [
+        cand("q1", "great", 5),
+        cand("q1", "poor", 2),
+        cand("q1", "okay", 4),  # 5-2 and 4-2 pair; 5-4 too close
+        cand("q2", "alone", 5),  # nobody shares q2
+        cand("q3", "a", 3),
+        cand("q3", "b", 3),
+    ]  # same score
     pairs, counts = rm.curation_pairs(scored, margin=2)
     got = sorted((p["chosen"], p["rejected"]) for p in pairs)
     assert got == [("great", "poor"), ("okay", "poor")]
@@ -125,6 +174,7 @@ def test_score_is_batch_invariant(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     from selfalign import chat
+
     tok = chat.load_tokenizer(tiny_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
@@ -138,6 +188,7 @@ def test_score_is_batch_invariant(tiny_model_dir):
 
 def test_encode_cuts_from_the_left(tiny_model_dir):
     from selfalign import chat
+
     tok = chat.load_tokenizer(tiny_model_dir)
     conv = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "the end"}]
     ids, cut = rm.encode(tok, conv, 32)
@@ -152,9 +203,30 @@ def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
     obvious = obvious_pairs(64)
     io.write_jsonl(pref, obvious + [french(p) for p in obvious[:8]] + real)
     out, metrics = tmp_path / "reward", tmp_path / "metrics" / "reward.json"
-    args = ["--preference", str(pref), "--model", str(tiny_model_dir), "--output", str(out), "--metrics", str(metrics),
-            "--set", "sources=[kochatgpt*, orca*]", "--set", "heldout_pairs=20", "--set", "epochs=1",
-            "--set", "lr=5e-3", "--set", "lora.r=0", "--set", "max_length=64", "--set", "batch_size=8"]
+    args = [
+        "--preference",
+        str(pref),
+        "--model",
+        str(tiny_model_dir),
+        "--output",
+        str(out),
+        "--metrics",
+        str(metrics),
+        "--set",
+        "sources=[kochatgpt*, orca*]",
+        "--set",
+        "heldout_pairs=20",
+        "--set",
+        "epochs=1",
+        "--set",
+        "lr=5e-3",
+        "--set",
+        "lora.r=0",
+        "--set",
+        "max_length=64",
+        "--set",
+        "batch_size=8",
+    ]
     res = CliRunner().invoke(stage.main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     m = json.loads(metrics.read_text())
@@ -162,10 +234,11 @@ def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
     assert m["pairs_dropped"].get("source_not_listed", 0) == sum(r["source"] == "mychatgpt-ranking" for r in real)
     assert m["pairs_dropped"].get("duplicate", 0) == 0  # the French copies are pairs of their own
     assert 20 <= m["pairs_heldout"] <= 21
-    assert m["heldout_accuracy"] >= 0.8, m          # chance is 0.5
+    assert m["heldout_accuracy"] >= 0.8, m  # chance is 0.5
     lo, hi = m["heldout_ci95"]
     assert lo < m["heldout_accuracy"] <= hi and (lo, hi) == pytest.approx(
-        rm.wilson_interval(round(m["heldout_accuracy"] * m["pairs_heldout"]), m["pairs_heldout"]))
+        rm.wilson_interval(round(m["heldout_accuracy"] * m["pairs_heldout"]), m["pairs_heldout"])
+    )
     # the length baseline is "the longer answer wins" on exactly the held-out pairs
     held = rm.split_heldout(rm.select_pairs(io.load_jsonl(pref), ["kochatgpt*", "orca*"])[0], 20)[1]
     assert m["heldout_length_baseline"] == rm.length_baseline(held)["accuracy"]
@@ -186,8 +259,19 @@ def test_reward_stage_errors_name_file_line_and_field(tiny_model_dir, tmp_path):
     bad = obvious_pairs(3)
     del bad[1]["chosen"]
     io.write_jsonl(pref, bad)
-    res = CliRunner().invoke(stage.main, ["--preference", str(pref), "--model", str(tiny_model_dir),
-                                          "--output", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        stage.main,
+        [
+            "--preference",
+            str(pref),
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(tmp_path / "o"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code != 0
     assert f"{pref}:2:" in res.output and "'chosen'" in res.output
 
@@ -212,9 +296,26 @@ def test_frozen_backbone_fits_only_the_head(tiny_model_dir, tmp_path):
     pref = tmp_path / "preference.jsonl"
     io.write_jsonl(pref, obvious_pairs(48))
     out, metrics = tmp_path / "reward", tmp_path / "reward.json"
-    res = CliRunner().invoke(stage.main, [
-        "--preference", str(pref), "--model", str(tiny_model_dir), "--output", str(out), "--metrics", str(metrics),
-        "--set", "backbone=frozen", "--set", "heldout_pairs=16", "--set", "max_length=64"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        stage.main,
+        [
+            "--preference",
+            str(pref),
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            "--metrics",
+            str(metrics),
+            "--set",
+            "backbone=frozen",
+            "--set",
+            "heldout_pairs=16",
+            "--set",
+            "max_length=64",
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     m = json.loads(metrics.read_text())
     assert m["pairs_train"] == 32 and m["pairs_heldout"] == 16

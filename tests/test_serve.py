@@ -62,8 +62,11 @@ def test_models_and_health(server, client):
 
 def test_chat_plain_uses_the_training_prompt(server, client, varied_model_dir):
     tok = chat.load_tokenizer(varied_model_dir)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-            {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     prompt, _ = chat.split_last_turn(tok, msgs)
     assert serve.prompt_for(tok, msgs[:-1]) == prompt
     r = client.chat.completions.create(model="model", messages=msgs[:-1], max_tokens=10, temperature=0)
@@ -87,19 +90,22 @@ def test_streaming_equals_plain(client):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (json.dumps({"model": "model"}).encode(), "'messages' is required"),
-    (json.dumps({"messages": []}).encode(), "non-empty list"),
-    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages[0].role"),
-    (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages[0].content"),
-    (json.dumps({"messages": user("hi"), "max_tokens": 0}).encode(), "max_tokens"),
-    (json.dumps({"messages": user("hi"), "max_tokens": 65}).encode(), "max_tokens"),
-    (json.dumps({"messages": user("hi"), "max_tokens": "5"}).encode(), "max_tokens"),
-    (json.dumps({"messages": user("hi"), "temperature": -1}).encode(), "temperature"),
-    (json.dumps({"messages": user("word " * 300)}).encode(), "limit is 200"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (json.dumps({"model": "model"}).encode(), "'messages' is required"),
+        (json.dumps({"messages": []}).encode(), "non-empty list"),
+        (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages[0].role"),
+        (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages[0].content"),
+        (json.dumps({"messages": user("hi"), "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"messages": user("hi"), "max_tokens": 65}).encode(), "max_tokens"),
+        (json.dumps({"messages": user("hi"), "max_tokens": "5"}).encode(), "max_tokens"),
+        (json.dumps({"messages": user("hi"), "temperature": -1}).encode(), "temperature"),
+        (json.dumps({"messages": user("word " * 300)}).encode(), "limit is 200"),
+    ],
+)
 def test_malformed_requests_get_400(server, body, needle):
     status, payload = post(server[0].url, body)
     assert status == 400 and needle in payload["error"]["message"]
@@ -124,8 +130,10 @@ def test_raw_completions(client):
 def test_concurrent_requests_are_batched_without_changing_answers(varied_model_dir, client):
     prompts = ["Name a fruit.", "What is the capital of France?", "Say hi.", "Count to three."]
     kw = dict(model="model", max_tokens=8)
-    greedy = [client.chat.completions.create(messages=user(p), temperature=0, **kw).choices[0].message.content
-              for p in prompts]
+    greedy = [
+        client.chat.completions.create(messages=user(p), temperature=0, **kw).choices[0].message.content
+        for p in prompts
+    ]
     sampled = client.chat.completions.create(messages=user(prompts[0]), temperature=1.0, seed=7, **kw)
     # a long wait and room for exactly 5: the 5 concurrent requests become one batch, deterministically
     app = serve.create_app(varied_model_dir, max_batch_size=5, batch_wait_ms=30_000)
@@ -146,6 +154,7 @@ def test_concurrent_requests_are_batched_without_changing_answers(varied_model_d
 
 # ------------------------------------------------------------------------ hostile clients (issue 11)
 
+
 def health(url: str) -> dict:
     with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30) as r:
         return json.loads(r.read())
@@ -160,13 +169,16 @@ def test_unknown_model_is_404_model_not_found(server, client):
         client.completions.create(model="m", prompt="Once", max_tokens=2)
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "finite"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "finite"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', "finite"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', "finite"),
-    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "finite"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "finite"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', "finite"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', "finite"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
+)
 def test_non_finite_numbers_and_deep_nesting_get_400(server, body, needle):
     """Before: NaN was accepted (it fails every range check) and 100,000 levels of nesting gave a 500."""
     status, payload = post(server[0].url, body)
@@ -205,9 +217,12 @@ class Slow:
 def send(url: str, max_tokens: int, model: str = "model") -> http.client.HTTPConnection:
     """Start a non-streaming chat request and return its connection (read it, or close it to walk away)."""
     conn = http.client.HTTPConnection(url.removeprefix("http://").split("/")[0], timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": user("Go on."),
-                                                              "max_tokens": max_tokens}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": model, "messages": user("Go on."), "max_tokens": max_tokens}),
+        {"Content-Type": "application/json"},
+    )
     return conn
 
 
@@ -226,8 +241,9 @@ def wait_for(cond, timeout: float = 30.0) -> None:
 @pytest.fixture
 def slow_server(tiny_model_dir):
     """The tiny model (which never stops before max_tokens) at 10 ms a token, one request at a time, 3 places."""
-    app = serve.create_app(tiny_model_dir, max_batch_size=1, batch_wait_ms=0,
-                           limits=serve.Limits(max_tokens=900, max_queue=3))
+    app = serve.create_app(
+        tiny_model_dir, max_batch_size=1, batch_wait_ms=0, limits=serve.Limits(max_tokens=900, max_queue=3)
+    )
     slow = Slow(app, 0.01)
     running = serve.start_in_thread(app)
     yield running, app, slow
@@ -239,22 +255,23 @@ def test_clients_that_leave_cost_nothing_and_the_queue_is_bounded(slow_server):
     """Before: a dropped request generated to its end (the next request waited 71 s behind it) and the queue grew
     without bound."""
     running, app, slow = slow_server
-    first = send(running.url, 900)                   # 9 s of work
+    first = send(running.url, 900)  # 9 s of work
     wait_for(lambda: slow.steps > 1)
     queued = [send(running.url, 900), send(running.url, 900)]
     wait_for(lambda: app.state.stats["busy"] == 3)
     t0 = time.monotonic()
-    status, payload = post(running.url, json.dumps({"model": "model", "messages": user("hi"),
-                                                    "max_tokens": 2}).encode(), key=None)
+    status, payload = post(
+        running.url, json.dumps({"model": "model", "messages": user("hi"), "max_tokens": 2}).encode(), key=None
+    )
     assert status == 429 and payload["error"]["code"] == "server_busy" and time.monotonic() - t0 < 2
     for conn in [first, *queued]:
-        conn.close()                                 # all three clients walk away
+        conn.close()  # all three clients walk away
     wait_for(lambda: app.state.stats["busy"] == 0, timeout=5)
     steps = slow.steps
     t0 = time.monotonic()
     status, payload = answer(send(running.url, 3))
     assert status == 200 and payload["usage"]["completion_tokens"] == 3
-    assert time.monotonic() - t0 < 3                 # not behind 27 s of orphaned work
+    assert time.monotonic() - t0 < 3  # not behind 27 s of orphaned work
     assert app.state.stats["cancelled"] == 3 and slow.steps - steps <= 5  # nothing but the new request ran
     assert app.state.stats["refused_busy"] == 1
 
@@ -265,7 +282,7 @@ def test_a_streaming_client_that_leaves_while_queued_costs_nothing(slow_server):
     wait_for(lambda: slow.steps > 1)
     c = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0, timeout=60)
     stream = c.chat.completions.create(model="model", messages=user("Go on."), max_tokens=900, stream=True)
-    stream.close()                                   # left while waiting behind `first`
+    stream.close()  # left while waiting behind `first`
     first.close()
     wait_for(lambda: app.state.stats["busy"] == 0, timeout=5)
     steps = slow.steps
@@ -282,7 +299,7 @@ def test_shutdown_cancels_queued_work_and_answers_503(slow_server):
     with ThreadPoolExecutor(3) as pool:
         answers = [pool.submit(answer, c) for c in conns]
         t0 = time.monotonic()
-        running.stop()                               # what SIGTERM calls
+        running.stop()  # what SIGTERM calls
         assert not running.thread.is_alive() and time.monotonic() - t0 < 8
         got = [a.result(timeout=10) for a in answers]
     assert [s for s, _ in got] == [503] * 3 and all(p["error"]["code"] == "server_shutting_down" for _, p in got)
@@ -292,10 +309,27 @@ def test_cli_serves_its_aliases_and_exits_on_sigterm_with_work_queued(tiny_model
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "selfalign.serve", "--model", str(tiny_model_dir),
-                             "--port", str(port), "--served-model-name", "teacher", "--max-batch-size", "1",
-                             "--max-tokens", "900"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "selfalign.serve",
+            "--model",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "teacher",
+            "--max-batch-size",
+            "1",
+            "--max-tokens",
+            "900",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         end = time.monotonic() + 120
@@ -312,7 +346,7 @@ def test_cli_serves_its_aliases_and_exits_on_sigterm_with_work_queued(tiny_model
         with pytest.raises(openai.NotFoundError) as e:
             c.chat.completions.create(model="gpt-4o", messages=user("hi"), max_tokens=2)
         assert e.value.code == "model_not_found"
-        conns = [send(url, 900) for _ in range(4)]   # seconds of work each, one at a time
+        conns = [send(url, 900) for _ in range(4)]  # seconds of work each, one at a time
         wait_for(lambda: health(url)["busy"] == 4)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -23,19 +23,41 @@ SEED, AUG = str(FIX / "seed.jsonl"), str(FIX / "augmented.jsonl")
 TEMPLATE = str(ROOT / "prompts" / "backward.txt")
 TAGS = {"seed": "Answer in the style of an AI Assistant.", "augmented": "Answer with knowledge from web search."}
 # max_len 512: 11 of the 12 seed fixture lines fit whole; line 9 (1,785 tokens, a 1,047-token answer) is too_long.
-TRAIN = {"max_len": 512, "batch_size": 2, "lr": 1.0e-3, "save_steps": 2, "eval_steps": 100, "eval_fraction": 0.2,
-         "eval_max_examples": 2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+TRAIN = {
+    "max_len": 512,
+    "batch_size": 2,
+    "lr": 1.0e-3,
+    "save_steps": 2,
+    "eval_steps": 100,
+    "eval_fraction": 0.2,
+    "eval_max_examples": 2,
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+}
 
 
 def write_params(tmp: Path, base: Path, train: dict | None = None) -> Path:
     runs = {
-        "m1": {"base": str(base), "inference_tag": "seed", "phases": [
-            {"name": "seed", "sources": [{"path": SEED, "tag": "seed"}], "epochs": 1, "max_steps": 2},
-            {"name": "mix", "sources": [{"path": AUG, "tag": "augmented"}, {"path": SEED, "tag": "seed"}],
-             "max_steps": 2}]},
-        "backward": {"base": str(base), "inference_tag": None, "phases": [
-            {"sources": [{"path": SEED, "reverse": True, "template": TEMPLATE}], "max_steps": 2}]},
-        "long": {"base": str(base), "phases": [{"sources": [{"path": SEED, "tag": "seed"}], "epochs": 2, "max_steps": 4}]},
+        "m1": {
+            "base": str(base),
+            "inference_tag": "seed",
+            "phases": [
+                {"name": "seed", "sources": [{"path": SEED, "tag": "seed"}], "epochs": 1, "max_steps": 2},
+                {
+                    "name": "mix",
+                    "sources": [{"path": AUG, "tag": "augmented"}, {"path": SEED, "tag": "seed"}],
+                    "max_steps": 2,
+                },
+            ],
+        },
+        "backward": {
+            "base": str(base),
+            "inference_tag": None,
+            "phases": [{"sources": [{"path": SEED, "reverse": True, "template": TEMPLATE}], "max_steps": 2}],
+        },
+        "long": {
+            "base": str(base),
+            "phases": [{"sources": [{"path": SEED, "tag": "seed"}], "epochs": 2, "max_steps": 4}],
+        },
     }
     p = tmp / "params.yaml"
     p.write_text(yaml.safe_dump({"sft": {"train": {**TRAIN, **(train or {})}, "system_tags": TAGS, "runs": runs}}))
@@ -47,8 +69,18 @@ def cli_args(params_file: Path, run: str, base: Path, out: Path, inputs=(SEED, A
     args = ["--params", str(params_file), "--run", run, "--input", str(base)]
     for i in inputs:
         args += ["--input", i]
-    return args + ["--output", str(out / "model"), "--checkpoints", str(out / "ckpt"), "--rejected",
-                   str(out / "rejected.jsonl"), "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots")]
+    return args + [
+        "--output",
+        str(out / "model"),
+        "--checkpoints",
+        str(out / "ckpt"),
+        "--rejected",
+        str(out / "rejected.jsonl"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--plots",
+        str(out / "plots"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +89,7 @@ def tok(tiny_model_dir):
 
 
 # ---------------------------------------------------------------- params
+
 
 def test_run_params_fail_at_start_up(tmp_path, tiny_model_dir):
     stage = load_stage("sft")
@@ -96,8 +129,11 @@ def test_repo_params_and_dvc_agree_on_every_runs_inputs():
         declared = {"models/base"} | {v for k, v in item.items() if k.startswith("in")}
         inputs = training.run_inputs(run_cfg)
         # Only the run that reads "{curated}" (the last round) depends on the list of rounds.
-        reads_curated = any(s["path"] == stage.CURATED for ph in training.check_run(cfg, run, "params.yaml:sft")["phases"]
-                            for s in ph["sources"])
+        reads_curated = any(
+            s["path"] == stage.CURATED
+            for ph in training.check_run(cfg, run, "params.yaml:sft")["phases"]
+            for s in ph["sources"]
+        )
         assert (item["rounds"] == "curate.iterations") == reads_curated, (run, item)
         assert all(covered(p, declared) for p in inputs), (run, inputs, declared)
         assert all(any(covered(p, {d}) for p in inputs) for d in declared), (run, inputs, declared)
@@ -119,20 +155,37 @@ def test_undeclared_input_is_refused(tmp_path, tiny_model_dir):
 
 # ---------------------------------------------------------------- examples
 
+
 def test_backward_examples_are_reversed_and_clip_the_response_not_the_instruction(tok):
-    rec = records.chat([{"role": "user", "content": "Explain tides."},
-                        {"role": "assistant", "content": "Tides come from the moon. " * 60}], lang="en", source="t")
+    rec = records.chat(
+        [
+            {"role": "user", "content": "Explain tides."},
+            {"role": "assistant", "content": "Tides come from the moon. " * 60},
+        ],
+        lang="en",
+        source="t",
+    )
     wording = training.load_template(TEMPLATE)
     msgs = training.conversation(rec, None, reverse=True, template=wording)
-    assert msgs[0]["role"] == "user" and msgs[0]["content"] == wording.replace("{response}", rec["messages"][1]["content"])
+    assert msgs[0]["role"] == "user" and msgs[0]["content"] == wording.replace(
+        "{response}", rec["messages"][1]["content"]
+    )
     assert msgs[1] == {"role": "assistant", "content": "Explain tides."}
     ex = training.build_reversed(tok, rec, None, wording, max_len=96)
     assert len(ex["input_ids"]) <= 96 and ex["shortened"]
     target = tok.decode([x for x in ex["labels"] if x != training.IGNORE])
     assert target == "Explain tides.<|im_end|>"
     assert wording.split("{response}")[0].strip() in tok.decode(ex["input_ids"])
-    multi = records.chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], lang="en", source="t")
+    multi = records.chat(
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ],
+        lang="en",
+        source="t",
+    )
     with pytest.raises(training.Reject) as e:
         training.conversation(multi, None, reverse=True)
     assert e.value.reason == "not_single_turn"
@@ -145,10 +198,13 @@ def _target(tok, ex) -> str:
 def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt_never_its_end(tok):
     """The final answer and its <|im_end|> stay whole; the system prompt stays; the prompt side gives way."""
     background = "Some background that matters less than the question. " * 12
-    msgs = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hello, who are you?"}, {"role": "assistant", "content": "A helper. " * 20},
-            {"role": "user", "content": background + "So: what colour is the sky?"},
-            {"role": "assistant", "content": "Blue, on a clear day."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello, who are you?"},
+        {"role": "assistant", "content": "A helper. " * 20},
+        {"role": "user", "content": background + "So: what colour is the sky?"},
+        {"role": "assistant", "content": "Blue, on a clear day."},
+    ]
     whole = training.build_example(tok, msgs, 10**6)
     assert not whole["shortened"] and _target(tok, whole).count("<|im_end|>") == 2
     n_last_turn = len(training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"])
@@ -174,8 +230,14 @@ def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt
 
 
 def test_a_reversed_example_too_long_for_its_instruction_is_dropped(tok):
-    rec = records.chat([{"role": "user", "content": "Explain tides in detail, please. " * 20},
-                        {"role": "assistant", "content": "Tides come from the moon. " * 60}], lang="en", source="t")
+    rec = records.chat(
+        [
+            {"role": "user", "content": "Explain tides in detail, please. " * 20},
+            {"role": "assistant", "content": "Tides come from the moon. " * 60},
+        ],
+        lang="en",
+        source="t",
+    )
     wording = training.load_template(TEMPLATE)
     ex = training.build_reversed(tok, rec, None, wording, max_len=256)
     assert ex["shortened"] and len(ex["input_ids"]) <= 256
@@ -209,12 +271,29 @@ def test_every_line_is_trained_held_out_or_rejected_with_file_and_line(tmp_path,
     user_last = records.chat([{"role": "user", "content": "hi"}], lang="en", source="t")
     pref = records.make("preference", prompt="p", chosen="c", rejected="r", lang="en", source="t")
     f = tmp_path / "in.jsonl"
-    f.write_text("\n".join([json.dumps(good[0]), "{not json", json.dumps(pref), json.dumps(user_last),
-                            json.dumps({**good[1], "lang": 3})] + [json.dumps(g) for g in good[2:]] + [lines[8]]) + "\n")
+    f.write_text(
+        "\n".join(
+            [
+                json.dumps(good[0]),
+                "{not json",
+                json.dumps(pref),
+                json.dumps(user_last),
+                json.dumps({**good[1], "lang": 3}),
+            ]
+            + [json.dumps(g) for g in good[2:]]
+            + [lines[8]]
+        )
+        + "\n"
+    )
     data = training.read_source(tok, str(f), "sys", max_len=512, eval_fraction=0.0)
     assert data.records_in == 8 == len(data.train) + len(data.eval) + len(data.rejected)
     assert {(r["line"], r["reason"]) for r in data.rejected} == {
-        (2, "bad_json"), (3, "not_chat"), (4, "no_final_assistant_turn"), (5, "bad_record"), (8, "too_long")}
+        (2, "bad_json"),
+        (3, "not_chat"),
+        (4, "no_final_assistant_turn"),
+        (5, "bad_record"),
+        (8, "too_long"),
+    }
     assert "max_len=512" in next(r["detail"] for r in data.rejected if r["line"] == 8)
     assert all(r["file"] == str(f) for r in data.rejected)
     assert "'lang'" in next(r["detail"] for r in data.rejected if r["line"] == 5)
@@ -223,13 +302,15 @@ def test_every_line_is_trained_held_out_or_rejected_with_file_and_line(tmp_path,
 
 # ---------------------------------------------------------------- packing and curriculum
 
+
 def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
     import torch
 
     model = models.load_model(tiny_model_dir, "float32").eval()
     a = training.build_example(tok, [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "1"}], 128)
-    b = training.build_example(tok, [{"role": "user", "content": "Two, please?"},
-                                     {"role": "assistant", "content": "2"}], 128)
+    b = training.build_example(
+        tok, [{"role": "user", "content": "Two, please?"}, {"role": "assistant", "content": "2"}], 128
+    )
     [row] = training.pack([a, b], max_len=128)
     assert row["n_examples"] == 2 and row["position_ids"][len(a["input_ids"])] == 0
     batch = training.PackedCollator(tok.pad_token_id)([row, {**row, **training.pack([a], 128)[0]}])
@@ -237,7 +318,7 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone = model(input_ids=torch.tensor([b["input_ids"]])).logits[0]
-    torch.testing.assert_close(packed[len(a["input_ids"]):], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[len(a["input_ids"]) :], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_target_only_loss_is_the_models_own_loss(tmp_path, tiny_model_dir, tok):
@@ -245,8 +326,10 @@ def test_target_only_loss_is_the_models_own_loss(tmp_path, tiny_model_dir, tok):
 
     model = models.load_model(tiny_model_dir, "float32")
     model.config.use_cache = False
-    exs = [training.build_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 128)
-           for q, a in [("One?", "1, and more."), ("Two, please?", "2"), ("Three?", "It is three.")]]
+    exs = [
+        training.build_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 128)
+        for q, a in [("One?", "1, and more."), ("Two, please?", "2"), ("Three?", "It is three.")]
+    ]
     batch = training.PackedCollator(tok.pad_token_id)(training.pack(exs, 96))
     assert batch["input_ids"].shape[0] == 2  # two rows, one padded
     cfg = {**load_stage("sft").DEFAULTS["train"], "precision": "fp32"}
@@ -286,6 +369,7 @@ def test_checkpoints_are_reused_only_by_the_same_run(tmp_path):
 
 
 # ---------------------------------------------------------------- smoke runs
+
 
 def check_outputs(out: Path, base: Path) -> dict:
     m = io.read_json(out / "metrics.json")
@@ -355,8 +439,14 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_copy):
     p = write_params(tmp_path, tiny_model_copy, {"eval_fraction": 0.0})
     args = cli_args(p, "long", tiny_model_copy, out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "sft.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "stages" / "sft.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:  # blocks until the stage reports its first checkpoint, then kill it hard
         seen.append(line)
@@ -422,14 +512,20 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_cop
 
 def test_saved_adapter_bytes_do_not_depend_on_the_hash_seed(tmp_path, tiny_model_dir):
     """peft keeps target_modules in a set; DVC hashes the bytes, so their order must not follow PYTHONHASHSEED."""
-    script = ("import sys; from peft import LoraConfig, get_peft_model; from selfalign import models; "
-              "m = get_peft_model(models.load_model(sys.argv[1], 'float32'), LoraConfig(r=4, target_modules="
-              "['q_proj', 'v_proj', 'k_proj', 'o_proj'])); models.save_adapter(m, sys.argv[2])")
+    script = (
+        "import sys; from peft import LoraConfig, get_peft_model; from selfalign import models; "
+        "m = get_peft_model(models.load_model(sys.argv[1], 'float32'), LoraConfig(r=4, target_modules="
+        "['q_proj', 'v_proj', 'k_proj', 'o_proj'])); models.save_adapter(m, sys.argv[2])"
+    )
     written = []
     for seed in ("1", "2", "3"):
         out = tmp_path / f"adapter{seed}"
-        subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(out)], check=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONHASHSEED": seed})
+        subprocess.run(
+            [sys.executable, "-c", script, str(tiny_model_dir), str(out)],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
         written.append((out / "adapter_config.json").read_bytes())
     assert written[0] == written[1] == written[2]
     assert json.loads(written[0])["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]

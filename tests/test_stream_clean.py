@@ -40,8 +40,12 @@ def ingest_sample(dst: Path) -> None:
     try:
         for src in icfg["sources"]:
             src = {**src, "path": str(ROOT / src["path"])}
-            ingest_stage.ingest_source(src, options, lambda r, f=outs[src["role"]]: f.write(
-                json.dumps(r, ensure_ascii=False) + "\n"), lambda r: None)
+            ingest_stage.ingest_source(
+                src,
+                options,
+                lambda r, f=outs[src["role"]]: f.write(json.dumps(r, ensure_ascii=False) + "\n"),
+                lambda r: None,
+            )
     finally:
         for f in outs.values():
             f.close()
@@ -79,16 +83,27 @@ def generated(d: Path, docs: int) -> None:
     scale.write_corpus(d / "c4.jsonl", docs, seed=3, dup_rate=0.1)
     icfg = ingest_stage.resolve_params(None)
     with open(d / "web.jsonl", "w", encoding="utf-8") as f:
-        ingest_stage.ingest_source({"path": str(d / "c4.jsonl"), "format": "c4", "role": "web", "lang": "en",
-                                    "name": "c4"}, ingest_stage.reader_options(icfg),
-                                   lambda r: f.write(json.dumps(r, ensure_ascii=False) + "\n"), lambda r: None)
+        ingest_stage.ingest_source(
+            {"path": str(d / "c4.jsonl"), "format": "c4", "role": "web", "lang": "en", "name": "c4"},
+            ingest_stage.reader_options(icfg),
+            lambda r: f.write(json.dumps(r, ensure_ascii=False) + "\n"),
+            lambda r: None,
+        )
     web = [json.loads(line) for line in (d / "web.jsonl").read_text(encoding="utf-8").splitlines()]
     rng = random.Random(5)
     seed_lines = []
     for i, w in enumerate(rng.sample(web, 40)):
-        chat = {"id": f"s{i}", "kind": "chat", "lang": "en", "source": "seed", "meta": {},
-                "messages": [{"role": "user", "content": f"Summarise this text:\n\n{w['text']}"},
-                             {"role": "assistant", "content": w["text"][:300] + (" cafÃ© \x07" if i % 3 else "")}]}
+        chat = {
+            "id": f"s{i}",
+            "kind": "chat",
+            "lang": "en",
+            "source": "seed",
+            "meta": {},
+            "messages": [
+                {"role": "user", "content": f"Summarise this text:\n\n{w['text']}"},
+                {"role": "assistant", "content": w["text"][:300] + (" cafÃ© \x07" if i % 3 else "")},
+            ],
+        }
         seed_lines.append(json.dumps(chat, ensure_ascii=False))
         if i % 10 == 0:
             seed_lines += ["{not json", json.dumps({"id": "x", "kind": "chat", "lang": "en"}), ""]
@@ -110,8 +125,11 @@ def test_generated_corpus_is_byte_identical_on_two_workers(tmp_path):
 
 def test_generated_corpus_is_byte_identical_without_the_gate_and_exact_dedup(tmp_path):
     generated(tmp_path / "in", 300)
-    conf = cfg(exact_dup=False, langs={**cfg()["langs"], "enabled": False},
-               near_dup={**cfg()["near_dup"], "threshold": 0.6, "num_perm": 64, "shingle": 2})
+    conf = cfg(
+        exact_dup=False,
+        langs={**cfg()["langs"], "enabled": False},
+        near_dup={**cfg()["near_dup"], "threshold": 0.6, "num_perm": 64, "shingle": 2},
+    )
     old, new = both(tmp_path, tmp_path / "in", conf, workers=1)
     assert json.loads(old["metrics"])["rules"]["near_duplicate"]["dropped"] > 10
     assert old == new
@@ -141,8 +159,10 @@ def test_datatrove_two_tasks_write_what_one_process_writes(tmp_path):
     generated(tmp_path / "in", 400)
     conf = cfg()
     got = {}
-    for name, engine in (("one", {"executor": "local", "workers": 1}),
-                         ("dt", {"executor": "datatrove", "workers": 2, "slurm": conf["slurm"]})):
+    for name, engine in (
+        ("one", {"executor": "local", "workers": 1}),
+        ("dt", {"executor": "datatrove", "workers": 2, "slurm": conf["slurm"]}),
+    ):
         out = tmp_path / name
         out.mkdir()
         pairs = [(tmp_path / "in" / f, out / f) for f in FILES if (tmp_path / "in" / f).exists()]
@@ -160,17 +180,37 @@ def test_the_stage_runs_on_datatrove_from_params_and_reports_rate_and_memory(tmp
     generated(tmp_path / "in", 60)
     out = {}
     for name in ("local", "datatrove"):
-        res = CliRunner().invoke(clean_stage.main, [
-            "--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / name), "--metrics",
-            str(tmp_path / f"{name}.json"), "--set", f"executor={name}"])
+        res = CliRunner().invoke(
+            clean_stage.main,
+            [
+                "--input-dir",
+                str(tmp_path / "in"),
+                "--output-dir",
+                str(tmp_path / name),
+                "--metrics",
+                str(tmp_path / f"{name}.json"),
+                "--set",
+                f"executor={name}",
+            ],
+        )
         assert res.exit_code == 0, res.output
         out[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
         m = json.loads((tmp_path / f"{name}.json").read_text())
         assert m["records_per_s"] > 0 and m["peak_rss_mb"] > 20
     assert out["local"] == out["datatrove"]
-    res = CliRunner().invoke(clean_stage.main, ["--input-dir", str(tmp_path / "in"), "--output-dir",
-                                                str(tmp_path / "x"), "--metrics", str(tmp_path / "x.json"),
-                                                "--set", "executor=spark"])
+    res = CliRunner().invoke(
+        clean_stage.main,
+        [
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "x"),
+            "--metrics",
+            str(tmp_path / "x.json"),
+            "--set",
+            "executor=spark",
+        ],
+    )
     assert res.exit_code == 2 and "not local | datatrove | slurm | ray" in res.output
 
 
@@ -205,8 +245,10 @@ def test_slurm_executor_through_a_stand_in_sbatch_writes_what_one_process_writes
     generated(tmp_path / "in", 120)
     conf = cfg()
     got = {}
-    for name, engine in (("one", {"executor": "local", "workers": 1}),
-                         ("slurm", {"executor": "slurm", "workers": 3, "slurm": {**conf["slurm"], "partition": "cpu"}})):
+    for name, engine in (
+        ("one", {"executor": "local", "workers": 1}),
+        ("slurm", {"executor": "slurm", "workers": 3, "slurm": {**conf["slurm"], "partition": "cpu"}}),
+    ):
         out = tmp_path / name
         out.mkdir()
         pairs = [(tmp_path / "in" / f, out / f) for f in FILES if (tmp_path / "in" / f).exists()]

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def units(it) -> list:
     """Units with errors made comparable (an exception compares by identity)."""
-    return [(n, (o.path, o.line, o.reason, o.raw, o.code) if isinstance(o, io.JsonlLineError) else o, raw)
-            for n, o, raw in it]
+    return [
+        (n, (o.path, o.line, o.reason, o.raw, o.code) if isinstance(o, io.JsonlLineError) else o, raw)
+        for n, o, raw in it
+    ]
 
 
 def streamed(path: Path, chunk: int) -> list:
@@ -33,12 +35,20 @@ def streamed(path: Path, chunk: int) -> list:
 
 def array_texts() -> list[bytes]:
     rng = random.Random(0)
-    items = [{"prompt": f"question {i} " + "x" * rng.randint(0, 40), "n": rng.randint(-10**6, 10**6), "f": 1.5e-3,
-              "nested": {"a": [1, 2, {"b": "ü ✓ 中文"}]}} for i in range(30)]
+    items = [
+        {
+            "prompt": f"question {i} " + "x" * rng.randint(0, 40),
+            "n": rng.randint(-(10**6), 10**6),
+            "f": 1.5e-3,
+            "nested": {"a": [1, 2, {"b": "ü ✓ 中文"}]},
+        }
+        for i in range(30)
+    ]
     pretty = json.dumps(items, ensure_ascii=False, indent=2)
     compact = json.dumps(items, ensure_ascii=False)
     return [
-        pretty.encode(), compact.encode(),  # several lines; one line (columns count from the line's start)
+        pretty.encode(),
+        compact.encode(),  # several lines; one line (columns count from the line's start)
         ("\ufeff \n" + pretty).encode(),  # a BOM and blank space before the array
         compact.replace("}, {", "},\n\n   {", 5).encode(),
         json.dumps([1, "two", {"three": 3}, [4], 12345678901234567890, None]).encode(),  # non-objects; a long number
@@ -48,7 +58,11 @@ def array_texts() -> list[bytes]:
         pretty.encode().replace("ü".encode(), b"\xfc", 1),  # a byte that is not UTF-8 inside a string
         pretty.encode()[:-30] + b"\xff\xfe garbage",  # and one in a broken tail
         b"[" + b"[" * 3000 + b"]" * 3000 + b"]",  # nested too deeply
-        b"[]", b"  [ ]  ", b"[", b"[{}", b'[{"a": 1},]',
+        b"[]",
+        b"  [ ]  ",
+        b"[",
+        b"[{}",
+        b'[{"a": 1},]',
     ]
 
 
@@ -81,8 +95,18 @@ def text_files() -> list[bytes]:
     out = []
     for _ in range(150):
         out.append("\n".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))).encode())
-    out += [b"", b"\n", b"a\n\nb\n", b"a\n \n\n  b", b"a \n\nb", b"a\n\t\n \nb", b"a\n\xff\n\nb\n", b"one\ntwo\n",
-            b"p1 line1\np1 line2\n\n\n\np2\xe9 bad\n", b"last line no newline"]
+    out += [
+        b"",
+        b"\n",
+        b"a\n\nb\n",
+        b"a\n \n\n  b",
+        b"a \n\nb",
+        b"a\n\t\n \nb",
+        b"a\n\xff\n\nb\n",
+        b"one\ntwo\n",
+        b"p1 line1\np1 line2\n\n\n\np2\xe9 bad\n",
+        b"last line no newline",
+    ]
     return out
 
 
@@ -102,7 +126,7 @@ def test_ingest_outputs_on_the_embedded_default_match_the_old_readers(tmp_path, 
 
     def run(out: Path) -> dict:
         out.mkdir()
-        with (io.jsonl_writer(out / "records.jsonl") as write, io.jsonl_writer(out / "rejected.jsonl") as rej):
+        with io.jsonl_writer(out / "records.jsonl") as write, io.jsonl_writer(out / "rejected.jsonl") as rej:
             for src in cfg["sources"]:
                 ingest.ingest_source({**src, "path": str(ROOT / src["path"])}, options, write, rej)
         return {p.name: p.read_bytes() for p in out.iterdir()}
@@ -118,16 +142,24 @@ def test_ingest_outputs_on_the_embedded_default_match_the_old_readers(tmp_path, 
 def test_a_large_json_array_is_read_in_bounded_memory(tmp_path):
     """A 200 MB array through the canonical reader: the reader's peak RSS stays far below the file's size."""
     path = tmp_path / "big.json"
-    item = {"id": "", "kind": "prompt", "prompt": "Tell me about the sea. " * 40, "lang": "en", "source": "x",
-            "meta": {}}
+    item = {
+        "id": "",
+        "kind": "prompt",
+        "prompt": "Tell me about the sea. " * 40,
+        "lang": "en",
+        "source": "x",
+        "meta": {},
+    }
     with open(path, "w", encoding="utf-8") as f:
         f.write("[\n")
         for i in range(200_000):
             f.write(("," if i else "") + json.dumps({**item, "prompt": f"{i} {item['prompt']}"}) + "\n")
         f.write("]\n")
     size_mb = path.stat().st_size / 1e6
-    code = (f"from selfalign import progress, readers; n = sum(1 for _ in readers.json_units({str(path)!r})); "
-            "print(n, progress.peak_rss_mb())")  # not ru_maxrss: it carries pytest's peak over fork and exec
+    code = (
+        f"from selfalign import progress, readers; n = sum(1 for _ in readers.json_units({str(path)!r})); "
+        "print(n, progress.peak_rss_mb())"
+    )  # not ru_maxrss: it carries pytest's peak over fork and exec
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     n, rss_mb = out.split()
     assert int(n) == 200_000 and size_mb > 180

@@ -26,34 +26,50 @@ def lines(path: Path) -> list[dict]:
 
 
 def chat(user: str, answer: str, lang: str, system: str | None = None) -> dict:
-    return records.make("chat", messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                        lang=lang, source="test", **({"system": system} if system else {}))
+    return records.make(
+        "chat",
+        messages=[{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+        lang=lang,
+        source="test",
+        **({"system": system} if system else {}),
+    )
 
 
 # ------------------------------------------------------------------------------------ pure functions
 
 
-@pytest.mark.parametrize("reply, verdict, reason, conf", [
-    ('{"verdict": "incorrect", "reason": "2+2 is 4, not 5", "confidence": 0.9}', "incorrect", "2+2 is 4, not 5", 0.9),
-    ('Sure.\n```json\n{"verdict": "Correct", "reason": "right", "confidence": 85}\n```', "correct", "right", 0.85),
-    ("Verdict: incorrect, confidence 0.9; reason five is not four", "incorrect", "five is not four", 0.9),
-    ("Verdict correct, confidence 1 - reason Paris is right", "correct", "Paris is right", 1.0),
-    ("verdict: correct\nreason: fine\nconfidence: 70%", "correct", "fine", 0.7),
-])
+@pytest.mark.parametrize(
+    "reply, verdict, reason, conf",
+    [
+        (
+            '{"verdict": "incorrect", "reason": "2+2 is 4, not 5", "confidence": 0.9}',
+            "incorrect",
+            "2+2 is 4, not 5",
+            0.9,
+        ),
+        ('Sure.\n```json\n{"verdict": "Correct", "reason": "right", "confidence": 85}\n```', "correct", "right", 0.85),
+        ("Verdict: incorrect, confidence 0.9; reason five is not four", "incorrect", "five is not four", 0.9),
+        ("Verdict correct, confidence 1 - reason Paris is right", "correct", "Paris is right", 1.0),
+        ("verdict: correct\nreason: fine\nconfidence: 70%", "correct", "fine", 0.7),
+    ],
+)
 def test_parse_verdict_reads_json_and_spelled_out_keys(reply, verdict, reason, conf):
     assert vf.parse_verdict(reply) == vf.Verdict(verdict, reason, pytest.approx(conf))
 
 
-@pytest.mark.parametrize("reply, why", [
-    ("", "empty"),
-    ("I think this looks fine overall", "no verdict"),
-    ("The answer is correct.", "no verdict"),                           # no key: a bare word is not a verdict
-    ('{"verdict": "maybe", "reason": "x", "confidence": 0.5}', "not correct or incorrect"),
-    ('{"verdict": "correct", "reason": "x"}', "no confidence"),
-    ('{"verdict": "correct", "reason": "", "confidence": 1}', "no reason"),
-    ('{"verdict": "correct", "reason": "x", "confidence": 250}', "outside 0..1"),
-    ("Verdict: correct, reason fine", "no confidence"),
-])
+@pytest.mark.parametrize(
+    "reply, why",
+    [
+        ("", "empty"),
+        ("I think this looks fine overall", "no verdict"),
+        ("The answer is correct.", "no verdict"),  # no key: a bare word is not a verdict
+        ('{"verdict": "maybe", "reason": "x", "confidence": 0.5}', "not correct or incorrect"),
+        ('{"verdict": "correct", "reason": "x"}', "no confidence"),
+        ('{"verdict": "correct", "reason": "", "confidence": 1}', "no reason"),
+        ('{"verdict": "correct", "reason": "x", "confidence": 250}', "outside 0..1"),
+        ("Verdict: correct, reason fine", "no confidence"),
+    ],
+)
 def test_garbage_is_unparsable_never_a_pass(reply, why):
     with pytest.raises(vf.UnparsableVerdict, match=why):
         vf.parse_verdict(reply)
@@ -66,7 +82,11 @@ def test_prompt_and_decision():
     assert vf.build_prompt("{instruction}|{output}", chat("Q?", "A.", "en")) == "Q?|A."
     with pytest.raises(ValueError, match="{output}"):
         vf.build_prompt("{instruction}", rec)
-    assert vf.decide(vf.Verdict("incorrect", "wrong sum", 0.9), 0.0) == (False, "incorrect", "wrong sum (confidence 0.90)")
+    assert vf.decide(vf.Verdict("incorrect", "wrong sum", 0.9), 0.0) == (
+        False,
+        "incorrect",
+        "wrong sum (confidence 0.90)",
+    )
     assert vf.decide(vf.Verdict("correct", "ok", 0.4), 0.5)[:2] == (False, "low_confidence")
     assert vf.decide(vf.Verdict("correct", "ok", 0.4), 0.0) == (True, "", "")
 
@@ -93,11 +113,41 @@ def teacher(tmp_path: Path, reply: str):
 
 def run_stage(tmp_path: Path, url: str, inp: Path, out: str, **extra) -> tuple[dict, list[dict], list[dict]]:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"verify": {"langs": ["ms"], "max_records": 3, "engine": {
-        "kind": "openai", "base_url": url, "model": "teacher", "api_key_env": "", "max_retries": 0}, **extra}}))
-    res = CliRunner().invoke(load_stage("verify").main, [
-        "--params", str(params), "--input", str(inp), "--prompt", str(PROMPT), "--output-dir", str(tmp_path / out),
-        "--cache", str(tmp_path / "cache" / out), "--metrics", str(tmp_path / f"{out}.json")])
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "verify": {
+                    "langs": ["ms"],
+                    "max_records": 3,
+                    "engine": {
+                        "kind": "openai",
+                        "base_url": url,
+                        "model": "teacher",
+                        "api_key_env": "",
+                        "max_retries": 0,
+                    },
+                    **extra,
+                }
+            }
+        )
+    )
+    res = CliRunner().invoke(
+        load_stage("verify").main,
+        [
+            "--params",
+            str(params),
+            "--input",
+            str(inp),
+            "--prompt",
+            str(PROMPT),
+            "--output-dir",
+            str(tmp_path / out),
+            "--cache",
+            str(tmp_path / "cache" / out),
+            "--metrics",
+            str(tmp_path / f"{out}.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     m = json.loads((tmp_path / f"{out}.json").read_text())
     return m, lines(tmp_path / out / "kept.jsonl"), lines(tmp_path / out / "rejected.jsonl")
@@ -105,11 +155,13 @@ def run_stage(tmp_path: Path, url: str, inp: Path, out: str, **extra) -> tuple[d
 
 @pytest.fixture
 def seed(tmp_path) -> Path:
-    recs = [chat("Berapakah dua tambah dua?", "Dua tambah dua ialah lima.", "ms"),
-            chat("What is the capital of France?", "Paris.", "en"),
-            chat("Apakah ibu negara Malaysia?", "Kuala Lumpur.", "ms"),
-            chat("Namakan satu buah tempatan.", "Durian.", "ms"),
-            chat("Sebutkan satu warna.", "Merah.", "ms")]
+    recs = [
+        chat("Berapakah dua tambah dua?", "Dua tambah dua ialah lima.", "ms"),
+        chat("What is the capital of France?", "Paris.", "en"),
+        chat("Apakah ibu negara Malaysia?", "Kuala Lumpur.", "ms"),
+        chat("Namakan satu buah tempatan.", "Durian.", "ms"),
+        chat("Sebutkan satu warna.", "Merah.", "ms"),
+    ]
     path = tmp_path / "seed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "{not json\n")
     return path
@@ -137,9 +189,12 @@ def test_correct_verdicts_pass_with_the_verdict_in_meta_and_a_confidence_floor(t
         m, kept, rejected = run_stage(tmp_path, url, seed, "correct", langs=[], max_records=0)
         floor, kept2, rej2 = run_stage(tmp_path, url, seed, "floor", langs=[], max_records=0, min_confidence=1.0)
     assert (m["records_in"], m["kept"], m["rejected"], m["judged"]) == (6, 5, 1, 5)
-    assert all(r["meta"]["verify"] == {"verdict": "correct", "reason": "Paris is right", "confidence": 1.0,
-                                       "teacher": "teacher"} for r in kept)
-    assert floor["kept"] == 5                                   # confidence 1.0 meets a floor of 1.0
+    assert all(
+        r["meta"]["verify"]
+        == {"verdict": "correct", "reason": "Paris is right", "confidence": 1.0, "teacher": "teacher"}
+        for r in kept
+    )
+    assert floor["kept"] == 5  # confidence 1.0 meets a floor of 1.0
 
 
 def test_a_teacher_answering_garbage_passes_nothing(tmp_path, seed):
@@ -157,13 +212,41 @@ def test_an_unreachable_teacher_fails_records_not_the_audit(tmp_path, seed):
 
 
 def test_params_are_checked_at_start_up(tmp_path, seed):
-    res = CliRunner().invoke(load_stage("verify").main, [
-        "--set", "min_confidence=2", "--input", str(seed), "--prompt", str(PROMPT), "--output-dir", str(tmp_path / "o"),
-        "--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        load_stage("verify").main,
+        [
+            "--set",
+            "min_confidence=2",
+            "--input",
+            str(seed),
+            "--prompt",
+            str(PROMPT),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--cache",
+            str(tmp_path / "c"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code != 0 and "min_confidence" in res.output
-    res = CliRunner().invoke(load_stage("verify").main, [
-        "--set", "langz=[ms]", "--input", str(seed), "--prompt", str(PROMPT), "--output-dir", str(tmp_path / "o"),
-        "--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m.json")])
+    res = CliRunner().invoke(
+        load_stage("verify").main,
+        [
+            "--set",
+            "langz=[ms]",
+            "--input",
+            str(seed),
+            "--prompt",
+            str(PROMPT),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--cache",
+            str(tmp_path / "c"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
     assert res.exit_code != 0 and "langz" in res.output
 
 
