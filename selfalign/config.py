@@ -27,7 +27,25 @@ Self = typing.TypeVar("Self", bound="Config")
 
 # The stage sections of params.yaml and the config class of each (module:Class), imported on demand:
 # profile.py validates a profile's phase entries with them, tests/test_config.py keeps them equal to params.yaml.
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {
+    "base": "selfalign.base:BaseConfig",
+    "ingest": "selfalign.ingest:IngestConfig",
+    "translate": "selfalign.translate:TranslateConfig",
+    "clean": "selfalign.clean:CleanConfig",
+    "repair": "selfalign.repair:RepairConfig",
+    "localise": "selfalign.localise:LocaliseConfig",
+    "verify": "selfalign.verify:VerifyConfig",
+    "augment": "selfalign.augment:AugmentConfig",
+    "curate": "selfalign.curate:CurateConfig",
+    "review": "selfalign.review:ReviewConfig",
+    "distill": "selfalign.distill:DistillConfig",
+    "sft": "selfalign.sft:SFTConfig",
+    "reward": "selfalign.reward:RewardConfig",
+    "ppo": "selfalign.ppo:PPOConfig",
+    "dpo": "selfalign.dpo:DPOConfig",
+    "evaluate": "selfalign.evaluate:EvaluateConfig",
+    "export": "selfalign.export:ExportConfig",
+}
 
 
 class ParamsError(click.UsageError):
