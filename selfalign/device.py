@@ -29,8 +29,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
-DTYPE_OF = {"bf16": "bfloat16", "fp32": "float32"}
-PRECISION_OF = {"bfloat16": "bf16", "float32": "fp32"}
+DTYPE_OF = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}  # the params vocabulary -> torch dtype names
+PRECISION_OF = {v: k for k, v in DTYPE_OF.items()}
 BF16_MARGIN = 1.1  # bf16 must run the probe at least 10% faster than fp32 to be chosen
 PROBE_ROWS = 256
 PROBE_REPS = 7

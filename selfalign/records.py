@@ -46,6 +46,12 @@ def record_id(record: dict) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def key(record: dict) -> tuple[str, str]:
+    """(id, lang): a record's identity across stages. A translation shares its original's id, so the id alone
+    would call it a duplicate (reward once dropped every translated pair that way)."""
+    return record["id"], record["lang"]
+
+
 def make(kind: str, *, lang: str, source: str, meta: dict | None = None, system: str | None = None, **fields) -> dict:
     """Build a record of `kind` with its id; `fields` are the kind's content fields."""
     record: dict[str, Any] = {"id": "", "kind": kind, **fields}
