@@ -31,6 +31,7 @@ Nothing is downloaded: the models are files inside this package or installed pac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -38,7 +39,9 @@ import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
+
+from selfalign.config import Config, opt
 
 MARKERS_FILE = Path(__file__).with_name("ms_id_markers.json")
 NGRAMS_FILE = Path(__file__).with_name("langid_ngrams.json")
@@ -119,6 +122,24 @@ def gate_text(record: dict) -> str:
     if prompt and _TRANSLATION.search(prompt):
         return prompt.strip().split("\n\n")[0]
     return "\n".join(texts(record))
+
+
+@dataclasses.dataclass
+class LangGate(Config):
+    """The language gate's settings (params clean.langs; repair judges its rewrites with the same ones)."""
+
+    enabled: bool = True  # false: no gate (clean keeps every language)
+    min_letters: int = opt(40, lo=0)  # fewer letters: the char n-gram model judges, not fastText
+    min_confidence: float = opt(0.5, lo=0, hi=1)  # fastText probability below this: the n-gram model judges
+    margin: float = opt(2.0, lo=0)  # ms vs id: |marker log-odds| below this: ms_id_fallback decides
+    ngram_margin: float = opt(8.0, lo=0)  # nats the n-gram model needs to call short text another language
+    ms_id_fallback: Literal["lingua", "ngram", "none"] = "lingua"  # ms vs id when the markers are silent
+    ms_id_ngram_margin: float = opt(64.0, lo=0)  # ms_id_fallback ngram: log-odds needed to decide
+    max_chars: int = opt(300, lo=1)  # characters fastText reads
+
+    def settings(self) -> dict:
+        """identify's keyword arguments (everything but `enabled`)."""
+        return {k: v for k, v in self.to_dict().items() if k != "enabled"}
 
 
 class Verdict(NamedTuple):
@@ -293,6 +314,11 @@ def identify(
     if gap >= ngram_margin:
         return Verdict("mismatch", best, detail, "ngram")
     return Verdict("undetermined", best, f"{detail} < {ngram_margin}", "ngram")
+
+
+def judge(record: dict, gate: LangGate) -> Verdict:
+    """The gate's verdict on a record: is gate_text(record) in its declared `lang`? (clean and repair call this)."""
+    return identify(gate_text(record), record["lang"], **gate.settings())
 
 
 # ---- deriving the marker words from data (run by hand; the result is the package's data file) ----
