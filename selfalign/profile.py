@@ -7,15 +7,15 @@ A profile is YAML shaped like params.yaml: sections named as stages, holding onl
 changes. `apply` writes those values into params.yaml itself (comments and order kept), so DVC
 sees and tracks every value a profile changes, `dvc params diff` shows the switch, and `git
 checkout params.yaml` undoes it. Before writing anything the profile is validated the way each
-stage validates at start-up: code DEFAULTS < params.yaml section < profile, with an unknown key an
-error naming the profile and the key. Sections of stages that do not exist yet are reported, not
-guessed at; sections listed in NON_STAGE are launcher settings read by dvc.yaml, not by a stage.
+stage validates at start-up (its Config class, selfalign/config.py STAGES): code defaults < params.yaml
+section < profile, every field typed and range-checked, a bad key or value an error naming the profile
+and the key. A section no stage reads is reported, not guessed at; sections listed in NON_STAGE are
+read by dvc.yaml, not by a stage.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io as _io
 import math
 import sys
@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import yaml
 
-from selfalign import params
+from selfalign import config, params
 
 # params.yaml sections that no stage script reads (none today; dvc.yaml templating could read one).
 NON_STAGE: dict[str, dict] = {}
@@ -37,50 +37,43 @@ def load(path: str | Path) -> dict:
     return data
 
 
-def stage_defaults(stages_dir: str | Path) -> dict[str, dict]:
-    """DEFAULTS of every stages/<name>.py, keyed by name (imports the scripts, runs none)."""
-    out = {}
-    for script in sorted(Path(stages_dir).glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"_selfalign_stage_{script.stem}", script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if isinstance(getattr(module, "DEFAULTS", None), dict):
-            out[script.stem] = module.DEFAULTS
-    return out
+def validate(profile: dict, params_file: str | Path | None, where: str = "profile") -> tuple[dict, list[str]]:
+    """({section: the stage's resolved Config} for the stage sections, [sections no stage reads]).
 
-
-def validate(
-    profile: dict, params_file: str | Path | None, defaults: dict[str, dict], where: str = "profile"
-) -> tuple[dict[str, dict], list[str]]:
-    """({section: resolved values} for the sections checked, [sections with no stage to check against])."""
-    known = {**NON_STAGE, **defaults}
+    Each section is checked as its stage checks itself at start-up (config.STAGES names the class): code
+    defaults < params.yaml section < the profile's values, every field typed and range-checked, so a typo
+    inside a nested entry (a phase, an engine) fails here, naming the profile and the key."""
     resolved, unchecked = {}, []
     for name, values in profile.items():
-        if name not in known:
+        if name in NON_STAGE:
+            continue
+        if name not in config.STAGES:
             unchecked.append(name)
             continue
-        base = known[name]
-        current = params.section(params_file, name) if params_file and _has_section(params_file, name) else {}
-        merged = params._merge(base, current, f"{params_file}:{name}")
-        resolved[name] = params._merge(merged, values, f"{where}:{name}")
+        cls = config.stage_class(name)
+        try:
+            now = params.resolve(cls, params_file, name) if _has_section(params_file, name) else cls()
+            resolved[name] = config.layer(cls, now, values, name, replace_mappings=False)
+        except params.ParamsError as e:
+            raise params.ParamsError(f"{where}:{e.message}") from e
     return resolved, unchecked
 
 
-def _has_section(params_file: str | Path, name: str) -> bool:
+def _has_section(params_file: str | Path | None, name: str) -> bool:
+    if not params_file:
+        return False
     data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
     return name in data
 
 
-def changes(
-    profile: dict, params_file: str | Path, defaults: dict[str, dict] | None = None
-) -> list[tuple[str, object, object]]:
-    """(dotted key, value now, value after) for every leaf the profile changes; `now` is what the
-    stage resolves today (its DEFAULTS under params.yaml) where the stage is known."""
+def changes(profile: dict, params_file: str | Path) -> list[tuple[str, object, object]]:
+    """(dotted key, value now, value after) for every leaf the profile changes; `now` is what the stage
+    resolves today (its config under params.yaml) where a stage reads the section."""
     data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
-    known = {**NON_STAGE, **(defaults or {})}
     for name in profile:
-        if name in known:
-            data[name] = params._merge(known[name], data.get(name) or {}, f"{params_file}:{name}")
+        if name in config.STAGES:
+            cls = config.stage_class(name)
+            data[name] = (params.resolve(cls, params_file, name) if name in data else cls()).to_dict()
     out = []
 
     def walk(prefix: str, node: dict, now) -> None:
@@ -144,34 +137,31 @@ def cli():
     """Validate and apply params profiles (profiles/*.yaml)."""
 
 
-def _check(profile_path: str, params_file: str, stages_dir: str) -> tuple[dict, dict]:
+def _check(profile_path: str, params_file: str) -> dict:
     profile = load(profile_path)
-    defaults = stage_defaults(stages_dir)
-    _, unchecked = validate(profile, params_file, defaults, where=profile_path)
+    _, unchecked = validate(profile, params_file, where=profile_path)
     for name in unchecked:
-        click.echo(f"{profile_path}: section {name!r} has no stages/{name}.py yet: not validated", err=True)
-    return profile, defaults
+        click.echo(f"{profile_path}: section {name!r} is read by no stage: not validated", err=True)
+    return profile
 
 
 @cli.command()
 @click.argument("profile_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--params", "params_file", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
-@click.option("--stages", "stages_dir", default="stages", type=click.Path(exists=True, file_okay=False))
-def check(profile_path, params_file, stages_dir):
-    """Validate PROFILE_PATH against the stages' DEFAULTS and params.yaml; list what it would change."""
-    profile, defaults = _check(profile_path, params_file, stages_dir)
-    for key, before, after in changes(profile, params_file, defaults):
+def check(profile_path, params_file):
+    """Validate PROFILE_PATH as each stage validates its params; list what it would change in params.yaml."""
+    profile = _check(profile_path, params_file)
+    for key, before, after in changes(profile, params_file):
         click.echo(f"{key}: {before!r} -> {after!r}")
 
 
 @cli.command()
 @click.argument("profile_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--params", "params_file", default="params.yaml", type=click.Path(exists=True, dir_okay=False))
-@click.option("--stages", "stages_dir", default="stages", type=click.Path(exists=True, file_okay=False))
-def apply(profile_path, params_file, stages_dir):
+def apply(profile_path, params_file):
     """Write PROFILE_PATH's values into params.yaml (validated first; `git checkout params.yaml` undoes it)."""
-    profile, defaults = _check(profile_path, params_file, stages_dir)
-    diff = changes(profile, params_file, defaults)
+    profile = _check(profile_path, params_file)
+    diff = changes(profile, params_file)
     text = apply_text(Path(params_file).read_text(encoding="utf-8"), profile)
     from selfalign import io
 
