@@ -7,16 +7,19 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed's JIT-compiled CPU ops (tests/test_multiprocess.py): built once per machine, outside any clone
 export TORCH_EXTENSIONS_DIR ?= /var/tmp/selfalign-torch-extensions
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1)
+LINT_PATHS := selfalign stages tests bench scripts
 PORT ?= 8000
 MODEL ?= $(firstword $(wildcard models/export) models/base)
 
-.PHONY: setup train test lint serve bench dag
+.PHONY: setup train test test-fast lint format serve bench dag
 setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV) && touch $@
 train: setup ; dvc repro
 test: setup ; python -m pytest -q tests
-lint: setup ; ruff check selfalign stages tests bench
+test-fast: setup ; python -m pytest -q -m "not slow" tests
+lint: setup ; ruff check $(LINT_PATHS) && ruff format --check $(LINT_PATHS)
+format: setup ; ruff check --fix $(LINT_PATHS) && ruff format $(LINT_PATHS)
 serve: setup ; python -m selfalign.serve --model $(MODEL) --port $(PORT)
 bench: setup ; for b in bench/[!_]*.py; do python $$b || exit 1; done
 dag: setup ; dvc dag

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -101,3 +102,22 @@ def test_workflow_lint_passes_the_project_and_fails_an_unpinned_action(tmp_path)
     )
     proc = run("bash", str(LINT), str(tmp_path), cwd=ROOT)
     assert proc.returncode != 0 and "unpinned-uses" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_style_drift_is_caught_by_ci_and_pre_commit():
+    """ruff check + format check run in .ci/run and the hosted workflow before the tests, with the dev extra's ruff,
+    and the pre-commit hook pins the same ruff."""
+    import re
+
+    root = ROOT
+    pin = re.search(r'"ruff==([\d.]+)"', (root / "pyproject.toml").read_text()).group(1)
+    hooks = yaml.safe_load((root / ".pre-commit-config.yaml").read_text())["repos"]
+    ruff = next(h for h in hooks if h["repo"].endswith("ruff-pre-commit"))
+    assert ruff["rev"] == f"v{pin}" and {h["id"] for h in ruff["hooks"]} == {"ruff", "ruff-format"}
+    make = (root / "Makefile").read_text()
+    assert re.search(r"^lint: .*ruff check .*ruff format --check", make, re.M)
+    assert re.search(r'^test-fast: .*-m "not slow"', make, re.M)
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert ci.index("make lint") < ci.index("make test")
+    assert "run: make lint" in (root / ".github" / "workflows" / "pipeline.yml").read_text()
+    assert "line-length = 120" in (root / "pyproject.toml").read_text()
