@@ -20,18 +20,47 @@ Pair sources (STYLE principle 7: every candidate pair is used or counted with a 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
 from collections import Counter, defaultdict
 from fnmatch import fnmatch
+from typing import Literal
+
+from selfalign import records
+from selfalign.config import Config, LoraSpec, opt
+
+
+@dataclasses.dataclass
+class RewardConfig(Config):
+    """The `reward:` section of params.yaml (its comments are the user-facing doc)."""
+
+    init: Literal["base", "final"] = "base"  # the weights dvc.yaml passes as --model (a label in metrics here)
+    sources: Literal["all"] | list[str] = "all"  # or shell patterns matched against a record's source
+    curation_pairs: bool = False  # also pair curation-scored candidates that share an instruction
+    curation_margin: float = opt(2, lo=0)  # ...whose scores differ by at least this
+    heldout_pairs: int = opt(64, lo=1)  # whole ids held out until at least this many pairs (at most half)
+    max_pairs: int = opt(120, lo=1)  # training pairs, a seeded sample
+    max_len: int = opt(192, lo=1)  # tokens per rendered conversation, cut from the left
+    epochs: int = opt(1, lo=1)  # backbone tuned
+    batch_size: int = opt(8, lo=1)  # pairs per step (backbone tuned)
+    lr: float = opt(2.0e-4, lo=0, lo_open=True)  # backbone tuned
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # backbone tuned; frozen runs fp32
+    center_rewards: float = opt(0.01, lo=0)  # TRL's center_rewards_coefficient
+    backbone: Literal["frozen", "tuned"] = "frozen"  # frozen: fit only the score head; tuned: RewardTrainer
+    head_l2: float = opt(1.0, lo=0)  # backbone frozen: L2 weight on the head
+    lora: LoraSpec = opt(LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]))  # r 0: full
+    score_batch_size: int = opt(16, lo=1)  # conversations per forward pass when scoring
+    threads: int = opt(0, lo=0)  # torch threads; 0 = torch's default
+    seed: int = opt(0, lo=0)
 
 
 def in_fraction(record_id: str, fraction: float, salt: str) -> bool:
     """Deterministic split by id hash: the same id lands on the same side in every run and stage.
 
     `salt` names the split, so different uses of it are independent draws. (Seed records held
-    out of SFT, which ppo uses as prompts and evaluate for perplexity, are selfalign.training.heldout.)
+    out of SFT, which ppo uses as prompts and evaluate for perplexity, are selfalign.sft.heldout.)
     """
     if fraction <= 0:
         return False
@@ -41,8 +70,7 @@ def in_fraction(record_id: str, fraction: float, salt: str) -> bool:
 
 def pair_messages(pair: dict) -> tuple[list[dict], list[dict]]:
     """(chosen conversation, rejected conversation) of a preference record."""
-    head = [{"role": "system", "content": pair["system"]}] if pair.get("system") else []
-    head.append({"role": "user", "content": pair["prompt"]})
+    head = records.with_system(pair.get("system"), [{"role": "user", "content": pair["prompt"]}])
     return (
         head + [{"role": "assistant", "content": pair["chosen"]}],
         head + [{"role": "assistant", "content": pair["rejected"]}],
@@ -105,8 +133,6 @@ def curation_pairs(scored: list[dict], margin: float) -> tuple[list[dict], Count
     it with nobody; they are counted as `no_shared_instruction`, not silently skipped. Counts
     are per candidate, so candidates in = used in some pair + the counted reasons.
     """
-    from selfalign import records
-
     groups: dict[str, list[dict]] = defaultdict(list)
     counts: Counter = Counter()
     for r in scored:
@@ -292,7 +318,7 @@ def load_reward_model(model_dir, device: str = "auto"):
     return model, tok
 
 
-def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
+def train(model_dir, train_pairs: list[dict], cfg: RewardConfig, workdir: str):
     """Train a reward model initialised from `model_dir` on preference records; returns (model, tok, log).
 
     TRL's RewardTrainer does the Bradley-Terry loss; we hand it token ids we rendered ourselves,
@@ -306,48 +332,42 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
 
     from selfalign import chat
 
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     tok = chat.load_tokenizer(model_dir)
     check_pooling(tok)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
-    if cfg["backbone"] == "frozen":  # forward passes only, on the process's device (RewardTrainer places its own)
+    if cfg.backbone == "frozen":  # forward passes only, on the process's device (RewardTrainer places its own)
         from selfalign.device import resolve_device
 
         return _train_head(model.to(resolve_device("auto")), tok, train_pairs, cfg)
     rows, cut = [], 0
     for p in train_pairs:
         good, bad = pair_messages(p)
-        (c_ids, c_cut), (r_ids, r_cut) = encode(tok, good, cfg["max_length"]), encode(tok, bad, cfg["max_length"])
+        (c_ids, c_cut), (r_ids, r_cut) = encode(tok, good, cfg.max_len), encode(tok, bad, cfg.max_len)
         cut += c_cut or r_cut
         rows.append({"chosen_ids": c_ids, "rejected_ids": r_ids})
     peft_config = None
-    if cfg["lora"]["r"]:
-        from peft import LoraConfig, TaskType
+    if cfg.lora.r:
+        from selfalign.models import lora_config
 
-        peft_config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=cfg["lora"]["r"],
-            lora_alpha=cfg["lora"]["alpha"],
-            lora_dropout=cfg["lora"]["dropout"],
-            target_modules=cfg["lora"]["target_modules"],
-        )
+        peft_config = lora_config(cfg.lora, task_type="SEQ_CLS")
     args = RewardConfig(
         output_dir=workdir,
-        per_device_train_batch_size=cfg["batch_size"],
-        num_train_epochs=cfg["epochs"],
-        learning_rate=float(cfg["lr"]),
+        per_device_train_batch_size=cfg.batch_size,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
         max_length=None,
-        seed=cfg["seed"],
+        seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         report_to=[],
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
-        bf16=cfg["precision"] == "bf16",
+        bf16=cfg.precision == "bf16",
         lr_scheduler_type="constant",
-        center_rewards_coefficient=float(cfg["center_rewards"]) or None,
+        center_rewards_coefficient=cfg.center_rewards or None,
     )
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=peft_config
@@ -361,7 +381,7 @@ def train(model_dir, train_pairs: list[dict], cfg: dict, workdir: str):
     return model.eval(), tok, {"truncated_pairs": cut, "log": log}
 
 
-def _train_head(model, tok, train_pairs: list[dict], cfg: dict):
+def _train_head(model, tok, train_pairs: list[dict], cfg: RewardConfig):
     """backbone: frozen. Only the score head learns, from last-token states computed once (forward
     passes only, no backward through the network): the cheap way to use more pairs on a CPU."""
     import torch
@@ -372,11 +392,11 @@ def _train_head(model, tok, train_pairs: list[dict], cfg: dict):
             f"backbone: frozen needs a bias-free one-output `score` head; {type(model).__name__} has {head!r}"
         )
     convs = [pair_messages(p) for p in train_pairs]
-    cut = sum(encode(tok, c, cfg["max_length"])[1] or encode(tok, r, cfg["max_length"])[1] for c, r in convs)
-    kw = {"batch_size": cfg["score_batch_size"], "max_length": cfg["max_length"], "features": True}
+    cut = sum(encode(tok, c, cfg.max_len)[1] or encode(tok, r, cfg.max_len)[1] for c, r in convs)
+    kw = {"batch_size": cfg.score_batch_size, "max_length": cfg.max_len, "features": True}
     chosen = torch.stack(_last_token(model, tok, [c for c, _ in convs], **kw))
     rejected = torch.stack(_last_token(model, tok, [r for _, r in convs], **kw))
-    w, losses = fit_head(chosen, rejected, float(cfg["head_l2"]), float(cfg["center_rewards"]))
+    w, losses = fit_head(chosen, rejected, cfg.head_l2, cfg.center_rewards)
     with torch.no_grad():
         head.weight.copy_(w[None, :].to(head.weight.dtype))
     return model.eval(), tok, {"truncated_pairs": cut, "log": [{"step": i, "loss": v} for i, v in enumerate(losses)]}

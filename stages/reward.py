@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -25,33 +24,10 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from selfalign import curate, device, io, launch, memory, models, params, records  # noqa: E402
-from selfalign import reward as rm  # noqa: E402
+from selfalign import cli, curate, device, io, launch, memory, models, params, records
+from selfalign import reward as rm
 
 log = logging.getLogger("reward")
-
-DEFAULTS = {
-    "init": "base",
-    "sources": "all",
-    "curation_pairs": False,
-    "curation_margin": 2,
-    "heldout_pairs": 64,
-    "max_pairs": 64,
-    "max_length": 192,
-    "epochs": 1,
-    "batch_size": 8,
-    "lr": 2.0e-4,
-    "precision": "auto",
-    "center_rewards": 0.01,
-    "backbone": "tuned",
-    "head_l2": 0.01,
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-    "score_batch_size": 16,
-    "threads": 0,
-    "seed": 0,
-}
 
 
 def read_records(path: str, kind: str) -> list[dict]:
@@ -62,17 +38,17 @@ def read_records(path: str, kind: str) -> list[dict]:
         raise click.ClickException(str(e)) from None
 
 
-def split_and_cap(pairs: list[dict], cfg: dict) -> tuple[list[dict], list[dict], int]:
+def split_and_cap(pairs: list[dict], cfg: rm.RewardConfig) -> tuple[list[dict], list[dict], int]:
     """(train, heldout, capped): held out by id (selfalign.reward.split_heldout), train capped by a seeded sample."""
-    train, heldout = rm.split_heldout(pairs, cfg["heldout_pairs"])
-    capped = max(0, len(train) - cfg["max_pairs"])
-    train = random.Random(cfg["seed"]).sample(train, min(len(train), cfg["max_pairs"]))
+    train, heldout = rm.split_heldout(pairs, cfg.heldout_pairs)
+    capped = max(0, len(train) - cfg.max_pairs)
+    train = random.Random(cfg.seed).sample(train, min(len(train), cfg.max_pairs))
     return train, heldout, capped
 
 
-def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
+def evaluate(model, tok, pairs: list[dict], cfg: rm.RewardConfig) -> dict:
     convs = [rm.pair_messages(p) for p in pairs]
-    kw = {"batch_size": cfg["score_batch_size"], "max_length": cfg["max_length"]}
+    kw = {"batch_size": cfg.score_batch_size, "max_length": cfg.max_len}
     chosen = rm.score(model, tok, [c for c, _ in convs], **kw)
     rejected = rm.score(model, tok, [r for _, r in convs], **kw)
     return {**rm.pairwise_metrics(chosen, rejected), "length_baseline": rm.length_baseline(pairs)}
@@ -108,43 +84,39 @@ def evaluate(model, tok, pairs: list[dict], cfg: dict) -> dict:
     "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
 )
 def main(preference, scored, model_dir, output, metrics_path, params_file, overrides, dry_run, gpu_gib):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = params.resolve(DEFAULTS, params_file, "reward", overrides)
-    if cfg["backbone"] not in ("tuned", "frozen"):
-        raise click.UsageError(f"reward.backbone: {cfg['backbone']!r} is not tuned or frozen")
+    cfg = params.resolve(rm.RewardConfig, params_file, "reward", overrides)
+    cli.setup_logging()
     if dry_run:  # pairs: chosen and rejected both go through the model
-        click.echo(
-            memory.dry_run(
-                memory.stage_plan("reward", cfg, model_dir, params_file, gpu_gib=gpu_gib, head="score", pairs=True),
-                params=cfg,
-            )
+        plan = memory.stage_plan(
+            "reward", cfg.to_dict(), model_dir, params_file, gpu_gib=gpu_gib, head="score", pairs=True
         )
+        click.echo(memory.dry_run(plan, params=cfg.to_dict()))
         return
     try:  # one rule (selfalign/device.py); a frozen backbone's features stay fp32: the fitted head must not
         # depend on which precision this machine measures faster. Before the launch: its ranks read the cache
-        frozen = cfg["backbone"] == "frozen"
-        placed = device.placement("auto", "fp32" if frozen else cfg["precision"], model_dir, "reward.precision")
+        frozen = cfg.backbone == "frozen"
+        placed = device.placement("auto", "fp32" if frozen else cfg.precision, model_dir, "reward.precision")
     except device.DeviceError as e:
         raise click.UsageError(str(e)) from e
     if frozen:
         placed.reason = "backbone frozen: last-token features in fp32"
-    cfg = {**cfg, "precision": placed.precision}
+    cfg = cfg.replace(precision=placed.precision)
     # The launcher (torchrun, accelerate launch, srun ...) comes from the machine, not params (selfalign/launch.py).
     launcher = launch.relaunch("reward")
     t0 = time.time()
-    if cfg["threads"]:
+    if cfg.threads:
         import torch
 
-        torch.set_num_threads(cfg["threads"])
+        torch.set_num_threads(cfg.threads)
 
     prefs = read_records(preference, "preference")
-    pairs, dropped = rm.select_pairs(prefs, cfg["sources"])
+    pairs, dropped = rm.select_pairs(prefs, cfg.sources)
     curation: Counter = Counter()
-    if cfg["curation_pairs"]:
+    if cfg.curation_pairs:
         scored = scored and str(curate.round_file(scored, params_file, "scored.jsonl"))
         if not scored or not Path(scored).exists():
             raise click.ClickException(f"curation_pairs is on but --scored {scored!r} does not exist")
-        extra, curation = rm.curation_pairs(read_records(scored, "chat"), cfg["curation_margin"])
+        extra, curation = rm.curation_pairs(read_records(scored, "chat"), cfg.curation_margin)
         known = {(p["id"], p["lang"]) for p in pairs}
         dropped["duplicate_curation"] += sum((p["id"], p["lang"]) in known for p in extra)
         pairs += [p for p in extra if (p["id"], p["lang"]) not in known]
@@ -158,7 +130,7 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
     log.info(
         "init %s (%s): %d preference records -> %d pairs (%d from curation scores); train %d, held out %d, "
         "capped %d, dropped %s; train pairs by source %s",
-        cfg["init"],
+        cfg.init,
         model_dir,
         len(prefs),
         len(pairs),
@@ -185,15 +157,15 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
         held["pairs"],
         held["length_baseline"]["accuracy"],
     )
-    models.save_model_dir(model, tok, output, info={"kind": "reward", "init": cfg["init"]})
+    models.save_model_dir(model, tok, output, info={"kind": "reward", "init": cfg.init})
 
     losses = [h["loss"] for h in info["log"]]
     n_curation = sum(p["source"] == "curation-scores" for p in pairs)
     io.write_json(
         metrics_path,
         {
-            "init": cfg["init"],
-            "backbone": cfg["backbone"],  # frozen: train_loss_* are the head's loss at w = 0 and fitted
+            "init": cfg.init,
+            "backbone": cfg.backbone,  # frozen: train_loss_* are the head's loss at w = 0 and fitted
             "heldout_accuracy": held["accuracy"],
             "heldout_ci95": held["ci95"],  # Wilson score interval of the accuracy
             "heldout_margin": held["margin"],
@@ -213,7 +185,7 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
             "train_loss_last": losses[-1] if losses else None,
             "seconds": round(time.time() - t0, 1),
             # frozen: the head is fitted on the same features in every process, so no batch is split
-            **launch.summary(launcher, cfg["batch_size"] if cfg["backbone"] == "tuned" else None),
+            **launch.summary(launcher, cfg.batch_size if cfg.backbone == "tuned" else None),
             **placed.metrics(),
         },
     )

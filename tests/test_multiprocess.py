@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfalign import io, launch, models, records, training
+from selfalign import io, launch, models, records, sft
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +251,7 @@ def test_sft_two_processes_one_writer_and_resume_after_a_kill(tmp_path, tiny_mod
     env = launch_env(tmp_path, out, f"torchrun --nproc_per_node 2 --master_port {free_port()}")
     rc, log = run_stage("sft", args, env, kill_on="saved checkpoint at step 2")
     assert rc != 0 and "saved checkpoint at step 2" in log, log[-3000:]
-    assert not (out / "model").exists() and training.last_complete_checkpoint(out / "ckpt") is not None
+    assert not (out / "model").exists() and sft.last_complete_checkpoint(out / "ckpt") is not None
 
     rc, log = run_stage("sft", args, env)
     assert rc == 0, log[-5000:]
@@ -404,7 +404,7 @@ def test_reward_two_processes_split_each_batch_and_rank0_writes(tmp_path, tiny_m
         "--set",
         "lr=1e-2",
         "--set",
-        "max_length=64",
+        "max_len=64",
         "--set",
         "lora.r=4",
         "--set",

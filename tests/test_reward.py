@@ -5,10 +5,12 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import io, records
+from selfalign import io, params, records
 from selfalign import reward as rm
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reward"
@@ -223,9 +225,13 @@ def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
         "--set",
         "lora.r=0",
         "--set",
-        "max_length=64",
+        "max_len=64",
         "--set",
         "batch_size=8",
+        "--set",
+        "backbone=tuned",
+        "--set",
+        "max_pairs=64",
     ]
     res = CliRunner().invoke(stage.main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -278,7 +284,7 @@ def test_reward_stage_errors_name_file_line_and_field(tiny_model_dir, tmp_path):
 
 def test_lora_reward_model_is_merged_with_its_head(tiny_model_dir, tmp_path):
     """The default path: LoRA adapter merged, trained score head kept, loads without peft."""
-    cfg = {**load_stage("reward").DEFAULTS, "batch_size": 4, "lr": 1e-2, "max_length": 64}
+    cfg = rm.RewardConfig().replace(backbone="tuned", batch_size=4, lr=1e-2, max_len=64)
     model, tok, info = rm.train(tiny_model_dir, obvious_pairs(8), cfg, str(tmp_path / "work"))
     assert info["log"] and not hasattr(model, "peft_config")
     model.save_pretrained(tmp_path / "rm")
@@ -312,7 +318,11 @@ def test_frozen_backbone_fits_only_the_head(tiny_model_dir, tmp_path):
             "--set",
             "heldout_pairs=16",
             "--set",
-            "max_length=64",
+            "max_len=64",
+            "--set",
+            "head_l2=0.01",
+            "--set",
+            "max_pairs=64",
         ],
         catch_exceptions=False,
     )
@@ -340,3 +350,49 @@ def test_fit_head_is_bradley_terry():
     assert ((chosen - rejected) @ w > 0).all() and abs(w[0]) > 5 * w[1:].abs().max()
     w_strong, _ = rm.fit_head(chosen, rejected, l2=1.0, center=0.0)
     assert w_strong.norm() < w.norm()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reward_config_defaults_are_params_yaml():
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["reward"]
+    assert rm.RewardConfig.from_dict(section, "reward") == rm.RewardConfig()
+
+
+def test_reward_lr_written_as_1e_4_is_a_float(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; the config reads it as the number it means."""
+    p = tmp_path / "params.yaml"
+    p.write_text("reward:\n  lr: 1e-4\n")
+    cfg = params.resolve(rm.RewardConfig, p, "reward")
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("max_len=0", ["1 <="]),
+        ("backbone=half", ["frozen", "tuned"]),
+        ("lora.r=-1", ["0 <="]),
+        ("batch_size=two", ["an integer"]),
+        ("precision=fp16", ["auto", "fp32", "bf16"]),
+        ("sources=7", ["all", "list"]),
+    ],
+)
+def test_reward_rejects_a_bad_setting_before_any_work(tmp_path, setting, words):
+    assert_rejected(load_stage("reward").main, bare_args(tmp_path), setting, *words)
+
+
+def bare_args(tmp_path) -> list[str]:
+    """The stage's required options over files that exist (nothing is read before the params are checked)."""
+    pref = tmp_path / "preference.jsonl"
+    io.write_jsonl(pref, obvious_pairs(2))
+    model = tmp_path / "model"
+    model.mkdir()
+    return ["--preference", str(pref), "--model", str(model), "--output", str(tmp_path / "o"), "--metrics", "m.json"]
+
+
+def test_reward_rejects_an_old_key_name(tmp_path):
+    """max_length was renamed max_len (one name for a sequence cap): the old name is an unknown key, not ignored."""
+    res = CliRunner().invoke(load_stage("reward").main, [*bare_args(tmp_path), "--set", "max_length=64"])
+    assert res.exit_code == 2 and "unknown key 'max_length'" in res.output and "max_len" in res.output
