@@ -242,13 +242,15 @@ def _extra(obj: dict, used: tuple[str, ...], line: int) -> dict:
 def _chat(turns: list[tuple[str, str]], *, lang: str, source: str, meta: dict, system: str | None = None) -> dict:
     """A chat record from (role, content) turns that start with the user, alternate, and end with the assistant."""
     if not turns:
-        raise Reject("bad_turns", "no turns")
+        raise Reject("invalid_record", "turns: no turns")
     for i, (role, _) in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if role != want:
-            raise Reject("bad_turns", f"turn {i + 1} is {role}, expected {want} (turns must alternate, user first)")
+            raise Reject(
+                "invalid_record", f"turns: turn {i + 1} is {role}, expected {want} (turns must alternate, user first)"
+            )
     if turns[-1][0] != "assistant":
-        raise Reject("bad_turns", "the last turn is the user's; a chat record ends with the assistant")
+        raise Reject("invalid_record", "turns: the last turn is the user's; a chat record ends with the assistant")
     return records.chat(
         [{"role": r, "content": c} for r, c in turns], lang=lang, source=source, meta=meta, system=system
     )
@@ -282,7 +284,7 @@ def read_guanaco(path: str, lang: str, source: str, multi_turn: bool = False) ->
             raise Reject("multi_turn", f"{n_h} Human and {n_a} Assistant turns; multi_turn is off")
         parts = _GUANACO_TURN.split(text)
         if parts[0].strip():
-            raise Reject("bad_turns", "text before the first '### Human:'")
+            raise Reject("invalid_record", "turns: text before the first '### Human:'")
         roles = {"Human": "user", "Assistant": "assistant"}
         turns = [(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
         return [_chat(turns, lang=lang, source=source, meta=meta)]
@@ -436,7 +438,7 @@ def read_conversation(path: str, lang: str, source: str) -> Iterator[dict]:
         turns: list[list[str]] = []
         try:
             if not any(t.strip() for _, t in lines):
-                raise Reject("bad_turns", "empty conversation block")
+                raise Reject("invalid_record", "turns: empty conversation block")
             gap = False
             for n, text in lines:
                 m = _TAG.match(text)
@@ -445,7 +447,7 @@ def read_conversation(path: str, lang: str, source: str) -> Iterator[dict]:
                     turns.append([role, m.group(2).strip()])
                 elif text.strip():
                     if not turns:
-                        raise Reject("bad_turns", f"line {n}: text before the first speaker tag")
+                        raise Reject("invalid_record", f"turns: line {n}: text before the first speaker tag")
                     turns[-1][1] += ("\n\n" if gap else "\n") + text.strip()
                 gap = not text.strip() and bool(turns)
             meta: dict[str, Any] = {"line": start}
@@ -577,7 +579,7 @@ def read_sharegpt_preference(path: str, lang: str, source: str) -> Iterator[dict
                 "multi_turn", f"{sum(m['from'] == 'human' for m in rest)} human turns; the schema holds one prompt"
             )
         if rest[0]["from"] != "human":
-            raise Reject("bad_turns", f"the prompt turn is from {rest[0]['from']!r}, expected 'human'")
+            raise Reject("invalid_record", f"turns: the prompt turn is from {rest[0]['from']!r}, expected 'human'")
         answers = {}
         for field in ("chosen", "rejected"):
             a = obj.get(field)

@@ -16,28 +16,10 @@ from pathlib import Path
 
 import click
 
-from selfalign import io, models, params
-
-DEFAULTS = {
-    "source": "gguf",
-    "gguf_file": models.GGUF_FILE,
-    "local_dir": "",
-    "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "revision": "main",
-    "dtype": "float32",
-    "check_prompt": "What is the capital of France?",
-    "check_tokens": 12,
-}
+from selfalign import cli, io, models, params
+from selfalign.base import BaseConfig
 
 log = logging.getLogger("base")
-
-
-def describe_source(cfg: dict) -> str:
-    if cfg["source"] == "gguf":
-        return f"gguf:{Path(cfg['local_dir'] or models.packaged_gguf_dir()) / cfg['gguf_file']}"
-    if cfg["source"] == "local":
-        return f"local:{cfg['local_dir']}"
-    return f"hub:{cfg['hub_id']}@{cfg['revision']}"
 
 
 @click.command()
@@ -46,23 +28,23 @@ def describe_source(cfg: dict) -> str:
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(dir_okay=False))
 def main(params_file, overrides, output, metrics_path):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = params.resolve(DEFAULTS, params_file, "base", overrides)
+    cfg = params.resolve(BaseConfig, params_file, "base", overrides)
+    cli.setup_logging()
     import torch
 
     torch.manual_seed(0)
-    source = describe_source(cfg)
-    log.info("source %s, saving as %s", source, cfg["dtype"])
-    t0 = time.perf_counter()
     try:
+        source = cfg.describe_source()
+        log.info("source %s, saving as %s", source, cfg.dtype)
+        t0 = time.perf_counter()
         model, tok = models.load_source(
-            cfg["source"],
-            local_dir=cfg["local_dir"],
-            gguf_dir=cfg["local_dir"],
-            gguf_file=cfg["gguf_file"],
-            hub_id=cfg["hub_id"],
-            revision=cfg["revision"],
-            dtype=cfg["dtype"],
+            cfg.source,
+            local_dir=cfg.local_dir,
+            gguf_dir=cfg.local_dir,
+            gguf_file=cfg.gguf_file,
+            hub_id=cfg.hub_id,
+            revision=cfg.revision,
+            dtype=cfg.torch_dtype,
         )
     except models.ModelError as e:
         raise click.ClickException(str(e)) from e
@@ -77,26 +59,26 @@ def main(params_file, overrides, output, metrics_path):
     reloaded = models.load_model(output)
     tok2 = chat.load_tokenizer(output)
     load_s = time.perf_counter() - t0
-    text = models.greedy_reply(reloaded, tok2, cfg["check_prompt"], cfg["check_tokens"])
+    text = models.greedy_reply(reloaded, tok2, cfg.check_prompt, cfg.check_max_new_tokens)
     n_params = sum(p.numel() for p in reloaded.parameters())
     dtype = str(next(reloaded.parameters()).dtype).removeprefix("torch.")
-    if dtype != cfg["dtype"]:
-        raise click.ClickException(f"{output}: reloaded dtype {dtype} differs from base.dtype {cfg['dtype']}")
+    if dtype != cfg.torch_dtype:
+        raise click.ClickException(f"{output}: reloaded dtype {dtype} differs from base.dtype {cfg.dtype}")
     weights = Path(output) / models.WEIGHTS
     metrics = {
         "source": source,
         "params": n_params,
-        "dtype": dtype,
+        "dtype": cfg.dtype,
         "convert_seconds": round(convert_s, 2),
         "load_seconds": round(load_s, 2),
-        "check_prompt": cfg["check_prompt"],
+        "check_prompt": cfg.check_prompt,
         "check_reply": text,
         "weights_bytes": weights.stat().st_size,
-        "weights_sha256": models.sha256_file(weights),
+        "weights_sha256": io.sha256_file(weights),
         "chat_template": tok2.chat_template is not None,
     }
     log.info(
-        "%s params (%s), reloaded in %.2fs, reply to %r: %r", f"{n_params:,}", dtype, load_s, cfg["check_prompt"], text
+        "%s params (%s), reloaded in %.2fs, reply to %r: %r", f"{n_params:,}", dtype, load_s, cfg.check_prompt, text
     )
     io.write_json(metrics_path, metrics)
 

@@ -8,10 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
 from selfalign import io, params, readers, records
+from selfalign.ingest import IngestConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "ingest"
@@ -128,8 +131,8 @@ def test_conversation_text_in_korean_and_malay():
     assert kept[0]["messages"][0]["content"] == "괜찮습니다. 무엇을 도와드릴까요?"
 
     kept, rej = run("conversation", "mychatgpt_conversation.txt", lang="ms")
-    assert reasons(rej) == [("bad_turns", 40), ("bad_turns", 51), ("bad_turns", 62)]
-    assert "empty" in rej[2]["detail"]
+    assert reasons(rej) == [("invalid_record", 40), ("invalid_record", 51), ("invalid_record", 62)]
+    assert all(r["detail"].startswith("turns: ") for r in rej) and "empty" in rej[2]["detail"]
     assert [r["meta"]["line"] for r in kept] == [1, 9, 19, 29, 63]
     assert kept[1]["messages"][0]["content"].startswith("Akan saya lakukan")  # `Orang:` without brackets
     assert roles(kept[2]) == "uauauaua"  # `<Chabot>:`
@@ -411,22 +414,18 @@ def test_params_cli_writes_every_role_and_conserves_records(tmp_path):
     m = json.loads(metrics.read_text())
     by = {s["name"]: s for s in m["sources"]}
     assert by["gpt4all_ms"]["lines_read"] == 10 and by["gpt4all_ms"]["rejected_by_reason"] == {"invalid_json": 2}
-    assert by["rm_ms"]["records_written"] == 9 and by["rm_ms"]["role"] == "preference"
+    assert by["rm_ms"]["kept"] == 9 and by["rm_ms"]["role"] == "preference"
     assert by["guanaco_best_path"]["lang"] == "en"
     for s in m["sources"]:
-        assert (
-            s["records_in"]
-            == s["records_written"] + s["rejected"]
-            == s["records_written"] + sum(s["rejected_by_reason"].values())
-        )
+        assert s["records_in"] == s["kept"] + s["rejected"] == s["kept"] + sum(s["rejected_by_reason"].values())
     seed, rej = io.load_jsonl(out / "seed.jsonl"), io.load_jsonl(out / "rejected.jsonl")
     assert len(seed) == 8 + 4 == m["outputs"]["seed"]
-    assert len(rej) == m["rejected"] and m["records_in"] == m["records_written"] + len(rej)
+    assert len(rej) == m["rejected"] and m["records_in"] == m["kept"] + len(rej)
     assert {(r["source"], r["line"]) for r in rej if r["reason"] == "invalid_json"} == {
         ("gpt4all_ms", 3),
         ("gpt4all_ms", 8),
     }
-    assert len(io.load_jsonl(out / "web.jsonl")) == m["outputs"]["web"] == by["c4_docs"]["records_written"]
+    assert len(io.load_jsonl(out / "web.jsonl")) == m["outputs"]["web"] == by["c4_docs"]["kept"]
 
     # stable ids: a second run writes the same bytes
     out2 = tmp_path / "data2"
@@ -486,15 +485,15 @@ def test_clear_errors_for_unknown_format_key_and_role(tmp_path):
     )
     assert res.exit_code == 2 and "alpacca" in res.output and "alpaca" in res.output
     bad = [
-        ([{"path": "x.json", "format": "alpacca"}], "", "unknown format 'alpacca'"),
+        ([{"path": "x.json", "format": "alpacca"}], "", "sources\\[0\\]\\.format: 'alpacca' is not one of alpaca \\|"),
         ([{"path": "x.json", "format": "alpaca", "langauge": "ms"}], "", "unknown key 'langauge'"),
         ([{"path": "x.json", "format": "rm", "role": "seed"}], "", "format rm makes preference records"),
-        ([{"format": "alpaca"}], "", "sources\\[0\\]: 'path' is required"),
+        ([{"format": "alpaca"}], "", "sources\\[0\\]\\.path: required"),
         ([], "  min_char: 3", "unknown key 'min_char'"),
     ]
     for sources, extra, message in bad:
         with pytest.raises(params.ParamsError, match=message):
-            ingest.resolve_params(write_params(tmp_path, sources, extra))
+            params.resolve(IngestConfig, write_params(tmp_path, sources, extra), "ingest")
         res = CliRunner().invoke(
             ingest.main, ["--params", str(tmp_path / "params.yaml"), "--output-dir", str(tmp_path)]
         )
@@ -511,7 +510,7 @@ def test_default_params_ingest_the_embedded_sample(tmp_path, monkeypatch):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["outputs"]["seed"] == 94 and m["outputs"]["preference"] == 194 and m["outputs"]["prompts"] == 89
     assert 150 <= m["outputs"]["web"] <= 250
-    assert m["records_in"] == m["records_written"] + m["rejected"]
+    assert m["records_in"] == m["kept"] + m["rejected"]
 
 
 def test_a_source_read_with_the_wrong_format_fails_the_stage_after_writing(tmp_path):
@@ -531,5 +530,99 @@ def test_a_source_read_with_the_wrong_format_fails_the_stage_after_writing(tmp_p
     )
     assert res.exit_code == 1 and "c4_docs.jsonl (alpaca): 0 of" in res.output and "below min_success 0.5" in res.output
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["records_written"] == 0 and m["rejected"] == m["records_in"] > 0 and m["success"]["sources_below"] == 1
+    assert m["kept"] == 0 and m["rejected"] == m["records_in"] > 0 and m["success"]["sources_below"] == 1
     assert len(io.load_jsonl(tmp_path / "o.rejected.jsonl")) == m["rejected"]
+
+
+# --- the config: every value typed and range-checked before any work --------------------------
+
+
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("text_documents=paragraph", "line | blank | auto"),
+        ("min_success=2", "<= 1"),
+        ("segment.min_chars=ten", "an integer"),
+        ("segment.max_chars=0", "1 <="),
+        ("segment.min_chars=2000", "above max_chars 1500"),
+        ("sources=x", "a list"),
+        ("multi_turn=maybe", "true or false"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_key_and_value(tmp_path, setting, allowed):
+    """The wrong type, range, choice or key stops the stage in under a second, before a file is read."""
+    out = tmp_path / "out"
+    line = assert_rejected(ingest.main, ["--output-dir", str(out)], setting, allowed)
+    assert "ingest" in line and not out.exists()
+
+
+def test_an_unknown_key_is_one_line_naming_it_and_the_known_ones(tmp_path):
+    # not assert_rejected: the unknown-key line does not repeat the value (/tmp/h/config_bugs.md)
+    res = CliRunner().invoke(ingest.main, ["--output-dir", str(tmp_path / "out"), "--set", "nope=1"])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert res.exit_code == 2 and errors == [
+        "Error: ingest: unknown key 'nope'; known keys: lang, min_success, multi_turn, segment, sources, text_documents"
+    ]
+
+
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        ("[{path: a.json, format: alpacca}]", "ingest.sources[0].format: 'alpacca' is not one of alpaca | c4"),
+        ("[{path: a.json, format: canonical}]", "ingest.sources[0].role: format canonical makes records of any kind"),
+        ("[{path: a.json}]", "ingest.sources[0].format: required"),
+        ("[{path: a.json, format: rm, role: web}]", "format rm makes preference records, but role web takes web"),
+        ("[{path: a.json, format: sft, role: chat}]", "ingest.sources[0].role: 'chat' is not one of seed | web"),
+    ],
+)
+def test_a_bad_source_entry_names_its_index_and_key(tmp_path, sources, message):
+    res = CliRunner().invoke(ingest.main, ["--output-dir", str(tmp_path / "out"), "--set", f"sources={sources}"])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_yaml_is_the_code_default_and_a_yaml_string_number_is_a_float(tmp_path):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert IngestConfig.from_dict(data["ingest"], "ingest") == IngestConfig()
+    p = tmp_path / "p.yaml"
+    p.write_text("ingest:\n  min_success: 5e-1\n")  # YAML 1.1 reads 5e-1 (no dot) as a string
+    assert yaml.safe_load(p.read_text())["ingest"]["min_success"] == "5e-1"
+    assert params.resolve(IngestConfig, p, "ingest").min_success == 0.5
+
+
+def test_a_source_takes_its_defaults_from_its_format_the_section_and_its_file_name():
+    cfg = params.resolve(
+        IngestConfig,
+        None,
+        "ingest",
+        ["lang=ms", "sources=[{path: d/rm.v2.jsonl, format: rm}, {path: e.json, format: canonical, role: seed}]"],
+    )
+    rm, canonical = cfg.resolved_sources()
+    assert (rm.role, rm.lang, rm.name) == ("preference", "ms", "rm")
+    assert (canonical.role, canonical.name) == ("seed", "e")
+    assert cfg.sources[0].role is None  # the config keeps what params said; resolving fills in
+
+
+def test_by_hand_a_canonical_file_needs_no_role_and_a_wrong_role_is_refused(tmp_path):
+    kept, _ = run("alpaca", "alpaca_first12.json")
+    io.write_jsonl(tmp_path / "c.jsonl", kept)
+    res = CliRunner().invoke(
+        ingest.main,
+        ["--input", str(tmp_path / "c.jsonl"), "--format", "canonical", "--output", str(tmp_path / "o.jsonl")],
+    )
+    assert res.exit_code == 0, res.output
+    assert io.load_jsonl(tmp_path / "o.jsonl") == kept
+    res = CliRunner().invoke(
+        ingest.main,
+        [
+            "--input",
+            str(FIX / "mschatgpt_rm.jsonl"),
+            "--format",
+            "rm",
+            "--role",
+            "seed",
+            "--output",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert res.exit_code == 2 and "format rm makes preference records, but role seed takes chat records" in res.output

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import stream_reference
-from stage_loader import load_stage
 
-from selfalign import io, readers
+from selfalign import ingest, io, params, readers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,15 +119,14 @@ def test_text_documents_match_the_whole_file_reader(tmp_path, documents):
 
 
 def test_ingest_outputs_on_the_embedded_default_match_the_old_readers(tmp_path, monkeypatch):
-    ingest = load_stage("ingest")
-    cfg = ingest.resolve_params(ROOT / "params.yaml")
-    options = ingest.reader_options(cfg)
+    cfg = params.resolve(ingest.IngestConfig, ROOT / "params.yaml", "ingest")
+    options = cfg.reader_options()
 
     def run(out: Path) -> dict:
         out.mkdir()
         with io.jsonl_writer(out / "records.jsonl") as write, io.jsonl_writer(out / "rejected.jsonl") as rej:
-            for src in cfg["sources"]:
-                ingest.ingest_source({**src, "path": str(ROOT / src["path"])}, options, write, rej)
+            for src in cfg.resolved_sources():
+                ingest.ingest_source(src.replace(path=str(ROOT / src.path)), options, write, rej)
         return {p.name: p.read_bytes() for p in out.iterdir()}
 
     new = run(tmp_path / "new")
