@@ -56,11 +56,11 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
     overrides = {
         "base.source": "local",
         "base.local_dir": str(model_dir),
-        "base.dtype": "float32",
+        "base.dtype": "fp32",
     }
     optional = {
         "translate.max_records": 3,
-        "translate.max_tokens": 48,
+        "translate.max_new_tokens": 48,
         "reward.max_pairs": 24,
         "reward.heldout_pairs": 8,
         "reward.max_length": 128,
@@ -103,7 +103,7 @@ def tiny_params(repo: Path, model_dir: Path) -> None:
         "distill.min_success": 0,
         # The Malay path: the tiny model's "Malay" is noise the gate may call anything, so localise and verify also take
         # English records (3 each): every teacher call of the path is made, whatever the gate decided.
-        "repair.max_tokens": 48,
+        "repair.max_new_tokens": 48,
         "localise.locales": {"ms": "Malaysia", "en": "Malaysia"},
         "localise.max_records": 3,
         "localise.max_new_tokens": 16,
