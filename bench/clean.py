@@ -124,13 +124,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "clean.json"))
     args = ap.parse_args()
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("clean_stage", ROOT / "stages" / "clean.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    d = stage.DEFAULTS
-    cfg = {**d["rules"], "length": {"enabled": True, "min_chars": d["min_chars"], "max_chars": d["max_chars"]}}
+    defaults = clean.CleanConfig()
+    cfg = defaults.rule_settings()
     recs, docs, planted = build(args.n)
     langid.detect("warm up the model")
     n = len(recs)
@@ -162,7 +157,7 @@ def main() -> None:
     _, w, c2 = timed(lambda: run_gate(sub, 2000))
     res["lang_gate_2000"] = {"records_per_s_cpu": round(len(sub) / c2)}
 
-    lang_cfg = {k: v for k, v in d["langs"].items() if k != "enabled"}
+    lang_cfg = defaults.langs
     for workers in (1, 2):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         _, w, c = timed(lambda workers=workers: clean.clean_records(recs, cfg, lang_cfg, workers))

@@ -7,9 +7,13 @@ output, merged and nonsensical instructions, wrong arithmetic) and adds mojibake
 refusal boilerplate and length bounds. The language gate lives in `selfalign.langid` and
 near-duplicate removal in `selfalign.dedup`; `stages/clean.py` runs all three.
 
-A rule is `fn(record, cfg) -> Outcome`, where cfg is the rule's own params section. It never
-mutates its input: a fix returns a new record. Rules run in `RULES` order, fixes first, so the
-drop rules see repaired text ("No input" already gone, mojibake already decoded).
+A rule is `fn(record, cfg) -> Outcome`, where cfg is the rule's own settings (its `Rules` field below,
+params clean.rules.<name>). It never mutates its input: a fix returns a new record. Rules run in
+`RULES` order (the order they are defined in this file, whatever the order in params.yaml), fixes first,
+so the drop rules see repaired text ("No input" already gone, mojibake already decoded).
+
+`CleanConfig` is the stage's settings (params.yaml `clean:`), `run` the stage: the rules, the gate and
+dedup over every input file as a stream (selfalign.executor).
 
 Pattern rules (refusal, placeholder, no input) know English, French and Malay/Indonesian
 spellings; the ones that read the meaning of an instruction (unseen_reference, non_text_output,
@@ -20,12 +24,20 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import math
 import operator
 import re
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from selfalign import langid, progress
+from selfalign.config import Config, ParamsError, opt
+from selfalign.dedup import NearDup
 
 # ---------------------------------------------------------------- the rule protocol
 
@@ -48,7 +60,7 @@ def drop(detail: str) -> Outcome:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    fn: Callable[[dict, dict], Outcome]
+    fn: Callable[[dict, Any], Outcome]
     kinds: tuple[str, ...]
     doc: str
 
@@ -64,12 +76,13 @@ def rule(name: str, kinds: tuple[str, ...]):
     return register
 
 
-def apply_rules(record: dict, rules_cfg: dict) -> tuple[dict | None, list[str], str, str]:
-    """Run every enabled rule on one record: (record or None, rules that fixed it, drop reason, detail)."""
+def apply_rules(record: dict, rules: Mapping[str, Any]) -> tuple[dict | None, list[str], str, str]:
+    """Run every enabled rule on one record: (record or None, rules that fixed it, drop reason, detail).
+    `rules`: each rule's settings by name (CleanConfig.rule_settings())."""
     fixed: list[str] = []
     for name, r in RULES.items():
-        cfg = rules_cfg.get(name, {})
-        if not cfg.get("enabled", True) or record["kind"] not in r.kinds:
+        cfg = rules[name]
+        if not cfg.enabled or record["kind"] not in r.kinds:
             continue
         out = r.fn(record, cfg)
         if out.record is None:
@@ -80,40 +93,46 @@ def apply_rules(record: dict, rules_cfg: dict) -> tuple[dict | None, list[str], 
     return record, fixed, "", ""
 
 
-def clean_record(record: dict, rules_cfg: dict, lang_cfg: dict | None) -> tuple[dict | None, list[str], str, str, str]:
-    """The rules, then (if lang_cfg) the language gate: (record or None, fixed by, reason, detail, gate verdict as
+def clean_record(
+    record: dict, rules: Mapping[str, Any], gate: langid.LangGate | None
+) -> tuple[dict | None, list[str], str, str, str]:
+    """The rules, then (if `gate`) the language gate: (record or None, fixed by, reason, detail, gate verdict as
     "<verdict>/<detector>", e.g. "ok/ngram"; "" when the gate did not run)."""
-    from selfalign import langid
-
-    out, fixed, reason, detail = apply_rules(record, rules_cfg)
-    if out is None or lang_cfg is None:
+    out, fixed, reason, detail = apply_rules(record, rules)
+    if out is None or gate is None:
         return out, fixed, reason, detail, ""
-    verdict, _, lang_detail, detector = langid.identify(langid.gate_text(out), out["lang"], **lang_cfg)
+    verdict, _, lang_detail, detector = langid.judge(out, gate)
     if verdict == "mismatch":
         return None, fixed, "lang", f"declared {out['lang']}: {lang_detail} [{detector}]", f"{verdict}/{detector}"
     return out, fixed, "", "", f"{verdict}/{detector}"
 
 
-_WORKER_CFG: tuple[dict, dict | None] = ({}, None)
+_WORKER_CFG: tuple = ({}, None)
 
 
-def _init_worker(rules_cfg: dict, lang_cfg: dict | None) -> None:
+def _init_worker(rules: Mapping[str, Any], gate: langid.LangGate | None) -> None:
     global _WORKER_CFG
-    _WORKER_CFG = (rules_cfg, lang_cfg)
+    _WORKER_CFG = (rules, gate)
 
 
 def _clean_in_worker(record: dict):
     return clean_record(record, *_WORKER_CFG)
 
 
-def clean_records(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, workers: int = 1, min_parallel: int = 2000):
+def clean_records(
+    recs: list[dict],
+    rules: Mapping[str, Any],
+    gate: langid.LangGate | None,
+    workers: int = 1,
+    min_parallel: int = 2000,
+):
     """clean_record over `recs`, in order, on `workers` processes (results are the same for any count)."""
     if workers <= 1 or len(recs) < min_parallel:  # below this, starting processes costs more than it saves
-        return [clean_record(r, rules_cfg, lang_cfg) for r in recs]
+        return [clean_record(r, rules, gate) for r in recs]
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(rules_cfg, lang_cfg)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(rules, gate)) as pool:
         return list(pool.imap(_clean_in_worker, recs, chunksize=256))
 
 
@@ -196,7 +215,7 @@ def fix_mojibake(text: str) -> str:
 
 
 @rule("mojibake", ALL)
-def mojibake(record: dict, cfg: dict) -> Outcome:
+def mojibake(record: dict, cfg: Any) -> Outcome:
     """Repair text that was decoded with the wrong codec."""
     return _fix(record, fix_mojibake, "re-decoded mojibake")
 
@@ -231,7 +250,7 @@ def fix_control(text: str) -> str:
 
 
 @rule("control_chars", ALL)
-def control_chars(record: dict, cfg: dict) -> Outcome:
+def control_chars(record: dict, cfg: Any) -> Outcome:
     """Remove control and stray escape characters."""
     return _fix(record, fix_control, "removed control/escape characters")
 
@@ -270,7 +289,7 @@ def strip_no_input(text: str) -> str:
 
 
 @rule("no_input", INSTRUCTED)
-def no_input(record: dict, cfg: dict) -> Outcome:
+def no_input(record: dict, cfg: Any) -> Outcome:
     """Normalise the many spellings of "no input" to no input at all (in the message and in meta.input)."""
     prompts = prompt_texts(record)
     if prompts and all(is_no_input(p) for p in prompts[:1]):
@@ -297,7 +316,7 @@ def no_input(record: dict, cfg: dict) -> Outcome:
 
 
 @rule("empty", ALL)
-def empty(record: dict, cfg: dict) -> Outcome:
+def empty(record: dict, cfg: Any) -> Outcome:
     """Drop records with an empty turn, prompt, response or text."""
     kind = record["kind"]
     if kind == "chat":
@@ -329,7 +348,7 @@ _PLACEHOLDER_PREFIX = re.compile(r"^\s*<\s*no\s*-?\s*output\s*>", re.I)
 
 
 @rule("placeholder", ("chat", "preference"))
-def placeholder(record: dict, cfg: dict) -> Outcome:
+def placeholder(record: dict, cfg: Any) -> Outcome:
     """Drop "N/A"-style and <nooutput> placeholder answers."""
     for text in answer_texts(record):
         short = text.strip()
@@ -375,12 +394,12 @@ def _nothing_follows(rest: str, max_words: int) -> bool:
 
 
 @rule("unseen_reference", INSTRUCTED)
-def unseen_reference(record: dict, cfg: dict) -> Outcome:
+def unseen_reference(record: dict, cfg: Any) -> Outcome:
     """Drop instructions about a URL, attachment, image or recording the model cannot see."""
     for text in prompt_texts(record):
         # A URL is the thing to work on when little else is there ("Summarize this article: <url>");
         # a long message that quotes a URL as its source carries its own content.
-        short = len(_URL.sub(" ", text).strip()) <= cfg.get("max_chars_around_url", 300)
+        short = len(_URL.sub(" ", text).strip()) <= cfg.max_chars_around_url
         for m in _URL.finditer(text) if short else ():
             url = m.group(0).rstrip(".,;:!?")
             has_path = "/" in url.split("//", 1)[-1].rstrip("/")
@@ -391,7 +410,7 @@ def unseen_reference(record: dict, cfg: dict) -> Outcome:
         if m := _PERCEIVE.search(text):
             return drop(f"asks to perceive media: {m.group(0)[:60]!r}")
         for m in _DEICTIC_MEDIA.finditer(text):
-            if _nothing_follows(text[m.end() :], cfg.get("max_trailing_words", 8)):
+            if _nothing_follows(text[m.end() :], cfg.max_trailing_words):
                 return drop(f"refers to media that is not there: {m.group(0)[:60]!r}")
     return keep(record)
 
@@ -407,7 +426,7 @@ _NON_TEXT = re.compile(
 
 
 @rule("non_text_output", INSTRUCTED)
-def non_text_output(record: dict, cfg: dict) -> Outcome:
+def non_text_output(record: dict, cfg: Any) -> Outcome:
     """Drop requests for images, audio or other output a text model cannot give."""
     for text in prompt_texts(record):
         if m := _NON_TEXT.search(text):
@@ -443,7 +462,7 @@ def _given_before(before: str, min_words: int) -> bool:
 
 
 @rule("missing_input", INSTRUCTED)
-def missing_input(record: dict, cfg: dict) -> Outcome:
+def missing_input(record: dict, cfg: Any) -> Outcome:
     """Drop instructions about "the following text" when no text follows (an Alpaca input that was lost)."""
     meta_input = (record.get("meta") or {}).get("input")
     if isinstance(meta_input, str) and meta_input.strip():
@@ -453,9 +472,9 @@ def missing_input(record: dict, cfg: dict) -> Outcome:
         return keep(record)
     text = prompts[0]
     for m in _DEICTIC_TEXT.finditer(text):
-        if _nothing_follows(text[m.end() :], cfg.get("max_trailing_words", 4)):
+        if _nothing_follows(text[m.end() :], cfg.max_trailing_words):
             sentence_start = max((e.end() for e in _SENTENCE_END.finditer(text, 0, m.start())), default=0)
-            if _given_before(text[:sentence_start], cfg.get("min_words_before", 3)):
+            if _given_before(text[:sentence_start], cfg.min_words_before):
                 return keep(record)
             return drop(f"refers to {m.group(0)!r} but nothing follows")
     return keep(record)
@@ -471,7 +490,7 @@ _MERGED_ANSWER = re.compile(r"^[ \t]*(?:#+\s*)?(?:instruction|arahan|consigne)\s
 
 
 @rule("merged_instruction", INSTRUCTED)
-def merged_instruction(record: dict, cfg: dict) -> Outcome:
+def merged_instruction(record: dict, cfg: Any) -> Outcome:
     """Drop records where a generator ran on into the next task ("6. Instruction: ...")."""
     for text in prompt_texts(record) + answer_texts(record):
         if m := _MERGED_ANY.search(text):
@@ -486,12 +505,12 @@ _LETTER_OR_DIGIT = re.compile(r"[^\W_]")
 
 
 @rule("nonsense", INSTRUCTED)
-def nonsense(record: dict, cfg: dict) -> Outcome:
+def nonsense(record: dict, cfg: Any) -> Outcome:
     """Drop prompts with no words at all and texts stuck in a repetition loop."""
     for text in prompt_texts(record):
         if not _LETTER_OR_DIGIT.search(text):
             return drop(f"prompt has no letters or digits: {text.strip()[:40]!r}")
-    n = int(cfg.get("max_repeats", 4))
+    n = cfg.max_repeats
     for text in prompt_texts(record) + answer_texts(record):
         if phrase := repetition_loop(text, n):
             return drop(f"repetition loop: {phrase[:50]!r} repeated {n}+ times")
@@ -567,7 +586,7 @@ _REFUSAL_KEYS = (
 
 
 @rule("refusal", ("chat", "preference"))
-def refusal(record: dict, cfg: dict) -> Outcome:
+def refusal(record: dict, cfg: Any) -> Outcome:
     """Drop answers with refusal boilerplate ("As an AI language model, I ...")."""
     for text in answer_texts(record):
         low = text.lower()
@@ -749,7 +768,7 @@ _DIGIT = re.compile(r"\d")
 
 
 @rule("wrong_arithmetic", ("chat", "preference"))
-def wrong_arithmetic_rule(record: dict, cfg: dict) -> Outcome:
+def wrong_arithmetic_rule(record: dict, cfg: Any) -> Outcome:
     """Drop answers whose checkable arithmetic is wrong (a right `1 + 1 + 1 = 3` stays)."""
     prompt = "\n".join(prompt_texts(record))
     for answer in answer_texts(record):
@@ -759,12 +778,12 @@ def wrong_arithmetic_rule(record: dict, cfg: dict) -> Outcome:
 
 
 @rule("length", ALL)
-def length(record: dict, cfg: dict) -> Outcome:
+def length(record: dict, cfg: Any) -> Outcome:
     """Drop records whose text is shorter than min_chars or longer than max_chars (per kind)."""
     from selfalign.records import texts
 
     n = sum(len(t) for t in texts(record))
-    lo, hi = cfg["min_chars"][record["kind"]], cfg["max_chars"][record["kind"]]
+    lo, hi = getattr(cfg.min_chars, record["kind"]), getattr(cfg.max_chars, record["kind"])
     if n < lo:
         return drop(f"{n} chars < min_chars {lo}")
     if n > hi:
@@ -772,4 +791,128 @@ def length(record: dict, cfg: dict) -> Outcome:
     return keep(record)
 
 
-RULE_ORDER = list(RULES)  # fixes first, then drops; stages/clean.py adds "lang", "duplicate", "near_duplicate"
+# ---------------------------------------------------------------- the stage's settings (params.yaml `clean:`)
+
+
+@dataclasses.dataclass
+class RuleSwitch(Config):
+    """A rule with no settings of its own."""
+
+    enabled: bool = True
+
+
+@dataclasses.dataclass
+class UnseenReferenceRule(RuleSwitch):
+    max_trailing_words: int = opt(8, lo=0)  # words after "this photo" that still leave the photo missing
+    max_chars_around_url: int = opt(300, lo=0)  # a URL is the thing to work on only in a prompt this short
+
+
+@dataclasses.dataclass
+class MissingInputRule(RuleSwitch):
+    max_trailing_words: int = opt(4, lo=0)  # words after "the following text" before it counts as given
+    min_words_before: int = opt(3, lo=0)  # a colon or quotation this long in an earlier sentence is the input
+
+
+@dataclasses.dataclass
+class NonsenseRule(RuleSwitch):
+    max_repeats: int = opt(4, lo=2)  # a phrase repeated this many times in a row is a loop
+
+
+@dataclasses.dataclass
+class Rules(Config):
+    """One field per rule in RULES (the fields' order is not the run order: RULES' is)."""
+
+    mojibake: RuleSwitch = opt(RuleSwitch())
+    control_chars: RuleSwitch = opt(RuleSwitch())
+    no_input: RuleSwitch = opt(RuleSwitch())
+    empty: RuleSwitch = opt(RuleSwitch())
+    placeholder: RuleSwitch = opt(RuleSwitch())
+    unseen_reference: UnseenReferenceRule = opt(UnseenReferenceRule())
+    non_text_output: RuleSwitch = opt(RuleSwitch())
+    missing_input: MissingInputRule = opt(MissingInputRule())
+    merged_instruction: RuleSwitch = opt(RuleSwitch())
+    nonsense: NonsenseRule = opt(NonsenseRule())
+    refusal: RuleSwitch = opt(RuleSwitch())
+    wrong_arithmetic: RuleSwitch = opt(RuleSwitch())
+    length: RuleSwitch = opt(RuleSwitch())  # its bounds: CleanConfig.min_chars, max_chars
+
+
+@dataclasses.dataclass
+class KindChars(Config):
+    """A character count per record kind (all of a record's text)."""
+
+    chat: int = opt(0, lo=0)
+    preference: int = opt(0, lo=0)
+    prompt: int = opt(0, lo=0)
+    web: int = opt(0, lo=0)
+
+
+@dataclass(frozen=True)
+class LengthBounds:
+    """The length rule's settings at run time: its switch and the per-kind bounds."""
+
+    enabled: bool
+    min_chars: KindChars
+    max_chars: KindChars
+
+
+@dataclasses.dataclass
+class Slurm(Config):
+    """datatrove's SlurmPipelineExecutor settings (executor slurm only)."""
+
+    partition: str = ""
+    time: str = "01:00:00"
+    cpus_per_task: int = opt(1, lo=1)
+    mem_per_cpu_gb: int = opt(2, lo=1)
+    venv_path: str = ""
+
+
+@dataclasses.dataclass
+class CleanConfig(Config):
+    rules: Rules = opt(Rules())
+    min_chars: KindChars = opt(KindChars(chat=10, preference=10, prompt=5, web=100))
+    max_chars: KindChars = opt(KindChars(chat=20000, preference=20000, prompt=4000, web=5000))
+    langs: langid.LangGate = opt(langid.LangGate())  # the language gate
+    exact_dup: bool = True  # drop later copies with the same normalised text
+    near_dup: NearDup = opt(NearDup())  # MinHash LSH near-duplicates
+    workers: int = opt(2, lo=1)  # processes or datatrove tasks (the output is the same for any number)
+    executor: Literal["local", "datatrove", "slurm", "ray"] = "local"  # who runs the per-record work
+    slurm: Slurm = opt(Slurm())
+    min_success: float = opt(0.5, lo=0, hi=1)  # the stage fails when fewer than this share of records is kept
+
+    def check(self, where: str) -> None:
+        if self.executor == "slurm" and not self.slurm.partition:
+            raise ParamsError(f"{where}.slurm.partition: '' but executor slurm needs a partition")
+        for f in dataclasses.fields(KindChars):
+            lo, hi = getattr(self.min_chars, f.name), getattr(self.max_chars, f.name)
+            if lo > hi:
+                raise ParamsError(f"{where}.min_chars.{f.name}: {lo} > max_chars.{f.name} {hi}")
+
+    def rule_settings(self) -> dict[str, Any]:
+        """Each rule's settings by name, for apply_rules (the length rule gets the per-kind bounds)."""
+        out: dict[str, Any] = {name: getattr(self.rules, name) for name in RULES}
+        out["length"] = LengthBounds(self.rules.length.enabled, self.min_chars, self.max_chars)
+        return out
+
+    def gate(self) -> langid.LangGate | None:
+        """The language gate's settings, or None when it is off."""
+        return self.langs if self.langs.enabled else None
+
+
+def run(
+    pairs: list[tuple[Path, Path]],
+    cfg: CleanConfig,
+    rejected_path: Path,
+    workers: int | None = None,
+    engine: dict | None = None,
+) -> dict:
+    """The stage: clean the files of `pairs` together (input -> output, in dedup priority order: the first copy
+    wins), writing each output and `rejected_path`; return the metrics, with its time and rate.
+    `workers`, `engine`: as selfalign.executor.run (default: cfg's)."""
+    from selfalign import executor  # it runs this module's rules, so it imports this module
+
+    t0 = time.perf_counter()
+    metrics = executor.run(pairs, cfg, rejected_path, workers=workers, engine=engine)
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    metrics.update(progress.rates(metrics["records_in"], metrics["seconds"]))
+    return metrics

@@ -9,11 +9,25 @@ outcome is deterministic and the seed file, read first, wins over web text.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
 
+from selfalign.config import Config, opt
 from selfalign.records import texts
+
+
+@dataclasses.dataclass
+class NearDup(Config):
+    """Near-duplicate removal's settings (params clean.near_dup)."""
+
+    enabled: bool = True
+    threshold: float = opt(0.8, lo=0, hi=1, lo_open=True)  # estimated Jaccard at or above which a record is a copy
+    num_perm: int = opt(128, lo=1)  # MinHash permutations (more: finer estimates, slower)
+    shingle: int = opt(3, lo=1)  # words per shingle
+    seed: int = 1  # MinHash seed
+
 
 _NON_WORD = re.compile(r"[\W_]+")
 

@@ -27,30 +27,25 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from selfalign import clean, dedup, io, progress, records
+from selfalign.config import Config
 
 STAGE = "clean"
 CHUNK = 512  # records per task sent to a worker
 EXTRA_RULES = ["invalid_json", "invalid_utf8", "json_array", "invalid_record", "lang", "duplicate", "near_duplicate"]
 
 
-def settings(cfg: dict) -> tuple[dict, dict | None, dict | None]:
-    """(rules config, language gate config or None, near-dup config or None) from the stage's params section."""
-    rules_cfg = {
-        **cfg["rules"],
-        "length": {**cfg["rules"]["length"], "min_chars": cfg["min_chars"], "max_chars": cfg["max_chars"]},
-    }
-    lang_cfg = {k: v for k, v in cfg["langs"].items() if k != "enabled"} if cfg["langs"]["enabled"] else None
-    nd = cfg["near_dup"] if cfg["near_dup"]["enabled"] else None
-    return rules_cfg, lang_cfg, nd
+def settings(cfg: clean.CleanConfig) -> tuple[dict, clean.langid.LangGate | None, dedup.NearDup | None]:
+    """(each rule's settings, the language gate's or None, near-dup's or None): the per-record work's arguments."""
+    return cfg.rule_settings(), cfg.gate(), cfg.near_dup if cfg.near_dup.enabled else None
 
 
-def clean_items(recs: list[dict], rules_cfg: dict, lang_cfg: dict | None, nd: dict | None) -> list[tuple]:
+def clean_items(recs: list[dict], rules: dict, gate, nd: dedup.NearDup | None) -> list[tuple]:
     """Per record: (clean_record's 5-tuple, key hash or None, signature or None). Pure; the unit of work a worker or a
     datatrove task runs."""
-    results = [clean.clean_record(r, rules_cfg, lang_cfg) for r in recs]
+    results = [clean.clean_record(r, rules, gate) for r in recs]
     live = [i for i, res in enumerate(results) if res[0] is not None]
     keys = [dedup.key_text(results[i][0]) for i in live]
-    sigs = dedup.signatures(keys, num_perm=nd["num_perm"], shingle=nd["shingle"], seed=nd["seed"]) if nd else None
+    sigs = dedup.signatures(keys, num_perm=nd.num_perm, shingle=nd.shingle, seed=nd.seed) if nd else None
     out = [(res, None, None) for res in results]
     for n, i in enumerate(live):
         out[i] = (results[i], dedup.key_hash(keys[n]), sigs[n].tobytes() if nd else None)
@@ -180,17 +175,17 @@ def datatrove_executor(engine: dict, pipeline: list, logs: Path):
     if engine["executor"] == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
-        slurm = engine.get("slurm", {})
+        slurm = engine["slurm"]  # a clean.Slurm
         return SlurmPipelineExecutor(
             pipeline,
             tasks=tasks,
             logging_dir=str(logs),
-            time=slurm.get("time", "01:00:00"),
-            partition=slurm["partition"],
-            cpus_per_task=slurm.get("cpus_per_task", 1),
-            mem_per_cpu_gb=slurm.get("mem_per_cpu_gb", 2),
+            time=slurm.time,
+            partition=slurm.partition,
+            cpus_per_task=slurm.cpus_per_task,
+            mem_per_cpu_gb=slurm.mem_per_cpu_gb,
             job_name="selfalign-clean",
-            venv_path=slurm.get("venv_path") or None,
+            venv_path=slurm.venv_path or None,
         )
     if engine["executor"] == "ray":
         import ray  # not a dependency of this project: the cluster's
@@ -245,11 +240,15 @@ def fresh(work: Path, what) -> None:
     """Make `work` hold only what a run of `what` (params, engine, inputs' sizes and times) wrote: a killed run's
     datatrove shards are reused when the same run is started again (datatrove skips the completed tasks), any
     other leftovers are removed."""
-    stamp = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = hashlib.sha1(json.dumps(what, sort_keys=True, default=_plain).encode()).hexdigest()
     if (work / "run.sha1").exists() and (work / "run.sha1").read_text() != stamp:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "run.sha1").write_text(stamp)
+
+
+def _plain(value):
+    return value.to_dict() if isinstance(value, Config) else str(value)
 
 
 def _concat(parts: list[Path], dst: Path) -> None:
@@ -261,7 +260,7 @@ def _concat(parts: list[Path], dst: Path) -> None:
 
 def run(
     pairs: list[tuple[Path, Path]],
-    cfg: dict,
+    cfg: clean.CleanConfig,
     rejected_path: Path,
     workers: int | None = None,
     engine: dict | None = None,
@@ -274,9 +273,9 @@ def run(
     """
     import numpy as np
 
-    rules_cfg, lang_cfg, nd = settings(cfg)
-    workers = cfg["workers"] if workers is None else workers
-    engine = engine if engine is not None else {"executor": cfg["executor"], "workers": workers, "slurm": cfg["slurm"]}
+    rules, gate, nd = settings(cfg)
+    workers = cfg.workers if workers is None else workers
+    engine = engine if engine is not None else {"executor": cfg.executor, "workers": workers, "slurm": cfg.slurm}
     counts: dict[str, Counter] = defaultdict(Counter)
     files = {str(src): Counter() for src, _ in pairs}
     gate_by_lang: dict[str, Counter] = defaultdict(Counter)
@@ -301,7 +300,7 @@ def run(
                 counts[item["reason"]]["dropped"] += 1
                 read_rej.write(json.dumps(item, ensure_ascii=False) + "\n")
 
-            args = (rules_cfg, lang_cfg, nd)
+            args = (rules, gate, nd)
             if engine is None or engine["executor"] == "local":
                 results = local_results(pairs, args, workers, on_bad)
             else:
@@ -336,7 +335,7 @@ def run(
                 ids.append(out["id"])
                 where.append((p, line))
                 surv.write(json.dumps(out, ensure_ascii=False) + "\n")
-                if cfg["exact_dup"]:
+                if cfg.exact_dup:
                     j = exact_first.setdefault(key, i)
                     if j != i:
                         exact[i] = j
@@ -351,8 +350,8 @@ def run(
         for i, j in exact.items():
             gone[i] = ("duplicate", f"same text as {ids[j]} ({pairs[where[j][0]][0]}:{where[j][1]})")
         if nd and sig_rows:
-            sigs = np.memmap(work / "signatures.u32", dtype=np.uint32, mode="r", shape=(len(sig_rows), nd["num_perm"]))
-            for a, b, sim in dedup.near_duplicates_of(sigs, threshold=nd["threshold"], num_perm=nd["num_perm"]):
+            sigs = np.memmap(work / "signatures.u32", dtype=np.uint32, mode="r", shape=(len(sig_rows), nd.num_perm))
+            for a, b, sim in dedup.near_duplicates_of(sigs, threshold=nd.threshold, num_perm=nd.num_perm):
                 i, j = sig_rows[a], sig_rows[b]
                 first = f"{ids[j]} ({pairs[where[j][0]][0]}:{where[j][1]})"
                 gone[i] = ("near_duplicate", f"Jaccard ~{sim:.2f} with {first}")
@@ -388,16 +387,20 @@ def run(
     n_rej = sum(f["rejected"] for f in files.values())
     if n_in != n_kept + n_rej:  # the audit promise; a bug here must not pass silently
         raise RuntimeError(f"records_in {n_in} != kept {n_kept} + rejected {n_rej}")
+    by_reason = {name: counts[name]["dropped"] for name in sorted(counts) if counts[name]["dropped"]}
+    if sum(by_reason.values()) != n_rej:
+        raise RuntimeError(f"rejected {n_rej} != the sum of rejected_by_reason {by_reason}")
     return {
         "records_in": n_in,
         "kept": n_kept,
         "rejected": n_rej,
+        "rejected_by_reason": by_reason,
         "rules": {name: dict(counts[name]) for name in [*clean.RULES, *EXTRA_RULES] if counts[name]},
         "gate_by_lang": {
             lang: {k: c[k] for k in ("records", "ok", "undetermined", "mismatch")}
             for lang, c in sorted(gate_by_lang.items())
         }
-        if lang_cfg is not None
+        if gate is not None
         else {},
         "gate_by_detector": {
             det: {k: c[k] for k in ("ok", "undetermined", "mismatch")} for det, c in sorted(gate_by_detector.items())

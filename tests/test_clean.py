@@ -7,18 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
 from selfalign import clean, dedup, io, langid, params, records
+from selfalign.clean import CleanConfig
 
 FIX = Path(__file__).parent / "fixtures" / "clean"
 ROOT = Path(__file__).resolve().parent.parent
 stage = load_stage("clean")
-RULES_CFG = {
-    **stage.DEFAULTS["rules"],
-    "length": {"enabled": True, "min_chars": stage.DEFAULTS["min_chars"], "max_chars": stage.DEFAULTS["max_chars"]},
-}
+RULES_CFG = CleanConfig().rule_settings()
+GATE = CleanConfig().langs
 ALPACA = json.loads((FIX / "alpaca_cases.json").read_text(encoding="utf-8"))
 MULTI = [json.loads(line) for line in (FIX / "multilingual_cases.jsonl").read_text(encoding="utf-8").splitlines()]
 SENTENCES = [json.loads(line) for line in (FIX / "lang_sentences.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -69,7 +70,7 @@ def test_every_drop_rule_is_exercised_by_real_data():
 def test_malay_and_french_records(case):
     record = chat(case["prompt"], case["answer"], lang="ms")
     out, fixed, reason, _ = clean.apply_rules(record, RULES_CFG)
-    if case["expect"] in clean.RULES and clean.RULES[case["expect"]].fn(record, {}).fixed:
+    if case["expect"] in clean.RULES and clean.RULES[case["expect"]].fn(record, RULES_CFG[case["expect"]]).fixed:
         assert out is not None and case["expect"] in fixed
     else:
         assert reason == case["expect"]
@@ -102,8 +103,8 @@ def test_no_input_spellings_normalised_in_message_and_meta():
 
 def test_no_input_leaves_real_inputs_and_drops_placeholder_only_prompts():
     kept = chat("Name the capital.\n\nNone of the above is France.", "Paris.")
-    assert clean.RULES["no_input"].fn(kept, {}).record is kept
-    assert clean.RULES["no_input"].fn(chat("<noinput>", "Hello there."), {}).record is None
+    assert clean.RULES["no_input"].fn(kept, RULES_CFG["no_input"]).record is kept
+    assert clean.RULES["no_input"].fn(chat("<noinput>", "Hello there."), RULES_CFG["no_input"]).record is None
 
 
 def test_control_characters_and_stray_escapes():
@@ -244,7 +245,7 @@ def test_refusal_only_in_answers_and_rejected_side_may_be_bad():
     refusal = "As an AI language model, I cannot browse the internet."
     assert clean.apply_rules(chat("What is the weather?", refusal), RULES_CFG)[2] == "refusal"
     asked = chat("Write the phrase 'as an AI language model' in French.", "en tant que ... non: 'comme un modèle'")
-    assert clean.RULES["refusal"].fn(asked, {}).record is not None
+    assert clean.RULES["refusal"].fn(asked, RULES_CFG["refusal"]).record is not None
     pair = records.make(
         "preference",
         prompt="What is the weather today in Paris?",
@@ -276,7 +277,7 @@ def test_web_records_get_only_their_rules():
 
 def test_disabled_rule_is_skipped():
     case = next(c for c in ALPACA if c["expect"] == "wrong_arithmetic")
-    cfg = {**RULES_CFG, "wrong_arithmetic": {"enabled": False}}
+    cfg = {**RULES_CFG, "wrong_arithmetic": clean.RuleSwitch(enabled=False)}
     assert clean.apply_rules(alpaca_record(case), cfg)[2] == ""
 
 
@@ -284,7 +285,7 @@ def test_disabled_rule_is_skipped():
 
 
 def gate(text: str, lang: str) -> str:
-    return langid.identify(text, lang, **{k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"})[0]
+    return langid.identify(text, lang, **GATE.settings())[0]
 
 
 def test_ms_vs_id_on_held_out_real_sentences():
@@ -315,7 +316,7 @@ def test_en_fr_gate_and_too_little_text():
 def test_short_record_in_the_wrong_language_is_dropped_by_the_ngram_detector():
     """Below min_letters the gate used to wave a record through as undetermined; the n-gram model judges it now,
     and the reject says which detector decided."""
-    lang_cfg = {k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"}
+    lang_cfg = GATE
     wrong = chat("What is the capital of France?", "Paris.", lang="fr")
     out, _, reason, detail, verdict = clean.clean_record(wrong, RULES_CFG, lang_cfg)
     assert out is None and reason == "lang" and verdict == "mismatch/ngram" and "[ngram]" in detail
@@ -503,7 +504,7 @@ def test_stage_by_hand_pairs_and_param_errors(tmp_path):
 
 def test_workers_give_the_same_results():
     recs = [alpaca_record(c) for c in ALPACA] + [chat(c["prompt"], c["answer"], lang="ms") for c in MULTI]
-    lang_cfg = {k: v for k, v in stage.DEFAULTS["langs"].items() if k != "enabled"}
+    lang_cfg = GATE
     one = clean.clean_records(recs, RULES_CFG, lang_cfg, workers=1)
     two = clean.clean_records(recs, RULES_CFG, lang_cfg, workers=2, min_parallel=0)
     assert one == two and len(one) == len(recs)
@@ -511,9 +512,52 @@ def test_workers_give_the_same_results():
 
 def test_params_section_matches_code_defaults():
     section = params.section(ROOT / "params.yaml", "clean")
-    assert set(section) == set(stage.DEFAULTS)
-    assert set(section["rules"]) == set(clean.RULES)
-    params.resolve(stage.DEFAULTS, ROOT / "params.yaml", "clean")
+    assert CleanConfig.from_dict(section, "clean") == CleanConfig() == params.resolve(CleanConfig, None, "clean")
+    assert [f.name for f in clean.dataclasses.fields(clean.Rules)] == list(clean.RULES) == list(section["rules"])
+
+
+CLI = ["--input", "in.jsonl", "--output", "out.jsonl", "--rejected", "rej.jsonl", "--metrics", "m.json"]
+
+
+@pytest.mark.parametrize(
+    "setting,words",
+    [
+        ("langs.min_confidence=2", ["0 <= min_confidence <= 1"]),
+        ("rules.refusal.enabled=maybe", ["true or false"]),
+        ("min_chars.chat=ten", ["an integer"]),
+        ("workers=two", ["an integer"]),
+        ("workers=0", ["1 <= workers"]),
+        ("near_dup.threshold=1.5", ["0 < threshold <= 1"]),
+        ("near_dup.num_perm=-5", ["1 <= num_perm"]),
+        ("executor=spark", ["one of local | datatrove | slurm | ray"]),
+        ("langs.ms_id_fallback=lingwa", ["one of lingua | ngram | none"]),
+        ("min_success=1.5", ["min_success <= 1"]),
+        ("min_chars.web=6000", ["max_chars.web 5000"]),
+        ("executor=slurm", ["partition"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(tmp_path, monkeypatch, setting, words):
+    monkeypatch.chdir(tmp_path)
+    io.write_jsonl(tmp_path / "in.jsonl", [chat("What is the capital of France?", "Paris is.")])
+    assert_rejected(stage.main, CLI, setting, *words)
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_unknown_key_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """(assert_rejected wants the value in the line; an unknown key's error names the key and the known ones.)"""
+    monkeypatch.chdir(tmp_path)
+    io.write_jsonl(tmp_path / "in.jsonl", [chat("What is the capital of France?", "Paris is.")])
+    res = CliRunner().invoke(stage.main, [*CLI, "--set", "rules.nope.enabled=true"])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "clean.rules: unknown key 'nope'" in errors[0], res.output
+    assert "refusal" in errors[0] and not (tmp_path / "m.json").exists()
+
+
+def test_a_yaml_string_number_is_read_as_a_number(tmp_path):
+    """YAML 1.1 reads `8e-1` (no dot) as a string: it is still a number here."""
+    (tmp_path / "p.yaml").write_text("clean:\n  near_dup:\n    threshold: 8e-1\n")
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text())["clean"]["near_dup"]["threshold"] == "8e-1"
+    assert params.resolve(CleanConfig, tmp_path / "p.yaml", "clean").near_dup.threshold == 0.8
 
 
 def test_stage_reads_past_bad_bytes_and_a_bom_and_names_a_json_array(tmp_path):

@@ -1,20 +1,23 @@
-"""The streaming clean stage writes byte for byte what the in-memory stage wrote (tests/stream_reference.py, the
-code at b6ab84d), on the embedded default and on a generated corpus with duplicates, bad lines and fixable
-records, in one process and on 2 workers; and the near-duplicates found from signatures alone are the ones the
-datasketch LSH index found."""
+"""The streaming clean stage writes byte for byte what the in-memory stage wrote: golden digests of its outputs and
+its metrics (tests/fixtures/clean/stream_golden.json, from the code that matched the in-memory stage of b6ab84d byte
+for byte) on the embedded default and on a generated corpus with duplicates, bad lines and fixable records, in one
+process and on 2 workers; the near-duplicates found from signatures alone are the ones the datasketch LSH index
+found; datatrove's executors write what one process writes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import sys
 from pathlib import Path
 
 import pytest
-import stream_reference
+from click.testing import CliRunner
 from stage_loader import load_stage
 
-from selfalign import dedup, executor, params
+from selfalign import clean, dedup, executor, params
+from selfalign.clean import CleanConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -23,72 +26,79 @@ import scale  # noqa: E402
 clean_stage = load_stage("clean")
 ingest_stage = load_stage("ingest")
 FILES = clean_stage.FILES
+GOLDEN = json.loads((ROOT / "tests" / "fixtures" / "clean" / "stream_golden.json").read_text(encoding="utf-8"))
 
 
-def cfg(**changes) -> dict:
-    out = params.resolve(clean_stage.DEFAULTS, None, "clean", ())
-    out.update(changes)
-    return out
+def cfg(*overrides: str) -> CleanConfig:
+    return params.resolve(CleanConfig, None, "clean", overrides)
 
 
-def ingest_sample(dst: Path) -> None:
-    """data/sample through ingest as params.yaml lists it (the embedded default)."""
-    icfg = ingest_stage.resolve_params(ROOT / "params.yaml")
-    options = ingest_stage.reader_options(icfg)
-    dst.mkdir(parents=True)
-    outs = {r: open(dst / f"{r}.jsonl", "w", encoding="utf-8") for r in ("seed", "web", "preference", "prompts")}
-    try:
-        for src in icfg["sources"]:
-            src = {**src, "path": str(ROOT / src["path"])}
-            ingest_stage.ingest_source(
-                src,
-                options,
-                lambda r, f=outs[src["role"]]: f.write(json.dumps(r, ensure_ascii=False) + "\n"),
-                lambda r: None,
-            )
-    finally:
-        for f in outs.values():
-            f.close()
+def ingest(args: list[str]) -> None:
+    res = CliRunner().invoke(ingest_stage.main, args)
+    assert res.exit_code == 0, res.output
 
 
-def both(tmp: Path, inputs: Path, conf: dict, workers: int) -> tuple[dict, dict]:
-    """Run the reference and the streaming stage on the same inputs; (reference files, streaming files) as bytes."""
-    got = {}
-    for name in ("old", "new"):
-        out = tmp / name
-        out.mkdir()
-        pairs = [(inputs / f, out / f) for f in FILES if (inputs / f).exists()]
-        if name == "old":
-            metrics = stream_reference.write(pairs, conf, out / "rejected.jsonl")
-        else:
-            metrics = executor.run(pairs, conf, out / "rejected.jsonl", workers=workers)
-        got[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-        got[name]["metrics"] = json.dumps(metrics, sort_keys=True).encode()
-        assert not list(out.glob(".*")), "temporary files left behind"
-    return got["old"], got["new"]
+def ingest_sample(dst: Path, monkeypatch) -> None:
+    """data/sample through the ingest stage as params.yaml lists it (the embedded default)."""
+    monkeypatch.chdir(ROOT)  # params.yaml names the sample by paths relative to the repository
+    ingest(["--params", "params.yaml", "--output-dir", str(dst), "--metrics", str(dst.parent / "ingest.json")])
+    (dst / "rejected.jsonl").unlink()
 
 
-def test_embedded_default_is_byte_identical(tmp_path):
-    ingest_sample(tmp_path / "in")
-    old, new = both(tmp_path, tmp_path / "in", cfg(), workers=1)
-    assert set(old) == {*FILES, "rejected.jsonl", "metrics"}
-    assert old == new
-    assert json.loads(old["metrics"])["kept"] > 100
+def sha256(path: Path, inputs: Path | None = None) -> str:
+    """The file's digest; with `inputs`, of its text with that folder's name taken out (rejects name their file)."""
+    data = path.read_bytes()
+    return hashlib.sha256(data.replace(str(inputs).encode() + b"/", b"") if inputs else data).hexdigest()
+
+
+def matches_golden(tmp: Path, inputs: Path, conf: CleanConfig, workers: int, case: str) -> dict:
+    """Run the streaming stage; its outputs and metrics must be the golden ones. Returns the metrics."""
+    golden = GOLDEN[case]
+    got_inputs = {p.name: sha256(p) for p in sorted(inputs.iterdir())}
+    assert got_inputs == golden["inputs"], "the inputs changed (ingest's output or bench/scale.py's generator)"
+    out = tmp / "out"
+    out.mkdir()
+    pairs = [(inputs / f, out / f) for f in FILES if (inputs / f).exists()]
+    metrics = clean.run(pairs, conf, out / "rejected.jsonl", workers=workers)  # the stage's run
+    assert metrics.pop("seconds") >= 0 and metrics.pop("records_per_s") > 0 and metrics.pop("peak_rss_mb") > 0
+    assert not list(out.glob(".*")), "temporary files left behind"
+    assert {p.name: sha256(p, inputs) for p in sorted(out.iterdir())} == golden["outputs"]
+    by_reason = metrics.pop("rejected_by_reason")
+    assert json.loads(json.dumps(metrics).replace(str(inputs) + "/", "")) == golden["metrics"]
+    assert by_reason == {r: c["dropped"] for r, c in sorted(metrics["rules"].items()) if c.get("dropped")}
+    assert sum(by_reason.values()) == metrics["rejected"] and list(by_reason) == sorted(by_reason)
+    return metrics
+
+
+def test_embedded_default_is_byte_identical(tmp_path, monkeypatch):
+    ingest_sample(tmp_path / "in", monkeypatch)
+    m = matches_golden(tmp_path, tmp_path / "in", cfg(), 1, "embedded")
+    assert m["kept"] > 100
 
 
 def generated(d: Path, docs: int) -> None:
-    """A web corpus from bench/scale.py's generator with 10% exact and near copies, through the ingest reader, plus
+    """A web corpus from bench/scale.py's generator with 10% exact and near copies, through the ingest stage, plus
     a seed file with lines the reader rejects, fixable records and copies of web text."""
-    d.mkdir()
+    d.mkdir(parents=True)
     scale.write_corpus(d / "c4.jsonl", docs, seed=3, dup_rate=0.1)
-    icfg = ingest_stage.resolve_params(None)
-    with open(d / "web.jsonl", "w", encoding="utf-8") as f:
-        ingest_stage.ingest_source(
-            {"path": str(d / "c4.jsonl"), "format": "c4", "role": "web", "lang": "en", "name": "c4"},
-            ingest_stage.reader_options(icfg),
-            lambda r: f.write(json.dumps(r, ensure_ascii=False) + "\n"),
-            lambda r: None,
-        )
+    ingest(
+        [
+            "--input",
+            str(d / "c4.jsonl"),
+            "--format",
+            "c4",
+            "--role",
+            "web",
+            "--lang",
+            "en",
+            "--name",
+            "c4",
+            "--output",
+            str(d / "web.jsonl"),
+            "--rejected",
+            str(d.parent / "ingest_rejected.jsonl"),
+        ]
+    )
     web = [json.loads(line) for line in (d / "web.jsonl").read_text(encoding="utf-8").splitlines()]
     rng = random.Random(5)
     seed_lines = []
@@ -116,23 +126,18 @@ def generated(d: Path, docs: int) -> None:
 @pytest.mark.slow
 def test_generated_corpus_is_byte_identical_on_two_workers(tmp_path):
     generated(tmp_path / "in", 1800)  # > 2,000 records: the worker pool runs
-    old, new = both(tmp_path, tmp_path / "in", cfg(), workers=2)
-    m = json.loads(old["metrics"])
+    m = matches_golden(tmp_path, tmp_path / "in", cfg(), 2, "generated_1800_two_workers")
     assert m["records_in"] > 2000 and m["rules"]["duplicate"]["dropped"] > 50
     assert m["rules"]["near_duplicate"]["dropped"] > 50 and m["rules"]["invalid_json"]["dropped"] == 4
-    assert old == new
 
 
 def test_generated_corpus_is_byte_identical_without_the_gate_and_exact_dedup(tmp_path):
     generated(tmp_path / "in", 300)
     conf = cfg(
-        exact_dup=False,
-        langs={**cfg()["langs"], "enabled": False},
-        near_dup={**cfg()["near_dup"], "threshold": 0.6, "num_perm": 64, "shingle": 2},
+        "exact_dup=false", "langs.enabled=false", "near_dup.threshold=0.6", "near_dup.num_perm=64", "near_dup.shingle=2"
     )
-    old, new = both(tmp_path, tmp_path / "in", conf, workers=1)
-    assert json.loads(old["metrics"])["rules"]["near_duplicate"]["dropped"] > 10
-    assert old == new
+    m = matches_golden(tmp_path, tmp_path / "in", conf, 1, "generated_300_no_gate_no_exact")
+    assert m["rules"]["near_duplicate"]["dropped"] > 10
 
 
 @pytest.mark.parametrize("threshold,num_perm,shingle", [(0.8, 128, 3), (0.5, 64, 2), (0.9, 32, 1)])
@@ -161,7 +166,7 @@ def test_datatrove_two_tasks_write_what_one_process_writes(tmp_path):
     got = {}
     for name, engine in (
         ("one", {"executor": "local", "workers": 1}),
-        ("dt", {"executor": "datatrove", "workers": 2, "slurm": conf["slurm"]}),
+        ("dt", {"executor": "datatrove", "workers": 2, "slurm": conf.slurm}),
     ):
         out = tmp_path / name
         out.mkdir()
@@ -211,7 +216,7 @@ def test_the_stage_runs_on_datatrove_from_params_and_reports_rate_and_memory(tmp
             "executor=spark",
         ],
     )
-    assert res.exit_code == 2 and "not local | datatrove | slurm | ray" in res.output
+    assert res.exit_code == 2 and "one of local | datatrove | slurm | ray" in res.output
 
 
 FAKE_SBATCH = r"""#!/bin/bash
@@ -247,7 +252,7 @@ def test_slurm_executor_through_a_stand_in_sbatch_writes_what_one_process_writes
     got = {}
     for name, engine in (
         ("one", {"executor": "local", "workers": 1}),
-        ("slurm", {"executor": "slurm", "workers": 3, "slurm": {**conf["slurm"], "partition": "cpu"}}),
+        ("slurm", {"executor": "slurm", "workers": 3, "slurm": conf.slurm.replace(partition="cpu")}),
     ):
         out = tmp_path / name
         out.mkdir()
