@@ -9,7 +9,7 @@ ratio measures the loop, not the dtype: each in the precision `auto` picks on th
 (selfalign/device.py's probe, figures in the output), and both in fp32 as well when auto picks bf16:
 
 - selfalign: the stage's step: packed rows with restarting position_ids (PackedCollator), loss
-  projected onto the vocabulary only at target tokens (training.trainer_class), frozen base in
+  projected onto the vocabulary only at target tokens (sft.trainer_class), frozen base in
   bf16 when computing in bf16;
 - plain: AutoModel in fp32 + the same LoRA, DataCollatorForSeq2Seq padding each batch of 4
   examples to its longest, `model(**batch).loss` (what Trainer does by default), under bf16
@@ -33,7 +33,6 @@ N = 134.5M, the embedding counted once, as the tied lm_head matmul. Results: ben
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import statistics
@@ -49,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from selfalign import chat, device, io, models, readers, training  # noqa: E402
+from selfalign import chat, device, io, models, readers, sft  # noqa: E402
 
 SYSTEM = "Answer in the style of an AI Assistant."
 
@@ -87,8 +86,8 @@ def seed_examples(tok, max_len: int, tmp: Path) -> tuple[list[dict], list[list[d
         if not readers.is_rejected(r)
     ]
     io.write_jsonl(tmp / "seed.jsonl", recs)
-    data = training.read_source(tok, str(tmp / "seed.jsonl"), SYSTEM, max_len, eval_fraction=0.0)
-    convs = {r["id"]: training.conversation(r, SYSTEM) for r in recs}
+    data = sft.read_source(tok, str(tmp / "seed.jsonl"), SYSTEM, max_len, eval_fraction=0.0)
+    convs = {r["id"]: sft.conversation(r, SYSTEM) for r in recs}
     random.Random(0).shuffle(data.train)
     return data.train, [convs[e["id"]] for e in data.train]
 
@@ -166,8 +165,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=None, help="default: stages/sft.py's")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: stages/sft.py's")
+    ap.add_argument("--max-len", type=int, default=None, help="default: sft.train's (selfalign.sft.TrainConfig)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: sft.train's (selfalign.sft.TrainConfig)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--other-precision", action="store_true", help="when auto picks fp32, also time both loops in bf16")
     ap.add_argument("--trl", action="store_true", help="afterwards, time TRL's SFTTrainer (not interleaved)")
@@ -185,12 +184,9 @@ def main():
         CLOCK = time.thread_time
         torch.set_num_threads(1)  # the work then runs on the calling thread, and thread_time sees all of it
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
-    spec = importlib.util.spec_from_file_location("stage_sft", ROOT / "stages/sft.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    defaults = stage.DEFAULTS["train"]
-    max_len, bs = a.max_len or defaults["max_len"], a.batch_size or defaults["batch_size"]
-    lora = defaults["lora"]
+    defaults = sft.TrainConfig()  # = params.yaml's sft.train (tests/test_config.py keeps them equal)
+    max_len, bs = a.max_len or defaults.max_len, a.batch_size or defaults.batch_size
+    lora = defaults.lora
     mdir = base_dir(a.model, tmp)
     placed = device.placement("auto", a.precision, mdir, "bench precision")
     precision = placed.precision
@@ -205,16 +201,16 @@ def main():
     n_params = sum(p.numel() for p in models.load_model(mdir).parameters())
     fpt = 4 * n_params
 
-    rows = training.pack(examples, max_len)
-    packed = training.PackedCollator(tok.pad_token_id)
+    rows = sft.pack(examples, max_len)
+    packed = sft.PackedCollator(tok.pad_token_id)
     ours_batches = [
         with_real(packed(rows[i : i + bs]), sum(len(r["input_ids"]) for r in rows[i : i + bs]))
         for i in range(0, len(rows) - bs + 1, bs)
     ]
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-    padder = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=training.IGNORE)
+    padder = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=sft.IGNORE)
     plain_batches = [
         with_real(
             padder([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples[i : i + bs]]),
@@ -226,21 +222,12 @@ def main():
     loops = []
     for prec in precisions:
         model = models.load_for_training(mdir, "lora", lora, prec)
-        args = training.training_args({**defaults, "precision": prec}, tmp / prec, 1, False, None)
-        trainer = training.trainer_class()(model=model, args=args, train_dataset=[], data_collator=packed)
+        args = sft.training_args(defaults.replace(precision=prec), tmp / prec, 1, False, None)
+        trainer = sft.trainer_class()(model=model, args=args, train_dataset=[], data_collator=packed)
         loops.append(Loop(f"selfalign_{prec}", prec, model, ours_batches, selfalign_loss(trainer)))
         model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
         model.config.use_cache = False
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora["r"],
-                lora_alpha=lora["alpha"],
-                lora_dropout=lora["dropout"],
-                target_modules=lora["target_modules"],
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, models.lora_config(lora))
         loops.append(Loop(f"plain_hf_{prec}", prec, model, plain_batches, plain_loss(prec)))
 
     rates = []
@@ -273,7 +260,7 @@ def main():
         "cpu": device.cpu_model(),
         "cpu_flags": device.cpu_flags(),
         "torch": torch.__version__,
-        "lora": lora,
+        "lora": lora.to_dict(),
         "max_len": max_len,
         "batch_size": bs,
         "rounds": a.rounds,
@@ -331,7 +318,6 @@ def run_trl(mdir, tok, convs, lora, precision, steps, max_len, bs, tmp, fpt, mea
     """TRL renders the same conversations itself; prompt/completion form gives it completion-only loss
     (SmolLM2's template has no {% generation %} markers for assistant_only_loss)."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -363,13 +349,7 @@ def run_trl(mdir, tok, convs, lora, precision, steps, max_len, bs, tmp, fpt, mea
         args=cfg,
         processing_class=tok,
         train_dataset=Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs]),
-        peft_config=LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=models.lora_config(lora),
         callbacks=[Timer()],
     ).train()
     tok_s = mean_tokens * bs * (len(times) - 1) / sum(times[1:])  # random sampler: mean real tokens per example

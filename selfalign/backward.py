@@ -1,13 +1,14 @@
 """Does the backward model learn its job? Held-out instruction prediction (Humpback's Myx, measured).
 
-For every seed pair the sft run held out (by id hash, `training.heldout`), the backward model is
+For every seed pair the sft run held out (by id hash, `sft.heldout`), the backward model is
 prompted exactly as augment prompts it (the response in prompts/backward.txt, greedy) and its reply,
 read back with `augment.parse_instruction`, is scored against the true instruction with ROUGE-L F1
 (rouge-score, Porter stemming). The base model gets the same prompts, so the difference is what
 training on reversed pairs bought. Means come with a seeded percentile bootstrap 95% interval; the
 difference is paired (the same held-out pairs resampled for both models).
 
-Pure functions except `predict`, which runs a selfalign.llm engine; the sft stage wires it.
+Pure functions except `predict`, which runs a selfalign.llm engine; the sft stage wires it. Its settings are
+sft.train.heldout_eval (sft.HeldoutEvalConfig).
 """
 
 from __future__ import annotations
@@ -15,16 +16,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from selfalign import augment, records, training
-
-DEFAULTS = {
-    "max_new_tokens": 64,  # room for an instruction (seed instructions: median ~20 tokens, 80% under 48)
-    "max_examples": 32,  # at most this many held-out pairs (in id order)
-    "batch_size": 8,  # sequences generated together
-    "bootstrap": 1000,  # resamples for the 95% intervals
-    "seed": 0,  # bootstrap seed
-    "examples_logged": 3,  # true / predicted pairs written to the log
-}
+from selfalign import augment, records, sft
 
 
 def heldout_pairs(paths_and_templates: list[tuple[str, str | None]], fraction: float, max_examples: int) -> list[dict]:
@@ -34,11 +26,11 @@ def heldout_pairs(paths_and_templates: list[tuple[str, str | None]], fraction: f
     """
     out: dict[str, dict] = {}
     for path, template_path in paths_and_templates:
-        template = training.load_template(template_path) if template_path else None
+        template = sft.load_template(template_path) if template_path else None
         good, _, _ = records.read(path, "sft", "chat")
         for rec, _line in good:
             msgs = rec["messages"]
-            if [m["role"] for m in msgs] != ["user", "assistant"] or not training.heldout(rec["id"], fraction):
+            if [m["role"] for m in msgs] != ["user", "assistant"] or not sft.heldout(rec["id"], fraction):
                 continue
             out.setdefault(
                 f"{rec['id']}/{rec['lang']}",
@@ -56,10 +48,12 @@ def predict(model_dir: str, pairs: list[dict], max_new_tokens: int, batch_size: 
     """(parsed instruction, finish_reason) for each pair, greedy, from the model in `model_dir` (no cache)."""
     from selfalign import llm
 
-    engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": batch_size, "dtype": "float32"})
-    head = [{"role": "system", "content": system}] if system else []
+    engine = llm.make_engine(llm.EngineSpec(kind="local", model=model_dir, batch_size=batch_size, dtype="fp32"))
     reqs = [
-        llm.Request(messages=head + [{"role": "user", "content": p["user"]}], max_tokens=max_new_tokens) for p in pairs
+        llm.Request(
+            messages=records.with_system(system, [{"role": "user", "content": p["user"]}]), max_tokens=max_new_tokens
+        )
+        for p in pairs
     ]
     results = engine.complete(reqs) if reqs else []
     engine.close()
@@ -105,32 +99,34 @@ def summary(trained: list[float], base: list[float], resamples: int, seed: int) 
     }
 
 
-def reversed_sources(run_cfg: dict) -> list[tuple[str, str | None]]:
+def reversed_sources(run_cfg: sft.RunConfig) -> list[tuple[str, str | None]]:
     """(path, template) of every reversed source of a run, in order, once each."""
     out: list[tuple[str, str | None]] = []
-    for ph in run_cfg["phases"]:
-        for s in ph["sources"]:
-            key = (s["path"], s["template"] or None)
-            if s["reverse"] and key not in out:
+    for ph in run_cfg.phases:
+        for s in ph.sources:
+            key = (s.path, s.template or None)
+            if s.reverse and key not in out:
                 out.append(key)
     return out
 
 
-def evaluate(run_cfg: dict, model_dir: str, fraction: float, cfg: dict, system: str | None = None) -> tuple[dict, list]:
+def evaluate(
+    run_cfg: sft.RunConfig, model_dir: str, fraction: float, cfg: sft.HeldoutEvalConfig, system: str | None = None
+) -> tuple[dict, list]:
     """`heldout_instruction` metrics of a trained backward model against its base; and every scored example."""
     import time
 
     t0 = time.perf_counter()
-    pairs = heldout_pairs(reversed_sources(run_cfg), fraction, cfg["max_examples"])
-    trained = predict(model_dir, pairs, cfg["max_new_tokens"], cfg["batch_size"], system)
-    base = predict(run_cfg["base"], pairs, cfg["max_new_tokens"], cfg["batch_size"], system)
+    pairs = heldout_pairs(reversed_sources(run_cfg), fraction, cfg.max_examples)
+    trained = predict(model_dir, pairs, cfg.max_new_tokens, cfg.batch_size, system)
+    base = predict(run_cfg.base, pairs, cfg.max_new_tokens, cfg.batch_size, system)
     refs = [p["instruction"] for p in pairs]
     s_trained = rouge_l(refs, [t for t, _ in trained])
     s_base = rouge_l(refs, [b for b, _ in base])
-    out = summary(s_trained, s_base, cfg["bootstrap"], cfg["seed"])
+    out = summary(s_trained, s_base, cfg.bootstrap, cfg.seed)
     out["backward"]["truncated"] = sum(f == "length" for _, f in trained)
     out["base"]["truncated"] = sum(f == "length" for _, f in base)
-    out.update(max_new_tokens=cfg["max_new_tokens"], seconds=round(time.perf_counter() - t0, 2))
+    out.update(max_new_tokens=cfg.max_new_tokens, seconds=round(time.perf_counter() - t0, 2))
     examples = [
         {
             "id": p["id"],

@@ -12,7 +12,7 @@ Pairs (STYLE principle 7: every candidate is used or counted with a reason):
   - self-rewarding pairs from curation scores (`self_reward_pairs`): for an instruction the
     scorer rated two or more answers to, the best and the worst scored answer.
 
-Tokens come from the model's own chat template exactly as SFT's (selfalign.training.segments):
+Tokens come from the model's own chat template exactly as SFT's (selfalign.sft.segments):
 the prompt is what the server renders for the conversation (`chat.split_last_turn`), an answer is
 its text up to and including the end-of-turn token, each tokenised on its own. TRL is handed these
 ids, so what DPO trains on is what serve will show the model.

@@ -163,14 +163,14 @@ def select_prompts(prompts: list[dict], per_category: int, languages: Sequence[s
 
 
 def heldout_conversations(seed: list[dict], fraction: float, limit: int, system: str | None = None) -> list[list[dict]]:
-    """Message lists of the seed records that sft held out of training (training.heldout with its eval_fraction).
+    """Message lists of the seed records that sft held out of training (sft.heldout with its eval_fraction).
 
     The split is sft's own, so every model here saw none of these responses in training. Like sft,
     the model's inference system prompt (its training tag) comes first, the record's own otherwise.
     Only conversations that end with the assistant's turn can be scored. At most `limit`, taken in
     id order (not file order) so the same records are chosen when upstream order changes.
     """
-    from selfalign.training import heldout
+    from selfalign.sft import heldout
 
     held = [
         r

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: examples with assistant-only labels, packed rows, curriculum phases, resumable training.
 
-Pure parts first (run params, example building, packing, the phase schedule), then the Trainer wiring.
+The stage's params first (SFTConfig: the sft: section), then the pure parts (example building, reading a
+source, packing, the phase schedule), then the Trainer wiring.
 
 Design, measured on 2 CPU cores (bench/sft.py):
 - transformers' Trainer, not TRL's SFTTrainer: SFTTrainer's extra per-step work (entropy, token
@@ -22,6 +23,7 @@ Design, measured on 2 CPU cores (bench/sft.py):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,73 +33,179 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from selfalign import chat, records
-from selfalign.io import JsonlLineError, read_jsonl
-from selfalign.params import ParamsError
+from selfalign import chat, io, records
+from selfalign.config import Config, LoraSpec, ParamsError, opt
 
 log = logging.getLogger("sft")
 
-RUN_KEYS = {"base": "models/base", "inference_tag": "seed", "phases": []}
-PHASE_KEYS = {"name": "", "sources": [], "epochs": 1, "max_steps": 0}
-SOURCE_KEYS = {"path": "", "tag": None, "keep_system": False, "reverse": False, "template": ""}
 IGNORE = -100
+CURATED = "{curated}"  # a source path that stands for the stage's --curated file (the last curation round)
+# transformers' schedulers that need no extra arguments (transformers.SchedulerType; tests/test_sft.py checks)
+SCHEDULERS = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
 
 
-# ---------------------------------------------------------------- run params
+# ---------------------------------------------------------------- params (the sft: section of params.yaml)
 
 
-def _check_keys(given, known: dict, where: str) -> dict:
-    if not isinstance(given, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {type(given).__name__}")
-    unknown = set(given) - set(known)
-    if unknown:
-        raise ParamsError(f"{where}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(known))}")
-    return {**known, **given}
+@dataclasses.dataclass
+class HeldoutEvalConfig(Config):
+    """sft.train.heldout_eval: a run with a reversed source predicts the held-out instructions (selfalign/backward.py)."""
+
+    max_new_tokens: int = opt(64, lo=1)  # room for an instruction
+    max_examples: int = opt(32, lo=0)  # held-out pairs scored (in id order); 0 = off
+    batch_size: int = opt(8, lo=1)  # sequences generated together
+    bootstrap: int = opt(1000, lo=1)  # resamples for the 95% intervals
+    seed: int = 0  # bootstrap seed
+    examples_logged: int = opt(3, lo=0)  # true / predicted pairs written to the log
 
 
-def check_run(cfg: dict, run: str, where: str) -> dict:
-    """The run's params with defaults filled in; a typo, a missing tag or an empty phase fails here, at start-up."""
-    runs = cfg["runs"]
-    if run not in runs:
-        raise ParamsError(f"{where}: no run {run!r} under sft.runs; known: {', '.join(sorted(runs)) or '(none)'}")
-    out = _check_keys(runs[run], RUN_KEYS, f"{where}.runs.{run}")
-    tags = set(cfg["system_tags"])
-    if out["inference_tag"] is not None and out["inference_tag"] not in tags:
-        raise ParamsError(f"{where}.runs.{run}.inference_tag: {out['inference_tag']!r} is not in sft.system_tags")
-    if not out["phases"]:
-        raise ParamsError(f"{where}.runs.{run}.phases: at least one phase is needed")
-    phases = []
-    for i, ph in enumerate(out["phases"]):
-        pw = f"{where}.runs.{run}.phases[{i}]"
-        ph = _check_keys(ph, PHASE_KEYS, pw)
-        if not ph["sources"]:
-            raise ParamsError(f"{pw}.sources: at least one source is needed")
-        if not (isinstance(ph["epochs"], int) and ph["epochs"] >= 1):
-            raise ParamsError(f"{pw}.epochs: expected an integer >= 1")
-        srcs = []
-        for j, s in enumerate(ph["sources"]):
-            s = _check_keys(s, SOURCE_KEYS, f"{pw}.sources[{j}]")
-            if not s["path"]:
-                raise ParamsError(f"{pw}.sources[{j}].path: empty")
-            if s["tag"] is not None and s["tag"] not in tags:
-                raise ParamsError(f"{pw}.sources[{j}].tag: {s['tag']!r} is not in sft.system_tags")
-            if s["template"] and not s["reverse"]:
-                raise ParamsError(f"{pw}.sources[{j}].template: only a reversed source uses a backward prompt")
-            if s["keep_system"] and s["reverse"]:
-                raise ParamsError(f"{pw}.sources[{j}].keep_system: a reversed source drops the record's system prompt")
-            srcs.append(s)
-        phases.append({**ph, "name": ph["name"] or f"phase{i + 1}", "sources": srcs})
-    out["phases"] = phases
-    return out
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """sft.train: shared by every run."""
+
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSpec = opt(LoraSpec(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: selfalign/device.py's rule
+    max_len: int = opt(512, lo=1)  # tokens per packed row; a longer example is shortened from the prompt side
+    packing: bool = True  # whole examples packed into rows of max_len; false: one example per row
+    batch_size: int = opt(2, lo=1)  # rows per device per micro-step
+    grad_accum: int = opt(1, lo=1)
+    lr: float = opt(5.0e-4, lo=0, lo_open=True)
+    scheduler: SCHEDULERS = "cosine"
+    warmup_ratio: float = opt(0.1, lo=0, hi=1)  # share of the steps
+    weight_decay: float = opt(0.0, lo=0)
+    max_grad_norm: float = opt(1.0, lo=0)
+    seed: int = 0  # shuffling of every phase and epoch, LoRA init
+    logging_steps: int = opt(1, lo=1)
+    save_steps: int = opt(5, lo=1)  # a checkpoint every N steps; a killed run resumes from the last one
+    eval_steps: int = opt(8, lo=1)
+    eval_fraction: float = opt(0.1, lo=0, hi=1, hi_open=True)  # share of every source held out (by id hash)
+    eval_max_examples: int = opt(8, lo=0)
+    gradient_checkpointing: bool = False
+    deepspeed: bool = False  # ZeRO-2 via --deepspeed-config
+    keep_adapter: bool = True  # LoRA: also keep the adapter in <output>/adapter
+    heldout_eval: HeldoutEvalConfig = opt(HeldoutEvalConfig())
 
 
-def run_inputs(run_cfg: dict) -> list[str]:
+@dataclasses.dataclass
+class SourceConfig(Config):
+    """One data file of a phase."""
+
+    path: str = ""  # a chat JSONL file, or "{curated}" (the stage's --curated)
+    tag: str | None = None  # a key of sft.system_tags: the system prompt it is trained under
+    keep_system: bool = False  # a record's own system prompt wins over the tag's (Orca answers)
+    reverse: bool = False  # Humpback's backward direction: the response gives the instruction
+    template: str = ""  # reversed sources: the backward prompt file with {response}
+
+
+@dataclasses.dataclass
+class PhaseConfig(Config):
+    """One curriculum phase: its sources trained for `epochs` (max_steps caps it, 0 = no cap)."""
+
+    name: str = ""  # "" = phase<N>
+    sources: list[SourceConfig] = opt([], min_items=1)
+    epochs: int = opt(1, lo=1)
+    max_steps: int = opt(0, lo=0)
+
+
+@dataclasses.dataclass
+class RunConfig(Config):
+    """One sft run (sft@<run>, sft-iter@<round> for `iteration`): base model, inference tag, phases in order."""
+
+    base: str = "models/base"
+    inference_tag: str | None = "seed"  # the system tag a model of this run is served with; null = none
+    phases: list[PhaseConfig] = opt([], min_items=1)
+
+
+def _src(path: str, **kw) -> SourceConfig:
+    return SourceConfig(path=path, **kw)
+
+
+SEED_TAGS = {"seed": "Answer in the style of an AI Assistant.", "augmented": "Answer with knowledge from web search."}
+RUNS = {
+    "backward": RunConfig(
+        inference_tag=None,
+        phases=[
+            PhaseConfig(
+                "reversed_seed",
+                [_src("data/clean/seed.jsonl", reverse=True, template="prompts/backward.txt")],
+                epochs=8,
+                max_steps=48,
+            )
+        ],
+    ),
+    "m0": RunConfig(phases=[PhaseConfig("seed", [_src("data/clean/seed.jsonl", tag="seed")], epochs=2, max_steps=12)]),
+    "iteration": RunConfig(
+        phases=[
+            PhaseConfig(
+                "seed_and_curated",
+                [_src("data/clean/seed.jsonl", tag="seed"), _src(CURATED, tag="augmented")],
+                epochs=2,
+                max_steps=12,
+            )
+        ]
+    ),
+    "final": RunConfig(
+        phases=[
+            PhaseConfig(
+                "seed_and_curated",
+                [_src("data/verify/seed/kept.jsonl", tag="seed"), _src(CURATED, tag="augmented")],
+                epochs=1,
+                max_steps=8,
+            ),
+            PhaseConfig(
+                "distilled", [_src("data/distill/distilled.jsonl", tag="seed", keep_system=True)], epochs=1, max_steps=4
+            ),
+        ]
+    ),
+}
+
+
+@dataclasses.dataclass
+class SFTConfig(Config):
+    """The sft: section. Every run is checked at start-up, whichever one a stage trains."""
+
+    train: TrainConfig = opt(TrainConfig())
+    system_tags: dict[str, str] = opt(SEED_TAGS)  # Humpback: seed and augmented data told apart by system prompt
+    runs: dict[str, RunConfig] = opt(RUNS)
+
+    def check(self, where: str) -> None:
+        tags = set(self.system_tags)
+        for run, r in self.runs.items():
+            rw = f"{where}.runs.{run}"
+            if r.inference_tag is not None and r.inference_tag not in tags:
+                raise ParamsError(f"{rw}.inference_tag: {r.inference_tag!r} is not in sft.system_tags")
+            for i, ph in enumerate(r.phases):
+                for j, s in enumerate(ph.sources):
+                    sw = f"{rw}.phases[{i}].sources[{j}]"
+                    if not s.path:
+                        raise ParamsError(f"{sw}.path: empty")
+                    if s.tag is not None and s.tag not in tags:
+                        raise ParamsError(f"{sw}.tag: {s.tag!r} is not in sft.system_tags")
+                    if s.template and not s.reverse:
+                        raise ParamsError(f"{sw}.template: only a reversed source uses a backward prompt")
+                    if s.keep_system and s.reverse:
+                        raise ParamsError(f"{sw}.keep_system: a reversed source drops the record's system prompt")
+
+    def run(self, name: str) -> RunConfig:
+        """The run `name`, its unnamed phases named phase<N>; an unknown run is a ParamsError."""
+        if name not in self.runs:
+            known = ", ".join(sorted(self.runs)) or "(none)"
+            raise ParamsError(f"sft: no run {name!r} under sft.runs; known: {known}")
+        r = self.runs[name]
+        return r.replace(phases=[ph.replace(name=ph.name or f"phase{i + 1}") for i, ph in enumerate(r.phases)])
+
+
+def run_inputs(run_cfg: RunConfig) -> list[str]:
     """Every file a run reads, base model included: what its dvc.yaml stage must list as deps."""
-    paths = [run_cfg["base"]]
-    for ph in run_cfg["phases"]:
-        for s in ph["sources"]:
-            paths += [p for p in (s["path"], s["template"]) if p and p not in paths]
+    paths = [run_cfg.base]
+    for ph in run_cfg.phases:
+        for s in ph.sources:
+            paths += [p for p in (s.path, s.template) if p and p not in paths]
     return paths
 
 
@@ -155,7 +263,7 @@ def conversation(
         sys = own if (own and keep_system) or system is None else system
     if msgs[-1]["role"] != "assistant":
         raise Reject("no_final_assistant_turn")
-    return ([{"role": "system", "content": sys}] if sys else []) + msgs
+    return records.with_system(sys, msgs)
 
 
 def segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -318,20 +426,19 @@ def read_source(
     template: str | None = None,
     keep_system: bool = False,
 ) -> SourceData:
-    """Every line of a chat JSONL file ends up in train, eval or rejected (with file, line and reason)."""
+    """Every line of a chat JSONL file ends up in train, eval or rejected (with file, line and reason).
+
+    records.stream (records.read one line at a time, so the rejects keep file order) rejects what is not
+    JSON (invalid_json) or not a valid record (invalid_record, naming the field); the rest is sft's own.
+    """
     data = SourceData(path)
-    for line, obj in read_jsonl(path):
+    for item in records.stream(path, "sft"):
         data.records_in += 1
-        if isinstance(obj, JsonlLineError):
-            data.rejected.append(
-                records.rejected(None, "bad_json", "sft", detail=obj.reason, file=path, line=line, raw=obj.raw)
-            )
+        if isinstance(item, dict):  # a rejected record
+            data.rejected.append(item)
             continue
+        obj, line = item
         try:
-            try:
-                records.validate(obj)
-            except records.RecordError as e:
-                raise Reject("bad_record", str(e)) from e
             if obj["kind"] != "chat":
                 raise Reject("not_chat", f"kind {obj['kind']!r}")
             if reverse:
@@ -345,6 +452,61 @@ def read_source(
         ex["id"], ex["lang"] = obj["id"], obj.get("lang")  # a translation shares its original's id: (id, lang) names it
         (data.eval if heldout(obj["id"], eval_fraction) else data.train).append(ex)
     return data
+
+
+def count(items) -> dict:
+    """How many of each item, sorted by item (rejected_by_reason)."""
+    out: dict = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def read_phases(tok, cfg: SFTConfig, run_cfg: RunConfig):
+    """Per phase its training examples; plus held-out eval examples, rejected lines and per-source counts.
+
+    A source used by several phases (or twice) is read once.
+    """
+    t = cfg.train
+    cache: dict = {}
+    by_phase, evals, rejected, sources = [], {}, [], {}
+    for phase in run_cfg.phases:
+        examples = []
+        for s in phase.sources:
+            key = (s.path, s.tag, s.keep_system, s.reverse, s.template)
+            if key not in cache:
+                system = cfg.system_tags[s.tag] if s.tag else None
+                template = load_template(s.template) if s.template else None
+                data = cache[key] = read_source(
+                    tok, s.path, system, t.max_len, t.eval_fraction, s.reverse, template, s.keep_system
+                )
+                rejected += data.rejected
+                for ex in data.eval:
+                    evals.setdefault((ex["id"], ex.get("lang") or "", key), ex)
+                name = f"{s.path}|{s.tag}|{'reverse' if s.reverse else 'forward'}"
+                sources[name] = {
+                    "records_in": data.records_in,
+                    "train": len(data.train),
+                    "eval": len(data.eval),
+                    "rejected": len(data.rejected),
+                    "shortened": data.shortened,
+                    "rejected_by_reason": count(r["reason"] for r in data.rejected),
+                }
+                # shortened: lost earlier turns or part of the prompt (never the answer's end); too_long: dropped
+                log.info(
+                    "%s: %d in, %d train, %d eval, %d shortened from the prompt side, rejected %s (max_len %d)",
+                    name,
+                    data.records_in,
+                    len(data.train),
+                    len(data.eval),
+                    data.shortened,
+                    sources[name]["rejected_by_reason"] or 0,
+                    t.max_len,
+                )
+            examples += cache[key].train
+        by_phase.append(examples)
+    eval_examples = [evals[k] for k in sorted(evals)][: t.eval_max_examples]
+    return by_phase, eval_examples, rejected, sources
 
 
 # ---------------------------------------------------------------- packing and the phase schedule
@@ -374,7 +536,7 @@ def pack(examples: list[dict], max_len: int, packing: bool = True) -> list[dict]
 
 
 def schedule(
-    phases: list[dict], train_by_phase: list[list[dict]], cfg: dict, world: int = 1
+    phases: list[PhaseConfig], train_by_phase: list[list[dict]], cfg: TrainConfig, world: int = 1
 ) -> tuple[list[dict], list[dict]]:
     """All training rows in order, phase after phase; and per phase its rows, steps and examples.
 
@@ -384,22 +546,22 @@ def schedule(
     """
     rows: list[dict] = []
     info = []
-    per_step = cfg["batch_size"] * cfg["grad_accum"] * world
+    per_step = cfg.batch_size * cfg.grad_accum * world
     for p, (phase, examples) in enumerate(zip(phases, train_by_phase, strict=True)):
         phase_rows: list[dict] = []
-        for epoch in range(phase["epochs"]):
+        for epoch in range(phase.epochs):
             order = list(examples)
-            random.Random(f"{cfg['seed']}/{p}/{epoch}").shuffle(order)
-            phase_rows += pack(order, cfg["max_len"], cfg["packing"])
-        if phase["max_steps"]:
-            phase_rows = phase_rows[: phase["max_steps"] * per_step]
+            random.Random(f"{cfg.seed}/{p}/{epoch}").shuffle(order)
+            phase_rows += pack(order, cfg.max_len, cfg.packing)
+        if phase.max_steps:
+            phase_rows = phase_rows[: phase.max_steps * per_step]
         for r in phase_rows:
             r["phase"] = p
         info.append(
             {
-                "name": phase["name"],
+                "name": phase.name,
                 "examples": len(examples),
-                "epochs": phase["epochs"],
+                "epochs": phase.epochs,
                 "rows": len(phase_rows),
                 "first_row": len(rows),
                 "tokens": sum(len(r["input_ids"]) for r in phase_rows),
@@ -410,15 +572,9 @@ def schedule(
     return rows, info
 
 
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def rows_fingerprint(rows: list[dict]) -> str:
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps([r["input_ids"], r["labels"], r["position_ids"]]).encode())
-    return h.hexdigest()
+    """A digest of the training rows (ids, labels, positions): part of a run's resume key."""
+    return io.digest(*([r["input_ids"], r["labels"], r["position_ids"]] for r in rows))
 
 
 # ---------------------------------------------------------------- batching
@@ -514,40 +670,40 @@ def resolve_precision(precision: str, model_dir: str | os.PathLike | None = None
         raise ParamsError(str(e)) from e
 
 
-def training_args(cfg: dict, ckpt_dir: Path, total_steps: int, has_eval: bool, deepspeed_config: str | None):
+def training_args(cfg: TrainConfig, ckpt_dir: Path, total_steps: int, has_eval: bool, deepspeed_config: str | None):
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()  # accelerate then places each rank on cuda:LOCAL_RANK (device.resolve_device)
-    if cfg["precision"] not in ("bf16", "fp32"):
-        raise ParamsError(f"sft.train.precision {cfg['precision']!r}: resolve it first (resolve_precision)")
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ParamsError(f"sft.train.precision {cfg.precision!r}: resolve it first (resolve_precision)")
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         max_steps=total_steps,
-        per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg["batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"],
-        learning_rate=cfg["lr"],
-        lr_scheduler_type=cfg["scheduler"],
-        warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)),
-        weight_decay=cfg["weight_decay"],
-        max_grad_norm=cfg["max_grad_norm"],
-        bf16=cfg["precision"] == "bf16",
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=int(round(cfg.warmup_ratio * total_steps)),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.precision == "bf16",
         use_cpu=not cuda,
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
         train_sampling_strategy="sequential",
-        logging_steps=cfg["logging_steps"],
+        logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=cfg["save_steps"],
+        save_steps=cfg.save_steps,
         save_total_limit=1,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg["eval_steps"],
+        eval_steps=cfg.eval_steps,
         prediction_loss_only=True,  # otherwise evaluation keeps every batch's (rows x len x vocab) logits
         # Off by default: TRL and some launchers turn it on, ~25% slower on CPU with no memory need at 135M.
         # On (params) for long rows of big models: only each layer's input is kept, the rest recomputed.
-        activation_checkpointing=bool(cfg.get("gradient_checkpointing")),
+        activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA, QLoRA)
         remove_unused_columns=False,
         dataloader_num_workers=0,

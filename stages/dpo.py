@@ -10,7 +10,7 @@ with `self_rewarding`, best-vs-worst pairs of the last curation round's scored a
 hash), so the DPO model's implicit-reward accuracy and the reward model's accuracy are measured
 on the same pairs. Every record is used, held out, capped or rejected with a reason.
 A checkpoint every `checkpoint_every` steps in cache/dpo lets a killed run resume, only when the
-checkpoint was made from the same params, pairs and policy weights (training.prepare_checkpoints).
+checkpoint was made from the same params, pairs and policy weights (sft.prepare_checkpoints).
 Output: models/dpo, the LoRA merged into a plain model directory that evaluate, export and serve load.
 """
 
@@ -28,7 +28,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from selfalign import curate, io, models, params, records, training  # noqa: E402
+from selfalign import curate, io, models, params, records, sft  # noqa: E402
 from selfalign import dpo as D  # noqa: E402
 from selfalign import reward as rm  # noqa: E402
 
@@ -134,7 +134,7 @@ def main(
 ):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = params.resolve(DEFAULTS, params_file, "dpo", overrides)
-    cfg["precision"] = training.resolve_precision(cfg["precision"])
+    cfg["precision"] = sft.resolve_precision(cfg["precision"])
     t0 = time.time()
     import torch
     from datasets import Dataset
@@ -196,14 +196,14 @@ def main(
     )
 
     ckpt_dir = Path(checkpoints)
-    fp = training.fingerprint(
+    fp = io.digest(
         {
             "cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "threads")},
             "rows": [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in train_rows],
             "policy": model_fingerprint(policy_dir),
         }
     )
-    resume = training.prepare_checkpoints(ckpt_dir, fp)
+    resume = sft.prepare_checkpoints(ckpt_dir, fp)
     if resume is not None:
         log.info("resuming from %s", resume)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -217,7 +217,7 @@ def main(
         task_type="CAUSAL_LM",
     )
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
-    progress = training.make_callback([])
+    progress = sft.make_callback([])
     trainer = D.trainer_class()(
         model=model,
         ref_model=None,
@@ -284,7 +284,7 @@ def main(
             "seconds": round(time.time() - t0, 1),
         },
     )
-    training.clear_checkpoints(ckpt_dir)
+    sft.clear_checkpoints(ckpt_dir)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
         --checkpoints checkpoints/ppo --plots plots/ppo --metrics metrics/ppo.json
 
 Prompts: every prompt record, plus the instructions of the seed records that sft held out of
-training (selfalign.training.heldout with sft.train.eval_fraction, the split evaluate also uses).
+training (selfalign.sft.heldout with sft.train.eval_fraction, the split evaluate also uses).
 A record without its own system prompt gets the policy's inference one (selfalign.json), as in
 evaluate. The loop is selfalign.ppo; a checkpoint every `checkpoint_every` steps lets a killed run
 resume where it stopped, and only when the checkpoint was made from the same inputs and params.
@@ -82,7 +82,7 @@ def gather_prompts(
 ) -> tuple[list[dict], dict]:
     """PPO prompts as {messages, ids, id}; every input record is used or counted under a reason."""
     from selfalign import chat
-    from selfalign.training import heldout
+    from selfalign.sft import heldout
 
     candidates, counts = (
         [],

@@ -22,132 +22,41 @@ from pathlib import Path
 
 import click
 
-from selfalign import backward, chat, curate, device, io, launch, memory, models, params, training
-
-DEFAULTS = {
-    "train": {
-        "method": "lora",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "precision": "auto",
-        "max_len": 512,
-        "packing": True,
-        "batch_size": 2,
-        "grad_accum": 1,
-        "lr": 5.0e-4,
-        "scheduler": "cosine",
-        "warmup_ratio": 0.1,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "seed": 0,
-        "logging_steps": 1,
-        "save_steps": 5,
-        "eval_steps": 8,
-        "eval_fraction": 0.1,
-        "eval_max_examples": 8,
-        "gradient_checkpointing": False,
-        "deepspeed": False,
-        "keep_adapter": True,
-        "heldout_eval": dict(backward.DEFAULTS),  # runs with a reversed source: held-out instruction prediction
-    },
-    "system_tags": {},
-    "runs": {},
-}
+from selfalign import backward, chat, cli, curate, device, io, launch, memory, models, params, sft
+from selfalign.sft import CURATED, RunConfig, SFTConfig
 
 log = logging.getLogger("sft")
-CURATED = "{curated}"
 
 
-def resolve_params(params_file, overrides=(), run: str | None = None) -> tuple[dict, dict]:
-    """(shared cfg, the run's cfg); with run=None every run is checked (tests/test_layout.py calls this)."""
-    cfg = params.resolve(DEFAULTS, params_file, "sft", overrides)
-    where = f"{params_file}:sft"
-    if run is None:
-        for name in cfg["runs"]:
-            training.check_run(cfg, name, where)
-        return cfg, {}
-    return cfg, training.check_run(cfg, run, where)
-
-
-def read_phases(tok, cfg: dict, run_cfg: dict):
-    """Per phase its training examples; plus held-out eval examples, rejected lines and per-source counts."""
-    t = cfg["train"]
-    cache: dict = {}
-    by_phase, evals, rejected, sources = [], {}, [], {}
-    for phase in run_cfg["phases"]:
-        examples = []
-        for s in phase["sources"]:
-            key = (s["path"], s["tag"], s["keep_system"], s["reverse"], s["template"])
-            if key not in cache:
-                system = cfg["system_tags"][s["tag"]] if s["tag"] else None
-                template = training.load_template(s["template"]) if s["template"] else None
-                data = cache[key] = training.read_source(
-                    tok, s["path"], system, t["max_len"], t["eval_fraction"], s["reverse"], template, s["keep_system"]
-                )
-                rejected += data.rejected
-                for ex in data.eval:
-                    evals.setdefault((ex["id"], ex.get("lang") or "", key), ex)
-                name = f"{s['path']}|{s['tag']}|{'reverse' if s['reverse'] else 'forward'}"
-                sources[name] = {
-                    "records_in": data.records_in,
-                    "train": len(data.train),
-                    "eval": len(data.eval),
-                    "rejected": len(data.rejected),
-                    "shortened": data.shortened,
-                    "rejected_by_reason": _count(r["reason"] for r in data.rejected),
-                }
-                # shortened: lost earlier turns or part of the prompt (never the answer's end); too_long: dropped
-                log.info(
-                    "%s: %d in, %d train, %d eval, %d shortened from the prompt side, rejected %s (max_len %d)",
-                    name,
-                    data.records_in,
-                    len(data.train),
-                    len(data.eval),
-                    data.shortened,
-                    sources[name]["rejected_by_reason"] or 0,
-                    t["max_len"],
-                )
-            examples += cache[key].train
-        by_phase.append(examples)
-    eval_examples = [evals[k] for k in sorted(evals)][: t["eval_max_examples"]]
-    return by_phase, eval_examples, rejected, sources
-
-
-def fill_curated(run_cfg: dict, curated: str | None, params_file, run: str) -> dict:
+def fill_curated(run_cfg: RunConfig, curated: str | None, params_file, run: str) -> RunConfig:
     """A source path "{curated}" becomes --curated: a kept.jsonl, or for a directory (data/curate) the last
     round's kept.jsonl in params' curate.iterations; so adding a round never edits sft@final."""
-    wanted = [s for ph in run_cfg["phases"] for s in ph["sources"] if s["path"] == CURATED]
+    wanted = [s for ph in run_cfg.phases for s in ph.sources if s.path == CURATED]
     if not wanted:
         return run_cfg
     if not curated:
         raise click.UsageError(f"sft.runs.{run} reads {CURATED} but no --curated is given")
     path = str(curate.round_file(curated, params_file, "kept.jsonl"))
     phases = [
-        {**ph, "sources": [{**s, "path": path} if s["path"] == CURATED else s for s in ph["sources"]]}
-        for ph in run_cfg["phases"]
+        ph.replace(sources=[s.replace(path=path) if s.path == CURATED else s for s in ph.sources])
+        for ph in run_cfg.phases
     ]
-    return {**run_cfg, "phases": phases}
+    return run_cfg.replace(phases=phases)
 
 
-def _count(items) -> dict:
-    out: dict = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return dict(sorted(out.items()))
-
-
-def save_output(trainer, run_cfg: dict, tok, output: str, info: dict, keep_adapter: bool) -> None:
+def save_output(trainer, run_cfg: RunConfig, tok, output: str, info: dict, keep_adapter: bool) -> None:
     """The output dir every later stage loads: merged weights in the base's dtype, tokenizer, template, info."""
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA/QLoRA: merge into a fresh full-precision copy of the base
         with tempfile.TemporaryDirectory() as adapter:
             models.save_adapter(model, adapter)
-            merged = models.merge_adapter(run_cfg["base"], adapter)
+            merged = models.merge_adapter(run_cfg.base, adapter)
             models.save_model_dir(merged, tok, output, info)
             if keep_adapter:
                 shutil.copytree(adapter, Path(output) / "adapter")
                 (Path(output) / "adapter").chmod(0o755)  # TemporaryDirectory's 0700 would be copied along
     else:
-        model = model.to(models._torch_dtype(models.load_config_dtype(run_cfg["base"])))
+        model = model.to(models._torch_dtype(models.load_config_dtype(run_cfg.base)))
         model.config.use_cache = True
         models.save_model_dir(model, tok, output, info)
 
@@ -199,100 +108,98 @@ def main(
     dry_run,
     gpu_gib,
 ):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, run_cfg = resolve_params(params_file, overrides, run)
-    t = cfg["train"]
-    run_cfg = fill_curated(run_cfg, curated, params_file, run)
+    cli.setup_logging()
+    cfg = params.resolve(SFTConfig, params_file, "sft", overrides)  # every run checked, before any work
+    t = cfg.train
+    run_cfg = fill_curated(cfg.run(run), curated, params_file, run)
     declared = inputs + ((curated,) if curated else ())
     undeclared = [
-        p
-        for p in training.run_inputs(run_cfg)
-        if p not in declared and not any(Path(p).is_relative_to(d) for d in declared)
+        p for p in sft.run_inputs(run_cfg) if p not in declared and not any(Path(p).is_relative_to(d) for d in declared)
     ]
     if undeclared:
         raise click.UsageError(
             f"sft.runs.{run} reads {undeclared[0]} but it is not an --input (declare it in dvc.yaml)"
         )
     if dry_run:
-        ds = deepspeed_config if t["deepspeed"] else None
-        t = {**t, "precision": "bf16" if t["precision"] == "auto" else t["precision"]}  # a GPU estimate: auto = bf16
+        ds = deepspeed_config if t.deepspeed else None
+        t = t.replace(precision="bf16" if t.precision == "auto" else t.precision)  # a GPU estimate: auto = bf16
         click.echo(
             memory.dry_run(
-                memory.stage_plan("sft", t, run_cfg["base"], params_file, gpu_gib=gpu_gib, deepspeed_config=ds),
-                params=t,
+                memory.stage_plan("sft", t.to_dict(), run_cfg.base, params_file, gpu_gib=gpu_gib, deepspeed_config=ds),
+                params=t.to_dict(),
             )
         )
         return
     try:  # one rule for device and precision (selfalign/device.py): auto = bf16 where it measures faster
-        placed = device.placement("auto", t["precision"], run_cfg["base"], "sft.train.precision")
+        placed = device.placement("auto", t.precision, run_cfg.base, "sft.train.precision")
     except device.DeviceError as e:
         raise click.UsageError(str(e)) from e
-    t = cfg["train"] = {**t, "precision": placed.precision}
+    t = cfg.train = t.replace(precision=placed.precision)
     # The launcher (torchrun, accelerate launch, srun ...) comes from the machine, not params (selfalign/launch.py).
     launcher = launch.relaunch("sft")
-    ds_config = training.setup_deepspeed(t["deepspeed"], deepspeed_config)
+    ds_config = sft.setup_deepspeed(t.deepspeed, deepspeed_config)
     import torch
 
     launch.set_cuda_device()  # before any load: QLoRA's 4-bit weights land on this rank's GPU
     world = launch.world_size()
 
-    torch.manual_seed(t["seed"])
-    tok = chat.load_tokenizer(run_cfg["base"])
-    by_phase, eval_examples, rejected, sources = read_phases(tok, cfg, run_cfg)
-    rows, phase_info = training.schedule(run_cfg["phases"], by_phase, t, world)
+    torch.manual_seed(t.seed)
+    tok = chat.load_tokenizer(run_cfg.base)
+    by_phase, eval_examples, rejected, sources = sft.read_phases(tok, cfg, run_cfg)
+    rows, phase_info = sft.schedule(run_cfg.phases, by_phase, t, world)
     if not rows:
         raise click.ClickException(f"run {run}: no training examples left (see {rejected_path})")
-    eval_rows = training.pack(eval_examples, t["max_len"], t["packing"])
-    per_step = t["batch_size"] * t["grad_accum"] * world  # rows per optimizer step across every rank
+    eval_rows = sft.pack(eval_examples, t.max_len, t.packing)
+    per_step = t.batch_size * t.grad_accum * world  # rows per optimizer step across every rank
     total_steps = math.ceil(len(rows) / per_step)
     tokens = sum(len(r["input_ids"]) for r in rows)
     log.info(
         "run %s (%s, %s): %d rows in %d phases, %d steps of %d rows (%d processes), %.0f tokens/step "
         "(%.0f%% of row capacity), %d eval rows",
         run,
-        t["method"],
-        t["precision"],
+        t.method,
+        t.precision,
         len(rows),
         len(phase_info),
         total_steps,
         per_step,
         world,
         tokens / total_steps,
-        100 * tokens / (len(rows) * t["max_len"]),
+        100 * tokens / (len(rows) * t.max_len),
         len(eval_rows),
     )
     for ph in phase_info:
         log.info("phase %s: %d examples x %d epochs -> %d rows", ph["name"], ph["examples"], ph["epochs"], ph["rows"])
 
-    base_weights = Path(run_cfg["base"]) / models.WEIGHTS
-    fp = training.fingerprint(
+    base_weights = Path(run_cfg.base) / models.WEIGHTS
+    fp = io.digest(
         {
-            "train": t,
-            "run": run_cfg,
-            "tags": cfg["system_tags"],
+            "train": t.to_dict(),
+            "run": run_cfg.to_dict(),
+            "tags": cfg.system_tags,
             "world": world,
-            "rows": training.rows_fingerprint(rows + eval_rows),
-            "base": models.sha256_file(base_weights) if base_weights.is_file() else None,
+            "rows": sft.rows_fingerprint(rows + eval_rows),
+            "base": io.sha256_file(base_weights) if base_weights.is_file() else None,
         }
     )
     ckpt_dir = Path(checkpoints)
     # TrainingArguments first: it joins this process to the launch's process group (gloo on CPU, nccl on GPUs).
-    args = training.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
-    resume = training.prepare_checkpoints_ranked(ckpt_dir, fp, args.process_index == 0)
+    args = sft.training_args(t, ckpt_dir, total_steps, bool(eval_rows), ds_config)
+    resume = sft.prepare_checkpoints_ranked(ckpt_dir, fp, args.process_index == 0)
     if resume is not None:
         log.info("resuming from %s", resume)
 
     try:
-        model = models.load_for_training(run_cfg["base"], t["method"], t["lora"], t["precision"])
+        model = models.load_for_training(run_cfg.base, t.method, t.lora, t.precision)
     except models.ModelError as e:
         raise click.ClickException(str(e)) from e
-    progress = training.make_callback(rows)
-    trainer = training.trainer_class()(
+    progress = sft.make_callback(rows)
+    trainer = sft.trainer_class()(
         model=model,
         args=args,
         train_dataset=rows,
         eval_dataset=eval_rows or None,
-        data_collator=training.PackedCollator(tok.pad_token_id),
+        data_collator=sft.PackedCollator(tok.pad_token_id),
         callbacks=[progress],
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -303,22 +210,24 @@ def main(
         log.info("rank %d: trained %d steps; rank 0 writes the outputs", args.process_index, step)
         return
 
-    system = cfg["system_tags"][run_cfg["inference_tag"]] if run_cfg["inference_tag"] else None
+    system = cfg.system_tags[run_cfg.inference_tag] if run_cfg.inference_tag else None
     info = {
         "run": run,
-        "base": run_cfg["base"],
-        "method": t["method"],
+        "base": run_cfg.base,
+        "method": t.method,
         "system": system,
-        "inference_tag": run_cfg["inference_tag"],
-        "system_tags": cfg["system_tags"],
+        "inference_tag": run_cfg.inference_tag,
+        "system_tags": cfg.system_tags,
         "global_step": step,
-        "phases": [{"name": p["name"], "sources": p["sources"], "epochs": p["epochs"]} for p in run_cfg["phases"]],
+        "phases": [
+            {"name": p.name, "sources": [s.to_dict() for s in p.sources], "epochs": p.epochs} for p in run_cfg.phases
+        ],
     }
-    save_output(trainer, run_cfg, tok, output, info, t["keep_adapter"])
+    save_output(trainer, run_cfg, tok, output, info, t.keep_adapter)
 
     heldout = {}
-    if t["heldout_eval"]["max_examples"] and backward.reversed_sources(run_cfg):
-        h, examples = backward.evaluate(run_cfg, output, t["eval_fraction"], t["heldout_eval"], system)
+    if t.heldout_eval.max_examples and backward.reversed_sources(run_cfg):
+        h, examples = backward.evaluate(run_cfg, output, t.eval_fraction, t.heldout_eval, system)
         heldout = {"heldout_instruction": h}
         log.info(
             "held-out instructions (%d pairs, ROUGE-L F1): %s %.3f %s, base %.3f %s, difference %.3f %s (%.0f s)",
@@ -332,7 +241,7 @@ def main(
             h["difference"]["ci95"],
             h["seconds"],
         )
-        for ex in examples[: t["heldout_eval"]["examples_logged"]]:
+        for ex in examples[: t.heldout_eval.examples_logged]:
             log.info(
                 "held-out %s: true %r | %s %r | base %r",
                 ex["id"],
@@ -342,7 +251,7 @@ def main(
                 ex["base"][:200],
             )
 
-    train_curve, eval_curve = training.loss_curves(trainer.state.log_history, rows, per_step)
+    train_curve, eval_curve = sft.loss_curves(trainer.state.log_history, rows, per_step)
     io.write_jsonl(rejected_path, rejected)
     Path(plots_dir).mkdir(parents=True, exist_ok=True)
     _csv(Path(plots_dir) / "train.csv", train_curve, ["step", "loss", "lr", "phase"])
@@ -357,8 +266,9 @@ def main(
             "records_in": records_in,
             "train": kept_train,
             "eval": kept_eval,
+            "kept": kept_train + kept_eval,
             "rejected": len(rejected),
-            "rejected_by_reason": _count(r["reason"] for r in rejected),
+            "rejected_by_reason": sft.count(r["reason"] for r in rejected),
             "sources": sources,
             "phases": phase_info,
             "rows": len(rows),
@@ -370,18 +280,18 @@ def main(
             "tokens_per_second": round(trained_tokens / progress.seconds, 1) if progress.seconds else None,
             "final_train_loss": train_curve[-1]["loss"] if train_curve else None,
             "final_eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
-            "method": t["method"],
+            "method": t.method,
             "gradient_checkpointing": checkpointed,
             **placed.metrics(),
             "device": str(trainer.args.device),  # the precision rule's choice and the Trainer's device
             "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
             if trainer.is_deepspeed_enabled
             else None,
-            **launch.summary(launcher, t["batch_size"] * t["grad_accum"]),
+            **launch.summary(launcher, t.batch_size * t.grad_accum),
             **heldout,
         },
     )
-    training.clear_checkpoints(ckpt_dir)
+    sft.clear_checkpoints(ckpt_dir)
     log.info(
         "run %s: %d steps, %.1f tokens/s, wrote %s",
         run,

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from stage_loader import load_stage
 
-from selfalign import backward, training
+from selfalign import backward, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "sft"
@@ -63,7 +63,7 @@ def test_summary_difference_is_paired():
 def test_heldout_pairs_are_the_pairs_sft_holds_out_in_the_backward_wording():
     pairs = backward.heldout_pairs([(SEED, TEMPLATE)], 0.2, max_examples=32)
     recs = [json.loads(line) for line in Path(SEED).read_text().splitlines()]
-    held = sorted(r["id"] for r in recs if training.heldout(r["id"], 0.2))
+    held = sorted(r["id"] for r in recs if sft.heldout(r["id"], 0.2))
     assert held and [p["id"] for p in pairs] == held
     by_id = {r["id"]: r for r in recs}
     template = Path(TEMPLATE).read_text().strip()
@@ -76,17 +76,20 @@ def test_heldout_pairs_are_the_pairs_sft_holds_out_in_the_backward_wording():
 
 
 def test_reversed_sources_names_each_reversed_file_once():
-    run = {
-        "phases": [
-            {
-                "sources": [
-                    {"path": "a", "reverse": True, "template": "t"},
-                    {"path": "b", "reverse": False, "template": ""},
-                ]
-            },
-            {"sources": [{"path": "a", "reverse": True, "template": "t"}]},
-        ]
-    }
+    run = sft.RunConfig.from_dict(
+        {
+            "phases": [
+                {
+                    "sources": [
+                        {"path": "a", "reverse": True, "template": "t"},
+                        {"path": "b", "reverse": False, "template": ""},
+                    ]
+                },
+                {"sources": [{"path": "a", "reverse": True, "template": "t"}]},
+            ]
+        },
+        "run",
+    )
     assert backward.reversed_sources(run) == [("a", "t")]
 
 
@@ -119,7 +122,7 @@ def test_sft_backward_run_writes_heldout_instruction(tmp_path, tiny_model_copy, 
     }
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"sft": {"train": train, "system_tags": {}, "runs": runs}}))
-    n_held = sum(training.heldout(json.loads(x)["id"], 0.2) for x in Path(SEED).read_text().splitlines())
+    n_held = sum(sft.heldout(json.loads(x)["id"], 0.2) for x in Path(SEED).read_text().splitlines())
     metrics = {}
     for run in ("backward", "m0"):
         out = tmp_path / run

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from selfalign import chat, training
+from selfalign import chat, sft
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
@@ -49,23 +49,23 @@ def server_prompts(tok, messages):
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_training_prompt_is_the_serving_prompt(tok, name):
     msgs = CONVERSATIONS[name]
-    pieces = training.segments(tok, msgs)
+    pieces = sft.segments(tok, msgs)
     # Everything before the last target is the prompt for the last turn.
     prompt_text = "".join(text for text, _ in pieces[:-1])
     for builder, served in server_prompts(tok, msgs[:-1]).items():
         assert prompt_text == served, builder
-    ids, labels = training.encode(tok, msgs)
+    ids, labels = sft.encode(tok, msgs)
     served_ids = tok(server_prompts(tok, msgs[:-1])["chat.render"], add_special_tokens=False)["input_ids"]
     assert ids[: len(served_ids)] == served_ids
     # Inside the prompt only earlier assistant turns carry labels.
     earlier = "".join(m["content"] + "<|im_end|>" for m in msgs[:-1] if m["role"] == "assistant")
-    assert tok.decode([x for x in labels[: len(served_ids)] if x != training.IGNORE]) == earlier
+    assert tok.decode([x for x in labels[: len(served_ids)] if x != sft.IGNORE]) == earlier
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_labels_cover_exactly_the_assistant_tokens(tok, name):
     msgs = CONVERSATIONS[name]
-    ids, labels = training.encode(tok, msgs)
+    ids, labels = sft.encode(tok, msgs)
     eot = tok.convert_tokens_to_ids(chat.end_of_turn(tok))
     # Contiguous labelled spans, one per assistant turn, each "content<|im_end|>".
     spans = assistant_spans(ids, labels)
@@ -81,14 +81,14 @@ def test_labels_cover_exactly_the_assistant_tokens(tok, name):
 
 def test_system_tag_lands_in_the_prompt_not_in_the_labels(tok):
     record = {"messages": CONVERSATIONS["single"], "system": "own system"}
-    tagged = training.conversation(record, "Answer with knowledge from web search.")
-    untagged = training.conversation(record, None)
+    tagged = sft.conversation(record, "Answer with knowledge from web search.")
+    untagged = sft.conversation(record, None)
     assert tagged[0] == {"role": "system", "content": "Answer with knowledge from web search."}
     assert untagged[0] == {"role": "system", "content": "own system"}
-    ids, labels = training.encode(tok, tagged)
-    prompt = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == training.IGNORE])
+    ids, labels = sft.encode(tok, tagged)
+    prompt = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == sft.IGNORE])
     assert "Answer with knowledge from web search." in prompt
-    assert "web search" not in tok.decode([lab for lab in labels if lab != training.IGNORE])
+    assert "web search" not in tok.decode([lab for lab in labels if lab != sft.IGNORE])
 
 
 def test_keep_system_lets_a_records_own_system_message_win_over_the_tag():
@@ -96,9 +96,9 @@ def test_keep_system_lets_a_records_own_system_message_win_over_the_tag():
     tag = "Answer in the style of an AI Assistant."
     orca = {"messages": CONVERSATIONS["single"], "system": "Explain step by step."}
     plain = {"messages": CONVERSATIONS["single"]}
-    assert training.conversation(orca, tag, keep_system=True)[0]["content"] == "Explain step by step."
-    assert training.conversation(plain, tag, keep_system=True)[0]["content"] == tag
-    assert training.conversation(orca, tag)[0]["content"] == tag
+    assert sft.conversation(orca, tag, keep_system=True)[0]["content"] == "Explain step by step."
+    assert sft.conversation(plain, tag, keep_system=True)[0]["content"] == tag
+    assert sft.conversation(orca, tag)[0]["content"] == tag
 
 
 def test_keep_system_on_a_reversed_source_is_a_params_error():
@@ -106,8 +106,8 @@ def test_keep_system_on_a_reversed_source_is_a_params_error():
         "system_tags": {"seed": "s"},
         "runs": {"r": {"phases": [{"sources": [{"path": "x.jsonl", "reverse": True, "keep_system": True}]}]}},
     }
-    with pytest.raises(training.ParamsError, match=r"sources\[0\]\.keep_system"):
-        training.check_run(cfg, "r", "sft")
+    with pytest.raises(sft.ParamsError, match=r"sources\[0\]\.keep_system"):
+        sft.SFTConfig.from_dict(cfg, "sft")
 
 
 # ---------------------------------------------------------------- every shipped chat template keeps its end-of-turn token
@@ -150,7 +150,7 @@ def template_tok(name: str):
 def assistant_spans(ids, labels):
     spans, cur = [], []
     for i, lab in zip(ids, labels, strict=True):
-        if lab != training.IGNORE:
+        if lab != sft.IGNORE:
             assert lab == i
             cur.append(i)
         elif cur:
@@ -196,8 +196,8 @@ def test_every_example_keeps_its_end_of_turn_token_in_the_label_mask(name):
     for msgs in convs:
         for max_len in (10**6, 200, 60):
             try:
-                ex = training.build_example(tok, msgs, max_len)
-            except training.Reject as e:
+                ex = sft.build_example(tok, msgs, max_len)
+            except sft.Reject as e:
                 assert e.reason == "too_long" and max_len < 10**6
                 continue
             built.append((ex, msgs, max_len))
@@ -216,13 +216,13 @@ def test_every_example_keeps_its_end_of_turn_token_in_the_label_mask(name):
             for reverse in (False, True):
                 try:
                     if reverse:
-                        ex = training.build_reversed(tok, rec, None, wording, max_len)
+                        ex = sft.build_reversed(tok, rec, None, wording, max_len)
                     else:
-                        ex = training.build_example(tok, training.conversation(rec, "Be helpful."), max_len)
-                except training.Reject as e:
+                        ex = sft.build_example(tok, sft.conversation(rec, "Be helpful."), max_len)
+                except sft.Reject as e:
                     assert e.reason == "too_long"
                     continue
                 ids, labels = ex["input_ids"], ex["labels"]
                 assert len(ids) <= max_len and ids[-1] == labels[-1] == eot
                 target = rec["messages"][0 if reverse else -1]["content"]
-                assert tok.decode([x for x in labels if x != training.IGNORE]) == target + TEMPLATES[name][4]
+                assert tok.decode([x for x in labels if x != sft.IGNORE]) == target + TEMPLATES[name][4]

@@ -327,7 +327,7 @@ def _seed_records(n=6):
 
 
 def test_heldout_conversations_are_the_records_sft_held_out():
-    from selfalign.training import heldout
+    from selfalign.sft import heldout
 
     seed = _seed_records(40) + [records.chat([{"role": "user", "content": "no answer"}], lang="en", source="t")]
     convs = ev.heldout_conversations(seed, 0.5, 100)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import chat, io, models, params, records, training
+from selfalign import chat, io, models, params, records, sft
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "sft"
@@ -92,22 +93,116 @@ def tok(tiny_model_dir):
 
 
 def test_run_params_fail_at_start_up(tmp_path, tiny_model_dir):
-    stage = load_stage("sft")
     p = write_params(tmp_path, tiny_model_dir)
-    cfg, run = stage.resolve_params(p, (), "m1")
-    assert [ph["name"] for ph in run["phases"]] == ["seed", "mix"]
-    assert training.run_inputs(run) == [str(tiny_model_dir), SEED, AUG]
+    run = params.resolve(sft.SFTConfig, p, "sft").run("m1")
+    assert [ph.name for ph in run.phases] == ["seed", "mix"]
+    assert sft.run_inputs(run) == [str(tiny_model_dir), SEED, AUG]
     bad = yaml.safe_load(p.read_text())
     bad["sft"]["runs"]["m1"]["phases"][0]["sources"][0]["tga"] = "seed"
     p.write_text(yaml.safe_dump(bad))
     with pytest.raises(params.ParamsError, match=r"runs\.m1\.phases\[0\]\.sources\[0\].*'tga'"):
-        stage.resolve_params(p, (), "m1")
+        params.resolve(sft.SFTConfig, p, "sft").run("m1")
     bad["sft"]["runs"]["m1"]["phases"][0]["sources"][0] = {"path": SEED, "tag": "sede"}
     p.write_text(yaml.safe_dump(bad))
     with pytest.raises(params.ParamsError, match="'sede' is not in sft.system_tags"):
-        stage.resolve_params(p, (), "m1")
+        params.resolve(sft.SFTConfig, p, "sft").run("m1")
     with pytest.raises(params.ParamsError, match="no run 'm9'"):
-        stage.resolve_params(write_params(tmp_path, tiny_model_dir), (), "m9")
+        params.resolve(sft.SFTConfig, write_params(tmp_path, tiny_model_dir), "sft").run("m9")
+
+
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("train.lr=abc", "a number"),
+        ("train.warmup_ratio=5", "<= 1"),
+        ("train.method=dpo", "lora | qlora | full"),
+        ("train.max_len=0", "1 <="),
+        ("train.precision=float32", "auto | fp32 | bf16"),
+        ("train.eval_fraction=1", "< 1"),
+        ("train.scheduler=cosine_annealing", "cosine"),
+        ("train.lora.dropout=1.5", "< 1"),
+        ("train.heldout_eval.max_examples=-1", "0 <="),
+        ("runs.m0.phases=x", "a list"),
+        ("runs.m0.phases=[]", "at least 1"),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(tmp_path, setting, allowed):
+    assert_rejected(load_stage("sft").main, _stage_args(tmp_path), setting, allowed)
+    assert not any(tmp_path.iterdir())
+
+
+def _stage_args(tmp_path: Path) -> list[str]:
+    args = ["--params", str(ROOT / "params.yaml"), "--run", "m0"]
+    for opt in ("--output", "--checkpoints", "--rejected", "--metrics", "--plots"):
+        args += [opt, str(tmp_path / opt.strip("-"))]
+    return args
+
+
+def test_an_unknown_key_is_one_line_naming_it_and_the_known_keys(tmp_path):
+    """assert_rejected also wants the value in the line; config's unknown-key message names the key only."""
+    for setting, line in [
+        ("nope=1", "Error: sft: unknown key 'nope'; known keys: runs, system_tags, train"),
+        ("train.lr_rate=1e-4", "Error: sft.train: unknown key 'lr_rate'; known keys:"),
+        (
+            "runs.m0.phases=[{sources: [{path: a.jsonl, tga: seed}]}]",
+            "Error: sft.runs.m0.phases[0].sources[0]: unknown",
+        ),
+    ]:
+        res = CliRunner().invoke(load_stage("sft").main, [*_stage_args(tmp_path), "--set", setting])
+        assert res.exit_code == 2 and [x for x in res.output.splitlines() if x.startswith("Error:")][0].startswith(line)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_phase_entry_names_its_run_phase_and_source(tmp_path, tiny_model_dir):
+    def source(run):
+        run["phases"][0]["sources"][0]["reverse"] = "yes"
+
+    def epochs(run):
+        run["phases"][1]["epochs"] = 0
+
+    def tag(run):
+        run["inference_tag"] = "augmentd"
+
+    for where, breaks in [
+        ("runs.m1.phases[0].sources[0].reverse", source),
+        ("runs.m1.phases[1].epochs", epochs),
+        ("runs.m1.inference_tag", tag),
+    ]:
+        p = write_params(tmp_path, tiny_model_dir)
+        bad = yaml.safe_load(p.read_text())
+        breaks(bad["sft"]["runs"]["m1"])
+        p.write_text(yaml.safe_dump(bad))
+        with pytest.raises(params.ParamsError) as e:
+            params.resolve(sft.SFTConfig, p, "sft")
+        assert str(e.value).startswith(f"sft.{where}: "), (where, str(e.value))
+
+
+def test_a_yaml_string_lr_is_read_as_a_number(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string: it must arrive as a float, not fail after the model loads."""
+    p = tmp_path / "params.yaml"
+    p.write_text("sft:\n  train:\n    lr: 1e-4\n    max_grad_norm: 1e0\n")
+    assert yaml.safe_load(p.read_text())["sft"]["train"]["lr"] == "1e-4"
+    cfg = params.resolve(sft.SFTConfig, p, "sft")
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.max_grad_norm == 1.0
+    assert params.resolve(sft.SFTConfig, p, "sft", ["train.lr=3e-5"]).train.lr == 3e-5
+
+
+def test_every_scheduler_choice_is_one_transformers_builds_without_extra_arguments():
+    import typing
+
+    import torch
+    from transformers import SchedulerType, get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for name in typing.get_args(sft.SCHEDULERS):
+        assert get_scheduler(SchedulerType(name), opt, num_warmup_steps=1, num_training_steps=4) is not None
+
+
+def test_code_defaults_are_the_repo_params():
+    """One home per default: sft run by hand without --params trains what the pipeline trains."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())["sft"]
+    assert sft.SFTConfig.from_dict(data, "sft") == sft.SFTConfig()
+    assert params.resolve(sft.SFTConfig, None, "sft") == params.resolve(sft.SFTConfig, ROOT / "params.yaml", "sft")
 
 
 def test_repo_params_and_dvc_agree_on_every_runs_inputs():
@@ -115,25 +210,21 @@ def test_repo_params_and_dvc_agree_on_every_runs_inputs():
     (or --curated, which a "{curated}" source path stands for)."""
     stage = load_stage("sft")
     params_file = ROOT / "params.yaml"
-    cfg, _ = stage.resolve_params(params_file)
+    cfg = params.resolve(sft.SFTConfig, params_file, "sft")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     block, per_round = stages["sft"], stages["sft-iter"]
-    assert set(block["foreach"]) | {"iteration"} == set(cfg["runs"])
+    assert set(block["foreach"]) | {"iteration"} == set(cfg.runs)
 
     def covered(path: str, declared: set) -> bool:
         return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
 
     curated = block["do"]["cmd"].split("--curated ")[1].split()[0]  # data/review/kept.jsonl: the reviewed last round
     for run, item in block["foreach"].items():
-        run_cfg = stage.fill_curated(training.check_run(cfg, run, "params.yaml:sft"), curated, params_file, run)
+        run_cfg = stage.fill_curated(cfg.run(run), curated, params_file, run)
         declared = {"models/base"} | {v for k, v in item.items() if k.startswith("in")}
-        inputs = training.run_inputs(run_cfg)
+        inputs = sft.run_inputs(run_cfg)
         # Only the run that reads "{curated}" (the last round) depends on the list of rounds.
-        reads_curated = any(
-            s["path"] == stage.CURATED
-            for ph in training.check_run(cfg, run, "params.yaml:sft")["phases"]
-            for s in ph["sources"]
-        )
+        reads_curated = any(s.path == sft.CURATED for ph in cfg.run(run).phases for s in ph.sources)
         assert (item["rounds"] == "curate.iterations") == reads_curated, (run, item)
         assert all(covered(p, declared) for p in inputs), (run, inputs, declared)
         assert all(any(covered(p, {d}) for p in inputs) for d in declared), (run, inputs, declared)
@@ -142,9 +233,9 @@ def test_repo_params_and_dvc_agree_on_every_runs_inputs():
     assert per_round["foreach"] == "${curate.iterations}" and "sft.runs.iteration" in per_round["do"]["params"]
     for key in rounds:
         kept = f"data/curate/{key}/kept.jsonl"
-        run_cfg = stage.fill_curated(training.check_run(cfg, "iteration", "params.yaml:sft"), kept, params_file, key)
+        run_cfg = stage.fill_curated(cfg.run("iteration"), kept, params_file, key)
         deps = {d.replace("${key}", key) for d in per_round["do"]["deps"]}
-        assert set(training.run_inputs(run_cfg)) <= deps and kept in training.run_inputs(run_cfg)
+        assert set(sft.run_inputs(run_cfg)) <= deps and kept in sft.run_inputs(run_cfg)
 
 
 def test_undeclared_input_is_refused(tmp_path, tiny_model_dir):
@@ -165,15 +256,15 @@ def test_backward_examples_are_reversed_and_clip_the_response_not_the_instructio
         lang="en",
         source="t",
     )
-    wording = training.load_template(TEMPLATE)
-    msgs = training.conversation(rec, None, reverse=True, template=wording)
+    wording = sft.load_template(TEMPLATE)
+    msgs = sft.conversation(rec, None, reverse=True, template=wording)
     assert msgs[0]["role"] == "user" and msgs[0]["content"] == wording.replace(
         "{response}", rec["messages"][1]["content"]
     )
     assert msgs[1] == {"role": "assistant", "content": "Explain tides."}
-    ex = training.build_reversed(tok, rec, None, wording, max_len=96)
+    ex = sft.build_reversed(tok, rec, None, wording, max_len=96)
     assert len(ex["input_ids"]) <= 96 and ex["shortened"]
-    target = tok.decode([x for x in ex["labels"] if x != training.IGNORE])
+    target = tok.decode([x for x in ex["labels"] if x != sft.IGNORE])
     assert target == "Explain tides.<|im_end|>"
     assert wording.split("{response}")[0].strip() in tok.decode(ex["input_ids"])
     multi = records.chat(
@@ -186,13 +277,13 @@ def test_backward_examples_are_reversed_and_clip_the_response_not_the_instructio
         lang="en",
         source="t",
     )
-    with pytest.raises(training.Reject) as e:
-        training.conversation(multi, None, reverse=True)
+    with pytest.raises(sft.Reject) as e:
+        sft.conversation(multi, None, reverse=True)
     assert e.value.reason == "not_single_turn"
 
 
 def _target(tok, ex) -> str:
-    return tok.decode([x for x in ex["labels"] if x != training.IGNORE])
+    return tok.decode([x for x in ex["labels"] if x != sft.IGNORE])
 
 
 def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt_never_its_end(tok):
@@ -205,14 +296,14 @@ def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt
         {"role": "user", "content": background + "So: what colour is the sky?"},
         {"role": "assistant", "content": "Blue, on a clear day."},
     ]
-    whole = training.build_example(tok, msgs, 10**6)
+    whole = sft.build_example(tok, msgs, 10**6)
     assert not whole["shortened"] and _target(tok, whole).count("<|im_end|>") == 2
-    n_last_turn = len(training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"])
+    n_last_turn = len(sft.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"])
     # Room for the last exchange only: the first exchange goes, nothing else changes.
-    ex = training.build_example(tok, msgs, n_last_turn)
-    assert ex["shortened"] and ex["input_ids"] == training.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"]
+    ex = sft.build_example(tok, msgs, n_last_turn)
+    assert ex["shortened"] and ex["input_ids"] == sft.build_example(tok, msgs[:1] + msgs[3:], 10**6)["input_ids"]
     # Less room: the last user turn loses its start; its end (the question) and the answer stay.
-    ex = training.build_example(tok, msgs, n_last_turn - 40)
+    ex = sft.build_example(tok, msgs, n_last_turn - 40)
     text = tok.decode(ex["input_ids"])
     assert ex["shortened"] and len(ex["input_ids"]) <= n_last_turn - 40
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
@@ -220,13 +311,13 @@ def test_a_long_conversation_loses_its_oldest_turns_then_the_start_of_its_prompt
     assert _target(tok, ex) == "Blue, on a clear day.<|im_end|>"
     assert ex["input_ids"][-1] == ex["labels"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
     # No room for the answer with a minimal prompt: dropped with a reason, not cut.
-    with pytest.raises(training.Reject) as e:
-        training.build_example(tok, msgs, 25)
+    with pytest.raises(sft.Reject) as e:
+        sft.build_example(tok, msgs, 25)
     assert e.value.reason == "too_long" and "max_len=25" in e.value.detail
     # A short prompt is not clipped below what it asks: the example is dropped instead.
     short_q = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because. " * 30}]
-    with pytest.raises(training.Reject, match="too_long"):
-        training.build_example(tok, short_q, len(training.build_example(tok, short_q, 10**6)["input_ids"]) - 1)
+    with pytest.raises(sft.Reject, match="too_long"):
+        sft.build_example(tok, short_q, len(sft.build_example(tok, short_q, 10**6)["input_ids"]) - 1)
 
 
 def test_a_reversed_example_too_long_for_its_instruction_is_dropped(tok):
@@ -238,12 +329,12 @@ def test_a_reversed_example_too_long_for_its_instruction_is_dropped(tok):
         lang="en",
         source="t",
     )
-    wording = training.load_template(TEMPLATE)
-    ex = training.build_reversed(tok, rec, None, wording, max_len=256)
+    wording = sft.load_template(TEMPLATE)
+    ex = sft.build_reversed(tok, rec, None, wording, max_len=256)
     assert ex["shortened"] and len(ex["input_ids"]) <= 256
     assert _target(tok, ex) == rec["messages"][0]["content"] + "<|im_end|>"
-    with pytest.raises(training.Reject) as e:
-        training.build_reversed(tok, rec, None, wording, max_len=150)
+    with pytest.raises(sft.Reject) as e:
+        sft.build_reversed(tok, rec, None, wording, max_len=150)
     assert e.value.reason == "too_long"
 
 
@@ -251,11 +342,11 @@ def test_no_fixture_example_loses_its_end_at_any_max_len(tok):
     """Every seed line, forward and reversed, at max_len from 64 to 1024: kept whole-ended or too_long, and
     the accounting holds."""
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    wording = training.load_template(TEMPLATE)
+    wording = sft.load_template(TEMPLATE)
     kept_by_len = {}
     for max_len in (64, 128, 256, 512, 1024):
         for reverse in (False, True):
-            data = training.read_source(tok, SEED, TAGS["seed"], max_len, 0.0, reverse, wording if reverse else None)
+            data = sft.read_source(tok, SEED, TAGS["seed"], max_len, 0.0, reverse, wording if reverse else None)
             assert data.records_in == 12 == len(data.train) + len(data.rejected)
             assert {r["reason"] for r in data.rejected} <= {"too_long"}
             for ex in data.train:
@@ -285,13 +376,13 @@ def test_every_line_is_trained_held_out_or_rejected_with_file_and_line(tmp_path,
         )
         + "\n"
     )
-    data = training.read_source(tok, str(f), "sys", max_len=512, eval_fraction=0.0)
+    data = sft.read_source(tok, str(f), "sys", max_len=512, eval_fraction=0.0)
     assert data.records_in == 8 == len(data.train) + len(data.eval) + len(data.rejected)
     assert {(r["line"], r["reason"]) for r in data.rejected} == {
-        (2, "bad_json"),
+        (2, "invalid_json"),
         (3, "not_chat"),
         (4, "no_final_assistant_turn"),
-        (5, "bad_record"),
+        (5, "invalid_record"),
         (8, "too_long"),
     }
     assert "max_len=512" in next(r["detail"] for r in data.rejected if r["line"] == 8)
@@ -307,13 +398,13 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tok):
     import torch
 
     model = models.load_model(tiny_model_dir, "float32").eval()
-    a = training.build_example(tok, [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "1"}], 128)
-    b = training.build_example(
+    a = sft.build_example(tok, [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "1"}], 128)
+    b = sft.build_example(
         tok, [{"role": "user", "content": "Two, please?"}, {"role": "assistant", "content": "2"}], 128
     )
-    [row] = training.pack([a, b], max_len=128)
+    [row] = sft.pack([a, b], max_len=128)
     assert row["n_examples"] == 2 and row["position_ids"][len(a["input_ids"])] == 0
-    batch = training.PackedCollator(tok.pad_token_id)([row, {**row, **training.pack([a], 128)[0]}])
+    batch = sft.PackedCollator(tok.pad_token_id)([row, {**row, **sft.pack([a], 128)[0]}])
     assert batch["input_ids"].shape == (2, len(row["input_ids"]))
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
@@ -327,19 +418,18 @@ def test_target_only_loss_is_the_models_own_loss(tmp_path, tiny_model_dir, tok):
     model = models.load_model(tiny_model_dir, "float32")
     model.config.use_cache = False
     exs = [
-        training.build_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 128)
+        sft.build_example(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], 128)
         for q, a in [("One?", "1, and more."), ("Two, please?", "2"), ("Three?", "It is three.")]
     ]
-    batch = training.PackedCollator(tok.pad_token_id)(training.pack(exs, 96))
+    batch = sft.PackedCollator(tok.pad_token_id)(sft.pack(exs, 96))
     assert batch["input_ids"].shape[0] == 2  # two rows, one padded
-    cfg = {**load_stage("sft").DEFAULTS["train"], "precision": "fp32"}
-    args = training.training_args(cfg, tmp_path, 1, False, None)
-    trainer = training.trainer_class()(model=model, args=args, train_dataset=[], data_collator=None)
+    args = sft.training_args(sft.TrainConfig(precision="fp32"), tmp_path, 1, False, None)
+    trainer = sft.trainer_class()(model=model, args=args, train_dataset=[], data_collator=None)
     ours = trainer.compute_loss(model, dict(batch))
     with torch.no_grad():
         theirs = model(**batch).loss
     torch.testing.assert_close(ours.detach(), theirs, atol=1e-5, rtol=1e-5)
-    n = int((batch["labels"][:, 1:] != training.IGNORE).sum())
+    n = int((batch["labels"][:, 1:] != sft.IGNORE).sum())
     torch.testing.assert_close(trainer.compute_loss(model, dict(batch), num_items_in_batch=2 * n).detach(), theirs / 2)
 
 
@@ -347,25 +437,25 @@ def test_curriculum_phases_run_in_order_shuffled_per_epoch_and_capped(tok):
     def ex(tag, i):
         return {"input_ids": [tag * 100 + i] * 10, "labels": [tag * 100 + i] * 10}
 
-    phases = [{"name": "easy", "epochs": 2, "max_steps": 0}, {"name": "hard", "epochs": 1, "max_steps": 1}]
+    phases = [sft.PhaseConfig("easy", epochs=2, max_steps=0), sft.PhaseConfig("hard", epochs=1, max_steps=1)]
     data = [[ex(1, i) for i in range(6)], [ex(2, i) for i in range(6)]]
-    cfg = {"batch_size": 2, "grad_accum": 1, "seed": 0, "max_len": 10, "packing": True}
-    rows, info = training.schedule(phases, data, cfg)
+    cfg = sft.TrainConfig(batch_size=2, grad_accum=1, seed=0, max_len=10, packing=True)
+    rows, info = sft.schedule(phases, data, cfg)
     assert [r["phase"] for r in rows] == [0] * 12 + [1] * 2  # hard capped at 1 step x 2 rows
     first, second = [r["input_ids"][0] for r in rows[:6]], [r["input_ids"][0] for r in rows[6:12]]
     assert sorted(first) == sorted(second) == list(range(100, 106)) and first != second
     assert [i["rows"] for i in info] == [12, 2]
-    assert training.rows_fingerprint(rows) == training.rows_fingerprint(training.schedule(phases, data, cfg)[0])
+    assert sft.rows_fingerprint(rows) == sft.rows_fingerprint(sft.schedule(phases, data, cfg)[0])
 
 
 def test_checkpoints_are_reused_only_by_the_same_run(tmp_path):
     ck = tmp_path / "ck"
-    assert training.prepare_checkpoints(ck, "a") is None
+    assert sft.prepare_checkpoints(ck, "a") is None
     (ck / "checkpoint-4").mkdir()
     (ck / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (ck / "checkpoint-6").mkdir()  # killed while saving: no trainer_state.json
-    assert training.prepare_checkpoints(ck, "a") == ck / "checkpoint-4"
-    assert training.prepare_checkpoints(ck, "b") is None and not (ck / "checkpoint-4").exists()
+    assert sft.prepare_checkpoints(ck, "a") == ck / "checkpoint-4"
+    assert sft.prepare_checkpoints(ck, "b") is None and not (ck / "checkpoint-4").exists()
 
 
 # ---------------------------------------------------------------- smoke runs
@@ -373,7 +463,7 @@ def test_checkpoints_are_reused_only_by_the_same_run(tmp_path):
 
 def check_outputs(out: Path, base: Path) -> dict:
     m = io.read_json(out / "metrics.json")
-    assert m["records_in"] == m["train"] + m["eval"] + m["rejected"]
+    assert m["records_in"] == m["train"] + m["eval"] + m["rejected"] == m["kept"] + m["rejected"]
     assert len(io.load_jsonl(out / "rejected.jsonl")) == m["rejected"]
     assert m["tokens_per_second"] > 0
     curve = (out / "plots" / "train.csv").read_text().splitlines()
@@ -455,7 +545,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_copy):
             break
     proc.wait()
     assert proc.returncode != 0, "".join(seen[-20:])
-    saved = training.last_complete_checkpoint(out / "ckpt")
+    saved = sft.last_complete_checkpoint(out / "ckpt")
     assert saved is not None and not (out / "model").exists()
     saved_step = int(saved.name.split("-")[1])
 
@@ -479,16 +569,16 @@ def test_qlora_without_bitsandbytes_says_what_to_install(tiny_model_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
 def test_deepspeed_without_deepspeed_says_what_to_install():
-    assert training.setup_deepspeed(False, None) is None
+    assert sft.setup_deepspeed(False, None) is None
     with pytest.raises(params.ParamsError, match=r"deepspeed is not installed.*pip install -e \.\[gpu\]"):
-        training.setup_deepspeed(True, str(ROOT / "configs" / "deepspeed_zero2.json"))
+        sft.setup_deepspeed(True, str(ROOT / "configs" / "deepspeed_zero2.json"))
 
 
 def test_precision_auto_resolves_to_what_the_hardware_computes_fast():
-    assert training.resolve_precision("fp32") == "fp32" and training.resolve_precision("bf16") == "bf16"
-    assert training.resolve_precision("auto") in ("bf16", "fp32")
+    assert sft.resolve_precision("fp32") == "fp32" and sft.resolve_precision("bf16") == "bf16"
+    assert sft.resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(params.ParamsError, match="expected auto, bf16 or fp32"):
-        training.resolve_precision("fp8")
+        sft.resolve_precision("fp8")
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_model_copy):
