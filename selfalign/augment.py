@@ -12,11 +12,38 @@ Pure functions; the stage script (stages/augment.py) does the I/O and runs the e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
 
 from selfalign import records
+from selfalign.config import Config, ParamsError, opt
+from selfalign.llm import EngineSpec
+
+
+@dataclasses.dataclass
+class AugmentConfig(Config):
+    """params.yaml `augment:` (the comments there say what each value was measured against)."""
+
+    max_segments: int = opt(80, lo=0)  # seeded sample of web segments sent to the backward model
+    seed: int = 0  # sample ranking and sampling seed
+    min_chars: int = opt(80, lo=0)  # segments outside [min_chars, max_chars] are rejected
+    max_chars: int = opt(2000, lo=1)
+    max_new_tokens: int = opt(64, lo=1)  # the instruction's reply cap
+    temperature: float = opt(0.7, lo=0)  # 0 = greedy
+    top_p: float = opt(0.9, lo=0, lo_open=True, hi=1)
+    min_instruction_words: int = opt(3, lo=0)
+    reject_truncated: bool = True  # reject replies that hit max_new_tokens
+    # fp32: batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bf16 8/16), so what the
+    # llm cache holds after a killed run matches what a fresh run writes; bf16 trades that for speed.
+    engine: EngineSpec = opt(EngineSpec())  # model "" = --model
+    min_success: float = opt(0.5, lo=0, hi=1)  # the stage fails below this share of sampled segments kept
+
+    def check(self, where: str) -> None:
+        if self.min_chars > self.max_chars:
+            raise ParamsError(f"{where}.min_chars: {self.min_chars} is above max_chars {self.max_chars}")
+
 
 PLACEHOLDER = "{response}"
 # Labels a model tends to put before the instruction it writes ("Instruction: ...", "Here is the instruction:",

@@ -16,11 +16,63 @@ Pure functions over records and tensors; the stage script (stages/curate.py) doe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
+from typing import Literal
 
 from selfalign import chat, params, records
+from selfalign.config import Config, ParamsError, opt
+from selfalign.llm import EngineSpec
+
+SELECT_MODES = ("threshold", "top_fraction", "top_k")
+
+
+@dataclasses.dataclass
+class SelectConfig(Config):
+    """Which scored candidates are kept (`select`)."""
+
+    mode: Literal["threshold", "top_fraction", "top_k"] = "top_fraction"
+    threshold: float = opt(4.5, lo=1, hi=5)  # threshold: score >= this
+    fraction: float = opt(0.4, lo=0, lo_open=True, hi=1)  # top_fraction: the best ceil(fraction x n)
+    k: int = opt(16, lo=1)  # top_k: the best k
+
+
+@dataclasses.dataclass
+class Iteration(Config):
+    """One Humpback round: curate@<round> scores with models/<scorer>, sft-iter@<round> trains models/<trains>."""
+
+    scorer: str = "m0"
+    trains: str = "m1"
+
+
+@dataclasses.dataclass
+class CurateConfig(Config):
+    """params.yaml `curate:`."""
+
+    mode: Literal["logprobs", "generate"] = "logprobs"  # expected score over the digits | parse "Score: N"
+    select: SelectConfig = opt(SelectConfig())
+    # The scorer, in both modes (logprobs runs it in-process: local only; model "" = --model). fp32: bf16 moves
+    # scores by ~1e-2, which can flip a candidate at the threshold.
+    engine: EngineSpec = opt(EngineSpec())
+    score_prefix: str = "Score: "  # appended after the assistant header; the next token is the digit
+    max_response_len: int = opt(384, lo=0)  # tokens of a response kept for scoring (0 = all)
+    max_new_tokens: int = opt(8, lo=1)  # generate mode: room for "Score: N"
+    min_success: float = opt(0.9, lo=0, hi=1)  # the stage fails below this share of valid candidates scored
+    iterations: dict[str, Iteration] = opt({"iter1": Iteration("m0", "m1"), "iter2": Iteration("m1", "m2")})
+
+    def check(self, where: str) -> None:
+        if not self.iterations:
+            raise ParamsError(f"{where}.iterations: names no round; e.g. iter1: {{scorer: m0, trains: m1}}")
+        if self.mode == "logprobs" and self.engine.kind != "local":
+            raise ParamsError(
+                f"{where}.engine.kind: {self.engine.kind!r} cannot score by log-probs (mode logprobs runs the scorer "
+                "in-process: kind local); use mode generate for an endpoint"
+            )
+        if self.mode == "logprobs" and self.engine.dtype not in ("fp32", "bf16", "auto"):
+            raise ParamsError(f"{where}.engine.dtype: {self.engine.dtype!r} is not one of fp32 | bf16 | auto")
+
 
 DIGITS = ("1", "2", "3", "4", "5")
 _FIELD = re.compile(r"\{(instruction|response)\}")
@@ -64,8 +116,7 @@ def pair_of(record: dict) -> tuple[str, str]:
 
 def rubric_messages(rubric: str, instruction: str, response: str, system: str | None = None) -> list[dict]:
     """The rating turn, after the scorer's own inference system prompt if it has one (selfalign.json)."""
-    head = [{"role": "system", "content": system}] if system else []
-    return head + [{"role": "user", "content": fill_rubric(rubric, instruction, response)}]
+    return records.with_system(system, [{"role": "user", "content": fill_rubric(rubric, instruction, response)}])
 
 
 def clip_tokens(tok, text: str, max_tokens: int) -> tuple[str, bool]:
@@ -204,9 +255,6 @@ def histogram(scores: list[float]) -> dict[str, int]:
     return counts
 
 
-SELECT_MODES = ("threshold", "top_fraction", "top_k")
-
-
 def select(
     scored: list[dict], mode: str = "threshold", threshold: float = 4.5, fraction: float = 0.5, k: int = 0
 ) -> tuple[list[dict], list[dict], float | None]:
@@ -232,11 +280,8 @@ def select(
 
 
 def iteration_names(params_file) -> list[str]:
-    """The Humpback rounds of params.yaml (curate.iterations), in order."""
-    rounds = params.section(params_file, "curate").get("iterations") or {}
-    if not isinstance(rounds, dict) or not rounds:
-        raise params.ParamsError(f"{params_file}: curate.iterations names no round")
-    return list(rounds)
+    """The Humpback rounds (curate.iterations of the params file, else the code default), in order."""
+    return list(params.resolve(CurateConfig, params_file, "curate").iterations)
 
 
 def round_file(path: str | Path, params_file, name: str) -> Path:

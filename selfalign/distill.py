@@ -15,13 +15,49 @@ Pure functions; the stage script (stages/distill.py) reads, runs the teacher, wr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
 
 from selfalign import records
+from selfalign.config import Config, opt
+from selfalign.llm import EngineSpec
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclasses.dataclass
+class RegenerateConfig(Config):
+    """Which responses the teacher rewrites from their instruction alone (`regenerate`)."""
+
+    min_chars: int = opt(200, lo=0)  # a seed response shorter than this (kept only if the new one is longer)
+    below_score: float = opt(3.0, lo=0)  # a curated candidate scored below this
+    max: int = opt(8, lo=0)  # at most this many regenerations
+
+
+@dataclasses.dataclass
+class OrcaConfig(Config):
+    n: int = opt(8, lo=0)  # instructions answered under an Orca-style system message
+
+
+@dataclasses.dataclass
+class DistillConfig(Config):
+    """params.yaml `distill:`."""
+
+    seed: int = 0  # seeded choice of targets and of each Orca answer's system message
+    regenerate: RegenerateConfig = opt(RegenerateConfig())
+    orca: OrcaConfig = opt(OrcaConfig())
+    max_new_tokens: int = opt(192, lo=1)  # the teacher's reply cap
+    temperature: float = opt(0.0, lo=0)  # 0 = greedy
+    top_p: float = opt(1.0, lo=0, lo_open=True, hi=1)
+    min_response_words: int = opt(5, lo=0)
+    trim_truncated: bool = True  # an answer that hit max_new_tokens is cut back to its last full sentence...
+    reject_truncated: bool = True  # ...and rejected if it has none
+    # fp32: batched greedy answers equal one-at-a-time ones (bench/augment.py), so a resumed run writes what a
+    # fresh one writes.
+    engine: EngineSpec = opt(EngineSpec())  # the teacher; model "" = --teacher
+    min_success: float = opt(0.5, lo=0, hi=1)  # the stage fails below this share of teacher answers kept
 
 
 def load_systems(path: str | Path) -> list[str]:
@@ -64,20 +100,15 @@ def regenerate_targets(
     return chosen[: max(limit, 0)]
 
 
-def key(record: dict) -> tuple[str, str | None]:
-    """A record's identity: (id, lang). A translation keeps its original's id, so the id alone would take
-    the French copy of a regenerated record for the record itself."""
-    return record["id"], record.get("lang")
-
-
 def orca_targets(
-    pool: list[dict], exclude: set[tuple[str, str | None]], *, n: int, seed: int, n_systems: int
+    pool: list[dict], exclude: set[tuple[str, str]], *, n: int, seed: int, n_systems: int
 ) -> list[tuple[dict, int]]:
-    """(record, system index) for a seeded sample of `n` single-turn instructions not in `exclude` ((id, lang))."""
+    """(record, system index) for a seeded sample of `n` single-turn instructions not in `exclude` (records.key:
+    (id, lang), since a translation keeps its original's id)."""
     seen, eligible = set(), []
     for r in pool:
         pair = single_turn(r)
-        if pair and key(r) not in exclude and pair[0].strip() not in seen:
+        if pair and records.key(r) not in exclude and pair[0].strip() not in seen:
             seen.add(pair[0].strip())
             eligible.append(r)
     chosen = sorted(eligible, key=lambda r: rank(seed + 1, f"{r['id']}/{r.get('lang')}"))[: max(n, 0)]

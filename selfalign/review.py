@@ -15,6 +15,7 @@ answers coming back as its `responses` ({question: [{value, user_id, status}]}).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from selfalign import curate, io
+from selfalign.config import Config, ParamsError, opt
 
 STAGE = "review"
 VERDICTS = ("accept", "reject")
@@ -32,6 +34,29 @@ META_KEY = {"curate": "curate", "verify": "verify", "localise": "localise"}
 
 class ReviewError(ValueError):
     """A malformed annotations file or source: the message names the file and the task or line."""
+
+
+@dataclasses.dataclass
+class SampleConfig(Config):
+    """Records exported for annotation from each side, seeded (-1 = all)."""
+
+    kept: int = opt(20, lo=-1)
+    rejected: int = opt(20, lo=-1)
+
+
+@dataclasses.dataclass
+class ReviewConfig(Config):
+    """params.yaml `review:`."""
+
+    source: str = "curate"  # whose verdicts are reviewed: curate | verify/<name> | localise
+    sample: SampleConfig = opt(SampleConfig())
+    seed: int = 0  # which records the sample draws
+
+    def check(self, where: str) -> None:
+        try:
+            source_kind(self.source)
+        except ReviewError as e:
+            raise ParamsError(f"{where}.source: {self.source!r} is not curate, verify/<name> or localise") from e
 
 
 def uid(record: dict) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import click
 
-from selfalign import io, progress
+from selfalign import io, progress, records
 
 log = logging.getLogger(__name__)
 COUNTS = ("requests", "calls", "cache_hits", "failures", "retries", "prompt_tokens", "completion_tokens", "cost_usd")
@@ -61,8 +61,8 @@ def bucket(key: str, n: int) -> int:
 
 
 def record_key(record: dict) -> str:
-    """A record's shard key: its id and language (a translation shares its original's id)."""
-    return f"{record.get('id')}\t{record.get('lang', '')}"
+    """A record's shard key: records.key, (id, lang), as one string."""
+    return "\t".join(records.key(record))
 
 
 def keys_digest(keys: Sequence[str]) -> str:

@@ -9,7 +9,7 @@ GPU). Every answer is cached, so a killed run resumes where it stopped. Writes
 candidates.jsonl (chat records: user = generated instruction, assistant = the segment verbatim,
 meta.segment_id = the web record's id) and rejected.jsonl (invalid or out-of-bounds segments,
 failed or degenerate generations, each with its reason). Metrics hold
-records_in == candidates + rejected + unsampled.
+records_in == kept (the candidates) + rejected + unsampled: a segment left out of the sample is neither.
 """
 
 from __future__ import annotations
@@ -20,27 +20,11 @@ from pathlib import Path
 
 import click
 
-from selfalign import augment, io, models, params, records, shard
+from selfalign import augment, cli, io, models, params, records, shard
+from selfalign.augment import AugmentConfig
 
 log = logging.getLogger("augment")
 STAGE = "augment"
-DEFAULTS = {
-    "max_segments": 120,
-    "seed": 0,
-    "min_chars": 80,
-    "max_chars": 2000,
-    "max_new_tokens": 64,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "min_instruction_words": 3,
-    "reject_truncated": True,
-    "engine": {},
-    "min_success": 0.5,
-}
-# float32: batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bfloat16 8/16), so
-# what the llm cache holds after a killed run matches what a fresh run writes. bfloat16 is ~1.8x faster on an idle
-# AMX CPU: set engine: {dtype: bfloat16} to trade that for speed.
-ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "float32"}
 
 
 def read_web(path: Path, min_chars: int, max_chars: int) -> tuple[list[dict], list[dict], int]:
@@ -94,28 +78,27 @@ def main(
     dry_run,
     gpu_gib,
 ):
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(AugmentConfig, params_file, STAGE, overrides)
+    cli.setup_logging()
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
-    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
-    spec = {**ENGINE_DEFAULTS, "model": model_dir, **cfg["engine"]}
+    spec = cfg.engine.with_model(model_dir)
     if dry_run:
         from selfalign import memory
 
-        click.echo(
-            memory.dry_run_plans(
-                memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, spec=spec, gpu_gib=gpu_gib)
-            )
+        plans = memory.stage_inference_plans(
+            STAGE, cfg.to_dict(), model_dir, params_file, spec=spec.to_dict(), gpu_gib=gpu_gib
         )
+        click.echo(memory.dry_run_plans(plans))
         return
     try:  # a bad prompt file or engine spec fails here, in a second, naming what is wrong
         template = augment.load_template(prompt_file)
         engine = llm.make_engine(spec, cache_dir=cache)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    segments, rejected, n_in = read_web(Path(web), cfg["min_chars"], cfg["max_chars"])
-    chosen, unsampled = augment.sample(segments, cfg["max_segments"], cfg["seed"])
+    segments, rejected, n_in = read_web(Path(web), cfg.min_chars, cfg.max_chars)
+    chosen, unsampled = augment.sample(segments, cfg.max_segments, cfg.seed)
     system = models.read_info(model_dir).get("system")  # the system prompt Myx was trained with, if any
     log.info(
         "%d web records: %d usable, %d rejected, %d sampled (max_segments %d); engine %s on %s (system prompt "
@@ -124,22 +107,21 @@ def main(
         len(segments),
         len(rejected),
         len(chosen),
-        cfg["max_segments"],
-        spec["kind"],
-        spec["model"],
+        cfg.max_segments,
+        spec.kind,
+        spec.model,
         system,
-        cfg["max_new_tokens"],
-        cfg["temperature"],
+        cfg.max_new_tokens,
+        cfg.temperature,
     )
 
-    head = [{"role": "system", "content": system}] if system else []
     reqs = [
         llm.Request(
-            messages=head + [{"role": "user", "content": augment.user_turn(template, w["text"])}],
-            max_tokens=cfg["max_new_tokens"],
-            temperature=cfg["temperature"],
-            top_p=cfg["top_p"],
-            seed=cfg["seed"],
+            messages=records.with_system(system, [{"role": "user", "content": augment.user_turn(template, w["text"])}]),
+            max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
         )
         for w in chosen
     ]
@@ -159,13 +141,13 @@ def main(
             instruction,
             w["text"],
             res.finish_reason,
-            min_words=cfg["min_instruction_words"],
-            reject_truncated=cfg["reject_truncated"],
+            min_words=cfg.min_instruction_words,
+            reject_truncated=cfg.reject_truncated,
         )
         if bad:
             rejected.append(records.rejected(w, bad[0], STAGE, detail=f"{bad[1]}; reply {res.text!r}"[:500]))
             continue
-        candidates.append(augment.candidate(instruction, w, model=spec["model"], finish_reason=res.finish_reason))
+        candidates.append(augment.candidate(instruction, w, model=spec.model, finish_reason=res.finish_reason))
 
     out = Path(output_dir)
     io.write_jsonl(out / "candidates.jsonl", candidates)
@@ -176,15 +158,16 @@ def main(
         "sampled": len(chosen),
         "unsampled": len(unsampled),
         "candidates": len(candidates),
+        "kept": len(candidates),
         "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "yield": round(len(candidates) / len(chosen), 4) if chosen else None,
         "instruction_words_mean": round(sum(lengths) / len(lengths), 2) if lengths else None,
-        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+        "engine": {"kind": spec.kind, "model": spec.model, **engine.stats},
         **sh.throughput(len(chosen)),
     }
     assert n_in == m["candidates"] + m["rejected"] + m["unsampled"], "augment lost records"
-    below = records.success_floor(m, len(candidates), len(chosen), cfg["min_success"], "augment candidates")
+    below = records.success_floor(m, len(candidates), len(chosen), cfg.min_success, "augment candidates")
     io.write_json(metrics, m)
     engine.close()
     log.info(

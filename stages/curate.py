@@ -20,46 +20,27 @@ from pathlib import Path
 
 import click
 
-from selfalign import curate, device, io, models, params, records, shard
+from selfalign import cli, curate, device, io, models, params, records, shard
+from selfalign.curate import CurateConfig
 
 log = logging.getLogger("curate")
 STAGE = "curate"
-DEFAULTS = {
-    "mode": "logprobs",
-    "select": {"mode": "top_fraction", "threshold": 4.5, "fraction": 0.4, "k": 16},
-    "batch_size": 8,
-    "dtype": "float32",
-    "score_prefix": "Score: ",
-    "max_response_tokens": 384,
-    "max_tokens": 8,
-    "engine": {},
-    "min_success": 0.9,
-    "iterations": {},
-}
-MODES = ("logprobs", "generate")
 
 
 def read_candidates(path: Path) -> tuple[list[tuple[dict, tuple[str, str]]], list[dict], int]:
-    """(valid candidates with their (instruction, response), rejected, lines read)."""
-    good, bad, n = [], [], 0
-    for line, obj in io.read_jsonl(path):
-        n += 1
-        if isinstance(obj, io.JsonlLineError):
-            bad.append(
-                records.rejected(
-                    None, "invalid_candidate", STAGE, detail=obj.reason, file=str(path), line=line, raw=obj.raw
-                )
-            )
-            continue
+    """(valid candidates with their (instruction, response), rejected in line order, lines read)."""
+    pairs, bad, n = records.read(path, STAGE, "chat")
+    good = []
+    for obj, line in pairs:
         try:
             good.append((obj, curate.pair_of(obj)))
-        except (curate.CandidateError, records.RecordError, KeyError, TypeError) as e:
-            bad.append(records.rejected(obj, "invalid_candidate", STAGE, detail=str(e), file=str(path), line=line))
-    return good, bad, n
+        except curate.CandidateError as e:
+            bad.append(records.rejected(obj, "invalid_record", STAGE, detail=str(e), file=str(path), line=line))
+    return good, sorted(bad, key=lambda r: r.get("line", 0)), n
 
 
 def score_logprobs(
-    cfg: dict, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None
+    cfg: CurateConfig, torch_dtype: str, model_dir: str, rubric: str, pairs: list[tuple[str, str]], system: str | None
 ) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -67,19 +48,20 @@ def score_logprobs(
     from selfalign import chat
 
     tok = chat.load_tokenizer(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg["dtype"]))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, torch_dtype))
     model.to(device.resolve_device("auto"))  # the process's accelerator, else the CPU (selfalign/device.py)
     prompts, clipped = [], []
     for instruction, response in pairs:
-        response, cut = curate.clip_tokens(tok, response, cfg["max_response_tokens"])
-        prompts.append(curate.scoring_prompt(tok, rubric, instruction, response, cfg["score_prefix"], system))
+        response, cut = curate.clip_tokens(tok, response, cfg.max_response_len)
+        prompts.append(curate.scoring_prompt(tok, rubric, instruction, response, cfg.score_prefix, system))
         clipped.append(cut)
-    results = curate.expected_scores(model, tok, prompts, batch_size=cfg["batch_size"], progress=True)
+    results = curate.expected_scores(model, tok, prompts, batch_size=cfg.engine.batch_size, progress=True)
     return [{**r, "ok": True, "response_clipped": c} for r, c in zip(results, clipped, strict=True)]
 
 
 def score_generate(
-    cfg: dict,
+    cfg: CurateConfig,
+    torch_dtype: str,
     model_dir: str,
     rubric: str,
     pairs: list[tuple[str, str]],
@@ -91,21 +73,15 @@ def score_generate(
 ) -> tuple[list[dict], dict]:
     from selfalign import llm
 
-    spec = {
-        "kind": "local",
-        "model": model_dir,
-        "batch_size": cfg["batch_size"],
-        "dtype": cfg["dtype"],
-        **cfg["engine"],
-    }
-    try:
+    spec = cfg.engine.with_model(model_dir).replace(dtype=device.PRECISION_OF.get(torch_dtype, torch_dtype))
+    try:  # the engine answers in the dtype the stage resolved and logged (auto by the precision rule)
         engine = llm.make_engine(spec, cache_dir=cache)
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
     reqs = [
         llm.Request(
             messages=curate.rubric_messages(rubric, i, r, system),
-            max_tokens=cfg["max_tokens"],
+            max_tokens=cfg.max_new_tokens,
             temperature=0.0,
             top_p=1.0,
             seed=0,
@@ -152,36 +128,34 @@ def main(
     dry_run,
     gpu_gib,
 ):
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(CurateConfig, params_file, STAGE, overrides)
+    cli.setup_logging()
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
-    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
-    if cfg["mode"] not in MODES:
-        raise click.UsageError(f"curate.mode: {cfg['mode']!r} is not one of {', '.join(MODES)}")
-    sel = cfg["select"]
-    if sel["mode"] not in curate.SELECT_MODES:
-        raise click.UsageError(f"curate.select.mode: {sel['mode']!r} is not one of {', '.join(curate.SELECT_MODES)}")
-    if not 1.0 <= float(sel["threshold"]) <= 5.0:
-        raise click.UsageError(f"curate.select.threshold: {sel['threshold']} is outside the score range [1, 5]")
-    if not 0.0 < float(sel["fraction"]) <= 1.0:
-        raise click.UsageError(f"curate.select.fraction: {sel['fraction']} is outside (0, 1]")
-    if not (isinstance(sel["k"], int) and sel["k"] >= 0):
-        raise click.UsageError(f"curate.select.k: {sel['k']!r} is not an integer >= 0")
+    sel = cfg.select
     if dry_run:
         from selfalign import memory
 
-        click.echo(
-            memory.dry_run_plans(memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, gpu_gib=gpu_gib))
+        # memory.stage_inference_plans reads the scorer's settings under their pre-EngineSpec names too
+        legacy = {
+            "dtype": cfg.engine.dtype,
+            "batch_size": cfg.engine.batch_size,
+            "max_response_tokens": cfg.max_response_len,
+            "max_tokens": cfg.max_new_tokens,
+        }
+        plans = memory.stage_inference_plans(
+            STAGE, {**cfg.to_dict(), **legacy}, model_dir, params_file, gpu_gib=gpu_gib
         )
+        click.echo(memory.dry_run_plans(plans))
         return
     try:
         rubric_text = curate.load_rubric(rubric)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    try:  # one rule for where and in what dtype the scorer runs (selfalign/device.py); params say why float32
-        dtype, placed = device.resolve_dtype(cfg["dtype"], device.resolve_device("auto"), model_dir, "curate.dtype")
+    try:  # one rule for where and in what dtype the scorer runs (selfalign/device.py); params say why fp32
+        asked = device.DTYPE_OF.get(cfg.engine.dtype, cfg.engine.dtype)
+        dtype, placed = device.resolve_dtype(asked, device.resolve_device("auto"), model_dir, "curate.engine.dtype")
     except device.DeviceError as e:
         raise click.UsageError(str(e)) from e
-    cfg = {**cfg, "dtype": dtype}
     log.info("%s: scorer on %s in %s (%s)", iteration, placed.device, dtype, placed.reason)
     if cache:
         Path(cache).mkdir(parents=True, exist_ok=True)  # a declared output even when logprobs mode needs no cache
@@ -194,35 +168,35 @@ def main(
         len(rejected),
         model_dir,
         system,
-        cfg["mode"],
-        sel,
+        cfg.mode,
+        sel.to_dict(),
     )
 
     pairs, keys = [p for _, p in good], [shard.record_key(r) for r, _ in good]
     engine_stats = None
     if not pairs:
         results = []
-    elif cfg["mode"] == "logprobs":
+    elif cfg.mode == "logprobs":
         results = sh.map(
             f"curate-{iteration}",
             keys,
-            lambda idx: score_logprobs(cfg, model_dir, rubric_text, [pairs[j] for j in idx], system),
+            lambda idx: score_logprobs(cfg, dtype, model_dir, rubric_text, [pairs[j] for j in idx], system),
         )
     else:
         results, engine_stats = score_generate(
-            cfg, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}", sh, keys
+            cfg, dtype, model_dir, rubric_text, pairs, system, cache, f"curate-{iteration}", sh, keys
         )
     if sh.is_shard:
         sh.finish(metrics)
         return
 
-    scored, detail_base = [], {"iteration": iteration, "scorer": model_dir, "mode": cfg["mode"], "system": system}
+    scored, detail_base = [], {"iteration": iteration, "scorer": model_dir, "mode": cfg.mode, "system": system}
     for (record, _), res in zip(good, results, strict=True):
         if not res["ok"]:
             rejected.append(records.rejected(record, "generation_failed", STAGE, detail=str(res["error"])))
         elif res["score"] is None:
             rejected.append(records.rejected(record, "unparsed_score", STAGE, detail=repr(res["text"])[:300]))
-        elif cfg["mode"] == "logprobs":
+        elif cfg.mode == "logprobs":
             scored.append(
                 curate.annotate(
                     record,
@@ -235,8 +209,8 @@ def main(
             )
         else:
             scored.append(curate.annotate(record, res["score"], **detail_base, reply=res["text"]))
-    kept, below, cutoff = curate.select(scored, sel["mode"], float(sel["threshold"]), float(sel["fraction"]), sel["k"])
-    reason = "below_threshold" if sel["mode"] == "threshold" else "below_cutoff"
+    kept, below, cutoff = curate.select(scored, sel.mode, sel.threshold, sel.fraction, sel.k)
+    reason = "below_threshold" if sel.mode == "threshold" else "below_cutoff"
     rejected += [
         records.rejected(
             r,
@@ -257,17 +231,15 @@ def main(
     m = {
         "iteration": iteration,
         "scorer": model_dir,
-        "mode": cfg["mode"],
-        "select": sel["mode"],
-        "select_param": {"threshold": sel["threshold"], "top_fraction": sel["fraction"], "top_k": sel["k"]}[
-            sel["mode"]
-        ],
+        "mode": cfg.mode,
+        "select": sel.mode,
+        "select_param": {"threshold": sel.threshold, "top_fraction": sel.fraction, "top_k": sel.k}[sel.mode],
         "cutoff_score": round(cutoff, 4) if cutoff is not None else None,
         "records_in": n_in,
         "scored": len(scored),
         "kept": len(kept),
         "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "parse_rate": round(len(scored) / attempted, 4) if attempted else None,
         "unparsed": sum(r["reason"] == "unparsed_score" for r in rejected),
         "yield": round(len(kept) / len(scored), 4) if scored else None,
@@ -276,7 +248,7 @@ def main(
         "score_mean": round(sum(scores) / len(scores), 4) if scores else None,
         "score_histogram": curate.histogram(scores),
     }
-    if cfg["mode"] == "logprobs" and scored:
+    if cfg.mode == "logprobs" and scored:
         mass = [r["meta"]["curate"]["digit_mass"] for r in scored]
         m["digit_mass_mean"], m["digit_mass_min"] = round(sum(mass) / len(mass), 4), round(min(mass), 4)
         m["responses_clipped"] = sum(r["meta"]["curate"]["response_clipped"] for r in scored)
@@ -285,9 +257,9 @@ def main(
     m.update(sh.throughput(attempted))
     m.update(placed.metrics())
     assert m["records_in"] == m["kept"] + m["rejected"], "curate lost records"
-    failed = records.success_floor(m, len(scored), attempted, cfg["min_success"], f"curate {iteration} scored")
+    failed = records.success_floor(m, len(scored), attempted, cfg.min_success, f"curate {iteration} scored")
     if not failed and scored and not kept:
-        failed = f"curate {iteration}: {len(scored)} candidates scored but none kept by {sel}"
+        failed = f"curate {iteration}: {len(scored)} candidates scored but none kept by {sel.to_dict()}"
     io.write_json(metrics, m)
     log.info(
         "%s: scored %d/%d, kept %d (yield %s, %s cut-off score %s), mean score %s",
@@ -296,7 +268,7 @@ def main(
         attempted,
         len(kept),
         m["yield"],
-        sel["mode"],
+        sel.mode,
         m["cutoff_score"],
         m["score_mean"],
     )

@@ -1,6 +1,6 @@
 """Teacher distillation (Vigogne): regenerate short or low-scoring responses; answer under Orca system messages.
 
-    python stages/distill.py --params params.yaml --seed data/clean/seed.jsonl \
+    python stages/distill.py --params params.yaml --seed-file data/clean/seed.jsonl \
         --scored data/curate --teacher models/base --systems prompts/orca_systems.txt \
         --output-dir data/distill --cache cache/distill --metrics metrics/distill.json
 
@@ -20,27 +20,11 @@ from pathlib import Path
 
 import click
 
-from selfalign import curate, distill, io, params, records, shard
+from selfalign import cli, curate, distill, io, params, records, shard
+from selfalign.distill import DistillConfig
 
 log = logging.getLogger("distill")
 STAGE = "distill"
-DEFAULTS = {
-    "seed": 0,
-    "regenerate": {"min_chars": 200, "below_score": 3.0, "max": 16},
-    "orca": {"n": 16},
-    "max_new_tokens": 192,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "min_response_words": 5,
-    "trim_truncated": True,
-    "reject_truncated": True,
-    "engine": {},
-    "min_success": 0.5,
-}
-# float32: batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bfloat16 8/16), so
-# what the llm cache holds after a killed run matches what a fresh run writes. bfloat16 is ~1.8x faster on an idle
-# AMX CPU: set engine: {dtype: bfloat16} to trade that for speed.
-ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "float32"}
 
 
 def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
@@ -54,8 +38,7 @@ def read_chat(path: Path, rejected: list[dict]) -> tuple[list[dict], int]:
 @params.params_option
 @params.set_option
 @click.option(
-    "--seed",
-    "seed_file",
+    "--seed-file",
     type=click.Path(exists=True, dir_okay=False),
     required=True,
     help="Seed chat records: short responses are regenerated, instructions feed the Orca sample.",
@@ -99,20 +82,19 @@ def main(
     dry_run,
     gpu_gib,
 ):
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    cfg = params.resolve(DistillConfig, params_file, STAGE, overrides)
+    cli.setup_logging()
     sh = shard.Sharding(STAGE, shard_spec, merge_shards, shard_dir, output_dir)
-    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
     from selfalign import llm
 
-    spec = {**ENGINE_DEFAULTS, "model": teacher, **cfg["engine"]}
+    spec = cfg.engine.with_model(teacher)
     if dry_run:
         from selfalign import memory
 
-        click.echo(
-            memory.dry_run_plans(
-                memory.stage_inference_plans(STAGE, cfg, teacher, params_file, spec=spec, gpu_gib=gpu_gib)
-            )
+        plans = memory.stage_inference_plans(
+            STAGE, cfg.to_dict(), teacher, params_file, spec=spec.to_dict(), gpu_gib=gpu_gib
         )
+        click.echo(memory.dry_run_plans(plans))
         return
     try:  # a bad system-message file or engine spec fails here, in a second, naming what is wrong
         system_msgs = distill.load_systems(systems)
@@ -129,16 +111,16 @@ def main(
     regen = distill.regenerate_targets(
         seeds,
         scored,
-        min_chars=cfg["regenerate"]["min_chars"],
-        below_score=cfg["regenerate"]["below_score"],
-        limit=cfg["regenerate"]["max"],
-        seed=cfg["seed"],
+        min_chars=cfg.regenerate.min_chars,
+        below_score=cfg.regenerate.below_score,
+        limit=cfg.regenerate.max,
+        seed=cfg.seed,
     )
     orca = distill.orca_targets(
         seeds + scored,
-        {distill.key(r) for r, _ in regen},
-        n=cfg["orca"]["n"],
-        seed=cfg["seed"],
+        {records.key(r) for r, _ in regen},
+        n=cfg.orca.n,
+        seed=cfg.seed,
         n_systems=len(system_msgs),
     )
     log.info(
@@ -151,25 +133,24 @@ def main(
         dict(Counter(w for _, w in regen)),
         len(orca),
         len(system_msgs),
-        spec["kind"],
-        spec["model"],
+        spec.kind,
+        spec.model,
     )
 
     def request(messages):
         return llm.Request(
             messages=messages,
-            max_tokens=cfg["max_new_tokens"],
-            temperature=cfg["temperature"],
-            top_p=cfg["top_p"],
-            seed=cfg["seed"],
+            max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
         )
 
     jobs = [(r, "regenerate", None, {"why": why}) for r, why in regen]
     jobs += [(r, "orca", system_msgs[k], {"system_index": k}) for r, k in orca]
     reqs = []
     for r, _, system, _ in jobs:
-        head = [{"role": "system", "content": system}] if system else []
-        reqs.append(request(head + [{"role": "user", "content": distill.single_turn(r)[0]}]))
+        reqs.append(request(records.with_system(system, [{"role": "user", "content": distill.single_turn(r)[0]}])))
     results = sh.complete(engine, reqs, [shard.record_key(r) for r, *_ in jobs], "distill-v1") if reqs else []
     if sh.is_shard:
         sh.finish(metrics)
@@ -183,7 +164,7 @@ def main(
             rejected.append(records.rejected(origin, "teacher_failed", STAGE, detail=f"{how}: {res.error}"))
             continue
         text, trimmed = distill.settle_truncation(
-            res.text, res.finish_reason, trim=cfg["trim_truncated"], reject=cfg["reject_truncated"]
+            res.text, res.finish_reason, trim=cfg.trim_truncated, reject=cfg.reject_truncated
         )
         if text is None:
             rejected.append(
@@ -191,13 +172,14 @@ def main(
                     origin,
                     "truncated",
                     STAGE,
-                    detail=f"{how}: hit max_new_tokens "
-                    f"{cfg['max_new_tokens']} with no sentence end; reply {res.text!r}"[:500],
+                    detail=f"{how}: hit max_new_tokens {cfg.max_new_tokens} with no sentence end; reply {res.text!r}"[
+                        :500
+                    ],
                 )
             )
             continue
         bad = distill.response_reason(
-            text, min_words=cfg["min_response_words"], original=original if extra.get("why") == "short" else None
+            text, min_words=cfg.min_response_words, original=original if extra.get("why") == "short" else None
         )
         if bad:
             rejected.append(
@@ -210,7 +192,7 @@ def main(
                 instruction,
                 text.strip(),
                 how=how,
-                teacher=spec["model"],
+                teacher=spec.model,
                 system=system,
                 finish_reason=res.finish_reason,
                 trimmed=trimmed,
@@ -226,19 +208,20 @@ def main(
         "teacher_requests": len(jobs),
         "invalid_inputs": invalid,
         "distilled": len(out_records),
+        "kept": len(out_records),
         "rejected": len(rejected),
         "distilled_by_kind": dict(Counter(r["meta"]["distill"] for r in out_records)),
-        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "regenerate_by_why": dict(Counter(w for _, w in regen)),
         "trimmed": sum(r["meta"]["trimmed"] for r in out_records),
         "response_chars_mean": round(sum(len(r["messages"][1]["content"]) for r in out_records) / len(out_records), 1)
         if out_records
         else None,
-        "engine": {"kind": spec["kind"], "model": spec["model"], **engine.stats},
+        "engine": {"kind": spec.kind, "model": spec.model, **engine.stats},
         **sh.throughput(len(jobs)),
     }
-    assert m["records_in"] == m["distilled"] + m["rejected"], "distill lost records"
-    failed = records.success_floor(m, len(out_records), len(jobs), cfg["min_success"], "distill teacher answers kept")
+    assert m["records_in"] == m["kept"] + m["rejected"], "distill lost records"
+    failed = records.success_floor(m, len(out_records), len(jobs), cfg.min_success, "distill teacher answers kept")
     io.write_json(metrics, m)
     engine.close()
     log.info(

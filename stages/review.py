@@ -22,15 +22,11 @@ from pathlib import Path
 
 import click
 
-from selfalign import io, params, review
+from selfalign import cli, io, params, review
+from selfalign.review import ReviewConfig
 
 log = logging.getLogger("review")
 STAGE = "review"
-DEFAULTS = {
-    "source": "curate",
-    "sample": {"kept": 20, "rejected": 20},
-    "seed": 0,
-}
 
 
 @click.command()
@@ -53,12 +49,9 @@ DEFAULTS = {
 @click.option("--export-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 def main(params_file, overrides, input_path, annotations, output_dir, export_dir, metrics):
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
-    source = cfg["source"]
-    for side in ("kept", "rejected"):
-        if not (isinstance(cfg["sample"][side], int) and cfg["sample"][side] >= -1):
-            raise click.UsageError(f"review.sample.{side}: {cfg['sample'][side]!r} is not an integer >= -1")
+    cfg = params.resolve(ReviewConfig, params_file, STAGE, overrides)
+    cli.setup_logging()
+    source = cfg.source
     try:
         kept_path, rejected_path = review.source_files(source, input_path, params_file)
         items = review.load_source(kept_path, rejected_path)
@@ -75,7 +68,7 @@ def main(params_file, overrides, input_path, annotations, output_dir, export_dir
         annotations,
     )
 
-    chosen = review.sample(items, cfg["sample"]["kept"], cfg["sample"]["rejected"], cfg["seed"])
+    chosen = review.sample(items, cfg.sample.kept, cfg.sample.rejected, cfg.seed)
     out = Path(export_dir)
     io.write_json(out / "label_studio_tasks.json", review.label_studio_tasks(chosen, source))
     with io.atomic_path(out / "label_studio_config.xml") as tmp:
@@ -107,7 +100,9 @@ def main(params_file, overrides, input_path, annotations, output_dir, export_dir
         "human_rejected": counts.get("human_rejected", 0),
         "kept": len(kept),
         "rejected": len(rejected),
-        "rejected_by_reason": dict(Counter(json.loads(line).get("reason") for line in rejected)),
+        "rejected_by_reason": dict(
+            sorted(Counter(json.loads(line).get("reason") for line in rejected).items(), key=lambda kv: str(kv[0]))
+        ),
     }
     decided = m["annotated"] - m["conflicts"]
     m["agreement"] = round(m["agreed"] / decided, 4) if decided else None

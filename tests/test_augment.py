@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import augment, io, records
+from selfalign import augment, io, params, records
+from selfalign.augment import AugmentConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = Path(__file__).resolve().parent / "fixtures" / "augment" / "web.jsonl"
@@ -119,10 +122,12 @@ def run(tmp_path: Path, model: Path, metrics: str, *sets: str) -> dict:
         "--set",
         "min_instruction_words=1",
         "--set",
-        "engine={kind: local, batch_size: 4, dtype: float32}",
+        "engine={kind: local, batch_size: 4, dtype: fp32}",
+        "--set",
+        "temperature=0",
         "--set",
         "min_success=0",
-    ]  # the tiny model's replies are noise; the floor has its own test
+    ]  # the tiny model's replies are noise; the floor has its own test. Greedy, as the tests were written
     for s in sets:
         args += ["--set", s]
     res = CliRunner().invoke(load_stage("augment").main, args, catch_exceptions=False)
@@ -200,7 +205,39 @@ def test_bad_setup_fails_at_once_naming_the_problem(tiny_model_dir, tmp_path):
         return res.output
 
     assert "not a model directory" in fails("--model", str(tmp_path / "missing"))
-    assert "kind 'nope'" in fails("--model", str(tiny_model_dir), "--set", "engine={kind: nope}")
+    assert "engine.kind: 'nope'" in fails("--model", str(tiny_model_dir), "--set", "engine={kind: nope}")
     assert "max_segmnets" in fails("--model", str(tiny_model_dir), "--set", "max_segmnets=3")
     (tmp_path / "bad.txt").write_text("no placeholder here")
     assert "{response}" in fails("--model", str(tiny_model_dir), "--prompt", str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("max_segments=-1", ["outside 0 <="]),
+        ("temperature=-1", ["outside 0 <="]),
+        ("engine.kind=gpt5", ["local | openai | vllm"]),
+        ("engine.dtype=float32", ["fp32 | bf16 | fp16 | auto"]),
+        ("top_p=0", ["outside 0 <"]),
+        ("min_success=1.5", ["<= 1"]),
+        ("min_instruction_words=three", ["an integer"]),
+        ("reject_truncated=maybe", ["true or false"]),
+        ("min_chars=5000", ["above max_chars"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):
+    """Checked before the web file is read or a model loaded: neither exists here."""
+    args = ["--web", str(WEB), "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "out")]
+    assert_rejected(
+        load_stage("augment").main, [*args, "--cache", str(tmp_path / "c"), "--metrics", "m.json"], setting, *words
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_code_defaults_are_params_yaml_and_a_yaml_exponent_is_a_number(tmp_path):
+    assert AugmentConfig.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["augment"], "augment") == (
+        AugmentConfig()
+    )
+    (tmp_path / "p.yaml").write_text("augment:\n  temperature: 5e-1\n")  # YAML 1.1 reads 5e-1 as a string
+    cfg = params.resolve(AugmentConfig, tmp_path / "p.yaml", "augment")
+    assert cfg.temperature == 0.5 and isinstance(cfg.temperature, float)

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
 from selfalign import chat, curate, io, params, records
+from selfalign.curate import CurateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RUBRIC = ROOT / "prompts" / "curate.txt"
@@ -126,10 +129,9 @@ def test_select_top_fraction_and_top_k_rank_and_break_ties_by_id():
 
 
 def test_default_params_keep_at_least_a_quarter():
-    cfg = params.resolve(load_stage("curate").DEFAULTS, ROOT / "params.yaml", "curate")
-    sel = cfg["select"]
+    sel = params.resolve(CurateConfig, ROOT / "params.yaml", "curate").select
     recs = [curate.annotate(candidate(f"q{i}", "a", f"s{i}"), 1.6 + 0.03 * i) for i in range(39)]
-    kept = curate.select(recs, sel["mode"], sel["threshold"], sel["fraction"], sel["k"])[0]
+    kept = curate.select(recs, sel.mode, sel.threshold, sel.fraction, sel.k)[0]
     assert len(kept) >= 0.25 * len(recs), f"default selection {sel} keeps {len(kept)} of {len(recs)} mid-scale scores"
 
 
@@ -177,7 +179,7 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
         "--cache",
         str(tmp_path / "cache"),
     ]
-    run_stage(common + ["--metrics", str(tmp_path / "m.json"), "--set", "batch_size=2"])
+    run_stage(common + ["--metrics", str(tmp_path / "m.json"), "--set", "engine.batch_size=2"])
     m = io.read_json(tmp_path / "m.json")
     scored = io.load_jsonl(out / "scored.jsonl")
     kept = io.load_jsonl(out / "kept.jsonl")
@@ -197,8 +199,11 @@ def test_stage_scores_every_candidate_keeps_links_and_conserves_counts(tiny_mode
     assert {r["id"] for r in kept} | {r["id"] for r in rejected if r["reason"] == "below_cutoff"} == {
         r["id"] for r in scored
     }
-    invalid = sorted((r["line"], r["file"]) for r in rejected if r["reason"] == "invalid_candidate")
-    assert invalid == [(3, str(tmp_path / "candidates.jsonl")), (7, str(tmp_path / "candidates.jsonl"))]
+    invalid = [(r["line"], r["file"], r["reason"]) for r in rejected if r["reason"].startswith("invalid_")]
+    assert invalid == [
+        (3, str(tmp_path / "candidates.jsonl"), "invalid_json"),
+        (7, str(tmp_path / "candidates.jsonl"), "invalid_record"),
+    ]
     assert m["records_in"] == 7 == m["kept"] + m["rejected"] == len(kept) + len(rejected)
     assert sum(m["score_histogram"].values()) == m["scored"] == 5
 
@@ -266,7 +271,8 @@ def test_generate_mode_counts_unparsed_and_failed_explicitly(tiny_model_dir, tmp
     m = io.read_json(tmp_path / "m.json")
     assert m["scored"] == 2 and m["unparsed"] == 2 and m["parse_rate"] == 0.4
     assert m["rejected_by_reason"] == {
-        "invalid_candidate": 2,
+        "invalid_json": 1,
+        "invalid_record": 1,
         "unparsed_score": 2,
         "generation_failed": 1,
         "below_threshold": 1,
@@ -301,7 +307,7 @@ def test_generate_mode_with_the_local_engine(tiny_model_dir, tmp_path):
             "--set",
             "mode=generate",
             "--set",
-            "max_tokens=4",
+            "max_new_tokens=4",
             "--set",
             "min_success=0",
         ]
@@ -349,3 +355,65 @@ def test_a_round_that_scores_too_few_fails_after_writing_its_outputs(tmp_path, m
     m = io.read_json(tmp_path / "m.json")
     assert m["success"] == {"what": "curate iter2 scored", "passed": 2, "of": 5, "rate": 0.4, "min_success": 0.9}
     assert (tmp_path / "out" / "rejected.jsonl").exists() and m["records_in"] == m["kept"] + m["rejected"]
+
+
+def curate_args(tmp_path: Path) -> list[str]:
+    """A run whose model and candidates do not exist: a bad setting must fail before either is looked at."""
+    return [
+        "--iteration",
+        "iter1",
+        "--candidates",
+        str(RUBRIC),
+        "--model",
+        str(tmp_path / "no-model"),
+        "--rubric",
+        str(RUBRIC),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("select.mode=best", ["threshold | top_fraction | top_k"]),
+        ("select.fraction=1.5", ["<= 1"]),
+        ("select.threshold=0.5", ["1 <="]),
+        ("select.k=0", ["1 <="]),
+        ("engine.dtype=float32", ["fp32 | bf16"]),
+        ("engine.kind=gpt5", ["local | openai | vllm"]),
+        ("engine.kind=openai", ["logprobs", "generate"]),  # log-probs need the weights in-process
+        ("engine.batch_size=two", ["an integer"]),
+        ("mode=best", ["logprobs | generate"]),
+        ("max_response_len=-1", ["0 <="]),
+        ("iterations.iter1.scorer=3", ["a string"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):
+    assert_rejected(load_stage("curate").main, curate_args(tmp_path), setting, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", ["dtype=float32", "max_tokens=8", "batch_size=8"])
+def test_the_old_scorer_keys_are_unknown(setting, tmp_path):
+    """dtype and batch_size live in the one engine spec; the reply cap is max_new_tokens."""
+    res = CliRunner().invoke(load_stage("curate").main, [*curate_args(tmp_path), "--set", setting])
+    assert res.exit_code == 2 and f"unknown key {setting.split('=')[0]!r}" in res.output, res.output
+
+
+def test_code_defaults_are_params_yaml_and_a_yaml_exponent_is_a_number(tmp_path):
+    assert CurateConfig.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["curate"], "curate") == (
+        CurateConfig()
+    )
+    (tmp_path / "p.yaml").write_text(
+        "curate:\n  select: {fraction: 4e-1}\n  iterations: {r1: {scorer: m0, trains: m1}}\n"
+    )
+    cfg = params.resolve(CurateConfig, tmp_path / "p.yaml", "curate")
+    assert cfg.select.fraction == 0.4 and cfg.select.mode == "top_fraction"
+    assert list(cfg.iterations) == ["r1"], "params.yaml replaces the rounds whole"
+    assert curate.iteration_names(tmp_path / "p.yaml") == ["r1"] and curate.iteration_names(None) == ["iter1", "iter2"]
+    (tmp_path / "p.yaml").write_text("curate:\n  iterations: {}\n")
+    with pytest.raises(params.ParamsError, match="curate.iterations: names no round"):
+        curate.iteration_names(tmp_path / "p.yaml")

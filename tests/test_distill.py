@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import distill, io, records
+from selfalign import distill, io, params, records
+from selfalign.distill import DistillConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ROOT / "prompts" / "orca_systems.txt"
@@ -57,12 +61,12 @@ def test_regenerate_targets_are_short_or_low_scoring_once_per_instruction():
 
 def test_orca_targets_skip_regenerated_and_pick_valid_systems():
     pool = SEEDS + SCORED
-    exclude = {distill.key(SEEDS[0]), distill.key(SCORED[0])}
+    exclude = {records.key(SEEDS[0]), records.key(SCORED[0])}
     got = distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3)
-    keys = [distill.key(r) for r, _ in got]
+    keys = [records.key(r) for r, _ in got]
     assert not exclude & set(keys) and len(keys) == len(set(keys))
     assert {distill.single_turn(r)[0] for r, _ in got} == {
-        distill.single_turn(r)[0] for r in pool if distill.key(r) not in exclude
+        distill.single_turn(r)[0] for r in pool if records.key(r) not in exclude
     }
     assert all(0 <= k < 3 for _, k in got)
     assert distill.orca_targets(pool, exclude, n=10, seed=0, n_systems=3) == got
@@ -73,8 +77,8 @@ def test_orca_targets_skip_regenerated_and_pick_valid_systems():
         "messages": [{"role": "user", "content": "Combien font 2+2 ?"}, {"role": "assistant", "content": "4"}],
     }
     again = distill.orca_targets(pool + [french], exclude, n=20, seed=0, n_systems=3)
-    assert ("fr" in {r.get("lang") for r, _ in again}) and distill.key(SEEDS[0]) not in {
-        distill.key(r) for r, _ in again
+    assert ("fr" in {r.get("lang") for r, _ in again}) and records.key(SEEDS[0]) not in {
+        records.key(r) for r, _ in again
     }
 
 
@@ -119,7 +123,7 @@ def run(tmp_path: Path, teacher: str, metrics: str, *sets: str) -> dict:
     seed = write(tmp_path / "seed.jsonl", SEEDS, ['{"kind": "chat", "id": "x"'])
     scored = write(tmp_path / "scored.jsonl", SCORED)
     args = [
-        "--seed",
+        "--seed-file",
         str(seed),
         "--scored",
         str(scored),
@@ -152,7 +156,7 @@ def run(tmp_path: Path, teacher: str, metrics: str, *sets: str) -> dict:
 
 
 def test_stage_regenerates_and_answers_under_system_messages(tiny_model_dir, tmp_path):
-    m = run(tmp_path, str(tiny_model_dir), "m.json", "engine={kind: local, batch_size: 4, dtype: float32}")
+    m = run(tmp_path, str(tiny_model_dir), "m.json", "engine={kind: local, batch_size: 4, dtype: fp32}")
     out = io.load_jsonl(tmp_path / "out" / "distilled.jsonl")
     rejected = io.load_jsonl(tmp_path / "out" / "rejected.jsonl")
     systems = distill.load_systems(SYSTEMS)
@@ -175,7 +179,7 @@ def test_stage_regenerates_and_answers_under_system_messages(tiny_model_dir, tmp
             assert r["meta"]["segment_id"] == origin["meta"]["segment_id"]
     assert m["engine"]["calls"] == 7 and "cost_usd" in m["engine"]
 
-    again = run(tmp_path, str(tiny_model_dir), "m2.json", "engine={kind: local, batch_size: 4, dtype: float32}")
+    again = run(tmp_path, str(tiny_model_dir), "m2.json", "engine={kind: local, batch_size: 4, dtype: fp32}")
     assert again["engine"]["calls"] == 0 and again["engine"]["cache_hits"] == 7
 
 
@@ -197,7 +201,7 @@ def test_a_teacher_that_answers_nothing_usable_fails_the_stage(tmp_path, tiny_mo
     """Before: distill exited 0 with 0 answers kept, so DVC recorded a success and sft@final trained without them."""
     seed = write(tmp_path / "seed.jsonl", SEEDS)
     args = [
-        "--seed",
+        "--seed-file",
         str(seed),
         "--teacher",
         str(tiny_model_dir),
@@ -221,3 +225,37 @@ def test_a_teacher_that_answers_nothing_usable_fails_the_stage(tmp_path, tiny_mo
     m = io.read_json(tmp_path / "m.json")
     assert m["success"]["passed"] == 0 and m["success"]["of"] == m["teacher_requests"] > 0
     assert len(io.load_jsonl(tmp_path / "out" / "rejected.jsonl")) == m["rejected"] == m["records_in"]
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("orca.n=many", ["an integer"]),
+        ("regenerate.max=-1", ["0 <="]),
+        ("regenerate.below_score=low", ["a number"]),
+        ("temperature=-0.5", ["0 <="]),
+        ("trim_truncated=maybe", ["true or false"]),
+        ("engine.kind=gpt5", ["local | openai | vllm"]),
+        ("engine.dtype=bfloat16", ["fp32 | bf16"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):
+    args = ["--seed-file", str(SYSTEMS), "--teacher", str(tmp_path / "no-model"), "--systems", str(SYSTEMS)]
+    args += ["--output-dir", str(tmp_path / "out"), "--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m")]
+    assert_rejected(load_stage("distill").main, args, setting, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_data_file_option_is_not_the_rng_seed(tmp_path):
+    """--seed-file is the seed records; `seed` (the RNG seed) is a param: `--seed` is no option at all."""
+    res = CliRunner().invoke(load_stage("distill").main, ["--seed", str(SYSTEMS)])
+    assert res.exit_code == 2 and "No such option '--seed'" in res.output, res.output
+
+
+def test_code_defaults_are_params_yaml_and_a_yaml_exponent_is_a_number(tmp_path):
+    """Before, the code said regenerate.max and orca.n 16 where params.yaml said 8: a run by hand differed."""
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
+    assert DistillConfig.from_dict(section, "distill") == DistillConfig()
+    assert DistillConfig().regenerate.max == 8 and DistillConfig().orca.n == 8
+    (tmp_path / "p.yaml").write_text("distill:\n  top_p: 9e-1\n")
+    assert params.resolve(DistillConfig, tmp_path / "p.yaml", "distill").top_p == 0.9

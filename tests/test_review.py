@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
 from selfalign import review
+from selfalign.review import ReviewConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = Path(__file__).resolve().parent / "fixtures" / "review"
@@ -380,6 +382,30 @@ def test_stage_rejects_bad_params_and_files(tmp_path):
     bad.write_text('[{"data": {}}]')
     res, *_ = run_stage(tmp_path, bad)
     assert res.exit_code != 0 and f"{bad}: task 0" in res.output
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("sample.kept=-2", ["-1 <="]),
+        ("sample.rejected=all", ["an integer"]),
+        ("source=translate", ["curate, verify/<name> or localise"]),
+        ("source=verify", ["verify/<name>"]),
+        ("seed=0.5", ["an integer"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):
+    args = ["--input", str(SOURCE), "--annotations", str(tmp_path / "absent.json"), "--output-dir", str(tmp_path / "o")]
+    assert_rejected(
+        stage.main, [*args, "--export-dir", str(tmp_path / "e"), "--metrics", str(tmp_path / "m")], setting, *words
+    )
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_code_defaults_are_params_yaml():
+    assert ReviewConfig.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["review"], "review") == (
+        ReviewConfig()
+    )
 
 
 # --- the graph --------------------------------------------------------------------------------------------
