@@ -23,17 +23,72 @@ evaluate compares and export ships; `expand_preferred` and `exported_model` appl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from selfalign import chat, records
+from selfalign.config import Config, LoraSpec, opt
 from selfalign.params import ParamsError
 
 PREFER = ("ppo", "dpo", "both")
 SELF_REWARD_SOURCE = "self-rewarding"
+# transformers' schedulers that need no extra arguments: sft.SCHEDULERS' list, repeated so that evaluate and export,
+# which import this module for `prefer`, do not run (and rerun on) selfalign/sft.py
+SCHEDULERS = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
+# TRL 1.16's DPOConfig.loss_type values
+LOSS_TYPES = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+
+
+@dataclasses.dataclass
+class DPOConfig(Config):
+    """The `dpo:` section of params.yaml (its comments are the user-facing doc)."""
+
+    sources: Literal["all"] | list[str] = "all"  # or shell patterns matched against a record's source
+    self_rewarding: bool = False  # also pair the last curation round's best and worst scored answers
+    self_reward_min_gap: float = opt(0.5, lo=0)  # ...when their scores differ by at least this
+    heldout_pairs: int = opt(64, lo=1)  # held out as the reward stage holds out (same ids)
+    max_pairs: int = opt(32, lo=1)  # training pairs, a seeded sample
+    max_prompt_len: int = opt(128, lo=1)  # tokens; a longer prompt loses its start
+    max_answer_len: int = opt(128, lo=1)  # tokens; a longer answer loses its end (answers_cut)
+    beta: float = opt(0.1, lo=0, lo_open=True)  # strength of the implicit KL to the reference
+    loss_type: LOSS_TYPES = "sigmoid"
+    epochs: int = opt(1, lo=1)
+    max_steps: int = opt(0, lo=0)  # 0 = epochs decide
+    batch_size: int = opt(4, lo=1)  # pairs per step
+    grad_accum: int = opt(1, lo=1)
+    lr: float = opt(5.0e-4, lo=0, lo_open=True)
+    scheduler: SCHEDULERS = "constant"
+    warmup_ratio: float = opt(0.0, lo=0, hi=1)
+    max_grad_norm: float = opt(1.0, lo=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: selfalign/device.py's rule
+    lora: LoraSpec = opt(LoraSpec())
+    eval_batch_size: int = opt(8, lo=1)  # sequences per forward pass for the held-out implicit rewards
+    checkpoint_every: int = opt(4, lo=0)  # steps between checkpoints; 0 = none
+    threads: int = opt(0, lo=0)  # torch threads; 0 = torch's default
+    seed: int = opt(0, lo=0)  # LoRA init, pair sample, batch order
 
 
 # ---------------------------------------------------------------- prefer: ppo | dpo | both
@@ -161,16 +216,14 @@ def self_reward_pairs(scored: list[dict], min_gap: float) -> tuple[list[dict], C
 def pair_conversation(pair: dict, system: str | None) -> list[dict]:
     """The prompt turns of a preference record; a record without its own system prompt gets `system`
     (the policy's inference one, selfalign.json), as ppo and evaluate give it."""
-    sys_prompt = pair.get("system") or system
-    head = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
-    return head + [{"role": "user", "content": pair["prompt"]}]
+    return records.with_system(pair.get("system") or system, [{"role": "user", "content": pair["prompt"]}])
 
 
-def encode_pair(tok, pair: dict, system: str | None, max_prompt_tokens: int, max_answer_tokens: int) -> dict:
+def encode_pair(tok, pair: dict, system: str | None, max_prompt_len: int, max_answer_len: int) -> dict:
     """{prompt_ids, chosen_ids, rejected_ids, prompt_cut, answer_cut} for TRL's preference collator.
 
-    A prompt longer than `max_prompt_tokens` loses its start (the question's end and the assistant
-    header stay); an answer longer than `max_answer_tokens` loses its end, end-of-turn included, as
+    A prompt longer than `max_prompt_len` tokens loses its start (the question's end and the assistant
+    header stay); an answer longer than `max_answer_len` loses its end, end-of-turn included, as
     TRL's own keep_start truncation would (counted: such a pair no longer teaches where to stop).
     Raises ValueError when the chat template cannot split the conversation.
     """
@@ -185,27 +238,27 @@ def encode_pair(tok, pair: dict, system: str | None, max_prompt_tokens: int, max
 
     p, c, r = ids(prompt), ids(chosen), ids(rejected)
     return {
-        "prompt_ids": p[-max_prompt_tokens:],
-        "chosen_ids": c[:max_answer_tokens],
-        "rejected_ids": r[:max_answer_tokens],
-        "prompt_cut": len(p) > max_prompt_tokens,
-        "answer_cut": len(c) > max_answer_tokens or len(r) > max_answer_tokens,
+        "prompt_ids": p[-max_prompt_len:],
+        "chosen_ids": c[:max_answer_len],
+        "rejected_ids": r[:max_answer_len],
+        "prompt_cut": len(p) > max_prompt_len,
+        "answer_cut": len(c) > max_answer_len or len(r) > max_answer_len,
     }
 
 
-def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: dict) -> tuple[list[dict], list[dict]]:
+def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
     """(rows, rejected records): every pair becomes a row or a rejected record with its reason."""
     rows, rejected = [], []
     for p in pairs:
         try:
-            row = encode_pair(tok, p, system, cfg["max_prompt_tokens"], cfg["max_answer_tokens"])
+            row = encode_pair(tok, p, system, cfg.max_prompt_len, cfg.max_answer_len)
         except ValueError as e:
             rejected.append(records.rejected(p, "template", "dpo", detail=str(e)))
             continue
         if row["chosen_ids"] == row["rejected_ids"]:
             rejected.append(
                 records.rejected(
-                    p, "same_after_cut", "dpo", detail=f"the answers' first {cfg['max_answer_tokens']} tokens are equal"
+                    p, "same_after_cut", "dpo", detail=f"the answers' first {cfg.max_answer_len} tokens are equal"
                 )
             )
             continue
@@ -279,32 +332,32 @@ def trainer_class():
     return PretokenizedDPOTrainer
 
 
-def dpo_config(cfg: dict, ckpt_dir: Path, total_steps: int):
+def dpo_config(cfg: DPOConfig, ckpt_dir: Path, total_steps: int):
     import torch
     from trl import DPOConfig
 
     return DPOConfig(
         output_dir=str(ckpt_dir),
         max_steps=total_steps,
-        per_device_train_batch_size=cfg["batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"],
-        learning_rate=float(cfg["lr"]),
-        lr_scheduler_type=cfg["scheduler"],
-        warmup_steps=int(round(cfg["warmup_ratio"] * total_steps)),
-        max_grad_norm=cfg["max_grad_norm"],
-        beta=float(cfg["beta"]),
-        loss_type=[cfg["loss_type"]],
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=int(round(cfg.warmup_ratio * total_steps)),
+        max_grad_norm=cfg.max_grad_norm,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
         max_length=None,  # encode_pair already cut prompts and answers
         precompute_ref_log_probs=False,  # the reference is the adapter-off policy: computed per batch, no copy
         use_cpu=not torch.cuda.is_available(),
-        bf16=cfg["precision"] == "bf16",
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
+        bf16=cfg.precision == "bf16",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
         activation_checkpointing=False,
         logging_steps=1,
         logging_first_step=True,
-        save_strategy="steps" if cfg["checkpoint_every"] else "no",
-        save_steps=cfg["checkpoint_every"] or 1,
+        save_strategy="steps" if cfg.checkpoint_every else "no",
+        save_steps=cfg.checkpoint_every or 1,
         save_total_limit=1,
         report_to=[],
         disable_tqdm=True,
@@ -314,10 +367,10 @@ def dpo_config(cfg: dict, ckpt_dir: Path, total_steps: int):
     )
 
 
-def total_steps(n_rows: int, cfg: dict) -> int:
-    per_step = cfg["batch_size"] * cfg["grad_accum"]
-    steps = math.ceil(n_rows * cfg["epochs"] / per_step)
-    return min(steps, cfg["max_steps"]) if cfg["max_steps"] else steps
+def total_steps(n_rows: int, cfg: DPOConfig) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = math.ceil(n_rows * cfg.epochs / per_step)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
 def curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:

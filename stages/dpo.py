@@ -19,46 +19,17 @@ from __future__ import annotations
 import csv
 import logging
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from selfalign import curate, io, models, params, records, sft  # noqa: E402
-from selfalign import dpo as D  # noqa: E402
-from selfalign import reward as rm  # noqa: E402
+from selfalign import cli, curate, io, models, params, records, sft
+from selfalign import dpo as D
+from selfalign import reward as rm
 
 log = logging.getLogger("dpo")
-
-DEFAULTS = {
-    "sources": "all",
-    "self_rewarding": False,
-    "self_reward_min_gap": 0.5,
-    "heldout_pairs": 64,
-    "max_pairs": 32,
-    "max_prompt_tokens": 128,
-    "max_answer_tokens": 128,
-    "beta": 0.1,
-    "loss_type": "sigmoid",
-    "epochs": 1,
-    "max_steps": 0,
-    "batch_size": 4,
-    "grad_accum": 1,
-    "lr": 5.0e-5,
-    "scheduler": "constant",
-    "warmup_ratio": 0.0,
-    "max_grad_norm": 1.0,
-    "precision": "fp32",
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "eval_batch_size": 8,
-    "checkpoint_every": 4,
-    "threads": 0,
-    "seed": 0,
-}
 
 
 def read_records(path: str, kind: str) -> list[dict]:
@@ -132,38 +103,37 @@ def write_plots(plots_dir: str, history: list[dict]) -> None:
 def main(
     policy_dir, preference, scored, output, checkpoints, rejected_path, plots_dir, metrics_path, params_file, overrides
 ):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = params.resolve(DEFAULTS, params_file, "dpo", overrides)
-    cfg["precision"] = sft.resolve_precision(cfg["precision"])
+    cfg = params.resolve(D.DPOConfig, params_file, "dpo", overrides)
+    cli.setup_logging()
+    cfg = cfg.replace(precision=sft.resolve_precision(cfg.precision))
     t0 = time.time()
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from selfalign import chat
     from selfalign.llm import model_fingerprint
 
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     prefs = read_records(preference, "preference")
-    pairs, rejected = select_pairs(prefs, cfg["sources"])
+    pairs, rejected = select_pairs(prefs, cfg.sources)
     self_counts: Counter = Counter()
     n_scored = n_self = 0
-    if cfg["self_rewarding"]:
+    if cfg.self_rewarding:
         scored = scored and str(curate.round_file(scored, params_file, "scored.jsonl"))
         if not scored or not Path(scored).exists():
             raise click.ClickException(f"self_rewarding is on but --scored {scored!r} does not exist")
         scored_recs = read_records(scored, "chat")
         n_scored = len(scored_recs)
-        extra, self_counts = D.self_reward_pairs(scored_recs, cfg["self_reward_min_gap"])
+        extra, self_counts = D.self_reward_pairs(scored_recs, cfg.self_reward_min_gap)
         n_self = len(extra)
         known = {(p["id"], p["lang"]) for p in pairs}
         rejected += [records.rejected(p, "duplicate", "dpo") for p in extra if (p["id"], p["lang"]) in known]
         pairs += [p for p in extra if (p["id"], p["lang"]) not in known]
-    train_pairs, held_pairs = rm.split_heldout(pairs, cfg["heldout_pairs"])  # the reward stage's split
-    capped = max(0, len(train_pairs) - cfg["max_pairs"])
-    train_pairs = random.Random(cfg["seed"]).sample(train_pairs, min(len(train_pairs), cfg["max_pairs"]))
+    train_pairs, held_pairs = rm.split_heldout(pairs, cfg.heldout_pairs)  # the reward stage's split
+    capped = max(0, len(train_pairs) - cfg.max_pairs)
+    train_pairs = random.Random(cfg.seed).sample(train_pairs, min(len(train_pairs), cfg.max_pairs))
 
     info = models.read_info(policy_dir)
     tok = chat.load_tokenizer(policy_dir)
@@ -190,15 +160,15 @@ def main(
         capped,
         len(rejected),
         steps,
-        cfg["batch_size"] * cfg["grad_accum"],
-        cfg["beta"],
+        cfg.batch_size * cfg.grad_accum,
+        cfg.beta,
         info.get("system"),
     )
 
     ckpt_dir = Path(checkpoints)
     fp = io.digest(
         {
-            "cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "threads")},
+            "cfg": {k: v for k, v in cfg.to_dict().items() if k not in ("checkpoint_every", "threads")},
             "rows": [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in train_rows],
             "policy": model_fingerprint(policy_dir),
         }
@@ -207,15 +177,7 @@ def main(
     if resume is not None:
         log.info("resuming from %s", resume)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    lora = cfg["lora"]
-    peft_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    peft_config = models.lora_config(cfg.lora, task_type="CAUSAL_LM")
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     progress = sft.make_callback([])
     trainer = D.trainer_class()(
@@ -232,7 +194,7 @@ def main(
     write_plots(plots_dir, history)
 
     policy = trainer.model
-    rewards = D.implicit_rewards(policy, held_rows, float(cfg["beta"]), tok.pad_token_id, cfg["eval_batch_size"])
+    rewards = D.implicit_rewards(policy, held_rows, cfg.beta, tok.pad_token_id, cfg.eval_batch_size)
     held = rm.pairwise_metrics([r["chosen"] for r in rewards], [r["rejected"] for r in rewards])  # margin > 0
     length = rm.length_baseline([p for p in held_pairs if p["id"] in {r["id"] for r in held_rows}])
     log.info(
@@ -249,7 +211,7 @@ def main(
         merged,
         tok,
         output,
-        info={**info, "dpo": {"steps": trainer.state.global_step, "beta": cfg["beta"], "pairs": len(train_rows)}},
+        info={**info, "dpo": {"steps": trainer.state.global_step, "beta": cfg.beta, "pairs": len(train_rows)}},
     )
     io.write_jsonl(rejected_path, rejected)
 
@@ -272,7 +234,7 @@ def main(
                 "self_rewarding": sum(r["source"] == D.SELF_REWARD_SOURCE for r in rows_all),
             },
             "train_by_source": dict(by_source),
-            "self_rewarding": {"enabled": bool(cfg["self_rewarding"]), "scored_answers": n_scored, **self_counts},
+            "self_rewarding": {"enabled": cfg.self_rewarding, "scored_answers": n_scored, **self_counts},
             "prompts_cut": sum(r["prompt_cut"] for r in rows_all),
             "answers_cut": sum(r["answer_cut"] for r in rows_all),
             "steps": trainer.state.global_step,
@@ -280,7 +242,7 @@ def main(
             "train_loss_first": loss[0][1] if loss else None,
             "train_loss_last": loss[-1][1] if loss else None,
             "train_loss_mean": sum(v for _, v in loss) / len(loss) if loss else None,
-            "beta": cfg["beta"],
+            "beta": cfg.beta,
             "seconds": round(time.time() - t0, 1),
         },
     )

@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import chat, io, records
+from selfalign import chat, io, params, records
 from selfalign import dpo as D
 from selfalign.params import ParamsError
 
@@ -98,7 +100,7 @@ def test_encode_pair_uses_the_served_prompt_and_ends_answers_at_end_of_turn(tiny
         tok,
         [pair, {**pair, "id": "x", "rejected": "Water falling down."}],
         None,
-        {"max_prompt_tokens": 64, "max_answer_tokens": 2},
+        D.DPOConfig(max_prompt_len=64, max_answer_len=2),
     )
     assert len(rows) == 1 and [r["reason"] for r in rejected] == ["same_after_cut"]
 
@@ -204,7 +206,9 @@ def test_prefer_reaches_evaluate(tmp_path, tiny_model_dir):
     res = CliRunner().invoke(load_stage("evaluate").main, given + common)
     assert res.exit_code != 0 and "evaluate.models lists dpo but no --model NAME=DIR" in res.output
     stage = load_stage("evaluate")
-    wanted = D.expand_preferred(stage.DEFAULTS["models"], D.read_prefer(p))
+    from selfalign.evaluate import EvaluateConfig
+
+    wanted = D.expand_preferred(EvaluateConfig().models, D.read_prefer(p))
     dirs = stage.parse_models(tuple(given[1::2]) + (f"dpo={tiny_model_dir}",), wanted)
     assert list(dirs) == ["base", "m0", "final", "ppo", "dpo"]
 
@@ -276,6 +280,8 @@ def stage_args(model_dir, inputs, out, *extra):
         "lora.r=4",
         "--set",
         "self_rewarding=true",
+        "--set",
+        "precision=fp32",  # the code default before issue 12 made params.yaml's auto the one default
         *extra,
     ]
 
@@ -355,3 +361,52 @@ def test_stage_killed_after_a_checkpoint_resumes(tiny_model_dir, stage_inputs, t
     with open(tmp_path / "plots" / "loss.csv") as f:  # the resumed run keeps the killed run's log history
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
     assert list((tmp_path / "ckpt").iterdir()) == []  # nothing left to resume after success
+
+
+# --- params ----------------------------------------------------------------------------------
+
+
+def test_dpo_config_defaults_are_params_yaml():
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["dpo"]
+    assert D.DPOConfig.from_dict(section, "dpo") == D.DPOConfig()
+
+
+def test_dpo_lr_written_as_1e_4_is_a_float(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("dpo:\n  lr: 1e-4\n  beta: 5e-2\n")
+    cfg = params.resolve(D.DPOConfig, p, "dpo")
+    assert (cfg.lr, cfg.beta) == (1e-4, 5e-2) and isinstance(cfg.lr, float)
+
+
+def bare_args(tmp_path) -> list[str]:
+    """The stage's required options over paths that exist (nothing is read before the params are checked)."""
+    pref, model = tmp_path / "preference.jsonl", tmp_path / "model"
+    pref.write_text("")
+    model.mkdir()
+    return [
+        *("--policy", str(model), "--preference", str(pref), "--output", "o", "--checkpoints", "c"),
+        *("--rejected", "r.jsonl", "--plots", "p", "--metrics", "m.json"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("beta=0", ["0 <"]),
+        ("loss_type=7", ["sigmoid", "ipo"]),
+        ("max_answer_len=0", ["1 <="]),
+        ("warmup_ratio=5", ["<= 1"]),
+        ("batch_size=four", ["an integer"]),
+        ("precision=float32", ["auto", "fp32", "bf16"]),
+        ("scheduler=cosine_annealing", ["constant"]),
+    ],
+)
+def test_dpo_rejects_a_bad_setting_before_any_work(tmp_path, setting, words):
+    assert_rejected(load_stage("dpo").main, bare_args(tmp_path), setting, *words)
+
+
+@pytest.mark.parametrize("old", ["max_prompt_tokens=64", "max_answer_tokens=64"])
+def test_dpo_rejects_the_old_key_names(tmp_path, old):
+    """max_prompt_tokens/max_answer_tokens were renamed max_prompt_len/max_answer_len: unknown keys, not ignored."""
+    res = CliRunner().invoke(load_stage("dpo").main, [*bare_args(tmp_path), "--set", old])
+    assert res.exit_code == 2 and f"unknown key {old.split('=')[0]!r}" in res.output and "max_prompt_len" in res.output
