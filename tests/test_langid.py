@@ -8,19 +8,13 @@ from pathlib import Path
 import pytest
 
 from selfalign import langid
+from selfalign.config import ParamsError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "tests" / "fixtures" / "langid" / "train"
 FIX = ROOT / "tests" / "fixtures" / "langid"
 LANGS = ("en", "fr", "ms", "id")
-CFG = {
-    "min_letters": 40,
-    "min_confidence": 0.5,
-    "margin": 2.0,
-    "ngram_margin": 8.0,
-    "ms_id_fallback": "lingua",
-    "ms_id_ngram_margin": 64.0,
-}
+CFG = langid.LangGate().settings()  # the gate's defaults: params.yaml's clean.langs
 
 
 def lines(path: Path) -> list[str]:
@@ -131,3 +125,18 @@ def test_ngram_model_fit_and_scores():
 def test_has_signal():
     assert langid.has_signal("Apa khabar?") and langid.has_signal("élève")
     assert not langid.has_signal("Kuala Lumpur 2024") and not langid.has_signal("Oui.") and not langid.has_signal("a 1")
+
+
+def test_the_gate_settings_are_typed_and_judge_reads_a_record():
+    assert set(CFG) == {f for f in langid.LangGate.hints() if f != "enabled"}
+    for bad, words in (
+        ({"min_confidence": 2}, "0 <= min_confidence <= 1"),
+        ({"ms_id_fallback": "lingwa"}, "one of lingua | ngram | none"),
+        ({"min_letters": "forty"}, "an integer"),
+        ({"max_chars": 0}, "1 <= max_chars"),
+    ):
+        with pytest.raises(ParamsError, match=words.replace("|", r"\|")):
+            langid.LangGate.from_dict(bad, "clean.langs")
+    record = {"kind": "web", "lang": "fr", "text": "The cat sat on the mat and looked out of the window all day long."}
+    want = langid.identify(record["text"], "fr", **CFG)
+    assert langid.judge(record, langid.LangGate()) == want and want.verdict == "mismatch"
