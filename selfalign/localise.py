@@ -15,11 +15,44 @@ Small models and scripted teachers may also answer one change per line, "kind: f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 
+from selfalign import llm
+from selfalign.config import Config, ParamsError, opt
+
 LOCALES = {"ms": "Malaysia"}
+_LANG_CODE = re.compile(r"^[a-z]{2,3}$")
+
+
+@dataclasses.dataclass
+class LocaliseConfig(Config):
+    """params.yaml `localise:` (the comments there say what each value does)."""
+
+    locales: dict[str, str] = opt(dict(LOCALES))  # language code: locale; other languages pass without a call
+    max_records: int = opt(12, lo=0)  # sent to the teacher at most (0 = all); the rest pass unchanged
+    max_new_tokens: int = opt(128, lo=1)  # room for the JSON list of changes
+    temperature: float = opt(0.0, lo=0)
+    top_p: float = opt(1.0, lo=0, hi=1, lo_open=True)
+    seed: int = 0
+    engine: llm.EngineSpec = opt(llm.EngineSpec())  # the teacher; model "" = the stage's --model
+
+    def check(self, where: str) -> None:
+        if not self.locales:
+            raise ParamsError(f"{where}.locales: {{}} names no language; expected language: locale (ms: Malaysia)")
+        for lang, locale in self.locales.items():
+            if not _LANG_CODE.match(lang):
+                raise ParamsError(
+                    f"{where}.locales.{lang}: {locale!r} is under {lang!r}, not a language code (2-3 lower-case "
+                    "letters: ms)"
+                )
+            if not locale.strip():
+                raise ParamsError(f"{where}.locales.{lang}: {locale!r} is not a locale name (Malaysia)")
+
+
 _JSON = re.compile(r"[\[{].*[\]}]", re.S)
 _LINE = re.compile(r"^\s*(?:[-*]\s*)?([A-Za-z ]{2,20})\s*:\s*(.+?)\s*(?:->|=>|\u2192)\s*(.+?)\s*$")
 _NONE = re.compile(r"^\W*(?:none|nothing(?: to localise| to localize)?|no changes?)\W*$", re.I)
@@ -111,3 +144,32 @@ def apply(record: dict, changes: list[Change]) -> tuple[dict, list[Change]]:
             node = node[part]
         node[path[-1]] = text
     return out, done
+
+
+def choose(recs: list[dict], locales: dict[str, str], max_records: int) -> tuple[list[int], Counter]:
+    """(indices of the records to send to the teacher, counts of the others by why): records in a language of
+    `locales`, the first `max_records` of them (0 = all)."""
+    chosen, passed = [], Counter()
+    for i, r in enumerate(recs):
+        if r["lang"] not in locales:
+            passed["other_lang"] += 1
+        elif max_records and len(chosen) >= max_records:
+            passed["over_max_records"] += 1
+        else:
+            chosen.append(i)
+    return chosen, passed
+
+
+def localise_one(record: dict, reply: llm.Result, locale: str, teacher: str) -> tuple[dict | None, str, str]:
+    """(the record to write or None, reject reason, detail) for one teacher reply."""
+    if not reply.ok:
+        return None, "teacher_failed", reply.error or "unknown error"
+    try:
+        changes = parse_changes(reply.text)
+        out, done = apply(record, changes)
+    except UnparsableChanges as e:
+        return None, "unparsable_changes", f"{e}; reply {reply.text!r}"[:500]
+    except ChangeNotFound as e:
+        return None, "change_not_found", f"{e}; reply {reply.text!r}"[:500]
+    meta = {"locale": locale, "changes": [c.as_dict() for c in done], "teacher": teacher}
+    return {**out, "meta": {**(record.get("meta") or {}), "localise": meta}}, "", ""

@@ -20,11 +20,19 @@ records `meta.translated_from`.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-from selfalign import llm
+from selfalign import io, llm, records, shard
+from selfalign.config import Config, ParamsError, opt
+
+log = logging.getLogger("translate")
 
 LANG_NAMES = {
     "en": "English",
@@ -167,6 +175,48 @@ def parse_reply(reply: str, source_text: str, target: str) -> str:
 # ------------------------------------------------------------------------------------------ records
 
 TRANSLATABLE = ("chat", "preference", "prompt")
+_LANG_CODE = re.compile(r"^[a-z]{2,3}$")
+
+
+@dataclasses.dataclass
+class TranslateConfig(Config):
+    """params.yaml `translate:` (the comments there say what each value does)."""
+
+    langs: list[str] = opt(["fr", "ms"], min_items=1)  # target languages, ISO 639 codes
+    mode: Literal["add", "replace"] = "add"
+    kinds: list[str] = opt(["chat", "prompt"])  # of TRANSLATABLE
+    roles: list[str] = opt(["system", "user", "assistant"])  # of records.ROLES
+    max_records: int = opt(6, lo=0)  # per input file; 0 = all
+    max_chars: int = opt(160, lo=0)  # per field; 0 = any length
+    max_spans: int = opt(0, lo=-1)  # protected spans per field; -1 = any
+    max_new_tokens: int = opt(192, lo=1)  # cap on one field's reply
+    tokens_per_char: float = opt(0.5, lo=0, lo_open=True)  # a field's budget: 32 + this x its characters
+    temperature: float = opt(0.7, lo=0)
+    top_p: float = opt(0.9, lo=0, hi=1, lo_open=True)
+    seed: int = 0
+    engine: llm.EngineSpec = opt(llm.EngineSpec(batch_size=8, dtype="bf16"))  # model "" = the stage's --model
+    min_success: float = opt(0.5, lo=0, hi=1)  # share of asked translations that must come through
+
+    def check(self, where: str) -> None:
+        bad = [x for x in self.langs if not _LANG_CODE.match(x)]
+        if bad:
+            raise ParamsError(f"{where}.langs: {bad[0]!r} is not a language code (2-3 lower-case letters: fr, ms)")
+        bad = sorted(set(self.kinds) - set(TRANSLATABLE))
+        if bad:
+            raise ParamsError(
+                f"{where}.kinds: {bad[0]!r} cannot be translated (choose from "
+                f"{', '.join(TRANSLATABLE)}; web segments always pass through)"
+            )
+        bad = sorted(set(self.roles) - set(records.ROLES))
+        if bad:
+            raise ParamsError(f"{where}.roles: {bad[0]!r} is not one of {', '.join(records.ROLES)}")
+
+    def gen(self) -> dict:
+        """The generation settings plan_field reads."""
+        return {k: getattr(self, k) for k in GEN_KEYS}
+
+
+GEN_KEYS = ("max_new_tokens", "tokens_per_char", "temperature", "top_p", "seed")
 
 
 def fields(record: dict, roles: list[str]) -> list[tuple[tuple, str]]:
@@ -238,7 +288,7 @@ def plan_field(path: tuple, text: str, source_lang: str, target: str, template: 
         return Field(path, text, protected, spans, target, None)
     sent = protected.strip()
     # 32 tokens of headroom: "hello!" gets a reply of its own phrasing, not 19 tokens (measured: truncated)
-    budget = min(int(gen["max_tokens"]), 32 + math.ceil(gen["tokens_per_char"] * len(sent)))
+    budget = min(int(gen["max_new_tokens"]), 32 + math.ceil(gen["tokens_per_char"] * len(sent)))
     req = llm.Request(
         messages=[{"role": "user", "content": build_prompt(template, sent, source_lang, target)}],
         max_tokens=budget,
@@ -279,3 +329,142 @@ def assemble(record: dict, target: str, translated: dict[tuple, str]) -> dict:
     out["lang"] = target
     out["meta"] = {**(record.get("meta") or {}), "translated_from": record["lang"]}
     return out
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+@dataclass
+class FilesPlan:
+    """What translate_files read and will ask: files (src, dst, [(record, line)]), jobs (file index, record index,
+    target, [Field]), per-file counters, the rejects of unreadable lines, and the requests with their shard keys."""
+
+    files: list[tuple[Path, Path, list[tuple[dict, int]]]]
+    jobs: list[tuple[int, int, str, list[Field]]]
+    per_file: dict[str, Counter]
+    failed: list[dict]
+    requests: list[llm.Request]
+    keys: list[str]
+
+
+def plan_files(pairs: list[tuple[Path, Path]], cfg: TranslateConfig, template: str) -> FilesPlan:
+    """Read every input and plan every field of every selected record into every target language."""
+    gen = cfg.gen()
+    files, jobs, failed = [], [], []
+    per_file: dict[str, Counter] = {}
+    for src, dst in pairs:
+        c = per_file.setdefault(dst.stem, Counter())
+        recs, bad, c["lines_in"] = records.read(src, "translate") if src.exists() else ([], [], 0)
+        failed += bad
+        c["invalid"] = c["lines_in"] - len(recs)
+        if not src.exists():
+            log.warning("%s does not exist: writing an empty %s", src, dst)
+        chosen, skipped = select(
+            [r for r, _ in recs], cfg.kinds, cfg.roles, cfg.max_chars, cfg.max_records, cfg.max_spans
+        )
+        c["selected"] = len(chosen)
+        c.update({f"skipped_{k}": v for k, v in skipped.items()})
+        for i in chosen:
+            r = recs[i][0]
+            for target in cfg.langs:
+                if target == r["lang"]:
+                    c["already_in_target"] += 1
+                    continue
+                planned = [plan_field(p, t, r["lang"], target, template, gen) for p, t in fields(r, cfg.roles)]
+                jobs.append((len(files), i, target, planned))
+        files.append((src, dst, recs))
+    reqs = [f.request for *_, planned in jobs for f in planned if f.request is not None]
+    keys = [
+        shard.record_key(files[fi][2][ri][0]) for fi, ri, _, planned in jobs for f in planned if f.request is not None
+    ]
+    log.info(
+        "%d records selected in %d files; %d translations to make (%d fields, %d needing the model); "
+        "targets %s, mode %s",
+        sum(c["selected"] for c in per_file.values()),
+        len(files),
+        len(jobs),
+        sum(len(j[3]) for j in jobs),
+        len(reqs),
+        ",".join(cfg.langs),
+        cfg.mode,
+    )
+    return FilesPlan(files, jobs, per_file, failed, reqs, keys)
+
+
+def write_files(plan: FilesPlan, results: list[llm.Result], cfg: TranslateConfig) -> dict:
+    """Finish every field from its result, write every output (translations after or instead of their originals)
+    and add the failed translations to plan.failed; returns the metrics."""
+    results = iter(results)
+    files, per_file, failed = plan.files, plan.per_file, plan.failed
+    done: dict[tuple[int, int], list[dict]] = {}
+    reasons: Counter = Counter()
+    by_lang = {t: {"asked": 0, "translated": 0, "failed": 0, "failed_by_reason": Counter()} for t in cfg.langs}
+    for fi, ri, target, planned in plan.jobs:
+        c = per_file[files[fi][1].stem]
+        got, error = {}, None
+        for f in planned:  # consume every result of the record, even after a failure
+            res = next(results) if f.request is not None else None
+            try:
+                got[f.path] = finish_field(f, res)
+            except RestoreError as e:
+                error = error or (e, f)
+        record, line = files[fi][2][ri]
+        by_lang[target]["asked"] += 1
+        if error:
+            e, f = error
+            rej = records.rejected(
+                record,
+                e.reason,
+                "translate",
+                detail=f"{'.'.join(map(str, f.path))}: {e.detail}",
+                file=str(files[fi][0]),
+                line=line,
+            )
+            failed.append({**rej, "target_lang": target})
+            reasons[e.reason] += 1
+            by_lang[target]["failed_by_reason"][e.reason] += 1
+            by_lang[target]["failed"] += 1
+            c["failed"] += 1
+        else:
+            done.setdefault((fi, ri), []).append(assemble(record, target, got))
+            by_lang[target]["translated"] += 1
+            c["translated"] += 1
+
+    for fi, (_, dst, recs) in enumerate(files):
+        c = per_file[dst.stem]
+        with io.jsonl_writer(dst) as write:
+            for ri, (record, _) in enumerate(recs):
+                translations = done.get((fi, ri), [])
+                if cfg.mode == "add" or not translations:
+                    write(record)
+                    c["originals_out"] += 1
+                for t in translations:
+                    write(t)
+                c["records_out"] += len(translations)
+        c["records_out"] += c["originals_out"]
+    total = Counter()
+    for c in per_file.values():
+        total.update(c)
+    for v in by_lang.values():
+        v["failed_by_reason"] = dict(sorted(v["failed_by_reason"].items()))
+    unreadable = Counter(r["reason"] for r in failed if "target_lang" not in r)
+    return {
+        "records_in": total["lines_in"],
+        # every readable record is carried: as itself, or (mode replace) as its translations
+        "kept": total["lines_in"] - total["invalid"],
+        "rejected": total["invalid"],
+        "rejected_by_reason": dict(sorted(unreadable.items())),
+        "invalid": total["invalid"],
+        "selected": total["selected"],
+        "skipped": {k.removeprefix("skipped_"): total[k] for k in sorted(total) if k.startswith("skipped_")},
+        "translations_asked": len(plan.jobs),
+        "translated": total["translated"],
+        "failed": total["failed"],
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "by_lang": by_lang,
+        "already_in_target": total["already_in_target"],
+        "records_out": total["records_out"],
+        "fields": sum(len(j[3]) for j in plan.jobs),
+        "fields_sent": len(plan.requests),
+        "by_file": {k: dict(v) for k, v in per_file.items()},
+    }

@@ -11,11 +11,43 @@ UnparsableVerdict: the stage rejects that record (reason unparsable_verdict), it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 
+from selfalign import llm
+from selfalign.config import Config, ParamsError, opt
+
 VERDICTS = ("correct", "incorrect")
+_LANG_CODE = re.compile(r"^[a-z]{2,3}$")
+
+
+@dataclasses.dataclass
+class VerifyConfig(Config):
+    """params.yaml `verify:` (the comments there say what each value does)."""
+
+    # name: the file one verify@<name> checks (dvc.yaml's foreach reads this mapping)
+    inputs: dict[str, str] = opt({"seed": "data/localise/seed.jsonl"})
+    langs: list[str] = opt(["ms"])  # languages judged ([] = all); the others pass unjudged
+    max_records: int = opt(12, lo=0)  # judged at most per input (0 = all); the rest pass unjudged
+    min_confidence: float = opt(0.0, lo=0, hi=1)  # a `correct` verdict below this is rejected (low_confidence)
+    max_new_tokens: int = opt(96, lo=1)  # room for the JSON verdict
+    temperature: float = opt(0.0, lo=0)
+    top_p: float = opt(1.0, lo=0, hi=1, lo_open=True)
+    seed: int = 0
+    engine: llm.EngineSpec = opt(llm.EngineSpec())  # the teacher; model "" = the stage's --model
+
+    def check(self, where: str) -> None:
+        for name, path in self.inputs.items():
+            if not path.strip():
+                raise ParamsError(f"{where}.inputs.{name}: {path!r} is not a file (one verify@{name} reads it)")
+        bad = [x for x in self.langs if not _LANG_CODE.match(x)]
+        if bad:
+            raise ParamsError(f"{where}.langs: {bad[0]!r} is not a language code (2-3 lower-case letters: ms)")
+
+
 _OBJECT = re.compile(r"\{.*\}", re.S)
 _KEYED = {
     "verdict": re.compile(r"\bverdict\b\s*[:=\-]?\s*\**\s*(correct|incorrect)\b", re.I),
@@ -114,3 +146,30 @@ def decide(verdict: Verdict, min_confidence: float) -> tuple[bool, str, str]:
     if verdict.confidence < min_confidence:
         return False, "low_confidence", f"correct at {verdict.confidence:.2f} < {min_confidence}: {verdict.reason}"
     return True, "", ""
+
+
+def choose(recs: list[dict], langs: list[str], max_records: int) -> tuple[list[int], Counter]:
+    """(indices of the records to judge, counts of the unjudged ones by why): records in `langs` ([] = every
+    language), the first `max_records` of them (0 = all)."""
+    chosen, unjudged = [], Counter()
+    for i, r in enumerate(recs):
+        if langs and r["lang"] not in langs:
+            unjudged["other_lang"] += 1
+        elif max_records and len(chosen) >= max_records:
+            unjudged["over_max_records"] += 1
+        else:
+            chosen.append(i)
+    return chosen, unjudged
+
+
+def judge(reply: llm.Result, min_confidence: float) -> tuple[Verdict | None, str, str]:
+    """(the verdict or None, reject reason or "", detail) of one teacher reply: a failed call is teacher_failed, an
+    unreadable reply unparsable_verdict; a verdict is decided by `decide`."""
+    if not reply.ok:
+        return None, "teacher_failed", reply.error or "unknown error"
+    try:
+        v = parse_verdict(reply.text)
+    except UnparsableVerdict as e:
+        return None, "unparsable_verdict", f"{e}; reply {reply.text!r}"[:500]
+    _, reason, detail = decide(v, min_confidence)
+    return v, reason, detail

@@ -17,50 +17,17 @@ cache, so a killed run resumes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
 
 import click
 
-from selfalign import io, llm, params, records
+from selfalign import cli, io, params, records, teacher
 from selfalign import verify as vf
 
 log = logging.getLogger("verify")
 STAGE = "verify"
-DEFAULTS = {
-    "inputs": {},  # name: file, read by dvc.yaml's foreach (params.yaml: seed: data/localise/seed.jsonl)
-    "langs": ["ms"],
-    "max_records": 12,
-    "min_confidence": 0.0,
-    "max_new_tokens": 96,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "seed": 0,
-    "engine": {},
-}
-ENGINE_DEFAULTS = {"kind": "local", "batch_size": 8, "dtype": "float32"}
-
-
-def check(cfg: dict) -> None:
-    if not isinstance(cfg["inputs"], dict) or not all(isinstance(v, str) and v for v in cfg["inputs"].values()):
-        raise params.ParamsError("verify.inputs: expected a mapping of name: input file (one verify@<name> each)")
-    if not 0 <= cfg["min_confidence"] <= 1:
-        raise params.ParamsError(f"verify.min_confidence: {cfg['min_confidence']} is outside 0..1")
-
-
-def plan(recs: list[dict], langs: list[str], max_records: int) -> tuple[list[int], Counter]:
-    """(indices of the records to judge, counts of the unjudged ones by why)."""
-    chosen, unjudged = [], Counter()
-    for i, r in enumerate(recs):
-        if langs and r["lang"] not in langs:
-            unjudged["other_lang"] += 1
-        elif max_records and len(chosen) >= max_records:
-            unjudged["over_max_records"] += 1
-        else:
-            chosen.append(i)
-    return chosen, unjudged
 
 
 @click.command()
@@ -89,15 +56,10 @@ def plan(recs: list[dict], langs: list[str], max_records: int) -> tuple[list[int
 @click.option("--cache", type=click.Path(file_okay=False), required=True)
 @click.option("--metrics", type=click.Path(dir_okay=False), required=True)
 def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir, cache, metrics):
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = params.resolve(DEFAULTS, params_file, STAGE, overrides)
-    check(cfg)
+    cfg = params.resolve(vf.VerifyConfig, params_file, STAGE, overrides)
+    cli.setup_logging()
     template = Path(prompt_file).read_text(encoding="utf-8")
-    spec = {**ENGINE_DEFAULTS, "model": model_dir or llm.SPEC_DEFAULTS["model"], **cfg["engine"]}
-    try:
-        engine = llm.make_engine(spec, cache_dir=cache)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from e
+    spec = cfg.engine.with_model(model_dir)
     good, rejected, n_in = records.read(Path(input_file), STAGE, "chat")
     for r, line in good:  # nothing to judge without an answer: such a record is not a training example either
         if not any(m["role"] == "assistant" for m in r["messages"]):
@@ -107,51 +69,31 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
     good = [(r, line) for r, line in good if any(m["role"] == "assistant" for m in r["messages"])]
     recs = [r for r, _ in good]
     lines = [line for _, line in good]
-    chosen, unjudged = plan(recs, cfg["langs"], cfg["max_records"])
+    chosen, unjudged = vf.choose(recs, cfg.langs, cfg.max_records)
     log.info(
         "%d records in %s (%d invalid): %d to judge (langs %s, max %s), %d pass unjudged %s; teacher %s on %s",
         n_in,
         input_file,
         len(rejected),
         len(chosen),
-        cfg["langs"] or "all",
-        cfg["max_records"] or "all",
+        cfg.langs or "all",
+        cfg.max_records or "all",
         sum(unjudged.values()),
         dict(unjudged),
-        spec["kind"],
-        spec["model"],
+        spec.kind,
+        spec.model,
     )
     try:
         reqs = [
-            llm.Request(
-                messages=[{"role": "user", "content": vf.build_prompt(template, recs[i])}],
-                max_tokens=cfg["max_new_tokens"],
-                temperature=cfg["temperature"],
-                top_p=cfg["top_p"],
-                seed=cfg["seed"],
+            teacher.request(
+                vf.build_prompt(template, recs[i]), cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed
             )
             for i in chosen
         ]
     except ValueError as e:
         raise click.ClickException(f"{prompt_file}: {e}") from e
-    template_id = "verify:" + hashlib.sha256(template.encode()).hexdigest()[:12]
-    try:
-        results = engine.complete(reqs, template_id=template_id, progress=True) if reqs else []
-    finally:
-        engine.close()
-
-    verdicts: dict[int, tuple] = {}
-    for i, res in zip(chosen, results, strict=True):
-        if not res.ok:
-            verdicts[i] = (None, "teacher_failed", res.error or "unknown error")
-            continue
-        try:
-            v = vf.parse_verdict(res.text)
-        except vf.UnparsableVerdict as e:
-            verdicts[i] = (None, "unparsable_verdict", f"{e}; reply {res.text!r}"[:500])
-            continue
-        keep, reason, detail = vf.decide(v, cfg["min_confidence"])
-        verdicts[i] = (v, reason, detail)
+    results, stats = teacher.ask(spec, cache, STAGE, template, reqs)
+    verdicts = {i: vf.judge(res, cfg.min_confidence) for i, res in zip(chosen, results, strict=True)}
     kept, counts = [], Counter()
     for i, r in enumerate(recs):
         if i not in verdicts:
@@ -159,9 +101,7 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
             continue
         v, reason, detail = verdicts[i]
         meta = (
-            {"verdict": v.verdict, "reason": v.reason, "confidence": v.confidence, "teacher": spec["model"]}
-            if v
-            else None
+            {"verdict": v.verdict, "reason": v.reason, "confidence": v.confidence, "teacher": spec.model} if v else None
         )
         counts[v.verdict if v else "no_verdict"] += 1
         if reason:
@@ -187,9 +127,9 @@ def main(params_file, overrides, input_file, model_dir, prompt_file, output_dir,
             lang: sum(1 for i in chosen if recs[i]["lang"] == lang)
             for lang in sorted({recs[i]["lang"] for i in chosen})
         },
-        "llm": engine.stats,
-        "engine": spec["kind"],
-        "model": spec["model"],
+        "llm": stats,
+        "engine": spec.kind,
+        "model": spec.model,
     }
     io.write_json(metrics, m)
     log.info(

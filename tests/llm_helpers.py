@@ -8,6 +8,7 @@ run to max_tokens: distinct outputs per prompt, both finish reasons, still rando
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
@@ -153,3 +154,28 @@ class FaultProxy:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+# ------------------------------------------------------------------ a scripted teacher (repair, localise, verify)
+
+
+@contextlib.contextmanager
+def scripted_teacher(tmp_path: Path, reply: str):
+    """A scripted model that always says `reply`, behind selfalign.serve on a free port; yields its /v1 URL."""
+    from scripted_model import make_scripted_model
+
+    from selfalign import serve
+
+    name = f"t{abs(hash(reply)) % 10**8}"
+    app = serve.create_app(make_scripted_model(tmp_path / name, reply), model_name="teacher")
+    running = serve.start_in_thread(app, port=0)
+    try:
+        yield running.url
+    finally:
+        app.state.close()
+        running.stop()
+
+
+def teacher_engine(url: str) -> dict:
+    """The engine spec of a stage that asks the scripted teacher at `url` (no key, no retries)."""
+    return {"kind": "openai", "base_url": url, "model": "teacher", "api_key_env": "", "max_retries": 0}

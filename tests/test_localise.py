@@ -3,17 +3,20 @@ with scripted teachers: one that localises a place, one with nothing to localise
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
+from llm_helpers import scripted_teacher as teacher
+from llm_helpers import teacher_engine
 from stage_loader import load_stage
 
 from selfalign import localise as lc
 from selfalign import records
+from selfalign.params import ParamsError, resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,23 +89,6 @@ def test_apply_replaces_everywhere_longest_first_and_refuses_text_not_there():
 # ------------------------------------------------------------------------------------ the stage over HTTP
 
 
-@contextlib.contextmanager
-def teacher(tmp_path: Path, reply: str):
-    """A scripted model that always says `reply`, behind selfalign.serve on a free port."""
-    from scripted_model import make_scripted_model
-
-    from selfalign import serve
-
-    name = f"t{abs(hash(reply)) % 10**8}"
-    app = serve.create_app(make_scripted_model(tmp_path / name, reply), model_name="teacher")
-    running = serve.start_in_thread(app, port=0)
-    try:
-        yield running.url
-    finally:
-        app.state.close()
-        running.stop()
-
-
 def run_stage(tmp_path: Path, url: str, inputs: list[Path], out: str, **extra) -> tuple[dict, list[dict], list[dict]]:
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -111,13 +97,7 @@ def run_stage(tmp_path: Path, url: str, inputs: list[Path], out: str, **extra) -
                 "localise": {
                     "locales": {"ms": "Malaysia"},
                     "max_records": 3,
-                    "engine": {
-                        "kind": "openai",
-                        "base_url": url,
-                        "model": "teacher",
-                        "api_key_env": "",
-                        "max_retries": 0,
-                    },
+                    "engine": teacher_engine(url),
                     **extra,
                 }
             }
@@ -204,3 +184,31 @@ def test_a_teacher_answering_garbage_rejects_what_it_was_asked(tmp_path, inputs)
         m, out, rejected = run_stage(tmp_path, url, inputs, "garbage", max_records=0)
     assert m["rejected_by_reason"] == {"invalid_record": 1, "unparsable_changes": 4}
     assert [r["lang"] for r in out] == ["en"] and m["records_in"] == len(out) + len(rejected)
+
+
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("locales=ms", "a mapping of name: a string"),
+        ("locales.xx1=Nowhere", "not a language code"),
+        ("max_records=-3", "0 <= max_records"),
+        ("max_new_tokens=many", "an integer"),
+        ("top_p=0", "0 < top_p <= 1"),
+        ("engine.kind=gpt5", "local | openai | vllm"),
+    ],
+)
+def test_bad_params_are_one_line_errors_before_any_work(tmp_path, inputs, setting, allowed):
+    args = ["--input", str(inputs[0]), "--prompt", str(PROMPT), "--output", str(tmp_path / "o.jsonl")]
+    args += ["--rejected", str(tmp_path / "r.jsonl"), "--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m")]
+    assert_rejected(load_stage("localise").main, args, setting, "localise.", allowed)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
+
+
+def test_params_yaml_replaces_the_locales_and_an_empty_mapping_is_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("localise:\n  locales: {id: Indonesia}\n  temperature: 7e-1\n")
+    cfg = resolve(lc.LocaliseConfig, params, "localise")
+    assert cfg.locales == {"id": "Indonesia"} and cfg.temperature == 0.7  # YAML 1.1 reads 7e-1 as a string
+    params.write_text("localise:\n  locales: {}\n")
+    with pytest.raises(ParamsError, match="localise.locales: {} names no language"):
+        resolve(lc.LocaliseConfig, params, "localise")

@@ -5,17 +5,20 @@ nobody."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
+from llm_helpers import scripted_teacher as teacher
+from llm_helpers import teacher_engine
 from stage_loader import load_stage
 
 from selfalign import records
 from selfalign import repair as rp
+from selfalign.params import ParamsError, resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,23 +43,6 @@ def chat(user: str, answer: str, lang: str) -> dict:
         lang=lang,
         source="test",
     )
-
-
-@contextlib.contextmanager
-def teacher(tmp_path: Path, reply: str):
-    """A scripted model that always says `reply`, behind selfalign.serve on a free port."""
-    from scripted_model import make_scripted_model
-
-    from selfalign import serve
-
-    name = f"t{abs(hash(reply)) % 10**8}"
-    app = serve.create_app(make_scripted_model(tmp_path / name, reply), model_name="teacher")
-    running = serve.start_in_thread(app, port=0)
-    try:
-        yield running.url
-    finally:
-        app.state.close()
-        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +84,7 @@ def cleaned(tmp_path_factory) -> tuple[Path, Path]:
 
 def run_stage(tmp_path: Path, cleaned, url: str, out: str, *sets: str) -> tuple[dict, list[dict], list[dict]]:
     params, rejected = cleaned
-    engine = {"kind": "openai", "base_url": url, "model": "teacher", "api_key_env": "", "max_retries": 0}
+    engine = teacher_engine(url)
     res = CliRunner().invoke(
         load_stage("repair").main,
         [
@@ -128,7 +114,7 @@ def run_stage(tmp_path: Path, cleaned, url: str, out: str, *sets: str) -> tuple[
 
 def test_only_declared_malay_chat_records_the_gate_calls_indonesian_are_candidates(cleaned):
     params, rejected = cleaned
-    cfg = load_stage("repair").gate_cfg(str(params))
+    cfg = rp.lang_gate(str(params))
     entries = lines(rejected)
     assert [rp.is_candidate(e) for e in entries].count("") == 2  # both lang rejects; the refusal is not
     verdicts = {
@@ -178,3 +164,34 @@ def test_garbage_and_failures_are_rejected_and_drop_mode_asks_nobody(tmp_path, c
     assert (m["records_in"], m["repaired"], m["rejected_by_reason"], m["llm"]) == (1, 0, {"indonesian": 1}, {})
     assert failed[0]["gate_before"].startswith("mismatch:")
     assert (tmp_path / "cache" / "drop").is_dir()  # a DVC output, there even when nobody was asked
+
+
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("mode=fix", "rewrite | drop"),
+        ("max_records=-3", "0 <= max_records"),
+        ("max_new_tokens=0", "1 <= max_new_tokens"),
+        ("temperature=hot", "a number"),
+        ("engine.kind=gpt5", "local | openai | vllm"),
+    ],
+)
+def test_bad_params_are_one_line_errors_before_any_work(tmp_path, setting, allowed):
+    args = ["--rejected", str(tmp_path / "nowhere.jsonl"), "--prompt", str(PROMPT)]
+    (tmp_path / "nowhere.jsonl").write_text("")
+    args += ["--output", str(tmp_path / "o.jsonl"), "--failed", str(tmp_path / "f.jsonl")]
+    args += ["--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m.json")]
+    assert_rejected(load_stage("repair").main, args, setting, "repair.", allowed)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_the_gate_is_cleans_own_settings_checked_as_clean_checks_them(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("clean:\n  langs: {min_confidence: 5e-1, margin: 3}\nrepair: {}\n")
+    gate = rp.lang_gate(params)
+    assert gate.min_confidence == 0.5 and isinstance(gate.min_confidence, float) and gate.margin == 3.0
+    params.write_text("clean:\n  langs: {min_confidence: 2}\nrepair: {}\n")
+    with pytest.raises(ParamsError, match="clean.langs.min_confidence: 2.0 is outside"):
+        rp.lang_gate(params)
+    with pytest.raises(ParamsError, match="repair: unknown key 'max_tokens'"):  # the old name of max_new_tokens
+        resolve(rp.RepairConfig, None, "repair", ["max_tokens=48"])

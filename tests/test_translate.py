@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from llm_helpers import FaultProxy
 from stage_loader import load_stage
 
 from selfalign import llm, serve
 from selfalign import translate as tr
+from selfalign.params import ParamsError, resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +88,7 @@ def test_prompt_reply_and_field_handling():
     assert tr.parse_reply("Malay: Le chat", "The cat", "fr") == "Le chat"  # a few-shot line's label echoed
     assert tr.parse_reply("English: a note", "English: a note", "ms") == "English: a note"  # the source's own
     assert not tr.needs_translation(tr.protect("42 - https://x.org `x`")[0])
-    gen = {"max_tokens": 100, "tokens_per_char": 0.5, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    gen = {"max_new_tokens": 100, "tokens_per_char": 0.5, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     f = tr.plan_field(("prompt",), "  Say {name} twice.\n", "en", "fr", template, gen)
     assert f.request.max_tokens == 32 + 8 and "[[0]]" in f.request.messages[0]["content"]
     assert f.request.stop == ["\n"]  # one line in, one line out
@@ -151,6 +153,12 @@ def test_select_takes_the_first_short_records_and_counts_the_rest():
 # ------------------------------------------------------------------------------------------ stage
 
 
+# What these tests were written against: the code defaults before they became params.yaml's (issue 12); params.yaml
+# takes 6 records, fields without spans and samples at 0.7, which would change what the tests below count.
+WRITTEN_FOR = {"max_records": 12, "max_spans": -1, "tokens_per_char": 0.75, "temperature": 0.0, "top_p": 1.0}
+WRITTEN_FOR_ARGS = [a for k, v in WRITTEN_FOR.items() for a in ("--set", f"{k}={v}")]
+
+
 def run_stage(args: list[str], floor: bool = False):
     """The stage, with its min_success floor off unless `floor` (tiny models and fault injection fail on purpose)."""
     extra = [] if floor else ["--set", "min_success=0"]
@@ -204,15 +212,16 @@ def test_stage_local_engine_smoke_and_resume(varied_model_dir, tmp_path):
         "--prompt",
         str(PROMPT),
         "--set",
-        "engine.dtype=float32",
+        "engine.dtype=fp32",
         "--set",
-        "max_tokens=24",
+        "max_new_tokens=24",
         "--set",
         "kinds=[chat, prompt, preference]",
         "--set",
         "max_chars=0",
         "--set",
         "langs=[fr, ms]",
+        *WRITTEN_FOR_ARGS,
     ]
     run_stage(args)
     m = json.loads((tmp_path / "m.json").read_text())
@@ -284,9 +293,10 @@ def test_stage_reports_bad_lines_and_bad_params(varied_model_dir, tmp_path):
             "--metrics",
             str(tmp_path / "m.json"),
             "--set",
-            "engine.dtype=float32",
+            "engine.dtype=fp32",
             "--set",
-            "max_tokens=8",
+            "max_new_tokens=8",
+            *WRITTEN_FOR_ARGS,
         ]
     )
     m = json.loads((tmp_path / "m.json").read_text())
@@ -350,6 +360,48 @@ def test_stage_reports_bad_lines_and_bad_params(varied_model_dir, tmp_path):
     assert res.exit_code != 0 and "--prompt" in res.output
 
 
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("langs=fr", "a list of strings"),  # was read as the languages "f" and "r"
+        ("langs=[]", "at least 1"),
+        ("max_records=-3", "0 <= max_records"),  # was: the last 3 records dropped
+        ("max_spans=-2", "-1 <= max_spans"),
+        ("max_new_tokens=0", "1 <= max_new_tokens"),
+        ("tokens_per_char=0", "0 < tokens_per_char"),
+        ("temperature=-1", "0 <= temperature"),
+        ("top_p=0", "0 < top_p <= 1"),
+        ("mode=merge", "add | replace"),
+        ("min_success=1.5", "min_success <= 1"),
+        ("engine.kind=gpt5", "local | openai | vllm"),
+        ("engine.dtype=float32", "fp32 | bf16 | fp16 | auto"),  # the old spelling
+        ("engine.batch_size=two", "an integer"),
+    ],
+)
+def test_bad_params_are_one_line_errors_before_any_work(tmp_path, setting, allowed):
+    args = ["--input-dir", str(FIX), "--output-dir", str(tmp_path / "out"), "--prompt", str(PROMPT)]
+    args += ["--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json")]
+    assert_rejected(load_stage("translate").main, args, setting, "translate.", allowed)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_code_defaults_are_the_pipelines_and_yaml_exponents_read_as_numbers(tmp_path):
+    import yaml
+
+    section = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["translate"]
+    assert tr.TranslateConfig.from_dict(section, "translate") == tr.TranslateConfig()
+    assert (tr.TranslateConfig().max_new_tokens, tr.TranslateConfig().max_records) == (192, 6)  # were 512 and 12
+    params = tmp_path / "params.yaml"
+    params.write_text("translate:\n  tokens_per_char: 5e-1\n  langs: [fr, malay]\n")
+    with pytest.raises(ParamsError, match="translate.langs: 'malay' is not a language code"):
+        resolve(tr.TranslateConfig, params, "translate")
+    params.write_text("translate:\n  tokens_per_char: 5e-1\n  temperature: 7e-1\n")
+    cfg = resolve(tr.TranslateConfig, params, "translate")
+    assert cfg.tokens_per_char == 0.5 and cfg.temperature == 0.7 and isinstance(cfg.temperature, float)
+    with pytest.raises(ParamsError, match="translate: unknown key 'max_tokens'"):  # the old name of max_new_tokens
+        resolve(tr.TranslateConfig, params, "translate", ["max_tokens=48"])
+
+
 # ------------------------------------------------------------------------ over HTTP, with faults
 
 
@@ -376,9 +428,10 @@ def http_args(url: str, out: Path, cache: Path, metrics: Path, **extra) -> list[
         "engine.concurrency": 4,
         "engine.backoff_base": 0.0,
         "engine.api_key_env": "",
-        "max_tokens": 24,
+        "max_new_tokens": 24,
         "langs": "[fr]",
         "max_chars": 0,
+        **WRITTEN_FOR,
         **extra,
     }
     args = ["--cache", str(cache), "--metrics", str(metrics), "--prompt", str(PROMPT)]

@@ -3,17 +3,20 @@ scripted teachers: one that says incorrect, one that says correct, one that answ
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
+from llm_helpers import scripted_teacher as teacher
+from llm_helpers import teacher_engine
 from stage_loader import load_stage
 
 from selfalign import records
 from selfalign import verify as vf
+from selfalign.params import ParamsError, resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,23 +97,6 @@ def test_prompt_and_decision():
 # ------------------------------------------------------------------------------------ the stage over HTTP
 
 
-@contextlib.contextmanager
-def teacher(tmp_path: Path, reply: str):
-    """A scripted model that always says `reply`, behind selfalign.serve on a free port."""
-    from scripted_model import make_scripted_model
-
-    from selfalign import serve
-
-    name = f"t{abs(hash(reply)) % 10**8}"
-    app = serve.create_app(make_scripted_model(tmp_path / name, reply), model_name="teacher")
-    running = serve.start_in_thread(app, port=0)
-    try:
-        yield running.url
-    finally:
-        app.state.close()
-        running.stop()
-
-
 def run_stage(tmp_path: Path, url: str, inp: Path, out: str, **extra) -> tuple[dict, list[dict], list[dict]]:
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -119,13 +105,7 @@ def run_stage(tmp_path: Path, url: str, inp: Path, out: str, **extra) -> tuple[d
                 "verify": {
                     "langs": ["ms"],
                     "max_records": 3,
-                    "engine": {
-                        "kind": "openai",
-                        "base_url": url,
-                        "model": "teacher",
-                        "api_key_env": "",
-                        "max_retries": 0,
-                    },
+                    "engine": teacher_engine(url),
                     **extra,
                 }
             }
@@ -257,3 +237,31 @@ def test_a_record_without_an_answer_is_rejected_not_sent(tmp_path):
     m, kept, rejected = run_stage(tmp_path, "http://127.0.0.1:9/v1", path, "noanswer")
     assert m["rejected_by_reason"] == {"no_answer": 1, "teacher_failed": 1} and m["judged"] == 1 and m["invalid"] == 0
     assert rejected[0]["line"] == 1 and rejected[0]["detail"] == "no assistant turn"
+
+
+@pytest.mark.parametrize(
+    "setting, allowed",
+    [
+        ("min_confidence=2", "0 <= min_confidence <= 1"),
+        ("langs=ms", "a list of strings"),
+        ("max_records=-3", "0 <= max_records"),
+        ("temperature=hot", "a number"),
+        ("inputs.seed=7", "a string"),
+        ("engine.kind=gpt5", "local | openai | vllm"),
+    ],
+)
+def test_bad_params_are_one_line_errors_before_any_work(tmp_path, seed, setting, allowed):
+    args = ["--input", str(seed), "--prompt", str(PROMPT), "--output-dir", str(tmp_path / "o")]
+    args += ["--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m.json")]
+    assert_rejected(load_stage("verify").main, args, setting, "verify.", allowed)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_language_codes_are_checked_and_yaml_exponents_read_as_numbers(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("verify:\n  langs: [ms, malay]\n")
+    with pytest.raises(ParamsError, match="verify.langs: 'malay' is not a language code"):
+        resolve(vf.VerifyConfig, params, "verify")
+    params.write_text("verify:\n  min_confidence: 5e-1\n  inputs: {distill: data/distill/distilled.jsonl}\n")
+    cfg = resolve(vf.VerifyConfig, params, "verify")
+    assert cfg.min_confidence == 0.5 and cfg.inputs == {"distill": "data/distill/distilled.jsonl"}
