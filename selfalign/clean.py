@@ -869,6 +869,8 @@ class Slurm(Config):
 
 @dataclasses.dataclass
 class CleanConfig(Config):
+    """The clean stage's settings (params.yaml `clean:`, whose comments say what each does and why)."""
+
     rules: Rules = opt(Rules())
     min_chars: KindChars = opt(KindChars(chat=10, preference=10, prompt=5, web=100))
     max_chars: KindChars = opt(KindChars(chat=20000, preference=20000, prompt=4000, web=5000))
