@@ -13,7 +13,7 @@ end-of-turn token.
 Non-streaming requests are micro-batched: a request that arrives while a batch is generating,
 or within `batch_wait_ms` of the first, joins the next left-padded batch (up to
 `max_batch_size`). Greedy rows come out as they would alone, and sampled rows draw from their
-own seeded generator (selfalign.llm.LocalModel), so batching changes speed, not answers.
+own seeded generator (selfalign.generate.LocalModel), so batching changes speed, not answers.
 Streaming requests generate one at a time. All generation holds one lock.
 
 Nothing waits on work for a client that left: a request whose client disconnects is dropped from
@@ -26,15 +26,17 @@ A malformed request gets a 400 naming what is wrong (bad or too deeply nested JS
 `messages`, a bad role, `max_tokens` or a non-finite `temperature` out of range, a prompt over
 `max_prompt_tokens`), and a body over `max_body_bytes` a 413, never a 500 or a hang. Parsing and
 tokenising run off the event loop, so /health answers while a long prompt is being counted.
+
+The parts: selfalign/api.py parses and checks requests and shapes answers (the wire format);
+`Server` here is the state one app holds (the model, its lock, the batcher, the queue places, the
+counts); the route handlers are top-level functions that find it at `request.app.state.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import math
 import os
 import queue
 import signal
@@ -51,12 +53,11 @@ from pathlib import Path
 import click
 from fastapi import Request as HTTPRequest  # module level: FastAPI resolves route annotations from here
 
-from selfalign import chat
-from selfalign.llm import LocalModel, Request, VLLMModel
+from selfalign import api, chat, cli, llm
+from selfalign.api import BadRequest, Limits
+from selfalign.generate import Generation, LocalModel, Request, VLLMModel
 
 log = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
 
 
 def prompt_for(tok, messages: list[dict]) -> str:
@@ -64,129 +65,8 @@ def prompt_for(tok, messages: list[dict]) -> str:
     return chat.render(tok, messages, add_generation_prompt=True)
 
 
-class BadRequest(Exception):
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        status: int = 400,
-        code: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.headers = message, param, status, code, headers
-
-
 class Cancelled(Exception):
     """The request's client left, or the server is shutting down."""
-
-
-@dataclass
-class Limits:
-    max_prompt_tokens: int = 2048
-    max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 256
-    max_body_bytes: int = 1 << 20  # 1 MiB: hundreds of bytes per prompt token at the default limit
-    max_queue: int = 64  # requests waiting or generating at once; one more gets a 429
-
-
-def _number(body: dict, name: str, default, lo: float, hi: float, lo_open: bool = False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"'{name}' must be a number, got {type(value).__name__}", name)
-    if not math.isfinite(value):  # JSON's NaN fails every range comparison below
-        raise BadRequest(f"'{name}' must be a finite number, got {value}", name)
-    if value > hi or value < lo or (lo_open and value == lo):
-        raise BadRequest(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
-    return value
-
-
-def _content(value, i: int) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # the OpenAI content-parts form: [{"type": "text", "text": ...}]
-        parts = []
-        for j, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequest(
-                    f"'messages[{i}].content[{j}]': only text parts are supported", f"messages[{i}].content"
-                )
-            parts.append(part["text"])
-        return "".join(parts)
-    raise BadRequest(f"'messages[{i}].content' must be a string or a list of text parts", f"messages[{i}].content")
-
-
-def parse_body(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise BadRequest("request body is not valid JSON: nested too deeply") from e
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def parse_messages(body: dict) -> list[dict]:
-    if "messages" not in body:
-        raise BadRequest("'messages' is required", "messages")
-    msgs = body["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise BadRequest(f"'messages[{i}]' must be an object with role and content", f"messages[{i}]")
-        if m.get("role") not in ROLES:
-            raise BadRequest(
-                f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}", f"messages[{i}].role"
-            )
-        if "content" not in m:
-            raise BadRequest(f"'messages[{i}].content' is required", f"messages[{i}].content")
-        out.append({"role": m["role"], "content": _content(m["content"], i)})
-    return out
-
-
-def parse_settings(body: dict, limits: Limits) -> Request:
-    """Generation settings of a request body as an llm.Request (messages filled in later)."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = min(limits.default_max_tokens, limits.max_tokens)
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_tokens:
-        raise BadRequest(
-            f"'max_tokens' must be an integer in [1, {limits.max_tokens}], got {max_tokens!r}", "max_tokens"
-        )
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    seed = body.get("seed", 0)
-    if seed is None:
-        seed = 0
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise BadRequest("'seed' must be an integer", "seed")
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise BadRequest("only n=1 is supported", "n")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
-        raise BadRequest("'stop' must be a string or a list of at most 4 strings", "stop")
-    if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("'stream' must be a boolean", "stream")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequest("'model' must be a string", "model")
-    return Request(
-        prompt="",
-        max_tokens=max_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        seed=seed,
-        stop=stop or None,
-    )
 
 
 @dataclass
@@ -198,7 +78,7 @@ class Job:
 
 
 class _AllGone:
-    """A cancel flag for a batch: set once every request in it is gone (llm's stopping criterion polls it)."""
+    """A cancel flag for a batch: set once every request in it is gone (generate's stopping criterion polls it)."""
 
     def __init__(self, jobs: list[Job]):
         self.jobs = jobs
@@ -280,221 +160,119 @@ async def _disconnected(request: HTTPRequest) -> None:
         pass
 
 
-def create_app(
-    model_dir: str | os.PathLike,
-    *,
-    api_key: str | None = None,
-    dtype: str = "float32",
-    limits: Limits | None = None,
-    max_batch_size: int = 8,
-    batch_wait_ms: float = 5.0,
-    model_name: str | Sequence[str] | None = None,
-    engine: str = "local",
-    vllm: dict | None = None,
-):
-    """The FastAPI app serving `model_dir` under its directory name and the aliases in `model_name`
-    (the first alias, if any, is the name /v1/models lists first). `app.state.stop()` cancels all work
-    and refuses new requests (SIGTERM calls it); `app.state.close()` stops the batcher thread and frees
-    the model's GPU memory. `engine="vllm"` generates with vLLM on the GPU (`vllm` holds the engine spec's
-    vllm keys: tensor_parallel_size, gpu_memory_utilization, max_model_len, prefix_caching); the routes,
-    limits and batching are the same for both engines."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-
-    limits = limits or Limits()
-    if engine == "vllm":
-        model = VLLMModel({"model": str(model_dir), "dtype": dtype, **(vllm or {})})
-    elif engine == "local":
-        model = LocalModel(model_dir, dtype)
-    else:
+def load_model(model_dir: str | os.PathLike, engine: str, dtype: str, vllm: dict | None) -> LocalModel | VLLMModel:
+    """The generating model: `engine` local (transformers here) or vllm (`vllm`: the engine spec's vllm keys),
+    its spec checked as a stage's engine spec is (fp32 | bf16 | fp16 | auto; torch's names still read)."""
+    if engine not in ("local", "vllm"):
         raise ValueError(f"engine {engine!r}: expected local or vllm")
-    aliases = [model_name] if isinstance(model_name, str) else list(model_name or [])
-    names = list(dict.fromkeys([*aliases, Path(model_dir).resolve().name]))
-    name = names[0]
-    lock = threading.Lock()
-    stats = {
-        "requests": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "batches": 0,
-        "max_batch": 0,
-        "cancelled": 0,
-        "busy": 0,
-        "refused_busy": 0,
-    }
-    stats_lock = threading.RLock()  # re-entrant: SIGTERM's handler (stop) may run while the loop thread holds it
-    live: set[threading.Event] = set()  # the cancel flag of every request waiting or generating
-    stopping = threading.Event()
-    batcher = Batcher(model, lock, max_batch_size, batch_wait_ms / 1000, stats)
-    app = FastAPI(title="selfalign", docs_url=None, redoc_url=None)
+    spec = llm.engine_spec({"kind": engine, "model": str(model_dir), "dtype": dtype, **(vllm or {})})
+    if engine == "vllm":
+        return VLLMModel(llm.vllm_llm_kwargs(spec))
+    return LocalModel(model_dir, spec.dtype)
 
-    def stop() -> None:
-        with stats_lock:
-            stopping.set()
-            for gone in live:
+
+class Server:
+    """What one app serves and shares between requests: the model and its generation lock, the batcher, the
+    served names, the limits, the counts behind /health, and the cancel flag of every request in flight."""
+
+    def __init__(
+        self,
+        model: LocalModel | VLLMModel,
+        names: list[str],
+        limits: Limits,
+        api_key: str | None,
+        max_batch_size: int,
+        batch_wait_ms: float,
+    ):
+        self.model, self.names, self.limits, self.api_key = model, names, limits, api_key
+        self.lock = threading.Lock()  # all generation, batched or streamed
+        self.stats = {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "batches": 0,
+            "max_batch": 0,
+            "cancelled": 0,
+            "busy": 0,
+            "refused_busy": 0,
+        }
+        # re-entrant: SIGTERM's handler (stop) may run while the loop thread holds it
+        self.stats_lock = threading.RLock()
+        self.live: set[threading.Event] = set()  # the cancel flag of every request waiting or generating
+        self.stopping = threading.Event()
+        self.batcher = Batcher(model, self.lock, max_batch_size, batch_wait_ms / 1000, self.stats)
+
+    def stop(self) -> None:
+        """Cancel all work and refuse new requests (SIGTERM calls it)."""
+        with self.stats_lock:
+            self.stopping.set()
+            for gone in self.live:
                 gone.set()
 
-    app.state.model, app.state.stats, app.state.names = model, stats, names
-    app.state.stop = stop
+    def close(self) -> None:
+        """Stop the batcher thread and free the model's GPU memory."""
+        self.batcher.close()
+        if hasattr(self.model, "close"):
+            self.model.close()
 
-    def close() -> None:
-        batcher.close()
-        if hasattr(model, "close"):
-            model.close()
-
-    app.state.close = close
-
-    def error(
-        status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
-    ):
-        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error"
-        )
-        return JSONResponse(
-            {"error": {"message": message, "type": kind, "param": param, "code": code}},
-            status_code=status,
-            headers=headers,
-        )
-
-    @app.exception_handler(BadRequest)
-    async def _bad(_, e: BadRequest):
-        return error(e.status, e.message, e.param, e.code, e.headers)
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        log.exception("internal error")
-        return error(500, f"internal error: {type(e).__name__}: {e}")
-
-    def check_key(req: HTTPRequest) -> None:
-        if api_key is None:
+    def check_key(self, request: HTTPRequest) -> None:
+        if self.api_key is None:
             return
-        given = req.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
             raise BadRequest("missing or wrong API key (Authorization: Bearer ...)", status=401, code="invalid_api_key")
 
-    def check_model(body: dict) -> str:
-        """The served name the request asked for (the first one if it names none)."""
-        asked = body.get("model")
-        if asked is None:
-            return name
-        if not isinstance(asked, str):
-            raise BadRequest("'model' must be a string", "model")
-        if asked not in names:
-            raise BadRequest(
-                f"The model `{asked}` does not exist; this server serves {', '.join(names)}",
-                "model",
-                status=404,
-                code="model_not_found",
-            )
-        return asked
-
-    async def read_body(request: HTTPRequest) -> bytes:
-        """The body, or a 413 once it passes max_body_bytes. A moderately larger body is read to its end
-        (and dropped) so that the client, still sending, gets to read the 413."""
-        cap = limits.max_body_bytes
-        too_big = BadRequest(
-            f"request body is over the server's limit of {cap} bytes", status=413, code="request_too_large"
-        )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > 16 * cap:
-            raise too_big
-        body, size = bytearray(), 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= cap:
-                body += chunk
-            elif size > 16 * cap:
-                break
-        if size > cap:
-            raise too_big
-        return bytes(body)
+    def prepare(self, raw: bytes, chat_route: bool) -> tuple[api.Parsed, str]:
+        """(the parsed request, the prompt text) with the prompt's length checked; runs on a worker thread, as
+        parsing and tokenising a long body would hold the event loop."""
+        parsed = api.parse_request(raw, chat_route, self.names, self.limits)
+        text = prompt_for(self.model.tok, parsed.messages) if chat_route else parsed.prompt
+        parsed.req.prompt = text
+        api.check_length(self.model.count_tokens(text), parsed.req, self.limits, self.model.max_positions)
+        return parsed, text
 
     @contextmanager
-    def admitted(gone: threading.Event):
+    def admitted(self, gone: threading.Event):
         """Hold one of the max_queue places while a request waits or generates."""
-        with stats_lock:
-            if stopping.is_set():
+        with self.stats_lock:
+            if self.stopping.is_set():
                 raise BadRequest("the server is shutting down", status=503, code="server_shutting_down")
-            if stats["busy"] >= limits.max_queue:
-                stats["refused_busy"] += 1
+            if self.stats["busy"] >= self.limits.max_queue:
+                self.stats["refused_busy"] += 1
                 raise BadRequest(
-                    f"the server is busy ({limits.max_queue} requests waiting or generating); retry later",
+                    f"the server is busy ({self.limits.max_queue} requests waiting or generating); retry later",
                     status=429,
                     code="server_busy",
                     headers={"Retry-After": "1"},
                 )
-            stats["busy"] += 1
-            live.add(gone)
+            self.stats["busy"] += 1
+            self.live.add(gone)
         try:
             yield
         finally:
-            with stats_lock:
-                stats["busy"] -= 1
-                live.discard(gone)
+            with self.stats_lock:
+                self.stats["busy"] -= 1
+                self.live.discard(gone)
 
-    def count(prompt_tokens: int, completion_tokens: int) -> None:
-        with stats_lock:
-            stats["requests"] += 1
-            stats["prompt_tokens"] += prompt_tokens
-            stats["completion_tokens"] += completion_tokens
+    def count(self, g: Generation) -> None:
+        with self.stats_lock:
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += g.prompt_tokens
+            self.stats["completion_tokens"] += g.completion_tokens
 
-    def cancelled() -> BadRequest:
-        with stats_lock:
-            stats["cancelled"] += 1
-        if stopping.is_set():
+    def cancelled(self) -> BadRequest:
+        """The answer to a request that was cancelled: 503 when the server is stopping, else 499."""
+        with self.stats_lock:
+            self.stats["cancelled"] += 1
+        if self.stopping.is_set():
             return BadRequest("the server is shutting down", status=503, code="server_shutting_down")
         return BadRequest("the client closed the request", status=499, code="client_closed_request")
 
-    def checked_prompt(text: str, req: Request) -> int:
-        n = model.count_tokens(text)
-        if n > limits.max_prompt_tokens:
-            raise BadRequest(
-                f"prompt is {n} tokens; the limit is {limits.max_prompt_tokens}",
-                "messages",
-                code="context_length_exceeded",
-            )
-        if n + req.max_tokens > model.max_positions:
-            raise BadRequest(
-                f"prompt ({n} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
-                f"{model.max_positions} positions",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
-        return n
-
-    def prepare(raw: bytes, chat_route: bool) -> tuple[dict, str, str, Request]:
-        """(body, served name asked for, prompt text, settings) of a request; runs on a worker thread, as
-        parsing and tokenising a long body would hold the event loop."""
-        body = parse_body(raw)
-        served = check_model(body)
-        if chat_route:
-            messages = parse_messages(body)
-        elif not isinstance(body.get("prompt"), str):
-            raise BadRequest("'prompt' is required and must be a string", "prompt")
-        elif body.get("stream"):
-            raise BadRequest("streaming is only supported on /v1/chat/completions", "stream")
-        req = parse_settings(body, limits)
-        req.prompt = prompt_for(model.tok, messages) if chat_route else body["prompt"]
-        checked_prompt(req.prompt, req)
-        return body, served, req.prompt, req
-
-    @app.get("/health")
-    def health():
-        return {"status": "stopping" if stopping.is_set() else "ok", "model": name, **stats}
-
-    @app.get("/v1/models")
-    def models(request: HTTPRequest):
-        check_key(request)
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "selfalign"} for n in names],
-        }
-
-    async def generate(request: HTTPRequest, text: str, req: Request):
+    async def generate(self, request: HTTPRequest, text: str, req: Request) -> Generation:
         """The generation for `text`, unless the client leaves first: then its work is cancelled."""
         gone = threading.Event()
-        with admitted(gone):
-            result = asyncio.wrap_future(batcher.submit(text, req, gone))
+        with self.admitted(gone):
+            result = asyncio.wrap_future(self.batcher.submit(text, req, gone))
             left = asyncio.ensure_future(_disconnected(request))
             try:
                 await asyncio.wait({result, left}, return_when=asyncio.FIRST_COMPLETED)
@@ -504,72 +282,22 @@ def create_app(
                 gone.set()  # dropped from the queue, or its batch stops at the next token if it was alone
                 log.info("client left; its request is cancelled")
                 result.cancel()
-                raise cancelled()
+                raise self.cancelled()
             try:
                 return result.result()
             except Cancelled:
-                raise cancelled() from None
+                raise self.cancelled() from None
 
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
-        check_key(request)
-        _, served, text, req = await asyncio.to_thread(prepare, await read_body(request), False)
-        g = await generate(request, text, req)
-        count(g.prompt_tokens, g.completion_tokens)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": served,
-            "choices": [{"index": 0, "text": g.text, "finish_reason": g.finish_reason}],
-            "usage": _usage(g),
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HTTPRequest):
-        check_key(request)
-        body, served, text, req = await asyncio.to_thread(prepare, await read_body(request), True)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            opts = body.get("stream_options") or {}
-            usage_too = isinstance(opts, dict) and bool(opts.get("include_usage"))
-            return StreamingResponse(
-                _stream(request, text, req, cid, created, served, usage_too), media_type="text/event-stream"
-            )
-        g = await generate(request, text, req)
-        count(g.prompt_tokens, g.completion_tokens)
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": served,
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason}
-            ],
-            "usage": _usage(g),
-        }
-
-    def _stream(request: HTTPRequest, text: str, req: Request, cid: str, created: int, served: str, usage_too: bool):
+    def stream(self, request: HTTPRequest, text: str, req: Request, cid: str, created: int, served: str, usage_too):
         """The SSE chunks of one streamed generation. Its place (max_queue) is taken here, so a full server
         answers 429 before the stream starts, and given back by the generating thread."""
         from transformers import TextIteratorStreamer
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            obj = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": served,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
-            }
-            if usage is not None:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
+        model = self.model
         streamer = TextIteratorStreamer(model.tok, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
         box: dict = {}
-        place = admitted(cancel)
+        place = self.admitted(cancel)
         place.__enter__()
         # Starlette notices a client that left only when a chunk fails to send; while this request waits
         # for the lock nothing is sent, so watch the connection too
@@ -578,7 +306,7 @@ def create_app(
 
         def run():
             try:
-                with lock:
+                with self.lock:
                     if cancel.is_set():
                         raise Cancelled()
                     box["gen"] = model.generate([text], [req], cancel=cancel, streamer=streamer)[0]
@@ -589,6 +317,9 @@ def create_app(
                 streamer.end()
             finally:
                 place.__exit__(None, None, None)
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+            return api.chunk(cid, created, served, delta, finish, usage)
 
         def chunks():
             # hold back enough characters that a stop string split across pieces is never sent
@@ -608,17 +339,16 @@ def create_app(
                         sent = safe
                 worker.join()
                 if "error" in box:
-                    e = cancelled() if isinstance(box["error"], Cancelled) else box["error"]
-                    message = e.message if isinstance(e, BadRequest) else str(e)
-                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                    e = self.cancelled() if isinstance(box["error"], Cancelled) else box["error"]
+                    yield api.stream_error(e.message if isinstance(e, BadRequest) else str(e))
                     return
                 g = box["gen"]
                 if len(g.text) > sent:
                     yield chunk({"content": g.text[sent:]})
-                count(g.prompt_tokens, g.completion_tokens)
+                self.count(g)
                 yield chunk({}, g.finish_reason)
                 if usage_too:
-                    yield chunk({}, usage=_usage(g))
+                    yield chunk({}, usage=api.usage(g))
                 yield "data: [DONE]\n\n"
             finally:
                 cancel.set()  # the client went away: stop generating at the next token
@@ -627,15 +357,126 @@ def create_app(
         worker.start()
         return chunks()
 
-    return app
+
+# ------------------------------------------------------------------------------------------ handlers
 
 
-def _usage(g) -> dict:
+def _server(request: HTTPRequest) -> Server:
+    return request.app.state.server
+
+
+def _error(status: int, message: str, param=None, code=None, headers=None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(api.error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+async def on_bad_request(_, e: BadRequest):
+    return _error(e.status, e.message, e.param, e.code, e.headers)
+
+
+async def on_internal_error(_, e: Exception):
+    log.exception("internal error")
+    return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+
+async def read_body(request: HTTPRequest, cap: int) -> bytes:
+    """The body, or a 413 once it passes `cap` bytes. A moderately larger body is read to its end (and
+    dropped) so that the client, still sending, gets to read the 413."""
+    too_big = BadRequest(
+        f"request body is over the server's limit of {cap} bytes", status=413, code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > 16 * cap:
+        raise too_big
+    body, size = bytearray(), 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size <= cap:
+            body += piece
+        elif size > 16 * cap:
+            break
+    if size > cap:
+        raise too_big
+    return bytes(body)
+
+
+def health(request: HTTPRequest):
+    s = _server(request)
+    return {"status": "stopping" if s.stopping.is_set() else "ok", "model": s.names[0], **s.stats}
+
+
+def list_models(request: HTTPRequest):
+    s = _server(request)
+    s.check_key(request)
     return {
-        "prompt_tokens": g.prompt_tokens,
-        "completion_tokens": g.completion_tokens,
-        "total_tokens": g.prompt_tokens + g.completion_tokens,
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "selfalign"} for n in s.names],
     }
+
+
+async def completions(request: HTTPRequest):
+    s = _server(request)
+    s.check_key(request)
+    parsed, text = await asyncio.to_thread(s.prepare, await read_body(request, s.limits.max_body_bytes), False)
+    g = await s.generate(request, text, parsed.req)
+    s.count(g)
+    return api.completion_body(g, f"cmpl-{uuid.uuid4().hex}", int(time.time()), parsed.served)
+
+
+async def chat_completions(request: HTTPRequest):
+    from fastapi.responses import StreamingResponse
+
+    s = _server(request)
+    s.check_key(request)
+    parsed, text = await asyncio.to_thread(s.prepare, await read_body(request, s.limits.max_body_bytes), True)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if parsed.body.get("stream"):
+        opts = parsed.body.get("stream_options") or {}
+        usage_too = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        return StreamingResponse(
+            s.stream(request, text, parsed.req, cid, created, parsed.served, usage_too), media_type="text/event-stream"
+        )
+    g = await s.generate(request, text, parsed.req)
+    s.count(g)
+    return api.chat_body(g, cid, created, parsed.served)
+
+
+def create_app(
+    model_dir: str | os.PathLike,
+    *,
+    api_key: str | None = None,
+    dtype: str = "fp32",
+    limits: Limits | None = None,
+    max_batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+    model_name: str | Sequence[str] | None = None,
+    engine: str = "local",
+    vllm: dict | None = None,
+):
+    """The FastAPI app serving `model_dir` under its directory name and the aliases in `model_name`
+    (the first alias, if any, is the name /v1/models lists first). `app.state.stop()` cancels all work
+    and refuses new requests (SIGTERM calls it); `app.state.close()` stops the batcher thread and frees
+    the model's GPU memory. `engine="vllm"` generates with vLLM on the GPU (`vllm` holds the engine spec's
+    vllm keys: tensor_parallel_size, gpu_memory_utilization, max_model_len, prefix_caching); the routes,
+    limits and batching are the same for both engines."""
+    from fastapi import FastAPI
+
+    model = load_model(model_dir, engine, dtype, vllm)
+    aliases = [model_name] if isinstance(model_name, str) else list(model_name or [])
+    names = list(dict.fromkeys([*aliases, Path(model_dir).resolve().name]))
+    server = Server(model, names, limits or Limits(), api_key, max_batch_size, batch_wait_ms)
+    app = FastAPI(title="selfalign", docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.state.model, app.state.stats, app.state.names = model, server.stats, names
+    app.state.stop, app.state.close = server.stop, server.close
+    app.add_exception_handler(BadRequest, on_bad_request)
+    app.add_exception_handler(Exception, on_internal_error)
+    app.get("/health")(health)
+    app.get("/v1/models")(list_models)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat_completions)
+    return app
 
 
 @dataclass
@@ -697,10 +538,10 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Running:
 @click.option("--api-key-env", default=None, help="Name of an env var holding the key clients must send as Bearer.")
 @click.option(
     "--dtype",
-    default="float32",
+    default="fp32",
     show_default=True,
-    type=click.Choice(["float32", "bfloat16", "auto"]),
-    help="auto: selfalign/device.py's rule (bf16 on a bf16 GPU, on a CPU where measured faster); float32 "
+    type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
+    help="auto: selfalign/device.py's rule (bf16 on a bf16 GPU, on a CPU where measured faster); fp32 "
     "keeps greedy answers batch-invariant. The model goes on the process's accelerator, else the CPU.",
 )
 @click.option("--max-batch-size", default=8, show_default=True, type=int)
@@ -783,7 +624,7 @@ def main(
     gpu_gib,
 ):
     """Serve MODEL over an OpenAI-compatible HTTP API."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli.setup_logging()
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)

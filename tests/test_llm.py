@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from selfalign import llm
+from selfalign.config import ParamsError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,7 +44,7 @@ def test_request_and_spec_validation(tmp_path):
         llm.Request(prompt="x", max_tokens=0)
     with pytest.raises(ValueError, match="unknown key.*batchsize"):
         llm.make_engine({"kind": "local", "batchsize": 4})
-    with pytest.raises(ValueError, match="kind 'gpt'"):
+    with pytest.raises(ValueError, match="engine.kind: 'gpt'"):
         llm.make_engine({"kind": "gpt"})
     with pytest.raises(FileNotFoundError, match="no config.json"):
         llm.make_engine({"kind": "local", "model": str(tmp_path)})
@@ -52,6 +53,38 @@ def test_request_and_spec_validation(tmp_path):
     # greedy settings ignore seed and top_p, so they do not split the cache
     assert ask("x", seed=1, top_p=0.5).settings() == ask("x").settings()
     assert ask("x", temperature=0.7, seed=1).settings() != ask("x", temperature=0.7, seed=2).settings()
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"kind": "gpt5"}, ["engine.kind", "'gpt5'", "local | openai | vllm"]),
+        ({"batch_size": "two"}, ["engine.batch_size", "'two'", "an integer"]),
+        ({"batch_size": 0}, ["engine.batch_size", "0", "1 <= batch_size"]),
+        ({"dtype": "float64"}, ["engine.dtype", "'float64'", "fp32 | bf16 | fp16 | auto"]),
+        ({"timeout": 0}, ["engine.timeout", "0 < timeout"]),
+        ({"kind": "openai", "base_url": "localhost:8000"}, ["engine.base_url", "'localhost:8000'", "http"]),
+        ({"batchsize": 4}, ["engine", "unknown key 'batchsize'", "batch_size"]),
+    ],
+)
+def test_make_engine_rejects_a_bad_spec_in_one_line_before_any_work(spec, words):
+    with pytest.raises(ParamsError) as e:  # a stage exits 2 with this line (click), no traceback
+        llm.make_engine(spec)
+    message = e.value.format_message()
+    assert "\n" not in message and all(w in message for w in words), message
+    assert isinstance(e.value, ValueError)  # callers that catch a failed engine start as a ValueError still do
+
+
+def test_a_spec_is_an_engine_spec_or_a_mapping_in_either_dtype_spelling(tmp_path):
+    spec = llm.EngineSpec(kind="openai", base_url="http://127.0.0.1:9/v1", model="m", concurrency=2)
+    assert llm.engine_spec(spec) is spec and llm.engine_spec(spec.to_dict()) == spec
+    assert llm.engine_spec({}).model == "models/base" == llm.EngineSpec().with_model(None).model
+    # torch's names, from callers written before the one vocabulary, read as the params names
+    assert (
+        llm.engine_spec({"dtype": "bfloat16"}).dtype == "bf16" and llm.engine_spec({"dtype": "float32"}).dtype == "fp32"
+    )
+    eng = llm.make_engine(spec, tmp_path)
+    assert (eng.concurrency, eng.model_name, eng.base_url) == (2, "m", "http://127.0.0.1:9/v1")
 
 
 # ---------------------------------------------------------------------------------- local engine
@@ -230,3 +263,10 @@ def test_openai_engine_keeps_order_under_concurrency(tmp_path):
     res = eng.complete([ask(str(i)) for i in range(12)])
     assert [r.text for r in res] == [f"echo: {i}" for i in range(12)]
     assert len(stub.seen) == 12
+
+
+def test_the_cache_identity_keeps_torch_dtype_names_so_old_caches_still_hit(tiny_model_dir):
+    new = llm.make_engine({"model": str(tiny_model_dir), "dtype": "fp32"})
+    old = llm.make_engine({"model": str(tiny_model_dir), "dtype": "float32"})
+    assert new.identity == old.identity and new.identity["dtype"] == "float32" and new._model is None
+    assert new.key(ask("x"), "t") == old.key(ask("x"), "t")

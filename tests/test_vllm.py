@@ -130,7 +130,7 @@ def test_spec_keys_reach_vllm_and_answers_match_the_local_engine(tiny_model_dir,
     spec = {
         "kind": "vllm",
         "model": str(tiny_model_dir),
-        "dtype": "float32",
+        "dtype": "fp32",
         "tensor_parallel_size": 2,
         "gpu_memory_utilization": 0.55,
         "max_model_len": 96,
