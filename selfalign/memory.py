@@ -35,6 +35,19 @@ GIB = 1024**3
 CUDA_CONTEXT = 0.5 * GIB
 HEADROOM = 0.90  # of the card's memory an estimate may use and still be called a fit
 VLLM_BATCHED_TOKENS = 8192  # vLLM's max_num_batched_tokens: prefill is chunked to this many tokens per step
+# the params precision/dtype vocabulary (and torch's names) -> a BYTES key of the compute dtype; "auto" is a GPU
+# estimate: bf16 (selfalign/device.py picks bf16 on every bf16-capable GPU)
+PRECISION = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "auto": "bf16"}
+
+
+def _mapping(cfg) -> dict:
+    """A stage's resolved params as a mapping: a Config (selfalign/config.py), a dataclass, or a dict."""
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    return dict(cfg or {})
+
 
 # Published architectures (the numbers of each model's config.json), so a dry run of a hub
 # profile needs neither the hub nor the weights.
@@ -347,7 +360,7 @@ def dry_run_model(model_dir: str | Path, params_file: str | Path | None) -> str 
 
 def stage_plan(
     stage: str,
-    train: dict,
+    train,
     model_dir: str | Path,
     params_file: str | Path | None = None,
     *,
@@ -356,10 +369,12 @@ def stage_plan(
     head: str = "lm",
     pairs: bool = False,
 ) -> Plan:
-    """A Plan from a training section shaped like sft.train or reward: method, lora {r, target_modules},
-    max_len or max_length, batch_size, grad_accum, precision. GPUs are the launcher's WORLD_SIZE, else
+    """A Plan from a training section shaped like sft.train or reward (a Config or a dict): method,
+    lora {r, target_modules}, max_len, batch_size, grad_accum, precision. GPUs are the launcher's WORLD_SIZE, else
     the visible CUDA devices, else 1; the ZeRO stage is read from the DeepSpeed config when one is used."""
     import os
+
+    train = _mapping(train)
 
     gpus = int(os.environ.get("WORLD_SIZE") or 0)
     if not gpus:
@@ -374,10 +389,8 @@ def stage_plan(
         zero = int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
     lora = train.get("lora") or {}
     method = train.get("method", "lora")
-    precision = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}.get(
-        str(train.get("precision", "fp32")), "fp32"
-    )
-    seq = train.get("max_len") or train.get("max_length") or 1024
+    precision = PRECISION.get(str(train.get("precision", "fp32")), "fp32")
+    seq = train.get("max_len") or 1024
     batch = int(train.get("batch_size", 1)) * (2 if pairs else 1)
     return Plan(
         stage=stage,
@@ -403,24 +416,27 @@ def stage_plan(
     )
 
 
-def ppo_plan(
-    cfg: dict, policy_dir: str | Path, params_file: str | Path | None = None, *, gpu_gib: float | None = 24
-) -> Plan:
+def ppo_plan(cfg, policy_dir: str | Path, params_file: str | Path | None = None, *, gpu_gib: float | None = 24) -> Plan:
     """stages/ppo.py's step: a LoRA policy trained on minibatches of prompt + response tokens, with the
     reward model (unless a reward function replaces it) and, for `reference: copy`, a second frozen
     policy resident beside it; the value head shares the policy's trunk."""
+    cfg = _mapping(cfg)
+    # ppo's keys in the issue-12 vocabulary; the pre-rename names are read until stages/ppo.py moves onto them
+    new_tokens = cfg["max_new_tokens"] if "max_new_tokens" in cfg else cfg["response_length"]
+    prompt_len = cfg["max_prompt_len"] if "max_prompt_len" in cfg else cfg["max_prompt_tokens"]
+    precision = cfg["precision"] if "precision" in cfg else cfg["mixed_precision"]
     train = {
         "method": "lora",
         "lora": cfg["lora"],
-        "max_len": cfg["max_prompt_tokens"] + cfg["response_length"],
+        "max_len": prompt_len + new_tokens,
         "batch_size": cfg["minibatch_size"],
-        "precision": "bf16" if cfg["mixed_precision"] == "bf16" else "fp32",
+        "precision": PRECISION.get(str(precision), "fp32"),
     }
     plan = stage_plan("ppo", train, policy_dir, params_file, gpu_gib=gpu_gib)
     plan.weight_dtype = "fp32"  # the policy is loaded in fp32 whatever the autocast
     plan.frozen_copies = int(cfg.get("reward_fn") is None) + int(cfg.get("reference") == "copy")
     plan.notes["rollout"] = (
-        f"{cfg['batch_size']} prompts x {cfg['response_length']} new tokens, "
+        f"{cfg['batch_size']} prompts x {new_tokens} new tokens, "
         f"{cfg['ppo_epochs']} epochs of minibatches of {cfg['minibatch_size']}"
     )
     return plan
@@ -444,11 +460,11 @@ def generation_plan(
     model_dir: str | Path,
     params_file: str | Path | None = None,
     *,
-    engine: dict | None = None,
+    engine=None,
     batch: int,
     prompt_tokens: int,
     new_tokens: int,
-    dtype: str = "bfloat16",
+    dtype: str = "bf16",
     method: str = "generate",
     head: str = "lm",
     gpu_gib: float | None = 24,
@@ -456,10 +472,11 @@ def generation_plan(
 ) -> Plan:
     """A Plan for a stage that runs a model without training it: `generate` (weights + the KV cache of
     `batch` sequences of prompt_tokens + new_tokens) or `score` (one forward pass over `batch` sequences of
-    prompt_tokens, with every position's logits). `engine` is the stage's resolved engine spec: with
+    prompt_tokens, with every position's logits). `engine` is the stage's resolved engine spec (an
+    llm.EngineSpec or its mapping): with
     kind vllm the dtype is the engine's, and the notes say what vLLM reserves up front
     (gpu_memory_utilization of the card) and how many sequences of that length its KV cache then holds."""
-    engine = engine or {}
+    engine = _mapping(engine)
     kind = engine.get("kind", "local")
     if kind in ("local", "vllm") and engine.get("dtype"):
         dtype = engine["dtype"]
@@ -533,16 +550,18 @@ PROMPT_TOKENS = 512  # the prompt a dry run assumes where a stage's params do no
 
 def stage_inference_plans(
     stage: str,
-    cfg: dict,
+    cfg,
     model_dir: str | Path,
     params_file: str | Path | None = None,
     *,
-    spec: dict | None = None,
+    spec=None,
     reward_model: str | Path | None = None,
     gpu_gib: float | None = 24,
 ) -> list[Plan]:
     """The plans of a stage that runs models without training them, from its resolved params `cfg` and
-    engine `spec`: what it generates (weights + KV cache at its batch and lengths) and what it scores."""
+    engine `spec` (Configs or their mappings): what it generates (weights + KV cache at its batch and lengths) and
+    what it scores. A stage that folds its engine into its config (curate, evaluate) needs no `spec`."""
+    cfg, spec = _mapping(cfg), _mapping(spec)
     gen = dict(params_file=params_file, gpu_gib=gpu_gib)
     if stage == "translate":
         chars = cfg["max_chars"] if cfg["max_chars"] and cfg["max_chars"] > 0 else 4 * PROMPT_TOKENS
@@ -553,7 +572,7 @@ def stage_inference_plans(
                 engine=spec,
                 batch=spec["batch_size"],
                 prompt_tokens=PROMPT_TOKENS + int(chars * cfg["tokens_per_char"]),
-                new_tokens=cfg["max_tokens"],
+                new_tokens=cfg["max_new_tokens"],
                 what="one field per request",
                 **gen,
             )
@@ -571,30 +590,30 @@ def stage_inference_plans(
                 **gen,
             )
         ]
-    if stage == "curate":
+    if stage == "curate":  # the scorer is curate's engine, in both modes
+        spec = cfg["engine"]
         if cfg["mode"] == "logprobs":
             return [
                 generation_plan(
                     stage,
                     model_dir,
-                    engine={"kind": "local", "dtype": cfg["dtype"]},
-                    batch=cfg["batch_size"],
-                    prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"],
+                    engine={"kind": "local", "dtype": spec["dtype"]},
+                    batch=spec["batch_size"],
+                    prompt_tokens=PROMPT_TOKENS + cfg["max_response_len"],
                     new_tokens=0,
                     method="score",
                     what="the score digits' log-probs",
                     **gen,
                 )
             ]
-        spec = {"kind": "local", "batch_size": cfg["batch_size"], "dtype": cfg["dtype"], **cfg["engine"]}
         return [
             generation_plan(
                 stage,
                 model_dir,
                 engine=spec,
                 batch=spec["batch_size"],
-                prompt_tokens=PROMPT_TOKENS + cfg["max_response_tokens"],
-                new_tokens=cfg["max_tokens"],
+                prompt_tokens=PROMPT_TOKENS + cfg["max_response_len"],
+                new_tokens=cfg["max_new_tokens"],
                 what="a 'Score: N' reply per candidate",
                 **gen,
             )
@@ -612,8 +631,8 @@ def stage_inference_plans(
                 **gen,
             )
         ]
-    if stage == "evaluate":
-        dtype = cfg["dtype"]
+    if stage == "evaluate":  # answers with `spec` (its engine with the model dir); scores in the engine's dtype
+        dtype = cfg["engine"]["dtype"]
         plans = [
             generation_plan(
                 stage,
@@ -631,7 +650,7 @@ def stage_inference_plans(
                 engine={"kind": "local", "dtype": dtype},
                 method="score",
                 batch=cfg["ppl_batch_size"],
-                prompt_tokens=cfg["ppl_max_length"],
+                prompt_tokens=cfg["ppl_max_len"],
                 new_tokens=0,
                 what="perplexity (after the answering engine is closed)",
                 **gen,
@@ -646,7 +665,7 @@ def stage_inference_plans(
                     method="score",
                     head="score",
                     batch=cfg["reward_batch_size"],
-                    prompt_tokens=cfg["ppl_max_length"],
+                    prompt_tokens=cfg["ppl_max_len"],
                     new_tokens=0,
                     what="reward scores of the answers",
                     **gen,

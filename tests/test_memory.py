@@ -277,7 +277,7 @@ def _inference_args(stage: str, model: Path, tmp_path: Path) -> list[str]:
             *m,
         ],
         "distill": [
-            "--seed",
+            "--seed-file",
             str(data / "seed.jsonl"),
             "--teacher",
             str(model),
@@ -337,7 +337,7 @@ def test_every_model_running_stage_dry_runs_with_its_batch_and_lengths(stage, ti
     2 (k, v) x layers x kv_dim x bytes x its batch x (prompt + new tokens)."""
     from click.testing import CliRunner
 
-    from selfalign import params
+    from selfalign import config, params
 
     args = [
         *_inference_args(stage, tiny_model_dir, tmp_path),
@@ -352,16 +352,14 @@ def test_every_model_running_stage_dry_runs_with_its_batch_and_lengths(stage, ti
     assert f"stage {stage}: dry run (no weights loaded)" in result.output and "a 8 GiB GPU" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
     assert not (tmp_path / "cache").exists()
-    cfg = params.resolve(load_stage(stage).DEFAULTS, ROOT / "params.yaml", stage, ())
+    cfg = params.resolve(config.stage_class(stage), ROOT / "params.yaml", stage, ())
     arch = memory.load_arch(tiny_model_dir)
     kv_per_token = 2 * arch.layers * arch.kv_dim * 2  # bf16 or fp32 below
     if stage in ("translate", "augment", "distill"):
-        engine = {**getattr(load_stage(stage), "ENGINE_DEFAULTS", {}), **cfg["engine"]}
-        new = cfg["max_tokens"] if stage == "translate" else cfg["max_new_tokens"]
         line = next(ln for ln in result.output.splitlines() if ln.strip().startswith("batch"))
         batch, seq = int(line.split()[1]), int(line.split()[4])
-        assert batch == engine["batch_size"] and seq > new
-        width = memory.BYTES[memory._dtype_name(engine["dtype"], tiny_model_dir)]
+        assert batch == cfg.engine.batch_size and seq > cfg.max_new_tokens
+        width = memory.BYTES[memory._dtype_name(cfg.engine.dtype, tiny_model_dir)]
         kv = next(ln for ln in result.output.splitlines() if ln.strip().startswith("kv_cache"))
         assert float(kv.split()[1]) == pytest.approx(kv_per_token // 2 * width * batch * seq / GIB, abs=0.006)
     if stage == "evaluate":  # answers, then perplexity, then reward scores: three plans
@@ -398,7 +396,7 @@ def test_serve_dry_run_counts_the_kv_cache_of_its_batch(tiny_model_dir):
 
 def test_vllm_plan_says_how_much_of_the_batch_its_kv_cache_holds():
     arch = memory.load_arch("Qwen/Qwen2.5-7B-Instruct")
-    spec = {"kind": "vllm", "dtype": "bfloat16", "gpu_memory_utilization": 0.9}
+    spec = {"kind": "vllm", "dtype": "bf16", "gpu_memory_utilization": 0.9}
     small = memory.generation_plan(
         "augment", "Qwen/Qwen2.5-7B-Instruct", engine=spec, batch=256, prompt_tokens=512, new_tokens=3584, gpu_gib=24
     )
@@ -422,24 +420,20 @@ def test_the_gpu_profile_runs_every_generating_stage_on_vllm_and_sets_each_value
     and dtype into its engine spec (curate, evaluate) the profile sets them there only, not twice."""
     import yaml
 
-    from selfalign import params, profile
+    from selfalign import config, params, profile
 
     prof = profile.load(ROOT / "profiles/qwen2.5-7b-qlora.yaml")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(profile.apply_text((ROOT / "params.yaml").read_text(), prof))
     for stage in ("translate", "augment", "curate", "distill", "evaluate"):
-        cfg = params.resolve(load_stage(stage).DEFAULTS, params_file, stage, ())
-        assert cfg["engine"]["kind"] == "vllm", stage
-        folded = {"batch_size", "dtype"} if stage in ("curate", "evaluate") else set()
-        assert not folded & set(prof[stage]["engine"]), f"{stage}: batch_size/dtype set in the section and the engine"
+        cfg = params.resolve(config.stage_class(stage), params_file, stage, ())
+        assert cfg.engine.kind == "vllm", stage
+        # one engine spec per stage: batch_size and dtype live in `engine:` only, never beside it in the section
+        assert not {"batch_size", "dtype"} & set(prof[stage]) - {"engine"}, f"{stage}: set beside its engine"
     # the 7B plans of the generating stages fit an 80 GiB card
     for stage in ("translate", "augment", "distill"):
-        cfg = params.resolve(load_stage(stage).DEFAULTS, params_file, stage, ())
-        spec = {
-            **getattr(load_stage(stage), "ENGINE_DEFAULTS", {}),
-            "model": "Qwen/Qwen2.5-7B-Instruct",
-            **cfg["engine"],
-        }
+        cfg = params.resolve(config.stage_class(stage), params_file, stage, ())
+        spec = cfg.engine.with_model(cfg.engine.model or "Qwen/Qwen2.5-7B-Instruct")
         (plan,) = memory.stage_inference_plans(stage, cfg, "Qwen/Qwen2.5-7B-Instruct", spec=spec, gpu_gib=80)
         assert plan.notes["verdict"].startswith("fits"), (stage, plan.notes)
     assert yaml.safe_load(params_file.read_text())["base"]["hub_id"] == "Qwen/Qwen2.5-7B-Instruct"
