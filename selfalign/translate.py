@@ -336,8 +336,9 @@ def assemble(record: dict, target: str, translated: dict[tuple, str]) -> dict:
 
 @dataclass
 class FilesPlan:
-    """What translate_files read and will ask: files (src, dst, [(record, line)]), jobs (file index, record index,
-    target, [Field]), per-file counters, the rejects of unreadable lines, and the requests with their shard keys."""
+    """What plan_files read and what the teacher is to be asked: files (src, dst, [(record, line)]), jobs (file index,
+    record index, target, [Field]), per-file counters, the rejects of unreadable lines, the requests and their shard
+    keys. write_files turns it and the answers into the outputs."""
 
     files: list[tuple[Path, Path, list[tuple[dict, int]]]]
     jobs: list[tuple[int, int, str, list[Field]]]

@@ -10,8 +10,8 @@ the changes to make ({"changes": [{"from", "to", "kind"}]}, prompts/localise.txt
 by exact replacement and keeps them in meta.localise (locale, changes, teacher). A record with nothing to
 localise passes unchanged (counted, meta.localise.changes = []); records in other languages and over the cap pass
 unchanged without a call (counted). An unparsable reply, a change naming text that is not in the record, or a
-failed call rejects the record with that reason. records_in == written + rejected in the metrics; teacher calls
-go through selfalign.llm's cache, so a killed run resumes.
+failed call rejects the record with that reason. records_in == kept (written) + rejected in the metrics; teacher
+calls go through selfalign.teacher and selfalign.llm's cache, so a killed run resumes.
 """
 
 from __future__ import annotations

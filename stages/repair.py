@@ -12,8 +12,8 @@ through selfalign.llm and its cache, so a killed run resumes) and back through t
 undetermined, as in clean) is written to --output with meta.repair {before, after}, what still fails is rejected
 (still_<detected>, e.g. still_id) with both verdicts, as is a rewrite that failed (rewrite_failed). repair.mode
 drop: no teacher, every candidate is rejected (indonesian), as clean alone would. At most repair.max_records are
-rewritten; the rest are rejected (over_max_records). candidates == repaired + rejected in the metrics. Why a stage
-and not a branch of clean: selfalign/repair.py.
+rewritten; the rest are rejected (over_max_records). records_in (the candidates) == kept (repaired) + rejected in
+the metrics. Why a stage and not a branch of clean: selfalign/repair.py, which does the work.
 """
 
 from __future__ import annotations
