@@ -358,3 +358,58 @@ def test_cli_serves_its_aliases_and_exits_on_sigterm_with_work_queued(tiny_model
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+# ------------------------------------------------------------------ the wire format alone (selfalign/api.py)
+
+
+def test_request_parsing_is_pure_and_checks_in_the_order_a_client_reads():
+    from selfalign import api
+
+    limits = api.Limits(max_prompt_tokens=10, max_tokens=64)
+    names = ["teacher", "model"]
+    chat_body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    }
+    p = api.parse_request(json.dumps({**chat_body, "stop": "##", "seed": 3}).encode(), True, names, limits)
+    assert p.served == "teacher" and p.messages == [{"role": "user", "content": "ab"}] and p.prompt is None
+    assert (p.req.max_tokens, p.req.temperature, p.req.stop, p.req.seed) == (64, 1.0, ["##"], 3)
+    raw = api.parse_request(b'{"model": "model", "prompt": "Once", "max_tokens": 5}', False, names, limits)
+    assert raw.served == "model" and raw.prompt == "Once" and raw.req.max_tokens == 5
+    # an unknown model is reported before a bad message: the 404 names what the server serves
+    with pytest.raises(api.BadRequest) as e:
+        api.parse_request(b'{"model": "gpt-4o", "messages": []}', True, names, limits)
+    assert e.value.status == 404 and e.value.code == "model_not_found" and "teacher, model" in e.value.message
+    for body, route, needle in [
+        (b'{"prompt": "x", "stream": true}', False, "streaming is only supported"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', True, "only n=1"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', True, "'stop'"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', True, "'top_p' must be in (0.0, 1.0]"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', True, "only text parts"),
+    ]:
+        with pytest.raises(api.BadRequest, match=needle.replace("(", r"\(").replace("[", r"\[")):
+            api.parse_request(body, route, names, limits)
+    req = api.parse_settings({"max_tokens": 20}, limits)
+    api.check_length(10, req, limits, 30)
+    with pytest.raises(api.BadRequest, match="the limit is 10"):
+        api.check_length(11, req, limits, 1000)
+    with pytest.raises(api.BadRequest, match=r"exceeds the model's 29 positions"):
+        api.check_length(10, req, limits, 29)
+    assert api.error_body(429, "busy")["error"]["type"] == "rate_limit_error"
+    assert api.error_body(503, "stopping")["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--gpu-memory-utilization", "1.5"], ["engine.gpu_memory_utilization", "1.5", "<= 1"]),
+        (["--dtype", "float64"], ["--dtype", "float64", "fp32", "bf16"]),
+    ],
+)
+def test_bad_engine_settings_exit_2_with_one_line_before_loading(tiny_model_dir, args, words):
+    from click.testing import CliRunner
+
+    t0 = time.monotonic()
+    res = CliRunner().invoke(serve.main, ["--model", str(tiny_model_dir), *args])
+    assert res.exit_code == 2 and all(w in res.output for w in words), res.output
+    assert time.monotonic() - t0 < 5  # nothing was loaded
