@@ -265,3 +265,25 @@ def test_language_codes_are_checked_and_yaml_exponents_read_as_numbers(tmp_path)
     params.write_text("verify:\n  min_confidence: 5e-1\n  inputs: {distill: data/distill/distilled.jsonl}\n")
     cfg = resolve(vf.VerifyConfig, params, "verify")
     assert cfg.min_confidence == 0.5 and cfg.inputs == {"distill": "data/distill/distilled.jsonl"}
+
+
+def test_a_teacher_that_cannot_be_opened_is_a_one_line_error(tmp_path, seed):
+    res = CliRunner().invoke(
+        load_stage("verify").main,
+        [
+            "--input",
+            str(seed),
+            "--model",
+            str(tmp_path / "no-model"),
+            "--prompt",
+            str(PROMPT),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--cache",
+            str(tmp_path / "c"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+    )
+    assert res.exit_code == 1 and "not a model directory" in res.output, res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
