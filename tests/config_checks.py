@@ -18,7 +18,9 @@ def assert_rejected(main, args: list[str], setting: str, *expect: str) -> str:
     assert len(lines) == 1, result.output
     key, value = setting.split("=", 1)
     line = lines[0]
-    assert key.split(".")[-1] in line and (value in line or repr(value) in line), (setting, line)
+    assert key.split(".")[-1] in line, (setting, line)
+    if "unknown key" not in line:  # a typo'd key is named with the keys allowed; its value means nothing
+        assert value in line or repr(value) in line, (setting, line)
     for word in expect:
         assert word in line, (word, line)
     assert elapsed < 1.0, f"{setting}: rejected after {elapsed:.2f} s"
