@@ -9,7 +9,7 @@ import pytest
 import yaml
 from stage_loader import load_stage
 
-from selfalign import params
+from selfalign import config, params
 
 ROOT = Path(__file__).resolve().parent.parent
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -48,14 +48,10 @@ def test_every_script_is_a_stage_and_every_section_is_used():
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_params_section_validates_against_code_defaults(name):
-    mod = load_stage(name)
-    assert isinstance(getattr(mod, "DEFAULTS", None), dict), f"stages/{name}.py must define DEFAULTS"
-    check = getattr(mod, "resolve_params", None)
-    if check is not None:
-        check(ROOT / "params.yaml")
-    else:
-        params.resolve(mod.DEFAULTS, ROOT / "params.yaml", name)
+def test_params_section_validates_against_the_stage_config(name):
+    """params.yaml's section resolves through the stage's Config class (tests/test_config.py: and equals its defaults)."""
+    cls = config.stage_class(name)
+    assert isinstance(params.resolve(cls, ROOT / "params.yaml", name), cls)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
