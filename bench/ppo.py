@@ -49,18 +49,13 @@ def model_dir(tmp: str) -> str:
 
 
 def worker(policy_dir: str, reference: str, steps: int, threads: int) -> dict:
-    import importlib.util
-
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from selfalign import chat, params
     from selfalign import ppo as P
 
-    spec = importlib.util.spec_from_file_location("stage_ppo", ROOT / "stages" / "ppo.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    cfg = params.resolve(stage.DEFAULTS, ROOT / "params.yaml", "ppo", [f"steps={steps}", f"reference={reference}"])
+    cfg = params.resolve(P.PPOConfig, ROOT / "params.yaml", "ppo", [f"steps={steps}", f"reference={reference}"])
     if threads:
         torch.set_num_threads(threads)
     tok = chat.load_tokenizer(policy_dir, padding_side="left")
@@ -69,13 +64,11 @@ def worker(policy_dir: str, reference: str, steps: int, threads: int) -> dict:
     for text in texts:
         msgs = [{"role": "user", "content": text}]
         ids = tok(chat.render(tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        if len(ids) <= cfg["max_prompt_tokens"]:
+        if len(ids) <= cfg.max_prompt_len:
             prompts.append({"messages": msgs, "ids": ids})
     t = time.perf_counter()
     policy = P.PolicyWithValue(
-        P.with_lora(
-            AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), cfg["lora"], seed=cfg["seed"]
-        )
+        P.with_lora(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), cfg.lora, seed=cfg.seed)
     )
     ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32) if reference == "copy" else None
     torch.manual_seed(0)
@@ -84,17 +77,17 @@ def worker(policy_dir: str, reference: str, steps: int, threads: int) -> dict:
     rm_tok = chat.load_tokenizer(policy_dir)
     load_s = time.perf_counter() - t
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    reward_fn = P.reward_model_fn(rm_model.eval(), rm_tok, cfg["reward_batch_size"], cfg["reward_max_length"])
-    hist = P.train(policy, ref, tok, prompts, reward_fn, P.PPOConfig.from_dict(cfg))["history"]
+    reward_fn = P.reward_model_fn(rm_model.eval(), rm_tok, cfg.reward_batch_size, cfg.reward_max_len)
+    hist = P.train(policy, ref, tok, prompts, reward_fn, cfg)["history"]
     timed = hist[1:] or hist
     keys = ("generate", "score", "logprobs", "optimise")
     return {
         "reference": reference,
         "steps": len(hist),
         "threads": torch.get_num_threads(),
-        "batch_size": cfg["batch_size"],
-        "response_length": cfg["response_length"],
-        "ppo_epochs": cfg["ppo_epochs"],
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "ppo_epochs": cfg.ppo_epochs,
         "load_s": round(load_s, 1),
         "seconds_per_step": sum(sum(r[f"time_{k}"] for k in keys) for r in timed) / len(timed),
         "time": {k: sum(r[f"time_{k}"] for r in timed) / len(timed) for k in keys},
@@ -149,7 +142,7 @@ def main() -> None:
     total = a["seconds_per_step"]
     share = {k: v / total for k, v in a["time"].items()}
     print(
-        f"PPO step on SmolLM2-135M ({a['batch_size']} prompts x {a['response_length']} tokens max, "
+        f"PPO step on SmolLM2-135M ({a['batch_size']} prompts x {a['max_new_tokens']} tokens max, "
         f"{a['ppo_epochs']} epochs, {a['threads']} threads), mean of steps 2..{a['steps']}:"
     )
     for ref in ("adapter", "copy"):

@@ -358,7 +358,7 @@ def check_ppo(ctx: dict) -> dict:
         steps=s["ppo_steps"],
         batch_size=s["ppo_batch"],
         minibatch_size=max(1, s["ppo_batch"] // 2),
-        response_length=s["response"],
+        max_new_tokens=s["response"],
         lr=1e-5,
     )
     prompts = []
@@ -393,8 +393,8 @@ def check_ppo(ctx: dict) -> dict:
             with c.timed() if i else _null():
                 stats = P.ppo_step(policy, None, tok, prompts, reward_fn, cfg, kl, optimizer, accelerator)
             if i:  # each sequence: one rollout forward per new token + scoring and update passes over it all
-                c.tokens += sum(len(p["ids"]) for p in prompts) + cfg.batch_size * cfg.response_length
-    seq = max(len(p["ids"]) for p in prompts) + cfg.response_length
+                c.tokens += sum(len(p["ids"]) for p in prompts) + cfg.batch_size * cfg.max_new_tokens
+    seq = max(len(p["ids"]) for p in prompts) + cfg.max_new_tokens
     plan = memory.Plan(
         stage="ppo",
         model=ctx["model"],

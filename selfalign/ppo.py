@@ -38,10 +38,14 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfalign import records
+from selfalign.config import Config, LoraSpec, ParamsError, opt
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +55,45 @@ RewardFn = Callable[[list[list[dict]], list[list[int]]], list[float]]
 
 
 @dataclasses.dataclass
-class PPOConfig:
-    steps: int = 8  # PPO steps (rollout + update)
-    batch_size: int = 8  # prompts per rollout, per process
-    minibatch_size: int = 4  # sequences per gradient step
-    ppo_epochs: int = 1  # passes over each rollout
-    response_length: int = 32  # max new tokens per response
-    temperature: float = 1.0  # sampling temperature; log-probs use the same
-    lr: float = 1e-4
-    kl_coef: float = 0.05  # beta, initial value when adaptive
-    kl_target: float | None = None  # nats per sequence; set it to adapt beta (Ziegler et al.)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    missing_eos_penalty: float = 1.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
+class PPOConfig(Config):
+    """The `ppo:` section of params.yaml: the algorithm's fields, then the stage's (its comments are the user doc)."""
 
-    @classmethod
-    def from_dict(cls, cfg: dict) -> PPOConfig:
-        """The PPO fields of a stage's params section (other keys belong to the stage)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in cfg.items() if k in names}
-        for f in dataclasses.fields(cls):  # YAML reads `5e-5` as a string
-            if f.name in kw and f.type in ("float", "float | None") and kw[f.name] is not None:
-                kw[f.name] = float(kw[f.name])
-        return cls(**kw)
+    steps: int = opt(8, lo=1)  # PPO steps (rollout + update)
+    batch_size: int = opt(8, lo=1)  # prompts per rollout, per process
+    minibatch_size: int = opt(4, lo=1)  # sequences per gradient step
+    ppo_epochs: int = opt(1, lo=1)  # passes over each rollout
+    max_new_tokens: int = opt(32, lo=1)  # per response
+    temperature: float = opt(1.0, lo=0, lo_open=True)  # sampling temperature; log-probs use the same
+    lr: float = opt(1e-4, lo=0, lo_open=True)
+    kl_coef: float = opt(0.05, lo=0)  # beta, initial value when adaptive
+    kl_target: float | None = opt(None, lo=0, lo_open=True)  # nats per sequence; set it to adapt beta (Ziegler et al.)
+    kl_horizon: int = opt(10000, lo=1)
+    gamma: float = opt(1.0, lo=0, hi=1)
+    lam: float = opt(0.95, lo=0, hi=1)
+    clip_range: float = opt(0.2, lo=0, lo_open=True)
+    clip_range_value: float = opt(0.2, lo=0, lo_open=True)
+    vf_coef: float = opt(0.1, lo=0)
+    missing_eos_penalty: float = opt(1.0, lo=0)
+    max_grad_norm: float = opt(1.0, lo=0)  # 0 = no clipping
+    seed: int = opt(0, lo=0)
+    # the stage (stages/ppo.py)
+    reference: Literal["adapter", "copy"] = "adapter"  # KL reference: the adapter switched off, or a frozen copy
+    lora: LoraSpec = opt(LoraSpec())  # the policy's adapter (r >= 1)
+    use_prompt_files: bool = True  # prompt records
+    use_seed_heldout: bool = True  # instructions of the seed records sft held out (--eval-fraction)
+    max_prompt_len: int = opt(128, lo=1)  # tokens of a rendered prompt; longer ones are dropped (counted)
+    reward_fn: str | None = None  # module:function or path/to/file.py:function instead of the reward model
+    reward_batch_size: int = opt(16, lo=1)  # conversations per reward-model forward pass
+    reward_max_len: int = opt(512, lo=1)  # tokens of a scored conversation (cut from the left)
+    checkpoint_every: int = opt(4, lo=0)  # steps between checkpoints; 0 = none
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # accelerate's autocast; auto: selfalign/device.py's rule
+    threads: int = opt(0, lo=0)  # torch threads; 0 = torch's default
+
+    def check(self, where: str) -> None:
+        if self.lora.r < 1:
+            raise ParamsError(f"{where}.lora.r: {self.lora.r!r}: the policy is a LoRA adapter, r must be at least 1")
+        if not (self.use_prompt_files or self.use_seed_heldout):
+            raise ParamsError(f"{where}.use_prompt_files: false with use_seed_heldout false leaves no prompts")
 
 
 # --- the arithmetic --------------------------------------------------------------------------
@@ -204,19 +218,14 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def with_lora(model, lora: dict, seed: int = 0):
+def with_lora(model, lora: LoraSpec | dict, seed: int = 0):
     """The policy: `model` with a fresh LoRA adapter (B = 0, so it starts equal to the reference).
     A's random init is seeded, so two runs with the same params start from the same adapter."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    from selfalign.models import lora_config
+
+    config = lora_config(lora, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
@@ -247,6 +256,70 @@ def reward_model_fn(model, tok, batch_size: int = 16, max_length: int = 1024) ->
     return fn
 
 
+# --- prompts ---------------------------------------------------------------------------------
+
+
+def gather_prompts(
+    prompt_recs: list[dict], seed_recs: list[dict], fraction: float, system: str | None, tok, max_len: int
+) -> tuple[list[dict], dict]:
+    """PPO prompts as {id, messages, ids}: every prompt record, and the instructions of the seed records
+    sft held out of training (selfalign.sft.heldout at `fraction`, sft.train.eval_fraction). A record
+    without its own system prompt gets `system` (the policy's inference one). Every input record is
+    used or counted under a reason: seed_not_heldout, seed_without_user_turn, duplicate (the same
+    rendered prompt), too_long (over `max_len` tokens)."""
+    from selfalign import chat
+    from selfalign.sft import heldout
+
+    counts = {
+        "in": len(prompt_recs) + len(seed_recs),
+        "used": 0,
+        "seed_not_heldout": 0,
+        "seed_without_user_turn": 0,
+        "duplicate": 0,
+        "too_long": 0,
+    }
+    candidates = [
+        (r["id"], records.with_system(r.get("system") or system, [{"role": "user", "content": r["prompt"]}]))
+        for r in prompt_recs
+    ]
+    for r in seed_recs:
+        if not heldout(r["id"], fraction):
+            counts["seed_not_heldout"] += 1
+            continue
+        msgs = records.to_messages(r, system=r.get("system") or system)
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs or msgs[-1]["role"] != "user":
+            counts["seed_without_user_turn"] += 1
+            continue
+        candidates.append((r["id"], msgs))
+    out, seen = [], set()
+    for rid, msgs in candidates:
+        text = chat.render(tok, msgs, add_generation_prompt=True)
+        if text in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(text)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_len:
+            counts["too_long"] += 1
+            continue
+        out.append({"id": rid, "messages": msgs, "ids": ids})
+    counts["used"] = len(out)
+    return out, counts
+
+
+def prompt_metrics(counts: dict) -> dict:
+    """gather_prompts' counts in the metrics keys every filtering stage writes (records_in = kept + rejected)."""
+    reasons = {k: v for k, v in sorted(counts.items()) if k not in ("in", "used") and v}
+    return {
+        "records_in": counts["in"],
+        "kept": counts["used"],
+        "rejected": sum(reasons.values()),
+        "rejected_by_reason": reasons,
+    }
+
+
 # --- one step --------------------------------------------------------------------------------
 
 
@@ -273,15 +346,15 @@ def generate(lm, query, query_mask, cfg: PPOConfig, eos_id: int, pad_id: int):
         temperature=cfg.temperature,
         top_k=0,
         top_p=1.0,
-        max_new_tokens=cfg.response_length,
+        max_new_tokens=cfg.max_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
     out = lm.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
     response = out[:, query.shape[1] :]
-    if response.shape[1] < cfg.response_length:  # every sequence finished early
+    if response.shape[1] < cfg.max_new_tokens:  # every sequence finished early
         fill = torch.full(
-            (response.shape[0], cfg.response_length - response.shape[1]),
+            (response.shape[0], cfg.max_new_tokens - response.shape[1]),
             pad_id,
             dtype=response.dtype,
             device=response.device,
@@ -350,7 +423,7 @@ def ppo_step(
     t = time.perf_counter()
     seqs = torch.cat([query, response], 1)
     attn = torch.cat([query_mask, mask], 1)
-    keep = cfg.response_length + 1
+    keep = cfg.max_new_tokens + 1
     fmask = mask.float()
     with torch.no_grad():
         logits, values = unwrapped(seqs, attn, keep)

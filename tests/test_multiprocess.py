@@ -471,11 +471,11 @@ def test_ppo_two_processes_resume_after_a_kill(tmp_path, tiny_model_dir, ppo_inp
         "--set",
         "ppo_epochs=1",
         "--set",
-        "response_length=4",
+        "max_new_tokens=4",
         "--set",
         "use_seed_heldout=false",
         "--set",
-        "max_prompt_tokens=64",
+        "max_prompt_len=64",
         "--set",
         "lora.r=4",
     ]

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import chat, io, records
+from selfalign import chat, io, params, records
 from selfalign import ppo as P
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -152,7 +154,7 @@ def test_generate_cuts_each_response_after_its_first_end_of_turn():
             return torch.cat([input_ids, resp], 1)
 
     q = torch.ones(3, 2, dtype=torch.long)
-    resp, mask, ended = P.generate(Scripted(), q, torch.ones_like(q), P.PPOConfig(response_length=4), 2, 0)
+    resp, mask, ended = P.generate(Scripted(), q, torch.ones_like(q), P.PPOConfig(max_new_tokens=4), 2, 0)
     assert ended.tolist() == [True, False, True]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert resp.tolist() == [[5, 2, 0, 0], [6, 6, 6, 6], [2, 0, 0, 0]]
@@ -189,7 +191,7 @@ def test_first_step_kl_to_the_reference_is_zero(tiny_model_dir, reference):
     tok = chat.load_tokenizer(tiny_model_dir, padding_side="left")
     policy = policy_from(tiny_model_dir)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval() if reference == "copy" else None
-    cfg = P.PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=1, response_length=4, lr=1e-3)
+    cfg = P.PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, lr=1e-3)
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     calls = []
@@ -220,7 +222,7 @@ def test_ppo_learns_a_toy_reward_with_bounded_kl(tiny_model_dir):
         batch_size=8,
         minibatch_size=4,
         ppo_epochs=2,
-        response_length=8,
+        max_new_tokens=8,
         lr=3e-3,
         kl_coef=0.05,
         missing_eos_penalty=0.0,
@@ -240,7 +242,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(tiny_model
     def length_reward(convs, ids):
         return [len(c[-1]["content"]) / 20 for c in convs]
 
-    cfg = P.PPOConfig(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, response_length=4, lr=1e-3)
+    cfg = P.PPOConfig(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, lr=1e-3)
     ckpt = tmp_path / "ckpt"
     P.train(
         policy_from(tiny_model_dir),
@@ -326,8 +328,10 @@ def stage_args(model_dir, inputs, out):
         str(inputs / "reward"),
         "--prompts",
         str(inputs / "prompts.jsonl"),
-        "--seed-data",
+        "--seed-file",
         str(inputs / "seed.jsonl"),
+        "--eval-fraction",
+        "0.5",
         "--output",
         str(out / "ppo"),
         "--checkpoints",
@@ -347,11 +351,9 @@ def stage_args(model_dir, inputs, out):
         "--set",
         "ppo_epochs=1",
         "--set",
-        "response_length=4",
+        "max_new_tokens=4",
         "--set",
-        "seed_heldout_fraction=0.5",
-        "--set",
-        "max_prompt_tokens=64",
+        "max_prompt_len=64",
         "--set",
         "lora.r=4",
     ]
@@ -390,6 +392,9 @@ def test_stage_killed_after_a_checkpoint_resumes_and_writes_a_servable_model(tin
     assert p["in"] == 7 + 8 and p["too_long"] == 1
     assert p["in"] == p["used"] + p["seed_not_heldout"] + p["seed_without_user_turn"] + p["duplicate"] + p["too_long"]
     assert 0 < p["seed_not_heldout"] < 8
+    # the keys every filtering stage writes: records in = kept + rejected, each rejection under its reason
+    assert m["records_in"] == p["in"] and m["kept"] == p["used"] == m["records_in"] - m["rejected"]
+    assert m["rejected_by_reason"]["too_long"] == 1 and sum(m["rejected_by_reason"].values()) == m["rejected"]
     assert set(m["time_share"]) == {"generate", "score", "logprobs", "optimise"}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")  # merged: no adapter files, loads plainly
     assert not (tmp_path / "ppo" / "adapter_config.json").exists()
@@ -423,7 +428,7 @@ def test_stage_takes_a_python_reward_instead_of_the_reward_model(tiny_model_dir,
         "--set",
         "checkpoint_every=0",
         "--set",
-        "response_length=3",
+        "max_new_tokens=3",
     ]
     res = CliRunner().invoke(load_stage("ppo").main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -432,3 +437,66 @@ def test_stage_takes_a_python_reward_instead_of_the_reward_model(tiny_model_dir,
     with open(tmp_path / "plots" / "score_mean.csv") as f:
         scores = [float(r["score_mean"]) for r in csv.DictReader(f)]
     assert all(-0.3 <= s <= -0.1 for s in scores)  # -len/10 for 1..3 tokens: the callable was used
+
+
+def test_stage_needs_the_sft_split_to_take_seed_prompts(tiny_model_dir, stage_inputs, tmp_path):
+    """The held-out seed instructions are sft's split: without --eval-fraction the stage refuses, before any work."""
+    args = stage_args(tiny_model_dir, stage_inputs, tmp_path)
+    i = args.index("--eval-fraction")
+    del args[i : i + 2]
+    res = CliRunner().invoke(load_stage("ppo").main, args)
+    assert res.exit_code == 2 and "--eval-fraction is required" in res.output
+    args += ["--set", "use_seed_heldout=false", "--dry-run"]  # no seed prompts: no split needed
+    assert CliRunner().invoke(load_stage("ppo").main, args).exit_code == 0
+
+
+# --- params ----------------------------------------------------------------------------------
+
+
+def test_ppo_config_defaults_are_params_yaml():
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["ppo"]
+    assert P.PPOConfig.from_dict(section, "ppo") == P.PPOConfig()
+
+
+def test_ppo_floats_written_without_a_dot_are_floats(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("ppo:\n  lr: 1e-4\n  kl_target: 6e0\n")
+    cfg = params.resolve(P.PPOConfig, p, "ppo")
+    assert (cfg.lr, cfg.kl_target) == (1e-4, 6.0) and isinstance(cfg.lr, float)
+    assert P.kl_controller(cfg).__class__ is P.AdaptiveKL
+
+
+def bare_args(tmp_path) -> list[str]:
+    """The stage's required options over paths that exist (nothing is read before the params are checked)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    return ["--policy", str(model), "--output", "o", "--checkpoints", "c", "--plots", "p", "--metrics", "m.json"]
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ("kl_coef=abc", ["a number"]),
+        ("precision=no", ["fp32", "bf16", "auto"]),
+        ("reference=ema", ["adapter", "copy"]),
+        ("clip_range=-1", ["0 <"]),
+        ("max_new_tokens=0", ["1 <="]),
+        ("steps=1.5", ["an integer"]),
+        ("kl_target=-2", ["0 <"]),
+        ("lora.r=0", ["at least 1"]),
+    ],
+)
+def test_ppo_rejects_a_bad_setting_before_any_work(tmp_path, setting, words):
+    assert_rejected(load_stage("ppo").main, bare_args(tmp_path), setting, *words)
+
+
+@pytest.mark.parametrize(
+    "old", ["response_length=8", "max_prompt_tokens=64", "reward_max_length=64", "mixed_precision=bf16"]
+)
+def test_ppo_rejects_the_old_key_names(tmp_path, old):
+    """Renamed keys (max_new_tokens, max_prompt_len, reward_max_len, precision) are unknown, not ignored;
+    seed_heldout_fraction is gone: the split is sft's, passed as --eval-fraction."""
+    args = bare_args(tmp_path)
+    for setting in (old, "seed_heldout_fraction=0.1"):
+        res = CliRunner().invoke(load_stage("ppo").main, [*args, "--set", setting])
+        assert res.exit_code == 2 and f"unknown key {setting.split('=')[0]!r}" in res.output, res.output
