@@ -1,6 +1,6 @@
 """Batched backtranslation vs one sequence at a time, on SmolLM2-135M, side by side in one run.
 
-    python bench/augment.py [--segments 16] [--batch-size 8] [--max-new-tokens 48] [--dtypes bfloat16,float32]
+    python bench/augment.py [--segments 16] [--batch-size 8] [--max-new-tokens 48] [--dtypes bf16,fp32]
 
 Both runs go through the augment stage's engine (selfalign.llm local engine, greedy, no cache) on
 the same web segments from data/sample/c4_web.jsonl, with the stage's prompt (prompts/backward.txt
@@ -57,7 +57,7 @@ def web_segments(n: int) -> list[dict]:
 )
 @click.option(
     "--dtypes",
-    default="bfloat16,float32",
+    default="bf16,fp32",
     show_default=True,
     help="Comma-separated; each is one side-by-side comparison.",
 )
@@ -110,7 +110,7 @@ def main(segments, batch_size, max_new_tokens, threads, dtypes, max_chars):
         for dtype in dtypes.split(","):
             runs = {}
             for name, bs in (("batched", batch_size), ("sequential", 1)):
-                engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
+                engine = llm.make_engine(llm.EngineSpec(kind="local", model=model_dir, batch_size=bs, dtype=dtype))
                 engine.model  # noqa: B018 - load outside the timed region
                 t = time.perf_counter()
                 results = engine.complete(reqs, template_id="bench")

@@ -1,6 +1,6 @@
 """Digit-probability scoring vs generate-then-parse, on SmolLM2-135M, side by side in one run.
 
-    python bench/curate.py [--pairs 24] [--batch-size 8] [--dtype float32]
+    python bench/curate.py [--pairs 24] [--batch-size 8] [--dtype fp32]
 
 The same candidates (real seed pairs from data/sample/oasst_seed.guanaco.jsonl, half of them with a
 mismatched response) are scored four ways, with the rubric of prompts/curate.txt:
@@ -87,12 +87,12 @@ def mean(xs):
     help="torch threads (0: torch's default). On a shared, "
     "busy machine 1 thread avoids OpenMP oversubscription, which slowed generation ~10x here.",
 )
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 def main(n_pairs, batch_size, threads, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from selfalign import chat, curate, llm
+    from selfalign import chat, curate, device, llm
 
     if threads:
         torch.set_num_threads(threads)
@@ -104,7 +104,7 @@ def main(n_pairs, batch_size, threads, dtype):
         pairs, matched = seed_pairs(n_pairs)
         tok = chat.load_tokenizer(model_dir, padding_side="left")
         pairs = [(i, curate.clip_tokens(tok, r, 384)[0]) for i, r in pairs]
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, device.DTYPE_OF[dtype]))
 
         prompts = [curate.scoring_prompt(tok, rubric, i, r, "Score: ") for i, r in pairs]
         enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -132,7 +132,7 @@ def main(n_pairs, batch_size, threads, dtype):
         )
         for name, bs, max_tokens, text, parse in runs:
             reqs = [llm.Request(messages=curate.rubric_messages(text, i, r), max_tokens=max_tokens) for i, r in pairs]
-            engine = llm.make_engine({"kind": "local", "model": model_dir, "batch_size": bs, "dtype": dtype})
+            engine = llm.make_engine(llm.EngineSpec(kind="local", model=model_dir, batch_size=bs, dtype=dtype))
             engine.model  # noqa: B018 - load outside the timed region
             t = time.perf_counter()
             results = engine.complete(reqs, template_id="bench")

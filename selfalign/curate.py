@@ -119,12 +119,12 @@ def rubric_messages(rubric: str, instruction: str, response: str, system: str | 
     return records.with_system(system, [{"role": "user", "content": fill_rubric(rubric, instruction, response)}])
 
 
-def clip_tokens(tok, text: str, max_tokens: int) -> tuple[str, bool]:
-    """`text` cut to its first `max_tokens` tokens; True if it was cut."""
+def clip_tokens(tok, text: str, max_len: int) -> tuple[str, bool]:
+    """`text` cut to its first `max_len` tokens (0 = whole); True if it was cut."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    if max_tokens <= 0 or len(ids) <= max_tokens:
+    if max_len <= 0 or len(ids) <= max_len:
         return text, False
-    return tok.decode(ids[:max_tokens]) + " ...", True
+    return tok.decode(ids[:max_len]) + " ...", True
 
 
 def scoring_prompt(tok, rubric: str, instruction: str, response: str, prefix: str, system: str | None = None) -> str:

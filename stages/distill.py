@@ -8,7 +8,7 @@ The teacher is any selfalign.llm engine: in-process transformers on --teacher by
 OpenAI-compatible endpoint (`distill.engine` in params.yaml), cached, so a rerun resumes. Writes
 distilled.jsonl (chat records, `system` set for the Orca ones, meta.distill = regenerate | orca,
 meta.teacher, meta.origin_id) and rejected.jsonl (invalid inputs and unusable teacher answers,
-each with its reason); records_in == distilled + rejected in the metrics, with the engine's
+each with its reason); records_in == kept (the distilled) + rejected in the metrics, with the engine's
 calls, cache hits, tokens and cost.
 """
 
