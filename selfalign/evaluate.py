@@ -1,8 +1,9 @@
-"""Evaluation: the prompt set, a refusal detector, pairwise judging, perplexity, intervals and the report.
+"""Evaluation measures: the prompt set, a refusal detector, pairwise judging, perplexity and intervals.
 
 Everything here is a pure function over records and numbers, except `perplexity` (one model's
-forward passes) and `write_plots` (PNG files). The evaluate stage reads inputs, calls these and
-writes outputs.
+forward passes) and `make_judge` with judge=llm (it starts an llm.py engine). The evaluate stage
+reads inputs, calls these and writes outputs; selfalign/report.py renders report.md and the plots
+from the metrics computed here. `EvaluateConfig` is the stage's params section.
 
 A pairwise judgment looks at (prompt, first answer, second answer) and returns "A" (the first
 is better), "B", "tie" or None (a reply that did not parse). Each pair is judged in both orders,
@@ -17,13 +18,18 @@ is reported as "no measurable difference" rather than as a win or a loss.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
-from selfalign import chat, io, records
+from selfalign import chat, records
+from selfalign.config import Config, ParamsError, opt
+from selfalign.llm import EngineSpec
 
 NO_DIFFERENCE = "no measurable difference"
 
@@ -37,14 +43,6 @@ TITLES = {
     "safety": "Safety",
 }
 
-PLUMBING_NOTE = (
-    "**Read this first.** With the default base model (SmolLM2-135M-Instruct, 135M parameters, fine-tuned for "
-    "minutes on a CPU from a few hundred examples) this report tests the plumbing: every stage ran, and every "
-    "metric was computed for every model. The numbers say **nothing** about the quality of the method or of the "
-    "models. Quality claims need a larger base model, the full data and a stronger judge than a 135M reward model. "
-    "Every number carries its bootstrap 95% interval: where two models' intervals overlap, or a win rate's interval "
-    "contains 50%, the data cannot tell them apart."
-)
 
 # Phrases that carry a refusal, in lower case with straight apostrophes. They are matched as whole words
 # anywhere in the response, so "you can't go wrong" is not a refusal but "I can't help with that" is.
@@ -115,6 +113,46 @@ _LOOP_RE = re.compile(r"(.{6,120}?)(?:\s*\1){2,}", re.DOTALL)
 _VERDICT_RE = re.compile(r"\[\[\s*(A|B|tie)\s*\]\]", re.IGNORECASE)
 
 
+@dataclasses.dataclass
+class EvaluateConfig(Config):
+    """params.yaml `evaluate:` (the comments there say what each key is for)."""
+
+    models: list[str] = opt(["base", "m0", "final", "preferred"], min_items=1)  # --model names, in report order
+    languages: list[str] = opt(["en", "fr", "ms"], min_items=1)  # prompt languages used
+    prompts_per_category: int = opt(2, lo=1)  # the first N prompts of each category and language
+    max_new_tokens: int = opt(128, lo=1)  # cap on each greedy answer
+    heldout_max: int = opt(32, lo=0)  # held-out seed records scored for perplexity, at most
+    ppl_max_len: int = opt(512, lo=2)  # tokens per conversation for perplexity (the end is kept)
+    ppl_batch_size: int = opt(4, lo=1)
+    reward_batch_size: int = opt(8, lo=1)
+    judge: Literal["reference", "reward", "llm"] = "reference"
+    tie_margin: float = opt(0.0, lo=0)  # judge=reward: score differences up to this are ties
+    bootstrap_resamples: int = opt(1000, lo=1)
+    seed: int = 0  # the bootstrap's generator
+    judge_engine: EngineSpec = opt(EngineSpec())  # judge=llm: what judges (its model must be named)
+    judge_max_new_tokens: int = opt(16, lo=1)  # judge=llm: room for the verdict
+    # what answers each --model dir (model: that dir); threads also serve perplexity and reward scoring
+    engine: EngineSpec = opt(EngineSpec(batch_size=36, dtype="bf16", threads=0))
+
+    def check(self, where: str) -> None:
+        if len(set(self.models)) != len(self.models):
+            raise ParamsError(f"{where}.models: {self.models!r} names a model twice; names must be distinct")
+        if self.engine.kind not in ("local", "vllm"):
+            raise ParamsError(
+                f"{where}.engine.kind: {self.engine.kind!r}: the evaluated models are directories, answered "
+                "in-process by local or vllm (an endpoint can be the judge: judge_engine)"
+            )
+        if self.judge == "llm" and not self.judge_engine.model:
+            raise ParamsError(
+                f"{where}.judge_engine.model: '' with judge llm: name the judge (a model directory for kind "
+                "local or vllm, the endpoint's model name for kind openai)"
+            )
+
+    def answer_spec(self, model_dir: str) -> EngineSpec:
+        """The engine spec that answers with one evaluated model: `engine` with that directory as its model."""
+        return self.engine.replace(model=str(model_dir))
+
+
 class EvalSetError(ValueError):
     """A line of the evaluation prompt set that breaks its schema; the message names file, line and field."""
 
@@ -123,17 +161,15 @@ class EvalSetError(ValueError):
 
 
 def load_prompts(path: str | Path) -> list[dict]:
-    """The evaluation prompt set: `prompt` records with `meta.category` in CATEGORIES."""
+    """The evaluation prompt set: `prompt` records with `meta.category` in CATEGORIES (records.read reads them).
+
+    The set is a fixed input, not pipeline data to filter: its first bad line is an error naming file,
+    line and field, since a silently smaller prompt set would change every number in the report."""
+    good, bad, _ = records.read(path, "evaluate", "prompt")
+    if bad:
+        raise EvalSetError(f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['detail']}")
     out, seen = [], set()
-    for n, rec in io.read_jsonl(path):
-        if isinstance(rec, io.JsonlLineError):
-            raise EvalSetError(str(rec))
-        try:
-            records.validate(rec)
-        except records.RecordError as e:
-            raise EvalSetError(f"{path}:{n}: {e}") from None
-        if rec["kind"] != "prompt":
-            raise EvalSetError(f"{path}:{n}: field 'kind': expected 'prompt', got {rec['kind']!r}")
+    for rec, n in good:
         category = (rec.get("meta") or {}).get("category")
         if category not in CATEGORIES:
             raise EvalSetError(f"{path}:{n}: field 'meta.category': {category!r} is not one of {', '.join(CATEGORIES)}")
@@ -143,9 +179,9 @@ def load_prompts(path: str | Path) -> list[dict]:
         reference = rec["meta"].get("reference")
         if reference is not None and not (isinstance(reference, str) and reference.strip()):
             raise EvalSetError(f"{path}:{n}: field 'meta.reference': expected a non-empty string")
-        if (rec["id"], rec["lang"]) in seen:
+        if records.key(rec) in seen:
             raise EvalSetError(f"{path}:{n}: field 'id': duplicate {rec['id']} ({rec['lang']})")
-        seen.add((rec["id"], rec["lang"]))
+        seen.add(records.key(rec))
         out.append(rec)
     return out
 
@@ -183,10 +219,7 @@ def heldout_conversations(seed: list[dict], fraction: float, limit: int, system:
 
 def prompt_messages(rec: dict, system: str | None = None) -> list[dict]:
     """The chat a prompt record is asked as: its own system prompt, else the model's inference one."""
-    sys_prompt = rec.get("system") or system
-    return ([{"role": "system", "content": sys_prompt}] if sys_prompt else []) + [
-        {"role": "user", "content": rec["prompt"]}
-    ]
+    return records.with_system(rec.get("system") or system, [{"role": "user", "content": rec["prompt"]}])
 
 
 def reference_conversations(prompts: list[dict], system: str | None = None) -> list[list[dict]]:
@@ -441,6 +474,46 @@ def llm_judge(engine, template: str, max_tokens: int, log: list | None = None) -
     return judge
 
 
+def make_judge(
+    cfg: EvaluateConfig, rows: list[dict], prompts: list[dict], template_path: str, cache: str, log: list
+) -> tuple[Judge, str]:
+    """(judge, how the report names it) for `cfg.judge`; rows carry the reward scores the reward judge reads."""
+    if cfg.judge == "reference":
+        refs = {p["prompt"]: p["meta"]["reference"] for p in prompts if p["meta"].get("reference")}
+        return reference_judge(refs), (
+            "reference judge: the answer with the higher ROUGE-L F1 against the "
+            "prompt's reference answer wins (equal is a tie); prompts without a "
+            "reference are not judged"
+        )
+    if cfg.judge == "reward":
+        scores = {(r["prompt"], r["response"]): r["reward"] for r in rows if r["ok"]}
+        return reward_judge(scores, cfg.tie_margin), (
+            f"the reward model (tie margin {cfg.tie_margin}). **This is the reward model PPO optimised**: ppo was "
+            "trained to raise exactly this score, so its win rates against the others measure that optimisation, "
+            "not an independent preference"
+        )
+    from selfalign import llm
+
+    template = Path(template_path).read_text(encoding="utf-8")
+    engine = llm.make_engine(cfg.judge_engine, cache)
+    return llm_judge(engine, template, cfg.judge_max_new_tokens, log), f"LLM {cfg.judge_engine.model}"
+
+
+def judge_pairs(judge: Judge, models: Sequence[str], prompts: list[dict], rows: list[dict]) -> dict[str, list[dict]]:
+    """Every later model against every earlier one ("b_vs_a"), in both orders, on the prompts both answered."""
+    answer = {(r["id"], r["lang"], r["model"]): r for r in rows}
+    out = {}
+    for a, b in itertools.combinations(models, 2):
+        both = [(answer[(p["id"], p["lang"], b)], answer[(p["id"], p["lang"], a)]) for p in prompts]
+        both = [(rb, ra) for rb, ra in both if rb["ok"] and ra["ok"]]
+        js = judge_both_orders(judge, [(rb["prompt"], rb["response"], ra["response"]) for rb, ra in both])
+        out[f"{b}_vs_{a}"] = [
+            j | {"id": rb["id"], "lang": rb["lang"], "category": rb["category"]}
+            for j, (rb, _) in zip(js, both, strict=True)
+        ]
+    return out
+
+
 # ---------------------------------------------------------------- perplexity
 
 
@@ -599,226 +672,3 @@ def win_rates(judgments: dict[str, list[dict]], resamples: int = 1000, seed: int
                 entry[c] = {k: t[k] for k in ("win_rate", "ci", "verdict")}
         out[pair] = entry
     return out
-
-
-# ---------------------------------------------------------------- report and plots
-
-
-def _fmt(x, pct=False):
-    if x is None:
-        return "–"
-    return f"{100 * x:.0f}%" if pct else (f"{x:.3g}" if isinstance(x, float) else str(x))
-
-
-def _ci(e: dict | None, pct: bool = False, key: str = "mean") -> str:
-    """ "value [low–high]" of an estimate (or a tally with key="win_rate")."""
-    if not e or e.get(key) is None:
-        return "–"
-    ci = e.get("ci")
-    return _fmt(e[key], pct) + (f" [{_fmt(ci[0], pct)}–{_fmt(ci[1], pct)}]" if ci else "")
-
-
-def _quote(text: str) -> str:
-    text = text.strip() or "(empty)"
-    return "\n".join("> " + line if line.strip() else ">" for line in text.splitlines())
-
-
-def _pair_words(pair: str, e: dict) -> str:
-    b, _, a = pair.partition("_vs_")
-    v = e.get("verdict")
-    if v is None:
-        return "not judged"
-    return NO_DIFFERENCE if v == NO_DIFFERENCE else f"**{b} {v}** than {a}"
-
-
-def render_report(metrics: dict, answers: list[dict], models: list[str], plots: list[str], setup: dict) -> str:
-    """report.md: the caveat, a summary with intervals, win rates with verdicts, per-category tables, plots, answers."""
-    M = metrics["models"]
-    lines = ["# Evaluation report", "", PLUMBING_NOTE, "", "## Setup", ""]
-    lines += [f"- {k}: {v}" for k, v in setup.items()]
-    lines += [
-        "",
-        "## Summary",
-        "",
-        "Each cell is the value and its bootstrap 95% interval [low–high] over prompts (perplexity: over "
-        "conversations). Reference-based and held out: answer-key match, ROUGE-L F1 against the reference "
-        "answers, perplexity of the held-out seed responses and of the reference answers. `stops` is the share "
-        "of answers that ended with the end-of-turn token rather than at the token cap; `loops` the share cut "
-        "at the cap while repeating itself (no larger cap would let those stop).",
-        "",
-        "| model | params | stops | loops | answer match | ROUGE-L vs reference | perplexity (held-out seed) "
-        "| perplexity (references) | reward | tokens | refusals (safety) | refusals (other) |",
-        "|" + "---|" * 12,
-    ]
-    for m in models:
-        mm = M[m]
-        lines.append(
-            f"| {m} | {_fmt(mm.get('params'))} | {_ci(mm['stop_rate']['all'], True)} "
-            f"| {_ci(mm['loop_rate'], True)} "
-            f"| {_ci(mm['answer_match'].get('all'), True)} | {_ci(mm['reference_rouge'].get('all'))} "
-            f"| {_ci(mm['perplexity'], key='perplexity')} "
-            f"| {_ci(mm.get('reference_perplexity'), key='perplexity')} | {_ci(mm['reward']['all'])} "
-            f"| {_ci(mm['length_tokens']['all'])} | {_ci(mm['refusal_rate']['safety'], True)} "
-            f"| {_ci(mm['refusal_rate']['other'], True)} |"
-        )
-    W = metrics["win_rate"]
-    if W:
-        lines += [
-            "",
-            "## Pairwise win rates",
-            "",
-            f"Judge: {setup.get('judge', '?')}. Each pair is judged on every prompt in both orders; ties count "
-            "half. The interval resamples prompts. A pair whose interval contains 50% is marked "
-            f"**{NO_DIFFERENCE}**: on these prompts the judge cannot tell the two models apart. `consistent` "
-            "is the share of prompts where both orders agree.",
-            "",
-            "| pair | win rate | verdict | judged | unparsed | consistent |",
-            "|---|---|---|---|---|---|",
-        ]
-        for pair, e in W.items():
-            a = e["all"]
-            lines.append(
-                f"| {pair.replace('_vs_', ' vs ')} | {_ci(a, True, 'win_rate')} | {_pair_words(pair, a)} "
-                f"| {a['judgments'] - a['unparsed']} of {a['judgments']} | {a['unparsed']} "
-                f"| {_fmt(a['consistent'], True)} |"
-            )
-    cats = [c for c in CATEGORIES if any(a["category"] == c for a in answers)]
-    for title, field, pct in (
-        ("Stops at end-of-turn", "stop_rate", True),
-        ("Answer match (prompts with an answer key)", "answer_match", True),
-        ("ROUGE-L F1 against the reference answer", "reference_rouge", False),
-        ("Reward-model score", "reward", False),
-        ("Response length (tokens)", "length_tokens", False),
-    ):
-        langs = sorted({a["lang"] for a in answers})
-        shown = [c for c in cats + langs if any(c in M[m][field] for m in models)]
-        if not shown:
-            continue
-        lines += [
-            "",
-            f"### {title} by category and language",
-            "",
-            "| group | " + " | ".join(models) + " |",
-            "|" + "---|" * (len(models) + 1),
-        ]
-        lines += [
-            f"| {TITLES[c] + f' (`{c}`)' if c in TITLES else f'`{c}`'} | "
-            + " | ".join(_ci(M[m][field].get(c), pct) for m in models)
-            + " |"
-            for c in shown
-        ]
-    if W:
-        wcats = [c for c in cats if any(c in e for e in W.values())]
-        lines += [
-            "",
-            "### Pairwise win rate by category",
-            "",
-            f"A cell marked ≈ is {NO_DIFFERENCE} (its interval contains 50%).",
-            "",
-            "| pair | " + " | ".join(wcats) + " |",
-            "|" + "---|" * (len(wcats) + 1),
-        ]
-        for pair, e in W.items():
-            lines.append(
-                f"| {pair.replace('_vs_', ' vs ')} | "
-                + " | ".join(
-                    "–"
-                    if c not in e
-                    else _fmt(e[c]["win_rate"], True) + (" ≈" if e[c]["verdict"] == NO_DIFFERENCE else "")
-                    for c in wcats
-                )
-                + " |"
-            )
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    lines += ["", "## Answers side by side", ""]
-    by_prompt: dict[str, dict[str, dict]] = {}
-    for a in answers:
-        by_prompt.setdefault(f"{a['id']}/{a['lang']}", {})[a["model"]] = a
-    for c in cats:
-        lines += [f"### {TITLES[c]} (`{c}`)", ""]
-        for per_model in by_prompt.values():
-            first = next(iter(per_model.values()))
-            if first["category"] != c:
-                continue
-            lines += [f"***User*** ({first['lang']}):", "", _quote(first["prompt"]), ""]
-            for m in models:
-                a = per_model.get(m)
-                if a is None:
-                    continue
-                if not a["ok"]:
-                    lines += [f"***{m}***: generation failed: {a['error']}", ""]
-                    continue
-                tags = [
-                    f"reward {_fmt(a['reward'])}",
-                    f"{a['tokens']} tokens"
-                    + ("" if a["stopped"] else (", looping at the cap" if a["loop"] else ", cut at the cap")),
-                ]
-                tags += [] if a["reference_rouge"] is None else [f"ROUGE-L {_fmt(a['reference_rouge'])}"]
-                tags += ["refusal"] if a["refusal"] else []
-                tags += [] if a["answer_match"] is None else ["answer ✓" if a["answer_match"] else "answer ✗"]
-                lines += [f"***{m}*** ({', '.join(tags)}):", "", _quote(a["response"]), ""]
-            lines += ["---", ""]
-    return "\n".join(lines) + "\n"
-
-
-def write_plots(out_dir: str | Path, metrics: dict, models: list[str]) -> list[str]:
-    """Bar charts with 95% error bars: reward, ROUGE-L and length per category, stop rate, win rates; the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    M = metrics["models"]
-    written = []
-
-    def bars(name, title, ylabel, groups, series, key="mean", line=None):
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(series)) / 2), 3.6))
-        width = 0.8 / max(1, len(series))
-        for i, (label, ests) in enumerate(series.items()):
-            xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-            vals = [e[key] if e and e.get(key) is not None else 0.0 for e in ests]
-            err = [
-                [max(0.0, v - e["ci"][0]) if e and e.get("ci") else 0.0 for v, e in zip(vals, ests, strict=True)],
-                [max(0.0, e["ci"][1] - v) if e and e.get("ci") else 0.0 for v, e in zip(vals, ests, strict=True)],
-            ]
-            ax.bar(xs, vals, width, yerr=err, capsize=2, label=label)
-        ax.set_xticks(range(len(groups)), groups, rotation=20)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        ax.axhline(0, color="black", linewidth=0.5)
-        if line is not None:
-            ax.axhline(line, color="grey", linewidth=0.8, linestyle="--")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        with io.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-        written.append(str(path))
-
-    def groups_of(field):
-        return ["all"] + [c for c in CATEGORIES if any(c in M[m][field] for m in models)]
-
-    for name, title, ylabel, field in (
-        ("reward_by_category", "Reward-model score (mean, 95% CI)", "score", "reward"),
-        ("rouge_by_category", "ROUGE-L F1 vs reference (mean, 95% CI)", "ROUGE-L", "reference_rouge"),
-        ("length_by_category", "Response length (mean tokens, 95% CI)", "tokens", "length_tokens"),
-        ("stop_rate_by_category", "Stops at end-of-turn (share, 95% CI)", "share", "stop_rate"),
-    ):
-        if any(M[m][field] for m in models):
-            g = groups_of(field)
-            bars(name, title, ylabel, g, {m: [M[m][field].get(x) for x in g] for m in models})
-    if metrics["win_rate"]:
-        wgroups = ["all"] + [c for c in CATEGORIES if any(c in e for e in metrics["win_rate"].values())]
-        bars(
-            "win_rate",
-            "Pairwise win rate (both orders, ties half, 95% CI)",
-            "win rate",
-            wgroups,
-            {p.replace("_vs_", " vs "): [e.get(g) for g in wgroups] for p, e in metrics["win_rate"].items()},
-            key="win_rate",
-            line=0.5,
-        )
-    return written

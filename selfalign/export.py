@@ -4,22 +4,37 @@ The card records what produced the weights: every upstream stage of the exported
 directory in dvc.lock (its command, the md5 of each dependency and output, and its params
 values), the metrics those stages wrote, and the evaluate stage's numbers for this model. A
 reader can check any input against the lock, and `dvc repro` at that commit gives the same
-weights. Functions here are pure over the parsed lock and metrics, except `load_source`/`save_export`.
+weights. Functions here are pure over the parsed lock and metrics, except `load_source` (loads, and
+merges an adapter) and the file readers `read_lock`, `file_md5`, `file_table` and `stage_metrics`; the
+export stage saves the directory. `ExportConfig` is the stage's params section.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shlex
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from selfalign import chat, models
+from selfalign import chat, device, io, models
+from selfalign.config import Config
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclasses.dataclass
+class ExportConfig(Config):
+    """params.yaml `export:` (the comments there say what each key is for)."""
+
+    # the --model NAME=DIR shipped; preferred: the one params.yaml's top-level `prefer` names (dpo.exported_model)
+    model: Literal["preferred", "ppo", "dpo", "final", "m0"] = "preferred"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # saved weights; auto keeps the source's
+    base: str = ""  # a bare LoRA adapter's base model dir ("" = its adapter_config's path)
 
 
 class ExportError(RuntimeError):
@@ -59,7 +74,8 @@ def adapter_base(adapter_dir: str | Path, base_dir: str | None = None) -> Path:
 
 
 def load_source(model_dir: str | Path, dtype: str = "auto", base_dir: str | None = None):
-    """(model, tokenizer, merged_from) for a model directory or an adapter (merged into its base)."""
+    """(model, tokenizer, merged_from) for a model directory or an adapter (merged into its base), in `dtype`
+    (auto | fp32 | bf16; auto keeps the source's)."""
     model_dir = Path(model_dir)
     merged_from = None
     if is_adapter_dir(model_dir):
@@ -72,8 +88,11 @@ def load_source(model_dir: str | Path, dtype: str = "auto", base_dir: str | None
         tok_dir = model_dir
     else:
         raise ExportError(f"{model_dir}: neither a model directory (config.json) nor a LoRA adapter ({ADAPTER_CONFIG})")
-    if dtype != "auto":
-        model = model.to(models._torch_dtype(dtype))
+    if dtype != "auto":  # the weights only: model.to(dtype) would also round buffers kept in fp32 (rotary
+        # inv_freq), and the reload check would then compare a model unlike the one a reload gives
+        target = models._torch_dtype(device.DTYPE_OF.get(dtype, dtype))
+        for param in model.parameters():
+            param.data = param.data.to(target)
     return model, chat.load_tokenizer(tok_dir), merged_from
 
 
@@ -96,9 +115,7 @@ def file_table(export_dir: str | Path) -> list[dict]:
     out = []
     for p in sorted(Path(export_dir).rglob("*")):
         if p.is_file() and p.name != "README.md":
-            out.append(
-                {"file": str(p.relative_to(export_dir)), "bytes": p.stat().st_size, "sha256": models.sha256_file(p)}
-            )
+            out.append({"file": str(p.relative_to(export_dir)), "bytes": p.stat().st_size, "sha256": io.sha256_file(p)})
     return out
 
 

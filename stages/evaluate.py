@@ -2,78 +2,39 @@
 
     python stages/evaluate.py --params params.yaml --model base=models/base --model m0=models/m0 \
         --model final=models/final --model ppo=models/ppo --model dpo=models/dpo --reward-model models/reward \
-        --prompts data/eval/prompts.jsonl --heldout data/clean/seed.jsonl --judge-prompt prompts/evaluate.txt \
-        --lock dvc.lock --cache cache/evaluate --output-dir reports/evaluate --metrics metrics/evaluate.json
+        --prompts data/eval/prompts.jsonl --heldout data/clean/seed.jsonl --eval-fraction 0.1 \
+        --judge-prompt prompts/evaluate.txt --lock dvc.lock --cache cache/evaluate --output-dir reports/evaluate \
+        --metrics metrics/evaluate.json
 
 For every model in `evaluate.models` (the base first, so every trained model is compared with where
-it started; `preferred` stands for what params.yaml's top-level `prefer` names: ppo, dpo or both): greedy answers to the first `prompts_per_category` prompts of each category and language
-(through llm.py's local engine and its cache, so a killed run resumes), how often an answer stops at
-the end-of-turn token rather than the cap, answer-key matches, ROUGE-L against the reference answers,
-perplexity of the held-out seed responses and of the reference answers, reward-model scores, length
-and refusals. Every later model is judged against every earlier one, in both orders, by the reference
-judge (default), the reward model PPO optimised, or an LLM. Every number carries a bootstrap 95%
-interval. dvc.lock, when given, is read (not a dep) to say whether distill's teacher is the student's base.
+it started; `preferred` stands for what params.yaml's top-level `prefer` names: ppo, dpo or both):
+greedy answers to the first `prompts_per_category` prompts of each category and language (through
+`evaluate.engine`, llm.py's local engine or vLLM, and its cache, so a killed run resumes), how often an
+answer stops at the end-of-turn token rather than the cap, answer-key matches, ROUGE-L against the
+reference answers, perplexity of the seed responses sft held out (`--eval-fraction`: dvc.yaml passes
+sft.train.eval_fraction) and of the reference answers, reward-model scores, length and refusals.
+Every later model is judged against every earlier one, in both orders, by the reference judge
+(default), the reward model PPO optimised, or an LLM. Every number carries a bootstrap 95% interval.
+dvc.lock, when given, is read (not a dep) to say whether distill's teacher is the student's base.
+The measures are selfalign/evaluate.py's; selfalign/report.py renders report.md and the plots.
 Outputs: metrics/evaluate.json, reports/evaluate/{report.md,answers.jsonl,judgments.jsonl,*.png}.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from selfalign import chat, device, dpo, io, llm, models, params, records, shard  # noqa: E402
-from selfalign import evaluate as ev  # noqa: E402
-from selfalign import export as ex  # noqa: E402
-from selfalign import reward as rm  # noqa: E402
+from selfalign import chat, cli, device, dpo, io, llm, models, params, records, report, shard
+from selfalign import evaluate as ev
+from selfalign import export as ex
+from selfalign import reward as rm
+from selfalign.sft import TrainConfig
 
 log = logging.getLogger("evaluate")
-
-DEFAULTS = {
-    "models": ["base", "m0", "final", "preferred"],  # preferred: ppo, dpo or both, by params.yaml's top-level prefer
-    "languages": ["en", "fr", "ms"],
-    "prompts_per_category": 3,
-    "max_new_tokens": 96,
-    "batch_size": 8,
-    "dtype": "bfloat16",
-    "threads": 0,
-    "heldout_fraction": None,
-    "heldout_max": 32,
-    "ppl_max_length": 512,
-    "ppl_batch_size": 4,
-    "reward_batch_size": 8,
-    "judge": "reference",
-    "tie_margin": 0.0,
-    "bootstrap_resamples": 1000,
-    "seed": 0,
-    "judge_engine": {},
-    "judge_max_tokens": 16,
-    "engine": {},
-}
-
-
-def answer_spec(model_dir: str, cfg: dict) -> dict:
-    """The llm.py spec that answers with one model dir: local (batch_size, dtype, threads above) or vLLM on a GPU."""
-    spec = {
-        "kind": "local",
-        "batch_size": cfg["batch_size"],
-        "dtype": cfg["dtype"],
-        "threads": cfg["threads"],
-        **cfg["engine"],
-        "model": model_dir,
-    }
-    if spec["kind"] not in ("local", "vllm"):
-        raise params.ParamsError(
-            f"evaluate.engine.kind: {spec['kind']!r}: the evaluated models are directories, "
-            "answered in-process by local or vllm (an endpoint can be the judge: judge_engine)"
-        )
-    return spec
 
 
 def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
@@ -89,7 +50,7 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
         raise click.UsageError(
             f"evaluate.models lists {', '.join(missing)} but no --model NAME=DIR gives its directory"
         )
-    if len(set(wanted)) != len(wanted) or not wanted:
+    if len(set(wanted)) != len(wanted) or not wanted:  # `preferred` can expand to a model listed by name too
         raise click.UsageError(f"evaluate.models must name distinct models, got {wanted}")
     for m in wanted:
         if not Path(given[m], "config.json").is_file():
@@ -97,11 +58,13 @@ def parse_models(pairs: tuple[str, ...], wanted: list[str]) -> dict[str, str]:
     return {m: given[m] for m in wanted}
 
 
-def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: str, sh: shard.Sharding) -> list[dict]:
+def generate(
+    name: str, model_dir: str, prompts: list[dict], cfg: ev.EvaluateConfig, cache: str, sh: shard.Sharding
+) -> list[dict]:
     system = models.read_info(model_dir).get("system")
-    engine = llm.make_engine(answer_spec(model_dir, cfg), cache)
+    engine = llm.make_engine(cfg.answer_spec(model_dir), cache)
     reqs = [
-        llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg["max_new_tokens"], temperature=0.0)
+        llm.Request(messages=ev.prompt_messages(p, system), max_tokens=cfg.max_new_tokens, temperature=0.0)
         for p in prompts
     ]
     results = sh.complete(engine, reqs, [shard.record_key(p) for p in prompts], "evaluate", call=f"evaluate:{name}")
@@ -124,47 +87,23 @@ def generate(name: str, model_dir: str, prompts: list[dict], cfg: dict, cache: s
     ]
 
 
-def held_out_perplexity(model_dir: str, seed: list[dict], references: list[dict], cfg: dict) -> dict:
+def held_out_perplexity(
+    model_dir: str, seed: list[dict], references: list[dict], cfg: ev.EvaluateConfig, eval_fraction: float
+) -> dict:
     """Perplexity of the held-out seed responses and of the eval prompts' reference answers; parameter count."""
     system = models.read_info(model_dir).get("system")
-    convs = ev.heldout_conversations(seed, cfg["heldout_fraction"], cfg["heldout_max"], system)
-    # float32 on the process's device (selfalign/device.py): perplexities compare across models and machines
+    convs = ev.heldout_conversations(seed, eval_fraction, cfg.heldout_max, system)
+    # fp32 on the process's device (selfalign/device.py): perplexities compare across models and machines
     model, tok = (
-        models.load_model(model_dir, "float32").to(device.resolve_device("auto")),
+        models.load_model(model_dir, device.DTYPE_OF["fp32"]).to(device.resolve_device("auto")),
         chat.load_tokenizer(model_dir),
     )
-    boot = (cfg["bootstrap_resamples"], cfg["seed"])
-    out = ev.perplexity(model, tok, convs, cfg["ppl_batch_size"], cfg["ppl_max_length"], *boot)
+    boot = (cfg.bootstrap_resamples, cfg.seed)
+    out = ev.perplexity(model, tok, convs, cfg.ppl_batch_size, cfg.ppl_max_len, *boot)
     ref = ev.perplexity(
-        model, tok, ev.reference_conversations(references, system), cfg["ppl_batch_size"], cfg["ppl_max_length"], *boot
+        model, tok, ev.reference_conversations(references, system), cfg.ppl_batch_size, cfg.ppl_max_len, *boot
     )
     return {"perplexity": out, "reference_perplexity": ref, "params": sum(p.numel() for p in model.parameters())}
-
-
-def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: str, cache: str, judge_log: list):
-    if cfg["judge"] == "reference":
-        refs = {p["prompt"]: p["meta"]["reference"] for p in prompts if p["meta"].get("reference")}
-        return ev.reference_judge(refs), (
-            "reference judge: the answer with the higher ROUGE-L F1 against the "
-            "prompt's reference answer wins (equal is a tie); prompts without a "
-            "reference are not judged"
-        )
-    if cfg["judge"] == "reward":
-        scores = {(r["prompt"], r["response"]): r["reward"] for r in rows if r["ok"]}
-        return ev.reward_judge(scores, cfg["tie_margin"]), (
-            f"the reward model (tie margin {cfg['tie_margin']}). **This is the reward model PPO optimised**: ppo was "
-            "trained to raise exactly this score, so its win rates against the others measure that optimisation, "
-            "not an independent preference"
-        )
-    if cfg["judge"] == "llm":
-        if not cfg["judge_engine"]:
-            raise click.UsageError("evaluate.judge=llm needs evaluate.judge_engine (an llm.py spec, e.g. kind: openai)")
-        template = Path(template_path).read_text(encoding="utf-8")
-        engine = llm.make_engine(cfg["judge_engine"], cache)
-        return ev.llm_judge(
-            engine, template, cfg["judge_max_tokens"], judge_log
-        ), f"LLM {cfg['judge_engine'].get('model')}"
-    raise click.UsageError(f"evaluate.judge {cfg['judge']!r}: expected reference, reward or llm")
 
 
 @click.command()
@@ -174,6 +113,14 @@ def make_judge(cfg: dict, rows: list[dict], prompts: list[dict], template_path: 
 @click.option("--reward-model", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--heldout", required=True, type=click.Path(exists=True, dir_okay=False), help="Seed chat records.")
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(0, 1),
+    default=TrainConfig().eval_fraction,
+    show_default=True,
+    help="The share of the seed sft held out of training (dvc.yaml passes sft.train.eval_fraction); "
+    "perplexity is measured on those records.",
+)
 @click.option("--judge-prompt", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--lock",
@@ -197,6 +144,7 @@ def main(
     reward_model,
     prompts,
     heldout,
+    eval_fraction,
     judge_prompt,
     lock_path,
     cache,
@@ -208,44 +156,39 @@ def main(
     dry_run,
     gpu_gib,
 ):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = params.resolve(ev.EvaluateConfig, params_file, "evaluate", overrides)
+    prefer = dpo.read_prefer(params_file)  # the top-level key, checked against ppo | dpo | both where it is read
+    cli.setup_logging()
     sh = shard.Sharding("evaluate", shard_spec, merge_shards, shard_dir, output_dir)
-    cfg = params.resolve(DEFAULTS, params_file, "evaluate", overrides)
-    dirs = parse_models(model_opts, dpo.expand_preferred(cfg["models"], dpo.read_prefer(params_file)))
+    dirs = parse_models(model_opts, dpo.expand_preferred(cfg.models, prefer))
     if dry_run:  # every evaluated model has the base's architecture: the first stands for all
         from selfalign import memory
 
         first = next(iter(dirs.values()))
-        click.echo(
-            memory.dry_run_plans(
-                memory.stage_inference_plans(
-                    "evaluate",
-                    cfg,
-                    first,
-                    params_file,
-                    spec=answer_spec(first, cfg),
-                    reward_model=reward_model,
-                    gpu_gib=gpu_gib,
-                )
-            )
+        # memory.stage_inference_plans reads the settings under their pre-EvaluateConfig names
+        legacy = {"dtype": cfg.engine.dtype, "ppl_max_length": cfg.ppl_max_len}
+        plans = memory.stage_inference_plans(
+            "evaluate",
+            {**cfg.to_dict(), **legacy},
+            first,
+            params_file,
+            spec=cfg.answer_spec(first).to_dict(),
+            reward_model=reward_model,
+            gpu_gib=gpu_gib,
         )
+        click.echo(memory.dry_run_plans(plans))
         return
-    if cfg["threads"]:
+    if cfg.engine.threads:
         import torch
 
-        torch.set_num_threads(cfg["threads"])  # generation, perplexity and reward scoring alike
-    if cfg["heldout_fraction"] is None:  # one source of truth: the share sft kept out of training
-        if not params_file:
-            raise click.UsageError("evaluate.heldout_fraction is null (= sft.train.eval_fraction) but no --params file")
-        cfg["heldout_fraction"] = params.section(params_file, "sft.train").get("eval_fraction")
-        if not isinstance(cfg["heldout_fraction"], (int, float)):
-            raise click.UsageError(
-                f"{params_file}: evaluate.heldout_fraction is null but sft.train.eval_fraction is not a number"
-            )
-    all_prompts = ev.load_prompts(prompts)
-    chosen = ev.select_prompts(all_prompts, cfg["prompts_per_category"], cfg["languages"])
+        torch.set_num_threads(cfg.engine.threads)  # generation, perplexity and reward scoring alike
+    try:
+        all_prompts = ev.load_prompts(prompts)
+    except ev.EvalSetError as e:
+        raise click.ClickException(str(e)) from None
+    chosen = ev.select_prompts(all_prompts, cfg.prompts_per_category, cfg.languages)
     if not chosen:
-        raise click.UsageError(f"{prompts}: no prompt in languages {cfg['languages']}")
+        raise click.UsageError(f"{prompts}: no prompt in languages {cfg.languages}")
     try:
         seed = records.load(heldout)  # any kind: only the chat records sft held out are scored
     except records.RecordError as e:
@@ -254,17 +197,17 @@ def main(
         "%d of %d prompts (%d per category and language, %s); %d answers of up to %d tokens per model; models %s",
         len(chosen),
         len(all_prompts),
-        cfg["prompts_per_category"],
-        "/".join(cfg["languages"]),
+        cfg.prompts_per_category,
+        "/".join(cfg.languages),
         len(chosen),
-        cfg["max_new_tokens"],
+        cfg.max_new_tokens,
         ", ".join(f"{m}={d}" for m, d in dirs.items()),
     )
 
     # the answered prompts' references: as many forward passes as answers (all 60 shipped ones cost ~40% more)
     references = [p for p in chosen if p["meta"].get("reference")]
     teacher = ex.distill_teacher(ex.read_lock(lock_path)) if lock_path else None
-    boot = (cfg["bootstrap_resamples"], cfg["seed"])
+    boot = (cfg.bootstrap_resamples, cfg.seed)
 
     rows, per_model = [], {}
     for name, model_dir in dirs.items():
@@ -272,7 +215,7 @@ def main(
         if sh.is_shard:  # only the answering is sharded: perplexity, reward and judging run in the merge
             continue
         rows += answered
-        per_model[name] = held_out_perplexity(model_dir, seed, references, cfg)
+        per_model[name] = held_out_perplexity(model_dir, seed, references, cfg, eval_fraction)
         ok = [r for r in answered if r["ok"]]
         log.info(
             "%s: %d of %d answers stopped at end-of-turn (cap %d); perplexity held-out %s (%d tokens), "
@@ -280,7 +223,7 @@ def main(
             name,
             sum(r["stopped"] for r in ok),
             len(ok),
-            cfg["max_new_tokens"],
+            cfg.max_new_tokens,
             per_model[name]["perplexity"]["perplexity"],
             per_model[name]["perplexity"]["tokens"],
             per_model[name]["reference_perplexity"]["perplexity"],
@@ -297,23 +240,14 @@ def main(
         ev.prompt_messages({"prompt": r["prompt"]}, r["system"]) + [{"role": "assistant", "content": r["response"]}]
         for r in scored
     ]
-    for r, s in zip(scored, rm.score(rmodel, rtok, convs, cfg["reward_batch_size"]), strict=True):
+    for r, s in zip(scored, rm.score(rmodel, rtok, convs, cfg.reward_batch_size), strict=True):
         r["reward"] = round(s, 4)
     del rmodel
 
     judge_log: list = []
-    judge, judge_name = make_judge(cfg, rows, chosen, judge_prompt, cache, judge_log)
-    judged = [p for p in chosen if cfg["judge"] != "reference" or p["meta"].get("reference")]
-    answer = {(r["id"], r["lang"], r["model"]): r for r in rows}
-    judgments = {}
-    for a, b in itertools.combinations(dirs, 2):
-        both = [(answer[(p["id"], p["lang"], b)], answer[(p["id"], p["lang"], a)]) for p in judged]
-        both = [(rb, ra) for rb, ra in both if rb["ok"] and ra["ok"]]
-        js = ev.judge_both_orders(judge, [(rb["prompt"], rb["response"], ra["response"]) for rb, ra in both])
-        judgments[f"{b}_vs_{a}"] = [
-            j | {"id": rb["id"], "lang": rb["lang"], "category": rb["category"]}
-            for j, (rb, _) in zip(js, both, strict=True)
-        ]
+    judge, judge_name = ev.make_judge(cfg, rows, chosen, judge_prompt, cache, judge_log)
+    judged = [p for p in chosen if cfg.judge != "reference" or p["meta"].get("reference")]
+    judgments = ev.judge_pairs(judge, list(dirs), judged, rows)
 
     metrics = {
         "prompts": {
@@ -327,10 +261,10 @@ def main(
             "seed_records": len(seed),
             "scored": max(p["perplexity"]["conversations"] for p in per_model.values()),
         },
-        "judge": cfg["judge"],
+        "judge": cfg.judge,
         "distill_teacher": teacher,
         "device": device.resolve_device("auto"),
-        "precision": {"answers": cfg["dtype"], "perplexity": "float32", "reward": "float32"},
+        "precision": {"answers": cfg.engine.dtype, "perplexity": "fp32", "reward": "fp32"},
         "models": {},
         "win_rate": ev.win_rates(judgments, *boot),
         **sh.throughput(len(rows)),
@@ -345,22 +279,22 @@ def main(
         io.write_jsonl(out / "judgments.jsonl", [j | {"pair": p} for p, js in judgments.items() for j in js])
         if judge_log:
             io.write_jsonl(out / "judge_replies.jsonl", judge_log)
-        plots = ev.write_plots(out, metrics, list(dirs))
+        plots = report.write_plots(out, metrics, list(dirs))
         setup = {
             "models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()),
             "reward model": f"{reward_model}: the reward model PPO optimised, so its scores are not independent of ppo",
-            "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg['prompts_per_category']} per "
-            f"category and language: {', '.join(cfg['languages'])}); {len(judged)} judged",
-            "generation": f"greedy, at most {cfg['max_new_tokens']} new tokens",
+            "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg.prompts_per_category} per "
+            f"category and language: {', '.join(cfg.languages)}); {len(judged)} judged",
+            "generation": f"greedy, at most {cfg.max_new_tokens} new tokens",
             "judge": judge_name,
-            "intervals": f"percentile bootstrap, 95%, {cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}",
-            "perplexity": f"last assistant turn of up to {cfg['heldout_max']} held-out seed records "
-            f"(heldout_fraction {cfg['heldout_fraction']}) from {heldout}, and of the "
+            "intervals": f"percentile bootstrap, 95%, {cfg.bootstrap_resamples} resamples, seed {cfg.seed}",
+            "perplexity": f"last assistant turn of up to {cfg.heldout_max} held-out seed records "
+            f"(eval_fraction {eval_fraction}) from {heldout}, and of the "
             f"{len(references)} reference answers of the evaluated prompts",
         }
         if teacher:
             setup["distillation teacher"] = ex.teacher_sentence(teacher)
-        (out / "report.md").write_text(ev.render_report(metrics, rows, list(dirs), plots, setup), encoding="utf-8")
+        (out / "report.md").write_text(report.render_report(metrics, rows, list(dirs), plots, setup), encoding="utf-8")
     io.write_json(metrics_path, metrics)
     log.info("wrote %s/report.md and %s", output_dir, metrics_path)
 

@@ -22,31 +22,23 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from selfalign import chat, device, dpo, io, models, params  # noqa: E402
-from selfalign import export as ex  # noqa: E402
+from selfalign import chat, cli, device, dpo, io, models, params, records
+from selfalign import export as ex
 
 log = logging.getLogger("export")
 
-DEFAULTS = {
-    "model": "preferred",
-    "dtype": "auto",
-    "base": "",
-}
 
-
-def choose_source(opts: tuple[str, ...], wanted: str, params_file, evaluation) -> tuple[str, str, str]:
-    """(name, directory, why) of the model to export: the one `--model DIR`, or the NAME=DIR that export.model names."""
+def choose_source(opts: tuple[str, ...], wanted: str, prefer: str, evaluation) -> tuple[str, str, str]:
+    """(name, directory, why) of the model to export: the one `--model DIR`, or the NAME=DIR that export.model names
+    (preferred: the one params.yaml's top-level `prefer` names, read by dpo.read_prefer)."""
     why = f"export.model: {wanted}"
     if wanted == "preferred":
         ev_json = io.read_json(evaluation) if evaluation and Path(evaluation).is_file() else None
-        wanted, why = dpo.exported_model(dpo.read_prefer(params_file), ev_json)
+        wanted, why = dpo.exported_model(prefer, ev_json)
     named = dict(o.split("=", 1) for o in opts if "=" in o)
     if len(named) != len(opts):
         if len(opts) > 1:
@@ -97,18 +89,18 @@ def reload_check(model, export_dir: Path, tok, prompt: str, dev: str = "cpu") ->
     "--gpu-gib", type=float, default=24.0, show_default=True, help="GPU size the --dry-run estimate is held against."
 )
 def main(params_file, overrides, model_opts, evaluation, lock_path, output, metrics_path, dry_run, gpu_gib):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = params.resolve(DEFAULTS, params_file, "export", overrides)
-    name, source, why = choose_source(model_opts, cfg["model"], params_file, evaluation)
+    cfg = params.resolve(ex.ExportConfig, params_file, "export", overrides)
+    prefer = dpo.read_prefer(params_file)  # the top-level key, checked against ppo | dpo | both where it is read
+    cli.setup_logging()
+    name, source, why = choose_source(model_opts, cfg.model, prefer, evaluation)
     if dry_run:
         from selfalign import memory
 
-        click.echo(
-            memory.dry_run_plans(memory.stage_inference_plans("export", cfg, source, params_file, gpu_gib=gpu_gib))
-        )
+        plans = memory.stage_inference_plans("export", cfg.to_dict(), source, params_file, gpu_gib=gpu_gib)
+        click.echo(memory.dry_run_plans(plans))
         return
     try:
-        model, tok, merged_from = ex.load_source(source, cfg["dtype"], cfg["base"] or None)
+        model, tok, merged_from = ex.load_source(source, cfg.dtype, cfg.base or None)
         eot_id = ex.set_generation_config(model, tok)
     except (ex.ExportError, models.ModelError) as e:
         raise click.ClickException(str(e)) from e
@@ -134,9 +126,12 @@ def main(params_file, overrides, model_opts, evaluation, lock_path, output, metr
         lock_path if lock else "(no dvc.lock)",
     )
 
-    sys_msg = [{"role": "system", "content": info["system"]}] if info.get("system") else []
     example = chat.render(
-        tok, sys_msg + [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help?"}]
+        tok,
+        records.with_system(
+            info.get("system"),
+            [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help?"}],
+        ),
     )
     with models.atomic_dir(output) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="50GB")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
 from selfalign import evaluate as ev
-from selfalign import io, llm, records
+from selfalign import io, llm, params, records, report
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "data" / "eval" / "prompts.jsonl"
@@ -148,8 +149,8 @@ def test_a_win_rate_whose_interval_contains_half_is_no_measurable_difference():
     )
     # the report marks it in words
     metrics = {"models": {}, "win_rate": {"b_vs_a": {"all": t}}}
-    report = ev.render_report(metrics, [], [], [], {"judge": "test"})
-    assert f"| b vs a | 60% [{100 * t['ci'][0]:.0f}%–{100 * t['ci'][1]:.0f}%] | {ev.NO_DIFFERENCE} |" in report
+    text = report.render_report(metrics, [], [], [], {"judge": "test"})
+    assert f"| b vs a | 60% [{100 * t['ci'][0]:.0f}%–{100 * t['ci'][1]:.0f}%] | {ev.NO_DIFFERENCE} |" in text
 
 
 def test_reference_judge_prefers_the_answer_closer_to_the_reference():
@@ -431,12 +432,14 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
         "prompts_per_category=1",
         "--set",
         "max_new_tokens=8",
-        "--set",
-        "heldout_fraction=1.0",
+        "--eval-fraction",
+        "1.0",
         "--set",
         "heldout_max=4",
         "--set",
-        "dtype=float32",
+        "engine.dtype=fp32",
+        "--set",
+        "engine.batch_size=8",  # the code default before it became params.yaml's 36
         "--set",
         "bootstrap_resamples=200",
     ]
@@ -516,14 +519,13 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
 
 
 def test_the_reward_judge_says_it_is_the_reward_model_ppo_optimised():
-    stage = load_stage("evaluate")
     rows = [
         {"ok": True, "prompt": "q", "response": "x", "reward": 1.0},
         {"ok": True, "prompt": "q", "response": "y", "reward": 0.0},
     ]
-    judge, name = stage.make_judge({**stage.DEFAULTS, "judge": "reward"}, rows, [], "", "", [])
+    judge, name = ev.make_judge(ev.EvaluateConfig(judge="reward"), rows, [], "", "", [])
     assert judge([("q", "x", "y")]) == ["A"] and "reward model PPO optimised" in name
-    assert stage.DEFAULTS["judge"] == "reference" and stage.DEFAULTS["models"][0] == "base"
+    assert ev.EvaluateConfig().judge == "reference" and ev.EvaluateConfig().models[0] == "base"
 
 
 def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
@@ -582,19 +584,15 @@ def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
 
 
 def test_answer_engine_is_local_by_default_vllm_by_params_and_never_an_endpoint():
-    stage = load_stage("evaluate")
-    cfg = {**stage.DEFAULTS, "batch_size": 4, "dtype": "float32", "threads": 1}
-    assert stage.answer_spec("models/m0", cfg) == {
-        "kind": "local",
-        "batch_size": 4,
-        "dtype": "float32",
-        "threads": 1,
-        "model": "models/m0",
-    }
-    vllm = stage.answer_spec("models/ppo", {**cfg, "engine": {"kind": "vllm", "batch_size": 256, "model": "x"}})
-    assert vllm["kind"] == "vllm" and vllm["batch_size"] == 256 and vllm["model"] == "models/ppo"
-    with pytest.raises(Exception, match="evaluate.engine.kind: 'openai'"):
-        stage.answer_spec("models/m0", {**cfg, "engine": {"kind": "openai"}})
+    cfg = ev.EvaluateConfig.from_dict({"engine": {"batch_size": 4, "dtype": "fp32", "threads": 1}}, "evaluate")
+    assert cfg.answer_spec("models/m0") == llm.EngineSpec(kind="local", batch_size=4, dtype="fp32", threads=1).replace(
+        model="models/m0"
+    )
+    vllm = ev.EvaluateConfig.from_dict({"engine": {"kind": "vllm", "batch_size": 256, "model": "x"}}, "evaluate")
+    spec = vllm.answer_spec("models/ppo")
+    assert spec.kind == "vllm" and spec.batch_size == 256 and spec.model == "models/ppo"
+    with pytest.raises(params.ParamsError, match="evaluate.engine.kind: 'openai'"):
+        ev.EvaluateConfig.from_dict({"engine": {"kind": "openai"}}, "evaluate")
 
 
 def test_bad_heldout_line_names_file_and_line(tmp_path, tiny_model_dir):
@@ -635,3 +633,88 @@ def test_bad_heldout_line_names_file_and_line(tmp_path, tiny_model_dir):
         ],
     )
     assert res.exit_code != 0 and f"{heldout}:3:" in res.output, res.output
+
+
+# ---------------------------------------------------------------- params: typed, range-checked, one home
+
+
+def _stage_args(tmp_path):
+    """Every required option, pointing at files that exist: a run that gets past them reaches params.resolve."""
+    return [
+        "--model",
+        f"base={ROOT}",
+        "--reward-model",
+        str(ROOT / "prompts"),
+        "--prompts",
+        str(PROMPTS),
+        "--heldout",
+        str(PROMPTS),
+        "--judge-prompt",
+        str(ROOT / "prompts" / "evaluate.txt"),
+        "--cache",
+        str(tmp_path / "c"),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "setting, expect",
+    [
+        ("judge=gpt", ["reference | reward | llm"]),
+        ("bootstrap_resamples=-1", ["1 <="]),
+        ("max_new_tokens=0", ["1 <="]),
+        ("engine.kind=gpt5", ["local | openai | vllm"]),
+        ("engine.kind=openai", ["local or vllm"]),  # an endpoint can judge, never answer as an evaluated model
+        ("engine.dtype=bfloat16", ["fp32 | bf16 | fp16 | auto"]),  # the old spelling is gone
+        ("prompts_per_category=two", ["an integer"]),
+        ("tie_margin=-0.5", ["0 <="]),
+        ("languages=fr", ["a list of strings"]),
+        ("judge=llm", ["judge_engine.model"]),  # an LLM judge must be named
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(setting, expect, tmp_path):
+    assert_rejected(load_stage("evaluate").main, _stage_args(tmp_path), setting, *expect)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "nope=1",
+        "heldout_fraction=0.1",  # the SFT split comes from --eval-fraction (dvc.yaml: sft.train.eval_fraction) only
+        "ppl_max_length=512",  # renamed ppl_max_len
+        "judge_max_tokens=16",  # renamed judge_max_new_tokens
+        "batch_size=8",  # now engine.batch_size: each setting has one home
+    ],
+)
+def test_an_unknown_or_renamed_key_is_rejected(setting, tmp_path):
+    """(assert_rejected wants the value in the line; an unknown key's error names the key and the known ones.)"""
+    res = CliRunner().invoke(load_stage("evaluate").main, [*_stage_args(tmp_path), "--set", setting])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    key = setting.split("=")[0]
+    assert res.exit_code == 2 and len(errors) == 1 and f"evaluate: unknown key {key!r}" in errors[0], res.output
+
+
+def test_params_yaml_values_are_typed_and_a_yaml_exponent_is_a_float(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("evaluate:\n  tie_margin: 1e-4\n  engine: {threads: 1}\n")  # YAML 1.1 reads 1e-4 as a string
+    cfg = params.resolve(ev.EvaluateConfig, p, "evaluate")
+    assert cfg.tie_margin == 1e-4 and isinstance(cfg.tie_margin, float)
+    # the engine merges key by key over the stage's defaults: batch_size and dtype stay evaluate's
+    assert (cfg.engine.threads, cfg.engine.batch_size, cfg.engine.dtype) == (1, 36, "bf16")
+    shipped = params.resolve(ev.EvaluateConfig, ROOT / "params.yaml", "evaluate")
+    assert shipped == ev.EvaluateConfig()  # one home per default: the pipeline's values are the code's
+    with pytest.raises(params.ParamsError, match=r"evaluate.models: \['base', 'base'\] names a model twice"):
+        ev.EvaluateConfig.from_dict({"models": ["base", "base"]}, "evaluate")
+
+
+def test_prefer_and_eval_fraction_are_checked_where_read(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("prefer: best\nevaluate: {}\n")
+    res = CliRunner().invoke(load_stage("evaluate").main, [*_stage_args(tmp_path), "--params", str(p)])
+    assert res.exit_code == 2 and "prefer: 'best' is not one of ppo | dpo | both" in res.output, res.output
+    res = CliRunner().invoke(load_stage("evaluate").main, [*_stage_args(tmp_path), "--eval-fraction", "1.5"])
+    assert res.exit_code == 2 and "--eval-fraction" in res.output and "1.5" in res.output, res.output

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from config_checks import assert_rejected
 from stage_loader import load_stage
 
-from selfalign import chat
+from selfalign import chat, params
 from selfalign import export as ex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,7 +250,7 @@ def test_export_round_trip_through_the_server(tmp_path, monkeypatch):
             "--metrics",
             "metrics/export.json",
             "--set",
-            "dtype=float32",
+            "dtype=fp32",
         ],
         catch_exceptions=False,
     )
@@ -333,3 +334,48 @@ def test_an_adapter_without_a_local_base_is_an_error(tmp_path, cfg):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ex.ExportError, match="export.base"):
         ex.adapter_base(d)
+
+
+# ---------------------------------------------------------------- params: typed, checked before any work
+
+
+@pytest.mark.parametrize(
+    "setting, expect",
+    [
+        ("model=best", ["preferred | ppo | dpo | final | m0"]),
+        ("dtype=float32", ["auto | fp32 | bf16"]),  # the old spelling is gone
+        ("dtype=fp16", ["auto | fp32 | bf16"]),
+        ("base=3", ["a string"]),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_work(setting, expect, tmp_path):
+    args = ["--model", str(tmp_path), "--output", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]
+    assert_rejected(load_stage("export").main, args, setting, *expect)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_an_unknown_key_and_a_bad_prefer_are_rejected(tmp_path):
+    """(assert_rejected wants the value in the line; an unknown key's error names the key and the known ones.)"""
+    args = ["--model", str(tmp_path), "--output", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]
+    res = CliRunner().invoke(load_stage("export").main, [*args, "--set", "nope=1"])
+    assert res.exit_code == 2 and "export: unknown key 'nope'; known keys: base, dtype, model" in res.output, res.output
+    p = tmp_path / "params.yaml"
+    p.write_text("prefer: best\nexport: {}\n")
+    res = CliRunner().invoke(load_stage("export").main, [*args, "--params", str(p)])
+    assert res.exit_code == 2 and "prefer: 'best' is not one of ppo | dpo | both" in res.output, res.output
+
+
+def test_code_defaults_are_params_yaml_and_bf16_saves_bfloat16_weights(tmp_path, tiny_model_dir, monkeypatch):
+    assert params.resolve(ex.ExportConfig, ROOT / "params.yaml", "export") == ex.ExportConfig()
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, "models/final")
+    res = CliRunner().invoke(
+        load_stage("export").main,
+        ["--model", "models/final", "--output", "models/export", "--metrics", "m.json", "--set", "dtype=bf16"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads(Path("m.json").read_text())
+    assert m["dtype"] == "bfloat16" and m["reload_max_logit_diff"] < 1e-4
+    saved = json.loads(Path("models/export/config.json").read_text())
+    assert (saved.get("dtype") or saved.get("torch_dtype")) == "bfloat16"  # the key transformers writes
