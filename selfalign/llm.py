@@ -93,20 +93,20 @@ class SpecError(ParamsError, ValueError):
 
 
 def engine_spec(spec: EngineSpec | dict, where: str = "engine") -> EngineSpec:
-    """`spec` as a validated EngineSpec with `model` filled (models/base when empty). A dict is read with
-    EngineSpec.from_dict; its dtype may still be a torch name (float32, bfloat16, float16) from callers
-    written before the one dtype vocabulary."""
-    if isinstance(spec, dict):
-        dtype = spec.get("dtype")
-        if isinstance(dtype, str) and dtype in placement.PRECISION_OF:
-            spec = {**spec, "dtype": placement.PRECISION_OF[dtype]}
-        try:
-            spec = EngineSpec.from_dict(spec, where)
-        except ParamsError as e:
-            raise SpecError(e.message) from None
-    elif not isinstance(spec, EngineSpec):
+    """`spec` validated (an EngineSpec built by hand is checked too; a mapping is read with EngineSpec.from_dict)
+    with `model` filled (models/base when empty). Its dtype may still be a torch name (float32, bfloat16,
+    float16) from callers written before the one dtype vocabulary."""
+    if isinstance(spec, EngineSpec):
+        spec = spec.to_dict()
+    if not isinstance(spec, dict):
         raise SpecError(f"{where}: {spec!r} is not an engine spec (an EngineSpec or a mapping)")
-    return spec.with_model(None)
+    dtype = spec.get("dtype")
+    if isinstance(dtype, str) and dtype in placement.PRECISION_OF:
+        spec = {**spec, "dtype": placement.PRECISION_OF[dtype]}
+    try:
+        return EngineSpec.from_dict(spec, where).with_model(None)
+    except ParamsError as e:
+        raise SpecError(e.message) from None
 
 
 @dataclass

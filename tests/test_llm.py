@@ -77,7 +77,9 @@ def test_make_engine_rejects_a_bad_spec_in_one_line_before_any_work(spec, words)
 
 def test_a_spec_is_an_engine_spec_or_a_mapping_in_either_dtype_spelling(tmp_path):
     spec = llm.EngineSpec(kind="openai", base_url="http://127.0.0.1:9/v1", model="m", concurrency=2)
-    assert llm.engine_spec(spec) is spec and llm.engine_spec(spec.to_dict()) == spec
+    assert llm.engine_spec(spec) == spec == llm.engine_spec(spec.to_dict())
+    with pytest.raises(ParamsError, match="engine.batch_size: 'two' is not an integer"):  # built by hand: checked too
+        llm.make_engine(llm.EngineSpec(batch_size="two"))
     assert llm.engine_spec({}).model == "models/base" == llm.EngineSpec().with_model(None).model
     # torch's names, from callers written before the one vocabulary, read as the params names
     assert (
