@@ -104,6 +104,20 @@ def select_pairs(records: list[dict], sources: list[str] | str) -> tuple[list[di
     return kept, dropped
 
 
+def selection_metrics(records_in: int, kept: int, capped: int, reasons: dict) -> dict:
+    """The metrics keys every filtering stage writes, for the pairs of reward and dpo: records_in = kept
+    (trained on or held out) + rejected, by reason, `capped` being the pairs left out of max_pairs' sample."""
+    by_reason = Counter(reasons)
+    by_reason["capped"] += capped
+    by_reason = {k: v for k, v in sorted(by_reason.items()) if v}
+    return {
+        "records_in": records_in,
+        "kept": kept,
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": by_reason,
+    }
+
+
 def split_heldout(pairs: list[dict], n_heldout: int, salt: str = "reward-heldout") -> tuple[list[dict], list[dict]]:
     """(train, heldout): whole ids held out, in the order of their salted hash, until at least
     `n_heldout` pairs are out, but never more than half of the pairs (training keeps the rest).

@@ -224,6 +224,7 @@ def main(
             "heldout_ci95": held["ci95"],  # Wilson score interval of the accuracy
             "heldout_margin": held["margin"],
             "heldout_length_baseline": length["accuracy"],  # "the longer answer wins" on the same pairs
+            **rm.selection_metrics(len(prefs) + n_self, len(rows_all), capped, Counter(r["reason"] for r in rejected)),
             "pairs_in": len(prefs) + n_self,  # = train + heldout + capped + rejected
             "pairs_train": len(train_rows),
             "pairs_heldout": len(held_rows),

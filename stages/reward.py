@@ -161,6 +161,7 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
 
     losses = [h["loss"] for h in info["log"]]
     n_curation = sum(p["source"] == "curation-scores" for p in pairs)
+    pairs_in = len(prefs) + n_curation + dropped["duplicate_curation"]
     io.write_json(
         metrics_path,
         {
@@ -171,7 +172,8 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
             "heldout_margin": held["margin"],
             "heldout_length_baseline": held["length_baseline"]["accuracy"],  # "the longer answer wins", same pairs
             "heldout_length_baseline_ci95": held["length_baseline"]["ci95"],
-            "pairs_in": len(prefs) + n_curation + dropped["duplicate_curation"],
+            **rm.selection_metrics(pairs_in, len(train) + len(heldout), capped, dropped),
+            "pairs_in": pairs_in,
             "pairs_train": len(train),
             "pairs_heldout": len(heldout),
             "pairs_capped": capped,

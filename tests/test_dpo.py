@@ -295,6 +295,10 @@ def test_stage_trains_and_measures_heldout_implicit_reward_accuracy(tiny_model_d
     m = json.loads((tmp_path / "metrics.json").read_text())
     # 24 good pairs + 2 self-rewarding; the broken and the repeated record rejected with their reasons
     assert m["pairs_rejected"] == {"no_preference": 1, "duplicate": 1}
+    assert m["records_in"] == m["pairs_in"] == m["kept"] + m["rejected"]
+    assert m["kept"] == m["pairs_train"] + m["pairs_heldout"]
+    assert list(m["rejected_by_reason"]) == sorted(m["rejected_by_reason"])
+    assert {k: v for k, v in m["rejected_by_reason"].items() if k != "capped"} == m["pairs_rejected"]
     assert m["pairs_in"] == 26 + 2 == m["pairs_train"] + m["pairs_heldout"] + m["pairs_capped"] + 2
     assert m["pairs_by_source"]["self_rewarding"] == 2 and m["self_rewarding"]["paired"] == 4
     assert m["self_rewarding"]["no_shared_instruction"] == 1 and m["self_rewarding"]["scored_answers"] == 5

@@ -239,6 +239,12 @@ def test_reward_stage_learns_an_obvious_preference(tiny_model_dir, tmp_path):
     assert m["pairs_in"] == m["pairs_train"] + m["pairs_heldout"] + m["pairs_capped"] + sum(m["pairs_dropped"].values())
     assert m["pairs_dropped"].get("source_not_listed", 0) == sum(r["source"] == "mychatgpt-ranking" for r in real)
     assert m["pairs_dropped"].get("duplicate", 0) == 0  # the French copies are pairs of their own
+    # the keys every filtering stage writes: records in = kept (train + held out) + rejected, each under its reason
+    assert m["records_in"] == m["pairs_in"] == m["kept"] + m["rejected"]
+    assert m["kept"] == m["pairs_train"] + m["pairs_heldout"]
+    assert m["rejected_by_reason"] == {
+        k: v for k, v in sorted({**m["pairs_dropped"], "capped": m["pairs_capped"]}.items()) if v
+    }
     assert 20 <= m["pairs_heldout"] <= 21
     assert m["heldout_accuracy"] >= 0.8, m  # chance is 0.5
     lo, hi = m["heldout_ci95"]
