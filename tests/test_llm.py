@@ -272,3 +272,17 @@ def test_the_cache_identity_keeps_torch_dtype_names_so_old_caches_still_hit(tiny
     old = llm.make_engine({"model": str(tiny_model_dir), "dtype": "float32"})
     assert new.identity == old.identity and new.identity["dtype"] == "float32" and new._model is None
     assert new.key(ask("x"), "t") == old.key(ask("x"), "t")
+
+
+def test_generation_dtypes_read_the_params_vocabulary_and_torch_names():
+    from selfalign import generate
+
+    assert [generate.torch_dtype_name(d) for d in ("fp32", "bf16", "fp16", "auto")] == [
+        "float32",
+        "bfloat16",
+        "float16",
+        "auto",
+    ]
+    assert generate.torch_dtype_name("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="'int8': expected one of fp32, bf16, fp16, auto"):
+        generate.torch_dtype_name("int8")
