@@ -165,16 +165,8 @@ def main(
         from selfalign import memory
 
         first = next(iter(dirs.values()))
-        # memory.stage_inference_plans reads the settings under their pre-EvaluateConfig names
-        legacy = {"dtype": cfg.engine.dtype, "ppl_max_length": cfg.ppl_max_len}
         plans = memory.stage_inference_plans(
-            "evaluate",
-            {**cfg.to_dict(), **legacy},
-            first,
-            params_file,
-            spec=cfg.answer_spec(first).to_dict(),
-            reward_model=reward_model,
-            gpu_gib=gpu_gib,
+            "evaluate", cfg, first, params_file, spec=cfg.answer_spec(first), reward_model=reward_model, gpu_gib=gpu_gib
         )
         click.echo(memory.dry_run_plans(plans))
         return

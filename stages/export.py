@@ -96,7 +96,7 @@ def main(params_file, overrides, model_opts, evaluation, lock_path, output, metr
     if dry_run:
         from selfalign import memory
 
-        plans = memory.stage_inference_plans("export", cfg.to_dict(), source, params_file, gpu_gib=gpu_gib)
+        plans = memory.stage_inference_plans("export", cfg, source, params_file, gpu_gib=gpu_gib)
         click.echo(memory.dry_run_plans(plans))
         return
     try:
