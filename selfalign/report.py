@@ -23,6 +23,39 @@ PLUMBING_NOTE = (
 )
 
 
+def setup(
+    cfg,
+    dirs: dict[str, str],
+    *,
+    reward_model: str,
+    prompts_path: str,
+    n_prompts: int,
+    n_chosen: int,
+    n_judged: int,
+    judge_name: str,
+    heldout_path: str,
+    eval_fraction: float,
+    n_references: int,
+    teacher: str | None = None,
+) -> dict[str, str]:
+    """The report's Setup section, one line per item: what was evaluated, on what, judged how (cfg: EvaluateConfig)."""
+    out = {
+        "models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()),
+        "reward model": f"{reward_model}: the reward model PPO optimised, so its scores are not independent of ppo",
+        "prompts": f"{n_chosen} of {n_prompts} in {prompts_path} ({cfg.prompts_per_category} per "
+        f"category and language: {', '.join(cfg.languages)}); {n_judged} judged",
+        "generation": f"greedy, at most {cfg.max_new_tokens} new tokens",
+        "judge": judge_name,
+        "intervals": f"percentile bootstrap, 95%, {cfg.bootstrap_resamples} resamples, seed {cfg.seed}",
+        "perplexity": f"last assistant turn of up to {cfg.heldout_max} held-out seed records "
+        f"(eval_fraction {eval_fraction}) from {heldout_path}, and of the "
+        f"{n_references} reference answers of the evaluated prompts",
+    }
+    if teacher:
+        out["distillation teacher"] = teacher
+    return out
+
+
 def _fmt(x, pct=False):
     if x is None:
         return "–"

@@ -272,20 +272,20 @@ def main(
         if judge_log:
             io.write_jsonl(out / "judge_replies.jsonl", judge_log)
         plots = report.write_plots(out, metrics, list(dirs))
-        setup = {
-            "models": ", ".join(f"`{m}` ({d})" for m, d in dirs.items()),
-            "reward model": f"{reward_model}: the reward model PPO optimised, so its scores are not independent of ppo",
-            "prompts": f"{len(chosen)} of {len(all_prompts)} in {prompts} ({cfg.prompts_per_category} per "
-            f"category and language: {', '.join(cfg.languages)}); {len(judged)} judged",
-            "generation": f"greedy, at most {cfg.max_new_tokens} new tokens",
-            "judge": judge_name,
-            "intervals": f"percentile bootstrap, 95%, {cfg.bootstrap_resamples} resamples, seed {cfg.seed}",
-            "perplexity": f"last assistant turn of up to {cfg.heldout_max} held-out seed records "
-            f"(eval_fraction {eval_fraction}) from {heldout}, and of the "
-            f"{len(references)} reference answers of the evaluated prompts",
-        }
-        if teacher:
-            setup["distillation teacher"] = ex.teacher_sentence(teacher)
+        setup = report.setup(
+            cfg,
+            dirs,
+            reward_model=reward_model,
+            prompts_path=prompts,
+            n_prompts=len(all_prompts),
+            n_chosen=len(chosen),
+            n_judged=len(judged),
+            judge_name=judge_name,
+            heldout_path=heldout,
+            eval_fraction=eval_fraction,
+            n_references=len(references),
+            teacher=ex.teacher_sentence(teacher) if teacher else None,
+        )
         (out / "report.md").write_text(report.render_report(metrics, rows, list(dirs), plots, setup), encoding="utf-8")
     io.write_json(metrics_path, metrics)
     log.info("wrote %s/report.md and %s", output_dir, metrics_path)
