@@ -86,172 +86,126 @@ def single_vs_shards(tmp_path: Path, stage: str, args, outputs: list[str], n: in
     return merged, shards
 
 
-@pytest.mark.slow
-def test_augment_in_three_shards_then_two_over_the_same_cache(varied_model_dir, tmp_path):
+def augment_case(tmp_path: Path, varied: Path, tiny: Path):
     from test_augment import write_web
 
     write_web(tmp_path / "web.jsonl")
     (tmp_path / "backward.txt").write_text("Write the request that this text answers.\n\n{response}\n")
+    inputs = ["--web", str(tmp_path / "web.jsonl"), "--model", str(varied), "--prompt", str(tmp_path / "backward.txt")]
+    sets = ["max_new_tokens=8", "min_instruction_words=1", "engine={kind: local, batch_size: 4, dtype: fp32}"]
+    sets += ["temperature=0", "min_success=0"]  # greedy, as this test was written
 
-    def args(out, cache, metrics):
-        return [
-            "--web",
-            str(tmp_path / "web.jsonl"),
-            "--model",
-            str(varied_model_dir),
-            "--prompt",
-            str(tmp_path / "backward.txt"),
-            "--output-dir",
-            str(out),
-            "--cache",
-            str(cache),
-            "--metrics",
-            str(metrics),
-            "--set",
-            "max_new_tokens=8",
-            "--set",
-            "min_instruction_words=1",
-            "--set",
-            "engine={kind: local, batch_size: 4, dtype: float32}",
-            "--set",
-            "min_success=0",
-        ]
+    def check(merged, shards, args):
+        assert merged["engine"]["calls"] == merged["sampled"] == sum(s["engine"]["calls"] for s in shards) > 0
+        assert io.load_jsonl(tmp_path / "sharded" / "candidates.jsonl"), "some candidates, not only rejects"
+        # Re-sharded over the same cache: nothing is asked twice, and the merge is still the single run's.
+        for i in range(2):
+            invoke(
+                "augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / f"r{i}.json") + ["--shard", f"{i}/2"]
+            )
+            r = io.read_json(tmp_path / f"r{i}.json")
+            assert r["engine"]["calls"] == 0 and r["engine"]["cache_hits"] == r["answered"]
+        invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / "r.json") + ["--merge-shards", "2"])
+        for name in ("candidates.jsonl", "rejected.jsonl"):
+            assert (tmp_path / "re" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+        # A shard file from another input is refused, naming it.
+        res = CliRunner().invoke(
+            load_stage("augment").main,
+            args(tmp_path / "re", tmp_path / "cache2", tmp_path / "x.json")
+            + ["--merge-shards", "2", "--set", "max_segments=3"],
+        )
+        assert res.exit_code != 0 and "made from another input" in res.output
 
-    merged, shards = single_vs_shards(tmp_path, "augment", args, ["candidates.jsonl", "rejected.jsonl"])
-    assert merged["engine"]["calls"] == merged["sampled"] == sum(s["engine"]["calls"] for s in shards) > 0
-    assert io.load_jsonl(tmp_path / "sharded" / "candidates.jsonl"), "some candidates, not only rejects"
-
-    # Re-sharded over the same cache: nothing is asked twice, and the merge is still the single run's.
-    for i in range(2):
-        invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / f"r{i}.json") + ["--shard", f"{i}/2"])
-        r = io.read_json(tmp_path / f"r{i}.json")
-        assert r["engine"]["calls"] == 0 and r["engine"]["cache_hits"] == r["answered"]
-    invoke("augment", args(tmp_path / "re", tmp_path / "cache2", tmp_path / "r.json") + ["--merge-shards", "2"])
-    for name in ("candidates.jsonl", "rejected.jsonl"):
-        assert (tmp_path / "re" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
-
-    # A shard file from another input is refused, naming it.
-    res = CliRunner().invoke(
-        load_stage("augment").main,
-        args(tmp_path / "re", tmp_path / "cache2", tmp_path / "x.json")
-        + ["--merge-shards", "2", "--set", "max_segments=3"],
-    )
-    assert res.exit_code != 0 and "made from another input" in res.output
+    return inputs, sets, ["candidates.jsonl", "rejected.jsonl"], check
 
 
-@pytest.mark.slow
-def test_distill_in_three_shards(varied_model_dir, tmp_path):
+def distill_case(tmp_path: Path, varied: Path, tiny: Path):
     from test_distill import SCORED, SEEDS, SYSTEMS, write
 
     seed, scored = write(tmp_path / "seed.jsonl", SEEDS), write(tmp_path / "scored.jsonl", SCORED)
+    inputs = ["--seed-file", str(seed), "--scored", str(scored), "--teacher", str(varied), "--systems", str(SYSTEMS)]
+    sets = ["max_new_tokens=8", "reject_truncated=false", "min_response_words=1", "orca.n=3", "min_success=0"]
+    sets += ["engine={kind: local, batch_size: 4, dtype: fp32}"]
 
-    def args(out, cache, metrics):
-        return [
-            "--seed",
-            str(seed),
-            "--scored",
-            str(scored),
-            "--teacher",
-            str(varied_model_dir),
-            "--systems",
-            str(SYSTEMS),
-            "--output-dir",
-            str(out),
-            "--cache",
-            str(cache),
-            "--metrics",
-            str(metrics),
-            "--set",
-            "max_new_tokens=8",
-            "--set",
-            "reject_truncated=false",
-            "--set",
-            "min_response_words=1",
-            "--set",
-            "orca.n=3",
-            "--set",
-            "min_success=0",
-            "--set",
-            "engine={kind: local, batch_size: 4, dtype: float32}",
-        ]
+    def check(merged, shards, args):
+        assert merged["teacher_requests"] == 7 and merged["distilled"] > 0
 
-    merged, _ = single_vs_shards(tmp_path, "distill", args, ["distilled.jsonl", "rejected.jsonl"])
-    assert merged["teacher_requests"] == 7 and merged["distilled"] > 0
+    return inputs, sets, ["distilled.jsonl", "rejected.jsonl"], check
 
 
-@pytest.mark.slow
-def test_translate_in_three_shards(varied_model_dir, tmp_path):
+def translate_case(tmp_path: Path, varied: Path, tiny: Path):
     from test_translate import FIX, PROMPT
 
-    def args(out, cache, metrics):
-        return [
-            "--input-dir",
-            str(FIX),
-            "--output-dir",
-            str(out),
-            "--model",
-            str(varied_model_dir),
-            "--cache",
-            str(cache),
-            "--metrics",
-            str(metrics),
-            "--prompt",
-            str(PROMPT),
-            "--set",
-            "engine.dtype=float32",
-            "--set",
-            "max_tokens=24",
-            "--set",
-            "kinds=[chat, prompt, preference]",
-            "--set",
-            "max_chars=0",
-            "--set",
-            "langs=[fr, ms]",
-            "--set",
-            "min_success=0",
-        ]
+    inputs = ["--input-dir", str(FIX), "--model", str(varied), "--prompt", str(PROMPT)]
+    sets = ["engine.dtype=fp32", "max_new_tokens=24", "kinds=[chat, prompt, preference]", "max_chars=0"]
+    sets += ["langs=[fr, ms]", "min_success=0"]
+    sets += [
+        "max_records=12",
+        "max_spans=-1",
+        "tokens_per_char=0.75",
+        "temperature=0",
+    ]  # the code defaults it was written on
 
-    files = ["seed.jsonl", "web.jsonl", "preference.jsonl", "prompts.jsonl", "failed.jsonl"]
-    merged, _ = single_vs_shards(tmp_path, "translate", args, files)
-    assert merged["translated"] >= 1 and merged["translations_asked"] == 19
+    def check(merged, shards, args):
+        assert merged["translated"] >= 1 and merged["translations_asked"] == 19
+
+    return inputs, sets, ["seed.jsonl", "web.jsonl", "preference.jsonl", "prompts.jsonl", "failed.jsonl"], check
 
 
-@pytest.mark.slow
-def test_curate_generate_mode_in_three_shards(varied_model_dir, tmp_path):
+def curate_generate_case(tmp_path: Path, varied: Path, tiny: Path):
     from test_curate import RUBRIC, write_candidates
 
     write_candidates(tmp_path / "candidates.jsonl")
+    inputs = ["--iteration", "iter1", "--candidates", str(tmp_path / "candidates.jsonl"), "--model", str(varied)]
+    inputs += ["--rubric", str(RUBRIC)]
+    sets = ["mode=generate", "max_new_tokens=4", "min_success=0", "select.mode=threshold", "select.threshold=1.0"]
+
+    def check(merged, shards, args):
+        assert merged["engine"]["calls"] == 5
+
+    return inputs, sets, ["scored.jsonl", "kept.jsonl", "rejected.jsonl"], check
+
+
+def evaluate_case(tmp_path: Path, varied: Path, tiny: Path):
+    """Only the answering is sharded (two models, one call each); perplexity, reward and judging run in the merge."""
+    from test_evaluate import PROMPTS, ROOT, _seed_records, _tiny_reward_model
+
+    rm_dir = _tiny_reward_model(tmp_path / "rm", tiny)
+    io.write_jsonl(tmp_path / "seed.jsonl", _seed_records(4))
+    inputs = ["--model", f"base={tiny}", "--model", f"tuned={varied}", "--reward-model", str(rm_dir)]
+    inputs += ["--prompts", str(PROMPTS), "--heldout", str(tmp_path / "seed.jsonl"), "--eval-fraction", "1.0"]
+    inputs += ["--judge-prompt", str(ROOT / "prompts" / "evaluate.txt")]
+    sets = ["models=[base, tuned]", "prompts_per_category=1", "max_new_tokens=8", "heldout_max=2"]
+    sets += ["engine.dtype=fp32", "bootstrap_resamples=50"]
+
+    def check(merged, shards, args):
+        assert all(set(s["calls"]) == {"evaluate:base", "evaluate:tuned"} for s in shards)
+        assert sum(s["answered"] for s in shards) == 2 * 18
+
+    return inputs, sets, ["answers.jsonl", "judgments.jsonl", "report.md"], check
+
+
+# One run against 3 shard runs + a merge, per sharded stage: (stage, how its inputs and params are made).
+SHARDED = [
+    ("augment", augment_case),
+    ("distill", distill_case),
+    ("translate", translate_case),
+    ("curate", curate_generate_case),
+    ("evaluate", evaluate_case),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, case", SHARDED, ids=[c.__name__.removesuffix("_case") for _, c in SHARDED])
+def test_three_shards_and_a_merge_write_what_one_run_writes(stage, case, varied_model_dir, tiny_model_dir, tmp_path):
+    inputs, sets, outputs, check = case(tmp_path, varied_model_dir, tiny_model_dir)
 
     def args(out, cache, metrics):
-        return [
-            "--iteration",
-            "iter1",
-            "--candidates",
-            str(tmp_path / "candidates.jsonl"),
-            "--model",
-            str(varied_model_dir),
-            "--rubric",
-            str(RUBRIC),
-            "--output-dir",
-            str(out),
-            "--cache",
-            str(cache),
-            "--metrics",
-            str(metrics),
-            "--set",
-            "mode=generate",
-            "--set",
-            "max_tokens=4",
-            "--set",
-            "min_success=0",
-            "--set",
-            "select.mode=threshold",
-            "--set",
-            "select.threshold=1.0",
-        ]
+        flags = ["--output-dir", str(out), "--cache", str(cache), "--metrics", str(metrics)]
+        return [*inputs, *flags, *[a for s in sets for a in ("--set", s)]]
 
-    merged, _ = single_vs_shards(tmp_path, "curate", args, ["scored.jsonl", "kept.jsonl", "rejected.jsonl"])
-    assert merged["engine"]["calls"] == 5
+    merged, shards = single_vs_shards(tmp_path, stage, args, outputs)
+    check(merged, shards, args)
 
 
 @pytest.mark.slow
@@ -280,7 +234,7 @@ def test_curate_logprobs_mode_in_three_shards_keeps_the_global_cut(tiny_model_di
             "--metrics",
             str(metrics),
             "--set",
-            "batch_size=2",
+            "engine.batch_size=2",
         ]
 
     invoke("curate", args(tmp_path / "single", tmp_path / "c1", tmp_path / "single.json"))
@@ -422,52 +376,3 @@ def test_augment_shards_over_two_endpoints_share_one_cache(tiny_model_dir, tmp_p
     finally:
         a.close()
         b.close()
-
-
-@pytest.mark.slow
-def test_evaluate_answers_in_three_shards(varied_model_dir, tiny_model_dir, tmp_path):
-    """Only the answering is sharded (two models, one call each); perplexity, reward and judging run in the merge."""
-    from test_evaluate import PROMPTS, ROOT, _seed_records, _tiny_reward_model
-
-    rm_dir = _tiny_reward_model(tmp_path / "rm", tiny_model_dir)
-    io.write_jsonl(tmp_path / "seed.jsonl", _seed_records(4))
-
-    def args(out, cache, metrics):
-        return [
-            "--model",
-            f"base={tiny_model_dir}",
-            "--model",
-            f"tuned={varied_model_dir}",
-            "--reward-model",
-            str(rm_dir),
-            "--prompts",
-            str(PROMPTS),
-            "--heldout",
-            str(tmp_path / "seed.jsonl"),
-            "--judge-prompt",
-            str(ROOT / "prompts" / "evaluate.txt"),
-            "--cache",
-            str(cache),
-            "--output-dir",
-            str(out),
-            "--metrics",
-            str(metrics),
-            "--set",
-            "models=[base, tuned]",
-            "--set",
-            "prompts_per_category=1",
-            "--set",
-            "max_new_tokens=8",
-            "--set",
-            "heldout_fraction=1.0",
-            "--set",
-            "heldout_max=2",
-            "--set",
-            "dtype=float32",
-            "--set",
-            "bootstrap_resamples=50",
-        ]
-
-    _, shards = single_vs_shards(tmp_path, "evaluate", args, ["answers.jsonl", "judgments.jsonl", "report.md"])
-    assert all(set(s["calls"]) == {"evaluate:base", "evaluate:tuned"} for s in shards)
-    assert sum(s["answered"] for s in shards) == 2 * 18
