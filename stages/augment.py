@@ -87,9 +87,7 @@ def main(
     if dry_run:
         from selfalign import memory
 
-        plans = memory.stage_inference_plans(
-            STAGE, cfg.to_dict(), model_dir, params_file, spec=spec.to_dict(), gpu_gib=gpu_gib
-        )
+        plans = memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, spec=spec, gpu_gib=gpu_gib)
         click.echo(memory.dry_run_plans(plans))
         return
     try:  # a bad prompt file or engine spec fails here, in a second, naming what is wrong

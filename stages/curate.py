@@ -135,16 +135,7 @@ def main(
     if dry_run:
         from selfalign import memory
 
-        # memory.stage_inference_plans reads the scorer's settings under their pre-EngineSpec names too
-        legacy = {
-            "dtype": cfg.engine.dtype,
-            "batch_size": cfg.engine.batch_size,
-            "max_response_tokens": cfg.max_response_len,
-            "max_tokens": cfg.max_new_tokens,
-        }
-        plans = memory.stage_inference_plans(
-            STAGE, {**cfg.to_dict(), **legacy}, model_dir, params_file, gpu_gib=gpu_gib
-        )
+        plans = memory.stage_inference_plans(STAGE, cfg, model_dir, params_file, gpu_gib=gpu_gib)
         click.echo(memory.dry_run_plans(plans))
         return
     try:

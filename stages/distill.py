@@ -91,9 +91,7 @@ def main(
     if dry_run:
         from selfalign import memory
 
-        plans = memory.stage_inference_plans(
-            STAGE, cfg.to_dict(), teacher, params_file, spec=spec.to_dict(), gpu_gib=gpu_gib
-        )
+        plans = memory.stage_inference_plans(STAGE, cfg, teacher, params_file, spec=spec, gpu_gib=gpu_gib)
         click.echo(memory.dry_run_plans(plans))
         return
     try:  # a bad system-message file or engine spec fails here, in a second, naming what is wrong
