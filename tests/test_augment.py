@@ -223,6 +223,8 @@ def test_bad_setup_fails_at_once_naming_the_problem(tiny_model_dir, tmp_path):
         ("min_instruction_words=three", ["an integer"]),
         ("reject_truncated=maybe", ["true or false"]),
         ("min_chars=5000", ["above max_chars"]),
+        ("max_segmnets=3", ["unknown key", "max_segments"]),
+        ("engine.dtpye=fp32", ["unknown key", "dtype"]),
     ],
 )
 def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):

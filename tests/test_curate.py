@@ -389,6 +389,7 @@ def curate_args(tmp_path: Path) -> list[str]:
         ("mode=best", ["logprobs | generate"]),
         ("max_response_len=-1", ["0 <="]),
         ("iterations.iter1.scorer=3", ["a string"]),
+        ("select.cutoff=3", ["unknown key", "threshold"]),
     ],
 )
 def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):

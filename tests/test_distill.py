@@ -237,6 +237,7 @@ def test_a_teacher_that_answers_nothing_usable_fails_the_stage(tmp_path, tiny_mo
         ("trim_truncated=maybe", ["true or false"]),
         ("engine.kind=gpt5", ["local | openai | vllm"]),
         ("engine.dtype=bfloat16", ["fp32 | bf16"]),
+        ("orca.count=3", ["unknown key", "n"]),
     ],
 )
 def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):

@@ -392,6 +392,7 @@ def test_stage_rejects_bad_params_and_files(tmp_path):
         ("source=translate", ["curate, verify/<name> or localise"]),
         ("source=verify", ["verify/<name>"]),
         ("seed=0.5", ["an integer"]),
+        ("sample.accepted=5", ["unknown key", "kept, rejected"]),
     ],
 )
 def test_a_bad_setting_is_one_line_before_any_work(setting, words, tmp_path):
