@@ -41,12 +41,8 @@ PRECISION = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp1
 
 
 def _mapping(cfg) -> dict:
-    """A stage's resolved params as a mapping: a Config (selfalign/config.py), a dataclass, or a dict."""
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return dataclasses.asdict(cfg)
-    return dict(cfg or {})
+    """A stage's resolved params as a mapping: a Config (selfalign/config.py) or a dict."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
 
 
 # Published architectures (the numbers of each model's config.json), so a dry run of a hub
@@ -421,16 +417,13 @@ def ppo_plan(cfg, policy_dir: str | Path, params_file: str | Path | None = None,
     reward model (unless a reward function replaces it) and, for `reference: copy`, a second frozen
     policy resident beside it; the value head shares the policy's trunk."""
     cfg = _mapping(cfg)
-    # ppo's keys in the issue-12 vocabulary; the pre-rename names are read until stages/ppo.py moves onto them
-    new_tokens = cfg["max_new_tokens"] if "max_new_tokens" in cfg else cfg["response_length"]
-    prompt_len = cfg["max_prompt_len"] if "max_prompt_len" in cfg else cfg["max_prompt_tokens"]
-    precision = cfg["precision"] if "precision" in cfg else cfg["mixed_precision"]
+    new_tokens = cfg["max_new_tokens"]
     train = {
         "method": "lora",
         "lora": cfg["lora"],
-        "max_len": prompt_len + new_tokens,
+        "max_len": cfg["max_prompt_len"] + new_tokens,
         "batch_size": cfg["minibatch_size"],
-        "precision": PRECISION.get(str(precision), "fp32"),
+        "precision": PRECISION.get(str(cfg["precision"]), "fp32"),
     }
     plan = stage_plan("ppo", train, policy_dir, params_file, gpu_gib=gpu_gib)
     plan.weight_dtype = "fp32"  # the policy is loaded in fp32 whatever the autocast
