@@ -268,10 +268,12 @@ def placement(
 def resolve_dtype(
     dtype: str, device: str, model_dir: str | os.PathLike | None = None, what: str = "dtype"
 ) -> tuple[str, Placement]:
-    """For inference specs that name a torch dtype: float32 | bfloat16 as given, `auto` by the precision rule."""
+    """(torch dtype name, placement) for an inference dtype: fp32 | bf16 | fp16 (or torch's float32 | bfloat16 |
+    float16) as given, `auto` by the precision rule."""
     if dtype == "auto":
         p = placement(device, "auto", model_dir, what)
         return p.dtype, p
-    if dtype not in PRECISION_OF:
-        raise DeviceError(f"{what} {dtype!r}: expected auto, float32 or bfloat16")
-    return dtype, Placement(resolve_device(device), PRECISION_OF[dtype], "asked")
+    precision = dtype if dtype in DTYPE_OF else PRECISION_OF.get(dtype)
+    if precision is None:
+        raise DeviceError(f"{what} {dtype!r}: expected auto, fp32, bf16 or fp16")
+    return DTYPE_OF[precision], Placement(resolve_device(device), precision, "asked")

@@ -120,8 +120,10 @@ def test_an_explicit_precision_is_not_probed(monkeypatch):
     assert calls == []
     with pytest.raises(device.DeviceError, match="fp8"):
         device.placement("auto", "fp8", what="sft.train.precision")
-    with pytest.raises(device.DeviceError, match="float16"):
-        device.resolve_dtype("float16", "cpu")
+    with pytest.raises(device.DeviceError, match="float8"):
+        device.resolve_dtype("float8", "cpu")
+    assert device.resolve_dtype("fp16", "cpu")[0] == device.resolve_dtype("float16", "cpu")[0] == "float16"
+    assert device.resolve_dtype("bf16", "cpu")[0] == "bfloat16"
 
 
 def test_the_probe_measures_both_precisions(monkeypatch):
@@ -223,7 +225,7 @@ def test_reward_scoring_and_frozen_training_use_the_resolved_device(tiny_model_d
     assert where(model) == "meta"
     seen = {}
     monkeypatch.setattr(rm, "_train_head", lambda model, tok, pairs, cfg: seen.setdefault("dev", where(model)))
-    rm.train(tiny_model_dir, [], {"seed": 0, "backbone": "frozen"}, "unused")
+    rm.train(tiny_model_dir, [], rm.RewardConfig(seed=0, backbone="frozen"), "unused")
     assert seen["dev"] == "meta"
 
 
@@ -236,8 +238,9 @@ def test_curate_scorer_uses_the_resolved_device(tiny_model_dir, on_meta, monkeyp
         return [{"score": 3.0, "probs": [0.2] * 5, "digit_mass": 1.0} for _ in prompts]
 
     monkeypatch.setattr(stage.curate, "expected_scores", expected_scores)
-    cfg = {**stage.DEFAULTS, "dtype": "float32"}
-    out = stage.score_logprobs(cfg, str(tiny_model_dir), "Rate it.", [("Say hi", "Hi")], None)
+    out = stage.score_logprobs(
+        stage.CurateConfig(), "float32", str(tiny_model_dir), "Rate it.", [("Say hi", "Hi")], None
+    )
     assert seen["dev"] == "meta" and out[0]["ok"]
 
 
@@ -258,7 +261,7 @@ def test_evaluate_perplexity_uses_the_resolved_device(tiny_model_dir, on_meta, m
     monkeypatch.setattr(stage.ev, "perplexity", lambda model, *a: seen.append(where(model)) or {"perplexity": 1.0})
     monkeypatch.setattr(stage.ev, "heldout_conversations", lambda *a: [])
     monkeypatch.setattr(stage.ev, "reference_conversations", lambda *a: [])
-    stage.held_out_perplexity(str(tiny_model_dir), [], [], stage.DEFAULTS)
+    stage.held_out_perplexity(str(tiny_model_dir), [], [], stage.ev.EvaluateConfig(), 0.1)
     assert seen == ["meta", "meta"]
 
 
