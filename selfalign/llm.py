@@ -82,11 +82,6 @@ class EngineSpec(Config):
         return self if self.model else self.replace(model=str(model_dir or "models/base"))
 
 
-# Every key of an engine spec with its default (model: the old default directory). Kept only while
-# stages written before EngineSpec spread it into their dicts; use EngineSpec.
-SPEC_DEFAULTS = EngineSpec(model="models/base").to_dict()
-
-
 class SpecError(ParamsError, ValueError):
     """A bad engine spec: one line naming the key, the value and what is allowed. A ParamsError, so a stage
     exits 2 with that line; a ValueError, so callers that catch a failed engine start as one still do."""
