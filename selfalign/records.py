@@ -194,6 +194,17 @@ def load(path: str, kind: str | None = None) -> list[dict]:
     return [rec for rec, _ in good]
 
 
+def load_or_exit(path: str, kind: str) -> list[dict]:
+    """`load` for a stage script (reward, ppo, dpo): a bad line is a one-line usage error naming file, line and
+    field, not a traceback."""
+    import click
+
+    try:
+        return load(path, kind)
+    except RecordError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def success_floor(metrics: dict, passed: int, total: int, floor: float, what: str) -> str | None:
     """A stage that produced (almost) nothing must not exit 0: DVC would record it as a success.
 

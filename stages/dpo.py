@@ -32,14 +32,6 @@ from selfalign import reward as rm
 log = logging.getLogger("dpo")
 
 
-def read_records(path: str, kind: str) -> list[dict]:
-    """Records of one kind from an upstream file; anything else is an error naming file, line and field."""
-    try:
-        return records.load(path, kind)
-    except records.RecordError as e:
-        raise click.ClickException(str(e)) from None
-
-
 def select_pairs(prefs: list[dict], sources) -> tuple[list[dict], list[dict]]:
     """reward.select_pairs' rule (listed source, a real preference, each (id, lang) once), with the
     dropped records written out rather than only counted."""
@@ -116,7 +108,7 @@ def main(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prefs = read_records(preference, "preference")
+    prefs = records.load_or_exit(preference, "preference")
     pairs, rejected = select_pairs(prefs, cfg.sources)
     self_counts: Counter = Counter()
     n_scored = n_self = 0
@@ -124,7 +116,7 @@ def main(
         scored = scored and str(curate.round_file(scored, params_file, "scored.jsonl"))
         if not scored or not Path(scored).exists():
             raise click.ClickException(f"self_rewarding is on but --scored {scored!r} does not exist")
-        scored_recs = read_records(scored, "chat")
+        scored_recs = records.load_or_exit(scored, "chat")
         n_scored = len(scored_recs)
         extra, self_counts = D.self_reward_pairs(scored_recs, cfg.self_reward_min_gap)
         n_self = len(extra)

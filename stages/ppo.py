@@ -49,14 +49,6 @@ PLOTTED = (
 )
 
 
-def read_records(path: str, kind: str) -> list[dict]:
-    """Records of one kind from an upstream file; anything else is an error naming file, line and field."""
-    try:
-        return records.load(path, kind)
-    except records.RecordError as e:
-        raise click.ClickException(str(e)) from None
-
-
 def load_reward_fn(spec: str) -> P.RewardFn:
     """`module:function` or `path/to/file.py:function`: a Python reward instead of the reward model."""
     target, _, name = spec.partition(":")
@@ -186,8 +178,8 @@ def main(
         torch.set_num_threads(cfg.threads)
     info = models.read_info(policy_dir)
     tok = chat.load_tokenizer(policy_dir, padding_side="left")
-    prompt_recs = read_records(prompts_path, "prompt") if cfg.use_prompt_files and prompts_path else []
-    seed_recs = read_records(seed_path, "chat") if seed_prompts else []
+    prompt_recs = records.load_or_exit(prompts_path, "prompt") if cfg.use_prompt_files and prompts_path else []
+    seed_recs = records.load_or_exit(seed_path, "chat") if seed_prompts else []
     prompts, counts = P.gather_prompts(
         prompt_recs, seed_recs, eval_fraction or 0.0, info.get("system"), tok, cfg.max_prompt_len
     )

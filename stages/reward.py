@@ -30,14 +30,6 @@ from selfalign import reward as rm
 log = logging.getLogger("reward")
 
 
-def read_records(path: str, kind: str) -> list[dict]:
-    """Records of one kind from an upstream file; anything else is an error naming file, line and field."""
-    try:
-        return records.load(path, kind)
-    except records.RecordError as e:
-        raise click.ClickException(str(e)) from None
-
-
 def split_and_cap(pairs: list[dict], cfg: rm.RewardConfig) -> tuple[list[dict], list[dict], int]:
     """(train, heldout, capped): held out by id (selfalign.reward.split_heldout), train capped by a seeded sample."""
     train, heldout = rm.split_heldout(pairs, cfg.heldout_pairs)
@@ -109,14 +101,14 @@ def main(preference, scored, model_dir, output, metrics_path, params_file, overr
 
         torch.set_num_threads(cfg.threads)
 
-    prefs = read_records(preference, "preference")
+    prefs = records.load_or_exit(preference, "preference")
     pairs, dropped = rm.select_pairs(prefs, cfg.sources)
     curation: Counter = Counter()
     if cfg.curation_pairs:
         scored = scored and str(curate.round_file(scored, params_file, "scored.jsonl"))
         if not scored or not Path(scored).exists():
             raise click.ClickException(f"curation_pairs is on but --scored {scored!r} does not exist")
-        extra, curation = rm.curation_pairs(read_records(scored, "chat"), cfg.curation_margin)
+        extra, curation = rm.curation_pairs(records.load_or_exit(scored, "chat"), cfg.curation_margin)
         known = {(p["id"], p["lang"]) for p in pairs}
         dropped["duplicate_curation"] += sum((p["id"], p["lang"]) in known for p in extra)
         pairs += [p for p in extra if (p["id"], p["lang"]) not in known]
