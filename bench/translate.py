@@ -1,6 +1,6 @@
 """Translation through the local OpenAI-compatible server: concurrent requests vs one at a time, side by side.
 
-    python bench/translate.py [--model models/base] [--n 8] [--max-tokens 48] [--rounds 2] [--dtype bfloat16]
+    python bench/translate.py [--model models/base] [--n 8] [--max-tokens 48] [--rounds 2] [--dtype bf16]
 
 The server micro-batches non-streaming requests (selfalign.serve), so 8 requests in flight are
 generated as left-padded batches, while one at a time each is a batch of one. Both modes send the
@@ -94,7 +94,7 @@ def run(url: str, reqs: list[llm.Request], concurrency: int) -> tuple[float, lis
 @click.option("--n", default=8, show_default=True, help="Sentences translated per mode and round.")
 @click.option("--max-tokens", default=48, show_default=True)
 @click.option("--rounds", default=2, show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["fp32", "bf16"]))
 @click.option("--threads", default=0, show_default=True, help="torch threads (0: torch's default).")
 @click.option("--out", default=str(ROOT / "bench" / "results" / "translate.json"), show_default=True)
 def main(model_path, n, max_tokens, rounds, dtype, threads, out):
@@ -103,7 +103,7 @@ def main(model_path, n, max_tokens, rounds, dtype, threads, out):
     if threads:
         torch.set_num_threads(threads)
     template = (ROOT / "prompts" / "translate.txt").read_text(encoding="utf-8")
-    gen = {"max_tokens": max_tokens, "tokens_per_char": 100.0, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    gen = {"max_new_tokens": max_tokens, "tokens_per_char": 100.0, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     fields = [tr.plan_field(("text",), s, "en", "fr", template, gen) for s in SENTENCES[:n]]
     reqs = [f.request for f in fields]
     with tempfile.TemporaryDirectory() as tmp:

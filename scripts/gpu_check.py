@@ -443,7 +443,7 @@ def check_curate(ctx: dict) -> dict:
     plan = memory.generation_plan(
         "curate",
         ctx["model"],
-        engine={"kind": "local", "dtype": "bfloat16"},
+        engine={"kind": "local", "dtype": "bf16"},
         method="score",
         batch=s["batch"],
         prompt_tokens=longest,
@@ -472,7 +472,7 @@ def check_evaluate(ctx: dict) -> dict:
 
     device, s, arch = ctx["device"], ctx["sizes"], ctx["arch"]
     kind = "vllm" if device == "cuda" and vllm_available() else "local"
-    spec = {"kind": kind, "model": str(ctx["model"]), "dtype": "bfloat16", "batch_size": len(PROMPTS)}
+    spec = {"kind": kind, "model": str(ctx["model"]), "dtype": "bf16", "batch_size": len(PROMPTS)}
     if kind == "vllm":
         spec.update(gpu_memory_utilization=0.5, max_model_len=2048)
     reqs = [llm.Request(messages=[{"role": "user", "content": p}], max_tokens=s["gen_tokens"]) for p in PROMPTS]
@@ -515,7 +515,7 @@ def check_serve(ctx: dict) -> dict:
     engine = "vllm" if device == "cuda" and vllm_available() else "local"
     with Check(device) as c:
         app = serve.create_app(
-            ctx["model"], dtype="bfloat16", engine=engine, vllm={"gpu_memory_utilization": 0.5, "max_model_len": 2048}
+            ctx["model"], dtype="bf16", engine=engine, vllm={"gpu_memory_utilization": 0.5, "max_model_len": 2048}
         )
         running = serve.start_in_thread(app)
         try:
@@ -536,7 +536,7 @@ def check_serve(ctx: dict) -> dict:
     plan = memory.generation_plan(
         "serve",
         ctx["model"],
-        engine={"kind": engine, "dtype": "bfloat16"},
+        engine={"kind": engine, "dtype": "bf16"},
         batch=1,
         prompt_tokens=reply.usage.prompt_tokens,
         new_tokens=s["gen_tokens"],

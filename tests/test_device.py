@@ -188,7 +188,7 @@ def where(model) -> str:
 def test_the_in_process_engine_and_the_server_load_on_the_resolved_device(tiny_model_dir, on_meta, tmp_path):
     from selfalign import llm
 
-    m = llm.LocalModel(tiny_model_dir, "float32")  # serve.create_app(engine="local") builds exactly this
+    m = llm.LocalModel(tiny_model_dir, "fp32")  # serve.create_app(engine="local") builds exactly this
     assert where(m.model) == "meta" and m.device == "meta" and on_meta == ["auto"]
     engine = llm.LocalEngine({"model": str(tiny_model_dir)}, tmp_path / "cache")
     assert engine.device == "meta" and engine.identity["device"] == "meta"  # a GPU's answers are cached apart
@@ -208,7 +208,7 @@ def test_the_engine_dtype_auto_follows_the_precision_rule(tiny_model_dir, monkey
 def test_cpu_engine_generation_still_runs(tiny_model_dir, one_torch_thread):
     from selfalign import llm
 
-    m = llm.LocalModel(tiny_model_dir, "float32")
+    m = llm.LocalModel(tiny_model_dir, "fp32")
     assert m.device == "cpu"
     reqs = [
         llm.Request(prompt="Hello", max_tokens=3, temperature=0.7, top_p=0.9, seed=1),
