@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from selfalign import chat, device, io, models
+from selfalign import chat, device, io, models, records
 from selfalign.config import Config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -428,8 +428,7 @@ def render_card(
         'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")',
         "messages = "
         + json.dumps(
-            ([{"role": "system", "content": info["system"]}] if info.get("system") else [])
-            + [{"role": "user", "content": "Hello!"}],
+            records.with_system(info.get("system"), [{"role": "user", "content": "Hello!"}]),
             ensure_ascii=False,
         ),
         'print(client.chat.completions.create(model="export", messages=messages).choices[0].message.content)',

@@ -8,7 +8,6 @@ about GGUF files, hub ids, quantizers and adapters.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -150,14 +149,6 @@ def read_info(model_dir: str | os.PathLike) -> dict:
     """selfalign.json of a trained model dir ({} for a base model)."""
     p = Path(model_dir) / MODEL_INFO
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str | None = None):

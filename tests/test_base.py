@@ -38,7 +38,7 @@ def test_local_source_is_written_checked_and_deterministic(tmp_path, tiny_model_
     assert m["source"] == f"local:{tiny_model_dir}" and m["dtype"] == "fp32"
     assert models.load_config_dtype(out) == "float32"  # config.json keeps torch's name
     assert m["params"] == sum(p.numel() for p in models.load_model(tiny_model_dir).parameters())
-    assert m["weights_sha256"] == models.sha256_file(out / models.WEIGHTS)
+    assert m["weights_sha256"] == io.sha256_file(out / models.WEIGHTS)
     assert isinstance(m["check_reply"], str) and m["chat_template"] is True
     assert (out / "chat_template.jinja").read_text() == (tiny_model_dir / "chat_template.jinja").read_text()
     assert not list(tmp_path.glob(".a.*"))  # the atomic write left no temporary dir behind
