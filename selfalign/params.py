@@ -1,15 +1,14 @@
 """One override order for experiment values (STYLE principle 4).
 
-    code default  <  params.yaml section  <  --set key=value on the command line
+    code default (the stage's Config class)  <  params.yaml section  <  --set key=value on the command line
 
-`dvc exp run -S sft.lr=1e-4` edits params.yaml, so it lands in the middle layer. Every key
-must exist in the code defaults: a typo fails at start-up, naming the file and the key,
-instead of being silently ignored for an eight-hour run.
+`dvc exp run -S sft.lr=1e-4` edits params.yaml, so it lands in the middle layer. Every key must be a
+field of the stage's Config class, with a value of its type and range: a typo or a bad value fails at
+start-up in one line naming the key, instead of being silently ignored for an eight-hour run.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,6 @@ import yaml
 
 from selfalign import config
 from selfalign.config import ParamsError  # noqa: F401  (stages raise params.ParamsError)
-
-
-def _merge(base: dict, update: dict, where: str) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if key not in base:
-            known = ", ".join(sorted(base)) or "(none)"
-            raise ParamsError(f"{where}: unknown key {key!r}; known keys: {known}")
-        if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
-            out[key] = _merge(base[key], value, f"{where}.{key}")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def section(params_file: str | Path | None, name: str) -> dict:
@@ -76,17 +62,14 @@ def resolve(
     """Code defaults, then the params section(s) in order, then --set overrides; unknown keys raise.
 
     `defaults` is a stage's Config class (selfalign/config.py): the result is a validated instance of it,
-    every field typed and range-checked. A plain dict of defaults gives a merged dict (key check only).
+    every field typed and range-checked.
     """
-    if isinstance(defaults, type) and issubclass(defaults, config.Config):
-        cfg = defaults()
-        for sec in (name, *extra_sections):
-            cfg = config.layer(defaults, cfg, section(params_file, sec), name, replace_mappings=True)
-        return config.layer(defaults, cfg, parse_set(overrides), name, replace_mappings=False)
-    out = _merge(defaults, section(params_file, name), f"{params_file}:{name}")
-    for extra in extra_sections:
-        out = _merge(out, section(params_file, extra), f"{params_file}:{extra}")
-    return _merge(out, parse_set(overrides), "--set")
+    if not (isinstance(defaults, type) and issubclass(defaults, config.Config)):
+        raise TypeError(f"params.resolve takes a Config class, not {type(defaults).__name__}")
+    cfg = defaults()
+    for sec in (name, *extra_sections):
+        cfg = config.layer(defaults, cfg, section(params_file, sec), name, replace_mappings=True)
+    return config.layer(defaults, cfg, parse_set(overrides), name, replace_mappings=False)
 
 
 params_option = click.option(

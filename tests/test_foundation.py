@@ -1,10 +1,12 @@
 """Unit tests for the shared schema, params resolution and atomic IO."""
 
+import dataclasses
 import json
 
 import pytest
 
 from selfalign import io, params, records
+from selfalign.config import Config, opt
 
 
 def test_record_id_is_content_derived_and_stable():
@@ -33,12 +35,25 @@ def test_validate_names_the_field():
         records.chat([{"role": "bot", "content": "x"}], lang="en", source="s")
 
 
+@dataclasses.dataclass
+class Rules(Config):
+    a: bool = False
+    b: bool = True
+
+
+@dataclasses.dataclass
+class Section(Config):
+    min_chars: int = 1
+    max_chars: int = 100
+    rules: Rules = opt(Rules())
+
+
 def test_params_override_order_and_unknown_keys(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text("clean:\n  min_chars: 5\n  rules: {a: true}\n")
-    defaults = {"min_chars": 1, "max_chars": 100, "rules": {"a": False, "b": True}}
+    defaults = Section
     got = params.resolve(defaults, p, "clean", ["max_chars=7", "rules.b=false"])
-    assert got == {"min_chars": 5, "max_chars": 7, "rules": {"a": True, "b": False}}
+    assert got.to_dict() == {"min_chars": 5, "max_chars": 7, "rules": {"a": True, "b": False}}
     p.write_text("clean:\n  min_chars: 5\n  mni_chars: 3\n")
     with pytest.raises(params.ParamsError, match="mni_chars"):
         params.resolve(defaults, p, "clean")
