@@ -26,7 +26,7 @@ from selfalign.llm import EngineSpec
 class AugmentConfig(Config):
     """params.yaml `augment:` (the comments there say what each value was measured against)."""
 
-    max_segments: int = opt(80, lo=0)  # seeded sample of web segments sent to the backward model
+    max_segments: int = opt(64, lo=0)  # seeded sample of web segments sent to the backward model
     seed: int = 0  # sample ranking and sampling seed
     min_chars: int = opt(80, lo=0)  # segments outside [min_chars, max_chars] are rejected
     max_chars: int = opt(2000, lo=1)

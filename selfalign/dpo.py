@@ -69,8 +69,8 @@ class DPOConfig(Config):
     sources: Literal["all"] | list[str] = "all"  # or shell patterns matched against a record's source
     self_rewarding: bool = False  # also pair the last curation round's best and worst scored answers
     self_reward_min_gap: float = opt(0.5, lo=0)  # ...when their scores differ by at least this
-    heldout_pairs: int = opt(64, lo=1)  # held out as the reward stage holds out (same ids)
-    max_pairs: int = opt(32, lo=1)  # training pairs, a seeded sample
+    heldout_pairs: int = opt(32, lo=1)  # held out as the reward stage holds out (same ids)
+    max_pairs: int = opt(16, lo=1)  # training pairs, a seeded sample
     max_prompt_len: int = opt(128, lo=1)  # tokens; a longer prompt loses its start
     max_answer_len: int = opt(128, lo=1)  # tokens; a longer answer loses its end (answers_cut)
     beta: float = opt(0.1, lo=0, lo_open=True)  # strength of the implicit KL to the reference

@@ -58,7 +58,7 @@ RewardFn = Callable[[list[list[dict]], list[list[int]]], list[float]]
 class PPOConfig(Config):
     """The `ppo:` section of params.yaml: the algorithm's fields, then the stage's (its comments are the user doc)."""
 
-    steps: int = opt(8, lo=1)  # PPO steps (rollout + update)
+    steps: int = opt(6, lo=1)  # PPO steps (rollout + update)
     batch_size: int = opt(8, lo=1)  # prompts per rollout, per process
     minibatch_size: int = opt(4, lo=1)  # sequences per gradient step
     ppo_epochs: int = opt(1, lo=1)  # passes over each rollout
