@@ -304,59 +304,17 @@ def test_stage_reports_bad_lines_and_bad_params(varied_model_dir, tmp_path):
     assert m["records_in"] == 3 and m["invalid"] == 2 and len(lines(tmp_path / "out.jsonl")) >= 1
     assert [(f["reason"], f["line"]) for f in failed[:2]] == [("invalid_json", 2), ("invalid_record", 3)]
     assert "messages" in failed[1]["detail"] and failed[0]["file"] == str(src)
-    res = CliRunner().invoke(
-        load_stage("translate").main,
-        [
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-            "--prompt",
-            str(PROMPT),
-            "--metrics",
-            str(tmp_path / "m2.json"),
-            "--set",
-            "kinds=[web]",
-        ],
-    )
+    args = ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--metrics", str(tmp_path / "m2.json")]
+    res = CliRunner().invoke(load_stage("translate").main, [*args, "--prompt", str(PROMPT), "--set", "kinds=[web]"])
     assert res.exit_code != 0 and "web segments always pass through" in res.output
-    res = CliRunner().invoke(
-        load_stage("translate").main,
-        [
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-            "--prompt",
-            str(PROMPT),
-            "--metrics",
-            str(tmp_path / "m2.json"),
-            "--set",
-            "engine.kindd=x",
-        ],
-    )
+    res = CliRunner().invoke(load_stage("translate").main, [*args, "--prompt", str(PROMPT), "--set", "engine.kindd=x"])
     assert res.exit_code != 0 and "kindd" in res.output
     # the template has one home, --prompt (dvc.yaml wires it): no params key shadows or is shadowed by it
     res = CliRunner().invoke(
-        load_stage("translate").main,
-        [
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-            "--prompt",
-            str(PROMPT),
-            "--metrics",
-            str(tmp_path / "m2.json"),
-            "--set",
-            "prompt_file=other.txt",
-        ],
+        load_stage("translate").main, [*args, "--prompt", str(PROMPT), "--set", "prompt_file=other.txt"]
     )
     assert res.exit_code != 0 and "prompt_file" in res.output
-    res = CliRunner().invoke(
-        load_stage("translate").main,
-        ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--metrics", str(tmp_path / "m2.json")],
-    )
+    res = CliRunner().invoke(load_stage("translate").main, args)
     assert res.exit_code != 0 and "--prompt" in res.output
 
 

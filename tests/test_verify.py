@@ -192,41 +192,11 @@ def test_an_unreachable_teacher_fails_records_not_the_audit(tmp_path, seed):
 
 
 def test_params_are_checked_at_start_up(tmp_path, seed):
-    res = CliRunner().invoke(
-        load_stage("verify").main,
-        [
-            "--set",
-            "min_confidence=2",
-            "--input",
-            str(seed),
-            "--prompt",
-            str(PROMPT),
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--cache",
-            str(tmp_path / "c"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-    )
+    args = ["--input", str(seed), "--prompt", str(PROMPT), "--output-dir", str(tmp_path / "o")]
+    args += ["--cache", str(tmp_path / "c"), "--metrics", str(tmp_path / "m.json")]
+    res = CliRunner().invoke(load_stage("verify").main, ["--set", "min_confidence=2", *args])
     assert res.exit_code != 0 and "min_confidence" in res.output
-    res = CliRunner().invoke(
-        load_stage("verify").main,
-        [
-            "--set",
-            "langz=[ms]",
-            "--input",
-            str(seed),
-            "--prompt",
-            str(PROMPT),
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--cache",
-            str(tmp_path / "c"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-    )
+    res = CliRunner().invoke(load_stage("verify").main, ["--set", "langz=[ms]", *args])
     assert res.exit_code != 0 and "langz" in res.output
 
 
