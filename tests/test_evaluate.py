@@ -528,58 +528,22 @@ def test_the_reward_judge_says_it_is_the_reward_model_ppo_optimised():
     assert ev.EvaluateConfig().judge == "reference" and ev.EvaluateConfig().models[0] == "base"
 
 
+def _invoke(tmp_path, reward_model, models: dict, heldout, *extra: str):
+    """evaluate's CLI with `models` (name: directory), PROMPTS as the prompts and judge template, `heldout` seed."""
+    named = [a for name, path in models.items() for a in ("--model", f"{name}={path}")]
+    return CliRunner().invoke(
+        load_stage("evaluate").main,
+        [*named, "--reward-model", str(reward_model), "--prompts", str(PROMPTS), "--heldout", str(heldout)]
+        + ["--judge-prompt", str(PROMPTS), "--cache", str(tmp_path / "c"), "--output-dir", str(tmp_path / "o")]
+        + ["--metrics", str(tmp_path / "m.json"), *extra],
+    )
+
+
 def test_stage_rejects_a_model_without_a_directory(tmp_path, tiny_model_dir):
-    res = CliRunner().invoke(
-        load_stage("evaluate").main,
-        [
-            "--model",
-            f"base={tiny_model_dir}",
-            "--model",
-            f"m0={tiny_model_dir}",
-            "--reward-model",
-            str(tiny_model_dir),
-            "--prompts",
-            str(PROMPTS),
-            "--heldout",
-            str(PROMPTS),
-            "--judge-prompt",
-            str(PROMPTS),
-            "--cache",
-            str(tmp_path / "c"),
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-    )
+    res = _invoke(tmp_path, tiny_model_dir, {"base": tiny_model_dir, "m0": tiny_model_dir}, PROMPTS)
     assert res.exit_code != 0 and "final, ppo" in res.output
-    res = CliRunner().invoke(
-        load_stage("evaluate").main,
-        [
-            "--model",
-            f"base={tiny_model_dir}",
-            "--model",
-            f"m0={tiny_model_dir}",
-            "--model",
-            f"final={tmp_path}",
-            "--model",
-            f"ppo={tiny_model_dir}",
-            "--reward-model",
-            str(tiny_model_dir),
-            "--prompts",
-            str(PROMPTS),
-            "--heldout",
-            str(PROMPTS),
-            "--judge-prompt",
-            str(PROMPTS),
-            "--cache",
-            str(tmp_path / "c"),
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-        ],
-    )
+    models = {"base": tiny_model_dir, "m0": tiny_model_dir, "final": tmp_path, "ppo": tiny_model_dir}
+    res = _invoke(tmp_path, tiny_model_dir, models, PROMPTS)
     assert res.exit_code != 0 and f"--model final={tmp_path}: not a model directory" in res.output
 
 
@@ -603,35 +567,8 @@ def test_bad_heldout_line_names_file_and_line(tmp_path, tiny_model_dir):
         )
     )
     heldout.write_text(good + "\n\n{not json\n")
-    res = CliRunner().invoke(
-        load_stage("evaluate").main,
-        [
-            "--model",
-            f"base={tiny_model_dir}",
-            "--model",
-            f"m0={tiny_model_dir}",
-            "--model",
-            f"final={tiny_model_dir}",
-            "--model",
-            f"ppo={tiny_model_dir}",
-            "--reward-model",
-            str(tiny_model_dir),
-            "--prompts",
-            str(PROMPTS),
-            "--heldout",
-            str(heldout),
-            "--judge-prompt",
-            str(PROMPTS),
-            "--cache",
-            str(tmp_path / "c"),
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-            "--params",
-            str(ROOT / "params.yaml"),
-        ],
-    )
+    models = {name: tiny_model_dir for name in ("base", "m0", "final", "ppo")}
+    res = _invoke(tmp_path, tiny_model_dir, models, heldout, "--params", str(ROOT / "params.yaml"))
     assert res.exit_code != 0 and f"{heldout}:3:" in res.output, res.output
 
 
