@@ -35,9 +35,10 @@ class AugmentConfig(Config):
     top_p: float = opt(0.9, lo=0, lo_open=True, hi=1)
     min_instruction_words: int = opt(3, lo=0)
     reject_truncated: bool = True  # reject replies that hit max_new_tokens
-    # fp32: batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bf16 8/16), so what the
-    # llm cache holds after a killed run matches what a fresh run writes; bf16 trades that for speed.
-    engine: EngineSpec = opt(EngineSpec())  # model "" = --model
+    # auto (bf16 on an AMX CPU or a bf16 GPU): ~1.5x faster generation than fp32 on the default run (BENCHMARKS.md,
+    # params). fp32 makes batched greedy outputs equal one-at-a-time ones (16/16 in bench/augment.py; bf16 8/16), so
+    # a resumed run writes exactly what an uninterrupted one would; with bf16 the replies asked after a resume can differ.
+    engine: EngineSpec = opt(EngineSpec(dtype="auto"))  # model "" = --model
     min_success: float = opt(0.5, lo=0, hi=1)  # the stage fails below this share of sampled segments kept
 
     def check(self, where: str) -> None:

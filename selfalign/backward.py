@@ -44,11 +44,18 @@ def heldout_pairs(paths_and_templates: list[tuple[str, str | None]], fraction: f
     return [out[k] for k in sorted(out)][:max_examples]
 
 
-def predict(model_dir: str, pairs: list[dict], max_new_tokens: int, batch_size: int, system: str | None = None):
+def predict(
+    model_dir: str,
+    pairs: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    system: str | None = None,
+    dtype: str = "fp32",
+):
     """(parsed instruction, finish_reason) for each pair, greedy, from the model in `model_dir` (no cache)."""
     from selfalign import llm
 
-    engine = llm.make_engine(llm.EngineSpec(kind="local", model=model_dir, batch_size=batch_size, dtype="fp32"))
+    engine = llm.make_engine(llm.EngineSpec(kind="local", model=model_dir, batch_size=batch_size, dtype=dtype))
     reqs = [
         llm.Request(
             messages=records.with_system(system, [{"role": "user", "content": p["user"]}]), max_tokens=max_new_tokens
@@ -118,15 +125,15 @@ def evaluate(
 
     t0 = time.perf_counter()
     pairs = heldout_pairs(reversed_sources(run_cfg), fraction, cfg.max_examples)
-    trained = predict(model_dir, pairs, cfg.max_new_tokens, cfg.batch_size, system)
-    base = predict(run_cfg.base, pairs, cfg.max_new_tokens, cfg.batch_size, system)
+    trained = predict(model_dir, pairs, cfg.max_new_tokens, cfg.batch_size, system, cfg.dtype)
+    base = predict(run_cfg.base, pairs, cfg.max_new_tokens, cfg.batch_size, system, cfg.dtype)
     refs = [p["instruction"] for p in pairs]
     s_trained = rouge_l(refs, [t for t, _ in trained])
     s_base = rouge_l(refs, [b for b, _ in base])
     out = summary(s_trained, s_base, cfg.bootstrap, cfg.seed)
     out["backward"]["truncated"] = sum(f == "length" for _, f in trained)
     out["base"]["truncated"] = sum(f == "length" for _, f in base)
-    out.update(max_new_tokens=cfg.max_new_tokens, seconds=round(time.perf_counter() - t0, 2))
+    out.update(max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, seconds=round(time.perf_counter() - t0, 2))
     examples = [
         {
             "id": p["id"],

@@ -25,6 +25,10 @@ import click
 
 Self = typing.TypeVar("Self", bound="Config")
 
+# Inference weights' dtype, in every section that loads a model to generate or score with
+# (auto: selfalign/device.py's rule; device.DTYPE_OF maps the values to torch's names).
+Dtype = Literal["fp32", "bf16", "fp16", "auto"]
+
 # The stage sections of params.yaml and the config class of each (module:Class), imported on demand:
 # profile.py validates a profile's phase entries with them, tests/test_config.py keeps them equal to params.yaml.
 STAGES: dict[str, str] = {

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from selfalign import chat, records
-from selfalign.config import Config, ParamsError, opt
+from selfalign.config import Config, Dtype, ParamsError, opt
 from selfalign.llm import EngineSpec
 
 NO_DIFFERENCE = "no measurable difference"
@@ -124,6 +124,7 @@ class EvaluateConfig(Config):
     heldout_max: int = opt(32, lo=0)  # held-out seed records scored for perplexity, at most
     ppl_max_len: int = opt(512, lo=2)  # tokens per conversation for perplexity (the end is kept)
     ppl_batch_size: int = opt(4, lo=1)
+    ppl_dtype: Dtype = "auto"  # perplexity weights (every model of one run alike; auto: selfalign/device.py's rule)
     reward_batch_size: int = opt(8, lo=1)
     judge: Literal["reference", "reward", "llm"] = "reference"
     tie_margin: float = opt(0.0, lo=0)  # judge=reward: score differences up to this are ties

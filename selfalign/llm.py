@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from selfalign import device as placement
-from selfalign.config import Config, ParamsError, opt
+from selfalign.config import Config, Dtype, ParamsError, opt
 from selfalign.generate import LocalModel, Request, VLLMModel, import_vllm, torch_dtype_name
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class EngineSpec(Config):
     kind: Literal["local", "openai", "vllm"] = "local"
     model: str = ""  # local/vllm: a model directory ("" = the stage's --model); openai: the model name
     batch_size: int = opt(8, lo=1)  # local: sequences generated together (left-padded); vllm: max_num_seqs
-    dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # local/vllm weights; auto: selfalign/device.py's rule
+    dtype: Dtype = "fp32"  # local/vllm weights; auto: selfalign/device.py's rule
     threads: int = opt(0, lo=0)  # local: torch CPU threads for this process; 0 keeps torch's default
     base_url: str | list[str] = "http://127.0.0.1:8000/v1"  # openai: one endpoint, or several serving the same model
     api_key_env: str = "OPENAI_API_KEY"  # the NAME of the env var holding the key, never the key

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from selfalign import chat, io, records
-from selfalign.config import Config, LoraSpec, ParamsError, opt
+from selfalign.config import Config, Dtype, LoraSpec, ParamsError, opt
 
 log = logging.getLogger("sft")
 
@@ -58,6 +58,7 @@ class HeldoutEvalConfig(Config):
     max_new_tokens: int = opt(64, lo=1)  # room for an instruction
     max_examples: int = opt(32, lo=0)  # held-out pairs scored (in id order); 0 = off
     batch_size: int = opt(8, lo=1)  # sequences generated together
+    dtype: Dtype = "auto"  # both models' weights (auto: as augment.engine.dtype)
     bootstrap: int = opt(1000, lo=1)  # resamples for the 95% intervals
     seed: int = 0  # bootstrap seed
     examples_logged: int = opt(3, lo=0)  # true / predicted pairs written to the log

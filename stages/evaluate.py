@@ -93,16 +93,15 @@ def held_out_perplexity(
     """Perplexity of the held-out seed responses and of the eval prompts' reference answers; parameter count."""
     system = models.read_info(model_dir).get("system")
     convs = ev.heldout_conversations(seed, eval_fraction, cfg.heldout_max, system)
-    # fp32 on the process's device (selfalign/device.py): perplexities compare across models and machines
-    model, tok = (
-        models.load_model(model_dir, device.DTYPE_OF["fp32"]).to(device.resolve_device("auto")),
-        chat.load_tokenizer(model_dir),
-    )
+    # every model of the run in the same dtype, on the process's device (selfalign/device.py)
+    dtype, placed = device.resolve_dtype(cfg.ppl_dtype, device.resolve_device("auto"), model_dir, "evaluate.ppl_dtype")
+    model, tok = models.load_model(model_dir, dtype).to(placed.device), chat.load_tokenizer(model_dir)
     boot = (cfg.bootstrap_resamples, cfg.seed)
     out = ev.perplexity(model, tok, convs, cfg.ppl_batch_size, cfg.ppl_max_len, *boot)
     ref = ev.perplexity(
         model, tok, ev.reference_conversations(references, system), cfg.ppl_batch_size, cfg.ppl_max_len, *boot
     )
+    out["dtype"] = ref["dtype"] = placed.precision
     return {"perplexity": out, "reference_perplexity": ref, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -256,7 +255,11 @@ def main(
         "judge": cfg.judge,
         "distill_teacher": teacher,
         "device": device.resolve_device("auto"),
-        "precision": {"answers": cfg.engine.dtype, "perplexity": "fp32", "reward": "fp32"},
+        "precision": {
+            "answers": cfg.engine.dtype,
+            "perplexity": " | ".join(sorted({p["perplexity"]["dtype"] for p in per_model.values()})),
+            "reward": "fp32",
+        },
         "models": {},
         "win_rate": ev.win_rates(judgments, *boot),
         **sh.throughput(len(rows)),

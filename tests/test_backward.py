@@ -118,7 +118,7 @@ def test_sft_backward_run_writes_heldout_instruction(tmp_path, tiny_model_copy, 
         "eval_max_examples": 2,
         "precision": "fp32",
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "heldout_eval": {"max_new_tokens": 8, "bootstrap": 200},
+        "heldout_eval": {"max_new_tokens": 8, "bootstrap": 200, "dtype": "fp32"},
     }
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"sft": {"train": train, "system_tags": {}, "runs": runs}}))
@@ -152,7 +152,7 @@ def test_sft_backward_run_writes_heldout_instruction(tmp_path, tiny_model_copy, 
         assert res.exit_code == 0, res.output + repr(res.exception)
         metrics[run] = json.loads((out / "metrics.json").read_text())
     h = metrics["backward"]["heldout_instruction"]
-    assert h["n"] == n_held > 0 and h["max_new_tokens"] == 8
+    assert h["n"] == n_held > 0 and h["max_new_tokens"] == 8 and h["dtype"] == "fp32"
     for who in ("backward", "base"):
         assert 0.0 <= h[who]["rougeL"] <= 1.0 and 0 <= h[who]["truncated"] <= n_held
         lo, hi = h[who]["ci95"]

@@ -441,6 +441,8 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
         "--set",
         "engine.batch_size=8",  # the code default before it became params.yaml's 36
         "--set",
+        "ppl_dtype=fp32",
+        "--set",
         "bootstrap_resamples=200",
     ]
     res = CliRunner().invoke(load_stage("evaluate").main, args, catch_exceptions=False)
@@ -456,6 +458,7 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
     n_refs = m["prompts"]["with_reference"]
     assert n_refs == n  # the references of the evaluated prompts (every first prompt has one)
     assert m["distill_teacher"]["teacher_is_student_base"] is True
+    assert m["precision"] == {"answers": "fp32", "perplexity": "fp32", "reward": "fp32"}  # as asked, recorded
     for name in ("base", "tuned"):
         mm = m["models"][name]
         assert mm["generated"] + mm["failed"] == n and mm["failed"] == 0
@@ -466,6 +469,7 @@ def test_stage_writes_every_metric_for_every_model(tmp_path, tiny_model_dir, cap
         assert set(mm["answer_match"]) == {"all", "closed_qa", "math", "en", "fr", "ms"}
         assert mm["reference_rouge"]["all"]["n"] == n
         assert mm["perplexity"]["conversations"] == 4 and mm["perplexity"]["perplexity"] > 1
+        assert mm["perplexity"]["dtype"] == mm["reference_perplexity"]["dtype"] == "fp32"
         lo, hi = mm["perplexity"]["ci"]
         assert lo <= mm["perplexity"]["perplexity"] <= hi
         assert mm["reference_perplexity"]["conversations"] == n_refs and mm["reference_perplexity"]["perplexity"] > 1
