@@ -1,4 +1,5 @@
-"""What every benchmark writes beside its numbers: the machine and how busy it was, in bench/results/<name>.json.
+"""What every benchmark writes beside its numbers (the machine and how busy it was, in bench/results/<name>.json),
+and the model the generation benchmarks run on.
 
 A ratio measured on a loaded machine says less than one measured idle, so the 1-minute load
 average at the end of the run is part of every result.
@@ -32,3 +33,13 @@ def write(name: str, result: dict) -> Path:
     out.write_text(json.dumps({**result, "machine": machine()}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out.relative_to(ROOT)}")
     return out
+
+
+def base_model_dir(tmp: str) -> str:
+    """models/base if the base stage has run, else the packaged GGUF converted into `tmp`."""
+    if (ROOT / "models" / "base" / "config.json").is_file():
+        return str(ROOT / "models" / "base")
+    from selfalign import models
+
+    model, tok = models.load_source("gguf")
+    return str(models.save_model_dir(model, tok, Path(tmp) / "base"))

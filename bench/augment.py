@@ -23,16 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def base_model_dir(tmp: str) -> str:
-    """models/base if the base stage has run, else the packaged GGUF converted into `tmp`."""
-    if (ROOT / "models" / "base" / "config.json").is_file():
-        return str(ROOT / "models" / "base")
-    from selfalign import models
-
-    model, tok = models.load_source("gguf")
-    return str(models.save_model_dir(model, tok, Path(tmp) / "base"))
-
-
 def web_segments(n: int) -> list[dict]:
     from selfalign import readers
 
@@ -86,7 +76,7 @@ def main(segments, batch_size, max_new_tokens, threads, dtypes, max_chars):
         "by_dtype": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = result["model"] = base_model_dir(tmp)
+        model_dir = result["model"] = _report.base_model_dir(tmp)
         segs = web_segments(segments)
         if max_chars:
             segs = [{**s, "text": s["text"][:max_chars].rsplit(" ", 1)[0]} for s in segs]

@@ -38,16 +38,6 @@ REASONING_LAST_LINE = (
 )
 
 
-def base_model_dir(tmp: str) -> str:
-    """models/base if the base stage has run, else the packaged GGUF converted into `tmp`."""
-    if (ROOT / "models" / "base" / "config.json").is_file():
-        return str(ROOT / "models" / "base")
-    from selfalign import models
-
-    model, tok = models.load_source("gguf")
-    return str(models.save_model_dir(model, tok, Path(tmp) / "base"))
-
-
 def seed_pairs(n: int) -> tuple[list[tuple[str, str]], list[bool]]:
     """n (instruction, response) pairs: the first half real, the second half with another pair's response."""
     from selfalign import readers
@@ -100,7 +90,7 @@ def main(n_pairs, batch_size, threads, dtype):
     rubric = curate.load_rubric(ROOT / "prompts" / "curate.txt")
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = base_model_dir(tmp)
+        model_dir = _report.base_model_dir(tmp)
         pairs, matched = seed_pairs(n_pairs)
         tok = chat.load_tokenizer(model_dir, padding_side="left")
         pairs = [(i, curate.clip_tokens(tok, r, 384)[0]) for i, r in pairs]

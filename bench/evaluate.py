@@ -27,16 +27,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SETTINGS = [("fp32", 0), ("bf16", 0), ("fp32", 1), ("bf16", 1)]  # (engine dtype, threads; 0 = default)
 
 
-def base_model_dir(tmp: str) -> str:
-    """models/base if the base stage has run, else the packaged GGUF converted into `tmp`."""
-    if (ROOT / "models" / "base" / "config.json").is_file():
-        return str(ROOT / "models" / "base")
-    from selfalign import models
-
-    model, tok = models.load_source("gguf")
-    return str(models.save_model_dir(model, tok, Path(tmp) / "base"))
-
-
 def interleaved(prompts: list[dict], n: int) -> list[dict]:
     """One prompt per (category, language) in turn, so a small n still spans every category."""
     groups: dict = {}
@@ -64,7 +54,7 @@ def main(n_prompts, max_new_tokens, rounds, batch_size):
     prompts = interleaved(ev.load_prompts(ROOT / "data" / "eval" / "prompts.jsonl"), n_prompts)
     reqs = [llm.Request(messages=ev.prompt_messages(p), max_tokens=max_new_tokens) for p in prompts]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = base_model_dir(tmp)
+        model_dir = _report.base_model_dir(tmp)
         # the evaluate stage's own engine spec (EvaluateConfig.engine) with each setting
         stage = ev.EvaluateConfig().engine
         engines = {
