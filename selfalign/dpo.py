@@ -270,14 +270,18 @@ def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: DPOConfig) -> 
 
 
 def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
-    """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer's tokens."""
+    """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer's tokens.
+
+    Left-padded batches (position ids from the mask, as generation does), so every answer ends at the last
+    position and the model computes logits for the answer positions only (`logits_to_keep`): the
+    vocabulary-wide head and softmax never see the prompt tokens."""
     import torch
 
-    seqs, spans = [], []
+    seqs, answer_lens = [], []
     for r in rows:
         for key in ("chosen_ids", "rejected_ids"):
             seqs.append(r["prompt_ids"] + r[key])
-            spans.append((len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r[key])))
+            answer_lens.append(len(r[key]))
     out = [0.0] * len(seqs)
     device = next(model.parameters()).device
     was_training = model.training
@@ -286,17 +290,23 @@ def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> lis
         for start in range(0, len(seqs), batch_size):
             idx = list(range(start, min(start + batch_size, len(seqs))))
             width = max(len(seqs[i]) for i in idx)
+            keep = max(answer_lens[i] for i in idx) + 1  # the logits at t predict token t+1
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+                ids[row, width - len(seqs[i]) :] = torch.tensor(seqs[i])
+                mask[row, width - len(seqs[i]) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+            logits = (
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
+                .logits[:, :-1]
+                .float()
+            )  # positions width-keep .. width-2: they predict the last keep-1 tokens
+            targets = ids[:, width - keep + 1 :]
+            logp = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)
             for row, i in enumerate(idx):
-                a, b = spans[i]
-                out[i] = float(logp[row, a - 1 : b - 1].sum())  # logits at t predict token t+1
+                out[i] = float(logp[row, keep - 1 - answer_lens[i] :].sum())
     model.train(was_training)
     return [(out[2 * k], out[2 * k + 1]) for k in range(len(rows))]
 

@@ -117,7 +117,7 @@ _VERDICT_RE = re.compile(r"\[\[\s*(A|B|tie)\s*\]\]", re.IGNORECASE)
 class EvaluateConfig(Config):
     """params.yaml `evaluate:` (the comments there say what each key is for)."""
 
-    models: list[str] = opt(["base", "m0", "final", "preferred"], min_items=1)  # --model names, in report order
+    models: list[str] = opt(["base", "final", "preferred"], min_items=1)  # --model names, in report order
     languages: list[str] = opt(["en", "fr", "ms"], min_items=1)  # prompt languages used
     prompts_per_category: int = opt(2, lo=1)  # the first N prompts of each category and language
     max_new_tokens: int = opt(128, lo=1)  # cap on each greedy answer

@@ -2,6 +2,7 @@
 the tiny model with held-out implicit-reward accuracy, resume after a kill, and `prefer` reaching
 evaluate and export."""
 
+import contextlib
 import csv
 import json
 import os
@@ -108,6 +109,49 @@ def test_encode_pair_uses_the_served_prompt_and_ends_answers_at_end_of_turn(tiny
 # --- prefer ----------------------------------------------------------------------------------
 
 
+def test_sequence_logps_equal_a_full_softmax_one_sequence_at_a_time(tiny_model_dir):
+    """The batched, left-padded, answer-positions-only log-probs are the textbook sum over each answer's tokens
+    of log_softmax(logits) of the unpadded sequence, with the LoRA adapter on and off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from selfalign import models
+
+    torch.manual_seed(0)
+    tok = chat.load_tokenizer(tiny_model_dir)
+    model = get_peft_model(
+        models.load_model(tiny_model_dir, "float32"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    for m in model.modules():  # a non-zero adapter, so switching it off changes the numbers
+        if hasattr(m, "lora_B"):
+            for b in m.lora_B.values():
+                torch.nn.init.normal_(b.weight, std=0.5)
+    pairs = [
+        {"prompt": "Name a colour.", "chosen": "Blue, like the sky.", "rejected": "No."},
+        {"prompt": "What is two plus two? Answer in one word.", "chosen": "Four.", "rejected": "It is five or so."},
+        {"prompt": "Hi", "chosen": "Hello! How can I help you today?", "rejected": "Go away."},
+    ]
+    rows = [D.encode_pair(tok, p, None, 64, 64) for p in pairs]
+
+    def textbook(r):
+        out = []
+        for key in ("chosen_ids", "rejected_ids"):
+            ids = torch.tensor([r["prompt_ids"] + r[key]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            n = len(r["prompt_ids"])
+            out.append(float(sum(logp[t - 1, ids[0, t]] for t in range(n, ids.shape[1]))))
+        return tuple(out)
+
+    for adapter_on in (True, False):
+        with model.disable_adapter() if not adapter_on else contextlib.nullcontext():
+            got = [x for pair in D.sequence_logps(model, rows, tok.pad_token_id, batch_size=4) for x in pair]
+            want = [x for r in rows for x in textbook(r)]  # 6 sequences: batches of 4 and 2
+        assert got == pytest.approx(want, abs=1e-3)
+    on = [x for pair in D.sequence_logps(model, rows, tok.pad_token_id, 4) for x in pair]
+    assert on != pytest.approx(got, abs=1e-3)  # got: the adapter off
+
+
 def test_prefer_expands_for_evaluate_and_picks_for_export(tmp_path):
     assert D.expand_preferred(["base", "final", "preferred"], "dpo") == ["base", "final", "dpo"]
     assert D.expand_preferred(["base", "preferred"], "both") == ["base", "ppo", "dpo"]
@@ -210,7 +254,7 @@ def test_prefer_reaches_evaluate(tmp_path, tiny_model_dir):
 
     wanted = D.expand_preferred(EvaluateConfig().models, D.read_prefer(p))
     dirs = stage.parse_models(tuple(given[1::2]) + (f"dpo={tiny_model_dir}",), wanted)
-    assert list(dirs) == ["base", "m0", "final", "ppo", "dpo"]
+    assert list(dirs) == ["base", "final", "ppo", "dpo"]  # m0 given (as dvc.yaml does) but not in evaluate.models
 
 
 # --- the stage -------------------------------------------------------------------------------
