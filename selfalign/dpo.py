@@ -272,10 +272,12 @@ def encode_pairs(tok, pairs: list[dict], system: str | None, cfg: DPOConfig) -> 
 def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> list[tuple[float, float]]:
     """(log p(chosen | prompt), log p(rejected | prompt)) per row, summed over the answer's tokens.
 
-    Left-padded batches (position ids from the mask, as generation does), so every answer ends at the last
-    position and the model computes logits for the answer positions only (`logits_to_keep`): the
-    vocabulary-wide head and softmax never see the prompt tokens."""
+    Left-padded batches with position ids that skip the padding (selfalign/logprobs.py, as PPO scores), so every
+    answer ends at the last position and the model computes logits for the answer positions only
+    (`logits_to_keep`): the vocabulary-wide head and softmax never see the prompt tokens."""
     import torch
+
+    from selfalign.logprobs import left_pad, positions, token_logprobs
 
     seqs, answer_lens = [], []
     for r in rows:
@@ -289,22 +291,12 @@ def sequence_logps(model, rows: list[dict], pad_id: int, batch_size: int) -> lis
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             idx = list(range(start, min(start + batch_size, len(seqs))))
-            width = max(len(seqs[i]) for i in idx)
             keep = max(answer_lens[i] for i in idx) + 1  # the logits at t predict token t+1
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(seqs[i]) :] = torch.tensor(seqs[i])
-                mask[row, width - len(seqs[i]) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-            logits = (
-                model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
-                .logits[:, :-1]
-                .float()
-            )  # positions width-keep .. width-2: they predict the last keep-1 tokens
-            targets = ids[:, width - keep + 1 :]
-            logp = logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)
+            ids, mask = left_pad([seqs[i] for i in idx], pad_id, device)
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, logits_to_keep=keep
+            ).logits[:, :-1]  # they predict the last keep-1 tokens
+            logp = token_logprobs(logits, ids[:, ids.shape[1] - keep + 1 :])
             for row, i in enumerate(idx):
                 out[i] = float(logp[row, keep - 1 - answer_lens[i] :].sum())
     model.train(was_training)

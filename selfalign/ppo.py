@@ -46,6 +46,7 @@ from torch import nn
 
 from selfalign import records
 from selfalign.config import Config, LoraSpec, ParamsError, opt
+from selfalign.logprobs import left_pad, positions, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,6 @@ def value_loss(values, old_values, returns, mask, clip_range: float):
     return loss, clip_frac
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
@@ -211,11 +208,6 @@ class PolicyWithValue(nn.Module):
         )
         values = self.value_head(out.hidden_states[-1][:, -keep:].float()).squeeze(-1)
         return out.logits[:, -keep:], values
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as `generate` computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def with_lora(model, lora: LoraSpec | dict, seed: int = 0):
@@ -321,16 +313,6 @@ def prompt_metrics(counts: dict) -> dict:
 
 
 # --- one step --------------------------------------------------------------------------------
-
-
-def left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def generate(lm, query, query_mask, cfg: PPOConfig, eos_id: int, pad_id: int):
